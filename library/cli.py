@@ -1,0 +1,285 @@
+"""The one command-line parser, with sd-scripts' option names and meanings.
+
+Every option can also come from `--config_file` TOML (keys are option names, tables are flattened, the
+`[optimizer]` table is the OpenToMe optimizer table); values given on the command line win over the file.
+Optimizer flags default to `None` so that "given explicitly" can be told from "left at the default" — the
+optimizer registry fills the documented defaults and logs where every non-default value came from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import sys
+from pathlib import Path
+from typing import Any
+
+from library.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+DEFAULT_MODEL = "builtin:tiny-sd"
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+
+# Optimizer-specific flags: (dest, type, documented default, help). Defaults are shown in --help but the parsed
+# default is None, so the registry knows which values the user set.
+CUSTOM_ADAMW_FLAGS: list[tuple[str, type, Any, str]] = [
+    ("use_spd", bool, True, "Selective Projection Decay: pull parameters back towards their start when a step moves them away"),
+    ("spd_lambda", float, 0.1, "SPD strength"),
+    ("use_cautious", bool, True, "Cautious update: mask coordinates whose update disagrees with the gradient"),
+    ("use_orthogonal_grad", bool, False, "OrthoGrad: remove the gradient component parallel to the weights"),
+    ("use_adopt_stability", bool, True, "ADOPT: normalise by the previous step's second moment, clip by t^(1/4)"),
+    ("use_grams", bool, True, "Grams: update direction from the gradient sign, magnitude from Adam"),
+    ("use_agr", bool, True, "Adaptive Gradient Regularisation: damp coordinates with a large share of |g|"),
+    ("use_tam", bool, True, "Torque-Aware Momentum: damp gradients that disagree with the momentum"),
+    ("tam_beta", float, 0.999, "TAM smoothing of the gradient/momentum cosine"),
+    ("use_alora", bool, True, "ALLoRA row scaling + LoRA+ learning-rate ratio for lora_up/lora_B"),
+    ("alora_ratio", float, 21.0, "LoRA+ ratio lr(lora_up)/lr(lora_down) (the docs' ηB/ηA)"),
+    ("dynamic_weight_decay", bool, True, "Decay the weight decay after --wd_transition_steps"),
+    ("wd_transition_steps", int, 1000, "steps at full weight decay before it starts to fall"),
+    ("wd_decay_factor", float, 0.7, "weight decay multiplier per --wd_transition_steps after the transition"),
+    ("wd_min_ratio", float, 0.1, "floor of the weight decay, as a fraction of --weight_decay"),
+]
+AUTOMAGIC_FLAGS: list[tuple[str, type, Any, str]] = [
+    ("min_lr", float, 1e-6, "lower bound of the per-element learning-rate mask"),
+    ("max_lr", float, 1e-2, "upper bound of the per-element learning-rate mask"),
+    ("lr_bump", float, 1e-5, "step by which the learning-rate mask moves each step"),
+    ("eta", float, 2.0, "ALLoRA row-scaling parameter"),
+    ("beta1", float, 0.9, "momentum decay"),
+    ("d_coef", float, 2.0, "Prodigy-style coefficient on upward lr bumps"),
+    ("warmup_steps", int, 500, "optimizer warm-up steps (decay in the first half, OrthoGrad after)"),
+    ("full_finetune", bool, False, "full fine-tune mode (5 SinkGD iterations; all tensor shapes)"),
+    ("orthograd", bool, False, "OrthoGrad after warm-up"),
+    ("stats_update_freq", int, 5, "refresh optimizer statistics every N steps"),
+]
+OPTIMIZER_FLAG_DESTS = tuple(d for d, *_ in CUSTOM_ADAMW_FLAGS + AUTOMAGIC_FLAGS) + ("weight_decay", "optim_bits")
+
+
+def _resolution(value: str) -> tuple[int, int]:
+    """'512' -> (512, 512); '768,512' -> (width, height) as sd-scripts."""
+    try:
+        parts = [int(p) for p in str(value).replace("x", ",").split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or W,H (e.g. 512 or 768,512), got {value!r}") from None
+    if len(parts) == 1:
+        parts = parts * 2
+    if len(parts) != 2 or min(parts) <= 0:
+        raise argparse.ArgumentTypeError(f"expected N or W,H with positive integers, got {value!r}")
+    return parts[0], parts[1]
+
+
+def _add_flag(group: argparse._ArgumentGroup, dest: str, kind: type, default: Any, text: str) -> None:
+    if kind is bool:
+        group.add_argument(f"--{dest}", action=argparse.BooleanOptionalAction, default=None,
+                           help=f"{text} (default: {default})")
+    else:
+        group.add_argument(f"--{dest}", type=kind, default=None, metavar=kind.__name__.upper(),
+                           help=f"{text} (default: {default})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="train_network.py",
+        description="Train a LoRA for Stable Diffusion 1.x / 2.x / SDXL (sd-scripts compatible options).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--config_file", type=str, default=None,
+                   help="TOML file with any of these options as keys; command-line values win")
+    p.add_argument("--output_config", action="store_true", help="write the merged options to <output_dir>/<output_name>.toml and exit")
+
+    g = p.add_argument_group("model")
+    g.add_argument("--pretrained_model_name_or_path", type=str, default=DEFAULT_MODEL,
+                   help="diffusers folder, single .safetensors/.ckpt file, or builtin:tiny-sd")
+    g.add_argument("--v2", action="store_true", help="the base model is SD 2.x")
+    g.add_argument("--v_parameterization", action="store_true", help="v-prediction loss (SD 2.x 768)")
+    g.add_argument("--sdxl", action="store_true", help="the base model is SDXL (detected from the file if not given)")
+    g.add_argument("--clip_skip", type=int, default=None, help="use the output of the N-th last text-encoder layer")
+
+    g = p.add_argument_group("dataset")
+    g.add_argument("--dataset_config", type=str, default=None, help="dataset TOML ([general], [[datasets]], [[datasets.subsets]])")
+    g.add_argument("--train_data_dir", type=str, default=None, help="folder of <repeats>_<concept> image folders")
+    g.add_argument("--reg_data_dir", type=str, default=None, help="folder of <repeats>_<class> regularisation image folders")
+    g.add_argument("--resolution", type=_resolution, default=(512, 512), help="training resolution N or W,H")
+    g.add_argument("--enable_bucket", action="store_true", help="aspect-ratio buckets")
+    g.add_argument("--min_bucket_reso", type=int, default=256)
+    g.add_argument("--max_bucket_reso", type=int, default=1024)
+    g.add_argument("--bucket_reso_steps", type=int, default=64)
+    g.add_argument("--bucket_no_upscale", action="store_true")
+    g.add_argument("--caption_extension", type=str, default=None,
+                   help="caption file extension; default: .caption, then .txt (the log says which was used)")
+    g.add_argument("--shuffle_caption", action="store_true", help="shuffle comma-separated tags")
+    g.add_argument("--keep_tokens", type=int, default=0, help="keep the first N tags in place when shuffling")
+    g.add_argument("--caption_dropout_rate", type=float, default=0.0, help="probability of an empty caption")
+    g.add_argument("--flip_aug", action="store_true", help="random horizontal flips")
+    g.add_argument("--cache_latents", action="store_true", help="encode images with the VAE once, before training")
+    g.add_argument("--cache_latents_to_disk", action="store_true", help="cache latents as .npz next to the images")
+    g.add_argument("--cache_text_encoder_outputs", action="store_true",
+                   help="encode captions once (text encoders not trained; no caption shuffle/dropout)")
+    g.add_argument("--max_data_loader_n_workers", type=int, default=0)
+    g.add_argument("--persistent_data_loader_workers", action="store_true")
+    g.add_argument("--skip_bad_images", action="store_true", help="skip unreadable images (listed in the log) instead of stopping")
+    g.add_argument("--prior_loss_weight", type=float, default=1.0, help="loss weight of regularisation images")
+
+    g = p.add_argument_group("network")
+    g.add_argument("--network_module", type=str, default="networks.lora")
+    g.add_argument("--network_dim", type=int, default=4, help="LoRA rank")
+    g.add_argument("--network_alpha", type=float, default=1.0, help="LoRA alpha (scale = alpha / dim)")
+    g.add_argument("--network_dropout", type=float, default=None, help="dropout on the LoRA down output")
+    g.add_argument("--network_args", type=str, nargs="*", default=None,
+                   help="key=value extras, e.g. conv_dim=4 conv_alpha=1 loraplus_lr_ratio=16")
+    g.add_argument("--network_weights", type=str, default=None, help="start from these LoRA weights")
+    g.add_argument("--network_train_unet_only", action="store_true")
+    g.add_argument("--network_train_text_encoder_only", action="store_true")
+    g.add_argument("--unet_lr", type=float, default=None)
+    g.add_argument("--text_encoder_lr", type=float, default=None)
+    g.add_argument("--dim_from_weights", action="store_true", help="take dim/alpha from --network_weights")
+
+    g = p.add_argument_group("training")
+    g.add_argument("--train_batch_size", type=int, default=1)
+    g.add_argument("--max_train_steps", type=int, default=1600)
+    g.add_argument("--max_train_epochs", type=int, default=None, help="overrides --max_train_steps")
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    g.add_argument("--gradient_checkpointing", action="store_true")
+    g.add_argument("--mixed_precision", type=str, default="no", choices=["no", "fp16", "bf16"])
+    g.add_argument("--full_fp16", action="store_true", help="fp16 LoRA weights too (loss scaling)")
+    g.add_argument("--full_bf16", action="store_true", help="bf16 LoRA weights too")
+    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--noise_offset", type=float, default=None)
+    g.add_argument("--min_snr_gamma", type=float, default=None)
+    g.add_argument("--scale_v_pred_loss_like_noise_pred", action="store_true")
+    g.add_argument("--zero_terminal_snr", action="store_true")
+    g.add_argument("--max_grad_norm", type=float, default=1.0, help="0 disables clipping")
+    g.add_argument("--lr_scheduler", type=str, default="constant", help=f"one of {', '.join(LR_SCHEDULERS)}")
+    g.add_argument("--lr_warmup_steps", type=int, default=0)
+    g.add_argument("--lr_scheduler_num_cycles", type=int, default=1)
+    g.add_argument("--lr_scheduler_power", type=float, default=1.0)
+    g.add_argument("--sdpa", action="store_true", help="scaled-dot-product attention (PyTorch's, the default)")
+    g.add_argument("--xformers", action="store_true", help="accepted for sd-scripts scripts; uses PyTorch SDPA")
+    g.add_argument("--torch_compile", action="store_true", help="torch.compile the UNet (reports compile time)")
+    g.add_argument("--channels_last", action="store_true")
+    g.add_argument("--detect_anomaly", action="store_true")
+
+    g = p.add_argument_group("optimizer")
+    g.add_argument("--optimizer_type", type=str, default="AdamW", help="registry name; 'list' prints them all")
+    g.add_argument("--learning_rate", type=float, default=None, help="default: the optimizer's documented lr, else 1e-4")
+    g.add_argument("--optimizer_args", type=str, nargs="*", default=None, help="key=value (python literals)")
+    g.add_argument("--weight_decay", type=float, default=None, help="weight decay (default: the optimizer's)")
+    g.add_argument("--optim_bits", type=int, default=None, choices=[8, 32], help="state precision where supported")
+
+    g = p.add_argument_group("CustomAdamW (Hina)", "used with --optimizer_type CustomAdamW")
+    for flag in CUSTOM_ADAMW_FLAGS:
+        _add_flag(g, *flag)
+    g = p.add_argument_group("Automagic", "used with --optimizer_type Automagic_Sinkgd / Automagic_CameAMP")
+    for flag in AUTOMAGIC_FLAGS:
+        _add_flag(g, *flag)
+
+    g = p.add_argument_group("saving")
+    g.add_argument("--output_dir", type=str, default=None)
+    g.add_argument("--output_name", type=str, default="last")
+    g.add_argument("--save_model_as", type=str, default="safetensors", choices=["safetensors"])
+    g.add_argument("--save_precision", type=str, default=None, choices=[None, "float", "fp16", "bf16"])
+    g.add_argument("--save_every_n_epochs", type=int, default=None)
+    g.add_argument("--save_every_n_steps", type=int, default=None)
+    g.add_argument("--save_state", action="store_true", help="also save optimizer/scheduler/RNG state for --resume")
+    g.add_argument("--resume", type=str, default=None, help="state folder written by --save_state")
+    g.add_argument("--overwrite", action="store_true", help="allow writing over an earlier run's files")
+
+    g = p.add_argument_group("logging")
+    g.add_argument("--logging_dir", type=str, default=None)
+    g.add_argument("--log_with", type=str, default=None, choices=[None, "tensorboard", "none"])
+    g.add_argument("--log_prefix", type=str, default=None)
+    g.add_argument("--log_every_n_steps", type=int, default=10, help="loss read back from the device every N steps")
+    g.add_argument("--plot_every_n_steps", type=int, default=None, help="also write the loss/lr plot every N steps")
+
+    g = p.add_argument_group("sampling")
+    g.add_argument("--sample_every_n_steps", type=int, default=None)
+    g.add_argument("--sample_every_n_epochs", type=int, default=None)
+    g.add_argument("--sample_prompts", type=str, default=None, help="text file: one prompt per line (--n --w --h --s --l --d)")
+    g.add_argument("--sample_sampler", type=str, default="ddim", choices=["ddim", "euler", "euler_a", "dpmsolver++"])
+    g.add_argument("--sample_at_first", action="store_true")
+    return p
+
+
+def _flatten_toml(data: dict, path: Path) -> tuple[dict, dict | None]:
+    flat: dict = {}
+    optimizer_table = None
+    for key, value in data.items():
+        if key == "optimizer" and isinstance(value, dict):
+            optimizer_table = dict(value)
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                if isinstance(v, dict):
+                    raise ConfigError(f"{path}: key '{key}.{k}' is a table; option tables may be nested one level only")
+                flat[k] = v
+        else:
+            flat[key] = value
+    return flat, optimizer_table
+
+
+def _coerce(action: argparse.Action, key: str, value: Any, path: Path) -> Any:
+    """Check a TOML value against the option's kind, as argparse would check a command-line string."""
+    where = f"{path}: key '{key}'"
+    if isinstance(action, (argparse._StoreTrueAction, argparse.BooleanOptionalAction)):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
+        return value
+    if action.nargs in ("*", "+"):
+        items = value if isinstance(value, list) else [value]
+        return [str(v) for v in items]
+    if isinstance(value, (list, dict)):
+        if action.type is _resolution and isinstance(value, list):
+            value = ",".join(str(v) for v in value)
+        else:
+            raise ConfigError(f"{where} must be a single value, got {value!r}")
+    if action.type is not None:
+        try:
+            value = action.type(value if isinstance(value, str) or action.type in (int, float) else str(value))
+        except (TypeError, ValueError, argparse.ArgumentTypeError) as exc:
+            raise ConfigError(f"{where}: {value!r} is not a valid {getattr(action.type, '__name__', 'value')} ({exc})") from None
+        if action.type is int and isinstance(value, float):
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+    if action.choices is not None and value not in action.choices:
+        valid = ", ".join(str(c) for c in action.choices if c is not None)
+        raise ConfigError(f"{where} = {value!r} is not valid; choose one of: {valid}")
+    return value
+
+
+def load_config_file(path_str: str, parser: argparse.ArgumentParser) -> tuple[dict, dict | None]:
+    path = Path(path_str)
+    if not path.is_file():
+        raise ConfigError(f"--config_file {path_str}: file not found")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"--config_file {path}: invalid TOML: {exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"--config_file {path}: not UTF-8 text") from None
+    flat, optimizer_table = _flatten_toml(data, path)
+    actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config_file")}
+    values = {}
+    for key, value in flat.items():
+        if key not in actions:
+            close = difflib.get_close_matches(key, actions.keys(), n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else "; keys are the command-line option names"
+            raise ConfigError(f"{path}: unknown key '{key}'{hint}")
+        values[key] = _coerce(actions[key], key, value, path)
+    return values, optimizer_table
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line, merging `--config_file` underneath it. Raises ConfigError on a bad file."""
+    parser = build_parser()
+    pre, _ = parser.parse_known_args(argv)
+    optimizer_table = None
+    toml_keys: set[str] = set()
+    if pre.config_file:
+        values, optimizer_table = load_config_file(pre.config_file, parser)
+        parser.set_defaults(**values)
+        toml_keys = set(values)
+    args = parser.parse_args(argv)
+    args.optimizer_table = optimizer_table
+    args.config_file_keys = sorted(toml_keys)
+    return args

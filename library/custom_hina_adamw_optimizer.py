@@ -1,0 +1,5 @@
+"""Compat import path of the seed docs: ``from library.custom_hina_adamw_optimizer import HinaAdamWOptimizer``."""
+
+from library.optimizers.hina_adamw import HinaAdamWOptimizer
+
+__all__ = ["HinaAdamWOptimizer"]

@@ -1,0 +1,45 @@
+"""Command-line entry: parse, special commands, train; user errors become one line and exit code 2."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from library.errors import LoraForgeError
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
+    for noisy in ("diffusers", "transformers", "accelerate", "PIL", "matplotlib", "torch"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def main(argv: list[str] | None = None, *, force_sdxl: bool = False) -> int:
+    _setup_logging()
+    try:
+        from library.cli import parse_args
+
+        args = parse_args(argv)
+        if force_sdxl:
+            args.sdxl = True
+        if args.optimizer_type.lower() == "list":
+            from library.optimizers.registry import format_optimizer_table
+
+            print(format_optimizer_table())
+            return 0
+        if args.output_config:
+            from library.training.config_dump import write_config
+
+            print(write_config(args))
+            return 0
+        from library.training.trainer import TrainingStopped, train
+
+        try:
+            train(args)
+        except TrainingStopped as stop:
+            print(f"loraforge: {stop}", file=sys.stderr)
+            return stop.exit_code
+    except LoraForgeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0

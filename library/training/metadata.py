@@ -1,0 +1,71 @@
+"""`ss_*` (kohya) and `modelspec.*` metadata written into the LoRA file, as sd-scripts does."""
+
+from __future__ import annotations
+
+import json
+import time
+import unicodedata
+from typing import Any
+
+ARCHITECTURES = {
+    ("sd1", False): ("stable-diffusion-v1", "sd_v1"),
+    ("sd2", False): ("stable-diffusion-v2-512", "sd_v2"),
+    ("sd2", True): ("stable-diffusion-v2-768-v", "sd_v2"),
+    ("sdxl", False): ("stable-diffusion-xl-v1-base", "sdxl_base_v1-0"),
+}
+
+
+def sanitize(value: Any, limit: int = 65536) -> str:
+    """Metadata must be plain printable text: drop control characters, cap the length."""
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False) if isinstance(value, (dict, list)) else str(value)
+    text = "".join(ch for ch in text if ch in "\n\t" or unicodedata.category(ch)[0] != "C")
+    return text[:limit]
+
+
+def build_metadata(args, *, model_type: str, v_parameterization: bool, session_id: int, started_at: float,
+                   dataset_summary: dict, optimizer_desc: str, steps: int, epoch: int) -> dict[str, str]:
+    arch, base = ARCHITECTURES.get((model_type, v_parameterization and model_type == "sd2"), ARCHITECTURES[("sd1", False)])
+    w, h = args.resolution
+    md: dict[str, Any] = {
+        "ss_session_id": session_id,
+        "ss_training_started_at": started_at,
+        "ss_training_finished_at": time.time(),
+        "ss_output_name": args.output_name,
+        "ss_sd_model_name": args.pretrained_model_name_or_path,
+        "ss_base_model_version": base,
+        "ss_v2": model_type == "sd2",
+        "ss_network_module": args.network_module,
+        "ss_network_dim": args.network_dim,
+        "ss_network_alpha": args.network_alpha,
+        "ss_network_dropout": args.network_dropout,
+        "ss_network_args": json.dumps(args.network_args or []),
+        "ss_optimizer": optimizer_desc,
+        "ss_learning_rate": args.learning_rate,
+        "ss_unet_lr": args.unet_lr,
+        "ss_text_encoder_lr": args.text_encoder_lr,
+        "ss_lr_scheduler": args.lr_scheduler,
+        "ss_lr_warmup_steps": args.lr_warmup_steps,
+        "ss_max_train_steps": args.max_train_steps,
+        "ss_steps": steps,
+        "ss_epoch": epoch,
+        "ss_seed": args.seed,
+        "ss_mixed_precision": args.mixed_precision,
+        "ss_gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "ss_batch_size_per_device": args.train_batch_size,
+        "ss_clip_skip": args.clip_skip,
+        "ss_noise_offset": args.noise_offset,
+        "ss_min_snr_gamma": args.min_snr_gamma,
+        "ss_resolution": f"({w}, {h})",
+        "ss_num_train_images": dataset_summary.get("num_train_images"),
+        "ss_num_reg_images": dataset_summary.get("num_reg_images"),
+        "ss_tag_frequency": json.dumps(dataset_summary.get("tag_frequency", {}), ensure_ascii=False),
+        "ss_dataset_dirs": json.dumps(dataset_summary.get("dataset_dirs", {}), ensure_ascii=False),
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": f"{arch}/lora",
+        "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if model_type == "sdxl" else "diffusers",
+        "modelspec.title": args.output_name,
+        "modelspec.resolution": f"{w}x{h}",
+        "modelspec.prediction_type": "v" if v_parameterization else "epsilon",
+        "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    return {k: sanitize(v) for k, v in md.items() if v is not None}

@@ -1,0 +1,173 @@
+"""Small factories that build each training component from the options (dataset, model, network, optimizer, lr).
+
+Each takes the parsed options and returns one component, so the recipe in `trainer.py` reads as a list of steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import contextlib
+import logging
+import os
+
+import torch
+
+from library.errors import ConfigError
+
+logger = logging.getLogger("loraforge")
+
+
+def weight_dtype_for(args: argparse.Namespace) -> torch.dtype:
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------- data
+def dataset_defaults(args: argparse.Namespace):
+    from library.config.dataset_config import DatasetDefaults
+
+    return DatasetDefaults(
+        resolution=tuple(args.resolution), batch_size=args.train_batch_size, enable_bucket=args.enable_bucket,
+        min_bucket_reso=args.min_bucket_reso, max_bucket_reso=args.max_bucket_reso,
+        bucket_reso_steps=args.bucket_reso_steps, bucket_no_upscale=args.bucket_no_upscale,
+        caption_extension=args.caption_extension, shuffle_caption=args.shuffle_caption, keep_tokens=args.keep_tokens,
+        caption_dropout_rate=args.caption_dropout_rate, flip_aug=args.flip_aug,
+    )
+
+
+def build_dataset(args: argparse.Namespace):
+    """Load and validate the dataset (every image decoded once) before any model is loaded."""
+    from library.config.dataset_config import config_from_train_data_dir, load_dataset_config
+    from library.data.dataset import CaptionedImageDataset
+
+    defaults = dataset_defaults(args)
+    if args.dataset_config:
+        config = load_dataset_config(args.dataset_config, defaults)
+    else:
+        config = config_from_train_data_dir(args.train_data_dir, args.reg_data_dir, defaults)
+    dataset = CaptionedImageDataset(config, seed=args.seed, skip_bad_images=args.skip_bad_images)
+    summary = dataset.summary()
+    logger.info("dataset: %s", {k: v for k, v in summary.items() if k != "tag_frequency"})
+    return dataset
+
+
+# ----------------------------------------------------------------------------------------------- model
+def load_model(args: argparse.Namespace, device: torch.device, weight_dtype: torch.dtype):
+    from library.models.loader import load_sd_model
+
+    model = load_sd_model(args.pretrained_model_name_or_path, v2=args.v2, v_parameterization=args.v_parameterization,
+                          sdxl=args.sdxl)
+    for module in (model.unet, model.vae, *model.text_encoders):
+        module.requires_grad_(False)
+        module.eval()
+    vae_dtype = torch.float32 if model.model_type == "sdxl" else weight_dtype  # SDXL's VAE overflows in fp16
+    model.vae.to(device, dtype=vae_dtype)
+    model.unet.to(device, dtype=weight_dtype)
+    for te in model.text_encoders:
+        te.to(device, dtype=weight_dtype)
+    if args.xformers:
+        logger.info("--xformers: using PyTorch scaled-dot-product attention (same kernels family, no extra package)")
+    logger.info("model: %s (%s%s)", model.source, model.model_type, ", v-prediction" if model.v_parameterization else "")
+    return model
+
+
+# ----------------------------------------------------------------------------------------------- network
+def parse_key_values(items: list[str] | None, flag: str) -> dict:
+    """`k=v` pairs; values are Python literals when they parse as one, plain strings otherwise (never eval)."""
+    out = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{flag} {item!r}: expected key=value")
+        try:
+            value = ast.literal_eval(raw.strip())
+        except (ValueError, SyntaxError):
+            value = raw.strip()
+        out[key.strip()] = value
+    return out
+
+
+def build_network(args: argparse.Namespace, network_module, model, train_text_encoder: bool, train_unet: bool):
+    net_kwargs = parse_key_values(args.network_args, "--network_args")
+    text_encoder = model.text_encoders if len(model.text_encoders) > 1 else model.text_encoders[0]
+    if args.network_weights and args.dim_from_weights:
+        network, _ = network_module.create_network_from_weights(1.0, args.network_weights, model.vae, text_encoder,
+                                                                model.unet, **net_kwargs)
+    else:
+        network = network_module.create_network(1.0, args.network_dim, args.network_alpha, model.vae, text_encoder,
+                                                 model.unet, neuron_dropout=args.network_dropout, **net_kwargs)
+    network.apply_to(text_encoder, model.unet, train_text_encoder, train_unet)
+    if args.network_weights and not args.dim_from_weights:
+        info = network.load_weights(args.network_weights)
+        logger.info("loaded network weights %s: %s", args.network_weights, info)
+    n = sum(p.numel() for p in network.parameters() if p.requires_grad)
+    logger.info("network: %s dim %s alpha %s, %d trainable parameters", args.network_module, args.network_dim,
+                args.network_alpha, n)
+    return network
+
+
+# ----------------------------------------------------------------------------------------------- optimizer
+def _optimizer_inputs(args: argparse.Namespace) -> dict:
+    from library.cli import OPTIMIZER_FLAG_DESTS
+    from library.optimizers.args import parse_optimizer_args
+
+    cli_kwargs = {k: getattr(args, k) for k in OPTIMIZER_FLAG_DESTS if getattr(args, k, None) is not None}
+    return dict(cli_kwargs=cli_kwargs, optimizer_args=parse_optimizer_args(args.optimizer_args or []),
+                toml_table=getattr(args, "optimizer_table", None), environ=dict(os.environ))
+
+
+def optimizer_name(args: argparse.Namespace) -> str:
+    table = getattr(args, "optimizer_table", None) or {}
+    if "name" in table and args.optimizer_type == "AdamW" and "optimizer_type" not in getattr(args, "config_file_keys", []):
+        return str(table["name"])  # OpenToMe style: [optimizer] name = "AdamWSGG"
+    return args.optimizer_type
+
+
+def check_optimizer_settings(args: argparse.Namespace):
+    """Resolve the name and every setting against a dummy parameter, so a bad flag fails before the model loads."""
+    from library.optimizers.registry import build_optimizer, resolve
+
+    name = optimizer_name(args)
+    spec = resolve(name)
+    dummy = torch.nn.Parameter(torch.zeros(8, 8))
+    groups = [{"params": [dummy], "names": ["lora_unet_probe.lora_down.weight"]}]
+    previous = logging.root.manager.disable
+    logging.disable(logging.INFO)
+    try:
+        build_optimizer(name, groups, lr=args.learning_rate, **_optimizer_inputs(args))
+    finally:
+        logging.disable(previous)
+    return spec
+
+
+def build_optimizer_for(args: argparse.Namespace, network) -> tuple[torch.optim.Optimizer, str]:
+    from library.optimizers.registry import build_optimizer, resolve
+
+    name = optimizer_name(args)
+    lr = args.learning_rate if args.learning_rate is not None else resolve(name).defaults.get("lr", 1e-4)
+    groups = network.prepare_optimizer_params(args.text_encoder_lr, args.unet_lr, lr)
+    if isinstance(groups, tuple):  # sd-scripts modules may return (params, descriptions)
+        groups = groups[0]
+    optimizer, sources = build_optimizer(name, groups, lr=args.learning_rate, **_optimizer_inputs(args))
+    desc = f"{type(optimizer).__module__}.{type(optimizer).__name__}"
+    settings = ", ".join(f"{k}={v}" for k, v in sorted(sources.items()))
+    return optimizer, desc + (f"({settings})" if settings else "")
+
+
+def build_lr_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer, total_steps: int):
+    from diffusers.optimization import get_scheduler
+
+    if type(optimizer).__name__ == "Adafactor" and optimizer.defaults.get("relative_step"):
+        from transformers.optimization import AdafactorSchedule
+
+        logger.info("Adafactor with relative_step: using its own schedule (--lr_scheduler ignored), as sd-scripts")
+        return AdafactorSchedule(optimizer)
+    kwargs = {}
+    if args.lr_scheduler == "cosine_with_restarts":
+        kwargs["num_cycles"] = args.lr_scheduler_num_cycles
+    if args.lr_scheduler == "polynomial":
+        kwargs["power"] = args.lr_scheduler_power
+    warmup = None if args.lr_scheduler == "constant" else args.lr_warmup_steps
+    with contextlib.suppress(TypeError):
+        return get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps, **kwargs)
+    return get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)

@@ -1,0 +1,125 @@
+"""Checks of the options that need no model: run first, so a typo never costs a model load or a training step."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from pathlib import Path
+
+from library.cli import LR_SCHEDULERS
+from library.errors import ConfigError
+
+
+_AT_LEAST_ONE = ("network_dim", "train_batch_size", "max_train_steps", "gradient_accumulation_steps",
+                 "log_every_n_steps", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps")
+_OPTIONAL_AT_LEAST_ONE = ("max_train_epochs", "save_every_n_epochs", "save_every_n_steps", "sample_every_n_steps",
+                          "sample_every_n_epochs", "plot_every_n_steps", "clip_skip")
+_RATIOS = ("caption_dropout_rate", "network_dropout")
+
+
+def _fail(flag: str, value, valid: str) -> None:
+    raise ConfigError(f"--{flag} {value}: {valid}")
+
+
+def validate_numbers(args: argparse.Namespace) -> None:
+    for name in ("learning_rate", "unet_lr", "text_encoder_lr"):
+        v = getattr(args, name)
+        if v is not None and not v > 0:
+            _fail(name, v, "must be > 0")
+    if not args.network_alpha > 0:
+        _fail("network_alpha", args.network_alpha, "must be > 0")
+    for name in _AT_LEAST_ONE:
+        v = getattr(args, name)
+        if v < 1:
+            _fail(name, v, "must be an integer >= 1")
+    for name in _OPTIONAL_AT_LEAST_ONE:
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            _fail(name, v, "must be an integer >= 1")
+    for name in _RATIOS:
+        v = getattr(args, name)
+        if v is not None and not 0.0 <= v < 1.0:
+            _fail(name, v, "must be in [0, 1)")
+    if args.keep_tokens < 0:
+        _fail("keep_tokens", args.keep_tokens, "must be >= 0")
+    if args.weight_decay is not None and args.weight_decay < 0:
+        _fail("weight_decay", args.weight_decay, "must be >= 0")
+    if args.max_grad_norm < 0:
+        _fail("max_grad_norm", args.max_grad_norm, "must be >= 0 (0 disables clipping)")
+    if args.lr_warmup_steps < 0:
+        _fail("lr_warmup_steps", args.lr_warmup_steps, "must be >= 0")
+    if args.noise_offset is not None and not 0 <= args.noise_offset <= 1:
+        _fail("noise_offset", args.noise_offset, "must be in [0, 1] (typical: 0.05-0.1)")
+    if args.min_snr_gamma is not None and not args.min_snr_gamma > 0:
+        _fail("min_snr_gamma", args.min_snr_gamma, "must be > 0 (typical: 5)")
+    if args.min_bucket_reso > args.max_bucket_reso:
+        raise ConfigError(f"--min_bucket_reso {args.min_bucket_reso} is larger than --max_bucket_reso {args.max_bucket_reso}")
+    if args.lr_scheduler not in LR_SCHEDULERS:
+        _fail("lr_scheduler", args.lr_scheduler, f"choose one of: {', '.join(LR_SCHEDULERS)}")
+
+
+def validate_combinations(args: argparse.Namespace) -> None:
+    if args.network_train_unet_only and args.network_train_text_encoder_only:
+        raise ConfigError("--network_train_unet_only and --network_train_text_encoder_only exclude each other")
+    if args.dataset_config and args.train_data_dir:
+        raise ConfigError("--dataset_config and --train_data_dir exclude each other: put the folders in the TOML")
+    if not args.dataset_config and not args.train_data_dir:
+        raise ConfigError("no training data: give --dataset_config FILE.toml or --train_data_dir DIR")
+    if args.full_fp16 and args.full_bf16:
+        raise ConfigError("--full_fp16 and --full_bf16 exclude each other")
+    if args.full_fp16 and args.mixed_precision != "fp16":
+        raise ConfigError(f"--full_fp16 needs --mixed_precision fp16 (got {args.mixed_precision})")
+    if args.full_bf16 and args.mixed_precision != "bf16":
+        raise ConfigError(f"--full_bf16 needs --mixed_precision bf16 (got {args.mixed_precision})")
+    if args.cache_text_encoder_outputs and not args.network_train_unet_only:
+        raise ConfigError("--cache_text_encoder_outputs needs --network_train_unet_only (cached outputs cannot train the text encoder)")
+    if args.cache_text_encoder_outputs and (args.shuffle_caption or args.caption_dropout_rate):
+        raise ConfigError("--cache_text_encoder_outputs cannot be used with --shuffle_caption or --caption_dropout_rate")
+    if args.cache_latents and args.flip_aug:
+        raise ConfigError("--cache_latents cannot be used with --flip_aug (one cached latent per image)")
+    if args.v_parameterization and not (args.v2 or args.sdxl) and not args.pretrained_model_name_or_path.startswith("builtin:"):
+        pass  # allowed: v-pred SD1 fine-tunes exist; the loader warns
+    if args.output_dir is None:
+        raise ConfigError("--output_dir is required (where the LoRA, state and logs go)")
+    if not args.output_name or any(c in args.output_name for c in "/\\"):
+        raise ConfigError(f"--output_name {args.output_name!r}: must be a plain file name without folders")
+
+
+def validate_paths(args: argparse.Namespace) -> None:
+    for flag in ("dataset_config", "sample_prompts", "network_weights"):
+        value = getattr(args, flag)
+        if value and not Path(value).is_file():
+            raise ConfigError(f"--{flag} {value}: file not found")
+    for flag in ("train_data_dir", "reg_data_dir"):
+        value = getattr(args, flag)
+        if value and not Path(value).is_dir():
+            raise ConfigError(f"--{flag} {value}: folder not found")
+    if args.resume and not Path(args.resume).is_dir():
+        raise ConfigError(f"--resume {args.resume}: state folder not found (it is written by --save_state as <output_name>-state)")
+    model = args.pretrained_model_name_or_path
+    if not model.startswith("builtin:") and not Path(model).exists():
+        raise ConfigError(f"--pretrained_model_name_or_path {model}: no such file or folder "
+                          "(give a diffusers folder, a .safetensors/.ckpt file, or builtin:tiny-sd)")
+
+
+def import_network_module(name: str):
+    try:
+        module = importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        raise ConfigError(f"--network_module {name}: cannot import ({exc}); e.g. networks.lora") from None
+    if not hasattr(module, "create_network"):
+        raise ConfigError(f"--network_module {name}: has no create_network(); not a network module")
+    return module
+
+
+def output_files_exist(output_dir: Path, output_name: str) -> list[Path]:
+    candidates = [output_dir / f"{output_name}.safetensors", output_dir / f"{output_name}-state"]
+    found = [p for p in candidates if p.exists()]
+    found += sorted(output_dir.glob(f"{output_name}-*.safetensors"))
+    return found
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    validate_numbers(args)
+    validate_combinations(args)
+    validate_paths(args)

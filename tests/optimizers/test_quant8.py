@@ -1,0 +1,80 @@
+"""Block-wise 8-bit state: round-trip accuracy, block locality, plain-tensor state that survives torch.save."""
+
+import io
+
+import torch
+
+from library.optimizers import quant8
+
+
+def _randn(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _block_absmax(x):
+    flat = x.reshape(-1)
+    pad = (-flat.numel()) % quant8.BLOCKSIZE
+    blocks = torch.cat([flat, flat.new_zeros(pad)]).reshape(-1, quant8.BLOCKSIZE)
+    per_block = blocks.abs().amax(1, keepdim=True).expand_as(blocks).reshape(-1)
+    return per_block[: flat.numel()].reshape(x.shape)
+
+
+def test_signed_roundtrip_error_is_within_one_percent_of_block_absmax():
+    x = _randn(37, 53)
+    codes, absmax = quant8.quantize(x, signed=True)
+    assert codes.dtype == torch.uint8 and codes.shape == x.shape
+    assert absmax.shape == (quant8.num_blocks(x.numel()),)
+    y = quant8.dequantize(codes, absmax, signed=True)
+    assert ((y - x).abs() <= 0.01 * _block_absmax(x)).all()
+
+
+def test_unsigned_map_keeps_small_positive_values_better_than_signed():
+    x = _randn(4096, seed=1).square() * 1e-3
+    err_unsigned = (quant8.dequantize(*quant8.quantize(x, signed=False), signed=False) - x).abs().mean()
+    err_signed = (quant8.dequantize(*quant8.quantize(x, signed=True), signed=True) - x).abs().mean()
+    assert err_unsigned < err_signed
+    assert (quant8.dequantize(*quant8.quantize(x, signed=False), signed=False) >= 0).all()
+
+
+def test_an_outlier_only_costs_precision_in_its_own_block():
+    x = _randn(4 * quant8.BLOCKSIZE, seed=2) * 1e-2
+    spiked = x.clone()
+    spiked[0] = 1e3
+    y = quant8.dequantize(*quant8.quantize(spiked, signed=True), signed=True)
+    later_blocks = slice(quant8.BLOCKSIZE, None)
+    assert ((y[later_blocks] - x[later_blocks]).abs() <= 0.01 * _block_absmax(x)[later_blocks]).all()
+
+
+def test_state_helpers_store_in_place_and_zero_init_decodes_to_zero():
+    state = {}
+    quant8.init_state(state, "exp_avg", torch.empty(300, 20), signed=True)
+    quant8.init_state(state, "exp_avg_sq", torch.empty(300, 20), signed=False)
+    assert quant8.has_state(state, "exp_avg") and not quant8.has_state(state, "other")
+    assert torch.equal(quant8.load(state, "exp_avg", signed=True), torch.zeros(300, 20))
+    assert torch.equal(quant8.load(state, "exp_avg_sq", signed=False), torch.zeros(300, 20))
+    ptr = state["exp_avg_codes"].data_ptr()
+    x = _randn(300, 20, seed=3)
+    quant8.store_(state, "exp_avg", x, signed=True)
+    assert state["exp_avg_codes"].data_ptr() == ptr
+    assert ((quant8.load(state, "exp_avg", signed=True) - x).abs() <= 0.01 * _block_absmax(x)).all()
+    assert quant8.state_nbytes(state) == 2 * (6000 + 4 * quant8.num_blocks(6000))
+
+
+def test_state_is_plain_tensors_that_survive_torch_save():
+    state = {}
+    quant8.init_state(state, "m", torch.empty(1000), signed=True)
+    quant8.store_(state, "m", _randn(1000, seed=4), signed=True)
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    loaded = torch.load(buf)
+    assert torch.equal(quant8.load(loaded, "m", signed=True), quant8.load(state, "m", signed=True))
+
+
+def test_float64_and_bfloat16_inputs_are_accepted():
+    x = _randn(500, seed=5)
+    for dtype in (torch.float64, torch.bfloat16):
+        codes, absmax = quant8.quantize(x.to(dtype), signed=True)
+        y = quant8.dequantize(codes, absmax, signed=True, dtype=dtype)
+        assert y.dtype == dtype
+        assert ((y.float() - x).abs() <= 0.02 * _block_absmax(x)).all()
