@@ -234,13 +234,13 @@ def _coerce(action: argparse.Action, key: str, value: Any, path: Path) -> Any:
             value = ",".join(str(v) for v in value)
         else:
             raise ConfigError(f"{where} must be a single value, got {value!r}")
+    if action.type is int and isinstance(value, float):
+        raise ConfigError(f"{where} must be an integer, got {value!r}")
     if action.type is not None:
         try:
             value = action.type(value if isinstance(value, str) or action.type in (int, float) else str(value))
         except (TypeError, ValueError, argparse.ArgumentTypeError) as exc:
             raise ConfigError(f"{where}: {value!r} is not a valid {getattr(action.type, '__name__', 'value')} ({exc})") from None
-        if action.type is int and isinstance(value, float):
-            raise ConfigError(f"{where} must be an integer, got {value!r}")
     if action.choices is not None and value not in action.choices:
         valid = ", ".join(str(c) for c in action.choices if c is not None)
         raise ConfigError(f"{where} = {value!r} is not valid; choose one of: {valid}")

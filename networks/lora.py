@@ -223,9 +223,9 @@ class LoRANetwork(nn.Module):
                     split[key][0].append(f"{lora.lora_name}.{pname}")
                     split[key][1].append(param)
             for key, (names, params) in split.items():
-                group_lr = lr * ratio if (key and lr is not None) else lr
                 if not params:
                     continue
+                group_lr = lr * ratio if (key and lr is not None) else lr
                 if not group_lr:
                     logger.info("LoRA: %s%s has lr %s, not trained", description, key, group_lr)
                     continue

@@ -74,7 +74,7 @@ def bytes_to_unicode() -> dict[int, str]:
             printable.append(b)
             codes.append(256 + extra)
             extra += 1
-    return {b: chr(c) for b, c in zip(printable, codes)}
+    return {b: chr(c) for b, c in zip(printable, codes, strict=True)}
 
 
 def derive(bpe_gz: bytes) -> tuple[dict[str, int], list[str]]:
@@ -105,7 +105,9 @@ def write_tokenizer(out: Path, vocab: dict[str, int], merges: list[str], sha: st
         **SPECIAL_TOKENS,
     }
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    (out / "special_tokens_map.json").write_text(json.dumps(SPECIAL_TOKENS, indent=2) + "\n", encoding="utf-8")
+    (out / "special_tokens_map.json").write_text(
+        json.dumps(SPECIAL_TOKENS, indent=2) + "\n", encoding="utf-8"
+    )
     (out / "LICENSE").write_text(LICENSE_NOTE.format(sha=sha), encoding="utf-8")
 
 
@@ -131,7 +133,10 @@ def main(argv: list[str] | None = None) -> int:
     data = read_bpe(args.bpe, args.wheel)
     sha = hashlib.sha256(data).hexdigest()
     if sha != BPE_SHA256:
-        print(f"error: BPE file sha256 {sha} != expected {BPE_SHA256} ({OPEN_CLIP_REQUIREMENT})", file=sys.stderr)
+        print(
+            f"error: BPE file sha256 {sha} != expected {BPE_SHA256} ({OPEN_CLIP_REQUIREMENT})",
+            file=sys.stderr,
+        )
         return 2
     vocab, merges = derive(data)
     write_tokenizer(args.out, vocab, merges, sha)

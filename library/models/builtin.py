@@ -52,12 +52,13 @@ def _load_tiny_sd_weights(path: Path, modules: dict[str, torch.nn.Module]) -> No
         raise ModelError(f"{path}: cannot read tiny-sd weights ({exc}); expected a safetensors file") from exc
     for prefix, module in modules.items():
         part = {k[len(prefix) + 1 :]: v for k, v in state.items() if k.startswith(prefix + ".")}
-        missing, unexpected = module.load_state_dict(part, strict=False)
-        if missing or unexpected:
+        try:
+            module.load_state_dict(part, strict=True)
+        except RuntimeError as exc:  # missing/unexpected keys or size mismatch
+            first_line = str(exc).strip().splitlines()[0]
             raise ModelError(
-                f"{path}: tiny-sd weights do not match the bundled '{prefix}' config "
-                f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
-            )
+                f"{path}: tiny-sd weights do not match the bundled '{prefix}' config ({first_line})"
+            ) from exc
 
 
 def save_tiny_sd_weights(path: Path, text_encoder, vae, unet) -> None:

@@ -16,7 +16,9 @@ from library.models.common import SDModel, assemble, check_model_type, ddpm_sche
 def detect_folder_type(model_index: dict, unet_config: dict, text_encoder_config: dict) -> tuple[str, str]:
     """Return (model type, evidence). Full-size models are told apart by the UNet's cross-attention width;
     smaller custom ones by their text encoder (OpenCLIP, SD2's encoder, uses gelu; CLIP ViT-L quick_gelu)."""
-    if unet_config.get("addition_embed_type") == "text_time" or "XL" in str(model_index.get("_class_name", "")):
+    if unet_config.get("addition_embed_type") == "text_time" or "XL" in str(
+        model_index.get("_class_name", "")
+    ):
         return "sdxl", "UNet addition_embed_type 'text_time' / XL pipeline"
     cross = unet_config.get("cross_attention_dim")
     if cross == 768:

@@ -57,7 +57,9 @@ def load_sd_model(
             f".ckpt file, or {', '.join(BUILTIN_NAMES)}"
         )
     if path.is_dir():
-        return load_diffusers_folder(path, v2=v2, sdxl=sdxl, v_parameterization=v_parameterization, dtype=dtype)
+        return load_diffusers_folder(
+            path, v2=v2, sdxl=sdxl, v_parameterization=v_parameterization, dtype=dtype
+        )
     return load_single_file(
         path,
         v2=v2,

@@ -38,7 +38,10 @@ VAE_PREFIX = "first_stage_model."
 TEXT_ENCODER_LAYOUTS = {
     "sd1": [("cond_stage_model.transformer.", "clip")],
     "sd2": [("cond_stage_model.model.", "open_clip")],
-    "sdxl": [("conditioner.embedders.0.transformer.", "clip"), ("conditioner.embedders.1.model.", "open_clip")],
+    "sdxl": [
+        ("conditioner.embedders.0.transformer.", "clip"),
+        ("conditioner.embedders.1.model.", "open_clip"),
+    ],
 }
 
 
@@ -99,7 +102,9 @@ def detect_checkpoint_type(keys: set[str], path: Path) -> tuple[str, str]:
             f"{path}: no UNet weights (keys 'model.diffusion_model.*'); expected an SD1/SD2/SDXL checkpoint"
         )
     if not has(VAE_PREFIX):
-        raise ModelError(f"{path}: no VAE weights (keys 'first_stage_model.*'); expected a full SD checkpoint")
+        raise ModelError(
+            f"{path}: no VAE weights (keys 'first_stage_model.*'); expected a full SD checkpoint"
+        )
     if has("conditioner.embedders.1."):
         return "sdxl", "keys 'conditioner.embedders.1.*'"
     if has("conditioner.embedders.0."):
@@ -130,7 +135,9 @@ def _load_model(cls, state: dict, config_dir: Path, subfolder: str, path: Path):
     if not (config_dir / subfolder / "config.json").is_file():
         raise ModelError(f"{config_dir / subfolder}: no config.json for the {subfolder}")
     try:
-        model = cls.from_single_file(state, config=str(config_dir), subfolder=subfolder, local_files_only=True)
+        model = cls.from_single_file(
+            state, config=str(config_dir), subfolder=subfolder, local_files_only=True
+        )
     except Exception as exc:  # diffusers' converters raise KeyError/ValueError/RuntimeError on shape mismatch
         raise ModelError(
             f"{path}: {subfolder} weights do not fit the config in {config_dir / subfolder} ({_first_line(exc)})"

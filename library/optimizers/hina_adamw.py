@@ -1,6 +1,6 @@
 """CustomAdamW (Hina's AdamW): AdamW with nine switchable techniques and an optional 8-bit state.
 
-Definitions: ``/work/shared/OPTIMIZERS.md`` (Building blocks, CustomAdamW); flag names and defaults from the seed
+Definitions: the papers cited per technique (summarised in docs/optimizers.md); flag names and defaults from the seed
 usage guide. Per parameter tensor, one step composes the techniques in this order (g = gradient, θ = weight):
 
  1. g ← grad (working copy, fp32 for half-precision weights)
@@ -170,19 +170,29 @@ class HinaAdamWOptimizer(torch.optim.Optimizer):
             ("tam_beta", tam_beta, 0.0 <= tam_beta < 1.0, "in [0, 1)"),
             ("alora_ratio", alora_ratio, alora_ratio > 0.0, "> 0"),
             ("alora_eta", alora_eta, alora_eta > 0.0, "> 0"),
-            ("wd_transition_steps", wd_transition_steps, int(wd_transition_steps) == wd_transition_steps
-             and wd_transition_steps >= 1, "an integer >= 1"),
+            (
+                "wd_transition_steps",
+                wd_transition_steps,
+                int(wd_transition_steps) == wd_transition_steps and wd_transition_steps >= 1,
+                "an integer >= 1",
+            ),
             ("wd_decay_factor", wd_decay_factor, 0.0 < wd_decay_factor <= 1.0, "in (0, 1]"),
             ("wd_min_ratio", wd_min_ratio, 0.0 <= wd_min_ratio <= 1.0, "in [0, 1]"),
             ("optim_bits", optim_bits, optim_bits in (8, 32), "8 or 32"),
-            ("min_8bit_size", min_8bit_size, int(min_8bit_size) == min_8bit_size and min_8bit_size >= 0,
-             "an integer >= 0"),
+            (
+                "min_8bit_size",
+                min_8bit_size,
+                int(min_8bit_size) == min_8bit_size and min_8bit_size >= 0,
+                "an integer >= 0",
+            ),
         ]
         for name, value, ok, valid in checks:
             if not ok:
                 raise OptimizerError(f"CustomAdamW {name}={value!r} is invalid; valid: {valid}")
         if optim_bits == 8:
-            quant8.quant_map(True, torch.device("cpu"))  # fail now, not mid-training, if bitsandbytes is missing
+            quant8.quant_map(
+                True, torch.device("cpu")
+            )  # fail now, not mid-training, if bitsandbytes is missing
         defaults = dict(
             lr=lr,
             betas=betas,
@@ -308,7 +318,9 @@ class HinaAdamWOptimizer(torch.optim.Optimizer):
         steps = [s["step"] for s in states]
         quantised = [quant8.has_state(s, "exp_avg") for s in states]
         ratios = [
-            weight_decay_ratio(t, group["wd_transition_steps"], group["wd_decay_factor"], group["wd_min_ratio"])
+            weight_decay_ratio(
+                t, group["wd_transition_steps"], group["wd_decay_factor"], group["wd_min_ratio"]
+            )
             if group["dynamic_weight_decay"]
             else 1.0
             for t in steps
@@ -321,11 +333,11 @@ class HinaAdamWOptimizer(torch.optim.Optimizer):
         weights = [p if p.dtype == _work_dtype(p) else p.to(_work_dtype(p)) for p in params]
         exp_avgs = [
             quant8.load(s, "exp_avg", signed=True, dtype=_work_dtype(p)) if q else s["exp_avg"]
-            for p, s, q in zip(params, states, quantised)
+            for p, s, q in zip(params, states, quantised, strict=True)
         ]
         exp_avg_sqs = [
             quant8.load(s, "exp_avg_sq", signed=False, dtype=_work_dtype(p)) if q else s["exp_avg_sq"]
-            for p, s, q in zip(params, states, quantised)
+            for p, s, q in zip(params, states, quantised, strict=True)
         ]
 
         # 2-3. gradient transforms
@@ -337,7 +349,7 @@ class HinaAdamWOptimizer(torch.optim.Optimizer):
         # 4. momentum input
         if adopt:
             # A tensor whose v is still all zero has never seen a gradient: this step is its ADOPT init step.
-            ready = [(n > 0).to(g.dtype) for n, g in zip(torch._foreach_norm(exp_avg_sqs, math.inf), grads)]
+            ready = list((torch.stack(torch._foreach_max(exp_avg_sqs)) > 0).to(grads[0].dtype))
             denom = torch._foreach_sqrt(exp_avg_sqs)
             torch._foreach_clamp_min_(denom, eps)
             inputs = torch._foreach_div(grads, denom)
@@ -382,14 +394,16 @@ class HinaAdamWOptimizer(torch.optim.Optimizer):
 
         # 11-12. step and decay
         if group["use_spd"]:
-            theta0 = [s["theta0"].to(w.dtype) for s, w in zip(states, weights)]
+            theta0 = [s["theta0"].to(w.dtype) for s, w in zip(states, weights, strict=True)]
             deviation = torch._foreach_sub(weights, theta0)
             pushes_away = torch.stack(
-                [torch.dot(g.reshape(-1), d.reshape(-1)) < 0 for g, d in zip(grads, deviation)]
+                [torch.dot(g.reshape(-1), d.reshape(-1)) < 0 for g, d in zip(grads, deviation, strict=True)]
             )
             dev_before = torch.stack(torch._foreach_norm(deviation))
         elif group["weight_decay"] != 0.0:
-            torch._foreach_mul_(weights, [1.0 - lr_i * group["weight_decay"] * r for lr_i, r in zip(lrs, ratios)])
+            torch._foreach_mul_(
+                weights, [1.0 - lr_i * group["weight_decay"] * r for lr_i, r in zip(lrs, ratios, strict=True)]
+            )
         torch._foreach_mul_(updates, [-lr_i for lr_i in lrs])
         torch._foreach_add_(weights, updates)
         if group["use_spd"]:
@@ -401,10 +415,10 @@ class HinaAdamWOptimizer(torch.optim.Optimizer):
             torch._foreach_sub_(weights, deviation)
 
         # write back
-        for p, w in zip(params, weights):
+        for p, w in zip(params, weights, strict=True):
             if w is not p:
                 p.copy_(w)
-        for s, q, m, v in zip(states, quantised, exp_avgs, exp_avg_sqs):
+        for s, q, m, v in zip(states, quantised, exp_avgs, exp_avg_sqs, strict=True):
             if q:
                 quant8.store_(s, "exp_avg", m, signed=True)
                 quant8.store_(s, "exp_avg_sq", v, signed=False)

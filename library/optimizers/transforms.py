@@ -3,8 +3,8 @@
 Each function works on a list of tensors (one per parameter) and keeps every per-tensor reduction (norms, dot
 products) as a tensor, so an optimizer step built from them never synchronises with the host. Functions ending in
 ``_`` modify their first list in place. All math runs in the dtype of the tensors handed in: the caller decides the
-working precision (fp32 for half-precision parameters, fp64 in the reference tests). Definitions follow
-``/work/shared/OPTIMIZERS.md`` ("Building blocks"); each function names its paper.
+working precision (fp32 for half-precision parameters, fp64 in the reference tests). Definitions follow the
+papers named in each function (summarised in docs/optimizers.md).
 """
 
 from __future__ import annotations
@@ -22,7 +22,9 @@ _TINY = 1e-30
 
 def _dots(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
     """⟨a_i, b_i⟩ for every pair, stacked into one 1-D tensor (dtype of ``b``)."""
-    return torch.stack([torch.dot(x.reshape(-1).to(y.dtype), y.reshape(-1)) for x, y in zip(a, b, strict=True)])
+    return torch.stack(
+        [torch.dot(x.reshape(-1).to(y.dtype), y.reshape(-1)) for x, y in zip(a, b, strict=True)]
+    )
 
 
 def _norms(tensors: Sequence[Tensor], ord: float = 2.0) -> Tensor:
@@ -41,7 +43,9 @@ def orthograd_(params: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
     theta_sq = _dots(params, params).to(grads[0].dtype)
     coef = torch.where(theta_sq > _ZERO_NORM_SQ, _dots(params, grads) / theta_sq.clamp_min(_TINY), 0.0)
     g_norm = _norms(grads)
-    torch._foreach_add_(grads, torch._foreach_mul([p.to(g.dtype) for p, g in zip(params, grads)], list(-coef)))
+    torch._foreach_add_(
+        grads, torch._foreach_mul([p.to(g.dtype) for p, g in zip(params, grads, strict=True)], list(-coef))
+    )
     perp_norm = _norms(grads)
     scale = torch.where(perp_norm > 0, g_norm / perp_norm.clamp_min(_TINY), 1.0)
     torch._foreach_mul_(grads, list(scale))

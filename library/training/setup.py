@@ -140,11 +140,22 @@ def check_optimizer_settings(args: argparse.Namespace):
     return spec
 
 
+def effective_lr(args: argparse.Namespace, spec) -> float:
+    """--learning_rate > --optimizer_args lr > [optimizer] lr > the optimizer's documented lr > 1e-4."""
+    from library.optimizers.args import parse_optimizer_args
+
+    for source in (args.learning_rate, parse_optimizer_args(args.optimizer_args or []).get("lr"),
+                   (getattr(args, "optimizer_table", None) or {}).get("lr"), spec.defaults.get("lr")):
+        if source is not None:
+            return float(source)
+    return 1e-4
+
+
 def build_optimizer_for(args: argparse.Namespace, network) -> tuple[torch.optim.Optimizer, str]:
     from library.optimizers.registry import build_optimizer, resolve
 
     name = optimizer_name(args)
-    lr = args.learning_rate if args.learning_rate is not None else resolve(name).defaults.get("lr", 1e-4)
+    lr = effective_lr(args, resolve(name))
     groups = network.prepare_optimizer_params(args.text_encoder_lr, args.unet_lr, lr)
     if isinstance(groups, tuple):  # sd-scripts modules may return (params, descriptions)
         groups = groups[0]

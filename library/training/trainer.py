@@ -247,6 +247,8 @@ class LoRATrainer:
     def train(self) -> None:
         a, acc = self.args, self.accelerator
         self._install_signal_handlers()
+        logger.info("training: %d steps, %d per epoch, from step %d (Ctrl-C saves and stops)", a.max_train_steps,
+                    self.steps_per_epoch, self.progress.global_step)
         bar = Progress(a, total=a.max_train_steps, initial=self.progress.global_step, enabled=acc.is_local_main_process,
                        device=self.device, accelerator=acc, output_dir=self.output_dir)
         check_every = 1 if self.device.type == "cpu" else a.log_every_n_steps

@@ -1,4 +1,4 @@
-"""The shared transforms against float64 definitions written coordinate by coordinate (OPTIMIZERS.md)."""
+"""The shared transforms against float64 definitions written coordinate by coordinate (docs/optimizers.md, the cited papers)."""
 
 import math
 
@@ -22,19 +22,19 @@ def test_orthograd_matches_definition_and_skips_zero_weights():
     thetas = [_rand(4, 3, seed=1), torch.zeros(5, 2, dtype=F64), _rand(7, seed=2)]
     grads = [_rand(4, 3, seed=3), _rand(5, 2, seed=4), _rand(7, seed=5)]
     expected = []
-    for theta, g in zip(thetas, grads):
+    for theta, g in zip(thetas, grads, strict=True):
         th, gg = _flat(theta), _flat(g)
         tt = sum(a * a for a in th)
         if tt <= 1e-30:
             expected.append(list(gg))
             continue
-        coef = sum(a * b for a, b in zip(th, gg)) / tt
-        perp = [b - coef * a for a, b in zip(th, gg)]
+        coef = sum(a * b for a, b in zip(th, gg, strict=True)) / tt
+        perp = [b - coef * a for a, b in zip(th, gg, strict=True)]
         scale = math.sqrt(sum(b * b for b in gg)) / math.sqrt(sum(b * b for b in perp))
         expected.append([b * scale for b in perp])
     work = [g.clone() for g in grads]
     T.orthograd_(thetas, work)
-    for w, e, theta, g in zip(work, expected, thetas, grads):
+    for w, e, theta, g in zip(work, expected, thetas, grads, strict=True):
         assert torch.allclose(w.reshape(-1), torch.tensor(e, dtype=F64), rtol=1e-12, atol=1e-12)
         assert torch.dot(w.reshape(-1), theta.reshape(-1)).abs() < 1e-12
         assert torch.isclose(w.norm(), g.norm(), rtol=1e-12)
@@ -55,7 +55,7 @@ def test_agr_matches_definition():
 def test_grams_takes_sign_from_gradient_and_magnitude_from_update():
     u, g = _rand(10, seed=8), _rand(10, seed=9)
     g[3] = 0.0
-    expected = [math.copysign(abs(a), b) if b != 0 else 0.0 for a, b in zip(_flat(u), _flat(g))]
+    expected = [math.copysign(abs(a), b) if b != 0 else 0.0 for a, b in zip(_flat(u), _flat(g), strict=True)]
     work = [u.clone()]
     T.grams_(work, [g])
     assert work[0].tolist() == expected
@@ -63,9 +63,9 @@ def test_grams_takes_sign_from_gradient_and_magnitude_from_update():
 
 def test_cautious_masks_disagreeing_coordinates_and_rescales():
     u, g = _rand(8, seed=10), _rand(8, seed=11)
-    agree = [1.0 if a * b > 0 else 0.0 for a, b in zip(_flat(u), _flat(g))]
+    agree = [1.0 if a * b > 0 else 0.0 for a, b in zip(_flat(u), _flat(g), strict=True)]
     frac = max(sum(agree) / len(agree), 1e-3)
-    expected = [a * k / frac for a, k in zip(_flat(u), agree)]
+    expected = [a * k / frac for a, k in zip(_flat(u), agree, strict=True)]
     work = [u.clone()]
     T.cautious_(work, [g])
     assert torch.allclose(work[0], torch.tensor(expected, dtype=F64), rtol=1e-14, atol=0)
@@ -85,10 +85,12 @@ def test_tam_damping_follows_smoothed_cosine():
     s = [torch.tensor(0.3, dtype=F64), torch.tensor(-0.2, dtype=F64)]
     beta = 0.9
     a, b = _flat(m[0]), _flat(x[0])
-    cos0 = sum(i * j for i, j in zip(a, b)) / (math.sqrt(sum(i * i for i in a)) * math.sqrt(sum(j * j for j in b)))
+    cos0 = sum(i * j for i, j in zip(a, b, strict=True)) / (
+        math.sqrt(sum(i * i for i in a)) * math.sqrt(sum(j * j for j in b))
+    )
     s_new = [beta * 0.3 + (1 - beta) * cos0, beta * -0.2 + (1 - beta) * 0.0]  # zero momentum: cos = 0
     d = T.tam_damping_(m, x, s, beta)
-    for got, want, d_i in zip(s, s_new, d):
+    for got, want, d_i in zip(s, s_new, d, strict=True):
         assert got.item() == pytest.approx(want, rel=1e-13)
         assert d_i.item() == pytest.approx((1 + want) / 2, rel=1e-13)
 

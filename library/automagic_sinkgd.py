@@ -1,0 +1,5 @@
+"""Compat import path of the seed docs: ``from library.automagic_sinkgd import Automagic_Sinkgd``."""
+
+from library.optimizers.automagic import Automagic_CameAMP, Automagic_Sinkgd
+
+__all__ = ["Automagic_CameAMP", "Automagic_Sinkgd"]

@@ -1,0 +1,458 @@
+"""sd-scripts dataset TOML -> validated `DatasetConfig` dataclasses.
+
+Schema (as sd-scripts): `[general]`, `[[datasets]]`, `[[datasets.subsets]]`. A subset key may be set at any of
+the three levels and a dataset key at `[general]` or `[[datasets]]`; the most specific wins, then the CLI value
+(`DatasetDefaults`). Relative `image_dir` paths resolve against the current working directory, as in sd-scripts,
+so run the command from the folder the paths are relative to (the bundled examples: the repository root).
+
+Every mistake is a `ConfigError` naming the file, the key with its table path (`datasets[0].subsets[1].num_repeat`),
+the bad value and what is valid, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import logging
+import re
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from library.errors import ConfigError, DatasetError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SubsetConfig:
+    """One image folder. `caption_extension=None` means: `.caption`, else `.txt`, per image."""
+
+    image_dir: Path
+    num_repeats: int = 1
+    caption_extension: str | None = None
+    class_tokens: str | None = None
+    keep_tokens: int = 0
+    shuffle_caption: bool = False
+    caption_dropout_rate: float = 0.0
+    flip_aug: bool = False
+    is_reg: bool = False
+    caption_dropout_every_n_epochs: int = 0
+    caption_tag_dropout_rate: float = 0.0
+    keep_tokens_separator: str = ""
+    secondary_separator: str = ""
+    caption_prefix: str | None = None
+    caption_suffix: str | None = None
+    random_crop: bool = False
+    name: str = ""  # where it came from, for messages: "datasets[0].subsets[1]" or "--train_data_dir 10_cat"
+
+
+@dataclass
+class DatasetBlueprint:
+    """Subsets trained at one resolution / batch size / bucket setting."""
+
+    resolution: tuple[int, int]  # (width, height)
+    batch_size: int = 1
+    enable_bucket: bool = False
+    min_bucket_reso: int = 256
+    max_bucket_reso: int = 1024
+    bucket_reso_steps: int = 64
+    subsets: list[SubsetConfig] = field(default_factory=list)
+    bucket_no_upscale: bool = False
+
+
+@dataclass
+class DatasetConfig:
+    datasets: list[DatasetBlueprint]
+    source: str  # the TOML path or "--train_data_dir"
+    unsupported: list[str] = field(default_factory=list)  # accepted-but-ignored keys, with their table path
+
+
+@dataclass
+class DatasetDefaults:
+    """The CLI values; TOML `[general]`, dataset and subset keys override them (subset > dataset > general)."""
+
+    resolution: tuple[int, int] = (512, 512)
+    batch_size: int = 1
+    enable_bucket: bool = False
+    min_bucket_reso: int = 256
+    max_bucket_reso: int = 1024
+    bucket_reso_steps: int = 64
+    bucket_no_upscale: bool = False
+    caption_extension: str | None = None
+    keep_tokens: int = 0
+    shuffle_caption: bool = False
+    caption_dropout_rate: float = 0.0
+    caption_dropout_every_n_epochs: int = 0
+    caption_tag_dropout_rate: float = 0.0
+    keep_tokens_separator: str = ""
+    secondary_separator: str = ""
+    caption_prefix: str | None = None
+    caption_suffix: str | None = None
+    flip_aug: bool = False
+    random_crop: bool = False
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> DatasetDefaults:
+        """Pick the dataset flags from parsed CLI options (`--train_batch_size` -> batch_size); absent ones keep defaults."""
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            flag = "train_batch_size" if f.name == "batch_size" else f.name
+            value = getattr(args, flag, None)
+            if value is not None:
+                values[f.name] = value
+        if "resolution" in values:
+            values["resolution"] = _check_resolution(values["resolution"], "--resolution", "command line")
+        if values.get("caption_extension") is not None:
+            values["caption_extension"] = _normalise_extension(values["caption_extension"])
+        return cls(**values)
+
+
+# ---------------------------------------------------------------------------------------------------- schema
+# key -> (checker, what is valid). A checker returns the converted value or raises _Invalid.
+
+
+class _Invalid(ValueError):
+    pass
+
+
+def _bool(v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise _Invalid
+    return v
+
+
+def _int_at_least(lo: int) -> Callable[[Any], int]:
+    def check(v: Any) -> int:
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise _Invalid
+        return v
+
+    return check
+
+
+def _rate(v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float) or not 0.0 <= v <= 1.0:
+        raise _Invalid
+    return float(v)
+
+
+def _str(v: Any) -> str:
+    if not isinstance(v, str):
+        raise _Invalid
+    return v
+
+
+def _extension(v: Any) -> str:
+    if not isinstance(v, str) or not v.strip(".") or "/" in v or "\\" in v:
+        raise _Invalid
+    return _normalise_extension(v)
+
+
+def _normalise_extension(ext: str) -> str:
+    """sd-scripts appends the extension verbatim; a missing dot ("txt") is always a mistake, so add it."""
+    return ext if ext.startswith(".") else "." + ext
+
+
+def _resolution(v: Any) -> tuple[int, int]:
+    if isinstance(v, int) and not isinstance(v, bool):
+        v = [v, v]
+    if not isinstance(v, list) or len(v) != 2 or any(isinstance(x, bool) or not isinstance(x, int) for x in v):
+        raise _Invalid
+    if min(v) < 8 or v[0] % 8 or v[1] % 8:
+        raise _Invalid
+    return (v[0], v[1])
+
+
+def _reso(v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 8 or v % 8:
+        raise _Invalid
+    return v
+
+
+def _any(v: Any) -> Any:
+    return v
+
+
+_RESOLUTION_VALID = "a positive multiple of 8 or a [width, height] pair of them, e.g. 512 or [768, 512]"
+
+# Keys that live on a subset (settable at every level).
+_SUBSET_KEYS: dict[str, tuple[Callable[[Any], Any], str]] = {
+    "num_repeats": (_int_at_least(1), "an integer >= 1"),
+    "caption_extension": (_extension, 'a file extension such as ".txt" or ".caption"'),
+    "class_tokens": (_str, "a string (the caption for images without a caption file)"),
+    "keep_tokens": (_int_at_least(0), "an integer >= 0"),
+    "shuffle_caption": (_bool, "true or false"),
+    "caption_dropout_rate": (_rate, "a number in [0, 1]"),
+    "caption_dropout_every_n_epochs": (_int_at_least(0), "an integer >= 0 (0 = off)"),
+    "caption_tag_dropout_rate": (_rate, "a number in [0, 1]"),
+    "keep_tokens_separator": (_str, 'a string such as "|||"'),
+    "secondary_separator": (_str, 'a string such as ";;;"'),
+    "caption_prefix": (_str, "a string"),
+    "caption_suffix": (_str, "a string"),
+    "flip_aug": (_bool, "true or false"),
+    "random_crop": (_bool, "true or false"),
+}
+# Keys only valid inside [[datasets.subsets]].
+_SUBSET_ONLY_KEYS: dict[str, tuple[Callable[[Any], Any], str]] = {
+    "image_dir": (_str, "a folder path (relative paths resolve against the current directory)"),
+    "is_reg": (_bool, "true or false"),
+}
+# Keys that live on a dataset (settable in [general] and [[datasets]]).
+_DATASET_KEYS: dict[str, tuple[Callable[[Any], Any], str]] = {
+    "resolution": (_resolution, _RESOLUTION_VALID),
+    "batch_size": (_int_at_least(1), "an integer >= 1"),
+    "enable_bucket": (_bool, "true or false"),
+    "min_bucket_reso": (_reso, "a positive multiple of 8"),
+    "max_bucket_reso": (_reso, "a positive multiple of 8"),
+    "bucket_reso_steps": (_reso, "a positive multiple of 8 (64 is usual)"),
+    "bucket_no_upscale": (_bool, "true or false"),
+}
+# sd-scripts keys we accept so its configs load, but do not implement: each one logs a warning.
+_UNSUPPORTED_SUBSET_KEYS = {
+    "color_aug": "hue augmentation is not implemented",
+    "face_crop_aug_range": "face crop augmentation is not implemented",
+    "token_warmup_min": "token warm-up is not implemented",
+    "token_warmup_step": "token warm-up is not implemented",
+    "enable_wildcard": "wildcard captions are not implemented (the first non-empty line is used)",
+    "caption_separator": "tags are always separated by ','",
+    "custom_attributes": "custom attributes are not used",
+    "cache_info": "image sizes are cached in memory per run",
+    "alpha_mask": "alpha masks are not implemented (transparent pixels are composited on white)",
+}
+_UNSUPPORTED_DATASET_KEYS = {
+    "network_multiplier": "per-dataset network multipliers are not implemented",
+    "validation_seed": "validation splits are not implemented",
+    "validation_split": "validation splits are not implemented",
+}
+_REJECTED_KEYS = {
+    "metadata_file": "fine-tuning datasets (metadata JSON) are not supported; use image_dir with caption files",
+    "conditioning_data_dir": "ControlNet datasets are not supported",
+}
+
+_GENERAL_VALID = {**_DATASET_KEYS, **_SUBSET_KEYS}
+_DATASET_VALID = {**_DATASET_KEYS, **_SUBSET_KEYS}
+_SUBSET_VALID = {**_SUBSET_KEYS, **_SUBSET_ONLY_KEYS}
+
+
+# ---------------------------------------------------------------------------------------------------- loading
+
+
+def load_dataset_config(path: str | Path, defaults: DatasetDefaults | None = None) -> DatasetConfig:
+    """Read and validate a dataset TOML; raises ConfigError with file, key path, value and what is valid."""
+    path = Path(path)
+    defaults = defaults or DatasetDefaults()
+    try:
+        data = tomllib.loads(path.read_bytes().decode("utf-8-sig"))
+    except FileNotFoundError:
+        raise ConfigError(f"dataset config {path}: file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"dataset config {path}: cannot read ({exc.strerror or exc})") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"dataset config {path}: not valid UTF-8 (byte {exc.object[exc.start]:#04x} at offset "
+                          f"{exc.start}); save it as UTF-8") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(_toml_error(path, exc)) from None
+    return _build(data, path, defaults)
+
+
+def _toml_error(path: Path, exc: tomllib.TOMLDecodeError) -> str:
+    msg = str(exc)
+    m = re.search(r"\(at line (\d+), column (\d+)\)", msg)
+    if m:
+        reason = msg[: m.start()].strip()
+        return f"dataset config {path}:{m.group(1)}: invalid TOML at line {m.group(1)}, column {m.group(2)}: {reason}"
+    return f"dataset config {path}: invalid TOML: {msg}"
+
+
+class _Ctx:
+    """Error formatting and the list of ignored keys for one file."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.unsupported: list[str] = []
+
+    def fail(self, where: str, message: str) -> ConfigError:
+        return ConfigError(f"dataset config {self.path}: {where}: {message}")
+
+    def check_keys(self, table: dict, where: str, valid: dict, level: str) -> dict[str, Any]:
+        """Validate one table's keys and values; returns the converted known values."""
+        out: dict[str, Any] = {}
+        for key, value in table.items():
+            here = f"{where}.{key}" if where else key
+            if key in valid:
+                checker, desc = valid[key]
+                try:
+                    out[key] = checker(value)
+                except _Invalid:
+                    raise self.fail(here, f"bad value {value!r}: expected {desc}") from None
+            elif key in _UNSUPPORTED_SUBSET_KEYS or (key in _UNSUPPORTED_DATASET_KEYS and level != "subset"):
+                reason = _UNSUPPORTED_SUBSET_KEYS.get(key) or _UNSUPPORTED_DATASET_KEYS[key]
+                self.unsupported.append(f"{here} ({reason})")
+            elif key in _REJECTED_KEYS:
+                raise self.fail(here, _REJECTED_KEYS[key])
+            else:
+                raise self.fail(here, self._unknown(key, value, valid, level))
+        return out
+
+    @staticmethod
+    def _unknown(key: str, value: Any, valid: dict, level: str) -> str:
+        tables = {"general": "[general]", "dataset": "[[datasets]]", "subset": "[[datasets.subsets]]"}
+        if key in _SUBSET_ONLY_KEYS:
+            return f"{key} = {value!r} is only valid in [[datasets.subsets]], not in {tables[level]}"
+        if key in _DATASET_KEYS:
+            return f"{key} = {value!r} is a dataset key: set it in [general] or [[datasets]], not in {tables[level]}"
+        if key in ("datasets", "subsets", "general"):
+            return f"unexpected table {key!r} in {tables[level]}"
+        close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]!r}?" if close else f"valid keys here: {', '.join(sorted(valid))}"
+        return f"unknown key {key!r} (value {value!r}); {hint}"
+
+
+def _build(data: dict, path: Path, defaults: DatasetDefaults) -> DatasetConfig:
+    ctx = _Ctx(path)
+    for key in data:
+        if key not in ("general", "datasets"):
+            close = difflib.get_close_matches(key, ["general", "datasets"], n=1)
+            hint = f"did you mean {close[0]!r}?" if close else "the top level holds only [general] and [[datasets]]"
+            raise ctx.fail(key, f"unknown top-level key or table {key!r}; {hint}")
+    general_table = data.get("general", {})
+    if not isinstance(general_table, dict):
+        raise ctx.fail("general", "must be a table: write [general]")
+    general = ctx.check_keys(general_table, "general", _GENERAL_VALID, "general")
+    datasets_raw = data.get("datasets")
+    if not isinstance(datasets_raw, list) or not datasets_raw or not all(isinstance(d, dict) for d in datasets_raw):
+        raise ctx.fail("datasets", "expected at least one [[datasets]] table with [[datasets.subsets]] inside")
+
+    datasets = []
+    for i, ds_table in enumerate(datasets_raw):
+        where = f"datasets[{i}]"
+        subsets_raw = ds_table.get("subsets")
+        ds_values = ctx.check_keys({k: v for k, v in ds_table.items() if k != "subsets"}, where, _DATASET_VALID,
+                                   "dataset")
+        if not isinstance(subsets_raw, list) or not subsets_raw or not all(isinstance(s, dict) for s in subsets_raw):
+            raise ctx.fail(f"{where}.subsets", "expected at least one [[datasets.subsets]] table with image_dir")
+        subsets = []
+        for j, sub_table in enumerate(subsets_raw):
+            sub_where = f"{where}.subsets[{j}]"
+            sub_values = ctx.check_keys(sub_table, sub_where, _SUBSET_VALID, "subset")
+            if "image_dir" not in sub_values:
+                raise ctx.fail(f"{sub_where}.image_dir", "missing: every subset needs image_dir = \"path/to/images\"")
+            merged = _merge(_subset_field_names(), sub_values, ds_values, general, defaults)
+            image_dir = Path(sub_values["image_dir"]).expanduser()
+            resolved = image_dir if image_dir.is_absolute() else Path.cwd() / image_dir
+            if not resolved.is_dir():
+                raise ctx.fail(f"{sub_where}.image_dir", f"folder {str(image_dir)!r} not found (relative paths "
+                               f"resolve against the current directory {Path.cwd()})")
+            subsets.append(SubsetConfig(image_dir=resolved, name=sub_where, **merged))
+        merged_ds = _merge(_DATASET_KEYS.keys(), ds_values, general, defaults)
+        blueprint = DatasetBlueprint(subsets=subsets, **merged_ds)
+        try:
+            check_blueprint(blueprint)
+        except DatasetError as exc:
+            raise ctx.fail(where, str(exc)) from None
+        datasets.append(blueprint)
+
+    if ctx.unsupported:
+        logger.warning("dataset config %s: accepted but not implemented (ignored): %s", path, "; ".join(ctx.unsupported))
+    return DatasetConfig(datasets=datasets, source=str(path), unsupported=ctx.unsupported)
+
+
+def _subset_field_names() -> list[str]:
+    return [name for name in _SUBSET_KEYS] + ["is_reg"]
+
+
+def _merge(names, *levels) -> dict[str, Any]:
+    """First level that sets a key wins; the last level is the DatasetDefaults (attributes, not a dict)."""
+    out = {}
+    *tables, defaults = levels
+    for name in names:
+        for table in tables:
+            if name in table:
+                out[name] = table[name]
+                break
+        else:
+            if hasattr(defaults, name):
+                out[name] = getattr(defaults, name)
+    return out
+
+
+def check_blueprint(bp: DatasetBlueprint) -> None:
+    """Cross-key checks sd-scripts also makes; raises DatasetError (the TOML loader turns it into ConfigError)."""
+    w, h = bp.resolution
+    if bp.batch_size < 1:
+        raise DatasetError(f"batch_size {bp.batch_size}: must be >= 1")
+    if not bp.enable_bucket:
+        return
+    if bp.min_bucket_reso > bp.max_bucket_reso:
+        raise DatasetError(f"min_bucket_reso {bp.min_bucket_reso} is larger than max_bucket_reso {bp.max_bucket_reso}")
+    if not bp.bucket_no_upscale and min(w, h) < bp.min_bucket_reso:
+        raise DatasetError(f"min_bucket_reso {bp.min_bucket_reso} is larger than the resolution {w}x{h}: "
+                           f"set min_bucket_reso <= {min(w, h)}")
+    if not bp.bucket_no_upscale and max(w, h) > bp.max_bucket_reso:
+        raise DatasetError(f"max_bucket_reso {bp.max_bucket_reso} is smaller than the resolution {w}x{h}: "
+                           f"set max_bucket_reso >= {max(w, h)}")
+    if bp.min_bucket_reso % bp.bucket_reso_steps or bp.max_bucket_reso % bp.bucket_reso_steps:
+        logger.warning("min_bucket_reso %d / max_bucket_reso %d are not multiples of bucket_reso_steps %d; "
+                       "bucket sides are rounded to multiples of it", bp.min_bucket_reso, bp.max_bucket_reso,
+                       bp.bucket_reso_steps)
+
+
+def _check_resolution(value: Any, where: str, source: str) -> tuple[int, int]:
+    if isinstance(value, tuple):
+        value = list(value)
+    try:
+        return _resolution(value)
+    except _Invalid:
+        raise ConfigError(f"{where} {value!r} ({source}): expected {_RESOLUTION_VALID}") from None
+
+
+# ---------------------------------------------------------------------------------------------------- folders
+
+_FOLDER = re.compile(r"^(\d+)_(.*)$")
+
+
+def config_from_train_data_dir(train_data_dir: str | Path, reg_data_dir: str | Path | None = None,
+                               defaults: DatasetDefaults | None = None) -> DatasetConfig:
+    """kohya folder layout: `<train_data_dir>/<N>_<concept>/` holds images repeated N times, captioned `<concept>`
+    when an image has no caption file. Hidden folders are ignored; any other folder name is an error."""
+    defaults = defaults or DatasetDefaults()
+    subsets = _folder_subsets(Path(train_data_dir), "--train_data_dir", defaults, is_reg=False)
+    if reg_data_dir:
+        subsets += _folder_subsets(Path(reg_data_dir), "--reg_data_dir", defaults, is_reg=True)
+    values = {name: getattr(defaults, name) for name in _DATASET_KEYS}
+    blueprint = DatasetBlueprint(subsets=subsets, **values)
+    check_blueprint(blueprint)
+    return DatasetConfig(datasets=[blueprint], source="--train_data_dir")
+
+
+def _folder_subsets(root: Path, flag: str, defaults: DatasetDefaults, is_reg: bool) -> list[SubsetConfig]:
+    from library.data.images import IMAGE_EXTENSIONS
+
+    if not root.is_dir():
+        raise DatasetError(f"{flag} {root}: folder not found")
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    bad = [p.name for p in folders if not _FOLDER.match(p.name)]
+    if bad:
+        raise DatasetError(f"{flag} {root}: folder {bad[0]!r} does not match <repeats>_<concept> (e.g. "
+                           f"'10_zkw heart': 10 repeats, caption 'zkw heart'); rename it or use --dataset_config")
+    zero = [p.name for p in folders if int(_FOLDER.match(p.name).group(1)) < 1]
+    if zero:
+        raise DatasetError(f"{flag} {root}: folder {zero[0]!r} has 0 repeats; the number before '_' must be >= 1")
+    if not folders:
+        loose = any(p.suffix.lower() in IMAGE_EXTENSIONS for p in root.iterdir() if p.is_file())
+        hint = ("images must be inside subfolders named <repeats>_<concept>, e.g. 10_zkw" if loose
+                else "expected subfolders named <repeats>_<concept>, e.g. 10_zkw")
+        raise DatasetError(f"{flag} {root}: no image folders; {hint}")
+    subsets = []
+    for folder in folders:
+        m = _FOLDER.match(folder.name)
+        concept = m.group(2).strip()
+        values = _merge(_subset_field_names(), {}, {}, defaults)
+        values["num_repeats"] = int(m.group(1))
+        values["is_reg"] = is_reg
+        values["class_tokens"] = concept or None
+        subsets.append(SubsetConfig(image_dir=folder.resolve(), name=f"{flag} {folder.name}", **values))
+    return subsets
