@@ -34,12 +34,20 @@ LORA_PREFIX_UNET = "lora_unet"
 LORA_PREFIX_TEXT_ENCODER = "lora_te"
 
 NETWORK_ARGS = (
-    "conv_dim", "conv_alpha", "dropout", "rank_dropout", "module_dropout",
-    "loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio", "verbose",
+    "conv_dim",
+    "conv_alpha",
+    "rank_dropout",
+    "module_dropout",
+    "loraplus_lr_ratio",
+    "loraplus_unet_lr_ratio",
+    "loraplus_text_encoder_lr_ratio",
+    "verbose",
 )
 
 
-def _target_layers(root: nn.Module, prefix: str, target_classes: Sequence[str]) -> Iterator[tuple[str, nn.Module]]:
+def _target_layers(
+    root: nn.Module, prefix: str, target_classes: Sequence[str]
+) -> Iterator[tuple[str, nn.Module]]:
     """(kohya name, layer) for every Linear/Conv2d inside a module whose class name is in `target_classes`."""
     for name, module in root.named_modules():
         if type(module).__name__ not in target_classes:
@@ -117,7 +125,9 @@ class LoRANetwork(nn.Module):
         text_encoders = _text_encoder_list(text_encoder)
         self.text_encoder_loras: list[LoRAModule] = []
         for i, te in enumerate(text_encoders):
-            prefix = LORA_PREFIX_TEXT_ENCODER if len(text_encoders) == 1 else f"{LORA_PREFIX_TEXT_ENCODER}{i + 1}"
+            prefix = (
+                LORA_PREFIX_TEXT_ENCODER if len(text_encoders) == 1 else f"{LORA_PREFIX_TEXT_ENCODER}{i + 1}"
+            )
             # kohya names follow transformers 4's CLIPTextModel, whose layers live under `.text_model`;
             # transformers 5 flattened CLIPTextModel, so name from the inner text model, whichever it is
             core = getattr(te, "text_model", te)
@@ -125,13 +135,19 @@ class LoRANetwork(nn.Module):
         unet_targets = UNET_TARGET_MODULES
         if modules_dim is not None or self.conv_lora_dim is not None:
             unet_targets = UNET_TARGET_MODULES + UNET_CONV_TARGET_MODULES
-        self.unet_loras: list[LoRAModule] = build(LORA_PREFIX_UNET, unet, unet_targets) if unet is not None else []
+        self.unet_loras: list[LoRAModule] = (
+            build(LORA_PREFIX_UNET, unet, unet_targets) if unet is not None else []
+        )
 
         for lora in self.text_encoder_loras + self.unet_loras:
             if lora.lora_name in self._modules:
                 raise ModelError(f"LoRA: duplicate module name {lora.lora_name}")
             self.add_module(lora.lora_name, lora)
-        logger.info("LoRA: %d text encoder modules, %d U-Net modules", len(self.text_encoder_loras), len(self.unet_loras))
+        logger.info(
+            "LoRA: %d text encoder modules, %d U-Net modules",
+            len(self.text_encoder_loras),
+            len(self.unet_loras),
+        )
         if verbose:
             for lora in self.text_encoder_loras + self.unet_loras:
                 logger.info("  %s", lora.extra_repr())
@@ -173,9 +189,19 @@ class LoRANetwork(nn.Module):
     def is_mergeable(self) -> bool:
         return True
 
-    def merge_to(self, text_encoder: Any = None, unet: Any = None, weights_sd: Mapping[str, Tensor] | None = None,
-                 dtype: torch.dtype | None = None, device: torch.device | None = None) -> None:
-        """Add the adapters into the base weights (after loading `weights_sd` if given) and unhook them."""
+    def merge_to(
+        self,
+        text_encoder: Any = None,
+        unet: Any = None,
+        weights_sd: Mapping[str, Tensor] | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | None = None,
+    ) -> None:
+        """Add the adapters into the base weights (after loading `weights_sd` if given) and unhook them.
+
+        sd-scripts' signature; the model arguments, dtype and device are not needed (each adapter knows its
+        layer, and the update is formed in float32 on the layer's device).
+        """
         if weights_sd is not None:
             self._load_state_dict_checked(dict(weights_sd), "weights_sd", strict=False)
         for lora in self.text_encoder_loras + self.unet_loras:
@@ -229,7 +255,9 @@ class LoRANetwork(nn.Module):
                 if not group_lr:
                     logger.info("LoRA: %s%s has lr %s, not trained", description, key, group_lr)
                     continue
-                groups.append({"params": params, "names": names, "lr": group_lr, "description": description + key})
+                groups.append(
+                    {"params": params, "names": names, "lr": group_lr, "description": description + key}
+                )
 
         if self.text_encoder_loras:
             ratio = self.loraplus_text_encoder_lr_ratio or self.loraplus_lr_ratio
@@ -240,14 +268,21 @@ class LoRANetwork(nn.Module):
                 lr = text_encoder_lr
                 if isinstance(lr, Sequence):
                     lr = lr[min(i, len(lr) - 1)] if lr else None
-                add(loras, default_lr if lr is None else lr, ratio, "textencoder" if te == "te" else f"textencoder{te[2:]}")
+                add(
+                    loras,
+                    default_lr if lr is None else lr,
+                    ratio,
+                    "textencoder" if te == "te" else f"textencoder{te[2:]}",
+                )
         if self.unet_loras:
             ratio = self.loraplus_unet_lr_ratio or self.loraplus_lr_ratio
             add(self.unet_loras, default_lr if unet_lr is None else unet_lr, ratio, "unet")
         return groups
 
     @torch.no_grad()
-    def apply_max_norm_regularization(self, max_norm_value: float, device: Any = None) -> tuple[Tensor, Tensor, Tensor]:
+    def apply_max_norm_regularization(
+        self, max_norm_value: float, device: Any = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """Scale down adapters whose ||scale * up @ down||_F exceeds `max_norm_value` (--scale_weight_norms).
 
         Returns (number scaled, mean norm, max norm) as tensors: the caller reads them only on logging steps.
@@ -271,8 +306,12 @@ class LoRANetwork(nn.Module):
 
     # --- files -------------------------------------------------------------------------------------------
 
-    def save_weights(self, file: str | os.PathLike, dtype: torch.dtype | None = None,
-                     metadata: Mapping[str, Any] | None = None) -> None:
+    def save_weights(
+        self,
+        file: str | os.PathLike,
+        dtype: torch.dtype | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> None:
         """Write the kohya-format file atomically; `.safetensors` gets the metadata and the sshs_* hashes."""
         state_dict = {
             k: v.detach().to(device="cpu", dtype=dtype if dtype is not None else v.dtype).contiguous()
@@ -286,6 +325,8 @@ class LoRANetwork(nn.Module):
             safetensors.torch.save_file(state_dict, str(tmp), meta)
         else:
             torch.save(state_dict, tmp)
+        with open(tmp, "rb+") as f:  # the bytes reach the disk before the name points at them
+            os.fsync(f.fileno())
         os.replace(tmp, path)
 
     def load_weights(self, file: str | os.PathLike, strict: bool = False) -> Any:
@@ -319,7 +360,9 @@ class LoRANetwork(nn.Module):
             if f"{lora.lora_name}.alpha" in state_dict:
                 lora.set_alpha_from_buffer()
         if missing or unexpected:
-            logger.warning("LoRA %s: %d missing keys, %d unexpected keys", source, len(missing), len(unexpected))
+            logger.warning(
+                "LoRA %s: %d missing keys, %d unexpected keys", source, len(missing), len(unexpected)
+            )
         return info
 
 
@@ -353,15 +396,22 @@ def safetensors_hashes(state_dict: Mapping[str, Tensor], metadata: Mapping[str, 
     ss_meta = {k: v for k, v in metadata.items() if k.startswith("ss_")}
     data = safetensors.torch.save(dict(state_dict), ss_meta)
     header_len = int.from_bytes(data[:8], "little")
-    model_hash = hashlib.sha256(data[8 + header_len:]).hexdigest()
+    model_hash = hashlib.sha256(data[8 + header_len :]).hexdigest()
     legacy_hash = hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
     return model_hash, legacy_hash
 
 
 # --- network_args parsing ---------------------------------------------------------------------------------
 
-def _arg(kwargs: dict[str, Any], key: str, kind: type, low: float | None = None, high: float | None = None,
-         high_open: bool = False) -> Any:
+
+def _arg(
+    kwargs: dict[str, Any],
+    key: str,
+    kind: type,
+    low: float | None = None,
+    high: float | None = None,
+    high_open: bool = False,
+) -> Any:
     """Pop `--network_args key=value` (already literal-evaluated or still a string) and validate it."""
     value = kwargs.pop(key, None)
     if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
@@ -373,9 +423,15 @@ def _arg(kwargs: dict[str, Any], key: str, kind: type, low: float | None = None,
                 raise ValueError
             number = int(number)
     except (TypeError, ValueError):
-        raise ConfigError(f"--network_args {key}={value!r}: expected {'an integer' if kind is int else 'a number'}") from None
-    if (low is not None and number < low) or (high is not None and (number >= high if high_open else number > high)):
-        valid = f"{low} <= {key} {'<' if high_open else '<='} {high}" if high is not None else f"{key} >= {low}"
+        raise ConfigError(
+            f"--network_args {key}={value!r}: expected {'an integer' if kind is int else 'a number'}"
+        ) from None
+    if (low is not None and number < low) or (
+        high is not None and (number >= high if high_open else number > high)
+    ):
+        valid = (
+            f"{low} <= {key} {'<' if high_open else '<='} {high}" if high is not None else f"{key} >= {low}"
+        )
         raise ConfigError(f"--network_args {key}={value!r}: out of range, valid is {valid}")
     return number
 
@@ -385,13 +441,12 @@ def _network_kwargs(kwargs: Mapping[str, Any], neuron_dropout: float | None) -> 
     kw = dict(kwargs)
     unknown = sorted(kw.keys() - set(NETWORK_ARGS))
     if unknown:
-        raise ConfigError(f"--network_args {unknown[0]}: unknown for networks.lora; valid keys: {', '.join(NETWORK_ARGS)}")
+        raise ConfigError(
+            f"--network_args {unknown[0]}: unknown for networks.lora; valid keys: {', '.join(NETWORK_ARGS)}"
+        )
     verbose = str(kw.pop("verbose", False)).strip().lower() in ("true", "1", "yes")
-    dropout = _arg(kw, "dropout", float, 0, 1, high_open=True)
-    if neuron_dropout is not None:
-        dropout = _arg({"network_dropout": neuron_dropout}, "network_dropout", float, 0, 1, high_open=True)
     out = {
-        "dropout": dropout,
+        "dropout": _arg({"network_dropout": neuron_dropout}, "network_dropout", float, 0, 1, high_open=True),
         "rank_dropout": _arg(kw, "rank_dropout", float, 0, 1, high_open=True),
         "module_dropout": _arg(kw, "module_dropout", float, 0, 1, high_open=True),
         "verbose": verbose,
@@ -420,14 +475,22 @@ def create_network(
     dim = 4 if network_dim is None else _arg({"network_dim": network_dim}, "network_dim", int, 1)
     if dim is None:
         raise ConfigError(f"--network_dim {network_dim!r}: expected an integer >= 1")
-    alpha = 1.0 if network_alpha is None else _arg({"network_alpha": network_alpha}, "network_alpha", float, 0)
+    alpha = (
+        1.0 if network_alpha is None else _arg({"network_alpha": network_alpha}, "network_alpha", float, 0)
+    )
     kw = _network_kwargs(kwargs, neuron_dropout)
     conv_dim, conv_alpha = kw.pop("conv_dim"), kw.pop("conv_alpha")
     if conv_dim and conv_alpha is None:
         conv_alpha = 1.0
     return LoRANetwork(
-        text_encoder, unet, multiplier=multiplier, lora_dim=dim, alpha=alpha,
-        conv_lora_dim=conv_dim or None, conv_alpha=conv_alpha, **kw,
+        text_encoder,
+        unet,
+        multiplier=multiplier,
+        lora_dim=dim,
+        alpha=alpha,
+        conv_lora_dim=conv_dim or None,
+        conv_alpha=conv_alpha,
+        **kw,
     )
 
 
@@ -444,7 +507,8 @@ def create_network_from_weights(
     """sd-scripts entry point: a network shaped like a LoRA file (per-module dim/alpha, conv layers included).
 
     Returns `(network, weights_sd)` as sd-scripts does; the weights are not loaded yet (`load_weights` or
-    `load_state_dict(weights_sd)` does that). Dropout and LoRA+ settings still come from `kwargs`.
+    `load_state_dict(weights_sd)` does that). Dropout and LoRA+ settings still come from `kwargs`;
+    `for_inference` is accepted for sd-scripts callers and changes nothing (the modules are the same).
     """
     if weights_sd is None:
         if file is None:
@@ -464,12 +528,19 @@ def create_network_from_weights(
     kw = _network_kwargs(kwargs, None)
     kw.pop("conv_dim"), kw.pop("conv_alpha")
     network = LoRANetwork(
-        text_encoder, unet, multiplier=multiplier, modules_dim=modules_dim, modules_alpha=modules_alpha, **kw,
+        text_encoder,
+        unet,
+        multiplier=multiplier,
+        modules_dim=modules_dim,
+        modules_alpha=modules_alpha,
+        **kw,
     )
     found = {lora.lora_name for lora in network.text_encoder_loras + network.unet_loras}
     unmatched = sorted(modules_dim.keys() - found)
     if not found:
-        raise ModelError(f"{source}: none of its {len(modules_dim)} modules (e.g. {unmatched[0]}) exist in this model")
+        raise ModelError(
+            f"{source}: none of its {len(modules_dim)} modules (e.g. {unmatched[0]}) exist in this model"
+        )
     if unmatched:
         logger.warning("LoRA %s: %d modules not in this model: %s", source, len(unmatched), _few(unmatched))
     return network, dict(weights_sd)

@@ -40,8 +40,13 @@ class LoRAModule(nn.Module):
         self.is_conv = isinstance(org_module, nn.Conv2d)
         if self.is_conv:
             self.lora_down = nn.Conv2d(
-                org_module.in_channels, lora_dim, org_module.kernel_size, org_module.stride, org_module.padding,
-                dilation=org_module.dilation, bias=False,
+                org_module.in_channels,
+                lora_dim,
+                org_module.kernel_size,
+                org_module.stride,
+                org_module.padding,
+                dilation=org_module.dilation,
+                bias=False,
             )
             self.lora_up = nn.Conv2d(lora_dim, org_module.out_channels, 1, bias=False)
         else:
@@ -108,7 +113,9 @@ class LoRAModule(nn.Module):
             return out + self._delta(x)
         lx = F.linear(x, down)
         fused = torch.addmm(
-            out.reshape(-1, out.shape[-1]), lx.reshape(-1, self.lora_dim), self.lora_up.weight.t(),
+            out.reshape(-1, out.shape[-1]),
+            lx.reshape(-1, self.lora_dim),
+            self.lora_up.weight.t(),
             alpha=self.multiplier * self.scale,
         )
         return fused.view(out.shape)

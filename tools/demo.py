@@ -33,10 +33,11 @@ def main() -> int:
     import os
 
     os.chdir(ROOT)
-    from library.data.synthetic import generate_demo_data
+    from library.data.synthetic import generate_shapes_dataset
     from library.training.entry import main as train_main
 
-    generate_demo_data(ROOT / "demo_data")
+    if not (ROOT / "demo_data" / "concept").is_dir():
+        generate_shapes_dataset(ROOT / "demo_data" / "concept", 32, 64, seed=0, concept=True)
     argv = demo_command()
     print("python train_network.py " + " ".join(shlex.quote(a) for a in argv), flush=True)
     t0 = time.time()

@@ -15,11 +15,12 @@ import argparse
 import difflib
 import logging
 import re
-import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from library.errors import ConfigError, DatasetError
 
@@ -169,10 +170,6 @@ def _resolution(v: Any) -> tuple[int, int]:
 def _reso(v: Any) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or v < 8 or v % 8:
         raise _Invalid
-    return v
-
-
-def _any(v: Any) -> Any:
     return v
 
 
@@ -361,7 +358,7 @@ def _build(data: dict, path: Path, defaults: DatasetDefaults) -> DatasetConfig:
 
 
 def _subset_field_names() -> list[str]:
-    return [name for name in _SUBSET_KEYS] + ["is_reg"]
+    return [*_SUBSET_KEYS, "is_reg"]
 
 
 def _merge(names, *levels) -> dict[str, Any]:
@@ -450,7 +447,7 @@ def _folder_subsets(root: Path, flag: str, defaults: DatasetDefaults, is_reg: bo
     for folder in folders:
         m = _FOLDER.match(folder.name)
         concept = m.group(2).strip()
-        values = _merge(_subset_field_names(), {}, {}, defaults)
+        values = _merge(_subset_field_names(), defaults)
         values["num_repeats"] = int(m.group(1))
         values["is_reg"] = is_reg
         values["class_tokens"] = concept or None

@@ -90,7 +90,7 @@ def process_caption(caption: str, opts: CaptionOptions, rng: np.random.Generator
             flex = [flex[i] for i in rng.permutation(len(flex))]
         if opts.caption_tag_dropout_rate > 0:
             keep = rng.random(len(flex)) >= opts.caption_tag_dropout_rate
-            flex = [t for t, k in zip(flex, keep) if k]
+            flex = [t for t, k in zip(flex, keep, strict=True) if k]
         caption = ", ".join(head + flex + tail)
     return add_prefix_suffix(caption, opts)
 

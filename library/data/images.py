@@ -124,8 +124,12 @@ def _to_reducible(img: Image.Image) -> Image.Image:
     if mode in ("L", "RGB") and "transparency" in img.info:  # tRNS colour key
         return img.convert("LA" if mode == "L" else "RGBA")
     if mode == "I" or mode.startswith("I;16"):
-        arr = np.asarray(img).astype(np.int64)
-        return Image.fromarray(((np.clip(arr, 0, 65535) * 255 + 32767) // 65535).astype(np.uint8), "L")
+        arr = np.asarray(img)
+        out = np.empty(arr.shape, dtype=np.uint8)
+        for start in range(0, arr.shape[0], 1024):  # in row blocks: a 100 MP scan never needs an int64 copy
+            block = np.clip(arr[start:start + 1024].astype(np.int64), 0, 65535)
+            out[start:start + 1024] = (block * 255 + 32767) // 65535
+        return Image.fromarray(out, "L")
     if mode == "F":
         arr = np.asarray(img, dtype=np.float64)
         scale = 255.0 if arr.size and np.nanmax(arr) <= 1.0 else 1.0

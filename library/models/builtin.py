@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from library.errors import ModelError
+from library.models.common import first_line
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 TINY_SD_CONFIG_DIR = PACKAGE_DIR / "configs" / "tiny-sd"
@@ -49,15 +50,16 @@ def _load_tiny_sd_weights(path: Path, modules: dict[str, torch.nn.Module]) -> No
     try:
         state = load_file(path)
     except Exception as exc:  # safetensors raises its own error types for bad headers / short files
-        raise ModelError(f"{path}: cannot read tiny-sd weights ({exc}); expected a safetensors file") from exc
+        raise ModelError(
+            f"{path}: cannot read tiny-sd weights ({first_line(exc)}); expected safetensors"
+        ) from exc
     for prefix, module in modules.items():
         part = {k[len(prefix) + 1 :]: v for k, v in state.items() if k.startswith(prefix + ".")}
         try:
             module.load_state_dict(part, strict=True)
         except RuntimeError as exc:  # missing/unexpected keys or size mismatch
-            first_line = str(exc).strip().splitlines()[0]
             raise ModelError(
-                f"{path}: tiny-sd weights do not match the bundled '{prefix}' config ({first_line})"
+                f"{path}: tiny-sd weights do not match the bundled '{prefix}' config ({first_line(exc)})"
             ) from exc
 
 

@@ -14,8 +14,8 @@ from transformers import CLIPTokenizer
 from library.errors import ModelError
 from library.models.clip_tokenizer import SDXL_TOKENIZER_2_PAD, load_clip_tokenizer
 
-MODEL_TYPES = ("sd1", "sd2", "sdxl")
-_TYPE_FLAGS = {"sd1": "neither --v2 nor --sdxl", "sd2": "--v2", "sdxl": "--sdxl (sdxl_train_network.py)"}
+_TYPE_FLAGS = {"sd1": "no --v2/--sdxl", "sd2": "--v2", "sdxl": "--sdxl"}
+_TYPE_ADVICE = {"sd1": "drop --v2/--sdxl", "sd2": "use --v2", "sdxl": "use --sdxl (sdxl_train_network.py)"}
 _DDPM_KEYS = tuple(p for p in inspect.signature(DDPMScheduler.__init__).parameters if p != "self")
 
 
@@ -42,8 +42,8 @@ def check_model_type(detected: str, *, v2: bool, sdxl: bool, source: str, eviden
     expected = expected_model_type(v2=v2, sdxl=sdxl)
     if detected != expected:
         raise ModelError(
-            f"{source}: is an {detected.upper()} model ({evidence}) but the flags say {expected.upper()}; "
-            f"use {_TYPE_FLAGS[detected]} for this model"
+            f"{source}: is an {detected.upper()} model ({evidence}) but the flags ({_TYPE_FLAGS[expected]}) "
+            f"select {expected.upper()}; {_TYPE_ADVICE[detected]} for this model"
         )
 
 
@@ -92,3 +92,9 @@ def read_json(path: Path, what: str) -> dict:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ModelError(f"{path}: cannot read the {what} ({exc}); expected a JSON object") from exc
+
+
+def first_line(exc: BaseException) -> str:
+    """Exception type and first message line: enough to diagnose, short enough for a one-line error."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__

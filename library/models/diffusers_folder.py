@@ -10,7 +10,14 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 
 from library.errors import ModelError
 from library.models.clip_tokenizer import SDXL_TOKENIZER_2_PAD, load_clip_tokenizer
-from library.models.common import SDModel, assemble, check_model_type, ddpm_scheduler_config, read_json
+from library.models.common import (
+    SDModel,
+    assemble,
+    check_model_type,
+    ddpm_scheduler_config,
+    first_line,
+    read_json,
+)
 
 
 def detect_folder_type(model_index: dict, unet_config: dict, text_encoder_config: dict) -> tuple[str, str]:
@@ -33,9 +40,10 @@ def detect_folder_type(model_index: dict, unet_config: dict, text_encoder_config
 def _component(path: Path, subfolder: str, load):
     try:
         return load(path, subfolder=subfolder, local_files_only=True)
-    except (OSError, ValueError, RuntimeError, KeyError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"{path / subfolder}: cannot load this component ({first_line})") from exc
+    except (
+        Exception
+    ) as exc:  # OSError, SafetensorError, size mismatches...: all mean "this folder is unusable"
+        raise ModelError(f"{path / subfolder}: cannot load this component ({first_line(exc)})") from exc
 
 
 def _tokenizer(path: Path, subfolder: str, pad_token: str | None = None) -> CLIPTokenizer:

@@ -5,8 +5,9 @@ The file carries weights only; the architecture comes from the diffusers-format 
 keys: `conditioner.embedders.1.` -> SDXL, `cond_stage_model.model.` (OpenCLIP) -> SD2,
 `cond_stage_model.transformer.` (CLIP) -> SD1. SD 2.x 768-v and 512 epsilon files have identical keys, so
 `--v_parameterization` picks between the sd21 (768, v_prediction) and sd21-base (512, epsilon) configs.
-UNet and VAE are converted by diffusers' `from_single_file`; the text encoders with diffusers' CLIP/OpenCLIP key
-converters loaded strictly, so a file missing any weight fails here instead of training a half-empty model.
+Keys are renamed by diffusers' own LDM converters (UNet, VAE, OpenCLIP); every component is then loaded strictly
+onto an empty (meta) model, so a file missing any weight fails here, naming it, instead of training a
+half-initialised model.
 """
 
 from __future__ import annotations
@@ -16,7 +17,11 @@ from pathlib import Path
 import torch
 from accelerate import init_empty_weights
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+from diffusers.loaders.single_file_utils import (
+    convert_ldm_unet_checkpoint,
+    convert_ldm_vae_checkpoint,
+    convert_open_clip_checkpoint,
+)
 from safetensors import safe_open
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -26,6 +31,7 @@ from library.models.common import (
     assemble,
     check_model_type,
     ddpm_scheduler_config,
+    first_line,
     read_json,
     sd_tokenizers,
 )
@@ -63,10 +69,10 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     if suffix == ".safetensors":
         try:
             with safe_open(str(path), framework="pt", device="cpu") as f:
-                state = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open has no items())
+                state = {key: f.get_tensor(key) for key in f.keys()}
         except Exception as exc:  # SafetensorError / OSError: bad header, truncated data, not safetensors
             raise ModelError(
-                f"{path}: not a readable safetensors file ({_first_line(exc)}); the file may be truncated or "
+                f"{path}: not a readable safetensors file ({first_line(exc)}); the file may be truncated or "
                 "of another format"
             ) from exc
     else:
@@ -74,7 +80,7 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # zip/pickle errors, EOF, non-tensor objects refused by weights_only
             raise ModelError(
-                f"{path}: cannot read as a PyTorch checkpoint with weights_only=True ({_first_line(exc)}); "
+                f"{path}: cannot read as a PyTorch checkpoint with weights_only=True ({first_line(exc)}); "
                 "expected a torch.save'd state_dict of tensors (convert other checkpoints to .safetensors)"
             ) from exc
     while isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
@@ -119,60 +125,59 @@ def detect_checkpoint_type(keys: set[str], path: Path) -> tuple[str, str]:
     )
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+def _empty(build):
+    """Build on the meta device (no random init of billions of weights); the file's tensors are assigned."""
+    with init_empty_weights():
+        return build()
 
 
-def _no_meta(module: torch.nn.Module, what: str, path: Path) -> None:
-    """Weights the file lacked stay on the meta device after an empty-weights load; refuse them."""
-    missing = [n for n, t in (*module.named_parameters(), *module.named_buffers()) if t.is_meta]
+def _assign_strict(
+    model: torch.nn.Module, weights: dict, what: str, config: Path, path: Path
+) -> torch.nn.Module:
+    """Load every parameter from `weights` or fail naming what is missing, so no weight stays uninitialised."""
+    expected = model.state_dict().keys()
+    missing = sorted(set(expected) - weights.keys())
     if missing:
-        raise ModelError(f"{path}: {what} weights missing from the file (e.g. {', '.join(missing[:3])})")
-
-
-def _load_model(cls, state: dict, config_dir: Path, subfolder: str, path: Path):
-    if not (config_dir / subfolder / "config.json").is_file():
-        raise ModelError(f"{config_dir / subfolder}: no config.json for the {subfolder}")
+        raise ModelError(f"{path}: {what} weights do not fit {config} (missing {', '.join(missing[:3])})")
     try:
-        model = cls.from_single_file(
-            state, config=str(config_dir), subfolder=subfolder, local_files_only=True
-        )
-    except Exception as exc:  # diffusers' converters raise KeyError/ValueError/RuntimeError on shape mismatch
-        raise ModelError(
-            f"{path}: {subfolder} weights do not fit the config in {config_dir / subfolder} ({_first_line(exc)})"
-        ) from exc
-    _no_meta(model, subfolder, path)
+        model.load_state_dict({k: weights[k] for k in expected}, strict=True, assign=True)
+    except RuntimeError as exc:  # size mismatch: the file holds another architecture than the config
+        raise ModelError(f"{path}: {what} weights do not fit {config} ({first_line(exc)})") from exc
     return model
+
+
+def _config_folder(config_dir: Path, subfolder: str) -> Path:
+    folder = config_dir / subfolder
+    if not (folder / "config.json").is_file():
+        raise ModelError(f"{folder}: no config.json for the {subfolder}")
+    return folder
+
+
+def _load_diffusers_model(cls, convert, state: dict, config_dir: Path, subfolder: str, path: Path):
+    """UNet / VAE: diffusers' own LDM -> diffusers key converter, then a strict load."""
+    folder = _config_folder(config_dir, subfolder)
+    config = cls.load_config(folder)
+    model = _empty(lambda: cls.from_config(config))
+    try:
+        weights = convert(state, dict(model.config))
+    except (KeyError, IndexError, ValueError) as exc:  # the converter indexes keys the config implies
+        raise ModelError(f"{path}: {subfolder} weights do not fit {folder} ({first_line(exc)})") from exc
+    return _assign_strict(model, weights, subfolder, folder, path)
 
 
 def _load_text_encoder(
     state: dict, prefix: str, layout: str, cls, config_dir: Path, subfolder: str, path: Path
 ) -> torch.nn.Module:
-    config = CLIPTextConfig.from_pretrained(config_dir / subfolder, local_files_only=True)
-    with init_empty_weights():
-        model = cls(config)
+    folder = _config_folder(config_dir, subfolder)
+    config = CLIPTextConfig.from_pretrained(folder, local_files_only=True)
+    model = _empty(lambda: cls(config))
     if layout == "clip":
         weights = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     else:
         weights = convert_open_clip_checkpoint(model, state, prefix=prefix)
     if not hasattr(model, "text_model"):  # transformers >= 5.6 flattened CLIPTextModel (no `text_model.`)
         weights = {k.removeprefix("text_model."): v for k, v in weights.items()}
-    expected = model.state_dict().keys()
-    missing = sorted(set(expected) - weights.keys())
-    if missing:
-        raise ModelError(
-            f"{path}: {subfolder} weights under '{prefix}' do not fit {config_dir / subfolder} "
-            f"(missing {', '.join(missing[:3])})"
-        )
-    try:
-        model.load_state_dict({k: weights[k] for k in expected}, strict=True, assign=True)
-    except RuntimeError as exc:  # size mismatch: the file is another architecture than the config
-        raise ModelError(
-            f"{path}: {subfolder} weights do not fit {config_dir / subfolder} ({_first_line(exc)})"
-        ) from exc
-    _no_meta(model, subfolder, path)
-    return model
+    return _assign_strict(model, weights, f"{subfolder} (under '{prefix}')", folder, path)
 
 
 def load_single_file(
@@ -194,8 +199,10 @@ def load_single_file(
         cls = CLIPTextModelWithProjection if (model_type == "sdxl" and i == 1) else CLIPTextModel
         subfolder = "text_encoder" if i == 0 else "text_encoder_2"
         text_encoders.append(_load_text_encoder(state, prefix, layout, cls, config_dir, subfolder, path))
-    unet = _load_model(UNet2DConditionModel, state, config_dir, "unet", path)
-    vae = _load_model(AutoencoderKL, state, config_dir, "vae", path)
+    unet = _load_diffusers_model(
+        UNet2DConditionModel, convert_ldm_unet_checkpoint, state, config_dir, "unet", path
+    )
+    vae = _load_diffusers_model(AutoencoderKL, convert_ldm_vae_checkpoint, state, config_dir, "vae", path)
     del state
 
     raw_scheduler = read_json(config_dir / "scheduler" / "scheduler_config.json", "scheduler config")

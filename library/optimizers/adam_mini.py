@@ -28,7 +28,9 @@ from torch import Tensor
 from library.errors import OptimizerError
 
 _QK_NAME = re.compile(r"(?:^|[._])(?:to_q|to_k|q_proj|k_proj|query|key|wq|wk)(?:[._]|$)")
-_QKV_NAME = re.compile(r"(?:^|[._])(?:to_q|to_k|to_v|q_proj|k_proj|v_proj|query|key|value|wq|wk|wv)(?:[._]|$)")
+_QKV_NAME = re.compile(
+    r"(?:^|[._])(?:to_q|to_k|to_v|q_proj|k_proj|v_proj|query|key|value|wq|wk|wv)(?:[._]|$)"
+)
 _LORA_DOWN = re.compile(r"lora_down|lora_A")
 
 
@@ -98,7 +100,9 @@ def validate_positive_int(cls: str, key: str, value: Any) -> None:
 def working_grad(p: Tensor) -> Tensor:
     """The gradient in the working precision: fp32 for half-precision weights, the weight's dtype otherwise."""
     if p.grad.is_sparse:
-        raise OptimizerError(f"{type(p).__name__} with sparse gradients is not supported; valid: dense gradients")
+        raise OptimizerError(
+            f"sparse gradient for a {tuple(p.shape)} parameter is not supported; valid: dense gradients"
+        )
     g = p.grad
     return g.float() if g.dtype in (torch.float16, torch.bfloat16) else g
 
@@ -130,7 +134,10 @@ def adam_mini_updates(
 ) -> list[Tensor]:
     """Advance m (per element) and v (per block, shape (blocks, 1)) and return m̂/(√v̂_b + ε) per tensor."""
     torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
-    block_means = [g.reshape(v.shape[0], -1).square().mean(dim=1, keepdim=True) for g, v in zip(grads, block_sqs)]
+    block_means = [
+        g.reshape(v.shape[0], -1).square().mean(dim=1, keepdim=True)
+        for g, v in zip(grads, block_sqs, strict=True)
+    ]
     torch._foreach_lerp_(block_sqs, block_means, 1.0 - beta2)
     updates = []
     for m, v, t in zip(exp_avgs, block_sqs, steps, strict=True):
@@ -141,7 +148,25 @@ def adam_mini_updates(
     return updates
 
 
-class Adam_mini(torch.optim.Optimizer):  # noqa: N801 - the name users type (seed doc 000)
+class ExactStateLoad:
+    """Reload state tensors with their saved dtypes.
+
+    ``torch.optim.Optimizer.load_state_dict`` casts every state tensor to the parameter's dtype: the fp32 moments
+    of bf16/fp16 weights would lose precision (resume would no longer be exact) and integer cluster labels would
+    become floats. This puts the saved tensors back as they were, on the parameter's device.
+    """
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for pid, p in zip(saved_ids, params, strict=True):
+            for key, value in state_dict["state"].get(pid, {}).items():
+                if isinstance(value, Tensor) and key != "step":
+                    self.state[p][key] = value.to(device=p.device, copy=True)
+
+
+class Adam_mini(ExactStateLoad, torch.optim.Optimizer):  # noqa: N801 - the name users type (seed doc 000)
     """Adam-mini: full first moment, one second moment per head/row/tensor block (module docstring).
 
     Args:
@@ -172,7 +197,9 @@ class Adam_mini(torch.optim.Optimizer):  # noqa: N801 - the name users type (see
             raise OptimizerError(f"{cls} n_heads={n_heads} is invalid for dim={dim}; valid: n_heads <= dim")
         params = list(params)
         validate_names(cls, params)
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, dim=dim, n_heads=n_heads)
+        defaults = dict(
+            lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, dim=dim, n_heads=n_heads
+        )
         super().__init__(params, defaults)
 
     def _init_state(self, p: Tensor, name: str | None, group: dict[str, Any]) -> dict[str, Any]:
@@ -180,11 +207,15 @@ class Adam_mini(torch.optim.Optimizer):  # noqa: N801 - the name users type (see
         if not state:
             blocks = adam_mini_blocks(name, p.shape, group["dim"], group["n_heads"])
             state["step"] = 0
-            state["exp_avg"] = torch.zeros_like(p, dtype=state_dtype(p), memory_format=torch.contiguous_format)
+            state["exp_avg"] = torch.zeros_like(
+                p, dtype=state_dtype(p), memory_format=torch.contiguous_format
+            )
             state["block_sq"] = torch.zeros(blocks, 1, dtype=state_dtype(p), device=p.device)
         return state
 
-    def _adam_mini_updates(self, group: dict[str, Any]) -> tuple[list[Tensor], list[str | None], list[Tensor]]:
+    def _adam_mini_updates(
+        self, group: dict[str, Any]
+    ) -> tuple[list[Tensor], list[str | None], list[Tensor]]:
         """Advance the states of the group's tensors that have gradients; return (params, names, updates)."""
         params, names, grads, exp_avgs, block_sqs, steps = [], [], [], [], [], []
         for p, name in zip(group["params"], group_names(group), strict=True):

@@ -64,7 +64,9 @@ def parse_env_value(var: str, raw: str, default: Any) -> Any:
             return True
         if text in _FALSE:
             return False
-        raise ConfigError(f"environment variable {var}={raw!r} is not valid: expected True/true/1 or False/false/0")
+        raise ConfigError(
+            f"environment variable {var}={raw!r} is not valid: expected True/true/1 or False/false/0"
+        )
     if isinstance(default, int):
         try:
             return int(text)
@@ -104,7 +106,9 @@ def accepted_kwargs(target: Any, extra: Mapping[str, Any] | None = None) -> dict
     if params and params[0].kind in (params[0].POSITIONAL_ONLY, params[0].POSITIONAL_OR_KEYWORD):
         params = params[1:]
     out = {
-        p.name: p.default for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.name != "self"
+        p.name: p.default
+        for p in params
+        if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.name != "self"
     }
     out.update(extra or {})
     return out
@@ -189,10 +193,13 @@ def resolve_settings(
         raw = (environ or {}).get(var)
         if key in names and raw is not None:
             default = kwargs.get(key, names[key])
-            kwargs[key], sources[key] = parse_env_value(var, raw, None if default is EMPTY else default), f"env {var}"
+            kwargs[key], sources[key] = (
+                parse_env_value(var, raw, None if default is EMPTY else default),
+                f"env {var}",
+            )
     for where, values in ((SOURCE_TOML, toml_values), (SOURCE_ARGS, args_values), (SOURCE_CLI, cli_values)):
         for key, value in values.items():
-            default = names[key] if names[key] not in (EMPTY, None) else kwargs.get(key, names[key])
+            default = kwargs.get(key, names[key]) if names[key] is EMPTY or names[key] is None else names[key]
             kwargs[key], sources[key] = coerce_value(optimizer, key, value, default, where), where
     kwargs.setdefault("lr", None if names["lr"] is EMPTY else names["lr"])
     return kwargs, sources

@@ -35,6 +35,7 @@ out×(in·kh·kw) for SinkGD, CAME's factored moments and ALLoRA rows. Math runs
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections import defaultdict
@@ -94,9 +95,9 @@ def rms_normalize_(updates: Sequence[Tensor]) -> None:
     if not updates:
         return
     updates = list(updates)
-    sizes = torch.tensor([math.sqrt(u.numel()) for u in updates], dtype=updates[0].dtype, device=updates[0].device)
-    norms = torch.stack(torch._foreach_norm(updates)).clamp_min_(_TINY)
-    torch._foreach_mul_(updates, list(sizes / norms))
+    inv_norms = torch.stack(torch._foreach_norm(updates)).clamp_min_(_TINY).reciprocal_()
+    torch._foreach_mul_(updates, list(inv_norms.unbind(0)))
+    torch._foreach_mul_(updates, [math.sqrt(u.numel()) for u in updates])
 
 
 def vradam_factor(momenta: Sequence[Tensor]) -> Tensor:
@@ -129,10 +130,13 @@ def prodigy_bumps(
 ) -> tuple[list[Tensor], list[Tensor]]:
     """(grow, shrink) per tensor from Prodigy's c = ⟨g, θ₀ − θ⟩: c > 0 scales growth, c < 0 scales shrinkage."""
     c = torch.stack(
-        [torch.dot(g.reshape(-1), (p0.to(g.dtype) - p.to(g.dtype)).reshape(-1)) for g, p, p0 in zip(grads, params, starts)]
+        [
+            torch.dot(g.reshape(-1), (p0.to(g.dtype) - p.to(g.dtype)).reshape(-1))
+            for g, p, p0 in zip(grads, params, starts, strict=True)
+        ]
     )
-    grow = torch.where(c > 0, lr_bump * d_coef, lr_bump).to(c.dtype)
-    shrink = torch.where(c < 0, lr_bump * d_coef, lr_bump).to(c.dtype)
+    grow = (c > 0).to(c.dtype) * (lr_bump * (d_coef - 1.0)) + lr_bump
+    shrink = (c < 0).to(c.dtype) * (lr_bump * (d_coef - 1.0)) + lr_bump
     return list(grow.unbind(0)), list(shrink.unbind(0))
 
 
@@ -142,13 +146,14 @@ def adaptive_decay_factor(grads: Sequence[Tensor]) -> Tensor:
     Tensors whose gradients are larger than the group's typical gradient are decayed more (up to 2×).
     """
     grads = list(grads)
-    numel = torch.tensor([g.numel() for g in grads], dtype=grads[0].dtype, device=grads[0].device)
-    abs_sum = torch.stack(torch._foreach_norm(grads, 1))
-    sq_sum = torch.stack(torch._foreach_norm(grads, 2)).square()
-    total = numel.sum()
-    mu = abs_sum.sum() / total
-    sigma = (sq_sum.sum() / total - mu * mu).clamp_min(0).sqrt().clamp_min(_TINY)
-    return 2.0 * torch.sigmoid(4.0 * (abs_sum / numel - mu) / sigma)
+    numel = [g.numel() for g in grads]
+    abs_sums = torch._foreach_norm(grads, 1)
+    mean_abs = torch.stack(torch._foreach_div(abs_sums, numel))
+    total = sum(numel)
+    mu = torch.stack(abs_sums).sum() / total
+    sq_mean = torch.stack(torch._foreach_norm(grads, 2)).square().sum() / total
+    sigma = (sq_mean - mu * mu).clamp_min(0).sqrt().clamp_min(_TINY)
+    return 2.0 * torch.sigmoid(4.0 * (mean_abs - mu) / sigma)
 
 
 def _as_matrix(x: Tensor) -> Tensor:
@@ -190,11 +195,17 @@ class _AutomagicBase(torch.optim.Optimizer):
         _require(name, "lr_bump", defaults["lr_bump"], defaults["lr_bump"] >= 0, "must be >= 0")
         _require(name, "eta", defaults["eta"], defaults["eta"] > 0, "must be > 0")
         _require(name, "d_coef", defaults["d_coef"], defaults["d_coef"] > 0, "must be > 0")
-        _require(name, "weight_decay", defaults["weight_decay"], defaults["weight_decay"] >= 0, "must be >= 0")
+        _require(
+            name, "weight_decay", defaults["weight_decay"], defaults["weight_decay"] >= 0, "must be >= 0"
+        )
         warmup = defaults["warmup_steps"]
-        _require(name, "warmup_steps", warmup, isinstance(warmup, int) and warmup >= 0, "must be an integer >= 0")
+        _require(
+            name, "warmup_steps", warmup, isinstance(warmup, int) and warmup >= 0, "must be an integer >= 0"
+        )
         freq = defaults["stats_update_freq"]
-        _require(name, "stats_update_freq", freq, isinstance(freq, int) and freq >= 1, "must be an integer >= 1")
+        _require(
+            name, "stats_update_freq", freq, isinstance(freq, int) and freq >= 1, "must be an integer >= 1"
+        )
         self._logged_plain_params = False
         super().__init__(params, defaults)
 
@@ -239,13 +250,15 @@ class _AutomagicBase(torch.optim.Optimizer):
         return group["d_coef"] != 1 and group["warmup_steps"] >= 4
 
     def _seed(self, group: dict, params: list[Tensor], grads: list[Tensor], states: list[dict]) -> None:
-        for p, g, state in zip(params, grads, states):
+        for p, g, state in zip(params, grads, states, strict=True):
             state["sign"].copy_(torch.sign(g))
             if self._needs_start(group):
                 state["start"] = p.detach().clone()
         self._seed_direction(group, params, grads, states)
 
-    def _seed_direction(self, group: dict, params: list[Tensor], grads: list[Tensor], states: list[dict]) -> None:
+    def _seed_direction(
+        self, group: dict, params: list[Tensor], grads: list[Tensor], states: list[dict]
+    ) -> None:
         raise NotImplementedError
 
     def _direction(
@@ -297,26 +310,33 @@ class _AutomagicBase(torch.optim.Optimizer):
         signs = [torch.sign(g).to(torch.int8) for g in grads]
         lr_bump = group["lr_bump"]
         if early and "start" in states[0]:
-            grow, shrink = prodigy_bumps(grads, params, [s["start"] for s in states], lr_bump, group["d_coef"])
+            grow, shrink = prodigy_bumps(
+                grads, params, [s["start"] for s in states], lr_bump, group["d_coef"]
+            )
         else:
             grow = shrink = [lr_bump] * len(params)
             for state in states:
                 state.pop("start", None)
         masks = [s["lr_mask"] for s in states]
-        lr_mask_update_(masks, signs, [s["sign"] for s in states], grow, shrink, group["min_lr"], group["max_lr"])
+        lr_mask_update_(
+            masks, signs, [s["sign"] for s in states], grow, shrink, group["min_lr"], group["max_lr"]
+        )
         torch._foreach_copy_([s["sign"] for s in states], signs)
 
         if (t - 2) % group["stats_update_freq"] == 0:
-            for state, mask in zip(states, masks):
+            for state, mask in zip(states, masks, strict=True):
                 state["avg_lr"].copy_(mask.mean())
             if early and group["weight_decay"] > 0:
-                for state, a in zip(states, adaptive_decay_factor(grads).unbind(0)):
+                for state, a in zip(states, adaptive_decay_factor(grads).unbind(0), strict=True):
                     state["decay_factor"].copy_(a)
 
         # decoupled adaptive weight decay folded into the update: θ ← θ − η ⊙ (u + wd·a_p·θ)
         if early and group["weight_decay"] > 0:
             coef = [s["decay_factor"] * group["weight_decay"] for s in states]
-            torch._foreach_add_(updates, torch._foreach_mul([p.to(u.dtype) for p, u in zip(params, updates)], coef))
+            torch._foreach_add_(
+                updates,
+                torch._foreach_mul([p.to(u.dtype) for p, u in zip(params, updates, strict=True)], coef),
+            )
 
         torch._foreach_mul_(updates, masks)
         ratio = group["lr"] / group["mask_init_lr"]
@@ -330,7 +350,8 @@ class _AutomagicBase(torch.optim.Optimizer):
             torch._foreach_mul_([updates[i] for i in lora], scales)
 
         same = [i for i, p in enumerate(params) if p.dtype == updates[i].dtype]
-        torch._foreach_sub_([params[i] for i in same], [updates[i] for i in same])
+        if same:
+            torch._foreach_sub_([params[i] for i in same], [updates[i] for i in same])
         for i, p in enumerate(params):
             if p.dtype != updates[i].dtype:
                 p.copy_(p.to(updates[i].dtype).sub_(updates[i]))
@@ -346,7 +367,7 @@ class _AutomagicBase(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
-        for saved_id, p in zip(saved_ids, params):
+        for saved_id, p in zip(saved_ids, params, strict=True):
             saved = state_dict["state"].get(saved_id)
             if saved is None:
                 continue
@@ -360,18 +381,24 @@ class _AutomagicBase(torch.optim.Optimizer):
         metrics: dict[str, Tensor] = {}
         group_avgs, group_sizes = [], []
         for index, group in enumerate(self.param_groups):
-            entries = [(self.state[p]["avg_lr"], p.numel()) for p in group["params"] if "avg_lr" in self.state[p]]
+            entries = [
+                (self.state[p]["avg_lr"], p.numel()) for p in group["params"] if "avg_lr" in self.state[p]
+            ]
             if not entries:
                 continue
             size = sum(n for _, n in entries)
-            avg = torch.stack([a.float() * (n / size) for a, n in entries]).sum()
+            dtype = functools.reduce(torch.promote_types, [a.dtype for a, _ in entries])
+            avg = torch.stack([a.to(dtype) * (n / size) for a, n in entries]).sum()
             group_avgs.append(avg)
             group_sizes.append(size)
             if len(self.param_groups) > 1:
                 metrics[f"avg_lr/group{index}"] = avg
         if group_avgs:
             total = sum(group_sizes)
-            metrics["avg_lr"] = torch.stack([a * (n / total) for a, n in zip(group_avgs, group_sizes)]).sum()
+            dtype = functools.reduce(torch.promote_types, [a.dtype for a in group_avgs])
+            metrics["avg_lr"] = torch.stack(
+                [a.to(dtype) * (n / total) for a, n in zip(group_avgs, group_sizes, strict=True)]
+            ).sum()
         return metrics
 
 
@@ -430,7 +457,9 @@ class Automagic_Sinkgd(_AutomagicBase):  # noqa: N801 - user-facing name from th
         super()._init_state(group, p, state)
         state["exp_avg"] = torch.zeros_like(p, dtype=_work_dtype(p), memory_format=torch.contiguous_format)
 
-    def _seed_direction(self, group: dict, params: list[Tensor], grads: list[Tensor], states: list[dict]) -> None:
+    def _seed_direction(
+        self, group: dict, params: list[Tensor], grads: list[Tensor], states: list[dict]
+    ) -> None:
         torch._foreach_copy_([s["exp_avg"] for s in states], grads)
 
     def _direction(
@@ -487,7 +516,13 @@ class Automagic_CameAMP(_AutomagicBase):  # noqa: N801 - user-facing name from t
         optim_bits: int = 32,
     ) -> None:
         name = type(self).__name__
-        _require(name, "betas", betas, len(betas) == 3 and all(0.0 <= b < 1.0 for b in betas), "need 3 values in [0, 1)")
+        _require(
+            name,
+            "betas",
+            betas,
+            len(betas) == 3 and all(0.0 <= b < 1.0 for b in betas),
+            "need 3 values in [0, 1)",
+        )
         _require(name, "eps", eps, len(eps) == 2 and all(e > 0 for e in eps), "need 2 values > 0")
         _require(name, "clip_threshold", clip_threshold, clip_threshold > 0, "must be > 0")
         _require(name, "optim_bits", optim_bits, optim_bits in (8, 32), "must be 8 or 32")
@@ -525,9 +560,11 @@ class Automagic_CameAMP(_AutomagicBase):  # noqa: N801 - user-facing name from t
             state["v"] = torch.zeros_like(p, dtype=dtype)
             state["r"] = torch.zeros_like(p, dtype=dtype)
 
-    def _seed_direction(self, group: dict, params: list[Tensor], grads: list[Tensor], states: list[dict]) -> None:
+    def _seed_direction(
+        self, group: dict, params: list[Tensor], grads: list[Tensor], states: list[dict]
+    ) -> None:
         eps1 = group["eps"][0]
-        for g, state in zip(grads, states):
+        for g, state in zip(grads, states, strict=True):
             sq = g.square().add_(eps1)
             if g.dim() >= 2:
                 sq = _as_matrix(sq)
@@ -557,7 +594,7 @@ class Automagic_CameAMP(_AutomagicBase):  # noqa: N801 - user-facing name from t
         k = step - 1  # CAME update count (step 1 only seeded v)
         r_correction = 1.0 - beta3**k
         updates = []
-        for g, state in zip(grads, states):
+        for g, state in zip(grads, states, strict=True):
             u = g * self._ema_second_moment(state, "v", g.square().add_(eps1), beta2).view_as(g)
             rms = torch.linalg.vector_norm(u) / math.sqrt(u.numel())
             u.div_((rms / group["clip_threshold"]).clamp_min_(1.0))

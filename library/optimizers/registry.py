@@ -11,6 +11,7 @@ and never breaks the listing or the other names.
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib
 import importlib.util
 import logging
@@ -24,7 +25,7 @@ from typing import Any
 import torch
 
 from library.errors import OptimizerError, OptimizerUnavailable
-from library.optimizers.args import SOURCE_DEFAULT, accepted_kwargs, resolve_settings
+from library.optimizers.args import accepted_kwargs, resolve_settings
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +69,7 @@ class ClassBuilder:
     group_kwargs: Mapping[str, Any] = field(default_factory=dict)
     regroup: Callable[[list[dict], dict[str, Any]], list[dict]] | None = None
     adjust: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    wrap: Callable[[type], type] | None = None
 
     @property
     def module(self) -> str:
@@ -82,7 +84,7 @@ class ClassBuilder:
         target = getattr(module, attr, None)
         if target is None:
             raise OptimizerUnavailable(f"{name}: module {module_name} has no {attr}")
-        return target
+        return self.wrap(target) if self.wrap is not None else target
 
     def accepted_kwargs(self, name: str) -> dict[str, Any]:
         accepted = accepted_kwargs(self.load(name), self.group_kwargs)
@@ -90,7 +92,9 @@ class ClassBuilder:
             accepted.pop(key, None)
         return accepted
 
-    def __call__(self, params: Any, lr: float | None = None, *, name: str = "", **kwargs: Any) -> torch.optim.Optimizer:
+    def __call__(
+        self, params: Any, lr: float | None = None, *, name: str = "", **kwargs: Any
+    ) -> torch.optim.Optimizer:
         target = self.load(name or self.path)
         kwargs = {"lr": lr, **kwargs}
         if self.adjust is not None:
@@ -154,12 +158,38 @@ def _adafactor_lr(kwargs: dict[str, Any]) -> dict[str, Any]:
     return kwargs
 
 
+@functools.cache
+def _state_in_optimizer(cls: type) -> type:
+    """GrokAdamW keeps its state in ``group["state"]`` keyed by tensor, so state_dict() cannot restore it;
+    this subclass points that dict at ``self.state`` during the step and removes it afterwards."""
+
+    class StateInOptimizer(cls):
+        def step(self, closure: Any = None) -> Any:
+            for group in self.param_groups:
+                group["state"] = self.state
+            try:
+                return super().step(closure)
+            finally:
+                for group in self.param_groups:
+                    group.pop("state", None)
+
+    StateInOptimizer.__name__ = StateInOptimizer.__qualname__ = cls.__name__
+    return StateInOptimizer
+
+
 def _cls(path: str, **kw: Any) -> ClassBuilder:
     return ClassBuilder(path, **kw)
 
 
 _GALORE = {"rank": 128, "update_proj_gap": 200, "scale": 0.25, "proj_type": "std"}
-_APOLLO = {"rank": 128, "proj": "random", "scale_type": "channel", "scale": 1.0, "update_proj_gap": 200, "proj_type": "std"}
+_APOLLO = {
+    "rank": 128,
+    "proj": "random",
+    "scale_type": "channel",
+    "scale": 1.0,
+    "update_proj_gap": 200,
+    "proj_type": "std",
+}
 _ADAFACTOR = {"scale_parameter": False, "relative_step": False, "warmup_init": False}
 _SGG_ENV = {
     "n_clusters": "SGG_N_CLUSTERS",
@@ -195,166 +225,498 @@ _LAYERWISE_HOW = "steps each parameter inside its own backward hook (one optimiz
 
 _SPECS: tuple[OptimizerSpec, ...] = (
     # --- torch.optim -------------------------------------------------------------------------------------
-    OptimizerSpec("AdamW", ("adamw_torch",), _cls("torch.optim:AdamW"),
-                  description="AdamW with decoupled weight decay (torch.optim, foreach)", state_bytes="8"),
-    OptimizerSpec("adamw_torch_fused", ("AdamWFused",), _cls("torch.optim:AdamW", fixed={"fused": True}),
-                  description="AdamW as one fused kernel per step (torch.optim, fused=True)", state_bytes="8"),
-    OptimizerSpec("sgd", (), _cls("torch.optim:SGD"), description="SGD, optional momentum (torch.optim)",
-                  state_bytes="0 (4 with momentum)"),
-    OptimizerSpec("SGDNesterov", (), _cls("torch.optim:SGD", fixed={"nesterov": True}), defaults={"momentum": 0.9},
-                  description="SGD with Nesterov momentum 0.9 (torch.optim)", state_bytes="4"),
-    OptimizerSpec("adagrad", (), _cls("torch.optim:Adagrad"), description="Adagrad (torch.optim)", state_bytes="4"),
-    OptimizerSpec("rmsprop", (), _cls("torch.optim:RMSprop"), description="RMSprop (torch.optim)", state_bytes="4"),
+    OptimizerSpec(
+        "AdamW",
+        ("adamw_torch",),
+        _cls("torch.optim:AdamW"),
+        description="AdamW with decoupled weight decay (torch.optim, foreach)",
+        state_bytes="8",
+    ),
+    OptimizerSpec(
+        "adamw_torch_fused",
+        ("AdamWFused",),
+        _cls("torch.optim:AdamW", fixed={"fused": True}),
+        description="AdamW as one fused kernel per step (torch.optim, fused=True)",
+        state_bytes="8",
+    ),
+    OptimizerSpec(
+        "sgd",
+        (),
+        _cls("torch.optim:SGD"),
+        description="SGD, optional momentum (torch.optim)",
+        state_bytes="0 (4 with momentum)",
+    ),
+    OptimizerSpec(
+        "SGDNesterov",
+        (),
+        _cls("torch.optim:SGD", fixed={"nesterov": True}),
+        defaults={"momentum": 0.9},
+        description="SGD with Nesterov momentum 0.9 (torch.optim)",
+        state_bytes="4",
+    ),
+    OptimizerSpec(
+        "adagrad", (), _cls("torch.optim:Adagrad"), description="Adagrad (torch.optim)", state_bytes="4"
+    ),
+    OptimizerSpec(
+        "rmsprop", (), _cls("torch.optim:RMSprop"), description="RMSprop (torch.optim)", state_bytes="4"
+    ),
     # --- bitsandbytes ------------------------------------------------------------------------------------
-    OptimizerSpec("AdamW8bit", ("adamw_bnb_8bit", "adamw_8bit"), _cls("bitsandbytes.optim:AdamW8bit"), _BNB,
-                  description="AdamW with block-wise 8-bit states (bitsandbytes)", state_bytes="2"),
-    OptimizerSpec("PagedAdamW8bit", ("paged_adamw_8bit",), _cls("bitsandbytes.optim:PagedAdamW8bit"), _BNB,
-                  description="8-bit AdamW, states in paged unified memory (plain 8-bit on CPU)", state_bytes="2"),
-    OptimizerSpec("PagedAdamW32bit", ("paged_adamw_32bit", "PagedAdamW"), _cls("bitsandbytes.optim:PagedAdamW32bit"),
-                  _BNB, description="AdamW, states in paged unified memory (plain on CPU)", state_bytes="8"),
-    OptimizerSpec("Lion8bit", ("lion_8bit",), _cls("bitsandbytes.optim:Lion8bit"), _BNB,
-                  description="Lion with 8-bit momentum (bitsandbytes)", state_bytes="1"),
-    OptimizerSpec("PagedLion8bit", ("paged_lion_8bit",), _cls("bitsandbytes.optim:PagedLion8bit"), _BNB,
-                  description="8-bit Lion, paged states (plain 8-bit on CPU)", state_bytes="1"),
-    OptimizerSpec("lion_32bit", ("Lion32bit",), _cls("bitsandbytes.optim:Lion32bit"), _BNB,
-                  description="Lion, fp32 momentum (bitsandbytes)", state_bytes="4"),
-    OptimizerSpec("paged_lion_32bit", ("PagedLion32bit",), _cls("bitsandbytes.optim:PagedLion32bit"), _BNB,
-                  description="Lion, fp32 momentum in paged memory (plain on CPU)", state_bytes="4"),
-    OptimizerSpec("SGDNesterov8bit", (), _cls("bitsandbytes.optim:SGD8bit", fixed={"nesterov": True}), _BNB,
-                  defaults={"momentum": 0.9}, description="SGD, Nesterov momentum 0.9 in 8 bits (bitsandbytes)",
-                  state_bytes="1"),
-    OptimizerSpec("ademamix", ("AdEMAMix",), _cls("bitsandbytes.optim:AdEMAMix", fixed={"optim_bits": 32}), _BNB,
-                  description="AdEMAMix: Adam with a second, slow momentum EMA (bitsandbytes, fp32)",
-                  state_bytes="12"),
-    OptimizerSpec("ademamix_8bit", ("AdEMAMix8bit",), _cls("bitsandbytes.optim:AdEMAMix8bit"), _BNB,
-                  description="AdEMAMix with 8-bit states (bitsandbytes)", state_bytes="3"),
-    OptimizerSpec("paged_ademamix_32bit", ("PagedAdEMAMix32bit",),
-                  _cls("bitsandbytes.optim:PagedAdEMAMix", fixed={"optim_bits": 32}), _BNB,
-                  description="AdEMAMix, fp32 states in paged memory (plain on CPU)", state_bytes="12"),
-    OptimizerSpec("paged_ademamix_8bit", ("PagedAdEMAMix8bit",), _cls("bitsandbytes.optim:PagedAdEMAMix8bit"), _BNB,
-                  description="AdEMAMix, 8-bit paged states (plain 8-bit on CPU)", state_bytes="3"),
-    OptimizerSpec("rmsprop_bnb", (), _cls("bitsandbytes.optim:RMSprop"), _BNB,
-                  description="RMSprop (bitsandbytes; optim_bits=8 or 32)", state_bytes="4"),
-    OptimizerSpec("rmsprop_bnb_8bit", (), _cls("bitsandbytes.optim:RMSprop8bit"), _BNB,
-                  description="RMSprop with 8-bit state (bitsandbytes)", state_bytes="1"),
-    OptimizerSpec("rmsprop_bnb_32bit", (), _cls("bitsandbytes.optim:RMSprop32bit"), _BNB,
-                  description="RMSprop, fp32 state (bitsandbytes)", state_bytes="4"),
+    OptimizerSpec(
+        "AdamW8bit",
+        ("adamw_bnb_8bit", "adamw_8bit"),
+        _cls("bitsandbytes.optim:AdamW8bit"),
+        _BNB,
+        description="AdamW with block-wise 8-bit states (bitsandbytes)",
+        state_bytes="2",
+    ),
+    OptimizerSpec(
+        "PagedAdamW8bit",
+        ("paged_adamw_8bit",),
+        _cls("bitsandbytes.optim:PagedAdamW8bit"),
+        _BNB,
+        description="8-bit AdamW, states in paged unified memory (plain 8-bit on CPU)",
+        state_bytes="2",
+    ),
+    OptimizerSpec(
+        "PagedAdamW32bit",
+        ("paged_adamw_32bit", "PagedAdamW"),
+        _cls("bitsandbytes.optim:PagedAdamW32bit"),
+        _BNB,
+        description="AdamW, states in paged unified memory (plain on CPU)",
+        state_bytes="8",
+    ),
+    OptimizerSpec(
+        "Lion8bit",
+        ("lion_8bit",),
+        _cls("bitsandbytes.optim:Lion8bit"),
+        _BNB,
+        description="Lion with 8-bit momentum (bitsandbytes)",
+        state_bytes="1",
+    ),
+    OptimizerSpec(
+        "PagedLion8bit",
+        ("paged_lion_8bit",),
+        _cls("bitsandbytes.optim:PagedLion8bit"),
+        _BNB,
+        description="8-bit Lion, paged states (plain 8-bit on CPU)",
+        state_bytes="1",
+    ),
+    OptimizerSpec(
+        "lion_32bit",
+        ("Lion32bit",),
+        _cls("bitsandbytes.optim:Lion32bit"),
+        _BNB,
+        description="Lion, fp32 momentum (bitsandbytes)",
+        state_bytes="4",
+    ),
+    OptimizerSpec(
+        "paged_lion_32bit",
+        ("PagedLion32bit",),
+        _cls("bitsandbytes.optim:PagedLion32bit"),
+        _BNB,
+        description="Lion, fp32 momentum in paged memory (plain on CPU)",
+        state_bytes="4",
+    ),
+    OptimizerSpec(
+        "SGDNesterov8bit",
+        (),
+        _cls("bitsandbytes.optim:SGD8bit", fixed={"nesterov": True}),
+        _BNB,
+        defaults={"momentum": 0.9},
+        description="SGD, Nesterov momentum 0.9 in 8 bits (bitsandbytes)",
+        state_bytes="1",
+    ),
+    OptimizerSpec(
+        "ademamix",
+        ("AdEMAMix",),
+        _cls("bitsandbytes.optim:AdEMAMix", fixed={"optim_bits": 32}),
+        _BNB,
+        description="AdEMAMix: Adam with a second, slow momentum EMA (bitsandbytes, fp32)",
+        state_bytes="12",
+    ),
+    OptimizerSpec(
+        "ademamix_8bit",
+        ("AdEMAMix8bit",),
+        _cls("bitsandbytes.optim:AdEMAMix8bit"),
+        _BNB,
+        description="AdEMAMix with 8-bit states (bitsandbytes)",
+        state_bytes="3",
+    ),
+    OptimizerSpec(
+        "paged_ademamix_32bit",
+        ("PagedAdEMAMix32bit",),
+        _cls("bitsandbytes.optim:PagedAdEMAMix", fixed={"optim_bits": 32}),
+        _BNB,
+        description="AdEMAMix, fp32 states in paged memory (plain on CPU)",
+        state_bytes="12",
+    ),
+    OptimizerSpec(
+        "paged_ademamix_8bit",
+        ("PagedAdEMAMix8bit",),
+        _cls("bitsandbytes.optim:PagedAdEMAMix8bit"),
+        _BNB,
+        description="AdEMAMix, 8-bit paged states (plain 8-bit on CPU)",
+        state_bytes="3",
+    ),
+    OptimizerSpec(
+        "rmsprop_bnb",
+        (),
+        _cls("bitsandbytes.optim:RMSprop"),
+        _BNB,
+        description="RMSprop (bitsandbytes; optim_bits=8 or 32)",
+        state_bytes="4",
+    ),
+    OptimizerSpec(
+        "rmsprop_bnb_8bit",
+        (),
+        _cls("bitsandbytes.optim:RMSprop8bit"),
+        _BNB,
+        description="RMSprop with 8-bit state (bitsandbytes)",
+        state_bytes="1",
+    ),
+    OptimizerSpec(
+        "rmsprop_bnb_32bit",
+        (),
+        _cls("bitsandbytes.optim:RMSprop32bit"),
+        _BNB,
+        description="RMSprop, fp32 state (bitsandbytes)",
+        state_bytes="4",
+    ),
     # --- torchao low-bit ---------------------------------------------------------------------------------
-    OptimizerSpec("adamw_torch_8bit", (), _cls("torchao.optim:AdamW8bit"), ("torchao",),
-                  description="AdamW with 8-bit block-quantised states (torchao, torch.compile'd)", state_bytes="2"),
-    OptimizerSpec("adamw_torch_4bit", (), _cls("torchao.optim:AdamW4bit"), ("torchao",),
-                  description="AdamW with 4-bit block-quantised states (torchao, torch.compile'd)", state_bytes="1"),
+    OptimizerSpec(
+        "adamw_torch_8bit",
+        (),
+        _cls("torchao.optim:AdamW8bit"),
+        ("torchao",),
+        description="AdamW with 8-bit block-quantised states (torchao, torch.compile'd)",
+        state_bytes="2",
+    ),
+    OptimizerSpec(
+        "adamw_torch_4bit",
+        (),
+        _cls("torchao.optim:AdamW4bit"),
+        ("torchao",),
+        description="AdamW with 4-bit block-quantised states (torchao, torch.compile'd)",
+        state_bytes="1",
+    ),
     # --- device-specific ---------------------------------------------------------------------------------
-    OptimizerSpec("adamw_torch_xla", (), _cls("torch_xla.amp.syncfree:AdamW"), ("torch_xla",),
-                  description="AdamW for XLA/TPU devices (torch_xla)", state_bytes="8"),
-    OptimizerSpec("adamw_torch_npu_fused", (), _cls("torch_npu.optim:NpuFusedAdamW"), ("torch_npu",),
-                  description="fused AdamW for Ascend NPUs (torch_npu)", state_bytes="8"),
-    OptimizerSpec("adamw_apex_fused", (), _cls("apex.optimizers:FusedAdam", fixed={"adam_w_mode": True}), ("apex",),
-                  needs_cuda=True, description="NVIDIA Apex fused AdamW", state_bytes="8"),
-    OptimizerSpec("adamw_anyprecision", (), _cls("torchdistx.optimizers:AnyPrecisionAdamW"), ("torchdistx",),
-                  description="AdamW with selectable state dtypes and Kahan summation (torchdistx)",
-                  state_bytes="8 (less with bf16 states)"),
+    OptimizerSpec(
+        "adamw_torch_xla",
+        (),
+        _cls("torch_xla.amp.syncfree:AdamW"),
+        ("torch_xla",),
+        description="AdamW for XLA/TPU devices (torch_xla)",
+        state_bytes="8",
+    ),
+    OptimizerSpec(
+        "adamw_torch_npu_fused",
+        (),
+        _cls("torch_npu.optim:NpuFusedAdamW"),
+        ("torch_npu",),
+        description="fused AdamW for Ascend NPUs (torch_npu)",
+        state_bytes="8",
+    ),
+    OptimizerSpec(
+        "adamw_apex_fused",
+        (),
+        _cls("apex.optimizers:FusedAdam", fixed={"adam_w_mode": True}),
+        ("apex",),
+        needs_cuda=True,
+        description="NVIDIA Apex fused AdamW",
+        state_bytes="8",
+    ),
+    OptimizerSpec(
+        "adamw_anyprecision",
+        (),
+        _cls("torchdistx.optimizers:AnyPrecisionAdamW"),
+        ("torchdistx",),
+        description="AdamW with selectable state dtypes and Kahan summation (torchdistx)",
+        state_bytes="8 (less with bf16 states)",
+    ),
     # --- low-rank gradient projection --------------------------------------------------------------------
-    OptimizerSpec("galore_adamw", ("GaLoreAdamW",),
-                  _cls("galore_torch:GaLoreAdamW", group_kwargs=_GALORE, regroup=_split_2d), ("galore_torch",),
-                  description="GaLore: AdamW on a low-rank projection of 2-D gradients (galore-torch)",
-                  state_bytes="8 (rank/min-dim of it on 2-D tensors)"),
-    OptimizerSpec("galore_adamw_8bit", ("GaLoreAdamW8bit",),
-                  _cls("galore_torch:GaLoreAdamW8bit", group_kwargs=_GALORE, regroup=_split_2d),
-                  ("galore_torch", "bitsandbytes"), description="GaLore with 8-bit AdamW states (galore-torch)",
-                  state_bytes="2 (less on 2-D tensors)"),
-    OptimizerSpec("galore_adafactor", ("GaLoreAdafactor",),
-                  _cls("galore_torch:GaLoreAdafactor", group_kwargs=_GALORE, regroup=_split_2d, adjust=_adafactor_lr),
-                  ("galore_torch",), defaults=_ADAFACTOR,
-                  description="GaLore with Adafactor (galore-torch)", state_bytes="~0 (factored)"),
-    OptimizerSpec("galore_adamw_layerwise", (), _cls("galore_torch:GaLoreAdamW"), ("galore_torch",),
-                  refused=_refusal("galore_adamw_layerwise", _LAYERWISE_HOW, "galore_adamw"),
-                  description="GaLore AdamW stepped per layer in backward hooks"),
-    OptimizerSpec("galore_adamw_8bit_layerwise", (), _cls("galore_torch:GaLoreAdamW8bit"), ("galore_torch",),
-                  refused=_refusal("galore_adamw_8bit_layerwise", _LAYERWISE_HOW, "galore_adamw_8bit"),
-                  description="8-bit GaLore AdamW stepped per layer in backward hooks"),
-    OptimizerSpec("galore_adafactor_layerwise", (), _cls("galore_torch:GaLoreAdafactor"), ("galore_torch",),
-                  refused=_refusal("galore_adafactor_layerwise", _LAYERWISE_HOW, "galore_adafactor"),
-                  description="GaLore Adafactor stepped per layer in backward hooks"),
-    OptimizerSpec("apollo_adamw", ("APOLLOAdamW",),
-                  _cls("apollo_torch:APOLLOAdamW", group_kwargs=_APOLLO, regroup=_split_2d), ("apollo_torch",),
-                  description="APOLLO: AdamW scaled by channel-wise low-rank random-projection moments",
-                  state_bytes="8 (rank/min-dim of it on 2-D tensors)"),
-    OptimizerSpec("apollo_adamw_layerwise", (), _cls("apollo_torch:APOLLOAdamW"), ("apollo_torch",),
-                  refused=_refusal("apollo_adamw_layerwise", _LAYERWISE_HOW, "apollo_adamw"),
-                  description="APOLLO stepped per layer in backward hooks"),
-    OptimizerSpec("lomo", ("Lomo",), _cls("lomo_optim:Lomo"), ("lomo_optim",),
-                  refused=_refusal("lomo", _LOMO_HOW, "adafactor or AdamW8bit"),
-                  description="LOMO: SGD fused into backward, no optimizer state"),
-    OptimizerSpec("adalomo", ("AdaLomo",), _cls("lomo_optim:AdaLomo"), ("lomo_optim",),
-                  refused=_refusal("adalomo", _LOMO_HOW, "adafactor or AdamW8bit"),
-                  description="AdaLomo: factored adaptive LOMO fused into backward"),
+    OptimizerSpec(
+        "galore_adamw",
+        ("GaLoreAdamW",),
+        _cls("galore_torch:GaLoreAdamW", group_kwargs=_GALORE, regroup=_split_2d),
+        ("galore_torch",),
+        description="GaLore: AdamW on a low-rank projection of 2-D gradients (galore-torch)",
+        state_bytes="8 (rank/min-dim of it on 2-D tensors)",
+    ),
+    OptimizerSpec(
+        "galore_adamw_8bit",
+        ("GaLoreAdamW8bit",),
+        _cls("galore_torch:GaLoreAdamW8bit", group_kwargs=_GALORE, regroup=_split_2d),
+        ("galore_torch", "bitsandbytes"),
+        needs_cuda=True,
+        description="GaLore with 8-bit AdamW states (galore-torch)",
+        state_bytes="2 (less on 2-D tensors)",
+    ),
+    OptimizerSpec(
+        "galore_adafactor",
+        ("GaLoreAdafactor",),
+        _cls("galore_torch:GaLoreAdafactor", group_kwargs=_GALORE, regroup=_split_2d, adjust=_adafactor_lr),
+        ("galore_torch",),
+        defaults=_ADAFACTOR,
+        description="GaLore with Adafactor (galore-torch)",
+        state_bytes="~0 (factored)",
+    ),
+    OptimizerSpec(
+        "galore_adamw_layerwise",
+        (),
+        _cls("galore_torch:GaLoreAdamW"),
+        ("galore_torch",),
+        refused=_refusal("galore_adamw_layerwise", _LAYERWISE_HOW, "galore_adamw"),
+        description="GaLore AdamW stepped per layer in backward hooks",
+    ),
+    OptimizerSpec(
+        "galore_adamw_8bit_layerwise",
+        (),
+        _cls("galore_torch:GaLoreAdamW8bit"),
+        ("galore_torch",),
+        refused=_refusal("galore_adamw_8bit_layerwise", _LAYERWISE_HOW, "galore_adamw_8bit"),
+        description="8-bit GaLore AdamW stepped per layer in backward hooks",
+    ),
+    OptimizerSpec(
+        "galore_adafactor_layerwise",
+        (),
+        _cls("galore_torch:GaLoreAdafactor"),
+        ("galore_torch",),
+        refused=_refusal("galore_adafactor_layerwise", _LAYERWISE_HOW, "galore_adafactor"),
+        description="GaLore Adafactor stepped per layer in backward hooks",
+    ),
+    OptimizerSpec(
+        "apollo_adamw",
+        ("APOLLOAdamW",),
+        _cls("apollo_torch:APOLLOAdamW", group_kwargs=_APOLLO, regroup=_split_2d),
+        ("apollo_torch",),
+        description="APOLLO: AdamW scaled by channel-wise low-rank random-projection moments",
+        state_bytes="8 (rank/min-dim of it on 2-D tensors)",
+    ),
+    OptimizerSpec(
+        "apollo_adamw_layerwise",
+        (),
+        _cls("apollo_torch:APOLLOAdamW"),
+        ("apollo_torch",),
+        refused=_refusal("apollo_adamw_layerwise", _LAYERWISE_HOW, "apollo_adamw"),
+        description="APOLLO stepped per layer in backward hooks",
+    ),
+    OptimizerSpec(
+        "lomo",
+        ("Lomo",),
+        _cls("lomo_optim:Lomo"),
+        ("lomo_optim",),
+        refused=_refusal("lomo", _LOMO_HOW, "adafactor or AdamW8bit"),
+        description="LOMO: SGD fused into backward, no optimizer state",
+    ),
+    OptimizerSpec(
+        "adalomo",
+        ("AdaLomo",),
+        _cls("lomo_optim:AdaLomo"),
+        ("lomo_optim",),
+        refused=_refusal("adalomo", _LOMO_HOW, "adafactor or AdamW8bit"),
+        description="AdaLomo: factored adaptive LOMO fused into backward",
+    ),
     # --- other packages ----------------------------------------------------------------------------------
-    OptimizerSpec("grokadamw", ("GrokAdamW",), _cls("grokadamw:GrokAdamW"), ("grokadamw",),
-                  description="GrokAdamW: AdamW amplifying slow gradient components (grokadamw)",
-                  state_bytes="12"),
-    OptimizerSpec("stable_adamw", ("StableAdamW",), _cls("pytorch_optimizer:StableAdamW"), _PO,
-                  description="StableAdamW: AdamW with AdaFactor-style update clipping (pytorch-optimizer)",
-                  state_bytes="8 (+2 Kahan)"),
-    OptimizerSpec("schedule_free_adamw", ("AdamWScheduleFree",), _cls("schedulefree:AdamWScheduleFree"),
-                  ("schedulefree",), description="Schedule-free AdamW; needs no LR schedule (schedulefree)",
-                  state_bytes="8"),
-    OptimizerSpec("schedule_free_radam", ("RAdamScheduleFree",), _cls("schedulefree:RAdamScheduleFree"),
-                  ("schedulefree",), description="Schedule-free RAdam; no warm-up or schedule (schedulefree)",
-                  state_bytes="8"),
-    OptimizerSpec("schedule_free_sgd", ("SGDScheduleFree",), _cls("schedulefree:SGDScheduleFree"),
-                  ("schedulefree",), description="Schedule-free SGD (schedulefree)", state_bytes="4"),
-    OptimizerSpec("adafactor", (), _cls("transformers.optimization:Adafactor", adjust=_adafactor_lr),
-                  ("transformers",), defaults=_ADAFACTOR,
-                  description="Adafactor, factored second moment; fixed lr unless relative_step=True",
-                  state_bytes="~0 (factored; 4 with beta1)"),
-    OptimizerSpec("CAME", (), _cls("came_pytorch:CAME"), ("came_pytorch",), defaults={"lr": 1e-4},
-                  description="CAME: confidence-guided Adafactor (came-pytorch)", state_bytes="4 (+factored)"),
-    OptimizerSpec("DAdaptAdam", ("DAdaptation",), _cls("dadaptation:DAdaptAdam"), ("dadaptation",),
-                  defaults={"lr": 1.0}, description="D-Adaptation Adam: learns the step size; keep lr=1",
-                  state_bytes="12"),
-    OptimizerSpec("DAdaptAdaGrad", (), _cls("dadaptation:DAdaptAdaGrad"), ("dadaptation",), defaults={"lr": 1.0},
-                  description="D-Adaptation AdaGrad; keep lr=1", state_bytes="12"),
-    OptimizerSpec("DAdaptAdan", (), _cls("dadaptation:DAdaptAdan"), ("dadaptation",), defaults={"lr": 1.0},
-                  description="D-Adaptation Adan; keep lr=1", state_bytes="16"),
-    OptimizerSpec("DAdaptLion", (), _cls("dadaptation:DAdaptLion"), ("dadaptation",), defaults={"lr": 1.0},
-                  description="D-Adaptation Lion; keep lr=1", state_bytes="8"),
-    OptimizerSpec("DAdaptSGD", (), _cls("dadaptation:DAdaptSGD"), ("dadaptation",), defaults={"lr": 1.0},
-                  description="D-Adaptation SGD; keep lr=1", state_bytes="8"),
-    OptimizerSpec("Prodigy", (), _cls("prodigyopt:Prodigy"), ("prodigyopt",), defaults={"lr": 1.0},
-                  description="Prodigy: D-Adaptation successor, learns the step size; keep lr=1",
-                  state_bytes="16"),
+    OptimizerSpec(
+        "grokadamw",
+        ("GrokAdamW",),
+        _cls("grokadamw:GrokAdamW", wrap=_state_in_optimizer),
+        ("grokadamw",),
+        description="GrokAdamW: AdamW amplifying slow gradient components (grokadamw; "
+        "its state lives on the CPU)",
+        state_bytes="12",
+    ),
+    OptimizerSpec(
+        "stable_adamw",
+        ("StableAdamW",),
+        _cls("pytorch_optimizer:StableAdamW"),
+        _PO,
+        description="StableAdamW: AdamW with AdaFactor-style update clipping (pytorch-optimizer)",
+        state_bytes="8 (+2 Kahan)",
+    ),
+    OptimizerSpec(
+        "schedule_free_adamw",
+        ("AdamWScheduleFree",),
+        _cls("schedulefree:AdamWScheduleFree"),
+        ("schedulefree",),
+        description="Schedule-free AdamW; needs no LR schedule (schedulefree)",
+        state_bytes="8",
+    ),
+    OptimizerSpec(
+        "schedule_free_radam",
+        ("RAdamScheduleFree",),
+        _cls("schedulefree:RAdamScheduleFree"),
+        ("schedulefree",),
+        description="Schedule-free RAdam; no warm-up or schedule (schedulefree)",
+        state_bytes="8",
+    ),
+    OptimizerSpec(
+        "schedule_free_sgd",
+        ("SGDScheduleFree",),
+        _cls("schedulefree:SGDScheduleFree"),
+        ("schedulefree",),
+        description="Schedule-free SGD (schedulefree)",
+        state_bytes="4",
+    ),
+    OptimizerSpec(
+        "adafactor",
+        (),
+        _cls("transformers.optimization:Adafactor", adjust=_adafactor_lr),
+        ("transformers",),
+        defaults=_ADAFACTOR,
+        description="Adafactor, factored second moment; fixed lr unless relative_step=True",
+        state_bytes="~0 (factored; 4 with beta1)",
+    ),
+    OptimizerSpec(
+        "CAME",
+        (),
+        _cls("came_pytorch:CAME"),
+        ("came_pytorch",),
+        defaults={"lr": 1e-4},
+        description="CAME: confidence-guided Adafactor (came-pytorch)",
+        state_bytes="4 (+factored)",
+    ),
+    OptimizerSpec(
+        "DAdaptAdam",
+        ("DAdaptation",),
+        _cls("dadaptation:DAdaptAdam"),
+        ("dadaptation",),
+        defaults={"lr": 1.0},
+        description="D-Adaptation Adam: learns the step size; keep lr=1",
+        state_bytes="12",
+    ),
+    OptimizerSpec(
+        "DAdaptAdaGrad",
+        (),
+        _cls("dadaptation:DAdaptAdaGrad"),
+        ("dadaptation",),
+        defaults={"lr": 1.0},
+        description="D-Adaptation AdaGrad; keep lr=1",
+        state_bytes="12",
+    ),
+    OptimizerSpec(
+        "DAdaptAdan",
+        (),
+        _cls("dadaptation:DAdaptAdan"),
+        ("dadaptation",),
+        defaults={"lr": 1.0},
+        description="D-Adaptation Adan; keep lr=1",
+        state_bytes="16",
+    ),
+    OptimizerSpec(
+        "DAdaptLion",
+        (),
+        _cls("dadaptation:DAdaptLion"),
+        ("dadaptation",),
+        defaults={"lr": 1.0},
+        description="D-Adaptation Lion; keep lr=1",
+        state_bytes="8",
+    ),
+    OptimizerSpec(
+        "DAdaptSGD",
+        (),
+        _cls("dadaptation:DAdaptSGD"),
+        ("dadaptation",),
+        defaults={"lr": 1.0},
+        description="D-Adaptation SGD; keep lr=1",
+        state_bytes="8",
+    ),
+    OptimizerSpec(
+        "Prodigy",
+        (),
+        _cls("prodigyopt:Prodigy"),
+        ("prodigyopt",),
+        defaults={"lr": 1.0},
+        description="Prodigy: D-Adaptation successor, learns the step size; keep lr=1",
+        state_bytes="16",
+    ),
     # --- OpenToMe standard members (doc defaults; explicit values win) -----------------------------------
-    OptimizerSpec("Lion", (), _cls("pytorch_optimizer:Lion"), _PO, defaults={"lr": 2e-6, "betas": (0.9, 0.98)},
-                  description="Lion: sign of interpolated momentum (pytorch-optimizer)", state_bytes="4"),
-    OptimizerSpec("SophiaG", ("Sophia",), _cls("library.optimizers.sophia:SophiaG"), defaults={"lr": 2e-6},
-                  description="Sophia-G: momentum clipped by a Gauss-Newton-Bartlett Hessian diagonal",
-                  state_bytes="8"),
-    OptimizerSpec("Lamb", (), _cls("pytorch_optimizer:Lamb"), _PO, defaults={"betas": (0.9, 0.99)},
-                  description="LAMB: Adam with per-tensor trust ratio (pytorch-optimizer)", state_bytes="8"),
-    OptimizerSpec("Adan", (), _cls("pytorch_optimizer:Adan"), _PO, defaults={"betas": (0.9, 0.92, 0.99)},
-                  description="Adan: Nesterov-style adaptive momentum, three betas (pytorch-optimizer)",
-                  state_bytes="16"),
-    OptimizerSpec("Adam_mini", ("AdamMini",), _cls("library.optimizers.adam_mini:Adam_mini"),
-                  env={"dim": "ADAM_MINI_DIM", "n_heads": "ADAM_MINI_N_HEADS"},
-                  description="Adam-mini: one second-moment scalar per block/head", state_bytes="~4"),
+    OptimizerSpec(
+        "Lion",
+        (),
+        _cls("pytorch_optimizer:Lion"),
+        _PO,
+        defaults={"lr": 2e-6, "betas": (0.9, 0.98)},
+        description="Lion: sign of interpolated momentum (pytorch-optimizer)",
+        state_bytes="4",
+    ),
+    OptimizerSpec(
+        "SophiaG",
+        ("Sophia",),
+        _cls("library.optimizers.sophia:SophiaG"),
+        defaults={"lr": 2e-6},
+        description="Sophia-G: momentum clipped by a Gauss-Newton-Bartlett Hessian diagonal",
+        state_bytes="8",
+    ),
+    OptimizerSpec(
+        "Lamb",
+        (),
+        _cls("pytorch_optimizer:Lamb"),
+        _PO,
+        defaults={"betas": (0.9, 0.99)},
+        description="LAMB: Adam with per-tensor trust ratio (pytorch-optimizer)",
+        state_bytes="8",
+    ),
+    OptimizerSpec(
+        "Adan",
+        (),
+        _cls("pytorch_optimizer:Adan"),
+        _PO,
+        defaults={"betas": (0.9, 0.92, 0.99)},
+        description="Adan: Nesterov-style adaptive momentum, three betas (pytorch-optimizer)",
+        state_bytes="16",
+    ),
+    OptimizerSpec(
+        "Adam_mini",
+        ("AdamMini",),
+        _cls("library.optimizers.adam_mini:Adam_mini"),
+        env={"dim": "ADAM_MINI_DIM", "n_heads": "ADAM_MINI_N_HEADS"},
+        description="Adam-mini: one second-moment scalar per block/head",
+        state_bytes="~4",
+    ),
     # --- in-house ----------------------------------------------------------------------------------------
-    OptimizerSpec("CustomAdamW", ("HinaAdamW", "custom_hina_adamw"),
-                  _cls("library.optimizers.hina_adamw:HinaAdamWOptimizer"), family="Hina",
-                  description="Hina's AdamW: ADOPT, Grams, Cautious, TAM, AGR, OrthoGrad, SPD, ALLoRA, dynamic WD",
-                  state_bytes="8-16 (m, v, v_prev/θ0 when ADOPT/SPD on)"),
-    OptimizerSpec("CustomAdamW8bit", ("HinaAdamW8bit",),
-                  _cls("library.optimizers.hina_adamw:HinaAdamWOptimizer", fixed={"optim_bits": 8}), family="Hina",
-                  description="CustomAdamW with block-wise 8-bit states", state_bytes="~2-6"),
-    OptimizerSpec("Automagic_Sinkgd", (), _cls("library.optimizers.automagic:Automagic_Sinkgd"), family="Automagic",
-                  description="Automagic: per-element lr mask, ADOPT momentum, Grams, SinkGD, ALLoRA",
-                  state_bytes="~8"),
-    OptimizerSpec("Automagic_CameAMP", (), _cls("library.optimizers.automagic:Automagic_CameAMP"),
-                  family="Automagic", description="Automagic on CAME with 8-bit states",
-                  state_bytes="~4"),
+    OptimizerSpec(
+        "CustomAdamW",
+        ("HinaAdamW", "custom_hina_adamw"),
+        _cls("library.optimizers.hina_adamw:HinaAdamWOptimizer"),
+        family="Hina",
+        description="Hina's AdamW: ADOPT, Grams, Cautious, TAM, AGR, OrthoGrad, SPD, ALLoRA, dynamic WD",
+        state_bytes="8-16 (m, v, v_prev/θ0 when ADOPT/SPD on)",
+    ),
+    OptimizerSpec(
+        "CustomAdamW8bit",
+        ("HinaAdamW8bit",),
+        _cls("library.optimizers.hina_adamw:HinaAdamWOptimizer", fixed={"optim_bits": 8}),
+        family="Hina",
+        description="CustomAdamW with block-wise 8-bit states",
+        state_bytes="~2-6",
+    ),
+    OptimizerSpec(
+        "Automagic_Sinkgd",
+        (),
+        _cls("library.optimizers.automagic:Automagic_Sinkgd"),
+        family="Automagic",
+        description="Automagic: per-element lr mask, ADOPT momentum, Grams, SinkGD, ALLoRA",
+        state_bytes="~8",
+    ),
+    OptimizerSpec(
+        "Automagic_CameAMP",
+        (),
+        _cls("library.optimizers.automagic:Automagic_CameAMP"),
+        family="Automagic",
+        description="Automagic on CAME with 8-bit states",
+        state_bytes="~4",
+    ),
     *(
-        OptimizerSpec(n, (), _cls(f"library.optimizers.sgg:{n}"), env=_SGG_ENV, family="SGG", description=d,
-                      state_bytes=b)
+        OptimizerSpec(
+            n,
+            (),
+            _cls(f"library.optimizers.sgg:{n}"),
+            env=_SGG_ENV,
+            family="SGG",
+            description=d,
+            state_bytes=b,
+        )
         for n, d, b in (
             ("AdamWSGG", "AdamW scaled by gradient grouping (clustered step sizes)", "~8"),
             ("AdamWSGG_v2", "AdamWSGG with EMA-smoothed cluster scales", "~8"),
@@ -363,12 +725,26 @@ _SPECS: tuple[OptimizerSpec, ...] = (
             ("ShampooSGG_v2", "Shampoo scaled by gradient grouping", "matrix preconditioners"),
         )
     ),
-    OptimizerSpec("AdamWSAC", (), _cls("library.optimizers.sac:AdamWSAC"), defaults={"betas": (0.9, 0.99)},
-                  env=_SAC_ENV, family="SAC", description="AdamW scaled per block by architectural constraints",
-                  state_bytes="~8"),
-    OptimizerSpec("Adam_miniSAC", (), _cls("library.optimizers.sac:Adam_miniSAC"),
-                  defaults={"betas": (0.9, 0.99), "eps": 1e-8}, env=_SAC_ENV, family="SAC",
-                  description="Adam-mini scaled per head by architectural constraints", state_bytes="~4"),
+    OptimizerSpec(
+        "AdamWSAC",
+        (),
+        _cls("library.optimizers.sac:AdamWSAC"),
+        defaults={"betas": (0.9, 0.99)},
+        env=_SAC_ENV,
+        family="SAC",
+        description="AdamW scaled per block by architectural constraints",
+        state_bytes="~8",
+    ),
+    OptimizerSpec(
+        "Adam_miniSAC",
+        (),
+        _cls("library.optimizers.sac:Adam_miniSAC"),
+        defaults={"betas": (0.9, 0.99), "eps": 1e-8},
+        env=_SAC_ENV,
+        family="SAC",
+        description="Adam-mini scaled per head by architectural constraints",
+        state_bytes="~4",
+    ),
 )
 
 
@@ -401,8 +777,14 @@ def resolve(name: str) -> OptimizerSpec:
         return spec
     module, _, attr = name.rpartition(".")
     if module and attr.isidentifier() and all(part.isidentifier() for part in module.split(".")):
-        return OptimizerSpec(name, (), _cls(f"{module}:{attr}"), requires=(module.split(".")[0],), family="custom",
-                             description=f"{attr} from {module}")
+        return OptimizerSpec(
+            name,
+            (),
+            _cls(f"{module}:{attr}"),
+            requires=(module.split(".")[0],),
+            family="custom",
+            description=f"{attr} from {module}",
+        )
     close = difflib.get_close_matches(_key(name), list(_INDEX), n=3, cutoff=0.6)
     hint = f"; did you mean {', '.join(_INDEX[c].name for c in close)}?" if close else ""
     raise OptimizerError(
@@ -459,14 +841,21 @@ def build_optimizer(
     if reason:
         raise OptimizerUnavailable(reason)
     _log_loaded_once()
-    accepted = spec.build.accepted_kwargs(spec.name)
     if spec.family == "custom":
         target = spec.build.load(spec.name)
         if not (isinstance(target, type) and issubclass(target, torch.optim.Optimizer)):
             raise OptimizerError(f"--optimizer_type: {name} is not a torch.optim.Optimizer subclass")
+    accepted = spec.build.accepted_kwargs(spec.name)
     kwargs, sources = resolve_settings(
-        spec.name, accepted, spec_defaults=spec.defaults, env_vars=spec.env, lr=lr, cli_kwargs=cli_kwargs,
-        optimizer_args=optimizer_args, toml_table=toml_table, environ=environ,
+        spec.name,
+        accepted,
+        spec_defaults=spec.defaults,
+        env_vars=spec.env,
+        lr=lr,
+        cli_kwargs=cli_kwargs,
+        optimizer_args=optimizer_args,
+        toml_table=toml_table,
+        environ=environ,
     )
     try:
         optimizer = spec.build(param_groups, name=spec.name, **kwargs)
@@ -483,7 +872,7 @@ _loaded_logged = False
 
 def _log_loaded_once() -> None:
     global _loaded_logged
-    if _loaded_logged:
+    if _loaded_logged or not logger.isEnabledFor(logging.INFO):  # a silenced probe build does not use it up
         return
     _loaded_logged = True
     for family, label in (("SGG", "SGG"), ("SAC", "SAC"), ("standard", "Standard")):
@@ -497,7 +886,7 @@ def short_status(spec: OptimizerSpec) -> str:
     if reason is None:
         return "available"
     if spec.refused:
-        return "refused: needs its own training loop"
+        return "refused (own loop)"
     if "CUDA" in reason:
         return "needs CUDA"
     if "not in this install" in reason:
@@ -516,9 +905,9 @@ def format_optimizer_table(width: int | None = None) -> str:
         left = "  ".join(cell.ljust(cols[i]) for i, cell in enumerate(row[:4]))
         room = max(width - len(left) - 2, 20)
         lines.append(f"{left}  {textwrap.shorten(row[4], room, placeholder='...')}".rstrip())
-    lines.append("")
-    lines.append(
+    footer = (
         "Names ignore case and _ - . ; any module.path.ClassName of a torch optimizer works. Settings: "
-        "--optimizer_args k=v, [optimizer] in --config_file, env vars (SGG_*, SAC_*, ADAM_MINI_*)."
+        "--optimizer_args k=v, [optimizer] in --config_file, env vars (SGG_*, SAC_*, ADAM_MINI_*). "
+        "docs/optimizers.md has defaults and memory per parameter."
     )
-    return "\n".join(lines)
+    return "\n".join([*lines, "", textwrap.fill(footer, width)])

@@ -32,6 +32,7 @@ from library.errors import OptimizerError
 from library.optimizers.adam_mini import (
     _QKV_NAME,
     Adam_mini,
+    ExactStateLoad,
     apply_decoupled_,
     group_names,
     head_count,
@@ -48,9 +49,13 @@ def validate_scale_bound(cls: str, scale_bound: Any) -> tuple[float, float]:
     try:
         lo, hi = (float(x) for x in scale_bound)
     except (TypeError, ValueError):
-        raise OptimizerError(f"{cls} scale_bound={scale_bound!r} is invalid; valid: (min, max) numbers") from None
+        raise OptimizerError(
+            f"{cls} scale_bound={scale_bound!r} is invalid; valid: (min, max) numbers"
+        ) from None
     if not 0.0 < lo <= hi:
-        raise OptimizerError(f"{cls} scale_bound={scale_bound!r} is invalid; valid: (min, max) with 0 < min <= max")
+        raise OptimizerError(
+            f"{cls} scale_bound={scale_bound!r} is invalid; valid: (min, max) with 0 < min <= max"
+        )
     return lo, hi
 
 
@@ -118,7 +123,9 @@ class _SACMixin:
         return {"sac_scale_mean": flat.mean(), "sac_scale_min": flat.min(), "sac_scale_max": flat.max()}
 
 
-def _validate_sac(cls: str, scale_update_freq: int, scale_bound: Any, dim: int, n_heads: int) -> tuple[float, float]:
+def _validate_sac(
+    cls: str, scale_update_freq: int, scale_bound: Any, dim: int, n_heads: int
+) -> tuple[float, float]:
     validate_positive_int(cls, "scale_update_freq", scale_update_freq)
     validate_positive_int(cls, "dim", dim)
     validate_positive_int(cls, "n_heads", n_heads)
@@ -127,23 +134,33 @@ def _validate_sac(cls: str, scale_update_freq: int, scale_bound: Any, dim: int, 
     return validate_scale_bound(cls, scale_bound)
 
 
-def adamw_updates(
-    grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], steps: list[int], beta1: float,
-    beta2: float, eps: float,
-) -> list[Tensor]:
-    """Advance AdamW's moments and return the bias-corrected m̂/(√v̂ + ε) per tensor."""
+def adamw_moments_(
+    grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], beta1: float, beta2: float
+) -> None:
+    """m ← β₁m + (1−β₁)g;  v ← β₂v + (1−β₂)g²."""
     torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
     torch._foreach_mul_(exp_avg_sqs, beta2)
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1.0 - beta2)
+
+
+def adamw_denoms(exp_avg_sqs: list[Tensor], steps: list[int], beta2: float, eps: float) -> list[Tensor]:
+    """√v̂ + ε per tensor (v̂ bias-corrected with each tensor's own step)."""
     denoms = torch._foreach_sqrt(exp_avg_sqs)
     torch._foreach_div_(denoms, [(1.0 - beta2**t) ** 0.5 for t in steps])
     torch._foreach_add_(denoms, eps)
+    return denoms
+
+
+def adamw_updates(
+    exp_avgs: list[Tensor], denoms: list[Tensor], steps: list[int], beta1: float
+) -> list[Tensor]:
+    """m̂ / (√v̂ + ε) per tensor."""
     updates = torch._foreach_div(exp_avgs, denoms)
     torch._foreach_div_(updates, [1.0 - beta1**t for t in steps])
     return updates
 
 
-class AdamWSAC(_SACMixin, torch.optim.Optimizer):
+class AdamWSAC(_SACMixin, ExactStateLoad, torch.optim.Optimizer):
     """AdamW with SAC unit scaling (module docstring).
 
     Args:
@@ -172,8 +189,14 @@ class AdamWSAC(_SACMixin, torch.optim.Optimizer):
         params = list(params)
         validate_names(cls, params)
         defaults = dict(
-            lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, scale_update_freq=scale_update_freq,
-            scale_bound=bound, dim=dim, n_heads=n_heads,
+            lr=lr,
+            betas=tuple(betas),
+            eps=eps,
+            weight_decay=weight_decay,
+            scale_update_freq=scale_update_freq,
+            scale_bound=bound,
+            dim=dim,
+            n_heads=n_heads,
         )
         super().__init__(params, defaults)
 
@@ -191,7 +214,9 @@ class AdamWSAC(_SACMixin, torch.optim.Optimizer):
                 state = self.state[p]
                 if "step" not in state:
                     state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p, dtype=state_dtype(p), memory_format=torch.contiguous_format)
+                    state["exp_avg"] = torch.zeros_like(
+                        p, dtype=state_dtype(p), memory_format=torch.contiguous_format
+                    )
                     state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
                 state["step"] += 1
                 params.append(p)
@@ -203,7 +228,10 @@ class AdamWSAC(_SACMixin, torch.optim.Optimizer):
             if not params:
                 continue
             beta1, beta2 = group["betas"]
-            updates = adamw_updates(grads, exp_avgs, exp_avg_sqs, steps, beta1, beta2, group["eps"])
+            adamw_moments_(grads, exp_avgs, exp_avg_sqs, beta1, beta2)
+            updates = adamw_updates(
+                exp_avgs, adamw_denoms(exp_avg_sqs, steps, beta2, group["eps"]), steps, beta1
+            )
             self._sac_scale_updates_(group, params, names, updates)
             apply_decoupled_(params, updates, group["lr"], group["weight_decay"])
         return loss
@@ -229,7 +257,9 @@ class Adam_miniSAC(_SACMixin, Adam_mini):  # noqa: N801 - the name users type (s
         scale_bound: tuple[float, float] = (0.5, 10.0),
     ) -> None:
         bound = _validate_sac(type(self).__name__, scale_update_freq, scale_bound, dim, n_heads)
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, dim=dim, n_heads=n_heads)
+        super().__init__(
+            params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, dim=dim, n_heads=n_heads
+        )
         for group in self.param_groups:
             group.setdefault("scale_update_freq", scale_update_freq)
             group.setdefault("scale_bound", bound)

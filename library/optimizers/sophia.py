@@ -58,7 +58,9 @@ class SophiaG(torch.optim.Optimizer):
         if isinstance(hessian_update_interval, bool) or not (
             isinstance(hessian_update_interval, int) and hessian_update_interval >= 1
         ):
-            raise ValueError(f"SophiaG: invalid hessian_update_interval {hessian_update_interval}, need an int >= 1")
+            raise ValueError(
+                f"SophiaG: invalid hessian_update_interval {hessian_update_interval}, need an int >= 1"
+            )
         self.hessian_update_interval = hessian_update_interval
         defaults = dict(lr=lr, betas=tuple(betas), rho=rho, weight_decay=weight_decay, eps=eps)
         super().__init__(params, defaults)
@@ -99,8 +101,15 @@ class SophiaG(torch.optim.Optimizer):
             if not params:
                 continue
             _sophia_step(
-                params, grads, exp_avgs, hessians, lr=group["lr"], beta1=group["betas"][0], rho=group["rho"],
-                weight_decay=group["weight_decay"], eps=group["eps"],
+                params,
+                grads,
+                exp_avgs,
+                hessians,
+                lr=group["lr"],
+                beta1=group["betas"][0],
+                rho=group["rho"],
+                weight_decay=group["weight_decay"],
+                eps=group["eps"],
             )
         return loss
 

@@ -31,7 +31,8 @@ def encode_sd(tokenizer, text_encoder, captions: list[str], clip_skip: int | Non
         return text_encoder(ids)[0]
     out = text_encoder(ids, output_hidden_states=True)
     hidden = out.hidden_states[-clip_skip]
-    return text_encoder.text_model.final_layer_norm(hidden)
+    # transformers 5 flattened CLIPTextModel (no .text_model); CLIPTextModelWithProjection still has it
+    return getattr(text_encoder, "text_model", text_encoder).final_layer_norm(hidden)
 
 
 def sdxl_time_ids(sizes: list[tuple[int, int]], device) -> torch.Tensor:

@@ -46,8 +46,14 @@ def build_dataset(args: argparse.Namespace):
     else:
         config = config_from_train_data_dir(args.train_data_dir, args.reg_data_dir, defaults)
     dataset = CaptionedImageDataset(config, seed=args.seed, skip_bad_images=args.skip_bad_images)
-    summary = dataset.summary()
-    logger.info("dataset: %s", {k: v for k, v in summary.items() if k != "tag_frequency"})
+    s = dataset.summary()
+    logger.info("dataset %s: %d images (%d regularisation), %d samples with repeats, %d batches per epoch%s", s["source"],
+                s["num_train_images"], s["num_reg_images"], s["num_samples"], s["num_batches"],
+                f"; skipped {len(s['skipped'])} unreadable images" if s.get("skipped") else "")
+    for d in s.get("datasets", []):
+        for sub in d.get("subsets", []):
+            logger.info("  %s: %d images x %d repeats, captions %s, buckets %s", sub["image_dir"], sub["img_count"],
+                        sub["num_repeats"], sub.get("caption_extension"), d.get("buckets"))
     return dataset
 
 

@@ -150,7 +150,8 @@ class LoRATrainer:
                 pixels = pixels.to(self.device, vae.dtype)
                 return vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
 
-            self.dataset.cache_latents(encode, to_disk=a.cache_latents_to_disk, batch_size=a.train_batch_size)
+            self.dataset.cache_latents(encode, to_disk=a.cache_latents_to_disk, batch_size=a.train_batch_size,
+                                       cache_tag=a.pretrained_model_name_or_path)
             logger.info("cached latents of %d images", len(self.dataset))
         if a.cache_text_encoder_outputs:
             captions = sorted({self.dataset.caption_for_cache(i) for i in range(len(self.dataset))})
@@ -240,7 +241,7 @@ class LoRATrainer:
         sampled = pred.detach() + torch.randn_like(pred)
         gnb_loss = 0.5 * ((pred - sampled) ** 2).sum() / pred.shape[0]
         gnb_loss.backward()
-        opt.update_hessian()
+        opt.update_hessian(batch_size=pred.shape[0])
         self.optimizer.zero_grad(set_to_none=True)
 
     # ------------------------------------------------------------------ loop
@@ -357,9 +358,11 @@ class LoRATrainer:
 
         self._optimizer_mode("eval")
         self.model.unet.eval()
+        self.network.eval()  # LoRA dropout follows the network's mode
         prompts = sampling.load_prompts(a.sample_prompts, a.resolution)
         images = sampling.generate(self.model, prompts, a.sample_sampler, self.model.scheduler_config, self.device, a.seed)
         save_samples(self.output_dir, a.output_name, self.progress.global_step, prompts, images, self.accelerator)
+        self.network.train()
         self.model.unet.train()
         self._optimizer_mode("train")
 

@@ -75,10 +75,6 @@ def validate_combinations(args: argparse.Namespace) -> None:
         raise ConfigError("--cache_text_encoder_outputs needs --network_train_unet_only (cached outputs cannot train the text encoder)")
     if args.cache_text_encoder_outputs and (args.shuffle_caption or args.caption_dropout_rate):
         raise ConfigError("--cache_text_encoder_outputs cannot be used with --shuffle_caption or --caption_dropout_rate")
-    if args.cache_latents and args.flip_aug:
-        raise ConfigError("--cache_latents cannot be used with --flip_aug (one cached latent per image)")
-    if args.v_parameterization and not (args.v2 or args.sdxl) and not args.pretrained_model_name_or_path.startswith("builtin:"):
-        pass  # allowed: v-pred SD1 fine-tunes exist; the loader warns
     if args.output_dir is None:
         raise ConfigError("--output_dir is required (where the LoRA, state and logs go)")
     if not args.output_name or any(c in args.output_name for c in "/\\"):

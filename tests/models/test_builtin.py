@@ -106,8 +106,8 @@ def test_pretrained_weights_of_another_shape_are_refused(tmp_path):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"v2": True}, "flags say SD2"),
-        ({"sdxl": True}, "flags say SDXL"),
+        ({"v2": True}, r"flags \(--v2\) select SD2"),
+        ({"sdxl": True}, r"flags \(--sdxl\) select SDXL"),
         ({"v2": True, "sdxl": True}, "both"),
     ],
 )

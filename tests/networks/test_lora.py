@@ -19,18 +19,34 @@ from networks.lora import LoRANetwork, create_network, create_network_from_weigh
 from networks.lora_modules import LoRAModule
 
 TE_CONFIG = dict(
-    vocab_size=1000, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-    max_position_embeddings=77, bos_token_id=0, eos_token_id=2, pad_token_id=1,
+    vocab_size=1000,
+    hidden_size=32,
+    intermediate_size=37,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=77,
+    bos_token_id=0,
+    eos_token_id=2,
+    pad_token_id=1,
 )
 
 
 def tiny_unet(attention_in_both: bool = False, seed: int = 0, **extra) -> UNet2DConditionModel:
     torch.manual_seed(seed)
-    first_down, last_up = ("CrossAttnDownBlock2D", "CrossAttnUpBlock2D") if attention_in_both else ("DownBlock2D", "UpBlock2D")
+    first_down, last_up = (
+        ("CrossAttnDownBlock2D", "CrossAttnUpBlock2D") if attention_in_both else ("DownBlock2D", "UpBlock2D")
+    )
     config = dict(
-        block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
-        down_block_types=(first_down, "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", last_up),
-        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=(first_down, "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", last_up),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=32,
     )
     config.update(extra)
     return UNet2DConditionModel(**config).eval()
@@ -53,7 +69,11 @@ def randomize_lora(network: LoRANetwork, seed: int = 1, std: float = 0.1) -> Non
 
 def unet_inputs(batch: int = 2, seed: int = 3) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, 4, 8, 8, generator=g), torch.tensor([10, 500]), torch.randn(batch, 5, 32, generator=g)
+    return (
+        torch.randn(batch, 4, 8, 8, generator=g),
+        torch.tensor([10, 500]),
+        torch.randn(batch, 5, 32, generator=g),
+    )
 
 
 class Transformer2DModel(nn.Module):
@@ -79,6 +99,7 @@ class ToyUNet(nn.Module):
 
 
 # --- names and shapes ----------------------------------------------------------------------------------------
+
 
 def test_keys_use_kohya_names_with_down_up_alpha_per_module():
     unet, te = tiny_unet(), tiny_text_encoder()
@@ -158,11 +179,14 @@ def test_two_text_encoders_get_te1_te2_prefixes_and_own_lr():
 
 # --- forward math --------------------------------------------------------------------------------------------
 
+
 def _dense_reference(layer: nn.Module, lora: LoRAModule, x: torch.Tensor) -> torch.Tensor:
     """float64: the layer with W + multiplier * alpha/dim * up @ down."""
     up = lora.lora_up.weight.double().flatten(1)
     down = lora.lora_down.weight.double()
-    delta = (up @ down.flatten(1)).view(up.shape[0], *down.shape[1:]) * (lora.multiplier * float(lora.alpha) / lora.lora_dim)
+    delta = (up @ down.flatten(1)).view(up.shape[0], *down.shape[1:]) * (
+        lora.multiplier * float(lora.alpha) / lora.lora_dim
+    )
     weight, bias = layer.weight.double() + delta, layer.bias.double()
     if isinstance(layer, nn.Conv2d):
         return nn.functional.conv2d(x.double(), weight, bias, layer.stride, layer.padding)
@@ -218,7 +242,7 @@ def test_multiplier_scales_the_delta_linearly():
         half = unet(sample, t, enc).sample
     assert (full - base).abs().max() > 1e-3
     # the U-Net is non-linear, so compare one layer for exact linearity and the model only loosely
-    layer_lora = network.unet_loras[0]
+    layer_lora = next(lora for lora in network.unet_loras if not lora.is_conv)
     x = torch.randn(2, 5, layer_lora.org_module.in_features)
     network.set_multiplier(0.0)
     b = layer_lora.org_module(x)
@@ -269,9 +293,11 @@ def test_merge_equals_hooked_forward_and_unmerge_restores_weights():
 
 # --- dropout ---------------------------------------------------------------------------------------------------
 
+
 def test_no_dropout_objects_when_dropout_is_zero():
-    network = create_network(1.0, 4, 1, None, tiny_text_encoder(), None, neuron_dropout=0.0, rank_dropout="0",
-                             module_dropout=None)
+    network = create_network(
+        1.0, 4, 1, None, tiny_text_encoder(), None, neuron_dropout=0.0, rank_dropout="0", module_dropout=None
+    )
     assert not any(isinstance(m, nn.Dropout) for m in network.modules())
     assert not any(lora.has_dropout for lora in network.text_encoder_loras)
 
@@ -286,7 +312,9 @@ def test_dropout_acts_only_in_train_mode():
     with torch.no_grad():
         expected = te(ids).last_hidden_state
     plain.remove_from()
-    network = create_network(1.0, 4, 1, None, te, None, neuron_dropout=0.5, rank_dropout=0.3, module_dropout=0.2)
+    network = create_network(
+        1.0, 4, 1, None, te, None, neuron_dropout=0.5, rank_dropout=0.3, module_dropout=0.2
+    )
     network.load_state_dict(sd)
     network.apply_to(te, None)
     with torch.no_grad():
@@ -316,24 +344,38 @@ def test_rank_dropout_is_unbiased():
 
 # --- training integration ----------------------------------------------------------------------------------------
 
+
 def test_prepare_optimizer_params_names_and_loraplus_groups():
     unet, te = tiny_unet(), tiny_text_encoder()
     network = create_network(1.0, 4, 1, None, te, unet, loraplus_unet_lr_ratio="16")
     groups = network.prepare_optimizer_params(5e-5, 1e-4, 1e-3)
-    assert [(g["description"], g["lr"]) for g in groups] == [("textencoder", 5e-5), ("unet", 1e-4), ("unet plus", 1.6e-3)]
+    assert [(g["description"], g["lr"]) for g in groups] == [
+        ("textencoder", 5e-5),
+        ("unet", 1e-4),
+        ("unet plus", 1.6e-3),
+    ]
     named = dict(network.lora_params_named())
     for g in groups:
         assert len(g["names"]) == len(g["params"])
         assert all(named[n] is p for n, p in zip(g["names"], g["params"], strict=True))
     assert all(n.endswith(".lora_up.weight") for n in groups[2]["names"])
     assert all(n.endswith(".lora_down.weight") for n in groups[1]["names"])
-    assert "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q.lora_up.weight" in groups[2]["names"]
+    assert (
+        "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q.lora_up.weight"
+        in groups[2]["names"]
+    )
     covered = [p for g in groups for p in g["params"]]
     assert len(covered) == len(list(network.get_trainable_params())) == len(named)
 
-    both = create_network(1.0, 4, 1, None, te, unet, loraplus_lr_ratio=4).prepare_optimizer_params(None, None, 1e-4)
+    both = create_network(1.0, 4, 1, None, te, unet, loraplus_lr_ratio=4).prepare_optimizer_params(
+        None, None, 1e-4
+    )
     assert [(g["description"], g["lr"]) for g in both] == [
-        ("textencoder", 1e-4), ("textencoder plus", 4e-4), ("unet", 1e-4), ("unet plus", 4e-4)]
+        ("textencoder", 1e-4),
+        ("textencoder plus", 4e-4),
+        ("unet", 1e-4),
+        ("unet plus", 4e-4),
+    ]
     frozen_te = network.prepare_optimizer_params(0, 1e-4, 1e-3)
     assert [g["description"] for g in frozen_te] == ["unet", "unet plus"]
 
@@ -384,7 +426,10 @@ def test_autocast_bf16_and_half_base_weights():
 def test_torch_compile_fullgraph_matches_eager():
     model = ToyUNet()
     network = create_network(1.0, 4, 2, None, None, model)
-    assert {lora.lora_name for lora in network.unet_loras} == {"lora_unet_block_proj_in", "lora_unet_block_to_q"}
+    assert {lora.lora_name for lora in network.unet_loras} == {
+        "lora_unet_block_proj_in",
+        "lora_unet_block_to_q",
+    }
     randomize_lora(network)
     network.apply_to(None, model)
     x = torch.randn(2, 6, 3, 3)
@@ -404,7 +449,9 @@ def test_network_pickles_and_state_dict_holds_only_lora_tensors():
     unet = tiny_unet()
     network = create_network(1.0, 4, 1, None, None, unet)
     network.apply_to(None, unet)
-    assert all(k.split(".", 1)[1] in ("lora_down.weight", "lora_up.weight", "alpha") for k in network.state_dict())
+    assert all(
+        k.split(".", 1)[1] in ("lora_down.weight", "lora_up.weight", "alpha") for k in network.state_dict()
+    )
     clone = pickle.loads(pickle.dumps(network))
     assert clone.state_dict().keys() == network.state_dict().keys()
     copy.deepcopy(network)
@@ -430,6 +477,7 @@ def test_max_norm_regularization_caps_the_dense_update_norm():
 
 # --- files -------------------------------------------------------------------------------------------------------
 
+
 def test_save_load_round_trip_is_bitwise_with_metadata_and_hashes(tmp_path):
     unet, te = tiny_unet(), tiny_text_encoder()
     network = create_network(1.0, 4, 2, None, te, unet, conv_dim=2, conv_alpha=1)
@@ -446,7 +494,7 @@ def test_save_load_round_trip_is_bitwise_with_metadata_and_hashes(tmp_path):
     assert meta["ss_network_dim"] == "4" and meta["modelspec.title"] == "x"
     raw = path.read_bytes()
     header = int.from_bytes(raw[:8], "little")
-    assert meta["sshs_model_hash"] == hashlib.sha256(raw[8 + header:]).hexdigest()
+    assert meta["sshs_model_hash"] == hashlib.sha256(raw[8 + header :]).hexdigest()
     assert len(meta["sshs_legacy_hash"]) == 8
     assert not list(tmp_path.glob("*.tmp"))
 
@@ -530,6 +578,7 @@ def test_load_errors_name_the_file_and_keys(tmp_path):
 
 
 # --- network_args --------------------------------------------------------------------------------------------------
+
 
 def test_network_args_accept_strings_and_reject_bad_values():
     te = tiny_text_encoder()

@@ -70,14 +70,14 @@ def test_resume_continues_exactly(tiny_dataset, tmp_path):
     straight.train()
 
     first = make_trainer(train_argv(tiny_dataset, tmp_path / "b", *extra, steps=7))
-    step_fn = first.lr_scheduler.step
+    after_step = first._hessian_update  # runs right after each optimizer step
 
-    def step_then_interrupt(*a, **k):
-        step_fn(*a, **k)
-        if first.progress.global_step + 1 == 3:  # called before global_step is incremented
-            first.stop_signal = "SIGINT"
+    def step_then_interrupt():
+        after_step()
+        if first.progress.global_step == 3:
+            first.stop_signal = "SIGINT"  # what the SIGINT handler sets
 
-    first.lr_scheduler.step = step_then_interrupt
+    first._hessian_update = step_then_interrupt
     with pytest.raises(TrainingStopped) as stop:
         first.train()
     assert stop.value.exit_code == 130 and "--resume" in str(stop.value)

@@ -1,0 +1,221 @@
+"""Time optimizer.step() on the SD1.5 LoRA parameter set, against fused torch AdamW measured in the same run.
+
+The parameter set is what `--network_dim 16` trains on SD1.5: lora_down/lora_up pairs on every attention
+projection (to_q/k/v/out.0), proj_in/proj_out and ff.net.0.proj/ff.net.2 of each transformer block (16 blocks,
+384 tensors, ~6.8M parameters). Shapes come from diffusers' UNet2DConditionModel built from the SD1.5 config on
+the meta device, so no weights are needed. Gradients are random and fixed; the step alone is timed with CUDA
+events (wall clock on CPU), after warm-up, as the median of N.
+
+    python bench/optimizer_step.py                              # CUDA, default list
+    python bench/optimizer_step.py --device cpu --quick         # smoke test
+    python bench/optimizer_step.py --optimizers AdamW Lion --json out/opt.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from library.optimizers.registry import build_optimizer  # noqa: E402
+
+DEFAULT_OPTIMIZERS = [
+    "AdamW",
+    "CustomAdamW",
+    "CustomAdamW8bit",
+    "Automagic_Sinkgd",
+    "Automagic_CameAMP",
+    "AdamWSGG",
+    "AdamWSAC",
+    "Lion",
+    "Prodigy",
+    "AdamW8bit",
+]
+SD15_UNET = {
+    "sample_size": 64,
+    "in_channels": 4,
+    "out_channels": 4,
+    "layers_per_block": 2,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "down_block_types": [
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "DownBlock2D",
+    ],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "cross_attention_dim": 768,
+    "attention_head_dim": 8,
+    "norm_num_groups": 32,
+    "use_linear_projection": False,
+}
+TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
+
+
+def lora_shapes(rank: int) -> list[tuple[str, tuple[int, ...], tuple[int, ...]]]:
+    """(kohya name, lora_down shape, lora_up shape) for every targeted module of the SD1.5 UNet."""
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**SD15_UNET)
+    shapes = []
+    for name, module in unet.named_modules():
+        if ".transformer_blocks." not in name and not name.endswith(("proj_in", "proj_out")):
+            continue
+        if not name.endswith(TARGETS):
+            continue
+        kohya = "lora_unet_" + name.replace(".", "_")
+        if isinstance(module, torch.nn.Conv2d):  # SD1.5 proj_in/out are 1x1 convs
+            shapes.append((kohya, (rank, module.in_channels, 1, 1), (module.out_channels, rank, 1, 1)))
+        elif isinstance(module, torch.nn.Linear):
+            shapes.append((kohya, (rank, module.in_features), (module.out_features, rank)))
+    return shapes
+
+
+def make_params(rank: int, device: str, seed: int = 0) -> tuple[list[torch.nn.Parameter], list[str]]:
+    gen = torch.Generator().manual_seed(seed)
+    params, names = [], []
+    for kohya, down, up in lora_shapes(rank):
+        params.append(torch.nn.Parameter((torch.randn(down, generator=gen) / down[1] ** 0.5).to(device)))
+        params.append(torch.nn.Parameter((torch.randn(up, generator=gen) * 1e-3).to(device)))
+        names += [f"{kohya}.lora_down.weight", f"{kohya}.lora_up.weight"]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen).to(device) * 1e-3
+    return params, names
+
+
+def time_steps(optimizer: torch.optim.Optimizer, device: str, warmup: int, iters: int) -> float:
+    """Median milliseconds per optimizer.step()."""
+    for _ in range(warmup):
+        optimizer.step()
+    times = []
+    for _ in range(iters):
+        if device.startswith("cuda"):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            optimizer.step()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            optimizer.step()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of tensors held in optimizer.state (tensor subclasses counted by their inner tensors)."""
+    seen: set[int] = set()
+
+    def size(t: torch.Tensor) -> int:
+        if hasattr(t, "__tensor_flatten__"):
+            inner, _ = t.__tensor_flatten__()
+            return sum(size(getattr(t, n)) for n in inner)
+        key = t.untyped_storage().data_ptr() if t.device.type != "meta" else id(t)
+        if key in seen:
+            return 0
+        seen.add(key)
+        return t.untyped_storage().nbytes()
+
+    total = 0
+    for state in optimizer.state.values():
+        for value in state.values():
+            if isinstance(value, torch.Tensor):
+                total += size(value)
+    return total
+
+
+def bench_one(label: str, make_optimizer, params, device: str, warmup: int, iters: int) -> dict:
+    try:
+        optimizer = make_optimizer()
+        if hasattr(optimizer, "train"):
+            optimizer.train()
+        ms = time_steps(optimizer, device, warmup, iters)
+        n = sum(p.numel() for p in params)
+        return {
+            "optimizer": label,
+            "ms": ms,
+            "state_bytes_per_param": state_bytes(optimizer) / n,
+            "error": None,
+        }
+    except Exception as exc:  # an optimizer that is missing or broken is a row, not a crash
+        detail = traceback.format_exception_only(type(exc), exc)[-1].strip()
+        return {"optimizer": label, "ms": None, "state_bytes_per_param": None, "error": detail}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--optimizers", nargs="+", default=DEFAULT_OPTIMIZERS)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--iters", type=int, default=50)
+    parser.add_argument("--quick", action="store_true", help="2 warm-up steps, 5 timed steps")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.warmup, args.iters = 2, 5
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("CUDA is not available; use --device cpu")
+
+    params, names = make_params(args.rank, args.device)
+    n_params = sum(p.numel() for p in params)
+    print(
+        f"SD1.5 LoRA rank {args.rank}: {len(params)} tensors, {n_params / 1e6:.2f}M parameters on {args.device}"
+    )
+
+    results = [
+        bench_one(
+            "torch AdamW fused (baseline)",
+            lambda: torch.optim.AdamW(params, lr=args.lr, fused=True),
+            params,
+            args.device,
+            args.warmup,
+            args.iters,
+        )
+    ]
+    for name in args.optimizers:
+
+        def make(name: str = name) -> torch.optim.Optimizer:
+            groups = [{"params": params, "names": names}]
+            return build_optimizer(name, groups, lr=args.lr)[0]
+
+        results.append(bench_one(name, make, params, args.device, args.warmup, args.iters))
+
+    base = results[0]["ms"]
+    print(f"{'optimizer':32s} {'ms/step':>9s} {'x fused':>8s} {'state B/param':>14s}")
+    for r in results:
+        if r["error"]:
+            print(f"{r['optimizer']:32s} {'error':>9s}  {r['error']}")
+            continue
+        ratio = r["ms"] / base if base else float("nan")
+        r["ratio_to_fused_adamw"] = ratio
+        print(f"{r['optimizer']:32s} {r['ms']:9.3f} {ratio:8.2f} {r['state_bytes_per_param']:14.2f}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        meta = {
+            "device": args.device,
+            "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+            "torch": torch.__version__,
+            "rank": args.rank,
+            "tensors": len(params),
+            "parameters": n_params,
+            "warmup": args.warmup,
+            "iters": args.iters,
+        }
+        args.json.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

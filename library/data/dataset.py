@@ -1,0 +1,470 @@
+"""DatasetConfig -> a torch Dataset of (image, caption) samples and a bucket-aware batch sampler.
+
+Everything that can be wrong with the data (missing folders, undecodable images, non-UTF-8 captions, empty
+buckets) is found in the constructor, before any model is loaded. Image sizes are measured once there and kept,
+so bucket assignment never decodes an image again.
+
+Sample indices count repeats: an image with num_repeats=10 is 10 samples, each with its own caption shuffle and
+flip per epoch (random streams keyed by (seed, epoch, sample index)), as sd-scripts' epochs work.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, Sampler
+
+from library.config.dataset_config import DatasetBlueprint, DatasetConfig, SubsetConfig, check_blueprint
+from library.data.buckets import closest_bucket, make_buckets, no_upscale_bucket, resize_and_crop
+from library.data.captions import (
+    STREAM_CAPTION,
+    STREAM_CROP,
+    STREAM_FLIP,
+    CaptionOptions,
+    find_caption_file,
+    process_caption,
+    read_caption,
+    sample_rng,
+    static_caption,
+    tag_frequency,
+)
+from library.data.images import IMAGE_EXTENSIONS, MIN_IMAGE_SIDE, load_image, probe_image
+from library.errors import DatasetError
+
+logger = logging.getLogger(__name__)
+
+_SHOW_BAD = 5  # bad files named in the error message; the rest are counted
+
+
+@dataclass
+class _Subset:
+    config: SubsetConfig
+    dataset: int
+    options: CaptionOptions
+    images: list[int]
+    extensions: dict[str, int]  # caption extension used -> image count ("none": class_tokens / empty)
+    skipped: int = 0
+
+
+@dataclass
+class _Image:
+    path: Path
+    subset: int
+    size: tuple[int, int]  # upright, full resolution
+    caption: str  # as read (class_tokens when there is no caption file)
+    bucket: tuple[int, int]
+
+
+@dataclass
+class _Cached:
+    latents: torch.Tensor | None  # None: on disk, load from `npz`
+    flipped: torch.Tensor | None
+    npz: Path | None
+
+
+def collate(items: list[dict]) -> dict:
+    """Stack tensors of one batch (one bucket); captions and sizes stay Python lists."""
+    batch: dict = {
+        "caption": [it["caption"] for it in items],
+        "is_reg": torch.tensor([it["is_reg"] for it in items], dtype=torch.bool),
+        "index": torch.tensor([it["index"] for it in items], dtype=torch.long),
+        "bucket": [it["bucket"] for it in items],
+        "original_size": [it["original_size"] for it in items],
+        "crop_top_left": [it["crop_top_left"] for it in items],
+    }
+    for key in ("pixel_values", "latents"):
+        if key in items[0]:
+            batch[key] = torch.stack([it[key] for it in items])
+    return batch
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> FloatTensor[3, H, W] in [-1, 1], the VAE's input range."""
+    arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())
+    return arr.permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+
+
+class CaptionedImageDataset(Dataset):
+    """Item: {"pixel_values": [3,H,W] in [-1,1] (absent once latents are cached), "latents" (only once cached),
+    "caption": str, "is_reg": bool, "bucket": (W, H), "index": int, "original_size": (W, H) of the file,
+    "crop_top_left": (top, left) in resized pixels}."""
+
+    collate = staticmethod(collate)
+
+    def __init__(self, config: DatasetConfig, *, seed: int, skip_bad_images: bool = False):
+        self.config = config
+        self.seed = seed
+        self.epoch = 0
+        self._subsets: list[_Subset] = []
+        self._images: list[_Image] = []
+        self._samples: list[int] = []  # sample index -> image index (repeats expanded)
+        self._groups: list[tuple[int, dict[tuple[int, int], list[int]]]] = []  # (batch_size, bucket -> samples)
+        self._cache: dict[int, _Cached] = {}
+        self.skipped: list[str] = []
+        bad: list[str] = []
+        for d, blueprint in enumerate(config.datasets):
+            self._scan_dataset(d, blueprint, bad)
+        if bad:
+            if not skip_bad_images:
+                shown = "; ".join(bad[:_SHOW_BAD])
+                more = f" (and {len(bad) - _SHOW_BAD} more)" if len(bad) > _SHOW_BAD else ""
+                raise DatasetError(f"{len(bad)} unusable file(s) in {config.source}: {shown}{more}; fix or remove "
+                                   "them, or pass --skip_bad_images to train without them")
+            logger.warning("skipping %d unusable file(s): %s", len(bad), "; ".join(bad))
+            self.skipped = bad
+        for d, blueprint in enumerate(config.datasets):
+            self._build_samples(d, blueprint)
+
+    # ------------------------------------------------------------------------------------------ construction
+    def _scan_dataset(self, d: int, bp: DatasetBlueprint, bad: list[str]) -> None:
+        try:
+            check_blueprint(bp)
+        except DatasetError as exc:
+            raise DatasetError(f"{self.config.source}: dataset {d}: {exc}") from None
+        if not bp.subsets:
+            raise DatasetError(f"{self.config.source}: dataset {d} has no subsets (image folders)")
+        buckets = make_buckets(bp.resolution, bp.min_bucket_reso, bp.max_bucket_reso, bp.bucket_reso_steps) \
+            if bp.enable_bucket and not bp.bucket_no_upscale else []
+        if bp.enable_bucket and not bp.bucket_no_upscale and not buckets:
+            raise DatasetError(f"{self.config.source}: dataset {d}: no bucket fits resolution {bp.resolution} within "
+                               f"[{bp.min_bucket_reso}, {bp.max_bucket_reso}] in steps of {bp.bucket_reso_steps}")
+        min_side = min(MIN_IMAGE_SIDE, *bp.resolution)
+        for sub in bp.subsets:
+            folder = Path(sub.image_dir)
+            if not folder.is_dir():
+                raise DatasetError(f"{sub.name or 'subset'}: image folder {folder} not found")
+            files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+            if not files:
+                raise DatasetError(f"{sub.name or 'subset'}: no images in {folder} "
+                                   f"(looked for {', '.join(IMAGE_EXTENSIONS)})")
+            info = _Subset(sub, d, _caption_options(sub), [], {})
+            self._subsets.append(info)
+            with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # decoding releases the GIL
+                results = list(pool.map(functools.partial(_inspect, sub=sub, bp=bp, buckets=buckets,
+                                                          min_side=min_side), files))
+            for path, result in zip(files, results, strict=True):
+                if isinstance(result, DatasetError):
+                    bad.append(str(result))
+                    info.skipped += 1
+                    continue
+                size, caption, caption_file, bucket = result
+                ext = caption_file.name[len(path.stem):] if caption_file else "none"
+                info.extensions[ext] = info.extensions.get(ext, 0) + 1
+                info.images.append(len(self._images))
+                self._images.append(_Image(path, len(self._subsets) - 1, size, caption, bucket))
+
+    def _build_samples(self, d: int, bp: DatasetBlueprint) -> None:
+        subsets = [s for s in self._subsets if s.dataset == d]
+        for s in subsets:
+            if not s.images:
+                raise DatasetError(f"{s.config.name or 'subset'}: no usable images in {s.config.image_dir} "
+                                   f"({s.skipped} skipped as unusable)")
+        uncaptioned = [self._images[i].path.name for s in subsets for i in s.images if not self._images[i].caption]
+        if uncaptioned:
+            logger.warning("%d image(s) have no caption file and no class_tokens, they train with an empty caption: %s",
+                           len(uncaptioned), ", ".join(uncaptioned[:_SHOW_BAD]))
+        train = [(i, s.config.num_repeats) for s in subsets if not s.config.is_reg for i in s.images]
+        reg = [(i, s.config.num_repeats) for s in subsets if s.config.is_reg for i in s.images]
+        if not train:
+            folders = ", ".join(str(s.config.image_dir) for s in subsets)
+            raise DatasetError(f"{self.config.source}: dataset {d} has only regularisation images ({folders}); "
+                               "add a subset with is_reg = false")
+        train_total = sum(r for _, r in train)
+        reg_counts = balance_reg_repeats([r for _, r in reg], train_total)
+        groups: dict[tuple[int, int], list[int]] = {}
+        counts = [r for _, r in train] + reg_counts
+        for (image, _), count in zip(train + reg, counts, strict=True):
+            for _ in range(count):
+                groups.setdefault(self._images[image].bucket, []).append(len(self._samples))
+                self._samples.append(image)
+        self._groups.append((bp.batch_size, dict(sorted(groups.items()))))
+
+    # ------------------------------------------------------------------------------------------ items
+    def __len__(self) -> int:
+        return len(self._samples)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Caption shuffle/dropout, flips and random crops of sample i depend on (seed, epoch, i)."""
+        self.epoch = epoch
+
+    def __getitem__(self, index: int) -> dict:
+        image_index = self._samples[index]
+        img = self._images[image_index]
+        sub = self._subsets[img.subset]
+        cfg = sub.config
+        caption = process_caption(img.caption, sub.options, sample_rng(self.seed, self.epoch, index, STREAM_CAPTION),
+                                  self.epoch)
+        flip = cfg.flip_aug and bool(sample_rng(self.seed, self.epoch, index, STREAM_FLIP).random() < 0.5)
+        item = {"caption": caption, "is_reg": cfg.is_reg, "bucket": img.bucket, "index": index,
+                "original_size": img.size}
+        cached = self._cache.get(image_index)
+        if cached is not None:
+            item["latents"] = self._cached_latents(cached, flip)
+            item["crop_top_left"] = _center_crop_top_left(img.size, img.bucket)
+            return item
+        fraction = tuple(sample_rng(self.seed, self.epoch, index, STREAM_CROP).random(2)) if cfg.random_crop \
+            else (0.5, 0.5)
+        pixels = self._load_pixels(image_index)
+        pixels, item["crop_top_left"] = resize_and_crop(pixels, img.bucket, fraction)
+        if flip:
+            pixels = pixels.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        item["pixel_values"] = to_tensor(pixels)
+        return item
+
+    def _load_pixels(self, image_index: int) -> Image.Image:
+        img = self._images[image_index]
+        return load_image(img.path, min_side=1, cover=img.bucket)
+
+    def caption_for_cache(self, index: int) -> str:
+        """Sample `index`'s caption without shuffle/dropout (what cached text-encoder outputs are built from)."""
+        img = self._images[self._samples[index]]
+        return static_caption(img.caption, self._subsets[img.subset].options)
+
+    def batch_sampler(self, *, seed: int, shuffle: bool = True) -> BucketBatchSampler:
+        return BucketBatchSampler(self._groups, seed=seed, shuffle=shuffle)
+
+    # ------------------------------------------------------------------------------------------ latents
+    def cache_latents(self, encode: Callable[[torch.Tensor], torch.Tensor], to_disk: bool, batch_size: int = 8,
+                      cache_tag: str = "") -> None:
+        """Encode every image once (both flips for flip_aug subsets) so training never decodes images again.
+
+        `encode` gets FloatTensor[B,3,H,W] in [-1,1] on the CPU and returns latents [B,C,H/f,W/f] (move to your
+        device inside). `to_disk`: `<image stem>.npz` next to the image, reused on the next run when its recorded
+        bucket, original size, flip variants and `cache_tag` (e.g. the VAE's name) still match, else recomputed.
+        """
+        if batch_size < 1:
+            raise DatasetError(f"cache_latents batch_size {batch_size}: must be >= 1")
+        crops = [s.config.name or str(s.config.image_dir) for s in self._subsets if s.config.random_crop]
+        if crops:
+            raise DatasetError(f"latent caching cannot be used with random_crop (subset {crops[0]}): a cached latent "
+                               "has one fixed crop; turn one of them off")
+        todo: dict[tuple[int, int], list[int]] = {}
+        reused = 0
+        for i, img in enumerate(self._images):
+            flip = self._subsets[img.subset].config.flip_aug
+            npz = _npz_path(img.path) if to_disk else None
+            if npz is not None and _npz_valid(npz, img, flip, cache_tag):
+                self._cache[i] = _Cached(None, None, npz)
+                reused += 1
+            else:
+                todo.setdefault(img.bucket, []).append(i)
+        for bucket, indices in todo.items():
+            for start in range(0, len(indices), batch_size):
+                chunk = indices[start:start + batch_size]
+                pixels = torch.stack([to_tensor(resize_and_crop(self._load_pixels(i), bucket)[0]) for i in chunk])
+                latents = _encode(encode, pixels)
+                needs_flip = [self._subsets[self._images[i].subset].config.flip_aug for i in chunk]
+                flipped = _encode(encode, pixels.flip(-1)) if any(needs_flip) else None
+                for k, i in enumerate(chunk):
+                    lat = latents[k].clone()
+                    lat_f = flipped[k].clone() if flipped is not None and needs_flip[k] else None
+                    if to_disk:
+                        npz = _npz_path(self._images[i].path)
+                        _write_npz(npz, self._images[i], lat, lat_f, cache_tag)
+                        self._cache[i] = _Cached(None, None, npz)
+                    else:
+                        self._cache[i] = _Cached(lat, lat_f, None)
+        logger.info("latents: %d image(s) encoded, %d reused from disk cache", sum(map(len, todo.values())), reused)
+
+    @staticmethod
+    def _cached_latents(cached: _Cached, flip: bool) -> torch.Tensor:
+        if cached.npz is None:
+            return cached.flipped if flip else cached.latents
+        with np.load(cached.npz, allow_pickle=False) as data:
+            return torch.from_numpy(np.array(data["latents_flipped" if flip else "latents"]))
+
+    # ------------------------------------------------------------------------------------------ summary
+    def summary(self) -> dict:
+        """Counts, buckets, per-subset caption extensions and tag frequency (feeds ss_* LoRA metadata)."""
+        sampler = self.batch_sampler(seed=self.seed)
+        datasets = []
+        for d, bp in enumerate(self.config.datasets):
+            batch_size, groups = self._groups[d]
+            subsets = []
+            for s in (s for s in self._subsets if s.dataset == d):
+                subsets.append({
+                    "image_dir": str(s.config.image_dir), "num_repeats": s.config.num_repeats,
+                    "is_reg": s.config.is_reg, "img_count": len(s.images), "skipped": s.skipped,
+                    "class_tokens": s.config.class_tokens, "caption_extension": dict(s.extensions),
+                    "shuffle_caption": s.config.shuffle_caption, "keep_tokens": s.config.keep_tokens,
+                    "flip_aug": s.config.flip_aug,
+                })
+            datasets.append({
+                "resolution": list(bp.resolution), "batch_size": batch_size, "enable_bucket": bp.enable_bucket,
+                "min_bucket_reso": bp.min_bucket_reso, "max_bucket_reso": bp.max_bucket_reso,
+                "bucket_reso_steps": bp.bucket_reso_steps, "bucket_no_upscale": bp.bucket_no_upscale,
+                "buckets": {f"{w}x{h}": len(v) for (w, h), v in groups.items()},
+                "num_batches": sum(math.ceil(len(v) / batch_size) for v in groups.values()),
+                "subsets": subsets,
+            })
+        dirs: dict[str, dict] = {}
+        tags: dict[str, dict[str, int]] = {}
+        for s in self._subsets:
+            name = Path(s.config.image_dir).name
+            dirs[name] = {"n_repeats": s.config.num_repeats, "img_count": len(s.images)}
+            captions = (self._images[i].caption for i in s.images)
+            tags[name] = tag_frequency(captions, s.config.secondary_separator)
+        return {
+            "source": self.config.source,
+            "num_train_images": sum(len(s.images) for s in self._subsets if not s.config.is_reg),
+            "num_reg_images": sum(len(s.images) for s in self._subsets if s.config.is_reg),
+            "num_samples": len(self._samples),
+            "num_batches": len(sampler),
+            "skipped": list(self.skipped),
+            "datasets": datasets,
+            "dataset_dirs": dirs,
+            "tag_frequency": tags,
+        }
+
+
+def balance_reg_repeats(reg_repeats: list[int], train_total: int) -> list[int]:
+    """sd-scripts' balance: regularisation samples add up to the train sample count. Images take their own
+    repeats in order until the count is reached (later ones drop out), then, if still short, +1 each in turn."""
+    counts = [0] * len(reg_repeats)
+    if not reg_repeats:
+        return counts
+    total = 0
+    for i, r in enumerate(reg_repeats):
+        if total >= train_total:
+            break
+        counts[i] = r
+        total += r
+    while total < train_total:
+        for i in range(len(counts)):
+            counts[i] += 1
+            total += 1
+            if total >= train_total:
+                break
+    return counts
+
+
+class BucketBatchSampler(Sampler[list[int]]):
+    """Batches of sample indices that never mix buckets (nor datasets, which may differ in batch size).
+
+    Deterministic from (seed, epoch): each epoch shuffles within every bucket, cuts batches (the last one of a
+    bucket may be short) and shuffles the batch order. `len` is the number of batches of a whole epoch;
+    `set_epoch(epoch, skip_batches=k)` resumes mid-epoch by leaving out the first k.
+    """
+
+    drop_last = False
+
+    def __init__(self, groups: list[tuple[int, dict[tuple[int, int], list[int]]]], *, seed: int,
+                 shuffle: bool = True):
+        self.groups = groups
+        self.seed = seed
+        self.shuffle = shuffle
+        self.epoch = 0
+        self.skip_batches = 0
+        self.batch_size = max(bs for bs, _ in groups) if groups else 1
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        if skip_batches < 0:
+            raise ValueError(f"skip_batches {skip_batches}: must be >= 0")
+        self.epoch = epoch
+        self.skip_batches = skip_batches
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        rng = np.random.default_rng([self.seed & 0xFFFFFFFFFFFFFFFF, epoch, 0x5A17])
+        out: list[list[int]] = []
+        for batch_size, buckets in self.groups:
+            for members in buckets.values():
+                order = [members[i] for i in rng.permutation(len(members))] if self.shuffle else list(members)
+                out.extend(order[i:i + batch_size] for i in range(0, len(order), batch_size))
+        if self.shuffle:
+            out = [out[i] for i in rng.permutation(len(out))]
+        return out
+
+    def __iter__(self) -> Iterator[list[int]]:
+        yield from self.batches(self.epoch)[self.skip_batches:]
+
+    def __len__(self) -> int:
+        return sum(math.ceil(len(m) / bs) for bs, buckets in self.groups for m in buckets.values())
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def _inspect(path: Path, sub: SubsetConfig, bp: DatasetBlueprint, buckets: list[tuple[int, int]], min_side: int):
+    """(size, caption, caption file, bucket) of one image, or the DatasetError that makes it unusable."""
+    try:
+        size = probe_image(path, min_side)
+        caption_file = find_caption_file(path, sub.caption_extension)
+        caption = read_caption(caption_file) if caption_file else ""
+        if not caption and sub.class_tokens:
+            caption = sub.class_tokens
+        if bp.enable_bucket and bp.bucket_no_upscale:
+            bucket = no_upscale_bucket(size, bp.resolution, bp.max_bucket_reso, bp.bucket_reso_steps, f"image {path}")
+        elif bp.enable_bucket:
+            bucket = closest_bucket(size, buckets)
+        else:
+            bucket = bp.resolution
+    except DatasetError as exc:
+        return exc
+    return size, caption, caption_file, bucket
+
+
+def _caption_options(sub: SubsetConfig) -> CaptionOptions:
+    return CaptionOptions(
+        shuffle_caption=sub.shuffle_caption, keep_tokens=sub.keep_tokens,
+        keep_tokens_separator=sub.keep_tokens_separator, secondary_separator=sub.secondary_separator,
+        caption_dropout_rate=sub.caption_dropout_rate,
+        caption_dropout_every_n_epochs=sub.caption_dropout_every_n_epochs,
+        caption_tag_dropout_rate=sub.caption_tag_dropout_rate,
+        caption_prefix=sub.caption_prefix, caption_suffix=sub.caption_suffix)
+
+
+def _center_crop_top_left(size: tuple[int, int], bucket: tuple[int, int]) -> tuple[int, int]:
+    scale = max(bucket[0] / size[0], bucket[1] / size[1])
+    rw, rh = max(bucket[0], round(size[0] * scale)), max(bucket[1], round(size[1] * scale))
+    return round((rh - bucket[1]) / 2), round((rw - bucket[0]) / 2)
+
+
+def _encode(encode: Callable[[torch.Tensor], torch.Tensor], pixels: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return encode(pixels).detach().float().cpu()
+
+
+def _npz_path(image: Path) -> Path:
+    return image.parent / (image.stem + ".npz")
+
+
+def _npz_valid(npz: Path, img: _Image, flip: bool, tag: str) -> bool:
+    """A cache file is reused only if it was made for this bucket, image size, flip setting and encoder tag."""
+    if not npz.is_file():
+        return False
+    try:
+        with np.load(npz, allow_pickle=False) as data:
+            return ("latents" in data and tuple(data["bucket"].tolist()) == img.bucket
+                    and tuple(data["original_size"].tolist()) == img.size
+                    and (not flip or "latents_flipped" in data) and str(data["cache_tag"]) == tag)
+    except (OSError, ValueError, KeyError, EOFError):
+        return False  # unreadable or from another tool: recompute
+
+
+def _write_npz(npz: Path, img: _Image, latents: torch.Tensor, flipped: torch.Tensor | None, tag: str) -> None:
+    arrays = {"latents": latents.numpy(), "bucket": np.array(img.bucket, dtype=np.int32),
+              "original_size": np.array(img.size, dtype=np.int32), "cache_tag": np.array(tag)}
+    if flipped is not None:
+        arrays["latents_flipped"] = flipped.numpy()
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=npz.parent, prefix=f".{npz.stem}.", suffix=".npz.tmp")
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, npz)
+    except OSError as exc:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+        raise DatasetError(f"cannot write latent cache {npz} ({exc.strerror or exc}); use in-memory caching "
+                           "(drop --cache_latents_to_disk) or make the image folder writable") from None
