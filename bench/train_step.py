@@ -82,6 +82,7 @@ class Variant:
     compile_mode: str | None = None  # torch.compile mode; None = eager
     channels_last: bool = False
     description: str = ""
+    host_inputs: bool = False  # feed each step the way trainer.compute_loss does (blocking host->device copies)
 
 
 VARIANTS: dict[str, Variant] = {
@@ -92,15 +93,21 @@ VARIANTS: dict[str, Variant] = {
     "ours_bf16_compile_cl": Variant("bf16", "default", True, description="bf16 LoRA, torch.compile, channels_last"),
     "ours_bf16_cudagraphs": Variant("bf16", "reduce-overhead",
                                     description="bf16 LoRA, torch.compile mode=reduce-overhead (CUDA graphs)"),
+    "ours_fp32_cudagraphs": Variant("fp32", "reduce-overhead",
+                                    description="fp32 LoRA + autocast, torch.compile mode=reduce-overhead"),
     "ours_bf16_autotune": Variant("bf16", "max-autotune-no-cudagraphs",
                                   description="bf16 LoRA, torch.compile mode=max-autotune-no-cudagraphs (slow compile)"),
+    "ours_bf16_compile_hostinputs": Variant(
+        "bf16", "default", host_inputs=True,
+        description="ours_bf16_compile fed as trainer.compute_loss feeds it: pinned fp32 latents .to(device) and "
+                    "is_reg via torch.as_tensor(..., device) every step (each a blocking copy + stream sync)"),
 }
 BASELINES = {
     "baseline": "diffusers U-Net + peft LoRA (fp32) + bf16 autocast + AdamW(fused), eager",
     "baseline_compile": "the baseline with torch.compile(unet)",
 }
 DEFAULT_CONFIGS = ("baseline", "baseline_compile", "ours_fp32", "ours_bf16", "ours_fp32_compile", "ours_bf16_compile",
-                   "ours_bf16_compile_cl", "ours_bf16_cudagraphs")
+                   "ours_bf16_compile_cl", "ours_bf16_cudagraphs", "ours_fp32_cudagraphs")
 
 
 @dataclass
@@ -234,8 +241,29 @@ def build_registry_optimizer(name: str, network, bench: Bench) -> torch.optim.Op
     return optimizer
 
 
+def cached_inputs(bench: Bench, variant: Variant) -> Callable[[], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(latents, text, per-sample loss weights) of a step: resident on the device, or fed like the trainer."""
+    device, batch = bench.device, bench.batch
+    if variant.host_inputs:
+        host_latents = bench.latents.float().cpu()
+        if device.type == "cuda":
+            host_latents = host_latents.pin_memory()  # the trainer's DataLoader pins its batches
+        is_reg = [False] * batch
+
+        def from_host():
+            latents = host_latents.to(device, torch.bfloat16)
+            reg = torch.as_tensor(is_reg, device=device)
+            weights = torch.where(reg, torch.full_like(reg, 1.0, dtype=torch.float32), 1.0)
+            return latents, bench.text, weights
+
+        return from_host
+    latents = bench.latents.contiguous(memory_format=torch.channels_last) if variant.channels_last else bench.latents
+    weights = torch.ones(batch, device=device)  # no regularisation images in the batch
+    return lambda: (latents, bench.text, weights)
+
+
 def setup_ours(bench: Bench, variant: Variant, optimizer_name: str = "AdamW") -> Setup:
-    """loraforge's step: the trainer's compute_loss + backward, with cached inputs and no host sync."""
+    """loraforge's step: the trainer's compute_loss + backward; no host sync unless `host_inputs`."""
     from library.training import losses
 
     lora_dtype = torch.float32 if variant.lora_dtype == "fp32" else torch.bfloat16
@@ -250,12 +278,11 @@ def setup_ours(bench: Bench, variant: Variant, optimizer_name: str = "AdamW") ->
     scheduler = losses.make_noise_scheduler(SD_SCHEDULER, v_parameterization=False, zero_terminal_snr=False)
     model = maybe_compile(unet, variant.compile_mode, bench)
     device = bench.device
-    latents = bench.latents.contiguous(memory_format=torch.channels_last) if variant.channels_last else bench.latents
-    text = bench.text
-    loss_weights = torch.ones(latents.shape[0], device=device)  # no regularisation images in the batch
     amp = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if autocast else contextlib.nullcontext
+    inputs = cached_inputs(bench, variant)
 
     def forward_backward() -> torch.Tensor:
+        latents, text, loss_weights = inputs()
         noise = losses.sample_noise(latents, None)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=device)
         noisy = scheduler.add_noise(latents, noise, timesteps)
@@ -311,7 +338,7 @@ def release_memory(device: torch.device, reset_compiled: bool = True) -> None:
 def gradient_check(setup: Setup) -> dict[str, Any]:
     """Host reads, once, outside the timed windows: every zero-initialised factor must get a gradient."""
     nonzero = [p.grad is not None and bool(p.grad.count_nonzero()) for p in setup.params]
-    ups = [nz for nz, n in zip(nonzero, setup.names) if setup.up_marker in n]
+    ups = [nz for nz, n in zip(nonzero, setup.names, strict=True) if setup.up_marker in n]
     out: dict[str, Any] = {"grad_nonzero_frac": sum(nonzero) / len(nonzero)}
     if not ups or not all(ups):
         out["error"] = f"{sum(not u for u in ups)} of {len(ups)} {setup.up_marker} tensors got no gradient"
@@ -362,7 +389,7 @@ def measure(setup: Setup, bench: Bench) -> dict[str, Any]:
         step_marks = [clock.mark()]
         mid_marks: list = []  # end of forward+backward: the rest of a step is the optimizer
         for _ in range(bench.steps):
-            loss = train_step(setup, lambda: mid_marks.append(clock.mark()))
+            loss = train_step(setup, lambda marks=mid_marks: marks.append(clock.mark()))
             step_marks.append(clock.mark())
         windows.append((step_marks, mid_marks))
     clock.sync()
@@ -372,7 +399,7 @@ def measure(setup: Setup, bench: Bench) -> dict[str, Any]:
     fwd_bwd_ms = [clock.ms(s[i], m[i]) for s, m in windows for i in range(bench.steps)]
     opt_ms = [clock.ms(m[i], s[i + 1]) for s, m in windows for i in range(bench.steps)]
     ms_step = statistics.median(window_ms)
-    changed = [not torch.equal(b, p.detach()) for b, p in zip(before, setup.params)]
+    changed = [not torch.equal(b, p.detach()) for b, p in zip(before, setup.params, strict=True)]
     final_loss = float(loss)
     result.update({
         "ms_step": ms_step,
@@ -497,26 +524,30 @@ def optimizer_rows(names: list[str], base: str, bench: Bench) -> list[dict[str, 
         return [{"name": f"opt:{n}", "group": "c", "error": error} for n in ["AdamW", *names]]
     shared.optimizer = None
     initial = [p.detach().clone() for p in shared.params]
-    rows = []
-    for name in ["AdamW", *names]:
-        print(f"  opt:{name} (on {base}) ...", flush=True)
-
-        def make(name: str = name) -> Setup:
-            with torch.no_grad():
-                for p, w in zip(shared.params, initial):
-                    p.copy_(w)
-                    p.grad = None
-            shared.optimizer = build_registry_optimizer(name, shared.network, bench)
-            shared.info["optimizer"] = f"{name} -> {type(shared.optimizer).__module__}.{type(shared.optimizer).__name__}"
-            return shared
-
-        row = {"name": f"opt:{name}", "group": "c", "base": base,
-               "description": f"{name} from the registry on {base}"}
-        rows.append(run_row(row, bench, make, reset_compiled=False))
-        shared.optimizer = None  # free its state before the next row's peak is measured
-    del shared, initial
+    rows = [optimizer_row(name, shared, initial, base, bench) for name in ["AdamW", *names]]
+    shared.keep = ()
     release_memory(bench.device)
     return rows
+
+
+def optimizer_row(name: str, shared: Setup, initial: list[torch.Tensor], base: str, bench: Bench) -> dict[str, Any]:
+    """One (c) row: the shared setup, its LoRA weights back at `initial`, a fresh registry optimizer."""
+    print(f"  opt:{name} (on {base}) ...", flush=True)
+
+    def make() -> Setup:
+        with torch.no_grad():
+            for p, w in zip(shared.params, initial, strict=True):
+                p.copy_(w)
+                p.grad = None
+        shared.optimizer = build_registry_optimizer(name, shared.network, bench)
+        cls = type(shared.optimizer)
+        shared.info["optimizer"] = f"{name} -> {cls.__module__}.{cls.__name__}"
+        return shared
+
+    row = {"name": f"opt:{name}", "group": "c", "base": base, "description": f"{name} from the registry on {base}"}
+    row = run_row(row, bench, make, reset_compiled=False)
+    shared.optimizer = None  # free its state before the next row's peak is measured
+    return row
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -534,8 +565,10 @@ def add_ratios(rows: list[dict[str, Any]], flops: float | None) -> None:
         row["tflops"] = flops / (row["ms_step"] / 1e3) / 1e12 if flops else None
 
 
-def best_row(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
-    ours = [r for r in rows if r["group"] == "b" and "images_per_s" in r and "error" not in r]
+def best_row(rows: list[dict[str, Any]], lora_dtype: str | None = None) -> dict[str, Any] | None:
+    """The fastest valid (b) row, optionally of one LoRA dtype (bf16 weights make small AdamW updates round away)."""
+    ours = [r for r in rows if r["group"] == "b" and "images_per_s" in r and "error" not in r
+            and lora_dtype in (None, r.get("lora_dtype"))]
     if not ours:
         return None
     best = max(ours, key=lambda r: r["images_per_s"])
@@ -568,16 +601,18 @@ def print_table(results: dict[str, Any]) -> None:
     flops = meta.get("flops_per_step")
     print(f"\nFLOPs/step: {fmt(flops and flops / 1e12, '.3g')} TFLOP ({meta.get('flops_method')}); "
           f"issue 8 estimate {ISSUE_TFLOP_PER_STEP} TFLOP")
-    if results.get("best"):
-        b = results["best"]
-        print(f"best of ours: {b['name']} {b['images_per_s']:.2f} img/s = {fmt(b['vs_baseline'], '.2f')}x (a), "
-              f"{fmt(b['vs_baseline_compile'], '.2f')}x (a')")
+    for key, label in (("best", "best of ours"), ("best_fp32_lora", "best with fp32 LoRA weights")):
+        b = results.get(key)
+        if b:
+            print(f"{label}: {b['name']} {b['images_per_s']:.2f} img/s = {fmt(b['vs_baseline'], '.2f')}x (a), "
+                  f"{fmt(b['vs_baseline_compile'], '.2f')}x (a')")
 
 
 def write_json(results: dict[str, Any], path: str | None) -> None:
     if not path:
         return
     target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(target.name + ".tmp")
     tmp.write_text(json.dumps(results, indent=2, default=str))
     os.replace(tmp, target)
@@ -661,7 +696,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                   args.rank, args.alpha, args.lr, args.warmup, args.steps, args.windows, args.seed,
                   args.compile_backend)
     meta = environment(bench, args, sys.argv[1:] if argv is None else argv)
-    results: dict[str, Any] = {"meta": meta, "rows": [], "best": None}
+    results: dict[str, Any] = {"meta": meta, "rows": [], "best": None, "best_fp32_lora": None}
     try:
         meta["flops_per_step"], meta["attention_processor"] = count_step_flops(bench)
         meta["flops_method"] = "FlopCounterMode, fwd+bwd of U-Net+LoRA on a meta-device copy"
@@ -676,6 +711,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results["rows"].append(row)
         add_ratios(results["rows"], flops)
         results["best"] = best_row(results["rows"])
+        results["best_fp32_lora"] = best_row(results["rows"], "fp32")
         write_json(results, args.json)
 
     for name in args.configs:
