@@ -13,7 +13,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-DEMO_STEPS = 200
+DEMO_STEPS = 150
 
 
 def demo_command(output_dir: str = "out/demo", steps: int = DEMO_STEPS) -> list[str]:

@@ -70,6 +70,7 @@ class ClassBuilder:
     regroup: Callable[[list[dict], dict[str, Any]], list[dict]] | None = None
     adjust: Callable[[dict[str, Any]], dict[str, Any]] | None = None
     wrap: Callable[[type], type] | None = None
+    prefer_fused: bool = False  # torch's fused CUDA kernel when every parameter is on CUDA and the user chose nothing
 
     @property
     def module(self) -> str:
@@ -105,7 +106,14 @@ class ClassBuilder:
             groups = self.regroup(groups, group_kwargs)
         if kwargs.get("lr", 0) is None and "lr" not in accepted_kwargs(target):
             kwargs.pop("lr")
+        if self.prefer_fused and "fused" not in kwargs and "foreach" not in kwargs and _all_cuda(groups):
+            kwargs["fused"] = True  # one kernel for all LoRA tensors instead of a launch-bound foreach loop
         return target(groups, **kwargs, **self.fixed)
+
+
+def _all_cuda(groups: list[dict]) -> bool:
+    params = [p for g in groups for p in g["params"]]
+    return bool(params) and all(p.is_cuda and p.is_floating_point() for p in params)
 
 
 @dataclass(frozen=True)
@@ -228,8 +236,8 @@ _SPECS: tuple[OptimizerSpec, ...] = (
     OptimizerSpec(
         "AdamW",
         ("adamw_torch",),
-        _cls("torch.optim:AdamW"),
-        description="AdamW with decoupled weight decay (torch.optim, foreach)",
+        _cls("torch.optim:AdamW", prefer_fused=True),
+        description="AdamW with decoupled weight decay (torch.optim; fused kernel on CUDA, foreach elsewhere)",
         state_bytes="8",
     ),
     OptimizerSpec(

@@ -174,10 +174,10 @@ class LoRATrainer:
     # ------------------------------------------------------------------ step
     def _latents(self, batch: dict) -> torch.Tensor:
         if "latents" in batch:
-            return batch["latents"].to(self.device, self.weight_dtype)
+            return batch["latents"].to(self.device, non_blocking=True).to(self.weight_dtype)
         vae = self.model.vae
         with torch.no_grad():
-            pixels = batch["pixel_values"].to(self.device, vae.dtype)
+            pixels = batch["pixel_values"].to(self.device, non_blocking=True).to(vae.dtype)
             return (vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor).to(self.weight_dtype)
 
     def _conditioning(self, batch: dict) -> conditioning.Conditioning:
@@ -207,8 +207,9 @@ class LoRATrainer:
         with self.accelerator.autocast():
             pred = self._unet_forward(latents, noise, timesteps, cond)
         target = losses.training_target(self.noise_scheduler, latents, noise, timesteps)
-        is_reg = torch.as_tensor(batch["is_reg"], device=self.device)
-        weights = torch.where(is_reg, torch.full_like(is_reg, a.prior_loss_weight, dtype=torch.float32), 1.0)
+        # weights built on the host and copied without blocking: no host sync in the step
+        is_reg = torch.as_tensor(batch["is_reg"])
+        weights = torch.where(is_reg, a.prior_loss_weight, 1.0).float().to(self.device, non_blocking=True)
         self._last_inputs = (latents, timesteps, cond)
         return losses.diffusion_loss(pred, target, timesteps, self.noise_scheduler, loss_weights=weights,
                                      min_snr_gamma=a.min_snr_gamma,
