@@ -9,7 +9,11 @@ from library.errors import LoraForgeError
 
 
 def _setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
+    import os
+
+    main_process = os.environ.get("RANK", "0") == "0"  # under torchrun/accelerate only rank 0 reports progress
+    logging.basicConfig(level=logging.INFO if main_process else logging.WARNING, format="%(levelname)s %(message)s",
+                        stream=sys.stderr)
     for noisy in ("diffusers", "transformers", "accelerate", "PIL", "matplotlib", "torch"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 

@@ -165,7 +165,12 @@ def build_optimizer_for(args: argparse.Namespace, network) -> tuple[torch.optim.
     groups = network.prepare_optimizer_params(args.text_encoder_lr, args.unet_lr, lr)
     if isinstance(groups, tuple):  # sd-scripts modules may return (params, descriptions)
         groups = groups[0]
-    optimizer, sources = build_optimizer(name, groups, lr=args.learning_rate, **_optimizer_inputs(args))
+    inputs = _optimizer_inputs(args)
+    if resolve(name).family == "Hina" and inputs["cli_kwargs"].get("use_alora", True) is not False and any(
+            str(a).startswith("loraplus") for a in args.network_args or []):
+        logger.warning("CustomAdamW's use_alora already scales lora_up's lr by alora_ratio; with a network LoRA+ ratio "
+                       "too, lora_up gets both. Pass --no-use_alora or drop loraplus_lr_ratio")
+    optimizer, sources = build_optimizer(name, groups, lr=args.learning_rate, **inputs)
     desc = f"{type(optimizer).__module__}.{type(optimizer).__name__}"
     settings = ", ".join(f"{k}={v}" for k, v in sorted(sources.items()))
     return optimizer, desc + (f"({settings})" if settings else "")

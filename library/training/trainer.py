@@ -216,18 +216,8 @@ class LoRATrainer:
                                      scale_v_pred_loss_like_noise_pred=a.scale_v_pred_loss_like_noise_pred)
 
     def _sync_gradients(self) -> None:
-        """Average LoRA gradients across processes in one flat all-reduce (the network is not DDP-wrapped)."""
-        if self.world == 1:
-            return
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.trainable]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        torch.distributed.all_reduce(flat)
-        flat /= self.world
-        offset = 0
-        for p, g in zip(self.trainable, grads):
-            n = g.numel()
-            p.grad = flat[offset:offset + n].view_as(p).to(p.dtype)
-            offset += n
+        if self.world > 1:
+            average_gradients(self.trainable, self.world)
 
     def _hessian_update(self) -> None:
         """SophiaG: Gauss-Newton-Bartlett estimate from targets sampled around the model's own prediction."""
@@ -416,6 +406,23 @@ class LoRATrainer:
         code = 130 if self.stop_signal == "SIGINT" else 143
         raise TrainingStopped(f"stopped by {self.stop_signal} at step {self.progress.global_step}; LoRA saved to {path}, "
                               f"state to {state}. Resume with the same command plus --resume {state}", exit_code=code)
+
+
+def average_gradients(params: list[torch.Tensor], world: int) -> None:
+    """Average LoRA gradients across processes in ONE flat all-reduce.
+
+    The network is not wrapped in DDP: its forward is never called (the UNet's patched layers are), so DDP's
+    reducer would never arm its hooks. One flat buffer is also one collective instead of hundreds.
+    """
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1).float() for g in grads])
+    torch.distributed.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        p.grad = flat[offset:offset + n].view_as(p).to(p.dtype)
+        offset += n
 
 
 def threading_main() -> bool:
