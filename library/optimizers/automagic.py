@@ -31,6 +31,14 @@ Tensors with 2+ dims are treated as matrices of shape (shape[0], rest): a conv w
 out×(in·kh·kw) for SinkGD, CAME's factored moments and ALLoRA rows. Math runs in fp32 for fp16/bf16 parameters
 (fp64 parameters keep fp64), and states live in that working dtype. ``step()`` never synchronises with the host;
 ``log_metrics()`` returns the statistics (``avg_lr``, the mean of the mask) as tensors.
+
+A LoRA step is bound by kernel launches (hundreds of small tensors), so the step launches a number of kernels
+that does not grow with the number of tensors: elementwise math is one ``torch._foreach_*`` call over the list,
+per-tensor reductions are ``_foreach_norm`` calls (signed sums as the L1 norms of the positive and negative
+parts), per-tensor scalars are broadcast with one ``repeat_interleave`` (lists of 0-d tensors would send CUDA
+foreach kernels down their per-tensor slow path), and row/column math (SinkGD, CAME's factored moments, ALLoRA)
+runs on one [k, n, m] stack per distinct matrix shape. Exceptions that still loop per tensor: 8-bit moments of
+tensors whose size is not a multiple of the 256-element block, and of tensors with < 2 dims.
 """
 
 from __future__ import annotations
@@ -47,7 +55,6 @@ from torch import Tensor
 
 from library.errors import OptimizerError
 from library.optimizers import quant8
-from library.optimizers.transforms import allora_row_scale, grams_, orthograd_
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +62,8 @@ logger = logging.getLogger(__name__)
 LORA_NAME_MARKERS = ("lora_down", "lora_up", "lora_A", "lora_B")
 # Guards divisions by norms/std that are exactly zero (all-zero gradients or rows).
 _TINY = 1e-30
+# Per-tensor scalars are expanded to full tensors (see _per_tensor) up to this many elements per step.
+_EXPAND_MAX_NUMEL = 1 << 26
 # Tensors smaller than this keep fp32 moments even with optim_bits=8 (bitsandbytes' min_8bit_size).
 MIN_8BIT_NUMEL = 4096
 
@@ -62,6 +71,67 @@ MIN_8BIT_NUMEL = 4096
 # ---------------------------------------------------------------------------------------------------------------
 # Plain functions: the math, testable against float64 references.
 # ---------------------------------------------------------------------------------------------------------------
+
+
+def _matrix_shape(shape: torch.Size) -> tuple[int, int]:
+    """(rows, cols) of a tensor viewed as a matrix: dim 0 by the rest; 1-D as a column, 0-D as 1×1."""
+    if len(shape) == 0:
+        return 1, 1
+    return shape[0], math.prod(shape[1:])
+
+
+@functools.lru_cache(maxsize=256)
+def _bucket_plan(shapes: tuple[torch.Size, ...]) -> tuple[tuple[tuple[int, int], tuple[int, ...]], ...]:
+    """Indices grouped by matrix shape, so each group is stacked into one [k, n, m] batch (cached per shape list)."""
+    buckets: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for i, shape in enumerate(shapes):
+        buckets[_matrix_shape(shape)].append(i)
+    return tuple((key, tuple(idx)) for key, idx in buckets.items())
+
+
+def _stack(tensors: Sequence[Tensor], idx: Sequence[int], n: int, m: int) -> Tensor:
+    return torch.stack([tensors[i].view(n, m) for i in idx])
+
+
+@functools.lru_cache(maxsize=64)
+def _numel_tensor(numels: tuple[int, ...], device: torch.device) -> Tensor:
+    return torch.tensor(numels, dtype=torch.int64, device=device)
+
+
+def _per_tensor(values: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
+    """One value per tensor, broadcast to each tensor's shape for foreach ops.
+
+    A list of 0-d tensors against full tensors sends CUDA foreach kernels down their per-tensor slow path
+    (different shapes); one ``repeat_interleave`` into a flat buffer gives same-shaped views instead. Above
+    ``_EXPAND_MAX_NUMEL`` elements the temporary would cost more memory than the saved launches are worth.
+    """
+    like = list(like)
+    values = values.to(like[0].dtype)
+    numels = tuple(t.numel() for t in like)
+    total = sum(numels)
+    if total > _EXPAND_MAX_NUMEL:
+        return list(values.unbind(0))
+    flat = torch.repeat_interleave(values, _numel_tensor(numels, values.device), output_size=total)
+    return [chunk.view(t.shape) for chunk, t in zip(flat.split(numels), like, strict=True)]
+
+
+def _signed_sums(x: Sequence[Tensor]) -> Tensor:
+    """Σx per tensor with one L1 norm over the positive and one over the negative parts (no per-tensor sum op)."""
+    neg = torch._foreach_clamp_max(x, 0.0)
+    pos = torch._foreach_clamp_min(x, 0.0)
+    return torch.stack(torch._foreach_norm(pos, 1)) - torch.stack(torch._foreach_norm(neg, 1))
+
+
+def _cast(tensors: Sequence[Tensor], dtypes: Sequence[torch.dtype]) -> list[Tensor]:
+    """Tensors in the given dtypes: matching ones as they are, the others converted by one foreach copy."""
+    out = list(tensors)
+    idx = [i for i, (t, d) in enumerate(zip(tensors, dtypes, strict=True)) if t.dtype != d]
+    if idx:
+        bufs = [torch.empty(tensors[i].shape, dtype=dtypes[i], device=tensors[i].device) for i in idx]
+        torch._foreach_copy_(bufs, [tensors[i] for i in idx])
+        for i, buf in zip(idx, bufs, strict=True):
+            out[i] = buf
+    return out
 
 
 def sinkgd_(x: Tensor, iters: int) -> Tensor:
@@ -72,22 +142,25 @@ def sinkgd_(x: Tensor, iters: int) -> Tensor:
     """
     n, m = x.shape[-2], x.shape[-1]
     for _ in range(iters):
-        x.mul_(math.sqrt(m) / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min_(_TINY))
-        x.mul_(math.sqrt(n) / torch.linalg.vector_norm(x, dim=-2, keepdim=True).clamp_min_(_TINY))
+        x.div_(torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min_(_TINY).mul_(1.0 / math.sqrt(m)))
+        x.div_(torch.linalg.vector_norm(x, dim=-2, keepdim=True).clamp_min_(_TINY).mul_(1.0 / math.sqrt(n)))
     return x
 
 
+def _sinkgd_batched(tensors: Sequence[Tensor], iters: int) -> list[Tensor]:
+    """SinkGD of each tensor viewed as (shape[0], rest), one [k, n, m] batch per shape; returns new tensors."""
+    out: list[Tensor] = [None] * len(tensors)  # type: ignore[list-item]
+    for (n, m), idx in _bucket_plan(tuple(t.shape for t in tensors)):
+        batch = sinkgd_(_stack(tensors, idx, n, m), iters)
+        for i, b in zip(idx, batch.unbind(0), strict=True):
+            out[i] = b.view(tensors[i].shape)
+    return out
+
+
 def sinkgd_many_(updates: Sequence[Tensor], iters: int) -> None:
-    """SinkGD on each tensor viewed as (shape[0], rest); same-shaped tensors are normalised as one batch."""
-    buckets: dict[tuple[int, int], list[Tensor]] = defaultdict(list)
-    for u in updates:
-        buckets[(u.shape[0], u.numel() // max(u.shape[0], 1))].append(u)
-    for (n, m), members in buckets.items():
-        if len(members) == 1:
-            sinkgd_(members[0].view(n, m), iters)
-            continue
-        batch = sinkgd_(torch.stack([u.view(n, m) for u in members]), iters)
-        torch._foreach_copy_([u.view(n, m) for u in members], list(batch.unbind(0)))
+    """SinkGD on each tensor viewed as (shape[0], rest) in place; same-shaped tensors are normalised as one batch."""
+    if updates:
+        torch._foreach_copy_(list(updates), _sinkgd_batched(updates, iters))
 
 
 def rms_normalize_(updates: Sequence[Tensor]) -> None:
@@ -96,7 +169,7 @@ def rms_normalize_(updates: Sequence[Tensor]) -> None:
         return
     updates = list(updates)
     inv_norms = torch.stack(torch._foreach_norm(updates)).clamp_min_(_TINY).reciprocal_()
-    torch._foreach_mul_(updates, list(inv_norms.unbind(0)))
+    torch._foreach_mul_(updates, _per_tensor(inv_norms, updates))
     torch._foreach_mul_(updates, [math.sqrt(u.numel()) for u in updates])
 
 
@@ -110,34 +183,81 @@ def lr_mask_update_(
     masks: Sequence[Tensor],
     signs: Sequence[Tensor],
     prev_signs: Sequence[Tensor],
-    grow: Sequence[Tensor | float],
-    shrink: Sequence[Tensor | float],
+    grow: Tensor | Sequence[Tensor] | float,
+    shrink: Tensor | Sequence[Tensor] | float,
     min_lr: float,
     max_lr: float,
 ) -> None:
     """Prodigy-style mask step per element: +grow where the sign repeats, −shrink where it flips, then clamp.
 
-    ``signs``/``prev_signs`` hold −1/0/+1 (int8); a zero on either side leaves that element unchanged.
+    ``signs``/``prev_signs`` hold −1/0/+1 (any dtype); a zero on either side leaves that element unchanged.
+    ``grow``/``shrink`` are one value for all tensors, or one value per tensor (a 1-D tensor or 0-d tensors).
     """
-    for mask, s, prev, up, down in zip(masks, signs, prev_signs, grow, shrink, strict=True):
-        agree = s * prev
-        delta = (agree > 0).to(mask.dtype) * up - (agree < 0).to(mask.dtype) * down
-        mask.add_(delta).clamp_(min_lr, max_lr)
+    masks = list(masks)
+    dtypes = [mask.dtype for mask in masks]
+    agree = torch._foreach_mul(_cast(prev_signs, dtypes), _cast(signs, dtypes))
+    up = torch._foreach_clamp_min(agree, 0.0)  # 1 where the sign repeats, else 0
+    torch._foreach_clamp_max_(agree, 0.0)  # −1 where it flips, else 0
+    for part, rate in ((up, grow), (agree, shrink)):
+        if isinstance(rate, Tensor):
+            rate = _per_tensor(rate, part)
+        elif not isinstance(rate, float) and isinstance(rate[0], Tensor):
+            rate = _per_tensor(torch.stack(list(rate)), part)
+        torch._foreach_mul_(part, rate if isinstance(rate, float) else list(rate))
+    torch._foreach_add_(masks, up)
+    torch._foreach_add_(masks, agree)
+    torch._foreach_clamp_min_(masks, min_lr)
+    torch._foreach_clamp_max_(masks, max_lr)
 
 
 def prodigy_bumps(
     grads: Sequence[Tensor], params: Sequence[Tensor], starts: Sequence[Tensor], lr_bump: float, d_coef: float
 ) -> tuple[list[Tensor], list[Tensor]]:
     """(grow, shrink) per tensor from Prodigy's c = ⟨g, θ₀ − θ⟩: c > 0 scales growth, c < 0 scales shrinkage."""
-    c = torch.stack(
-        [
-            torch.dot(g.reshape(-1), (p0.to(g.dtype) - p.to(g.dtype)).reshape(-1))
-            for g, p, p0 in zip(grads, params, starts, strict=True)
-        ]
-    )
+    grow, shrink = _prodigy_rates(grads, params, starts, lr_bump, d_coef)
+    return list(grow.unbind(0)), list(shrink.unbind(0))
+
+
+def _prodigy_rates(
+    grads: Sequence[Tensor], params: Sequence[Tensor], starts: Sequence[Tensor], lr_bump: float, d_coef: float
+) -> tuple[Tensor, Tensor]:
+    """:func:`prodigy_bumps` as two 1-D tensors (one entry per tensor)."""
+    dtypes = [g.dtype for g in grads]
+    diff = torch._foreach_sub(_cast(starts, dtypes), _cast(params, dtypes))
+    torch._foreach_mul_(diff, list(grads))
+    c = _signed_sums(diff)
     grow = (c > 0).to(c.dtype) * (lr_bump * (d_coef - 1.0)) + lr_bump
     shrink = (c < 0).to(c.dtype) * (lr_bump * (d_coef - 1.0)) + lr_bump
-    return list(grow.unbind(0)), list(shrink.unbind(0))
+    return grow, shrink
+
+
+def _orthograd_(params: Sequence[Tensor], grads: list[Tensor]) -> None:
+    """OrthoGrad with batched per-tensor reductions (same definition as ``transforms.orthograd_``).
+
+    ``grads`` is replaced element by element with new tensors (the caller's gradients stay untouched).
+    """
+    params = list(params)
+    # ⟨θ,θ⟩ and ⟨θ,g⟩ by the same reduction, so g = θ gives coef = 1 and g⊥ = 0 exactly
+    theta_sq = torch.stack(torch._foreach_norm(torch._foreach_mul(params, params), 1))
+    prod = torch._foreach_mul(params, grads)
+    coef = torch.where(theta_sq > _TINY, _signed_sums(prod) / theta_sq.clamp_min(_TINY), 0.0)
+    g_norm = torch.stack(torch._foreach_norm(grads))
+    perp = torch._foreach_mul(params, _per_tensor(-coef, params))
+    torch._foreach_add_(perp, grads)
+    perp_norm = torch.stack(torch._foreach_norm(perp))
+    scale = torch.where(perp_norm > 0, g_norm / perp_norm.clamp_min(_TINY), 1.0)
+    torch._foreach_mul_(perp, _per_tensor(scale, perp))
+    grads[:] = perp
+
+
+def _allora_scale_(updates: list[Tensor], params: Sequence[Tensor], eta: float) -> None:
+    """ALLoRA rows 1/√(‖θ_i‖² + 1/η²) applied to ``updates`` (replaced by new tensors), one batch per shape."""
+    inv_eta_sq = 1.0 / (eta * eta)
+    for (n, m), idx in _bucket_plan(tuple(p.shape for p in params)):
+        sq = torch.linalg.vector_norm(_stack(params, idx, n, m), dim=-1, keepdim=True).square_()
+        scaled = _stack(updates, idx, n, m).mul_(sq.add_(inv_eta_sq).rsqrt_())
+        for i, s in zip(idx, scaled.unbind(0), strict=True):
+            updates[i] = s.view(updates[i].shape)
 
 
 def adaptive_decay_factor(grads: Sequence[Tensor]) -> Tensor:
@@ -156,13 +276,10 @@ def adaptive_decay_factor(grads: Sequence[Tensor]) -> Tensor:
     return 2.0 * torch.sigmoid(4.0 * (mean_abs - mu) / sigma)
 
 
-def _as_matrix(x: Tensor) -> Tensor:
-    return x.reshape(x.shape[0], -1)
-
-
 def _factored_rsqrt(row: Tensor, col: Tensor) -> Tensor:
-    """rsqrt of the rank-1 estimate (row/mean(row)) ⊗ col of a non-negative matrix (Adafactor/CAME)."""
-    return torch.outer((row / row.mean().clamp_min(_TINY)).rsqrt(), col.rsqrt())
+    """rsqrt of the rank-1 estimate (row/mean(row)) ⊗ col of non-negative matrices, batched: [k, n], [k, m]."""
+    inv_row = (row / row.mean(dim=-1, keepdim=True).clamp_min(_TINY)).rsqrt_()
+    return inv_row.unsqueeze(-1) * col.rsqrt().unsqueeze(-2)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -250,10 +367,12 @@ class _AutomagicBase(torch.optim.Optimizer):
         return group["d_coef"] != 1 and group["warmup_steps"] >= 4
 
     def _seed(self, group: dict, params: list[Tensor], grads: list[Tensor], states: list[dict]) -> None:
-        for p, g, state in zip(params, grads, states, strict=True):
-            state["sign"].copy_(torch.sign(g))
-            if self._needs_start(group):
-                state["start"] = p.detach().clone()
+        torch._foreach_copy_([s["sign"] for s in states], torch._foreach_sign(grads))
+        if self._needs_start(group):
+            starts = [torch.empty_like(p, memory_format=torch.contiguous_format) for p in params]
+            torch._foreach_copy_(starts, params)
+            for state, start in zip(states, starts, strict=True):
+                state["start"] = start
         self._seed_direction(group, params, grads, states)
 
     def _seed_direction(
@@ -262,9 +381,12 @@ class _AutomagicBase(torch.optim.Optimizer):
         raise NotImplementedError
 
     def _direction(
-        self, group: dict, step: int, params: list[Tensor], grads: list[Tensor], states: list[dict]
+        self, group: dict, step: int, grads: list[Tensor], signs: list[Tensor], states: list[dict]
     ) -> tuple[list[Tensor], Tensor | None]:
-        """Return the update direction per tensor (working dtype, new tensors) and an optional lr factor."""
+        """Return the update direction per tensor (working dtype, new tensors) and an optional lr factor.
+
+        ``signs`` is sign(g) in the working dtype, shared with the lr-mask update.
+        """
         raise NotImplementedError
 
     # -- step --------------------------------------------------------------------------------------------------
@@ -292,69 +414,71 @@ class _AutomagicBase(torch.optim.Optimizer):
         return loss
 
     def _step_members(self, group: dict, t: int, members: list[tuple[int, Tensor]]) -> None:
+        """One step of the tensors at step t; every op works on the whole list (foreach or per-shape batches)."""
         params = [p for _, p in members]
         states = [self.state[p] for p in params]
-        grads = [p.grad.to(_work_dtype(p)) for p in params]
+        dtypes = [_work_dtype(p) for p in params]
+        grads = _cast([p.grad for p in params], dtypes)
         if t == 1:
             self._seed(group, params, grads, states)
             return
         warmup = group["warmup_steps"]
         early = t <= warmup / 2
+        params_w = _cast(params, dtypes)  # read-only working-dtype view of θ (copies only for fp16/bf16)
         if group["orthograd"] and t > warmup:
-            grads = [g.clone() for g in grads]
-            orthograd_(params, grads)
+            _orthograd_(params_w, grads)
 
-        updates, lr_factor = self._direction(group, t, params, grads, states)
+        signs = torch._foreach_sign(grads)
+        updates, lr_factor = self._direction(group, t, grads, signs, states)
 
         # lr mask
-        signs = [torch.sign(g).to(torch.int8) for g in grads]
         lr_bump = group["lr_bump"]
         if early and "start" in states[0]:
-            grow, shrink = prodigy_bumps(
-                grads, params, [s["start"] for s in states], lr_bump, group["d_coef"]
+            grow, shrink = _prodigy_rates(
+                grads, params_w, [s["start"] for s in states], lr_bump, group["d_coef"]
             )
         else:
-            grow = shrink = [lr_bump] * len(params)
+            grow = shrink = float(lr_bump)
             for state in states:
                 state.pop("start", None)
         masks = [s["lr_mask"] for s in states]
-        lr_mask_update_(
-            masks, signs, [s["sign"] for s in states], grow, shrink, group["min_lr"], group["max_lr"]
-        )
-        torch._foreach_copy_([s["sign"] for s in states], signs)
+        prev_signs = [s["sign"] for s in states]
+        lr_mask_update_(masks, signs, prev_signs, grow, shrink, group["min_lr"], group["max_lr"])
+        torch._foreach_copy_(prev_signs, signs)
 
         if (t - 2) % group["stats_update_freq"] == 0:
-            for state, mask in zip(states, masks, strict=True):
-                state["avg_lr"].copy_(mask.mean())
+            means = torch._foreach_div(torch._foreach_norm(masks, 1), [m.numel() for m in masks])
+            torch._foreach_copy_([s["avg_lr"] for s in states], means)
             if early and group["weight_decay"] > 0:
-                for state, a in zip(states, adaptive_decay_factor(grads).unbind(0), strict=True):
-                    state["decay_factor"].copy_(a)
+                torch._foreach_copy_(
+                    [s["decay_factor"] for s in states], list(adaptive_decay_factor(grads).unbind(0))
+                )
 
         # decoupled adaptive weight decay folded into the update: θ ← θ − η ⊙ (u + wd·a_p·θ)
         if early and group["weight_decay"] > 0:
-            coef = [s["decay_factor"] * group["weight_decay"] for s in states]
-            torch._foreach_add_(
-                updates,
-                torch._foreach_mul([p.to(u.dtype) for p, u in zip(params, updates, strict=True)], coef),
-            )
+            coef = torch.stack([s["decay_factor"] for s in states]) * group["weight_decay"]
+            torch._foreach_add_(updates, torch._foreach_mul(params_w, _per_tensor(coef, params_w)))
 
         torch._foreach_mul_(updates, masks)
         ratio = group["lr"] / group["mask_init_lr"]
         if lr_factor is not None:
-            torch._foreach_mul_(updates, list((lr_factor * ratio).unbind(0)))
+            torch._foreach_mul_(updates, _per_tensor(lr_factor * ratio, updates))
         elif ratio != 1.0:
             torch._foreach_mul_(updates, ratio)
         lora = [i for i, (index, p) in enumerate(members) if self._uses_allora(group, index, p)]
         if lora:
-            scales = allora_row_scale([params[i].to(updates[i].dtype) for i in lora], group["eta"])
-            torch._foreach_mul_([updates[i] for i in lora], scales)
+            lora_updates = [updates[i] for i in lora]
+            _allora_scale_(lora_updates, [params_w[i] for i in lora], group["eta"])
+            for i, u in zip(lora, lora_updates, strict=True):
+                updates[i] = u
 
-        same = [i for i, p in enumerate(params) if p.dtype == updates[i].dtype]
+        same = [i for i, p in enumerate(params) if p.dtype == dtypes[i]]
         if same:
             torch._foreach_sub_([params[i] for i in same], [updates[i] for i in same])
-        for i, p in enumerate(params):
-            if p.dtype != updates[i].dtype:
-                p.copy_(p.to(updates[i].dtype).sub_(updates[i]))
+        cast = [i for i, p in enumerate(params) if p.dtype != dtypes[i]]
+        if cast:
+            torch._foreach_sub_([params_w[i] for i in cast], [updates[i] for i in cast])
+            torch._foreach_copy_([params[i] for i in cast], [params_w[i] for i in cast])
 
     # -- checkpointing and logging -----------------------------------------------------------------------------
 
@@ -463,13 +587,16 @@ class Automagic_Sinkgd(_AutomagicBase):  # noqa: N801 - user-facing name from th
         torch._foreach_copy_([s["exp_avg"] for s in states], grads)
 
     def _direction(
-        self, group: dict, step: int, params: list[Tensor], grads: list[Tensor], states: list[dict]
+        self, group: dict, step: int, grads: list[Tensor], signs: list[Tensor], states: list[dict]
     ) -> tuple[list[Tensor], Tensor | None]:
         momenta = [s["exp_avg"] for s in states]
         torch._foreach_lerp_(momenta, grads, 1.0 - group["beta1"])
-        updates = [m.clone(memory_format=torch.contiguous_format) for m in momenta]
-        grams_(updates, grads)
-        sinkgd_many_([u for u in updates if u.dim() >= 2], 5 if group["full_finetune"] else 4)
+        updates = list(torch._foreach_abs(momenta))  # Grams: |m| with the sign of g
+        torch._foreach_mul_(updates, signs)
+        mats = [i for i, u in enumerate(updates) if u.dim() >= 2]
+        normalised = _sinkgd_batched([updates[i] for i in mats], 5 if group["full_finetune"] else 4)
+        for i, u in zip(mats, normalised, strict=True):
+            updates[i] = u
         rms_normalize_([u for u in updates if u.dim() < 2])
         return updates, vradam_factor(momenta)
 
@@ -553,7 +680,7 @@ class Automagic_CameAMP(_AutomagicBase):  # noqa: N801 - user-facing name from t
         else:
             state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
         if p.dim() >= 2:
-            n, m = _as_matrix(p).shape
+            n, m = _matrix_shape(p.shape)
             for key, size in (("v_row", n), ("v_col", m), ("r_row", n), ("r_col", m)):
                 state[key] = torch.zeros(size, dtype=dtype, device=p.device)
         else:
@@ -564,46 +691,138 @@ class Automagic_CameAMP(_AutomagicBase):  # noqa: N801 - user-facing name from t
         self, group: dict, params: list[Tensor], grads: list[Tensor], states: list[dict]
     ) -> None:
         eps1 = group["eps"][0]
-        for g, state in zip(grads, states, strict=True):
-            sq = g.square().add_(eps1)
-            if g.dim() >= 2:
-                sq = _as_matrix(sq)
-                state["v_row"].copy_(sq.mean(dim=1))
-                state["v_col"].copy_(sq.mean(dim=0))
-            else:
-                state["v"].copy_(sq)
+        mats = [i for i, g in enumerate(grads) if g.dim() >= 2]
+        dst: list[Tensor] = []
+        src: list[Tensor] = []
+        for (n, m), idx in _bucket_plan(tuple(grads[i].shape for i in mats)):
+            members = [mats[j] for j in idx]
+            sq = _stack(grads, members, n, m).square_().add_(eps1)
+            for key, stat in (("v_row", sq.mean(dim=-1)), ("v_col", sq.mean(dim=-2))):
+                dst += [states[i][key] for i in members]
+                src += list(stat.unbind(0))
+        vecs = [i for i, g in enumerate(grads) if g.dim() < 2]
+        if vecs:
+            sq = torch._foreach_mul([grads[i] for i in vecs], [grads[i] for i in vecs])
+            torch._foreach_add_(sq, eps1)
+            dst += [states[i]["v"] for i in vecs]
+            src += sq
+        if dst:
+            torch._foreach_copy_(dst, src)
 
     @staticmethod
-    def _ema_second_moment(state: dict, prefix: str, x: Tensor, beta: float) -> Tensor:
-        """Fold x (≥ 0) into the (factored) EMA ``prefix`` and return rsqrt of its current estimate."""
-        if x.dim() >= 2:
-            x = _as_matrix(x)
-            row, col = state[f"{prefix}_row"], state[f"{prefix}_col"]
-            row.lerp_(x.mean(dim=1), 1.0 - beta)
-            col.lerp_(x.mean(dim=0), 1.0 - beta)
-            return _factored_rsqrt(row, col)
-        full = state[prefix]
-        full.lerp_(x, 1.0 - beta)
-        return full.rsqrt()
+    def _load_moment(
+        states: list[dict], members: Sequence[int], n: int, m: int, dtype: torch.dtype
+    ) -> Tensor:
+        """First moments of a shape bucket as one [k, n, m] tensor (dequantised in one call when blocks align)."""
+        first = states[members[0]]
+        if not quant8.has_state(first, "exp_avg"):
+            return torch.stack([states[i]["exp_avg"].view(n, m) for i in members])
+        if (n * m) % quant8.BLOCKSIZE == 0:
+            codes = torch.stack([states[i]["exp_avg_codes"].view(n, m) for i in members])
+            absmax = torch.cat([states[i]["exp_avg_absmax"] for i in members])
+            return quant8.dequantize(codes, absmax, signed=True, dtype=dtype)
+        return torch.stack(
+            [quant8.load(states[i], "exp_avg", signed=True, dtype=dtype).view(n, m) for i in members]
+        )
+
+    @staticmethod
+    def _store_moment(
+        states: list[dict], members: Sequence[int], moment: Tensor, dst: list[Tensor], src: list[Tensor]
+    ) -> list[tuple[list[Tensor], list[Tensor]]]:
+        """Queue the bucket's first moments for the step's final foreach copy (fp32 destinations into
+        ``dst``/``src``); returns the uint8 code copies, which need a foreach call of their own dtype."""
+        first = states[members[0]]
+        if not quant8.has_state(first, "exp_avg"):
+            dst += [states[i]["exp_avg"] for i in members]
+            src += [x.view_as(states[i]["exp_avg"]) for i, x in zip(members, moment.unbind(0), strict=True)]
+            return []
+        k, n, m = moment.shape
+        if (n * m) % quant8.BLOCKSIZE == 0:
+            codes, absmax = quant8.quantize(moment, signed=True)
+            code_dst = [states[i]["exp_avg_codes"] for i in members]
+            code_src = [c.view_as(d) for c, d in zip(codes.unbind(0), code_dst, strict=True)]
+            dst += [states[i]["exp_avg_absmax"] for i in members]
+            src += list(absmax.view(k, -1).unbind(0))
+            return [(code_dst, code_src)]
+        for i, x in zip(members, moment.unbind(0), strict=True):
+            quant8.store_(states[i], "exp_avg", x.view(states[i]["exp_avg_codes"].shape), signed=True)
+        return []
 
     def _direction(
-        self, group: dict, step: int, params: list[Tensor], grads: list[Tensor], states: list[dict]
+        self, group: dict, step: int, grads: list[Tensor], signs: list[Tensor], states: list[dict]
     ) -> tuple[list[Tensor], Tensor | None]:
         beta1, beta2, beta3 = group["betas"]
         eps1, eps2 = group["eps"]
+        clip = group["clip_threshold"]
         k = step - 1  # CAME update count (step 1 only seeded v)
-        r_correction = 1.0 - beta3**k
-        updates = []
-        for g, state in zip(grads, states, strict=True):
-            u = g * self._ema_second_moment(state, "v", g.square().add_(eps1), beta2).view_as(g)
-            rms = torch.linalg.vector_norm(u) / math.sqrt(u.numel())
-            u.div_((rms / group["clip_threshold"]).clamp_min_(1.0))
-            quantised = quant8.has_state(state, "exp_avg")
-            m = quant8.load(state, "exp_avg", signed=True, dtype=g.dtype) if quantised else state["exp_avg"]
-            m.lerp_(u, 1.0 - beta1)
-            if quantised:
-                quant8.store_(state, "exp_avg", m, signed=True)
-            instability = u.sub_(m).square_().add_(eps2)
-            inv_r = self._ema_second_moment(state, "r", instability, beta3).view_as(g)
-            updates.append(inv_r.mul_(m).mul_(math.sqrt(r_correction)))
+        correction = math.sqrt(1.0 - beta3**k)
+        updates: list[Tensor] = [None] * len(grads)  # type: ignore[list-item]
+        dst: list[Tensor] = []
+        src: list[Tensor] = []
+        extra: list[tuple[list[Tensor], list[Tensor]]] = []
+
+        # matrices: factored moments, one [k, n, m] batch per shape
+        mats = [i for i, g in enumerate(grads) if g.dim() >= 2]
+        for (n, m), idx in _bucket_plan(tuple(grads[i].shape for i in mats)):
+            members = [mats[j] for j in idx]
+            moments = {
+                key: torch.stack([states[i][key] for i in members])
+                for key in ("v_row", "v_col", "r_row", "r_col")
+            }
+            grad = _stack(grads, members, n, m)
+            sq = grad.square().add_(eps1)
+            moments["v_row"].lerp_(sq.mean(dim=-1), 1.0 - beta2)
+            moments["v_col"].lerp_(sq.mean(dim=-2), 1.0 - beta2)
+            u = grad.mul_(_factored_rsqrt(moments["v_row"], moments["v_col"]))
+            rms = torch.linalg.vector_norm(u, dim=(-2, -1), keepdim=True).div_(math.sqrt(n * m))
+            u.div_(rms.div_(clip).clamp_min_(1.0))
+            moment = self._load_moment(states, members, n, m, grad.dtype)
+            moment.lerp_(u, 1.0 - beta1)
+            extra += self._store_moment(states, members, moment, dst, src)
+            instability = u.sub_(moment).square_().add_(eps2)
+            moments["r_row"].lerp_(instability.mean(dim=-1), 1.0 - beta3)
+            moments["r_col"].lerp_(instability.mean(dim=-2), 1.0 - beta3)
+            direction = _factored_rsqrt(moments["r_row"], moments["r_col"]).mul_(moment).mul_(correction)
+            for key, stacked in moments.items():
+                dst += [states[i][key] for i in members]
+                src += list(stacked.unbind(0))
+            for i, d in zip(members, direction.unbind(0), strict=True):
+                updates[i] = d.view(grads[i].shape)
+
+        # tensors with < 2 dims: full moments, foreach over the list
+        vecs = [i for i, g in enumerate(grads) if g.dim() < 2]
+        if vecs:
+            g = [grads[i] for i in vecs]
+            v = [states[i]["v"] for i in vecs]
+            r = [states[i]["r"] for i in vecs]
+            sq = torch._foreach_mul(g, g)
+            torch._foreach_add_(sq, eps1)
+            torch._foreach_lerp_(v, sq, 1.0 - beta2)
+            u = torch._foreach_rsqrt(v)
+            torch._foreach_mul_(u, g)
+            rms = torch.stack(torch._foreach_div(torch._foreach_norm(u), [math.sqrt(x.numel()) for x in u]))
+            torch._foreach_div_(u, _per_tensor(rms.div_(clip).clamp_min_(1.0), u))
+            quantised = [quant8.has_state(states[i], "exp_avg") for i in vecs]
+            moment = [
+                quant8.load(states[i], "exp_avg", signed=True, dtype=x.dtype) if q else states[i]["exp_avg"]
+                for i, x, q in zip(vecs, g, quantised, strict=True)
+            ]
+            torch._foreach_lerp_(moment, u, 1.0 - beta1)
+            for i, x, q in zip(vecs, moment, quantised, strict=True):
+                if q:
+                    quant8.store_(states[i], "exp_avg", x, signed=True)
+            torch._foreach_sub_(u, moment)
+            torch._foreach_mul_(u, u)
+            torch._foreach_add_(u, eps2)
+            torch._foreach_lerp_(r, u, 1.0 - beta3)
+            direction = torch._foreach_rsqrt(r)
+            torch._foreach_mul_(direction, moment)
+            torch._foreach_mul_(direction, correction)
+            for i, d in zip(vecs, direction, strict=True):
+                updates[i] = d
+
+        if dst:
+            torch._foreach_copy_(dst, src)
+        for code_dst, code_src in extra:
+            torch._foreach_copy_(code_dst, code_src)
         return updates, None

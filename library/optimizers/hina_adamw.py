@@ -34,7 +34,10 @@ Design decisions:
   tensors get ALLoRA and the LoRA+ ratio. Without names those features are off (logged once).
 - The step count is per tensor (``state["step"]``, a Python int, so schedules need no host sync).
 - ``optim_bits=8`` keeps m and v of tensors with at least ``min_8bit_size`` elements as block-wise uint8 codes
-  (:mod:`library.optimizers.quant8`); each step dequantises, updates in fp32 and requantises. θ₀ and TAM's s̄
+  (:mod:`library.optimizers.quant8`); each step dequantises, updates in fp32 and requantises, all quantised
+  tensors of a (device, dtype) at once (bit-identical to per-tensor quantisation, see ``_QuantisedBatch``).
+- Every step is a fixed number of launches whatever the tensor count: elementwise math in ``torch._foreach_*``,
+  per-tensor dot products by polarisation over ``_foreach_norm``, ALLoRA row norms per shape bucket. θ₀ and TAM's s̄
   stay exact (θ₀ in the weight's dtype, s̄ is one scalar).
 """
 
@@ -56,6 +59,7 @@ from library.optimizers.transforms import (
     agr_,
     allora_scale_,
     cautious_,
+    dots,
     grams_,
     orthograd_,
     tam_damping_,
@@ -100,6 +104,57 @@ def find_lora_pairs(names: Iterable[str]) -> dict[str, tuple[str, str]]:
 
 def _work_dtype(p: Tensor) -> torch.dtype:
     return torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype
+
+
+class _QuantisedBatch:
+    """All 8-bit states of one (device, working dtype) bucket decoded/encoded with one bitsandbytes call each.
+
+    Every tensor gets a slot of ``num_blocks(n)·BLOCKSIZE`` elements in one flat buffer, so quantisation blocks
+    never straddle two tensors; the slot's tail is the map's exact zero, which changes neither a block's absmax
+    nor any code. Codes and absmax are therefore bit-identical to quantising each tensor on its own, and the
+    per-parameter state (``<name>_codes`` / ``<name>_absmax``) keeps its format.
+    """
+
+    def __init__(self, shapes: list[torch.Size], device: torch.device, dtype: torch.dtype) -> None:
+        self.shapes, self.device, self.dtype = shapes, device, dtype
+        sizes = [math.prod(s) for s in shapes]
+        blocks = [quant8.num_blocks(n) for n in sizes]
+        self.total_blocks = sum(blocks)
+        block_starts = [0]
+        for b in blocks[:-1]:
+            block_starts.append(block_starts[-1] + b)
+        self.slots = [(b * quant8.BLOCKSIZE, n) for b, n in zip(block_starts, sizes, strict=True)]
+        self.absmax_slots = list(zip(block_starts, blocks, strict=True))
+
+    def _views(self, flat: Tensor) -> list[Tensor]:
+        return [flat[o : o + n].view(s) for (o, n), s in zip(self.slots, self.shapes, strict=True)]
+
+    def load(self, states: list[dict[str, Any]], name: str, signed: bool) -> tuple[Tensor, list[Tensor]]:
+        """(flat working buffer, one view per tensor shaped like it)."""
+        codes = torch.full(
+            (self.total_blocks * quant8.BLOCKSIZE,), _zero_code(signed), dtype=torch.uint8, device=self.device
+        )
+        torch._foreach_copy_(self._views(codes), [s[f"{name}_codes"] for s in states])
+        absmax = torch.cat([s[f"{name}_absmax"] for s in states])
+        flat = quant8.dequantize(codes, absmax, signed=signed, dtype=self.dtype)
+        return flat, self._views(flat)
+
+    def store_(self, states: list[dict[str, Any]], name: str, flat: Tensor, signed: bool) -> None:
+        codes = torch.empty(flat.shape, dtype=torch.uint8, device=self.device)
+        absmax = torch.empty(self.total_blocks, dtype=torch.float32, device=self.device)
+        quant8.quantize_into_(flat, codes, absmax, signed=signed)
+        torch._foreach_copy_([s[f"{name}_codes"] for s in states], self._views(codes))
+        torch._foreach_copy_([s[f"{name}_absmax"] for s in states], [absmax[o : o + n] for o, n in self.absmax_slots])
+
+
+_ZERO_CODES: dict[bool, int] = {}
+
+
+def _zero_code(signed: bool) -> int:
+    """Index of 0.0 in the quantisation map, read once from the CPU copy (no device sync)."""
+    if signed not in _ZERO_CODES:
+        _ZERO_CODES[signed] = int(torch.argmin(quant8.quant_map(signed, torch.device("cpu")).abs()))
+    return _ZERO_CODES[signed]
 
 
 class HinaAdamWOptimizer(torch.optim.Optimizer):
@@ -190,9 +245,7 @@ class HinaAdamWOptimizer(torch.optim.Optimizer):
             if not ok:
                 raise OptimizerError(f"CustomAdamW {name}={value!r} is invalid; valid: {valid}")
         if optim_bits == 8:
-            quant8.quant_map(
-                True, torch.device("cpu")
-            )  # fail now, not mid-training, if bitsandbytes is missing
+            quant8.quant_map(True, torch.device("cpu"))  # fail now, not mid-training, if bitsandbytes is missing
         defaults = dict(
             lr=lr,
             betas=betas,
@@ -212,6 +265,7 @@ class HinaAdamWOptimizer(torch.optim.Optimizer):
         self._lora_roles: dict[Tensor, str] | None = None
         self._lora_pair_count = 0
         self._unnamed_logged = False
+        self._quant_plans: dict[tuple, _QuantisedBatch] = {}
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -318,9 +372,7 @@ class HinaAdamWOptimizer(torch.optim.Optimizer):
         steps = [s["step"] for s in states]
         quantised = [quant8.has_state(s, "exp_avg") for s in states]
         ratios = [
-            weight_decay_ratio(
-                t, group["wd_transition_steps"], group["wd_decay_factor"], group["wd_min_ratio"]
-            )
+            weight_decay_ratio(t, group["wd_transition_steps"], group["wd_decay_factor"], group["wd_min_ratio"])
             if group["dynamic_weight_decay"]
             else 1.0
             for t in steps
@@ -329,16 +381,23 @@ class HinaAdamWOptimizer(torch.optim.Optimizer):
         lrs = [lr * group["alora_ratio"] if alora and roles.get(p) == "up" else lr for p in params]
 
         # 1. working copies (the weights themselves when already in the working dtype)
-        grads = [p.grad.to(_work_dtype(p), copy=True) for p in params]
-        weights = [p if p.dtype == _work_dtype(p) else p.to(_work_dtype(p)) for p in params]
-        exp_avgs = [
-            quant8.load(s, "exp_avg", signed=True, dtype=_work_dtype(p)) if q else s["exp_avg"]
-            for p, s, q in zip(params, states, quantised, strict=True)
-        ]
-        exp_avg_sqs = [
-            quant8.load(s, "exp_avg_sq", signed=False, dtype=_work_dtype(p)) if q else s["exp_avg_sq"]
-            for p, s, q in zip(params, states, quantised, strict=True)
-        ]
+        grads = [torch.empty_like(p, dtype=_work_dtype(p)) for p in params]
+        torch._foreach_copy_(grads, [p.grad for p in params])
+        weights = [p if p.dtype == _work_dtype(p) else torch.empty_like(p, dtype=_work_dtype(p)) for p in params]
+        converted = [i for i, p in enumerate(params) if weights[i] is not p]
+        if converted:
+            torch._foreach_copy_([weights[i] for i in converted], [params[i] for i in converted])
+        exp_avgs = [None if q else s["exp_avg"] for s, q in zip(states, quantised, strict=True)]
+        exp_avg_sqs = [None if q else s["exp_avg_sq"] for s, q in zip(states, quantised, strict=True)]
+        batches = []  # (plan, indices, states, flat m, flat v) per quantised (device, dtype) bucket
+        for (device, dtype), indices in self._quantised_buckets(params, quantised).items():
+            plan = self._quant_plan(tuple(params[i].shape for i in indices), device, dtype)
+            bucket_states = [states[i] for i in indices]
+            flat_m, views_m = plan.load(bucket_states, "exp_avg", signed=True)
+            flat_v, views_v = plan.load(bucket_states, "exp_avg_sq", signed=False)
+            for i, m, v in zip(indices, views_m, views_v, strict=True):
+                exp_avgs[i], exp_avg_sqs[i] = m, v
+            batches.append((plan, bucket_states, flat_m, flat_v))
 
         # 2-3. gradient transforms
         if group["use_orthogonal_grad"]:
@@ -349,7 +408,7 @@ class HinaAdamWOptimizer(torch.optim.Optimizer):
         # 4. momentum input
         if adopt:
             # A tensor whose v is still all zero has never seen a gradient: this step is its ADOPT init step.
-            ready = list((torch.stack(torch._foreach_max(exp_avg_sqs)) > 0).to(grads[0].dtype))
+            ready = (torch.stack(torch._foreach_max(exp_avg_sqs)) > 0).to(grads[0].dtype)
             denom = torch._foreach_sqrt(exp_avg_sqs)
             torch._foreach_clamp_min_(denom, eps)
             inputs = torch._foreach_div(grads, denom)
@@ -366,9 +425,9 @@ class HinaAdamWOptimizer(torch.optim.Optimizer):
 
         # 6-7. moments and update
         if adopt:
-            torch._foreach_lerp_(exp_avgs, inputs, [r * (1.0 - beta1) for r in ready])
+            torch._foreach_lerp_(exp_avgs, inputs, list(ready * (1.0 - beta1)))
             grad_sq = torch._foreach_mul(grads, grads)
-            torch._foreach_lerp_(exp_avg_sqs, grad_sq, [1.0 - r * beta2 for r in ready])
+            torch._foreach_lerp_(exp_avg_sqs, grad_sq, list(1.0 - ready * beta2))
             updates = torch._foreach_mul(exp_avgs, 1.0)
         else:
             torch._foreach_lerp_(exp_avgs, inputs, 1.0 - beta1)
@@ -394,11 +453,8 @@ class HinaAdamWOptimizer(torch.optim.Optimizer):
 
         # 11-12. step and decay
         if group["use_spd"]:
-            theta0 = [s["theta0"].to(w.dtype) for s, w in zip(states, weights, strict=True)]
-            deviation = torch._foreach_sub(weights, theta0)
-            pushes_away = torch.stack(
-                [torch.dot(g.reshape(-1), d.reshape(-1)) < 0 for g, d in zip(grads, deviation, strict=True)]
-            )
+            deviation = torch._foreach_sub(weights, [s["theta0"] for s in states])  # in the weights' dtype
+            pushes_away = dots(grads, deviation) < 0
             dev_before = torch.stack(torch._foreach_norm(deviation))
         elif group["weight_decay"] != 0.0:
             torch._foreach_mul_(
@@ -415,13 +471,26 @@ class HinaAdamWOptimizer(torch.optim.Optimizer):
             torch._foreach_sub_(weights, deviation)
 
         # write back
-        for p, w in zip(params, weights, strict=True):
-            if w is not p:
-                p.copy_(w)
-        for s, q, m, v in zip(states, quantised, exp_avgs, exp_avg_sqs, strict=True):
+        if converted:
+            torch._foreach_copy_([params[i] for i in converted], [weights[i] for i in converted])
+        for plan, bucket_states, flat_m, flat_v in batches:
+            plan.store_(bucket_states, "exp_avg", flat_m, signed=True)
+            plan.store_(bucket_states, "exp_avg_sq", flat_v, signed=False)
+
+    @staticmethod
+    def _quantised_buckets(params: list[Tensor], quantised: list[bool]) -> dict[tuple, list[int]]:
+        buckets: dict[tuple, list[int]] = {}
+        for i, (p, q) in enumerate(zip(params, quantised, strict=True)):
             if q:
-                quant8.store_(s, "exp_avg", m, signed=True)
-                quant8.store_(s, "exp_avg_sq", v, signed=False)
+                buckets.setdefault((p.device, _work_dtype(p)), []).append(i)
+        return buckets
+
+    def _quant_plan(self, shapes: tuple, device: torch.device, dtype: torch.dtype) -> _QuantisedBatch:
+        """Slot layouts are cached by (shapes, device, dtype): the same parameters give the same plan each step."""
+        key = (shapes, device, dtype)
+        if key not in self._quant_plans:
+            self._quant_plans[key] = _QuantisedBatch(list(shapes), device, dtype)
+        return self._quant_plans[key]
 
     # ----- reporting ------------------------------------------------------------------------------------------
 

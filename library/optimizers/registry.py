@@ -869,6 +869,12 @@ def build_optimizer(
         optimizer = spec.build(param_groups, name=spec.name, **kwargs)
     except (TypeError, ValueError) as exc:
         raise OptimizerError(f"{spec.name}: invalid settings {kwargs}: {exc}") from exc
+    except OptimizerError as exc:
+        # the optimizer names only its kwarg; say which environment variable set it
+        from_env = [k for k, src in sources.items() if src.startswith("env ") and f"{k}=" in str(exc)]
+        if from_env:
+            raise OptimizerError(f"{exc} (set by environment variable {sources[from_env[0]][4:]})") from None
+        raise
     logger.info("Selected optimizer: %s (Type: %s)", spec.name, optimizer_family(spec))
     for key, source in sources.items():
         logger.info("  %s = %r (%s)", key, kwargs[key], source)

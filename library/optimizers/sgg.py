@@ -76,34 +76,38 @@ def kmeans_1d(x: Tensor, k: int, iters: int = KMEANS_ITERS) -> tuple[Tensor, Ten
     return centers, nearest_center(x, centers)
 
 
-def cluster_means(z: Tensor, labels: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
-    """(μ_c per cluster, μ of the layer); an empty cluster gets μ."""
-    layer = z.mean()
-    sums = torch.zeros_like(counts).index_add_(0, labels, z)
-    return torch.where(counts > 0, sums / counts.clamp_min(1.0), layer), layer
-
-
-def update_scales_(
-    cluster_stat: Tensor,
-    layer_stat: Tensor,
-    scale: Tensor,
-    cluster_mean: Tensor,
-    layer_mean: Tensor,
-    w_cluster: float,
-    w_layer: float,
-    w_scale: float,
-    lo: float,
-    hi: float,
-) -> None:
-    """One SGG scale step (module docstring); w_* = 1 − decay, or 1 to reset a statistic."""
-    cluster_stat.lerp_(cluster_mean, w_cluster)
-    layer_stat.lerp_(layer_mean, w_layer)
-    scale.lerp_(torch.exp(layer_stat - cluster_stat), w_scale).clamp_(lo, hi)
-
-
 def log_step(inv_step: Tensor) -> Tensor:
     """z = −log(inv_step) clamped to a finite range (inv_step is √v̂+ε or another denominator)."""
     return inv_step.log().neg_().clamp_(-_LOG_CAP, _LOG_CAP)
+
+
+def log_steps_(inv_steps: list[Tensor]) -> list[Tensor]:
+    """:func:`log_step` in place over a list of tensors, four foreach launches in all."""
+    torch._foreach_log_(inv_steps)
+    torch._foreach_neg_(inv_steps)
+    torch._foreach_clamp_min_(inv_steps, -_LOG_CAP)
+    torch._foreach_clamp_max_(inv_steps, _LOG_CAP)
+    return inv_steps
+
+
+def _weights(values: list[float], like: Tensor) -> float | Tensor:
+    """EMA weights per tensor: one float when they agree (the usual case), else a (n,) tensor."""
+    if all(v == values[0] for v in values):
+        return values[0]
+    return torch.tensor(values, dtype=like.dtype).to(like.device, non_blocking=True)
+
+
+def _column(weight: float | Tensor) -> float | Tensor:
+    return weight[:, None] if isinstance(weight, Tensor) else weight
+
+
+def _lerp_by_weight_(dst: list[Tensor], src: list[Tensor], weights: list[float]) -> None:
+    """dst_i ← lerp(dst_i, src_i, w_i), one foreach call per distinct weight (usually one)."""
+    by_weight: dict[float, list[int]] = {}
+    for i, w in enumerate(weights):
+        by_weight.setdefault(w, []).append(i)
+    for w, idx in by_weight.items():
+        torch._foreach_lerp_([dst[i] for i in idx], [src[i] for i in idx], w)
 
 
 # ------------------------------------------------------------------------------------------------------ base class
@@ -165,16 +169,40 @@ class _SGGOptimizer(ExactStateLoad, torch.optim.Optimizer):
     def _sgg_scale_(
         self, group: dict[str, Any], states: list[dict], updates: list[Tensor], zs: list[Tensor]
     ) -> None:
+        """Scale the updates in place; tensors sharing a device and dtype are handled together (flat, batched)."""
+        buckets: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+        for i, z in enumerate(zs):
+            buckets.setdefault((z.device, z.dtype), []).append(i)
+        group_index = next(i for i, g in enumerate(self.param_groups) if g is group)
+        for key, idx in buckets.items():
+            self._sgg_scale_bucket_(
+                group,
+                (group_index, *key),
+                [states[i] for i in idx],
+                [updates[i] for i in idx],
+                [zs[i] for i in idx],
+            )
+
+    def _sgg_scale_bucket_(
+        self, group: dict[str, Any], key: tuple, states: list[dict], updates: list[Tensor], zs: list[Tensor]
+    ) -> None:
+        """One batched SGG scale step (module docstring) over tensors flattened into one vector.
+
+        Tensor j's cluster c is slot j·K + c of a flat (n·K,) table, so one index_add gives every cluster sum and
+        one index_select spreads the scales back; the per-tensor statistics are stacked, updated and copied back
+        with a fixed number of launches whatever the tensor count. Only re-clustering (every T steps) is per tensor.
+        """
         k = group["n_clusters"]
         lo, hi = group["scale_bound"]
         d_layer, d_cluster, d_scale = group["sgg_decays"]
-        for state, u, z in zip(states, updates, zs, strict=True):
-            z = z.reshape(-1)
+        numels = [z.numel() for z in zs]
+        z_flat = torch.cat([z.reshape(-1) for z in zs])
+        firsts, resets = [], []
+        for state, z in zip(states, z_flat.split(numels), strict=True):
             first = "sgg_scale" not in state
             recluster = self._recluster_due(state, group)
             if first:
                 state["sgg_centers"] = torch.zeros(k, dtype=z.dtype, device=z.device)
-                state["sgg_counts"] = torch.zeros(k, dtype=z.dtype, device=z.device)
                 state["sgg_cluster_stat"] = torch.zeros(k, dtype=z.dtype, device=z.device)
                 state["sgg_layer_stat"] = torch.zeros((), dtype=z.dtype, device=z.device)
                 state["sgg_scale"] = torch.ones(k, dtype=z.dtype, device=z.device).clamp_(lo, hi)
@@ -182,22 +210,68 @@ class _SGGOptimizer(ExactStateLoad, torch.optim.Optimizer):
                 centers, labels = kmeans_1d(z, k)
                 state["sgg_centers"].copy_(centers)
                 state["sgg_labels"] = labels.to(torch.uint8)
-                state["sgg_counts"].zero_().index_add_(0, labels, torch.ones_like(z))
-            labels = state["sgg_labels"].int()
-            cluster_mean, layer_mean = cluster_means(z, labels, state["sgg_counts"])
-            update_scales_(
-                state["sgg_cluster_stat"],
-                state["sgg_layer_stat"],
-                state["sgg_scale"],
-                cluster_mean,
-                layer_mean,
-                1.0 if first or recluster else 1.0 - d_cluster,
-                1.0 if first else 1.0 - d_layer,
-                1.0 - d_scale,
-                lo,
-                hi,
-            )
-            u.reshape(-1).mul_(state["sgg_scale"].to(u.dtype).index_select(0, labels))
+                state["sgg_counts"] = torch.zeros(k, dtype=z.dtype, device=z.device).index_add_(
+                    0, labels, torch.ones_like(z)
+                )
+            firsts.append(first)
+            resets.append(first or recluster)
+        labels, numel_t = self._flat_labels(key, states, numels, k, z_flat.dtype)
+        n = len(states)
+        counts = torch.cat([s["sgg_counts"] for s in states]).view(n, k)
+        sums = (
+            torch.zeros(n * k, dtype=z_flat.dtype, device=z_flat.device)
+            .index_add_(0, labels, z_flat)
+            .view(n, k)
+        )
+        layer_mean = sums.sum(dim=1) / numel_t
+        cluster_mean = torch.where(counts > 0, sums / counts.clamp_min(1.0), layer_mean[:, None])
+
+        cluster_stats = [s["sgg_cluster_stat"] for s in states]
+        layer_stats = [s["sgg_layer_stat"] for s in states]
+        scales = [s["sgg_scale"] for s in states]
+        cluster_stat = torch.stack(cluster_stats)
+        layer_stat = torch.stack(layer_stats)
+        scale = torch.stack(scales)
+        cluster_stat.lerp_(
+            cluster_mean, _column(_weights([1.0 if r else 1.0 - d_cluster for r in resets], z_flat))
+        )
+        layer_stat.lerp_(layer_mean, _weights([1.0 if f else 1.0 - d_layer for f in firsts], z_flat))
+        scale.lerp_(torch.exp(layer_stat[:, None] - cluster_stat), 1.0 - d_scale).clamp_(lo, hi)
+        torch._foreach_copy_(cluster_stats, cluster_stat.unbind(0))
+        torch._foreach_copy_(layer_stats, layer_stat.unbind(0))
+        torch._foreach_copy_(scales, scale.unbind(0))
+
+        per_element = scale.view(-1).index_select(0, labels)
+        if updates[0].dtype != per_element.dtype:
+            per_element = per_element.to(updates[0].dtype)
+        torch._foreach_mul_(
+            updates, [s.view(u.shape) for s, u in zip(per_element.split(numels), updates, strict=True)]
+        )
+
+    def _flat_labels(
+        self, key: tuple, states: list[dict], numels: list[int], k: int, dtype: torch.dtype
+    ) -> tuple[Tensor, Tensor]:
+        """(all labels as one index vector, label + K·(tensor position); element counts as ``dtype``), cached.
+
+        Labels only change when a tensor is re-clustered or state is loaded, and both put new tensor objects in
+        the state, so comparing identities is enough (the cache holds them, so their ids cannot be reused).
+        """
+        plans = self.__dict__.setdefault("_sgg_plans", {})
+        labels = [s["sgg_labels"] for s in states]
+        cached = plans.get(key)
+        if (
+            cached is not None
+            and len(cached[0]) == len(labels)
+            and all(a is b for a, b in zip(cached[0], labels, strict=True))
+        ):
+            return cached[1], cached[2]
+        device = labels[0].device
+        sizes = torch.tensor(numels, device=device)
+        offsets = torch.repeat_interleave(torch.arange(len(labels), device=device) * k, sizes)
+        index_dtype = torch.int32 if len(labels) * k < 2**31 else torch.int64
+        flat = (torch.cat(labels).long() + offsets).to(index_dtype)
+        plans[key] = (labels, flat, sizes.to(dtype))
+        return flat, plans[key][2]
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
@@ -255,7 +329,7 @@ def _adam_directions(
     adamw_moments_(grads, exp_avgs, exp_avg_sqs, beta1, beta2)
     denoms = adamw_denoms(exp_avg_sqs, steps, beta2, group["eps"])
     updates = adamw_updates(exp_avgs, denoms, steps, beta1)
-    return updates, [log_step(d) for d in denoms]
+    return updates, log_steps_(denoms)
 
 
 # --------------------------------------------------------------------------------------------------------- AdamW
@@ -401,30 +475,52 @@ class AdafactorSGG(_SGGOptimizer):
             state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
 
     def _directions(self, group, params, grads, states):
+        """Elementwise math over the whole list (foreach); the row/column means stacked per matrix shape."""
         beta1, beta2_cap = group["betas"]
-        updates, zs = [], []
-        for g, state in zip(grads, states, strict=True):
-            t = state["step"]
-            w = 1.0 - min(beta2_cap, 1.0 - t ** group["decay_rate"])  # weight of the new g² (1 at t = 1)
-            g2 = g.square().add_(group["eps"])
-            if "exp_avg_sq_row" in state:
-                row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
-                g2m = _as_matrix(g2)
-                row.lerp_(g2m.mean(dim=1), w)
-                col.lerp_(g2m.mean(dim=0), w)
-                v = torch.outer(row / row.mean().clamp_min(_TINY), col).reshape(g.shape)
-            else:
-                v = state["exp_avg_sq"].lerp_(g2, w)
-            rsqrt_v = v.clamp_min(_TINY).rsqrt()
-            u = g * rsqrt_v
-            rms = u.square().mean().sqrt()
-            u.div_((rms / group["clip_threshold"]).clamp_min(1.0))
-            if "exp_avg" in state:
-                state["exp_avg"].lerp_(u, 1.0 - beta1)
-                u = state["exp_avg"] / (1.0 - beta1**t)
-            updates.append(u)
-            zs.append(log_step(v.sqrt()))
-        return updates, zs
+        steps = [s["step"] for s in states]
+        ws = [
+            1.0 - min(beta2_cap, 1.0 - t ** group["decay_rate"]) for t in steps
+        ]  # weight of the new g² (1 at t=1)
+        g2s = torch._foreach_mul(grads, grads)
+        torch._foreach_add_(g2s, group["eps"])
+        vs: list[Tensor | None] = [None] * len(grads)
+        full = [i for i, s in enumerate(states) if "exp_avg_sq" in s]
+        _lerp_by_weight_(
+            [states[i]["exp_avg_sq"] for i in full], [g2s[i] for i in full], [ws[i] for i in full]
+        )
+        for i in full:
+            vs[i] = states[i]["exp_avg_sq"]
+        shapes: dict[tuple[int, int], list[int]] = {}
+        for i, s in enumerate(states):
+            if "exp_avg_sq_row" in s:
+                shapes.setdefault((s["exp_avg_sq_row"].numel(), s["exp_avg_sq_col"].numel()), []).append(i)
+        for idx in shapes.values():
+            rows = [states[i]["exp_avg_sq_row"] for i in idx]
+            cols = [states[i]["exp_avg_sq_col"] for i in idx]
+            g2m = torch.stack([_as_matrix(g2s[i]) for i in idx])
+            row, col = torch.stack(rows), torch.stack(cols)
+            w = _weights([ws[i] for i in idx], row)
+            row.lerp_(g2m.mean(dim=2), _column(w))
+            col.lerp_(g2m.mean(dim=1), _column(w))
+            torch._foreach_copy_(rows, row.unbind(0))
+            torch._foreach_copy_(cols, col.unbind(0))
+            v = (row / row.mean(dim=1, keepdim=True).clamp_min(_TINY))[:, :, None] * col[:, None, :]
+            for i, vi in zip(idx, v.unbind(0), strict=True):
+                vs[i] = vi.view(grads[i].shape)
+        rsqrt_vs = torch._foreach_clamp_min(vs, _TINY)
+        torch._foreach_rsqrt_(rsqrt_vs)
+        updates = list(torch._foreach_mul(grads, rsqrt_vs))
+        numels = torch.tensor([u.numel() for u in updates], dtype=updates[0].dtype).to(updates[0].device)
+        rms = torch.stack(torch._foreach_norm(updates)) / numels.sqrt()
+        torch._foreach_div_(updates, (rms / group["clip_threshold"]).clamp_min(1.0).unbind(0))
+        momentum = [i for i, s in enumerate(states) if "exp_avg" in s]
+        if momentum:
+            exp_avgs = [states[i]["exp_avg"] for i in momentum]
+            torch._foreach_lerp_(exp_avgs, [updates[i] for i in momentum], 1.0 - beta1)
+            averaged = torch._foreach_div(exp_avgs, [1.0 - beta1 ** steps[i] for i in momentum])
+            for i, u in zip(momentum, averaged, strict=True):
+                updates[i] = u
+        return updates, log_steps_(torch._foreach_sqrt(vs))
 
 
 # ---------------------------------------------------------------------------------------------------------- LAMB
@@ -489,13 +585,12 @@ class LambSGG_v2(_SGGOptimizer):  # noqa: N801 - the name users type (seed doc 0
                 [p.to(u.dtype) for p, u in zip(params, updates, strict=True)],
                 alpha=group["weight_decay"],
             )
-        p_norms = torch._foreach_norm([p.to(u.dtype) for p, u in zip(params, updates, strict=True)])
-        u_norms = torch._foreach_norm(updates)
-        trust = [
-            torch.where((pn > 0) & (un > 0), pn / un.clamp_min(_TINY), 1.0)
-            for pn, un in zip(p_norms, u_norms, strict=True)
-        ]
-        torch._foreach_mul_(updates, trust)
+        p_norms = torch.stack(
+            torch._foreach_norm([p.to(u.dtype) for p, u in zip(params, updates, strict=True)])
+        )
+        u_norms = torch.stack(torch._foreach_norm(updates))
+        trust = torch.where((p_norms > 0) & (u_norms > 0), p_norms / u_norms.clamp_min(_TINY), 1.0)
+        torch._foreach_mul_(updates, trust.unbind(0))
         apply_decoupled_(params, updates, group["lr"], 0.0)
 
 
@@ -604,29 +699,50 @@ class ShampooSGG_v2(_SGGOptimizer):  # noqa: N801 - the name users type (seed do
             ratio = (
                 group["lr_1d"] / base if base > 0 else 0.0
             )  # lr_1d·lr/lr₀ after the common lr multiplication
+            torch._foreach_mul_(adam_u, ratio)
             for i, u, z in zip(adam, adam_u, adam_z, strict=True):
-                updates[i], zs[i] = u.mul_(ratio), z
+                updates[i], zs[i] = u, z
         beta1, beta2 = group["betas"]
-        for i, (p, g, state) in enumerate(zip(params, grads, states, strict=True)):
-            if updates[i] is not None:
-                continue
+        buckets: dict[tuple, list[int]] = {}
+        for i, state in enumerate(states):
+            if updates[i] is None:
+                key = (tuple(state["exp_avg"].shape), state["left_stat"].dim(), state["right_stat"].dim())
+                buckets.setdefault(key, []).append(i)
+        for idx in buckets.values():
+            self._shampoo_bucket(group, idx, grads, states, updates, zs, beta1, beta2)
+        return updates, zs
+
+    @staticmethod
+    def _shampoo_bucket(group, idx, grads, states, updates, zs, beta1, beta2) -> None:
+        """Shampoo for tensors of one matrix shape, stacked: batched matmuls; only the inverse roots per tensor."""
+        sts = [states[i] for i in idx]
+        exp_avgs = [s["exp_avg"] for s in sts]
+        lefts, rights = [s["left_stat"] for s in sts], [s["right_stat"] for s in sts]
+        gm = torch.stack([grads[i].reshape(m.shape) for i, m in zip(idx, exp_avgs, strict=True)])
+        left, right, m = torch.stack(lefts), torch.stack(rights), torch.stack(exp_avgs)
+        left.lerp_(gm @ gm.mT if left.dim() == 3 else gm.square().sum(dim=2), 1.0 - beta2)
+        right.lerp_(gm.mT @ gm if right.dim() == 3 else gm.square().sum(dim=1), 1.0 - beta2)
+        m.lerp_(gm, 1.0 - beta1)
+        torch._foreach_copy_(lefts, left.unbind(0))
+        torch._foreach_copy_(rights, right.unbind(0))
+        torch._foreach_copy_(exp_avgs, m.unbind(0))
+        for state in sts:
             t = state["step"]
-            gm = g.reshape(state["exp_avg"].shape)
-            left, right = state["left_stat"], state["right_stat"]
-            left.lerp_(gm @ gm.T if left.dim() == 2 else gm.square().sum(dim=1), 1.0 - beta2)
-            right.lerp_(gm.T @ gm if right.dim() == 2 else gm.square().sum(dim=0), 1.0 - beta2)
             if (t - 1) % group["precondition_frequency"] == 0:
                 bc2 = 1.0 - beta2**t
-                state["left_root"].copy_(inverse_fourth_root(left / bc2, group["eps"]))
-                state["right_root"].copy_(inverse_fourth_root(right / bc2, group["eps"]))
-            m = state["exp_avg"].lerp_(gm, 1.0 - beta1) / (1.0 - beta1**t)
-            lroot, rroot = state["left_root"], state["right_root"]
-            u = lroot @ m if lroot.dim() == 2 else lroot[:, None] * m
-            u = u @ rroot if rroot.dim() == 2 else u * rroot[None, :]
-            ldiag = lroot.diagonal() if lroot.dim() == 2 else lroot
-            rdiag = rroot.diagonal() if rroot.dim() == 2 else rroot
-            z = log_step(ldiag.clamp_min(_TINY).reciprocal()[:, None]) + log_step(
-                rdiag.clamp_min(_TINY).reciprocal()
-            )
-            updates[i], zs[i] = u.reshape(p.shape), z.reshape(p.shape)
-        return updates, zs
+                state["left_root"].copy_(inverse_fourth_root(state["left_stat"] / bc2, group["eps"]))
+                state["right_root"].copy_(inverse_fourth_root(state["right_stat"] / bc2, group["eps"]))
+        bc1 = _weights([1.0 - beta1 ** s["step"] for s in sts], m)
+        m = m / (bc1[:, None, None] if isinstance(bc1, Tensor) else bc1)
+        lroot = torch.stack([s["left_root"] for s in sts])
+        rroot = torch.stack([s["right_root"] for s in sts])
+        u = lroot @ m if lroot.dim() == 3 else lroot[:, :, None] * m
+        u = u @ rroot if rroot.dim() == 3 else u * rroot[:, None, :]
+        ldiag = lroot.diagonal(dim1=1, dim2=2) if lroot.dim() == 3 else lroot
+        rdiag = rroot.diagonal(dim1=1, dim2=2) if rroot.dim() == 3 else rroot
+        z = (
+            log_step(ldiag.clamp_min(_TINY).reciprocal())[:, :, None]
+            + log_step(rdiag.clamp_min(_TINY).reciprocal())[:, None, :]
+        )
+        for i, ui, zi in zip(idx, u.unbind(0), z.unbind(0), strict=True):
+            updates[i], zs[i] = ui.view(grads[i].shape), zi.view(grads[i].shape)

@@ -20,15 +20,39 @@ _ZERO_NORM_SQ = 1e-30
 _TINY = 1e-30
 
 
-def _dots(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
-    """⟨a_i, b_i⟩ for every pair, stacked into one 1-D tensor (dtype of ``b``)."""
-    return torch.stack(
-        [torch.dot(x.reshape(-1).to(y.dtype), y.reshape(-1)) for x, y in zip(a, b, strict=True)]
-    )
-
-
 def _norms(tensors: Sequence[Tensor], ord: float = 2.0) -> Tensor:
+    """Per-tensor norms as one 1-D tensor: one ``_foreach_norm`` launch for the whole list."""
     return torch.stack(torch._foreach_norm(list(tensors), ord))
+
+
+def dots(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
+    """⟨a_i, b_i⟩ for every pair as one 1-D tensor (dtype of ``b``), without a launch per tensor.
+
+    Polarisation on the unit vectors: ⟨a,b⟩ = ‖a‖‖b‖·(‖â+b̂‖² − ‖â−b̂‖²)/4. Normalising first keeps the
+    cancellation error at ε·‖a‖‖b‖ (a plain dot's bound) however different the two norms are; an all-zero side
+    gives â = 0 and so exactly 0.
+    """
+    b = list(b)
+    a = [x.to(y.dtype) for x, y in zip(a, b, strict=True)]
+    norm_a, norm_b = _norms(a), _norms(b)
+    unit_a = torch._foreach_mul(a, list(1.0 / norm_a.clamp_min(_TINY)))
+    unit_b = torch._foreach_mul(b, list(1.0 / norm_b.clamp_min(_TINY)))
+    plus = _norms(torch._foreach_add(unit_a, unit_b))
+    torch._foreach_sub_(unit_a, unit_b)
+    minus = _norms(unit_a)
+    return norm_a * norm_b * _polarise(plus, minus)
+
+
+def _polarise(plus: Tensor, minus: Tensor) -> Tensor:
+    return (plus - minus) * (plus + minus) * 0.25
+
+
+def shape_buckets(tensors: Sequence[Tensor]) -> dict[tuple, list[int]]:
+    """{(shape, dtype, device): indices}: the groups that can be stacked into one batched tensor."""
+    buckets: dict[tuple, list[int]] = {}
+    for i, t in enumerate(tensors):
+        buckets.setdefault((tuple(t.shape), t.dtype, t.device), []).append(i)
+    return buckets
 
 
 def orthograd_(params: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
@@ -40,8 +64,8 @@ def orthograd_(params: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
     if not grads:
         return
     grads = list(grads)
-    theta_sq = _dots(params, params).to(grads[0].dtype)
-    coef = torch.where(theta_sq > _ZERO_NORM_SQ, _dots(params, grads) / theta_sq.clamp_min(_TINY), 0.0)
+    theta_sq = _norms([p.to(g.dtype) for p, g in zip(params, grads, strict=True)]).square()
+    coef = torch.where(theta_sq > _ZERO_NORM_SQ, dots(params, grads) / theta_sq.clamp_min(_TINY), 0.0)
     g_norm = _norms(grads)
     torch._foreach_add_(
         grads, torch._foreach_mul([p.to(g.dtype) for p, g in zip(params, grads, strict=True)], list(-coef))
@@ -84,8 +108,12 @@ def cautious_(updates: Sequence[Tensor], grads: Sequence[Tensor], min_fraction: 
     if not updates:
         return
     updates = list(updates)
-    masks = [(u * g.to(u.dtype) > 0).to(u.dtype) for u, g in zip(updates, grads, strict=True)]
-    fractions = torch.stack([m.mean() for m in masks]).clamp_min(min_fraction)
+    # mask = sign(max(u·g, 0)) ∈ {0, 1}; mean(mask) = ‖mask‖₁ / n.
+    masks = torch._foreach_mul(updates, [g.to(u.dtype) for u, g in zip(updates, grads, strict=True)])
+    torch._foreach_clamp_min_(masks, 0.0)
+    torch._foreach_sign_(masks)
+    sizes = torch.tensor([max(u.numel(), 1) for u in updates], dtype=updates[0].dtype, device=updates[0].device)
+    fractions = (_norms(masks, 1.0) / sizes).clamp_min(min_fraction)
     torch._foreach_mul_(updates, masks)
     torch._foreach_div_(updates, list(fractions))
 
@@ -93,8 +121,14 @@ def cautious_(updates: Sequence[Tensor], grads: Sequence[Tensor], min_fraction: 
 def cosine_similarity(a: Sequence[Tensor], b: Sequence[Tensor], eps: float = 1e-16) -> Tensor:
     """cos(a_i, b_i) per pair as a 1-D tensor; 0 where either side is all zero."""
     b = list(b)
-    denom = (_norms(a).to(b[0].dtype) * _norms(b)).clamp_min(eps)
-    return _dots(a, b) / denom
+    a = [x.to(y.dtype) for x, y in zip(a, b, strict=True)]
+    norm_a, norm_b = _norms(a), _norms(b)
+    unit_a = torch._foreach_mul(a, list(1.0 / norm_a.clamp_min(_TINY)))
+    unit_b = torch._foreach_mul(b, list(1.0 / norm_b.clamp_min(_TINY)))
+    plus = _norms(torch._foreach_add(unit_a, unit_b))
+    torch._foreach_sub_(unit_a, unit_b)
+    norm_ab = norm_a * norm_b
+    return _polarise(plus, _norms(unit_a)) * (norm_ab / norm_ab.clamp_min(eps))
 
 
 def tam_damping_(
@@ -111,7 +145,7 @@ def tam_damping_(
     smoothed = list(smoothed)
     cos = cosine_similarity(momenta, inputs).to(smoothed[0].dtype)
     torch._foreach_lerp_(smoothed, list(cos), 1.0 - beta)
-    return [(1.0 + s) * 0.5 for s in smoothed]
+    return list((torch.stack(smoothed) + 1.0) * 0.5)
 
 
 def allora_row_scale(params: Sequence[Tensor], eta: float) -> list[Tensor]:
@@ -119,13 +153,26 @@ def allora_row_scale(params: Sequence[Tensor], eta: float) -> list[Tensor]:
 
     A row is a slice along dim 0 (for lora_down: one rank direction; for lora_up: one output feature). Rows at
     zero get the largest factor η, so zero-initialised LoRA up learns without waiting for its own norm to grow.
+    Row norms are taken per shape bucket (one stack and one batched norm each), so the launch count grows with
+    the number of distinct shapes, not of tensors.
     """
-    inv_eta_sq = 1.0 / (eta * eta)
+    params = list(params)
+    row_norms: list[Tensor] = []
+    position: dict[int, tuple[int, int]] = {}  # params[i] -> (bucket, index in bucket)
+    for b, indices in enumerate(shape_buckets(params).values()):
+        shape = params[indices[0]].shape
+        rows = torch.stack([params[i] for i in indices]).reshape(len(indices), shape[0] if shape else 1, -1)
+        row_norms.append(torch.linalg.vector_norm(rows, dim=2))
+        position.update({i: (b, k) for k, i in enumerate(indices)})
+    if not row_norms:
+        return []
+    torch._foreach_mul_(row_norms, row_norms)
+    torch._foreach_add_(row_norms, 1.0 / (eta * eta))
+    torch._foreach_rsqrt_(row_norms)
     scales = []
-    for p in params:
-        rows = p.reshape(p.shape[0], -1) if p.dim() > 0 else p.reshape(1, 1)
-        sq = torch.linalg.vector_norm(rows, dim=1).square()
-        scales.append(torch.rsqrt(sq + inv_eta_sq).reshape((-1,) + (1,) * max(p.dim() - 1, 0)))
+    for i, p in enumerate(params):
+        b, k = position[i]
+        scales.append(row_norms[b][k].reshape((-1,) + (1,) * max(p.dim() - 1, 0)))
     return scales
 
 

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import zipfile
 from pathlib import Path
 
 from library.cli import LR_SCHEDULERS
 from library.errors import ConfigError
+
+_TORCH_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 
 _AT_LEAST_ONE = ("network_dim", "train_batch_size", "max_train_steps", "gradient_accumulation_steps",
@@ -81,21 +84,121 @@ def validate_combinations(args: argparse.Namespace) -> None:
         raise ConfigError(f"--output_name {args.output_name!r}: must be a plain file name without folders")
 
 
+def _looks_like_torch_file(path: Path) -> bool:
+    """torch.save writes a zip archive (or, before 1.6, a pickle starting with the protocol byte 0x80)."""
+    if zipfile.is_zipfile(path):
+        return True
+    with open(path, "rb") as f:
+        return f.read(1) == b"\x80"
+
+
+def _safetensors_keys(path: Path) -> list[str] | None:
+    """The tensor names from the header only (no tensor is read); None if it is not a safetensors file."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return list(f.keys())
+    except Exception:  # SafetensorError/OSError for any foreign or truncated file
+        return None
+
+
+def _check_text_file(flag: str, value: str) -> None:
+    path = Path(value)
+    if not path.is_file():
+        raise ConfigError(f"--{flag} {value}: file not found" + (" (it is a folder)" if path.is_dir() else ""))
+    try:
+        path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"--{flag} {value}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}); "
+                          "expected one prompt per line") from None
+    except OSError as exc:
+        raise ConfigError(f"--{flag} {value}: cannot read ({exc.strerror or exc})") from None
+
+
+def _check_network_weights(value: str) -> None:
+    path = Path(value)
+    if not path.is_file():
+        raise ConfigError(f"--network_weights {value}: file not found")
+    if path.suffix.lower() == ".safetensors":
+        keys = _safetensors_keys(path)
+        if keys is None:
+            raise ConfigError(f"--network_weights {value}: not a readable safetensors file (truncated or another format)")
+        if not any(k.endswith(".lora_down.weight") for k in keys):
+            raise ConfigError(f"--network_weights {value}: no '<name>.lora_down.weight' tensors; not a kohya-format LoRA")
+    elif not _looks_like_torch_file(path):
+        raise ConfigError(f"--network_weights {value}: neither a .safetensors file nor a torch.save'd state dict")
+
+
+def _check_resume(value: str) -> None:
+    path = Path(value)
+    if not path.is_dir():
+        raise ConfigError(f"--resume {value}: state folder not found (it is written by --save_state as <output_name>-state)")
+    if not any(path.glob("random_states_*.pkl")) or not any(path.glob("optimizer*")):
+        raise ConfigError(f"--resume {value}: not a training state folder (no optimizer/random_states files); "
+                          "give the <output_name>-state folder written by --save_state")
+
+
+def _check_model(model: str) -> None:
+    from library.models.builtin import BUILTIN_NAMES
+
+    flag = "--pretrained_model_name_or_path"
+    if model.startswith("builtin:"):
+        if model not in BUILTIN_NAMES:
+            raise ConfigError(f"{flag} {model}: unknown built-in model; valid: {', '.join(BUILTIN_NAMES)}")
+        return
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise ConfigError(f"{flag} {model}: no such file or folder "
+                          "(give a diffusers folder, a .safetensors/.ckpt file, or builtin:tiny-sd)")
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise ConfigError(f"{flag} {model}: folder has no model_index.json; expected a diffusers model folder "
+                              "(model_index.json, unet/, vae/, text_encoder/, scheduler/)")
+        return
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        if _safetensors_keys(path) is None:
+            raise ConfigError(f"{flag} {model}: not a readable safetensors file (truncated or another format)")
+    elif suffix in _TORCH_SUFFIXES:
+        if not _looks_like_torch_file(path):
+            raise ConfigError(f"{flag} {model}: not a torch.save'd checkpoint (neither a zip archive nor a pickle)")
+    else:
+        raise ConfigError(f"{flag} {model}: unsupported file type '{suffix}'; expected .safetensors, "
+                          f"{', '.join(_TORCH_SUFFIXES)} or a diffusers folder")
+
+
 def validate_paths(args: argparse.Namespace) -> None:
-    for flag in ("dataset_config", "sample_prompts", "network_weights"):
-        value = getattr(args, flag)
-        if value and not Path(value).is_file():
-            raise ConfigError(f"--{flag} {value}: file not found")
+    if args.dataset_config and not Path(args.dataset_config).is_file():
+        raise ConfigError(f"--dataset_config {args.dataset_config}: file not found")
+    if args.sample_prompts:
+        _check_text_file("sample_prompts", args.sample_prompts)
+    if args.network_weights:
+        _check_network_weights(args.network_weights)
     for flag in ("train_data_dir", "reg_data_dir"):
         value = getattr(args, flag)
         if value and not Path(value).is_dir():
             raise ConfigError(f"--{flag} {value}: folder not found")
-    if args.resume and not Path(args.resume).is_dir():
-        raise ConfigError(f"--resume {args.resume}: state folder not found (it is written by --save_state as <output_name>-state)")
-    model = args.pretrained_model_name_or_path
-    if not model.startswith("builtin:") and not Path(model).exists():
-        raise ConfigError(f"--pretrained_model_name_or_path {model}: no such file or folder "
-                          "(give a diffusers folder, a .safetensors/.ckpt file, or builtin:tiny-sd)")
+    if args.resume:
+        _check_resume(args.resume)
+    _check_model(args.pretrained_model_name_or_path)
+
+
+def validate_network_args(args: argparse.Namespace) -> None:
+    """Check --network_args keys (and values, where the module can) now rather than after the model is loaded."""
+    from library.training.setup import parse_key_values
+
+    kwargs = parse_key_values(args.network_args, "--network_args")
+    module = import_network_module(args.network_module)
+    valid = getattr(module, "NETWORK_ARGS", None)
+    if valid is None:  # a foreign sd-scripts module: its create_network is the only judge
+        return
+    unknown = sorted(kwargs.keys() - set(valid))
+    if unknown:
+        raise ConfigError(f"--network_args {unknown[0]}: unknown for {args.network_module}; valid keys: {', '.join(valid)}")
+    check = getattr(module, "_network_kwargs", None)
+    if check is not None:
+        check(kwargs, args.network_dropout)
 
 
 def import_network_module(name: str):
@@ -119,3 +222,4 @@ def validate_args(args: argparse.Namespace) -> None:
     validate_numbers(args)
     validate_combinations(args)
     validate_paths(args)
+    validate_network_args(args)
