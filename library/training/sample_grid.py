@@ -28,12 +28,12 @@ def save_samples(output_dir: Path, name: str, step: int, prompts, images, accele
         with atomic_file(folder / f"{name}_grid_{i:02d}.png") as tmp:
             grid.save(tmp, format="PNG")
     if accelerator is not None and images:
-        tracker = _tensorboard(accelerator)
+        tracker = getattr(_tensorboard(accelerator), "writer", None)  # a blank tracker when tensorboard is off
         if tracker is not None:
             import numpy as np
 
             for i, img in enumerate(images):
-                tracker.writer.add_image(f"samples/{i:02d}", np.asarray(img), step, dataformats="HWC")
+                tracker.add_image(f"samples/{i:02d}", np.asarray(img), step, dataformats="HWC")
     return written
 
 

@@ -172,7 +172,8 @@ def build_optimizer_for(args: argparse.Namespace, network) -> tuple[torch.optim.
                        "too, lora_up gets both. Pass --no-use_alora or drop loraplus_lr_ratio")
     optimizer, sources = build_optimizer(name, groups, lr=args.learning_rate, **inputs)
     desc = f"{type(optimizer).__module__}.{type(optimizer).__name__}"
-    settings = ", ".join(f"{k}={v}" for k, v in sorted(sources.items()))
+    values = optimizer.defaults
+    settings = ", ".join(f"{k}={values.get(k, '?')}" for k in sorted(sources))
     return optimizer, desc + (f"({settings})" if settings else "")
 
 
