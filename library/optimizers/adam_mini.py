@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from library.errors import OptimizerError
+from library.optimizers.state import ExactStateLoad
 
 _QK_NAME = re.compile(r"(?:^|[._])(?:to_q|to_k|q_proj|k_proj|query|key|wq|wk)(?:[._]|$)")
 _QKV_NAME = re.compile(
@@ -146,24 +147,6 @@ def adam_mini_updates(
         denom = (v / bc2).sqrt_().add_(eps)
         updates.append((m.reshape(v.shape[0], -1) / bc1).div_(denom).reshape(m.shape))
     return updates
-
-
-class ExactStateLoad:
-    """Reload state tensors with their saved dtypes.
-
-    ``torch.optim.Optimizer.load_state_dict`` casts every state tensor to the parameter's dtype: the fp32 moments
-    of bf16/fp16 weights would lose precision (resume would no longer be exact) and integer cluster labels would
-    become floats. This puts the saved tensors back as they were, on the parameter's device.
-    """
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
-        params = [p for g in self.param_groups for p in g["params"]]
-        for pid, p in zip(saved_ids, params, strict=True):
-            for key, value in state_dict["state"].get(pid, {}).items():
-                if isinstance(value, Tensor) and key != "step":
-                    self.state[p][key] = value.to(device=p.device, copy=True)
 
 
 class Adam_mini(ExactStateLoad, torch.optim.Optimizer):  # noqa: N801 - the name users type (seed doc 000)

@@ -55,6 +55,7 @@ from torch import Tensor
 
 from library.errors import OptimizerError
 from library.optimizers import quant8
+from library.optimizers.state import ExactStateLoad
 
 logger = logging.getLogger(__name__)
 
@@ -300,7 +301,7 @@ def _group_names(group: dict) -> list[str] | None:
     return group.get("names") or group.get("param_names")
 
 
-class _AutomagicBase(torch.optim.Optimizer):
+class _AutomagicBase(ExactStateLoad, torch.optim.Optimizer):
     """Gathers state and runs the common part of the step; subclasses supply the update direction."""
 
     def __init__(self, params: Iterable, defaults: dict[str, Any]) -> None:
@@ -481,24 +482,6 @@ class _AutomagicBase(torch.optim.Optimizer):
             torch._foreach_copy_([params[i] for i in cast], [params_w[i] for i in cast])
 
     # -- checkpointing and logging -----------------------------------------------------------------------------
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load, then restore every state tensor's saved dtype.
-
-        torch casts floating state to the parameter's dtype, which would turn the fp32 lr mask of a bf16
-        parameter into bf16 (and lose the bumps); states are also copied so they never alias the caller's dict.
-        """
-        super().load_state_dict(state_dict)
-        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        params = [p for g in self.param_groups for p in g["params"]]
-        for saved_id, p in zip(saved_ids, params, strict=True):
-            saved = state_dict["state"].get(saved_id)
-            if saved is None:
-                continue
-            state = self.state[p]
-            for key, value in saved.items():
-                if isinstance(value, Tensor):
-                    state[key] = value.to(device=p.device, dtype=value.dtype, copy=True)
 
     def log_metrics(self) -> dict[str, Tensor]:
         """``avg_lr`` (element-weighted mean of the lr masks, as of the last statistics refresh), per group too."""

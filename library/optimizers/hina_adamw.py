@@ -47,7 +47,6 @@ import logging
 import math
 import re
 from collections.abc import Iterable
-from itertools import chain
 from typing import Any
 
 import torch
@@ -55,6 +54,7 @@ from torch import Tensor
 
 from library.errors import OptimizerError
 from library.optimizers import quant8
+from library.optimizers.state import ExactStateLoad
 from library.optimizers.transforms import (
     agr_,
     allora_scale_,
@@ -157,7 +157,7 @@ def _zero_code(signed: bool) -> int:
     return _ZERO_CODES[signed]
 
 
-class HinaAdamWOptimizer(torch.optim.Optimizer):
+class HinaAdamWOptimizer(ExactStateLoad, torch.optim.Optimizer):
     """AdamW with ADOPT, Grams, Cautious, TAM, AGR, OrthoGrad, SPD, ALLoRA/LoRA+ and dynamic weight decay.
 
     Args:
@@ -325,19 +325,8 @@ class HinaAdamWOptimizer(torch.optim.Optimizer):
             state["theta0"] = p.detach().clone(memory_format=torch.preserve_format)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load, then undo torch's cast of every floating state tensor to the weight's dtype.
-
-        uint8 codes, fp32 moments of half-precision weights and θ₀ must come back bit-for-bit.
-        """
+        """Load exactly (uint8 codes, fp32 moments of half weights and θ₀ bit-for-bit); re-derive the LoRA roles."""
         super().load_state_dict(state_dict)
-        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
-        params = chain.from_iterable(g["params"] for g in self.param_groups)
-        id_map = dict(zip(saved_ids, params, strict=True))
-        for param_id, saved in state_dict["state"].items():
-            p = id_map[param_id]
-            for key, value in saved.items():
-                if isinstance(value, Tensor) and value.dtype != self.state[p][key].dtype:
-                    self.state[p][key] = value.to(device=p.device, copy=True)
         self._lora_roles = None
 
     # ----- step -----------------------------------------------------------------------------------------------

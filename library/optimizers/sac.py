@@ -32,7 +32,6 @@ from library.errors import OptimizerError
 from library.optimizers.adam_mini import (
     _QKV_NAME,
     Adam_mini,
-    ExactStateLoad,
     apply_decoupled_,
     group_names,
     head_count,
@@ -43,6 +42,7 @@ from library.optimizers.adam_mini import (
     validate_positive_int,
     working_grad,
 )
+from library.optimizers.state import ExactStateLoad
 
 
 def validate_scale_bound(cls: str, scale_bound: Any) -> tuple[float, float]:

@@ -37,7 +37,6 @@ from torch import Tensor
 
 from library.errors import OptimizerError
 from library.optimizers.adam_mini import (
-    ExactStateLoad,
     apply_decoupled_,
     state_dtype,
     validate_common,
@@ -46,6 +45,7 @@ from library.optimizers.adam_mini import (
     working_grad,
 )
 from library.optimizers.sac import adamw_denoms, adamw_moments_, adamw_updates, validate_scale_bound
+from library.optimizers.state import ExactStateLoad
 
 # Lloyd iterations per re-clustering: 1-D k-means from quantile starts settles in a handful.
 KMEANS_ITERS = 8

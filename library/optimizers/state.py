@@ -1,0 +1,27 @@
+"""Exact optimizer-state reload, shared by the in-house optimizers."""
+
+from __future__ import annotations
+
+from itertools import chain
+from typing import Any
+
+from torch import Tensor
+
+
+class ExactStateLoad:
+    """Reload state tensors with their saved dtypes (mix in before ``torch.optim.Optimizer``).
+
+    ``torch.optim.Optimizer.load_state_dict`` casts every floating state tensor to the parameter's dtype: fp32
+    moments or lr masks of bf16/fp16 weights would lose precision (resume would no longer be exact), and uint8
+    codes / integer cluster labels would turn into floats. This puts the saved tensors back as they were, copied
+    (never aliasing the caller's dict) onto the parameter's device.
+    """
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        params = chain.from_iterable(g["params"] for g in self.param_groups)
+        for saved_id, p in zip(saved_ids, params, strict=True):
+            for key, value in state_dict["state"].get(saved_id, {}).items():
+                if isinstance(value, Tensor):
+                    self.state[p][key] = value.to(device=p.device, copy=True)
