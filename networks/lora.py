@@ -436,8 +436,8 @@ def _arg(
     return number
 
 
-def _network_kwargs(kwargs: Mapping[str, Any], neuron_dropout: float | None) -> dict[str, Any]:
-    """The LoRANetwork keyword arguments shared by create_network and create_network_from_weights."""
+def check_network_args(kwargs: Mapping[str, Any], neuron_dropout: float | None) -> dict[str, Any]:
+    """Validate --network_args and return LoRANetwork kwargs (create_network*, and the trainer's early checks)."""
     kw = dict(kwargs)
     unknown = sorted(kw.keys() - set(NETWORK_ARGS))
     if unknown:
@@ -478,7 +478,7 @@ def create_network(
     alpha = (
         1.0 if network_alpha is None else _arg({"network_alpha": network_alpha}, "network_alpha", float, 0)
     )
-    kw = _network_kwargs(kwargs, neuron_dropout)
+    kw = check_network_args(kwargs, neuron_dropout)
     conv_dim, conv_alpha = kw.pop("conv_dim"), kw.pop("conv_alpha")
     if conv_dim and conv_alpha is None:
         conv_alpha = 1.0
@@ -525,7 +525,7 @@ def create_network_from_weights(
             modules_dim[name] = int(value.shape[0])
     if not modules_dim:
         raise ModelError(f"{source}: no '<name>.lora_down.weight' keys, not a kohya-format LoRA")
-    kw = _network_kwargs(kwargs, None)
+    kw = check_network_args(kwargs, None)
     kw.pop("conv_dim"), kw.pop("conv_alpha")
     network = LoRANetwork(
         text_encoder,

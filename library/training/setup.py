@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import contextlib
 import logging
 import os
 
@@ -146,12 +145,10 @@ def check_optimizer_settings(args: argparse.Namespace):
     return spec
 
 
-def effective_lr(args: argparse.Namespace, spec) -> float:
+def effective_lr(args: argparse.Namespace, inputs: dict, spec) -> float:
     """--learning_rate > --optimizer_args lr > [optimizer] lr > the optimizer's documented lr > 1e-4."""
-    from library.optimizers.args import parse_optimizer_args
-
-    for source in (args.learning_rate, parse_optimizer_args(args.optimizer_args or []).get("lr"),
-                   (getattr(args, "optimizer_table", None) or {}).get("lr"), spec.defaults.get("lr")):
+    for source in (args.learning_rate, inputs["optimizer_args"].get("lr"), (inputs["toml_table"] or {}).get("lr"),
+                   spec.defaults.get("lr")):
         if source is not None:
             return float(source)
     return 1e-4
@@ -161,12 +158,12 @@ def build_optimizer_for(args: argparse.Namespace, network) -> tuple[torch.optim.
     from library.optimizers.registry import build_optimizer, resolve
 
     name = optimizer_name(args)
-    lr = effective_lr(args, resolve(name))
-    groups = network.prepare_optimizer_params(args.text_encoder_lr, args.unet_lr, lr)
+    spec = resolve(name)
+    inputs = _optimizer_inputs(args)
+    groups = network.prepare_optimizer_params(args.text_encoder_lr, args.unet_lr, effective_lr(args, inputs, spec))
     if isinstance(groups, tuple):  # sd-scripts modules may return (params, descriptions)
         groups = groups[0]
-    inputs = _optimizer_inputs(args)
-    if resolve(name).family == "Hina" and inputs["cli_kwargs"].get("use_alora", True) is not False and any(
+    if spec.family == "Hina" and inputs["cli_kwargs"].get("use_alora", True) is not False and any(
             str(a).startswith("loraplus") for a in args.network_args or []):
         logger.warning("CustomAdamW's use_alora already scales lora_up's lr by alora_ratio; with a network LoRA+ ratio "
                        "too, lora_up gets both. Pass --no-use_alora or drop loraplus_lr_ratio")
@@ -185,12 +182,7 @@ def build_lr_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimize
 
         logger.info("Adafactor with relative_step: using its own schedule (--lr_scheduler ignored), as sd-scripts")
         return AdafactorSchedule(optimizer)
-    kwargs = {}
-    if args.lr_scheduler == "cosine_with_restarts":
-        kwargs["num_cycles"] = args.lr_scheduler_num_cycles
-    if args.lr_scheduler == "polynomial":
-        kwargs["power"] = args.lr_scheduler_power
     warmup = None if args.lr_scheduler == "constant" else args.lr_warmup_steps
-    with contextlib.suppress(TypeError):
-        return get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps, **kwargs)
-    return get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+    # diffusers routes num_cycles to cosine_with_restarts and power to polynomial only
+    return get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps,
+                         num_cycles=args.lr_scheduler_num_cycles, power=args.lr_scheduler_power)

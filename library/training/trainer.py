@@ -88,9 +88,8 @@ class LoRATrainer:
 
         from accelerate import Accelerator
 
-        log_with = None if a.log_with in (None, "none") and not a.logging_dir else (a.log_with or "tensorboard")
-        if log_with == "none":
-            log_with = None
+        # sd-scripts: a --logging_dir alone means tensorboard; "none" turns trackers off
+        log_with = None if a.log_with == "none" else a.log_with or ("tensorboard" if a.logging_dir else None)
         self.accelerator = Accelerator(mixed_precision=a.mixed_precision, log_with=log_with,
                                        project_dir=a.logging_dir or str(self.output_dir / "logs"))
         acc = self.accelerator

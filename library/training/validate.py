@@ -185,19 +185,12 @@ def validate_paths(args: argparse.Namespace) -> None:
 
 
 def validate_network_args(args: argparse.Namespace) -> None:
-    """Check --network_args keys (and values, where the module can) now rather than after the model is loaded."""
+    """Check --network_args keys and values now, through the module's own check, not after the model is loaded."""
     from library.training.setup import parse_key_values
 
     kwargs = parse_key_values(args.network_args, "--network_args")
-    module = import_network_module(args.network_module)
-    valid = getattr(module, "NETWORK_ARGS", None)
-    if valid is None:  # a foreign sd-scripts module: its create_network is the only judge
-        return
-    unknown = sorted(kwargs.keys() - set(valid))
-    if unknown:
-        raise ConfigError(f"--network_args {unknown[0]}: unknown for {args.network_module}; valid keys: {', '.join(valid)}")
-    check = getattr(module, "_network_kwargs", None)
-    if check is not None:
+    check = getattr(import_network_module(args.network_module), "check_network_args", None)
+    if check is not None:  # a foreign sd-scripts module: its create_network is the only judge
         check(kwargs, args.network_dropout)
 
 
