@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from library.cli import build_parser  # noqa: E402
+from tools.docgen import write_or_check  # noqa: E402
 
 DOC = ROOT / "docs" / "cli.md"
 FIX = "python tools/gen_cli_docs.py"
@@ -98,19 +99,7 @@ def render() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="exit 1 when docs/cli.md is stale")
-    args = parser.parse_args(argv)
-    new = render()
-    if args.check:
-        current = DOC.read_text(encoding="utf-8") if DOC.exists() else ""
-        if current != new:
-            print(f"{DOC} is stale: run {FIX}", file=sys.stderr)
-            return 1
-        return 0
-    DOC.write_text(new, encoding="utf-8")
-    print(f"wrote {DOC}")
-    return 0
+    return write_or_check(DOC, lambda _current: render(), FIX, __doc__.splitlines()[0], argv)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ the file is the same on every machine and tests/test_optimizer_docs.py can tell 
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -19,6 +18,7 @@ sys.path.insert(0, str(ROOT))
 
 from library.errors import OptimizerUnavailable  # noqa: E402
 from library.optimizers.registry import OptimizerSpec, list_optimizers, optimizer_family, package_of  # noqa: E402
+from tools.docgen import write_or_check  # noqa: E402
 
 DOC = ROOT / "docs" / "optimizers.md"
 BEGIN = "<!-- BEGIN GENERATED: tools/gen_optimizer_docs.py -->"
@@ -109,19 +109,8 @@ def updated(text: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="exit 1 when docs/optimizers.md is stale")
-    args = parser.parse_args(argv)
-    current = DOC.read_text(encoding="utf-8") if DOC.exists() else "# Optimizers\n"
-    new = updated(current)
-    if args.check:
-        if new != current:
-            print(f"{DOC} is stale: run python tools/gen_optimizer_docs.py", file=sys.stderr)
-            return 1
-        return 0
-    DOC.write_text(new, encoding="utf-8")
-    print(f"wrote {DOC}")
-    return 0
+    return write_or_check(DOC, updated, "python tools/gen_optimizer_docs.py", __doc__.splitlines()[0], argv,
+                          empty="# Optimizers\n")
 
 
 if __name__ == "__main__":
