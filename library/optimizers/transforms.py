@@ -25,12 +25,11 @@ def _norms(tensors: Sequence[Tensor], ord: float = 2.0) -> Tensor:
     return torch.stack(torch._foreach_norm(list(tensors), ord))
 
 
-def dots(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
-    """⟨a_i, b_i⟩ for every pair as one 1-D tensor (dtype of ``b``), without a launch per tensor.
+def _polarised_cosines(a: Sequence[Tensor], b: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """(cos(a_i, b_i), ‖a_i‖, ‖b_i‖) as 1-D tensors (dtype of ``b``), without a launch per tensor.
 
-    Polarisation on the unit vectors: ⟨a,b⟩ = ‖a‖‖b‖·(‖â+b̂‖² − ‖â−b̂‖²)/4. Normalising first keeps the
-    cancellation error at ε·‖a‖‖b‖ (a plain dot's bound) however different the two norms are; an all-zero side
-    gives â = 0 and so exactly 0.
+    Polarisation on the unit vectors: cos = (‖â+b̂‖² − ‖â−b̂‖²)/4. Normalising first keeps the cancellation
+    error at ε however different the two norms are; an all-zero side gives â = 0 and so exactly 0.
     """
     b = list(b)
     a = [x.to(y.dtype) for x, y in zip(a, b, strict=True)]
@@ -39,8 +38,13 @@ def dots(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
     unit_b = torch._foreach_mul(b, list(1.0 / norm_b.clamp_min(_TINY)))
     plus = _norms(torch._foreach_add(unit_a, unit_b))
     torch._foreach_sub_(unit_a, unit_b)
-    minus = _norms(unit_a)
-    return norm_a * norm_b * _polarise(plus, minus)
+    return _polarise(plus, _norms(unit_a)), norm_a, norm_b
+
+
+def dots(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
+    """⟨a_i, b_i⟩ = ‖a‖‖b‖·cos for every pair as one 1-D tensor (dtype of ``b``); error bound of a plain dot."""
+    cos, norm_a, norm_b = _polarised_cosines(a, b)
+    return norm_a * norm_b * cos
 
 
 def _polarise(plus: Tensor, minus: Tensor) -> Tensor:
@@ -120,15 +124,9 @@ def cautious_(updates: Sequence[Tensor], grads: Sequence[Tensor], min_fraction: 
 
 def cosine_similarity(a: Sequence[Tensor], b: Sequence[Tensor], eps: float = 1e-16) -> Tensor:
     """cos(a_i, b_i) per pair as a 1-D tensor; 0 where either side is all zero."""
-    b = list(b)
-    a = [x.to(y.dtype) for x, y in zip(a, b, strict=True)]
-    norm_a, norm_b = _norms(a), _norms(b)
-    unit_a = torch._foreach_mul(a, list(1.0 / norm_a.clamp_min(_TINY)))
-    unit_b = torch._foreach_mul(b, list(1.0 / norm_b.clamp_min(_TINY)))
-    plus = _norms(torch._foreach_add(unit_a, unit_b))
-    torch._foreach_sub_(unit_a, unit_b)
+    cos, norm_a, norm_b = _polarised_cosines(a, b)
     norm_ab = norm_a * norm_b
-    return _polarise(plus, _norms(unit_a)) * (norm_ab / norm_ab.clamp_min(eps))
+    return cos * (norm_ab / norm_ab.clamp_min(eps))
 
 
 def tam_damping_(
