@@ -20,7 +20,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.optimizer_step import make_params  # noqa: E402
 from library.optimizers.registry import build_optimizer  # noqa: E402
 
-
 # Metadata-only ops launch no kernel on a GPU.
 _FREE = {"view", "_unsafe_view", "as_strided", "detach", "t", "expand", "alias", "unsqueeze", "squeeze", "select",
          "slice", "permute", "transpose", "_reshape_alias", "unbind", "split", "split_with_sizes", "lift_fresh",

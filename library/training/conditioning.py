@@ -44,7 +44,7 @@ def sdxl_time_ids(sizes: list[tuple[int, int]], device) -> torch.Tensor:
 def encode_sdxl(tokenizers, text_encoders, captions: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
     hidden = []
     pooled = None
-    for tok, enc in zip(tokenizers, text_encoders):
+    for tok, enc in zip(tokenizers, text_encoders, strict=True):
         out = enc(tokenize(tok, captions).to(device), output_hidden_states=True)
         hidden.append(out.hidden_states[-2])
         if hasattr(out, "text_embeds"):

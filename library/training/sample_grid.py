@@ -18,7 +18,7 @@ def save_samples(output_dir: Path, name: str, step: int, prompts, images, accele
     folder = Path(output_dir) / "sample"
     folder.mkdir(parents=True, exist_ok=True)
     written = []
-    for i, (sp, img) in enumerate(zip(prompts, images)):
+    for i, (sp, img) in enumerate(zip(prompts, images, strict=True)):
         path = folder / f"{name}_{step:06d}_{i:02d}_{_slug(sp.prompt)}.png"
         with atomic_file(path) as tmp:
             img.save(tmp, format="PNG")

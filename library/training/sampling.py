@@ -8,7 +8,6 @@ disturbs the training RNG (resume stays exact) and the same prompt/seed is compa
 from __future__ import annotations
 
 import re
-import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +34,7 @@ def parse_prompt_line(line: str, default_size: tuple[int, int], where: str) -> S
     sp = SamplePrompt(prompt=parts[0].strip(), width=default_size[0], height=default_size[1])
     converters = {"n": ("negative", str), "w": ("width", int), "h": ("height", int), "s": ("steps", int),
                   "l": ("scale", float), "d": ("seed", int)}
-    for key, value in zip(parts[1::2], parts[2::2]):
+    for key, value in zip(parts[1::2], parts[2::2], strict=True):  # re.split with one group: equal halves
         field, kind = converters[key]
         try:
             setattr(sp, field, kind(value.strip()))
@@ -58,7 +57,12 @@ def load_prompts(path: str, default_size: tuple[int, int]) -> list[SamplePrompt]
 
 
 def make_scheduler(name: str, scheduler_config: dict):
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
+    from diffusers import (
+        DDIMScheduler,
+        DPMSolverMultistepScheduler,
+        EulerAncestralDiscreteScheduler,
+        EulerDiscreteScheduler,
+    )
 
     cls = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler, "euler_a": EulerAncestralDiscreteScheduler,
            "dpmsolver++": DPMSolverMultistepScheduler}[name]

@@ -379,7 +379,7 @@ class LoRATrainer:
 
     def _diverged(self, good_weights, good_step: int, step: int) -> None:
         with torch.no_grad():
-            for p, w in zip(self.trainable, good_weights):
+            for p, w in zip(self.trainable, good_weights, strict=True):
                 p.copy_(w)
         self.progress.global_step = good_step
         path = self.save(f"{self.args.output_name}-step{good_step:08d}-lastgood", state=False)
@@ -418,7 +418,7 @@ def average_gradients(params: list[torch.Tensor], world: int) -> None:
     torch.distributed.all_reduce(flat)
     flat /= world
     offset = 0
-    for p, g in zip(params, grads):
+    for p, g in zip(params, grads, strict=True):
         n = g.numel()
         p.grad = flat[offset:offset + n].view_as(p).to(p.dtype)
         offset += n
