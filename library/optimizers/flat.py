@@ -1,0 +1,153 @@
+"""Many small tensors as segments of one flat buffer: a LoRA optimizer step in a fixed, small number of kernels.
+
+A LoRA step touches hundreds of tensors of a few thousand elements each, so on a GPU it is bound by kernel
+launches, not by memory bandwidth. ``torch._foreach_*`` helps only for plain arithmetic: per-tensor scalars (lists
+of 0-d tensors) and mixed shapes send CUDA foreach kernels down a per-tensor slow path, and per-tensor reductions
+have no foreach form at all. Laying the tensors end to end in one 1-D buffer makes every elementwise op one
+kernel, per-tensor reductions one ``segment_reduce``, and per-tensor scalars one ``repeat_interleave``. The same
+idea as DDP's gradient buckets or apex's flat master weights; written here because neither is a public API that
+an optimizer can use.
+
+Tensors are ordered by matrix shape (dim 0 × the rest), so all tensors of one shape form one contiguous slice
+that views as a [k, rows, cols] stack: row and column math (ALLoRA, SinkGD, factored moments) is one kernel per
+distinct shape, not per tensor. Every per-tensor list a caller builds must be in ``layout.order``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+def matrix_shape(shape: Sequence[int]) -> tuple[int, int]:
+    """(rows, cols) of a tensor read as a matrix: dim 0 by the rest; 1-D as a column, 0-D as 1×1."""
+    if len(shape) == 0:
+        return 1, 1
+    return shape[0], math.prod(shape[1:])
+
+
+@dataclass(frozen=True)
+class ShapeBucket:
+    """Layout positions [first, last) share the matrix shape (rows, cols); flat elements [start, stop)."""
+
+    rows: int
+    cols: int
+    first: int
+    last: int
+    start: int
+    stop: int
+
+    @property
+    def count(self) -> int:
+        return self.last - self.first
+
+
+class FlatLayout:
+    """Where each of a list of tensors lives in a flat 1-D buffer (on one device).
+
+    ``order[j]`` is the caller's index of the tensor at layout position j. Segment ops (``sum``, ``max``,
+    ``expand``) work in layout order.
+    """
+
+    def __init__(self, shapes: Sequence[Sequence[int]], device: torch.device | str) -> None:
+        self.shapes = [torch.Size(s) for s in shapes]
+        self.device = torch.device(device)
+        self.order = sorted(range(len(self.shapes)), key=lambda i: matrix_shape(self.shapes[i]))
+        self.sizes = [self.shapes[i].numel() for i in self.order]
+        self.offsets = [0]
+        for n in self.sizes[:-1]:
+            self.offsets.append(self.offsets[-1] + n)
+        self.numel = sum(self.sizes)
+        self.count = len(self.sizes)
+        self.lengths = torch.tensor(self.sizes, dtype=torch.int64, device=self.device)
+        self.buckets = self._buckets()
+
+    def _buckets(self) -> list[ShapeBucket]:
+        buckets: list[ShapeBucket] = []
+        j = 0
+        while j < self.count:
+            key = matrix_shape(self.shapes[self.order[j]])
+            last = j
+            while last < self.count and matrix_shape(self.shapes[self.order[last]]) == key:
+                last += 1
+            start = self.offsets[j]
+            stop = self.offsets[last - 1] + self.sizes[last - 1]
+            buckets.append(ShapeBucket(key[0], key[1], j, last, start, stop))
+            j = last
+        return buckets
+
+    def arrange(self, items: Sequence[Any]) -> list[Any]:
+        """The caller's per-tensor list in layout order."""
+        return [items[i] for i in self.order]
+
+    def flatten(self, tensors: Sequence[Tensor], dtype: torch.dtype | None = None) -> Tensor:
+        """One new buffer holding the tensors (caller's order) end to end, in `dtype` (one cat, maybe one cast)."""
+        flat = torch.cat([tensors[i].reshape(-1) for i in self.order])
+        return flat if dtype is None or flat.dtype == dtype else flat.to(dtype)
+
+    def views(self, flat: Tensor) -> list[Tensor]:
+        """Views of `flat` shaped like the tensors, in the caller's order."""
+        views: list[Tensor] = [flat] * self.count
+        for j, i in enumerate(self.order):
+            views[i] = flat[self.offsets[j] : self.offsets[j] + self.sizes[j]].view(self.shapes[i])
+        return views
+
+    def copy_to_(self, tensors: Sequence[Tensor], flat: Tensor) -> None:
+        """Write `flat` back into the caller's tensors (one foreach copy; casts to each tensor's dtype)."""
+        torch._foreach_copy_(list(tensors), self.views(flat))
+
+    def sum(self, x: Tensor) -> Tensor:
+        """Per-tensor sums of a flat buffer, in layout order (one kernel, no host sync)."""
+        return torch.segment_reduce(x, "sum", lengths=self.lengths)
+
+    def max(self, x: Tensor) -> Tensor:
+        """Per-tensor maxima of a flat buffer, in layout order (-inf for an empty tensor)."""
+        return torch.segment_reduce(x, "max", lengths=self.lengths)
+
+    def norm(self, x: Tensor) -> Tensor:
+        """Per-tensor L2 norms of a flat buffer, in layout order."""
+        return self.sum(x * x).sqrt()
+
+    def expand(self, values: Tensor) -> Tensor:
+        """Per-tensor values (layout order) repeated over each tensor's elements: a flat buffer to multiply by."""
+        return torch.repeat_interleave(values, self.lengths, output_size=self.numel)
+
+    def bucket_view(self, flat: Tensor, bucket: ShapeBucket) -> Tensor:
+        """The [count, rows, cols] stack of one shape bucket, a view of `flat`."""
+        return flat[bucket.start : bucket.stop].view(bucket.count, bucket.rows, bucket.cols)
+
+
+class FlatState:
+    """Per-parameter optimizer state tensors kept as views into flat buffers of one layout.
+
+    ``self.state[p][key]`` stays the per-parameter tensor torch.optim's state_dict expects (so checkpoints keep
+    their format); it is a view of one flat buffer, which the math updates in one kernel. When something replaced
+    the per-parameter tensors (``load_state_dict``, a user), ``buffer`` notices by identity and gathers them again.
+    """
+
+    def __init__(self, layout: FlatLayout) -> None:
+        self.layout = layout
+        self._buffers: dict[str, tuple[Tensor, list[Tensor]]] = {}
+
+    def buffer(self, states: Sequence[dict[str, Any]], key: str, dtype: torch.dtype) -> Tensor:
+        """The flat buffer behind ``states[i][key]`` (caller's order), re-gathered if any of them was replaced."""
+        cached = self._buffers.get(key)
+        if cached is not None:
+            flat, views = cached
+            if flat.dtype == dtype and all(s[key] is v for s, v in zip(states, views, strict=True)):
+                return flat
+        flat = self.layout.flatten([s[key] for s in states], dtype)
+        views = self.layout.views(flat)
+        for s, v in zip(states, views, strict=True):
+            s[key] = v
+        self._buffers[key] = (flat, views)
+        return flat
+
+    def drop(self, key: str) -> None:
+        """Forget one buffer (its per-parameter views stay valid tensors)."""
+        self._buffers.pop(key, None)
