@@ -95,6 +95,10 @@ VARIANTS: dict[str, Variant] = {
                                     description="bf16 LoRA, torch.compile mode=reduce-overhead (CUDA graphs)"),
     "ours_fp32_cudagraphs": Variant("fp32", "reduce-overhead",
                                     description="fp32 LoRA + autocast, torch.compile mode=reduce-overhead"),
+    "ours_fp32_cudagraphs_cl": Variant("fp32", "reduce-overhead", True,
+                                       description="fp32 LoRA + autocast, reduce-overhead, channels_last"),
+    "ours_bf16_cudagraphs_cl": Variant("bf16", "reduce-overhead", True,
+                                       description="bf16 LoRA, reduce-overhead (CUDA graphs), channels_last"),
     "ours_bf16_autotune": Variant("bf16", "max-autotune-no-cudagraphs",
                                   description="bf16 LoRA, torch.compile mode=max-autotune-no-cudagraphs (slow compile)"),
     "ours_bf16_compile_hostinputs": Variant(
