@@ -58,6 +58,8 @@ AUTOMAGIC_FLAGS: list[tuple[str, type, Any, str]] = [
 OPTIMIZER_FLAG_DESTS = tuple(d for d, *_ in CUSTOM_ADAMW_FLAGS + AUTOMAGIC_FLAGS) + ("weight_decay", "optim_bits")
 
 
+DYNAMO_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
 def _resolution(value: str) -> tuple[int, int]:
     """'512' -> (512, 512); '768,512' -> (width, height) as sd-scripts."""
     try:
@@ -159,6 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sdpa", action="store_true", help="scaled-dot-product attention (PyTorch's, the default)")
     g.add_argument("--xformers", action="store_true", help="accepted for sd-scripts scripts; uses PyTorch SDPA")
     g.add_argument("--torch_compile", action="store_true", help="torch.compile the UNet (reports compile time)")
+    g.add_argument("--dynamo_mode", choices=DYNAMO_MODES, default=None,
+                   help="torch.compile mode (implies --torch_compile); reduce-overhead replays forward and backward "
+                        "as CUDA graphs, the fastest on a GPU")
+    g.add_argument("--dynamo_backend", type=str, default="inductor", help="torch.compile backend")
     g.add_argument("--channels_last", action="store_true")
     g.add_argument("--detect_anomaly", action="store_true")
 

@@ -20,10 +20,11 @@ from library.models.common import (
     check_model_type,
     ddpm_scheduler_config,
     expected_model_type,
+    read_json,
     sd_tokenizers,
 )
-from library.models.diffusers_folder import load_diffusers_folder
-from library.models.single_file import load_single_file
+from library.models.diffusers_folder import detect_folder_type, load_diffusers_folder
+from library.models.single_file import detect_checkpoint_type, load_single_file
 
 
 def load_sd_model(
@@ -68,3 +69,38 @@ def load_sd_model(
         dtype=dtype,
         config_dir=Path(config_dir) if config_dir is not None else None,
     )
+
+
+def detect_model_type(name_or_path: str | Path) -> str | None:
+    """The family ("sd1" | "sd2" | "sdxl") from configs or tensor names alone, without reading weights.
+
+    Lets `train_network.py` take an SDXL model without `--sdxl`. None when the source cannot be read; loading it
+    then raises the error that says what is wrong with it.
+    """
+    name = str(name_or_path)
+    if name in BUILTIN_NAMES:
+        return "sd1"
+    path = Path(name).expanduser()
+    try:
+        if path.is_dir():
+            configs = [read_json(path / f, f) for f in ("model_index.json", "unet/config.json",
+                                                           "text_encoder/config.json")]
+            return detect_folder_type(*configs)[0]
+        return detect_checkpoint_type(_tensor_names(path), path)[0]
+    except Exception:  # unreadable in any way (SafetensorError, pickle, zip...): the loader names the problem
+        return None
+
+
+def _tensor_names(path: Path) -> set[str]:
+    """A safetensors header, or a zip-format torch checkpoint memory-mapped (tensors are not read)."""
+    if path.suffix.lower() == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return set(f.keys())
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    while isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: not a state dict")
+    return set(state)

@@ -32,13 +32,20 @@ out×(in·kh·kw) for SinkGD, CAME's factored moments and ALLoRA rows. Math runs
 (fp64 parameters keep fp64), and states live in that working dtype. ``step()`` never synchronises with the host;
 ``log_metrics()`` returns the statistics (``avg_lr``, the mean of the mask) as tensors.
 
-A LoRA step is bound by kernel launches (hundreds of small tensors), so the step launches a number of kernels
-that does not grow with the number of tensors: elementwise math is one ``torch._foreach_*`` call over the list,
-per-tensor reductions are ``_foreach_norm`` calls (signed sums as the L1 norms of the positive and negative
-parts), per-tensor scalars are broadcast with one ``repeat_interleave`` (lists of 0-d tensors would send CUDA
-foreach kernels down their per-tensor slow path), and row/column math (SinkGD, CAME's factored moments, ALLoRA)
-runs on one [k, n, m] stack per distinct matrix shape. Exceptions that still loop per tensor: 8-bit moments of
-tensors whose size is not a multiple of the 256-element block, and of tensors with < 2 dims.
+Performance. A LoRA step touches hundreds of small tensors, so on a GPU it is bound by kernel launches. The step
+therefore works on flat buffers (:mod:`library.optimizers.flat`): per param group, (device, working dtype) and
+step count, the gradients and weights are laid end to end (one ``cat`` each), the per-element states are views of
+flat buffers (``FlatState``), every elementwise op is one kernel over all tensors, and the weights are written
+back with one foreach copy. Per-tensor, per-row and per-column reductions are one ``segment_reduce`` each (rows
+of a matrix are contiguous segments; columns become contiguous after one gather through a cached permutation),
+and per-tensor/row/column values are broadcast back with one gather through a cached element → segment index.
+The factored CAME moments and the per-tensor statistics are flat buffers too, with the per-parameter tensors in
+``state`` as their views, so ``state_dict()`` keeps its per-parameter format. 8-bit first moments are
+dequantised and requantised in one call each (codes padded per tensor to whole blocks, bit-identical to
+quantising each tensor alone). The number of ops per step does not depend on the number of tensors (about 100
+for the SD1.5 LoRA set). Above ``_INDEX_MAX_NUMEL`` elements (full fine-tuning of a large model: bandwidth-bound,
+and the int32 indices would cost memory) broadcasts use ``repeat_interleave`` and column math runs per distinct
+matrix shape on ``[k, rows, cols]`` views.
 """
 
 from __future__ import annotations
@@ -55,6 +62,7 @@ from torch import Tensor
 
 from library.errors import OptimizerError
 from library.optimizers import quant8
+from library.optimizers.flat import FlatLayout, FlatState, matrix_shape
 from library.optimizers.state import ExactStateLoad
 
 logger = logging.getLogger(__name__)
@@ -63,224 +71,380 @@ logger = logging.getLogger(__name__)
 LORA_NAME_MARKERS = ("lora_down", "lora_up", "lora_A", "lora_B")
 # Guards divisions by norms/std that are exactly zero (all-zero gradients or rows).
 _TINY = 1e-30
-# Per-tensor scalars are expanded to full tensors (see _per_tensor) up to this many elements per step.
-_EXPAND_MAX_NUMEL = 1 << 26
+# Up to this many elements per layout, segment math uses cached int32 indices (4 bytes per element each).
+_INDEX_MAX_NUMEL = 1 << 24
 # Tensors smaller than this keep fp32 moments even with optim_bits=8 (bitsandbytes' min_8bit_size).
 MIN_8BIT_NUMEL = 4096
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Plain functions: the math, testable against float64 references.
+# Segments of a flat buffer: per-tensor, per-row and per-column reductions and broadcasts.
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _matrix_shape(shape: torch.Size) -> tuple[int, int]:
-    """(rows, cols) of a tensor viewed as a matrix: dim 0 by the rest; 1-D as a column, 0-D as 1×1."""
-    if len(shape) == 0:
-        return 1, 1
-    return shape[0], math.prod(shape[1:])
+class _Segments:
+    """Consecutive segments of a flat buffer with the given lengths: one kernel per reduction or broadcast.
 
-
-@functools.lru_cache(maxsize=256)
-def _bucket_plan(shapes: tuple[torch.Size, ...]) -> tuple[tuple[tuple[int, int], tuple[int, ...]], ...]:
-    """Indices grouped by matrix shape, so each group is stacked into one [k, n, m] batch (cached per shape list)."""
-    buckets: dict[tuple[int, int], list[int]] = defaultdict(list)
-    for i, shape in enumerate(shapes):
-        buckets[_matrix_shape(shape)].append(i)
-    return tuple((key, tuple(idx)) for key, idx in buckets.items())
-
-
-def _stack(tensors: Sequence[Tensor], idx: Sequence[int], n: int, m: int) -> Tensor:
-    return torch.stack([tensors[i].view(n, m) for i in idx])
-
-
-@functools.lru_cache(maxsize=64)
-def _numel_tensor(numels: tuple[int, ...], device: torch.device) -> Tensor:
-    return torch.tensor(numels, dtype=torch.int64, device=device)
-
-
-def _per_tensor(values: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
-    """One value per tensor, broadcast to each tensor's shape for foreach ops.
-
-    A list of 0-d tensors against full tensors sends CUDA foreach kernels down their per-tensor slow path
-    (different shapes); one ``repeat_interleave`` into a flat buffer gives same-shaped views instead. Above
-    ``_EXPAND_MAX_NUMEL`` elements the temporary would cost more memory than the saved launches are worth.
+    ``segment_reduce`` gets precomputed offsets and ``unsafe=True``: with lengths and the default checks it
+    validates them with two ``.item()`` calls, a host sync per reduction on CUDA. With ``cache_index`` the
+    element → segment index is kept (4 bytes per element), so a broadcast is one gather instead of a
+    ``repeat_interleave`` (which rebuilds that index, in several kernels, on every call).
     """
-    like = list(like)
-    values = values.to(like[0].dtype)
-    numels = tuple(t.numel() for t in like)
-    total = sum(numels)
-    if total > _EXPAND_MAX_NUMEL:
-        return list(values.unbind(0))
-    flat = torch.repeat_interleave(values, _numel_tensor(numels, values.device), output_size=total)
-    return [chunk.view(t.shape) for chunk, t in zip(flat.split(numels), like, strict=True)]
+
+    def __init__(self, lengths: Sequence[int], device: torch.device, cache_index: bool) -> None:
+        self.count = len(lengths)
+        self.total = sum(lengths)
+        self.lengths = torch.tensor(list(lengths), dtype=torch.int64, device=device)
+        offsets = [0]
+        for n in lengths:
+            offsets.append(offsets[-1] + n)
+        self.offsets = torch.tensor(offsets, dtype=torch.int64, device=device)
+        self.index = None
+        if cache_index:
+            ids = torch.arange(self.count, dtype=torch.int32, device=device)
+            self.index = torch.repeat_interleave(ids, self.lengths, output_size=self.total)
+
+    def sum(self, x: Tensor) -> Tensor:
+        return torch.segment_reduce(x, "sum", offsets=self.offsets, unsafe=True)
+
+    def mean(self, x: Tensor) -> Tensor:
+        return torch.segment_reduce(x, "mean", offsets=self.offsets, unsafe=True)
+
+    def expand(self, values: Tensor) -> Tensor:
+        """One value per segment repeated over the segment's elements."""
+        if self.index is not None:
+            return values.index_select(0, self.index)
+        return torch.repeat_interleave(values, self.lengths, output_size=self.total)
 
 
-def _signed_sums(x: Sequence[Tensor]) -> Tensor:
-    """Σx per tensor with one L1 norm over the positive and one over the negative parts (no per-tensor sum op)."""
-    neg = torch._foreach_clamp_max(x, 0.0)
-    pos = torch._foreach_clamp_min(x, 0.0)
-    return torch.stack(torch._foreach_norm(pos, 1)) - torch.stack(torch._foreach_norm(neg, 1))
+class _Columns:
+    """Columns of every tensor of a layout read as a matrix (rows × cols), in (tensor, column) order.
+
+    Up to ``_INDEX_MAX_NUMEL`` elements a cached permutation makes all columns contiguous, so a reduction is one
+    gather + one ``segment_reduce`` and a broadcast one gather through a cached element → column index; above it
+    the math runs per shape bucket on ``[k, rows, cols]`` views (one kernel per distinct shape).
+    """
+
+    def __init__(self, layout: FlatLayout) -> None:
+        self.layout = layout
+        self.count = sum(b.count * b.cols for b in layout.buckets)
+        self.gather = layout.numel <= _INDEX_MAX_NUMEL
+        if not self.gather:
+            return
+        device = layout.device
+        perm = torch.cat(
+            [
+                torch.arange(b.start, b.stop, device=device)
+                .view(b.count, b.rows, b.cols)
+                .transpose(1, 2)
+                .reshape(-1)
+                for b in layout.buckets
+            ]
+        )
+        lengths = [b.rows for b in layout.buckets for _ in range(b.count * b.cols)]
+        self.segments = _Segments(lengths, device, cache_index=True)
+        # column-major position -> flat position, and flat position -> column id
+        self.perm = perm.to(torch.int32)
+        self.column = torch.empty_like(self.segments.index).index_copy_(0, perm, self.segments.index)
+        self.segments.index = None
+
+    def _reduce(self, x: Tensor, how: str) -> Tensor:
+        if self.gather:
+            gathered = x.index_select(0, self.perm)
+            return self.segments.sum(gathered) if how == "sum" else self.segments.mean(gathered)
+        out = torch.empty(self.count, dtype=x.dtype, device=x.device)
+        reduce = torch.sum if how == "sum" else torch.mean
+        first = 0
+        for b in self.layout.buckets:
+            target = out[first : first + b.count * b.cols].view(b.count, b.cols)
+            reduce(self.layout.bucket_view(x, b), dim=-2, out=target)
+            first += b.count * b.cols
+        return out
+
+    def sum(self, x: Tensor) -> Tensor:
+        return self._reduce(x, "sum")
+
+    def mean(self, x: Tensor) -> Tensor:
+        return self._reduce(x, "mean")
+
+    def expand(self, values: Tensor) -> Tensor:
+        """One value per column broadcast over the column's elements (a flat buffer in layout order)."""
+        if self.gather:
+            return values.index_select(0, self.column)
+        out = torch.empty(self.layout.numel, dtype=values.dtype, device=values.device)
+        first = 0
+        for b in self.layout.buckets:
+            source = values[first : first + b.count * b.cols].view(b.count, 1, b.cols)
+            self.layout.bucket_view(out, b).copy_(source.expand(b.count, b.rows, b.cols))
+            first += b.count * b.cols
+        return out
 
 
-def _cast(tensors: Sequence[Tensor], dtypes: Sequence[torch.dtype]) -> list[Tensor]:
-    """Tensors in the given dtypes: matching ones as they are, the others converted by one foreach copy."""
-    out = list(tensors)
-    idx = [i for i, (t, d) in enumerate(zip(tensors, dtypes, strict=True)) if t.dtype != d]
-    if idx:
-        bufs = [torch.empty(tensors[i].shape, dtype=dtypes[i], device=tensors[i].device) for i in idx]
-        torch._foreach_copy_(bufs, [tensors[i] for i in idx])
-        for i, buf in zip(idx, bufs, strict=True):
-            out[i] = buf
-    return out
+class _Packed:
+    """Per-parameter state tensors of any sizes kept as views of one flat buffer (entries in layout order).
+
+    Like :class:`~library.optimizers.flat.FlatState`, for states that are not shaped like their parameter
+    (factored row/column moments, per-tensor scalars, 8-bit codes). ``slots`` may exceed the sizes (padding, e.g.
+    to whole quantisation blocks). Replaced per-parameter tensors are noticed by identity and gathered again.
+    """
+
+    def __init__(self, sizes: Sequence[int], slots: Sequence[int] | None = None) -> None:
+        self.sizes = list(sizes)
+        self.slots = list(slots) if slots is not None else self.sizes
+        self._buffers: dict[str, tuple[Tensor, list[Tensor]]] = {}
+
+    def buffer(self, name: str, refs: Sequence[tuple[dict, str]], dtype: torch.dtype) -> Tensor:
+        """The flat buffer behind ``d[key]`` for each ``(d, key)`` of ``refs``, re-gathered if one was replaced."""
+        cached = self._buffers.get(name)
+        if cached is not None:
+            flat, views = cached
+            if flat.dtype == dtype and all(d[k] is v for (d, k), v in zip(refs, views, strict=True)):
+                return flat
+        pieces: list[Tensor] = []
+        for (d, k), size, slot in zip(refs, self.sizes, self.slots, strict=True):
+            pieces.append(d[k].reshape(-1).to(dtype))
+            if slot > size:
+                pieces.append(torch.zeros(slot - size, dtype=dtype, device=d[k].device))
+        flat = torch.cat(pieces)
+        views, offset = [], 0
+        for (d, k), size, slot in zip(refs, self.sizes, self.slots, strict=True):
+            view = flat[offset : offset + size].view(d[k].shape)
+            d[k] = view
+            views.append(view)
+            offset += slot
+        self._buffers[name] = (flat, views)
+        return flat
+
+    def drop(self, name: str) -> None:
+        self._buffers.pop(name, None)
+
+
+def _in_caller_order(layout: FlatLayout, values: Tensor) -> Tensor:
+    """Per-tensor values in layout order → the caller's order."""
+    index = torch.tensor(layout.order, device=values.device)
+    return torch.empty_like(values).index_copy_(0, index, values)
+
+
+class _Plan:
+    """Everything the flat step needs for one fixed list of parameters: layout, segment tables, state buffers."""
+
+    def __init__(self, shapes: Sequence[torch.Size], device: torch.device, dtype: torch.dtype,
+                 lora: Sequence[bool] | None = None) -> None:  # fmt: skip
+        self.layout = layout = FlatLayout(shapes, device)
+        self.store = FlatState(layout)
+        self.dtype = dtype
+        arranged = [layout.shapes[i] for i in layout.order]
+        self.mats = mats = [matrix_shape(s) for s in arranged]
+        self.is_matrix = [len(s) >= 2 for s in arranged]
+        cache = layout.numel <= _INDEX_MAX_NUMEL
+        self.tensors = _Segments(layout.sizes, device, cache)
+        self.numel = torch.tensor(layout.sizes, dtype=dtype, device=device)
+        # matrix rows (ALLoRA, CAME: a tensor with < 2 dims is a column, rows of one element)
+        rows = [m for n, m in mats for _ in range(n)]
+        self.rows = _Segments(rows, device, cache)
+        self.row_tensors = _Segments([n for n, _ in mats], device, cache)
+        self.cols = _Columns(layout)
+        self.col_tensors = [m for _, m in mats]
+        vector_cols = [
+            not is_mat for is_mat, (_, m) in zip(self.is_matrix, mats, strict=True) for _ in range(m)
+        ]
+        self.vector_col = torch.tensor(vector_cols, device=device)
+        self.vector_tensor = torch.tensor([not is_mat for is_mat in self.is_matrix], device=device)
+        # SinkGD rows: matrix rows, and a tensor with < 2 dims as one row (unit-RMS scaling)
+        sink_rows = [
+            length
+            for is_mat, (n, m), size in zip(self.is_matrix, mats, layout.sizes, strict=True)
+            for length in ([m] * n if is_mat else [size])
+        ]
+        self.sink_rows = self.rows if sink_rows == rows else _Segments(sink_rows, device, cache)
+        self.sink_row_scale = torch.tensor(
+            [1.0 / math.sqrt(k) for k in sink_rows], dtype=dtype, device=device
+        )
+        self.col_scale = torch.tensor(
+            [1.0 / math.sqrt(n) for n, m in mats for _ in range(m)], dtype=dtype, device=device
+        )
+        self.lora = None if lora is None else [lora[i] for i in layout.order]
+        self.plain_rows = None  # rows of tensors without ALLoRA, when some tensors have it
+        if self.lora is not None and any(self.lora) and not all(self.lora):
+            flags = [not flag for flag, (n, _) in zip(self.lora, mats, strict=True) for _ in range(n)]
+            self.plain_rows = torch.tensor(flags, device=device)
+        self.packed: dict[str, _Packed] = {}
+        self.scratch: dict[str, Any] = {}  # optimizer-specific structures built on first use
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Plain functions: the math on flat buffers, testable against float64 references.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _sinkgd_flat_(x: Tensor, plan: _Plan, iters: int) -> None:
+    """SinkGD in place on every tensor of a flat buffer; tensors with < 2 dims are scaled to unit RMS.
+
+    Each iteration scales rows to norm √cols, then columns to norm √rows. A tensor with < 2 dims is one row and
+    one column, so both passes scale it to unit RMS, the scale SinkGD gives matrices. All-zero rows/columns stay 0.
+    """
+    sq = torch.empty_like(x)
+    for _ in range(iters):
+        torch.mul(x, x, out=sq)
+        norms = plan.sink_rows.sum(sq).sqrt_().clamp_min_(_TINY).mul_(plan.sink_row_scale)
+        x.div_(plan.sink_rows.expand(norms))
+        torch.mul(x, x, out=sq)
+        norms = plan.cols.sum(sq).sqrt_().clamp_min_(_TINY).mul_(plan.col_scale)
+        x.div_(plan.cols.expand(norms))
+
+
+def sinkgd_many_(updates: Sequence[Tensor], iters: int) -> None:
+    """In place on each tensor: SinkGD of it viewed as (shape[0], rest), or unit RMS for tensors with < 2 dims."""
+    updates = list(updates)
+    if not updates:
+        return
+    plan = _Plan([u.shape for u in updates], updates[0].device, updates[0].dtype)
+    flat = plan.layout.flatten(updates)
+    _sinkgd_flat_(flat, plan, iters)
+    plan.layout.copy_to_(updates, flat)
 
 
 def sinkgd_(x: Tensor, iters: int) -> Tensor:
-    """SinkGD normalisation in place on (..., n, m): K times, rows to norm √m, then columns to norm √n.
+    """SinkGD in place on (..., n, m): K times, rows to norm √m, then columns to norm √n.
 
     After it every entry has unit RMS on average, so the lr means the same for every matrix shape; all-zero
     rows/columns stay zero.
     """
     n, m = x.shape[-2], x.shape[-1]
-    for _ in range(iters):
-        x.div_(torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min_(_TINY).mul_(1.0 / math.sqrt(m)))
-        x.div_(torch.linalg.vector_norm(x, dim=-2, keepdim=True).clamp_min_(_TINY).mul_(1.0 / math.sqrt(n)))
+    sinkgd_many_(list(x.view(-1, n, m).unbind(0)), iters)
     return x
 
 
-def _sinkgd_batched(tensors: Sequence[Tensor], iters: int) -> list[Tensor]:
-    """SinkGD of each tensor viewed as (shape[0], rest), one [k, n, m] batch per shape; returns new tensors."""
-    out: list[Tensor] = [None] * len(tensors)  # type: ignore[list-item]
-    for (n, m), idx in _bucket_plan(tuple(t.shape for t in tensors)):
-        batch = sinkgd_(_stack(tensors, idx, n, m), iters)
-        for i, b in zip(idx, batch.unbind(0), strict=True):
-            out[i] = b.view(tensors[i].shape)
-    return out
-
-
-def sinkgd_many_(updates: Sequence[Tensor], iters: int) -> None:
-    """SinkGD on each tensor viewed as (shape[0], rest) in place; same-shaped tensors are normalised as one batch."""
-    if updates:
-        torch._foreach_copy_(list(updates), _sinkgd_batched(updates, iters))
-
-
-def rms_normalize_(updates: Sequence[Tensor]) -> None:
-    """Elementwise path for tensors with fewer than 2 dims: scale to unit RMS, the scale SinkGD gives matrices."""
-    if not updates:
-        return
-    updates = list(updates)
-    inv_norms = torch.stack(torch._foreach_norm(updates)).clamp_min_(_TINY).reciprocal_()
-    torch._foreach_mul_(updates, _per_tensor(inv_norms, updates))
-    torch._foreach_mul_(updates, [math.sqrt(u.numel()) for u in updates])
+def _vradam(m: Tensor, plan: _Plan) -> Tensor:
+    """VRAdam per-tensor lr multiplier 1/(1 + min(3·Σm², 10)) (layout order): large, volatile momentum damps it."""
+    return (3.0 * plan.tensors.sum(m * m)).clamp_max_(10.0).add_(1.0).reciprocal_()
 
 
 def vradam_factor(momenta: Sequence[Tensor]) -> Tensor:
-    """VRAdam per-tensor lr multiplier 1/(1 + min(3·Σm², 10)): large, volatile momentum damps the step."""
-    sq = torch.stack(torch._foreach_norm(list(momenta))).square()
-    return 1.0 / (1.0 + (3.0 * sq).clamp_max(10.0))
+    """:func:`_vradam` of a list of tensors, in the list's order."""
+    momenta = list(momenta)
+    plan = _Plan([m.shape for m in momenta], momenta[0].device, momenta[0].dtype)
+    return _in_caller_order(plan.layout, _vradam(plan.layout.flatten(momenta), plan))
+
+
+def _mask_step_(mask: Tensor, agree: Tensor, grow: Tensor | float, shrink: Tensor | float, min_lr: float,
+                max_lr: float) -> None:  # fmt: skip
+    """Prodigy-style mask step per element: +grow where the sign repeats (agree > 0), −shrink where it flips.
+
+    ``agree`` = s·s_prev holds −1/0/+1; ``grow``/``shrink`` are one Python number for both, or tensors (0-d or
+    flat buffers like ``mask``).
+    """
+    if isinstance(grow, float) and isinstance(shrink, float) and grow == shrink:
+        mask.add_(agree, alpha=grow)
+    else:
+        mask.add_(torch.where(agree > 0, grow, shrink).mul_(agree))
+    mask.clamp_(min_lr, max_lr)
 
 
 def lr_mask_update_(
     masks: Sequence[Tensor],
     signs: Sequence[Tensor],
     prev_signs: Sequence[Tensor],
-    grow: Tensor | Sequence[Tensor] | float,
-    shrink: Tensor | Sequence[Tensor] | float,
+    grow: Tensor | Sequence[Tensor] | Sequence[float] | float,
+    shrink: Tensor | Sequence[Tensor] | Sequence[float] | float,
     min_lr: float,
     max_lr: float,
 ) -> None:
-    """Prodigy-style mask step per element: +grow where the sign repeats, −shrink where it flips, then clamp.
+    """:func:`_mask_step_` on a list of masks in place.
 
     ``signs``/``prev_signs`` hold −1/0/+1 (any dtype); a zero on either side leaves that element unchanged.
-    ``grow``/``shrink`` are one value for all tensors, or one value per tensor (a 1-D tensor or 0-d tensors).
+    ``grow``/``shrink`` are one value for all tensors, or one value per tensor (a 1-D tensor or a list).
     """
     masks = list(masks)
-    dtypes = [mask.dtype for mask in masks]
-    agree = torch._foreach_mul(_cast(prev_signs, dtypes), _cast(signs, dtypes))
-    up = torch._foreach_clamp_min(agree, 0.0)  # 1 where the sign repeats, else 0
-    torch._foreach_clamp_max_(agree, 0.0)  # −1 where it flips, else 0
-    for part, rate in ((up, grow), (agree, shrink)):
+    plan = _Plan([m.shape for m in masks], masks[0].device, masks[0].dtype)
+    layout = plan.layout
+    flat = layout.flatten(masks)
+    agree = layout.flatten(prev_signs, flat.dtype).mul_(layout.flatten(signs, flat.dtype))
+
+    def per_element(rate: Any) -> Tensor | float:
+        if isinstance(rate, (int, float)):
+            return float(rate)
         if isinstance(rate, Tensor):
-            rate = _per_tensor(rate, part)
-        elif not isinstance(rate, float) and isinstance(rate[0], Tensor):
-            rate = _per_tensor(torch.stack(list(rate)), part)
-        torch._foreach_mul_(part, rate if isinstance(rate, float) else list(rate))
-    torch._foreach_add_(masks, up)
-    torch._foreach_add_(masks, agree)
-    torch._foreach_clamp_min_(masks, min_lr)
-    torch._foreach_clamp_max_(masks, max_lr)
+            values = rate
+        elif isinstance(rate[0], Tensor):
+            values = torch.stack(list(rate))
+        else:
+            values = torch.tensor([float(r) for r in rate], dtype=flat.dtype)
+        return plan.tensors.expand(values.to(device=flat.device, dtype=flat.dtype)[layout.order])
+
+    grow, shrink = per_element(grow), per_element(shrink)
+    if isinstance(grow, float) and grow != shrink:
+        grow = torch.tensor(grow, dtype=flat.dtype, device=flat.device)
+    _mask_step_(flat, agree, grow, shrink, min_lr, max_lr)
+    layout.copy_to_(masks, flat)
+
+
+def _prodigy_rates(g: Tensor, theta: Tensor, start: Tensor, plan: _Plan, lr_bump: float,
+                   d_coef: float) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """(grow, shrink) per tensor (layout order) from c = ⟨g, θ₀ − θ⟩: c > 0 scales growth, c < 0 shrinkage."""
+    c = plan.tensors.sum((start - theta).mul_(g))
+    fast = lr_bump * d_coef
+    base = torch.full_like(c, lr_bump)
+    return base.masked_fill(c > 0, fast), base.masked_fill_(c < 0, fast)
 
 
 def prodigy_bumps(
     grads: Sequence[Tensor], params: Sequence[Tensor], starts: Sequence[Tensor], lr_bump: float, d_coef: float
 ) -> tuple[list[Tensor], list[Tensor]]:
-    """(grow, shrink) per tensor from Prodigy's c = ⟨g, θ₀ − θ⟩: c > 0 scales growth, c < 0 scales shrinkage."""
-    grow, shrink = _prodigy_rates(grads, params, starts, lr_bump, d_coef)
-    return list(grow.unbind(0)), list(shrink.unbind(0))
+    """:func:`_prodigy_rates` of lists of tensors: (grow, shrink) lists in the lists' order."""
+    grads = list(grads)
+    plan = _Plan([g.shape for g in grads], grads[0].device, grads[0].dtype)
+    flat = [plan.layout.flatten(x, grads[0].dtype) for x in (grads, params, starts)]
+    grow, shrink = _prodigy_rates(*flat, plan, lr_bump, d_coef)
+    return list(_in_caller_order(plan.layout, grow).unbind(0)), list(
+        _in_caller_order(plan.layout, shrink).unbind(0)
+    )
 
 
-def _prodigy_rates(
-    grads: Sequence[Tensor], params: Sequence[Tensor], starts: Sequence[Tensor], lr_bump: float, d_coef: float
-) -> tuple[Tensor, Tensor]:
-    """:func:`prodigy_bumps` as two 1-D tensors (one entry per tensor)."""
-    dtypes = [g.dtype for g in grads]
-    diff = torch._foreach_sub(_cast(starts, dtypes), _cast(params, dtypes))
-    torch._foreach_mul_(diff, list(grads))
-    c = _signed_sums(diff)
-    grow = (c > 0).to(c.dtype) * (lr_bump * (d_coef - 1.0)) + lr_bump
-    shrink = (c < 0).to(c.dtype) * (lr_bump * (d_coef - 1.0)) + lr_bump
-    return grow, shrink
-
-
-def _orthograd_(params: Sequence[Tensor], grads: list[Tensor]) -> None:
-    """OrthoGrad with batched per-tensor reductions (same definition as ``transforms.orthograd_``).
-
-    ``grads`` is replaced element by element with new tensors (the caller's gradients stay untouched).
-    """
-    params = list(params)
+def _orthograd(theta: Tensor, g: Tensor, plan: _Plan) -> Tensor:
+    """OrthoGrad per tensor on flat buffers (same definition as ``transforms.orthograd_``); returns a new buffer."""
+    tensors = plan.tensors
     # ⟨θ,θ⟩ and ⟨θ,g⟩ by the same reduction, so g = θ gives coef = 1 and g⊥ = 0 exactly
-    theta_sq = torch.stack(torch._foreach_norm(torch._foreach_mul(params, params), 1))
-    prod = torch._foreach_mul(params, grads)
-    coef = torch.where(theta_sq > _TINY, _signed_sums(prod) / theta_sq.clamp_min(_TINY), 0.0)
-    g_norm = torch.stack(torch._foreach_norm(grads))
-    perp = torch._foreach_mul(params, _per_tensor(-coef, params))
-    torch._foreach_add_(perp, grads)
-    perp_norm = torch.stack(torch._foreach_norm(perp))
-    scale = torch.where(perp_norm > 0, g_norm / perp_norm.clamp_min(_TINY), 1.0)
-    torch._foreach_mul_(perp, _per_tensor(scale, perp))
-    grads[:] = perp
+    theta_sq = tensors.sum(theta * theta)
+    coef = (tensors.sum(theta * g) / theta_sq.clamp_min(_TINY)).masked_fill_(theta_sq <= _TINY, 0.0)
+    g_norm = tensors.sum(g * g).sqrt_()
+    perp = torch.addcmul(g, theta, tensors.expand(coef), value=-1.0)
+    perp_norm = tensors.sum(perp * perp).sqrt_()
+    scale = (g_norm / perp_norm.clamp_min(_TINY)).masked_fill_(perp_norm <= 0, 1.0)
+    return perp.mul_(tensors.expand(scale))
 
 
-def _allora_scale_(updates: list[Tensor], params: Sequence[Tensor], eta: float) -> None:
-    """ALLoRA rows 1/√(‖θ_i‖² + 1/η²) applied to ``updates`` (replaced by new tensors), one batch per shape."""
-    inv_eta_sq = 1.0 / (eta * eta)
-    for (n, m), idx in _bucket_plan(tuple(p.shape for p in params)):
-        sq = torch.linalg.vector_norm(_stack(params, idx, n, m), dim=-1, keepdim=True).square_()
-        scaled = _stack(updates, idx, n, m).mul_(sq.add_(inv_eta_sq).rsqrt_())
-        for i, s in zip(idx, scaled.unbind(0), strict=True):
-            updates[i] = s.view(updates[i].shape)
-
-
-def adaptive_decay_factor(grads: Sequence[Tensor]) -> Tensor:
-    """Per-tensor a_p = 2·sigmoid(4·(mean|g_p| − μ)/σ), μ/σ = mean/std of |g| over all elements of ``grads``.
+def _adaptive_decay(g: Tensor, plan: _Plan) -> Tensor:
+    """Per-tensor a_p = 2·sigmoid(4·(mean|g_p| − μ)/σ) (layout order), μ/σ = mean/std of |g| over the buffer.
 
     Tensors whose gradients are larger than the group's typical gradient are decayed more (up to 2×).
     """
+    total = plan.layout.numel
+    abs_sums = plan.tensors.sum(g.abs())
+    mu = abs_sums.sum() / total
+    sigma = (torch.dot(g, g) / total - mu * mu).clamp_min_(0).sqrt_().clamp_min_(_TINY)
+    return torch.sigmoid((abs_sums / plan.numel - mu).mul_(4.0).div_(sigma)).mul_(2.0)
+
+
+def adaptive_decay_factor(grads: Sequence[Tensor]) -> Tensor:
+    """:func:`_adaptive_decay` of a list of tensors, in the list's order."""
     grads = list(grads)
-    numel = [g.numel() for g in grads]
-    abs_sums = torch._foreach_norm(grads, 1)
-    mean_abs = torch.stack(torch._foreach_div(abs_sums, numel))
-    total = sum(numel)
-    mu = torch.stack(abs_sums).sum() / total
-    sq_mean = torch.stack(torch._foreach_norm(grads, 2)).square().sum() / total
-    sigma = (sq_mean - mu * mu).clamp_min(0).sqrt().clamp_min(_TINY)
-    return 2.0 * torch.sigmoid(4.0 * (mean_abs - mu) / sigma)
+    plan = _Plan([g.shape for g in grads], grads[0].device, grads[0].dtype)
+    return _in_caller_order(plan.layout, _adaptive_decay(plan.layout.flatten(grads), plan))
 
 
-def _factored_rsqrt(row: Tensor, col: Tensor) -> Tensor:
-    """rsqrt of the rank-1 estimate (row/mean(row)) ⊗ col of non-negative matrices, batched: [k, n], [k, m]."""
-    inv_row = (row / row.mean(dim=-1, keepdim=True).clamp_min(_TINY)).rsqrt_()
-    return inv_row.unsqueeze(-1) * col.rsqrt().unsqueeze(-2)
+def _factored_rsqrt(row: Tensor, col: Tensor, plan: _Plan, scale: float = 1.0) -> Tensor:
+    """scale / √V̂ per element: V̂ = (row/mean(row)) ⊗ col for matrices, V̂ = row (the full moment) otherwise.
+
+    ``row`` has one entry per matrix row (every element of a tensor with < 2 dims), ``col`` one per column (the
+    entry of a tensor with < 2 dims is unused).
+    """
+    row_mean = plan.row_tensors.mean(row).clamp_min_(_TINY).masked_fill_(plan.vector_tensor, 1.0)
+    inv_row = (row / plan.row_tensors.expand(row_mean)).rsqrt_()
+    if scale != 1.0:
+        inv_row.mul_(scale)
+    inv_col = col.rsqrt().masked_fill_(plan.vector_col, 1.0)
+    return plan.rows.expand(inv_row).mul_(plan.cols.expand(inv_col))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -325,6 +489,8 @@ class _AutomagicBase(ExactStateLoad, torch.optim.Optimizer):
             name, "stats_update_freq", freq, isinstance(freq, int) and freq >= 1, "must be an integer >= 1"
         )
         self._logged_plain_params = False
+        # flat plans by the parameter tuple they cover (plans over overlapping parameters never coexist)
+        self._plans: dict[tuple, _Plan] = {}
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -367,27 +533,33 @@ class _AutomagicBase(ExactStateLoad, torch.optim.Optimizer):
         """θ₀ is kept only while the d_coef condition can act (t ≤ W/2 with t ≥ 2)."""
         return group["d_coef"] != 1 and group["warmup_steps"] >= 4
 
-    def _seed(self, group: dict, params: list[Tensor], grads: list[Tensor], states: list[dict]) -> None:
-        torch._foreach_copy_([s["sign"] for s in states], torch._foreach_sign(grads))
-        if self._needs_start(group):
-            starts = [torch.empty_like(p, memory_format=torch.contiguous_format) for p in params]
-            torch._foreach_copy_(starts, params)
-            for state, start in zip(states, starts, strict=True):
-                state["start"] = start
-        self._seed_direction(group, params, grads, states)
+    def _plan(self, group: dict, members: list[tuple[int, Tensor]], dtype: torch.dtype) -> _Plan:
+        """The cached flat plan of these parameters (built on first use or when the member list changes)."""
+        ids = tuple(id(p) for _, p in members)
+        key = (ids, tuple(p.shape for _, p in members), members[0][1].device, dtype)
+        plan = self._plans.get(key)
+        if plan is None:
+            covered = set(ids)
+            for other in [k for k in self._plans if covered.intersection(k[0])]:
+                del self._plans[other]  # its buffers would hold stale copies of these parameters' states
+            lora = [self._uses_allora(group, index, p) for index, p in members]
+            plan = _Plan([p.shape for _, p in members], members[0][1].device, dtype, lora)
+            self._plans[key] = plan
+        return plan
 
-    def _seed_direction(
-        self, group: dict, params: list[Tensor], grads: list[Tensor], states: list[dict]
-    ) -> None:
+    @staticmethod
+    def _per_tensor_state(plan: _Plan, states: list[dict], key: str) -> Tensor:
+        """Flat buffer of a 0-d per-tensor state (``avg_lr``, ``decay_factor``), layout order."""
+        packed = plan.packed.setdefault(key, _Packed([1] * plan.layout.count))
+        return packed.buffer(key, [(s, key) for s in plan.layout.arrange(states)], plan.dtype)
+
+    def _seed_direction(self, group: dict, plan: _Plan, g: Tensor, states: list[dict]) -> None:
         raise NotImplementedError
 
     def _direction(
-        self, group: dict, step: int, grads: list[Tensor], signs: list[Tensor], states: list[dict]
-    ) -> tuple[list[Tensor], Tensor | None]:
-        """Return the update direction per tensor (working dtype, new tensors) and an optional lr factor.
-
-        ``signs`` is sign(g) in the working dtype, shared with the lr-mask update.
-        """
+        self, group: dict, plan: _Plan, step: int, g: Tensor, sign: Tensor, states: list[dict]
+    ) -> tuple[Tensor, Tensor | None]:
+        """Return the update direction (a new flat buffer) and an optional per-tensor lr factor (layout order)."""
         raise NotImplementedError
 
     # -- step --------------------------------------------------------------------------------------------------
@@ -399,7 +571,7 @@ class _AutomagicBase(ExactStateLoad, torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            by_step: dict[int, list[tuple[int, Tensor]]] = defaultdict(list)
+            buckets: dict[tuple, list[tuple[int, Tensor]]] = defaultdict(list)
             for index, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
@@ -409,77 +581,88 @@ class _AutomagicBase(ExactStateLoad, torch.optim.Optimizer):
                 if not state:
                     self._init_state(group, p, state)
                 state["step"] += 1
-                by_step[state["step"]].append((index, p))
-            for t, members in by_step.items():
-                self._step_members(group, t, members)
+                buckets[(state["step"], p.device, _work_dtype(p))].append((index, p))
+            for (t, _, dtype), members in buckets.items():
+                self._step_members(group, t, dtype, members)
         return loss
 
-    def _step_members(self, group: dict, t: int, members: list[tuple[int, Tensor]]) -> None:
-        """One step of the tensors at step t; every op works on the whole list (foreach or per-shape batches)."""
+    def _step_members(
+        self, group: dict, t: int, dtype: torch.dtype, members: list[tuple[int, Tensor]]
+    ) -> None:
+        """One step of the tensors at step t, on flat buffers: a fixed number of kernels for any tensor count."""
+        plan = self._plan(group, members, dtype)
+        layout, store = plan.layout, plan.store
         params = [p for _, p in members]
         states = [self.state[p] for p in params]
-        dtypes = [_work_dtype(p) for p in params]
-        grads = _cast([p.grad for p in params], dtypes)
-        if t == 1:
-            self._seed(group, params, grads, states)
-            return
+        g = layout.flatten([p.grad for p in params], dtype)
+        theta = layout.flatten(params, dtype)
         warmup = group["warmup_steps"]
+        if t == 1:
+            store.buffer(states, "sign", torch.int8).copy_(g.sign())
+            if self._needs_start(group):
+                for state, p in zip(states, params, strict=True):
+                    state["start"] = torch.empty(p.shape, dtype=dtype, device=p.device)
+                store.buffer(states, "start", dtype).copy_(theta)
+            self._seed_direction(group, plan, g, states)
+            return
         early = t <= warmup / 2
-        params_w = _cast(params, dtypes)  # read-only working-dtype view of θ (copies only for fp16/bf16)
         if group["orthograd"] and t > warmup:
-            _orthograd_(params_w, grads)
+            g = _orthograd(theta, g, plan)
 
-        signs = torch._foreach_sign(grads)
-        updates, lr_factor = self._direction(group, t, grads, signs, states)
+        sign = g.sign()
+        update, lr_factor = self._direction(group, plan, t, g, sign, states)
 
-        # lr mask
-        lr_bump = group["lr_bump"]
+        # lr mask: grow where the sign repeats, shrink where it flips
+        lr_bump = float(group["lr_bump"])
+        mask = store.buffer(states, "lr_mask", dtype)
+        prev_sign = store.buffer(states, "sign", torch.int8)
+        new_sign = sign.to(torch.int8)
+        agree = prev_sign * new_sign
         if early and "start" in states[0]:
-            grow, shrink = _prodigy_rates(
-                grads, params_w, [s["start"] for s in states], lr_bump, group["d_coef"]
-            )
+            start = store.buffer(states, "start", dtype)
+            grow, shrink = _prodigy_rates(g, theta, start, plan, lr_bump, group["d_coef"])
+            _mask_step_(mask, agree, plan.tensors.expand(grow), plan.tensors.expand(shrink),
+                        group["min_lr"], group["max_lr"])  # fmt: skip
         else:
-            grow = shrink = float(lr_bump)
-            for state in states:
-                state.pop("start", None)
-        masks = [s["lr_mask"] for s in states]
-        prev_signs = [s["sign"] for s in states]
-        lr_mask_update_(masks, signs, prev_signs, grow, shrink, group["min_lr"], group["max_lr"])
-        torch._foreach_copy_(prev_signs, signs)
+            if "start" in states[0]:
+                for state in states:
+                    state.pop("start", None)
+                store.drop("start")
+            _mask_step_(mask, agree, lr_bump, lr_bump, group["min_lr"], group["max_lr"])
+        prev_sign.copy_(new_sign)
 
+        decays = early and group["weight_decay"] > 0
         if (t - 2) % group["stats_update_freq"] == 0:
-            means = torch._foreach_div(torch._foreach_norm(masks, 1), [m.numel() for m in masks])
-            torch._foreach_copy_([s["avg_lr"] for s in states], means)
-            if early and group["weight_decay"] > 0:
-                torch._foreach_copy_(
-                    [s["decay_factor"] for s in states], list(adaptive_decay_factor(grads).unbind(0))
-                )
+            self._per_tensor_state(plan, states, "avg_lr").copy_(plan.tensors.mean(mask))
+            if decays:
+                self._per_tensor_state(plan, states, "decay_factor").copy_(_adaptive_decay(g, plan))
 
         # decoupled adaptive weight decay folded into the update: θ ← θ − η ⊙ (u + wd·a_p·θ)
-        if early and group["weight_decay"] > 0:
-            coef = torch.stack([s["decay_factor"] for s in states]) * group["weight_decay"]
-            torch._foreach_add_(updates, torch._foreach_mul(params_w, _per_tensor(coef, params_w)))
+        if decays:
+            coef = self._per_tensor_state(plan, states, "decay_factor") * group["weight_decay"]
+            update.addcmul_(theta, plan.tensors.expand(coef))
+        update.mul_(mask)
 
-        torch._foreach_mul_(updates, masks)
+        # per-tensor factors (lr schedule, VRAdam) and ALLoRA rows, folded into one per-row factor
         ratio = group["lr"] / group["mask_init_lr"]
-        if lr_factor is not None:
-            torch._foreach_mul_(updates, _per_tensor(lr_factor * ratio, updates))
+        if lr_factor is not None and ratio != 1.0:
+            lr_factor = lr_factor * ratio
+        if plan.lora is not None and any(plan.lora):
+            rows = plan.rows.sum(theta * theta).add_(1.0 / (group["eta"] * group["eta"])).rsqrt_()
+            if plan.plain_rows is not None:
+                rows.masked_fill_(plan.plain_rows, 1.0)
+            if lr_factor is not None:
+                rows.mul_(plan.row_tensors.expand(lr_factor))
+            elif ratio != 1.0:
+                rows.mul_(ratio)
+            update.mul_(plan.rows.expand(rows))
+        elif lr_factor is not None:
+            update.mul_(plan.tensors.expand(lr_factor))
         elif ratio != 1.0:
-            torch._foreach_mul_(updates, ratio)
-        lora = [i for i, (index, p) in enumerate(members) if self._uses_allora(group, index, p)]
-        if lora:
-            lora_updates = [updates[i] for i in lora]
-            _allora_scale_(lora_updates, [params_w[i] for i in lora], group["eta"])
-            for i, u in zip(lora, lora_updates, strict=True):
-                updates[i] = u
+            update.mul_(ratio)
 
-        same = [i for i, p in enumerate(params) if p.dtype == dtypes[i]]
-        if same:
-            torch._foreach_sub_([params[i] for i in same], [updates[i] for i in same])
-        cast = [i for i, p in enumerate(params) if p.dtype != dtypes[i]]
-        if cast:
-            torch._foreach_sub_([params_w[i] for i in cast], [updates[i] for i in cast])
-            torch._foreach_copy_([params[i] for i in cast], [params_w[i] for i in cast])
+        theta.sub_(update)
+        layout.copy_to_(params, theta)
 
     # -- checkpointing and logging -----------------------------------------------------------------------------
 
@@ -564,29 +747,97 @@ class Automagic_Sinkgd(_AutomagicBase):  # noqa: N801 - user-facing name from th
         super()._init_state(group, p, state)
         state["exp_avg"] = torch.zeros_like(p, dtype=_work_dtype(p), memory_format=torch.contiguous_format)
 
-    def _seed_direction(
-        self, group: dict, params: list[Tensor], grads: list[Tensor], states: list[dict]
-    ) -> None:
-        torch._foreach_copy_([s["exp_avg"] for s in states], grads)
+    def _seed_direction(self, group: dict, plan: _Plan, g: Tensor, states: list[dict]) -> None:
+        plan.store.buffer(states, "exp_avg", plan.dtype).copy_(g)
 
     def _direction(
-        self, group: dict, step: int, grads: list[Tensor], signs: list[Tensor], states: list[dict]
-    ) -> tuple[list[Tensor], Tensor | None]:
-        momenta = [s["exp_avg"] for s in states]
-        torch._foreach_lerp_(momenta, grads, 1.0 - group["beta1"])
-        updates = list(torch._foreach_abs(momenta))  # Grams: |m| with the sign of g
-        torch._foreach_mul_(updates, signs)
-        mats = [i for i, u in enumerate(updates) if u.dim() >= 2]
-        normalised = _sinkgd_batched([updates[i] for i in mats], 5 if group["full_finetune"] else 4)
-        for i, u in zip(mats, normalised, strict=True):
-            updates[i] = u
-        rms_normalize_([u for u in updates if u.dim() < 2])
-        return updates, vradam_factor(momenta)
+        self, group: dict, plan: _Plan, step: int, g: Tensor, sign: Tensor, states: list[dict]
+    ) -> tuple[Tensor, Tensor | None]:
+        momentum = plan.store.buffer(states, "exp_avg", plan.dtype)
+        momentum.lerp_(g, 1.0 - group["beta1"])
+        update = momentum.abs().mul_(sign)  # Grams: |m| with the sign of g
+        _sinkgd_flat_(update, plan, 5 if group["full_finetune"] else 4)
+        return update, _vradam(momentum, plan)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Automagic_CameAMP
 # ---------------------------------------------------------------------------------------------------------------
+
+
+class _Moment8:
+    """Where a plan's first moments live when some are 8-bit: regions of the layout, codes and fp32 parts.
+
+    Tensors of one shape bucket share their size, so they are all quantised or all fp32: the layout splits into
+    contiguous runs ("regions") of either kind.
+    """
+
+    def __init__(self, plan: _Plan, quantised: Sequence[bool]) -> None:
+        sizes = plan.layout.sizes
+        self.q = [j for j, flag in enumerate(quantised) if flag]
+        self.f = [j for j, flag in enumerate(quantised) if not flag]
+        self.padded = any(sizes[j] % quant8.BLOCKSIZE for j in self.q)
+        slots = [quant8.num_blocks(sizes[j]) * quant8.BLOCKSIZE for j in self.q]
+        self.codes = _Packed([sizes[j] for j in self.q], slots)
+        self.absmax = _Packed([quant8.num_blocks(sizes[j]) for j in self.q])
+        self.fp32 = _Packed([sizes[j] for j in self.f])
+        # (quantised?, [start, stop) in the layout, start in the q-only or f-only flat order)
+        self.regions: list[tuple[bool, int, int, int]] = []
+        seen = {True: 0, False: 0}
+        for j, flag in enumerate(quantised):
+            a, b = plan.layout.offsets[j], plan.layout.offsets[j] + sizes[j]
+            if self.regions and self.regions[-1][0] == flag:
+                kind, start, _, own = self.regions[-1]
+                self.regions[-1] = (kind, start, b, own)
+            else:
+                self.regions.append((flag, a, b, seen[flag]))
+            seen[flag] += sizes[j]
+        # padded slots of quantised tensors: (offset in the padded buffer, size, padding)
+        self.slots: list[tuple[int, int, int]] = []
+        offset = 0
+        for j, slot in zip(self.q, slots, strict=True):
+            self.slots.append((offset, sizes[j], slot - sizes[j]))
+            offset += slot
+
+    def load(self, arranged: list[dict], dtype: torch.dtype) -> Tensor:
+        """All first moments as one new flat buffer in layout order (one dequantisation, at most two cats)."""
+        codes = self.codes.buffer("codes", [(arranged[j], "exp_avg_codes") for j in self.q], torch.uint8)
+        absmax = self.absmax.buffer(
+            "absmax", [(arranged[j], "exp_avg_absmax") for j in self.q], torch.float32
+        )
+        quantised = quant8.dequantize(codes, absmax, signed=True, dtype=dtype)
+        if self.padded:
+            quantised = torch.cat([quantised[o : o + n] for o, n, _ in self.slots])
+        if not self.f:
+            return quantised
+        fp32 = self.fp32.buffer("exp_avg", [(arranged[j], "exp_avg") for j in self.f], dtype)
+        parts = [(quantised if q else fp32)[own : own + b - a] for q, a, b, own in self.regions]
+        return torch.cat(parts)
+
+    def store(self, arranged: list[dict], moment: Tensor) -> None:
+        """Write ``moment`` back: fp32 parts by one foreach copy, 8-bit parts requantised in one call."""
+        codes = self.codes.buffer("codes", [(arranged[j], "exp_avg_codes") for j in self.q], torch.uint8)
+        absmax = self.absmax.buffer(
+            "absmax", [(arranged[j], "exp_avg_absmax") for j in self.q], torch.float32
+        )
+        source = moment
+        if self.f:
+            fp32 = self.fp32.buffer("exp_avg", [(arranged[j], "exp_avg") for j in self.f], moment.dtype)
+            f_regions = [(a, b, own) for q, a, b, own in self.regions if not q]
+            torch._foreach_copy_([fp32[own : own + b - a] for a, b, own in f_regions],
+                                 [moment[a:b] for a, b, _ in f_regions])  # fmt: skip
+            source = torch.cat([moment[a:b] for q, a, b, _ in self.regions if q])
+        if self.padded:
+            zeros = torch.zeros(quant8.BLOCKSIZE, dtype=moment.dtype, device=moment.device)
+            pieces: list[Tensor] = []
+            own = 0
+            for _, n, pad in self.slots:
+                pieces.append(source[own : own + n])
+                if pad:
+                    pieces.append(zeros[:pad])
+                own += n
+            source = torch.cat(pieces)
+        quant8.quantize_into_(source, codes, absmax, signed=True)
 
 
 class Automagic_CameAMP(_AutomagicBase):  # noqa: N801 - user-facing name from the seed docs
@@ -663,149 +914,75 @@ class Automagic_CameAMP(_AutomagicBase):  # noqa: N801 - user-facing name from t
         else:
             state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
         if p.dim() >= 2:
-            n, m = _matrix_shape(p.shape)
+            n, m = matrix_shape(p.shape)
             for key, size in (("v_row", n), ("v_col", m), ("r_row", n), ("r_col", m)):
                 state[key] = torch.zeros(size, dtype=dtype, device=p.device)
         else:
             state["v"] = torch.zeros_like(p, dtype=dtype)
             state["r"] = torch.zeros_like(p, dtype=dtype)
 
-    def _seed_direction(
-        self, group: dict, params: list[Tensor], grads: list[Tensor], states: list[dict]
-    ) -> None:
-        eps1 = group["eps"][0]
-        mats = [i for i, g in enumerate(grads) if g.dim() >= 2]
-        dst: list[Tensor] = []
-        src: list[Tensor] = []
-        for (n, m), idx in _bucket_plan(tuple(grads[i].shape for i in mats)):
-            members = [mats[j] for j in idx]
-            sq = _stack(grads, members, n, m).square_().add_(eps1)
-            for key, stat in (("v_row", sq.mean(dim=-1)), ("v_col", sq.mean(dim=-2))):
-                dst += [states[i][key] for i in members]
-                src += list(stat.unbind(0))
-        vecs = [i for i, g in enumerate(grads) if g.dim() < 2]
-        if vecs:
-            sq = torch._foreach_mul([grads[i] for i in vecs], [grads[i] for i in vecs])
-            torch._foreach_add_(sq, eps1)
-            dst += [states[i]["v"] for i in vecs]
-            src += sq
-        if dst:
-            torch._foreach_copy_(dst, src)
-
     @staticmethod
-    def _load_moment(
-        states: list[dict], members: Sequence[int], n: int, m: int, dtype: torch.dtype
-    ) -> Tensor:
-        """First moments of a shape bucket as one [k, n, m] tensor (dequantised in one call when blocks align)."""
-        first = states[members[0]]
-        if not quant8.has_state(first, "exp_avg"):
-            return torch.stack([states[i]["exp_avg"].view(n, m) for i in members])
-        if (n * m) % quant8.BLOCKSIZE == 0:
-            codes = torch.stack([states[i]["exp_avg_codes"].view(n, m) for i in members])
-            absmax = torch.cat([states[i]["exp_avg_absmax"] for i in members])
-            return quant8.dequantize(codes, absmax, signed=True, dtype=dtype)
-        return torch.stack(
-            [quant8.load(states[i], "exp_avg", signed=True, dtype=dtype).view(n, m) for i in members]
+    def _factored(plan: _Plan, states: list[dict], name: str) -> tuple[Tensor, Tensor]:
+        """Flat (row, column) buffers of moment ``name`` ("v" or "r"), layout order.
+
+        Rows: a matrix's ``{name}_row``, or the full ``{name}`` of a tensor with < 2 dims (its rows have one
+        element). Columns: a matrix's ``{name}_col``; a tensor with < 2 dims has a private unused slot there.
+        """
+        arranged = plan.layout.arrange(states)
+        spare = plan.scratch.setdefault("spare", [{} for _ in arranged])
+        row_refs, col_refs = [], []
+        for is_mat, state, own in zip(plan.is_matrix, arranged, spare, strict=True):
+            row_refs.append((state, f"{name}_row") if is_mat else (state, name))
+            if is_mat:
+                col_refs.append((state, f"{name}_col"))
+            else:
+                if f"{name}_col" not in own:
+                    own[f"{name}_col"] = torch.ones(1, dtype=plan.dtype, device=plan.layout.device)
+                col_refs.append((own, f"{name}_col"))
+        rows = plan.packed.setdefault(f"{name}_row", _Packed([n for n, _ in plan.mats]))
+        cols = plan.packed.setdefault(f"{name}_col", _Packed(plan.col_tensors))
+        return rows.buffer(f"{name}_row", row_refs, plan.dtype), cols.buffer(
+            f"{name}_col", col_refs, plan.dtype
         )
 
-    @staticmethod
-    def _store_moment(
-        states: list[dict], members: Sequence[int], moment: Tensor, dst: list[Tensor], src: list[Tensor]
-    ) -> list[tuple[list[Tensor], list[Tensor]]]:
-        """Queue the bucket's first moments for the step's final foreach copy (fp32 destinations into
-        ``dst``/``src``); returns the uint8 code copies, which need a foreach call of their own dtype."""
-        first = states[members[0]]
-        if not quant8.has_state(first, "exp_avg"):
-            dst += [states[i]["exp_avg"] for i in members]
-            src += [x.view_as(states[i]["exp_avg"]) for i, x in zip(members, moment.unbind(0), strict=True)]
-            return []
-        k, n, m = moment.shape
-        if (n * m) % quant8.BLOCKSIZE == 0:
-            codes, absmax = quant8.quantize(moment, signed=True)
-            code_dst = [states[i]["exp_avg_codes"] for i in members]
-            code_src = [c.view_as(d) for c, d in zip(codes.unbind(0), code_dst, strict=True)]
-            dst += [states[i]["exp_avg_absmax"] for i in members]
-            src += list(absmax.view(k, -1).unbind(0))
-            return [(code_dst, code_src)]
-        for i, x in zip(members, moment.unbind(0), strict=True):
-            quant8.store_(states[i], "exp_avg", x.view(states[i]["exp_avg_codes"].shape), signed=True)
-        return []
+    def _seed_direction(self, group: dict, plan: _Plan, g: Tensor, states: list[dict]) -> None:
+        v_row, v_col = self._factored(plan, states, "v")
+        sq = (g * g).add_(group["eps"][0])
+        v_row.copy_(plan.rows.mean(sq))
+        v_col.copy_(plan.cols.mean(sq))
 
     def _direction(
-        self, group: dict, step: int, grads: list[Tensor], signs: list[Tensor], states: list[dict]
-    ) -> tuple[list[Tensor], Tensor | None]:
+        self, group: dict, plan: _Plan, step: int, g: Tensor, sign: Tensor, states: list[dict]
+    ) -> tuple[Tensor, Tensor | None]:
         beta1, beta2, beta3 = group["betas"]
         eps1, eps2 = group["eps"]
-        clip = group["clip_threshold"]
         k = step - 1  # CAME update count (step 1 only seeded v)
-        correction = math.sqrt(1.0 - beta3**k)
-        updates: list[Tensor] = [None] * len(grads)  # type: ignore[list-item]
-        dst: list[Tensor] = []
-        src: list[Tensor] = []
-        extra: list[tuple[list[Tensor], list[Tensor]]] = []
+        v_row, v_col = self._factored(plan, states, "v")
+        r_row, r_col = self._factored(plan, states, "r")
 
-        # matrices: factored moments, one [k, n, m] batch per shape
-        mats = [i for i, g in enumerate(grads) if g.dim() >= 2]
-        for (n, m), idx in _bucket_plan(tuple(grads[i].shape for i in mats)):
-            members = [mats[j] for j in idx]
-            moments = {
-                key: torch.stack([states[i][key] for i in members])
-                for key in ("v_row", "v_col", "r_row", "r_col")
-            }
-            grad = _stack(grads, members, n, m)
-            sq = grad.square().add_(eps1)
-            moments["v_row"].lerp_(sq.mean(dim=-1), 1.0 - beta2)
-            moments["v_col"].lerp_(sq.mean(dim=-2), 1.0 - beta2)
-            u = grad.mul_(_factored_rsqrt(moments["v_row"], moments["v_col"]))
-            rms = torch.linalg.vector_norm(u, dim=(-2, -1), keepdim=True).div_(math.sqrt(n * m))
-            u.div_(rms.div_(clip).clamp_min_(1.0))
-            moment = self._load_moment(states, members, n, m, grad.dtype)
-            moment.lerp_(u, 1.0 - beta1)
-            extra += self._store_moment(states, members, moment, dst, src)
-            instability = u.sub_(moment).square_().add_(eps2)
-            moments["r_row"].lerp_(instability.mean(dim=-1), 1.0 - beta3)
-            moments["r_col"].lerp_(instability.mean(dim=-2), 1.0 - beta3)
-            direction = _factored_rsqrt(moments["r_row"], moments["r_col"]).mul_(moment).mul_(correction)
-            for key, stacked in moments.items():
-                dst += [states[i][key] for i in members]
-                src += list(stacked.unbind(0))
-            for i, d in zip(members, direction.unbind(0), strict=True):
-                updates[i] = d.view(grads[i].shape)
+        sq = (g * g).add_(eps1)
+        v_row.lerp_(plan.rows.mean(sq), 1.0 - beta2)
+        v_col.lerp_(plan.cols.mean(sq), 1.0 - beta2)
+        update = _factored_rsqrt(v_row, v_col, plan).mul_(g)
+        rms = plan.tensors.sum(update * update).div_(plan.numel).sqrt_()
+        update.div_(plan.tensors.expand(rms.div_(group["clip_threshold"]).clamp_min_(1.0)))
 
-        # tensors with < 2 dims: full moments, foreach over the list
-        vecs = [i for i, g in enumerate(grads) if g.dim() < 2]
-        if vecs:
-            g = [grads[i] for i in vecs]
-            v = [states[i]["v"] for i in vecs]
-            r = [states[i]["r"] for i in vecs]
-            sq = torch._foreach_mul(g, g)
-            torch._foreach_add_(sq, eps1)
-            torch._foreach_lerp_(v, sq, 1.0 - beta2)
-            u = torch._foreach_rsqrt(v)
-            torch._foreach_mul_(u, g)
-            rms = torch.stack(torch._foreach_div(torch._foreach_norm(u), [math.sqrt(x.numel()) for x in u]))
-            torch._foreach_div_(u, _per_tensor(rms.div_(clip).clamp_min_(1.0), u))
-            quantised = [quant8.has_state(states[i], "exp_avg") for i in vecs]
-            moment = [
-                quant8.load(states[i], "exp_avg", signed=True, dtype=x.dtype) if q else states[i]["exp_avg"]
-                for i, x, q in zip(vecs, g, quantised, strict=True)
-            ]
-            torch._foreach_lerp_(moment, u, 1.0 - beta1)
-            for i, x, q in zip(vecs, moment, quantised, strict=True):
-                if q:
-                    quant8.store_(states[i], "exp_avg", x, signed=True)
-            torch._foreach_sub_(u, moment)
-            torch._foreach_mul_(u, u)
-            torch._foreach_add_(u, eps2)
-            torch._foreach_lerp_(r, u, 1.0 - beta3)
-            direction = torch._foreach_rsqrt(r)
-            torch._foreach_mul_(direction, moment)
-            torch._foreach_mul_(direction, correction)
-            for i, d in zip(vecs, direction, strict=True):
-                updates[i] = d
+        arranged = plan.layout.arrange(states)
+        moment8 = plan.scratch.get("moment8")
+        if moment8 is None and any(quant8.has_state(s, "exp_avg") for s in arranged):
+            moment8 = plan.scratch["moment8"] = _Moment8(
+                plan, [quant8.has_state(s, "exp_avg") for s in arranged]
+            )
+        if moment8 is None:
+            moment = plan.store.buffer(states, "exp_avg", plan.dtype)
+            moment.lerp_(update, 1.0 - beta1)
+        else:
+            moment = moment8.load(arranged, plan.dtype)
+            moment.lerp_(update, 1.0 - beta1)
+            moment8.store(arranged, moment)
 
-        if dst:
-            torch._foreach_copy_(dst, src)
-        for code_dst, code_src in extra:
-            torch._foreach_copy_(code_dst, code_src)
-        return updates, None
+        instability = update.sub_(moment).square_().add_(eps2)
+        r_row.lerp_(plan.rows.mean(instability), 1.0 - beta3)
+        r_col.lerp_(plan.cols.mean(instability), 1.0 - beta3)
+        direction = _factored_rsqrt(r_row, r_col, plan, math.sqrt(1.0 - beta3**k)).mul_(moment)
+        return direction, None

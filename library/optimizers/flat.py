@@ -65,6 +65,8 @@ class FlatLayout:
         self.numel = sum(self.sizes)
         self.count = len(self.sizes)
         self.lengths = torch.tensor(self.sizes, dtype=torch.int64, device=self.device)
+        # segment_reduce with offsets and unsafe=True: the checked form validates lengths with .item() (host syncs)
+        self._segment_offsets = torch.tensor([*self.offsets, self.numel], dtype=torch.int64, device=self.device)
         self.buckets = self._buckets()
 
     def _buckets(self) -> list[ShapeBucket]:
@@ -103,11 +105,11 @@ class FlatLayout:
 
     def sum(self, x: Tensor) -> Tensor:
         """Per-tensor sums of a flat buffer, in layout order (one kernel, no host sync)."""
-        return torch.segment_reduce(x, "sum", lengths=self.lengths)
+        return torch.segment_reduce(x, "sum", offsets=self._segment_offsets, unsafe=True)
 
     def max(self, x: Tensor) -> Tensor:
         """Per-tensor maxima of a flat buffer, in layout order (-inf for an empty tensor)."""
-        return torch.segment_reduce(x, "max", lengths=self.lengths)
+        return torch.segment_reduce(x, "max", offsets=self._segment_offsets, unsafe=True)
 
     def norm(self, x: Tensor) -> Tensor:
         """Per-tensor L2 norms of a flat buffer, in layout order."""

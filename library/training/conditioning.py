@@ -35,9 +35,16 @@ def encode_sd(tokenizer, text_encoder, captions: list[str], clip_skip: int | Non
     return getattr(text_encoder, "text_model", text_encoder).final_layer_norm(hidden)
 
 
-def sdxl_time_ids(sizes: list[tuple[int, int]], device) -> torch.Tensor:
-    """(original h, w, crop top, left, target h, w) per sample; we train on centre crops of resized images."""
-    rows = [[h, w, 0, 0, h, w] for (w, h) in sizes]
+def sdxl_time_ids(original_sizes: list[tuple[int, int]], crops_top_left: list[tuple[int, int]],
+                  target_sizes: list[tuple[int, int]], device) -> torch.Tensor:
+    """SDXL's size/crop micro-conditioning, one row per sample: (original h, w, crop top, left, target h, w).
+
+    Sizes come as the dataset gives them, (W, H): the image file's size and the bucket; the crop as (top, left) in
+    resized pixels. SDXL was trained on these, so telling it the real original size keeps small or cropped
+    images from teaching it low-resolution or cut-off looks (the SDXL paper, section 2.2).
+    """
+    rows = [[oh, ow, top, left, th, tw]
+            for (ow, oh), (top, left), (tw, th) in zip(original_sizes, crops_top_left, target_sizes, strict=True)]
     return torch.tensor(rows, dtype=torch.float32, device=device)
 
 
@@ -52,8 +59,9 @@ def encode_sdxl(tokenizers, text_encoders, captions: list[str], device) -> tuple
     return torch.cat(hidden, dim=-1), pooled
 
 
-def encode_prompts(model, captions: list[str], sizes: list[tuple[int, int]], clip_skip: int | None, device) -> Conditioning:
+def encode_prompts(model, captions: list[str], clip_skip: int | None, device) -> Conditioning:
+    """Text conditioning only; SDXL's time ids depend on each image and are added per batch (`sdxl_time_ids`)."""
     if model.model_type == "sdxl":
         hidden, pooled = encode_sdxl(model.tokenizers, model.text_encoders, captions, device)
-        return Conditioning(hidden, {"text_embeds": pooled, "time_ids": sdxl_time_ids(sizes, device)})
+        return Conditioning(hidden, {"text_embeds": pooled})
     return Conditioning(encode_sd(model.tokenizers[0], model.text_encoders[0], captions, clip_skip, device))

@@ -46,8 +46,11 @@ def diffusion_loss(
     v_pred = scheduler.config.prediction_type == "v_prediction"
     if min_snr_gamma:
         s = snr(scheduler, timesteps)
-        weight = torch.minimum(s, torch.full_like(s, min_snr_gamma))
-        loss = loss * (weight / (s + 1.0) if v_pred else weight / s)
+        if v_pred:
+            weight = torch.minimum(s, torch.full_like(s, min_snr_gamma)) / (s + 1.0)
+        else:  # min(snr, gamma) / snr, written so that --zero_terminal_snr's snr = 0 at t = T gives 1, not 0/0
+            weight = (min_snr_gamma / s).clamp(max=1.0)
+        loss = loss * weight
     if scale_v_pred_loss_like_noise_pred and v_pred:
         s = snr(scheduler, timesteps)
         loss = loss * s / (s + 1.0)

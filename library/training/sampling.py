@@ -73,12 +73,13 @@ def build_pipeline(model, scheduler):
     """A diffusers pipeline over the training modules (LoRA already applied in place)."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    unet = getattr(model.unet, "_orig_mod", model.unet)  # eager: compiled / CUDA-graph U-Nets are for training steps
     if model.model_type == "sdxl":
         return StableDiffusionXLPipeline(vae=model.vae, text_encoder=model.text_encoders[0], text_encoder_2=model.text_encoders[1],
-                                         tokenizer=model.tokenizers[0], tokenizer_2=model.tokenizers[1], unet=model.unet,
+                                         tokenizer=model.tokenizers[0], tokenizer_2=model.tokenizers[1], unet=unet,
                                          scheduler=scheduler)
     return StableDiffusionPipeline(vae=model.vae, text_encoder=model.text_encoders[0], tokenizer=model.tokenizers[0],
-                                   unet=model.unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
 
 

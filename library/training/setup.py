@@ -58,16 +58,21 @@ def build_dataset(args: argparse.Namespace):
 
 # ----------------------------------------------------------------------------------------------- model
 def load_model(args: argparse.Namespace, device: torch.device, weight_dtype: torch.dtype):
-    from library.models.loader import load_sd_model
+    from library.models.loader import detect_model_type, load_sd_model
 
-    model = load_sd_model(args.pretrained_model_name_or_path, v2=args.v2, v_parameterization=args.v_parameterization,
-                          sdxl=args.sdxl)
+    source = args.pretrained_model_name_or_path
+    if not args.v2 and not args.sdxl and detect_model_type(source) == "sdxl":
+        logger.info("%s is an SDXL model: training it as SDXL (as sdxl_train_network.py / --sdxl would)", source)
+        args.sdxl = True
+    model = load_sd_model(source, v2=args.v2, v_parameterization=args.v_parameterization, sdxl=args.sdxl)
     for module in (model.unet, model.vae, *model.text_encoders):
         module.requires_grad_(False)
         module.eval()
     vae_dtype = torch.float32 if model.model_type == "sdxl" else weight_dtype  # SDXL's VAE overflows in fp16
     model.vae.to(device, dtype=vae_dtype)
-    model.unet.to(device, dtype=weight_dtype)
+    # the U-Net reaches the device after the latent / text-encoder caches are built (LoRATrainer.setup), so the
+    # caching passes never hold it there too: the low-VRAM recipe's peak is the training step's
+    model.unet.to(dtype=weight_dtype)
     for te in model.text_encoders:
         te.to(device, dtype=weight_dtype)
     if args.xformers:

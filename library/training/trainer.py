@@ -23,6 +23,7 @@ from library.data.dataset import collate
 from library.errors import ConfigError, LoraForgeError
 from library.training import conditioning, losses
 from library.training.atomic import atomic_dir, atomic_file, check_writable
+from library.training.compile import check_compile_device, compile_requested, compile_unet, step_marker
 from library.training.metadata import build_metadata
 from library.training.progress import Progress
 from library.training.setup import (
@@ -94,6 +95,8 @@ class LoRATrainer:
                                        project_dir=a.logging_dir or str(self.output_dir / "logs"))
         acc = self.accelerator
         self.device = acc.device
+        check_compile_device(a, self.device)
+        self._mark_step = step_marker(a)
         torch.manual_seed(a.seed + acc.process_index)
         random.seed(a.seed + acc.process_index)
 
@@ -105,6 +108,7 @@ class LoRATrainer:
         self.train_unet = not a.network_train_text_encoder_only
         self.train_text_encoder = not a.network_train_unet_only
         self._cache_inputs()
+        self.model.unet.to(self.device)
 
         self.network = build_network(a, self.network_module, self.model, self.train_text_encoder, self.train_unet)
         self.network.to(self.device, dtype=self.weight_dtype if (a.full_fp16 or a.full_bf16) else torch.float32)
@@ -116,8 +120,8 @@ class LoRATrainer:
                     te.gradient_checkpointing_enable()
         if a.channels_last:
             self.model.unet.to(memory_format=torch.channels_last)
-        if a.torch_compile:
-            self.model.unet = torch.compile(self.model.unet)
+        if compile_requested(a):
+            self.model.unet = compile_unet(self.model.unet, a)
         self.model.unet.train()
 
         self.optimizer, self.optimizer_desc = build_optimizer_for(a, self.network)
@@ -151,13 +155,18 @@ class LoRATrainer:
 
             self.dataset.cache_latents(encode, to_disk=a.cache_latents_to_disk, batch_size=a.train_batch_size,
                                        cache_tag=a.pretrained_model_name_or_path)
+            vae.to("cpu")
             logger.info("cached latents of %d images", len(self.dataset))
         if a.cache_text_encoder_outputs:
             captions = sorted({self.dataset.caption_for_cache(i) for i in range(len(self.dataset))})
             with torch.no_grad():
                 for c in captions:
-                    self.cached_text[c] = conditioning.encode_prompts(m, [c], [a.resolution], a.clip_skip, self.device)
+                    self.cached_text[c] = conditioning.encode_prompts(m, [c], a.clip_skip, self.device)
+            for te in m.text_encoders:  # not trained (--network_train_unet_only): no reason to hold device memory
+                te.to("cpu")
             logger.info("cached text-encoder outputs of %d captions", len(captions))
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # hand what the encoders used back before the U-Net arrives
 
     def _epoch_batches(self, epoch: int) -> list[list[int]]:
         """This process's batches of an epoch: deterministic from (seed, epoch), split across processes."""
@@ -187,14 +196,18 @@ class LoRATrainer:
             extra = None
             if parts[0].added_cond_kwargs is not None:
                 extra = {k: torch.cat([p.added_cond_kwargs[k] for p in parts]) for k in parts[0].added_cond_kwargs}
-            return conditioning.Conditioning(hidden, extra).to(self.device, self.weight_dtype)
-        sizes = [tuple(b) for b in batch["bucket"]] if "bucket" in batch else [self.args.resolution] * len(captions)
-        with torch.set_grad_enabled(self.train_text_encoder):
-            cond = conditioning.encode_prompts(self.model, captions, sizes, self.args.clip_skip, self.device)
+            cond = conditioning.Conditioning(hidden, extra)
+        else:
+            with torch.set_grad_enabled(self.train_text_encoder):
+                cond = conditioning.encode_prompts(self.model, captions, self.args.clip_skip, self.device)
+        if cond.added_cond_kwargs is not None:  # SDXL: each image's own original size, crop and bucket
+            cond.added_cond_kwargs["time_ids"] = conditioning.sdxl_time_ids(
+                batch["original_size"], batch["crop_top_left"], batch["bucket"], self.device)
         return cond.to(self.device, self.weight_dtype)
 
     def _unet_forward(self, latents, noise, timesteps, cond):
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        self._mark_step()
         return self.model.unet(noisy, timesteps, cond.encoder_hidden_states, added_cond_kwargs=cond.added_cond_kwargs).sample
 
     def compute_loss(self, batch: dict) -> torch.Tensor:
@@ -250,6 +263,7 @@ class LoRATrainer:
         if a.sample_at_first and self.progress.global_step == 0:
             self.sample_images()
         self._optimizer_mode("train")
+        first_step, loop_start = None, time.perf_counter()
         while self.progress.global_step < a.max_train_steps and self.progress.epoch < self.num_epochs:
             epoch = self.progress.epoch
             batches = self._epoch_batches(epoch)
@@ -276,6 +290,10 @@ class LoRATrainer:
                 self.progress.batches_done_in_epoch = micro_done
                 self._hessian_update()
                 step = self.progress.global_step
+                if first_step is None:
+                    first_step = step
+                    if compile_requested(a):
+                        logger.info("first step, including torch.compile: %.1f s", time.perf_counter() - loop_start)
 
                 if step % check_every == 0 or step == a.max_train_steps:
                     if not torch.isfinite(loss_sum).item():
@@ -350,7 +368,13 @@ class LoRATrainer:
         self.model.unet.eval()
         self.network.eval()  # LoRA dropout follows the network's mode
         prompts = sampling.load_prompts(a.sample_prompts, a.resolution)
+        parked = [m for m in (self.model.vae, *self.model.text_encoders)
+                  if m.device.type == "cpu" and self.device.type != "cpu"]
+        for module in parked:  # cached latents / text-encoder outputs moved them off the device
+            module.to(self.device)
         images = sampling.generate(self.model, prompts, a.sample_sampler, self.model.scheduler_config, self.device, a.seed)
+        for module in parked:
+            module.to("cpu")
         save_samples(self.output_dir, a.output_name, self.progress.global_step, prompts, images, self.accelerator)
         self.network.train()
         self.model.unet.train()
