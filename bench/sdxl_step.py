@@ -79,6 +79,10 @@ ROWS: dict[str, Row] = {
     "ours_bf16_compile_cl": Row("b", "bf16", "default", True, description="bf16 LoRA, torch.compile, channels_last"),
     "ours_bf16_compile_nogc": Row("b", "bf16", "default", checkpointing=False,
                                   description="bf16 LoRA, torch.compile, no gradient checkpointing (speed for memory)"),
+    "ours_fp32_cudagraphs": Row("b", "fp32", "reduce-overhead",
+                                description="fp32 LoRA + autocast, --dynamo_mode reduce-overhead (CUDA graphs)"),
+    "ours_bf16_cudagraphs": Row("b", "bf16", "reduce-overhead",
+                                description="bf16 LoRA, --dynamo_mode reduce-overhead (CUDA graphs)"),
     "lowvram": Row("lv", "bf16", optimizer="AdamW8bit",
                    description="docs/sdxl.md low-VRAM recipe: bf16 weights + LoRA, AdamW8bit, gradient checkpointing, "
                                "cached text-encoder outputs and latents (no text encoder / VAE on the GPU)"),
@@ -198,7 +202,7 @@ def setup_ours(bench: SDXLBench, row: Row) -> ts.Setup:
             "optimizer": f"{row.optimizer} -> {type(optimizer).__module__}.{type(optimizer).__name__}",
             **ts.lora_counts([p for _, p in named])}
     return ts.Setup(forward_backward, optimizer, [p for _, p in named], [n for n, _ in named], "lora_up", info,
-                    network=network, keep=(unet, model))
+                    before_step=ts.cudagraph_step_marker(row.compile_mode), network=network, keep=(unet, model))
 
 
 def run(name: str, bench: SDXLBench) -> dict[str, Any]:
