@@ -14,6 +14,12 @@ Blocks (the paper's partition, rows = slices along dim 0):
 - every other tensor with two or more dimensions: one block per row (per output neuron / token).
 - 0-d and 1-D tensors (biases, norms): one block for the whole tensor.
 Without ``names`` in the param groups every tensor follows the last two rules (per-row / per-tensor).
+
+Performance: the tensors of a param group (per device and dtype) are laid end to end in one flat buffer
+(:class:`FlatPlan`, on :mod:`library.optimizers.flat`), so the blocks of all tensors are consecutive segments:
+the block means are one ``segment_reduce``, the block denominators are spread back with one gather (cached
+element-to-block index) and the weights are written with two foreach launches. This module also holds the
+flat helpers the SGG and SAC optimizers share.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import torch
 from torch import Tensor
 
 from library.errors import OptimizerError
+from library.optimizers.flat import FlatLayout, FlatState
 from library.optimizers.state import ExactStateLoad
 
 _QK_NAME = re.compile(r"(?:^|[._])(?:to_q|to_k|q_proj|k_proj|query|key|wq|wk)(?:[._]|$)")
@@ -98,55 +105,209 @@ def validate_positive_int(cls: str, key: str, value: Any) -> None:
         raise OptimizerError(f"{cls} {key}={value!r} is invalid; valid: an integer >= 1")
 
 
-def working_grad(p: Tensor) -> Tensor:
-    """The gradient in the working precision: fp32 for half-precision weights, the weight's dtype otherwise."""
+def dense_grad(p: Tensor) -> Tensor:
+    """``p.grad``, rejected when sparse (the flat gather casts it to the working precision)."""
     if p.grad.is_sparse:
         raise OptimizerError(
             f"sparse gradient for a {tuple(p.shape)} parameter is not supported; valid: dense gradients"
         )
-    g = p.grad
-    return g.float() if g.dtype in (torch.float16, torch.bfloat16) else g
+    return p.grad
 
 
 def state_dtype(p: Tensor) -> torch.dtype:
+    """The working precision: fp32 for half-precision weights, the weight's dtype otherwise."""
     return torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype
 
 
-def apply_decoupled_(params: list[Tensor], updates: list[Tensor], lr: float, weight_decay: float) -> None:
-    """θ ← θ·(1 − lr·wd) − lr·u, the AdamW way (decay not scaled by the adaptive step)."""
-    if not params:
+# ------------------------------------------------------------------------------------------------ flat buffers
+class Segments:
+    """Tensors of any shapes end to end in the order given: a :class:`FlatLayout` that does not reorder.
+
+    For :class:`FlatState` buffers of per-tensor state not shaped like its parameter (block moments, cluster
+    tables, per-row scales, labels): listed in the parameter layout's order, row j belongs to layout position j.
+    """
+
+    def __init__(self, shapes: Sequence[Sequence[int]]) -> None:
+        self.shapes = [torch.Size(s) for s in shapes]
+        self.sizes = [s.numel() for s in self.shapes]
+        self.offsets = [0]
+        for n in self.sizes[:-1]:
+            self.offsets.append(self.offsets[-1] + n)
+        self.numel = sum(self.sizes)
+
+    def flatten(self, tensors: Sequence[Tensor], dtype: torch.dtype | None = None) -> Tensor:
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        return flat if dtype is None or flat.dtype == dtype else flat.to(dtype)
+
+    def views(self, flat: Tensor) -> list[Tensor]:
+        return [
+            flat[o : o + n].view(s) for o, n, s in zip(self.offsets, self.sizes, self.shapes, strict=True)
+        ]
+
+
+def init_missing_(
+    states: Sequence[dict[str, Any]],
+    key: str,
+    shapes: Sequence[Sequence[int]],
+    fill: float,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> None:
+    """Give ``states[i][key]`` (where absent) a tensor of ``shapes[i]`` filled with ``fill``: one allocation."""
+    missing = [(s, shape) for s, shape in zip(states, shapes, strict=True) if key not in s]
+    if not missing:
         return
+    segments = Segments([shape for _, shape in missing])
+    flat = torch.full((segments.numel,), fill, dtype=dtype, device=device)
+    for (s, _), view in zip(missing, segments.views(flat), strict=True):
+        s[key] = view
+
+
+class FlatPlan:
+    """One (param group, device, working dtype) bucket of parameters laid out flat, cached across steps.
+
+    Holds the :class:`FlatLayout`, the param-shaped :class:`FlatState`, persistent scratch buffers whose
+    per-parameter views are built once (so a step does not slice hundreds of views), and ``cache`` for derived
+    per-layout tensors an optimizer needs (segment lengths, index maps).
+    """
+
+    def __init__(self, params: Sequence[Tensor], dtype: torch.dtype) -> None:
+        self.params = tuple(params)
+        self.dtype = dtype
+        self.layout = FlatLayout([p.shape for p in params], params[0].device)
+        self.state = FlatState(self.layout)
+        self.cache: dict[Any, Any] = {}
+        self._scratch: dict[Any, tuple[Tensor, list[Tensor]]] = {}
+        by_dtype: dict[torch.dtype, list[int]] = {}
+        for i, p in enumerate(params):
+            by_dtype.setdefault(p.dtype, []).append(i)
+        self.param_dtypes = by_dtype
+
+    def matches(self, params: Sequence[Tensor]) -> bool:
+        return len(params) == len(self.params) and all(
+            a is b for a, b in zip(params, self.params, strict=True)
+        )
+
+    def scratch(self, key: Any, dtype: torch.dtype | None = None) -> tuple[Tensor, list[Tensor]]:
+        """A persistent flat buffer (reused every step) and its per-parameter views in the caller's order."""
+        dtype = dtype or self.dtype
+        cached = self._scratch.get((key, dtype))
+        if cached is None:
+            flat = torch.empty(self.layout.numel, dtype=dtype, device=self.layout.device)
+            cached = self._scratch[(key, dtype)] = (flat, self.layout.views(flat))
+        return cached
+
+    def gather(self, key: str, tensors: Sequence[Tensor]) -> Tensor:
+        """``tensors`` (the caller's order) copied into scratch ``key`` in the working dtype: one foreach copy."""
+        flat, views = self.scratch(key)
+        torch._foreach_copy_(views, list(tensors))
+        return flat
+
+    def per_tensor(self, values: Sequence[float]) -> float | Tensor:
+        """Per-tensor numbers (layout order): a Python float when all agree, else a (count,) device tensor."""
+        if all(v == values[0] for v in values):
+            return values[0]
+        return torch.tensor(values, dtype=self.dtype).to(self.layout.device, non_blocking=True)
+
+    def per_element(self, values: Sequence[float]) -> float | Tensor:
+        """:meth:`per_tensor` spread over each tensor's elements (a flat buffer) when they differ."""
+        value = self.per_tensor(values)
+        return value if isinstance(value, float) else self.spread(value)
+
+    def spread(self, values: Tensor) -> Tensor:
+        """Per-tensor values (layout order) repeated over each tensor's elements: one gather by a cached index."""
+        ids = self.cache.get("tensor_ids")
+        if ids is None:
+            ids = self.cache["tensor_ids"] = segment_ids(self.layout.lengths, self.layout.numel)
+        return values.index_select(0, ids)
+
+
+def flat_plans(
+    cache: dict[Any, FlatPlan], group_index: int, params: list[Tensor]
+) -> list[tuple[FlatPlan, list[int]]]:
+    """(plan, positions in ``params``) per (device, working dtype); plans are rebuilt when the tensors change.
+
+    Optimizers keep ``cache`` in ``__dict__`` via setdefault: torch.optim's ``__getstate__`` drops other attributes,
+    so a copied or unpickled optimizer starts a fresh cache.
+    """
+    buckets: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, p in enumerate(params):
+        buckets.setdefault((p.device, state_dtype(p)), []).append(i)
+    plans = []
+    for (device, dtype), idx in buckets.items():
+        members = params if len(idx) == len(params) else [params[i] for i in idx]
+        plan = cache.get((group_index, device, dtype))
+        if plan is None or not plan.matches(members):
+            plan = cache[(group_index, device, dtype)] = FlatPlan(members, dtype)
+        plans.append((plan, idx))
+    return plans
+
+
+def pick(items: list[Any], idx: list[int]) -> list[Any]:
+    return items if len(idx) == len(items) else [items[i] for i in idx]
+
+
+def apply_decoupled_(
+    plan: FlatPlan, params: Sequence[Tensor], update: Tensor, lr: float, weight_decay: float
+) -> None:
+    """θ ← θ·(1 − lr·wd) − lr·u, the AdamW way (decay not scaled by the adaptive step), from a flat u.
+
+    Two foreach launches with uniform scalars over the parameters, whose views of u are cached: u goes through
+    the plan's "update" scratch (a copy only when it is not already there), cast once per weight dtype.
+    """
+    flat, views = plan.scratch("update")
+    if update is not flat:
+        flat.copy_(update)
+    params = list(params)
     if weight_decay != 0.0:
         torch._foreach_mul_(params, 1.0 - lr * weight_decay)
-    if all(u.dtype == p.dtype for p, u in zip(params, updates, strict=True)):
-        torch._foreach_add_(params, updates, alpha=-lr)
-    else:
-        torch._foreach_add_(params, [u.to(p.dtype) for p, u in zip(params, updates, strict=True)], alpha=-lr)
+    for dtype, idx in plan.param_dtypes.items():
+        if dtype == plan.dtype:
+            torch._foreach_add_(pick(params, idx), pick(views, idx), alpha=-lr)
+        else:
+            cast, cast_views = plan.scratch("update", dtype)
+            cast.copy_(flat)
+            torch._foreach_add_(pick(params, idx), pick(cast_views, idx), alpha=-lr)
 
 
-def adam_mini_updates(
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    block_sqs: list[Tensor],
-    steps: list[int],
+def segment_ids(lengths: Tensor, total: int) -> Tensor:
+    """Index of each element's segment (segments of ``lengths`` end to end), int32: built once per layout, so
+    spreading per-segment values is one ``index_select`` (``repeat_interleave`` rebuilds this index every call)."""
+    positions = torch.arange(lengths.numel(), dtype=torch.int32, device=lengths.device)
+    return torch.repeat_interleave(positions, lengths, output_size=total)
+
+
+def segment_sort(x: Tensor, segment_ids: Tensor) -> Tensor:
+    """Values of flat ``x`` sorted within each segment (segments contiguous, ids ascending): two sorts, no loop."""
+    values, order = x.sort()
+    _, regroup = segment_ids.index_select(0, order).sort(stable=True)
+    return values.index_select(0, regroup)
+
+
+def adam_mini_update(
+    g: Tensor,
+    m: Tensor,
+    v: Tensor,
+    block_lengths: Tensor,
+    block_ids: Tensor,
+    bc1: float | Tensor,
+    bc2: float | Tensor,
     beta1: float,
     beta2: float,
     eps: float,
-) -> list[Tensor]:
-    """Advance m (per element) and v (per block, shape (blocks, 1)) and return m̂/(√v̂_b + ε) per tensor."""
-    torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
-    block_means = [
-        g.reshape(v.shape[0], -1).square().mean(dim=1, keepdim=True)
-        for g, v in zip(grads, block_sqs, strict=True)
-    ]
-    torch._foreach_lerp_(block_sqs, block_means, 1.0 - beta2)
-    updates = []
-    for m, v, t in zip(exp_avgs, block_sqs, steps, strict=True):
-        bc1 = 1.0 - beta1**t
-        bc2 = 1.0 - beta2**t
-        denom = (v / bc2).sqrt_().add_(eps)
-        updates.append((m.reshape(v.shape[0], -1) / bc1).div_(denom).reshape(m.shape))
-    return updates
+    out: Tensor,
+) -> Tensor:
+    """Advance flat m (per element) and v (per block) and write m̂/(√v̂_b + ε) into ``out``.
+
+    ``block_lengths`` are the element counts of the blocks, end to end, ``block_ids`` each element's block
+    (:func:`segment_ids`); bc1 per element, bc2 per block
+    (Python floats when every tensor is at the same step).
+    """
+    m.lerp_(g, 1.0 - beta1)
+    v.lerp_(torch.segment_reduce(g * g, "mean", lengths=block_lengths), 1.0 - beta2)
+    denom = (v / bc2).sqrt_().add_(eps)
+    torch.div(m, bc1, out=out)
+    return out.div_(denom.index_select(0, block_ids))
 
 
 class Adam_mini(ExactStateLoad, torch.optim.Optimizer):  # noqa: N801 - the name users type (seed doc 000)
@@ -197,10 +358,13 @@ class Adam_mini(ExactStateLoad, torch.optim.Optimizer):  # noqa: N801 - the name
         return state
 
     def _adam_mini_updates(
-        self, group: dict[str, Any]
-    ) -> tuple[list[Tensor], list[str | None], list[Tensor]]:
-        """Advance the states of the group's tensors that have gradients; return (params, names, updates)."""
-        params, names, grads, exp_avgs, block_sqs, steps = [], [], [], [], [], []
+        self, group_index: int, group: dict[str, Any]
+    ) -> list[tuple[FlatPlan, list[Tensor], list[str | None], list[dict[str, Any]], Tensor]]:
+        """Advance the states of the group's tensors that have gradients, flat per (device, dtype) bucket.
+
+        Returns (plan, params, names, states, flat update in layout order) per bucket.
+        """
+        params, names, grads, states = [], [], [], []
         for p, name in zip(group["params"], group_names(group), strict=True):
             if p.grad is None:
                 continue
@@ -208,15 +372,46 @@ class Adam_mini(ExactStateLoad, torch.optim.Optimizer):  # noqa: N801 - the name
             state["step"] += 1
             params.append(p)
             names.append(name)
-            grads.append(working_grad(p))
-            exp_avgs.append(state["exp_avg"])
-            block_sqs.append(state["block_sq"])
-            steps.append(state["step"])
-        if not params:
-            return [], [], []
+            grads.append(dense_grad(p))
+            states.append(state)
         beta1, beta2 = group["betas"]
-        updates = adam_mini_updates(grads, exp_avgs, block_sqs, steps, beta1, beta2, group["eps"])
-        return params, names, updates
+        out = []
+        for plan, idx in flat_plans(self.__dict__.setdefault("_flat_plans", {}), group_index, params):
+            sts = pick(states, idx)
+            ordered = plan.layout.arrange(sts)
+            blocks = [s["block_sq"].shape[0] for s in ordered]
+            cache = plan.cache.get("adam_mini")
+            if cache is None or cache[0] != blocks:
+                lengths = [n // b for n, b in zip(plan.layout.sizes, blocks, strict=True) for _ in range(b)]
+                device = plan.layout.device
+                block_lengths = torch.tensor(lengths, dtype=torch.int64, device=device)
+                cache = plan.cache["adam_mini"] = (
+                    blocks,
+                    FlatState(Segments([(b, 1) for b in blocks])),
+                    block_lengths,
+                    torch.tensor(blocks, dtype=torch.int64, device=device),
+                    segment_ids(block_lengths, plan.layout.numel),
+                )
+            _, block_state, block_lengths, block_counts, block_ids = cache
+            steps = [s["step"] for s in ordered]
+            bc2 = plan.per_tensor([1.0 - beta2**t for t in steps])
+            if isinstance(bc2, Tensor):
+                bc2 = torch.repeat_interleave(bc2, block_counts, output_size=block_lengths.numel())
+            update = adam_mini_update(
+                plan.gather("grad", pick(grads, idx)),
+                plan.state.buffer(sts, "exp_avg", plan.dtype),
+                block_state.buffer(ordered, "block_sq", plan.dtype),
+                block_lengths,
+                block_ids,
+                plan.per_element([1.0 - beta1**t for t in steps]),
+                bc2,
+                beta1,
+                beta2,
+                group["eps"],
+                plan.scratch("update")[0],
+            )
+            out.append((plan, pick(params, idx), pick(names, idx), sts, update))
+        return out
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
@@ -224,9 +419,9 @@ class Adam_mini(ExactStateLoad, torch.optim.Optimizer):  # noqa: N801 - the name
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            params, _, updates = self._adam_mini_updates(group)
-            apply_decoupled_(params, updates, group["lr"], group["weight_decay"])
+        for group_index, group in enumerate(self.param_groups):
+            for plan, params, _, _, update in self._adam_mini_updates(group_index, group):
+                apply_decoupled_(plan, params, update, group["lr"], group["weight_decay"])
         return loss
 
     def log_metrics(self) -> dict[str, Tensor | float]:

@@ -34,19 +34,33 @@ Design decisions:
   tensors get ALLoRA and the LoRA+ ratio. Without names those features are off (logged once).
 - The step count is per tensor (``state["step"]``, a Python int, so schedules need no host sync).
 - ``optim_bits=8`` keeps m and v of tensors with at least ``min_8bit_size`` elements as block-wise uint8 codes
-  (:mod:`library.optimizers.quant8`); each step dequantises, updates in fp32 and requantises, all quantised
-  tensors of a (device, dtype) at once (bit-identical to per-tensor quantisation, see ``_QuantisedBatch``).
-- Every step is a fixed number of launches whatever the tensor count: elementwise math in ``torch._foreach_*``,
-  per-tensor dot products by polarisation over ``_foreach_norm``, ALLoRA row norms per shape bucket. θ₀ and TAM's s̄
-  stay exact (θ₀ in the weight's dtype, s̄ is one scalar).
+  (:mod:`library.optimizers.quant8`); each step dequantises, updates in fp32 and requantises all quantised
+  tensors of a bucket with one call each (bit-identical to per-tensor quantisation, see
+  :class:`~library.optimizers.quant8.FlatQuantState`).
+- Performance: a LoRA step touches hundreds of small tensors, so on a GPU it is bound by kernel launches and host
+  syncs, not arithmetic. Per param group, the tensors of each (device, dtype, 8-bit or not) bucket are laid end to
+  end in flat buffers (:mod:`library.optimizers.flat`; cached until the group's set of parameters with gradients
+  changes). Gradients and weights are copied into persistent flat fp32 (working dtype) buffers with one foreach
+  copy each and the weights copied back with one more; m, v, θ₀ and TAM's s̄ are flat buffers whose per-parameter
+  views are what ``self.state[p]`` holds, so state_dict keeps its per-parameter format and a loaded state is
+  gathered again. Every elementwise op is one kernel over the bucket, per-tensor sums/maxima one
+  ``segment_reduce`` (``unsafe=True``: its default length check reads values back to the host), per-tensor
+  factors one ``index_select`` with a cached int32 element→tensor index, ALLoRA's row norms one batched norm per
+  distinct shape and its row factors one ``index_select`` (element→row index). Step-dependent values (ADOPT
+  clip, bias corrections, ρ(t)) are Python scalars when all tensors of a bucket are at the same step, else one
+  small host-built tensor copied once. So a step dispatches a fixed number of ops (about 85 with the defaults)
+  whatever the tensor count and never reads a value back from the device. The price is memory outside the
+  optimizer state: the two flat working buffers and the two indices, about 16 bytes per parameter.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import operator
 import re
 from collections.abc import Iterable
+from operator import itemgetter
 from typing import Any
 
 import torch
@@ -54,16 +68,9 @@ from torch import Tensor
 
 from library.errors import OptimizerError
 from library.optimizers import quant8
+from library.optimizers import transforms as T
+from library.optimizers.flat import FlatLayout, FlatState
 from library.optimizers.state import ExactStateLoad
-from library.optimizers.transforms import (
-    agr_,
-    allora_scale_,
-    cautious_,
-    dots,
-    grams_,
-    orthograd_,
-    tam_damping_,
-)
 
 logger = logging.getLogger(__name__)
 
@@ -106,55 +113,86 @@ def _work_dtype(p: Tensor) -> torch.dtype:
     return torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype
 
 
-class _QuantisedBatch:
-    """All 8-bit states of one (device, working dtype) bucket decoded/encoded with one bitsandbytes call each.
+class _Bucket:
+    """Flat buffers and cached per-tensor constants of one group's tensors sharing (device, dtype, 8-bit or not).
 
-    Every tensor gets a slot of ``num_blocks(n)·BLOCKSIZE`` elements in one flat buffer, so quantisation blocks
-    never straddle two tensors; the slot's tail is the map's exact zero, which changes neither a block's absmax
-    nor any code. Codes and absmax are therefore bit-identical to quantising each tensor on its own, and the
-    per-parameter state (``<name>_codes`` / ``<name>_absmax``) keeps its format.
+    Everything here depends only on which tensors the bucket holds and their LoRA roles, so it is built once and
+    reused every step; hyper-parameters are read from the group at each step (they may change between steps).
     """
 
-    def __init__(self, shapes: list[torch.Size], device: torch.device, dtype: torch.dtype) -> None:
-        self.shapes, self.device, self.dtype = shapes, device, dtype
-        sizes = [math.prod(s) for s in shapes]
-        blocks = [quant8.num_blocks(n) for n in sizes]
-        self.total_blocks = sum(blocks)
-        block_starts = [0]
-        for b in blocks[:-1]:
-            block_starts.append(block_starts[-1] + b)
-        self.slots = [(b * quant8.BLOCKSIZE, n) for b, n in zip(block_starts, sizes, strict=True)]
-        self.absmax_slots = list(zip(block_starts, blocks, strict=True))
-
-    def _views(self, flat: Tensor) -> list[Tensor]:
-        return [flat[o : o + n].view(s) for (o, n), s in zip(self.slots, self.shapes, strict=True)]
-
-    def load(self, states: list[dict[str, Any]], name: str, signed: bool) -> tuple[Tensor, list[Tensor]]:
-        """(flat working buffer, one view per tensor shaped like it)."""
-        codes = torch.full(
-            (self.total_blocks * quant8.BLOCKSIZE,), _zero_code(signed), dtype=torch.uint8, device=self.device
+    def __init__(
+        self, params: list[Tensor], members: list[int], roles: dict[Tensor, str], quantised: bool
+    ) -> None:
+        first = params[0]
+        self.params, self.members, self.quantised = params, members, quantised
+        self.dtype = _work_dtype(first)
+        self.layout = layout = FlatLayout([p.shape for p in params], first.device)
+        self.seg = T.Segments(layout)
+        self.grad = torch.empty(layout.numel, dtype=self.dtype, device=first.device)
+        self.weight = torch.empty_like(self.grad)
+        self.grad_views = layout.views(self.grad)
+        self.weight_views = layout.views(self.weight)
+        self.moments: FlatState | quant8.FlatQuantState = (
+            quant8.FlatQuantState(layout) if quantised else FlatState(layout)
         )
-        torch._foreach_copy_(self._views(codes), [s[f"{name}_codes"] for s in states])
-        absmax = torch.cat([s[f"{name}_absmax"] for s in states])
-        flat = quant8.dequantize(codes, absmax, signed=signed, dtype=self.dtype)
-        return flat, self._views(flat)
+        self.theta0 = FlatState(layout)
+        # TAM's s̄: one value per tensor; this layout keeps the order it is given, so pass states in layout order
+        self.scalars = FlatState(FlatLayout([()] * layout.count, first.device))
+        self.roles = layout.arrange([roles.get(p) for p in params])
+        self.any_lora = any(r is not None for r in self.roles)
+        self.all_lora = all(r is not None for r in self.roles)
+        self.any_up = "up" in self.roles
+        self._row_roles = [
+            self.roles[j] for b in layout.buckets for j in range(b.first, b.last) for _ in range(b.rows)
+        ]
+        self.row_lora = torch.tensor([r is not None for r in self._row_roles], device=first.device)
+        self.row_index = T.row_index(layout) if self.any_lora else None
+        self._ratios: tuple[float, Tensor, Tensor] | None = None
+        self.weight_stacks = [layout.bucket_view(self.weight, bk) for bk in layout.buckets]
+        self._seen: dict[tuple[int, str], tuple[Tensor, list[Tensor]]] = {}
 
-    def store_(self, states: list[dict[str, Any]], name: str, flat: Tensor, signed: bool) -> None:
-        codes = torch.empty(flat.shape, dtype=torch.uint8, device=self.device)
-        absmax = torch.empty(self.total_blocks, dtype=torch.float32, device=self.device)
-        quant8.quantize_into_(flat, codes, absmax, signed=signed)
-        torch._foreach_copy_([s[f"{name}_codes"] for s in states], self._views(codes))
-        torch._foreach_copy_([s[f"{name}_absmax"] for s in states], [absmax[o : o + n] for o, n in self.absmax_slots])
+    def state_buffer(
+        self, store: FlatState, states: list[dict[str, Any]], key: str, dtype: torch.dtype
+    ) -> Tensor:
+        """``store.buffer(...)``, skipped when the per-parameter tensors are still the ones it returned last time.
 
+        The same identity test as FlatState's, done by ``map`` in C: one Python-level comparison per tensor and
+        state key is a noticeable share of a step's host time with hundreds of tensors.
+        """
+        seen = self._seen.get((id(store), key))
+        if (
+            seen is not None
+            and seen[0].dtype == dtype
+            and all(map(operator.is_, map(itemgetter(key), states), seen[1]))
+        ):
+            return seen[0]
+        flat = store.buffer(states, key, dtype)
+        self._seen[(id(store), key)] = (flat, [s[key] for s in states])
+        return flat
 
-_ZERO_CODES: dict[bool, int] = {}
+    def lr_ratios(self, ratio: float) -> tuple[Tensor, Tensor]:
+        """(per tensor, per row) lr multipliers in layout order: ``ratio`` on lora_up, 1 elsewhere (LoRA+)."""
+        if self._ratios is None or self._ratios[0] != ratio:
+            per_tensor = [ratio if r == "up" else 1.0 for r in self.roles]
+            per_row = [ratio if r == "up" else 1.0 for r in self._row_roles]
+            device = self.layout.device
+            self._ratios = (
+                ratio,
+                torch.tensor(per_tensor, dtype=self.dtype, device=device),
+                torch.tensor(per_row, dtype=self.dtype, device=device),
+            )
+        return self._ratios[1], self._ratios[2]
 
+    def per_tensor(self, values: list[float]) -> Tensor:
+        """Host-computed per-tensor values (caller's order) as one device tensor in layout order, one copy."""
+        host = torch.tensor(self.layout.arrange(values), dtype=self.dtype)
+        if self.layout.device.type == "cuda":
+            return host.pin_memory().to(self.layout.device, non_blocking=True)
+        return host.to(self.layout.device)
 
-def _zero_code(signed: bool) -> int:
-    """Index of 0.0 in the quantisation map, read once from the CPU copy (no device sync)."""
-    if signed not in _ZERO_CODES:
-        _ZERO_CODES[signed] = int(torch.argmin(quant8.quant_map(signed, torch.device("cpu")).abs()))
-    return _ZERO_CODES[signed]
+    def expand(self, value: float | Tensor) -> float | Tensor:
+        """A Python scalar as is; per-tensor values spread over each tensor's elements."""
+        return value if isinstance(value, float) else self.seg.expand(value)
 
 
 class HinaAdamWOptimizer(ExactStateLoad, torch.optim.Optimizer):
@@ -245,7 +283,9 @@ class HinaAdamWOptimizer(ExactStateLoad, torch.optim.Optimizer):
             if not ok:
                 raise OptimizerError(f"CustomAdamW {name}={value!r} is invalid; valid: {valid}")
         if optim_bits == 8:
-            quant8.quant_map(True, torch.device("cpu"))  # fail now, not mid-training, if bitsandbytes is missing
+            quant8.quant_map(
+                True, torch.device("cpu")
+            )  # fail now, not mid-training, if bitsandbytes is missing
         defaults = dict(
             lr=lr,
             betas=betas,
@@ -265,7 +305,7 @@ class HinaAdamWOptimizer(ExactStateLoad, torch.optim.Optimizer):
         self._lora_roles: dict[Tensor, str] | None = None
         self._lora_pair_count = 0
         self._unnamed_logged = False
-        self._quant_plans: dict[tuple, _QuantisedBatch] = {}
+        self._plans: dict[int, tuple[list[Tensor], list[_Bucket], tuple[bool, bool]]] = {}
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -277,6 +317,7 @@ class HinaAdamWOptimizer(ExactStateLoad, torch.optim.Optimizer):
             )
         super().add_param_group(param_group)
         self._lora_roles = None
+        self._plans = {}
 
     # ----- LoRA awareness -------------------------------------------------------------------------------------
 
@@ -328,8 +369,9 @@ class HinaAdamWOptimizer(ExactStateLoad, torch.optim.Optimizer):
         """Load exactly (uint8 codes, fp32 moments of half weights and θ₀ bit-for-bit); re-derive the LoRA roles."""
         super().load_state_dict(state_dict)
         self._lora_roles = None
+        self._plans = {}
 
-    # ----- step -----------------------------------------------------------------------------------------------
+    # ----- step ---------------------------------------------------------------------------------------------
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -338,148 +380,178 @@ class HinaAdamWOptimizer(ExactStateLoad, torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         roles = self._roles()
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
+        for index, group in enumerate(self.param_groups):
+            params, grads = [], []
+            for p in group["params"]:
+                grad = p.grad
+                if grad is not None:
+                    params.append(p)
+                    grads.append(grad)
             if params:
-                self._step_group(group, params, roles)
+                self._step_group(index, group, params, grads, roles)
         return loss
 
-    def _step_group(self, group: dict[str, Any], params: list[Tensor], roles: dict[Tensor, str]) -> None:
+    def _step_group(
+        self,
+        index: int,
+        group: dict[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor],
+        roles: dict[Tensor, str],
+    ) -> None:
+        if any(g.is_sparse for g in grads):
+            raise OptimizerError("CustomAdamW does not support sparse gradients; valid: dense gradients")
+        states = list(map(self.state.__getitem__, params))
+        features = (group["use_tam"], group["use_spd"])
+        cached = self._plans.get(index)
+        same_params = (
+            cached is not None and len(cached[0]) == len(params) and all(map(operator.is_, cached[0], params))
+        )
+        for p, state in zip(params, states, strict=True):
+            if not state:
+                self._init_state(p, state, group)
+                self._ensure_feature_state(p, state, group)
+            state["step"] += 1
+        if not same_params or cached[2] != features:  # new tensors, or a feature switched on: its buffers
+            for p, state in zip(params, states, strict=True):
+                self._ensure_feature_state(p, state, group)
+        buckets = cached[1] if same_params else self._buckets(params, states, roles)
+        self._plans[index] = (params, buckets, features)
+        for bucket in buckets:
+            bucket_states = states if len(buckets) == 1 else [states[i] for i in bucket.members]
+            bucket_grads = grads if len(buckets) == 1 else [grads[i] for i in bucket.members]
+            self._step_bucket(group, bucket, bucket_states, bucket_grads)
+
+    @staticmethod
+    def _buckets(
+        params: list[Tensor], states: list[dict[str, Any]], roles: dict[Tensor, str]
+    ) -> list[_Bucket]:
+        """One bucket per (device, dtype, 8-bit or not): the tensors whose math shares flat buffers."""
+        members: dict[tuple, list[int]] = {}
+        for i, (p, state) in enumerate(zip(params, states, strict=True)):
+            members.setdefault((p.device, p.dtype, quant8.has_state(state, "exp_avg")), []).append(i)
+        return [
+            _Bucket([params[i] for i in idx], idx, roles, quantised)
+            for (_, _, quantised), idx in members.items()
+        ]
+
+    def _step_bucket(
+        self, group: dict[str, Any], b: _Bucket, states: list[dict[str, Any]], grads: list[Tensor]
+    ) -> None:
+        """Steps 1-12 of the module docstring on the bucket's flat buffers (a fixed number of ops, no host sync)."""
+        S, dtype = b.seg, b.dtype
         beta1, beta2 = group["betas"]
         eps, lr = group["eps"], group["lr"]
         adopt = group["use_adopt_stability"]
-        states = []
-        for p in params:
-            if p.grad.is_sparse:
-                raise OptimizerError("CustomAdamW does not support sparse gradients; valid: dense gradients")
-            state = self.state[p]
-            if not state:
-                self._init_state(p, state, group)
-            self._ensure_feature_state(p, state, group)
-            state["step"] += 1
-            states.append(state)
         steps = [s["step"] for s in states]
-        quantised = [quant8.has_state(s, "exp_avg") for s in states]
-        ratios = [
-            weight_decay_ratio(t, group["wd_transition_steps"], group["wd_decay_factor"], group["wd_min_ratio"])
-            if group["dynamic_weight_decay"]
-            else 1.0
-            for t in steps
-        ]
-        alora = group["use_alora"]
-        lrs = [lr * group["alora_ratio"] if alora and roles.get(p) == "up" else lr for p in params]
+        uniform = min(steps) == max(steps)
 
-        # 1. working copies (the weights themselves when already in the working dtype)
-        grads = [torch.empty_like(p, dtype=_work_dtype(p)) for p in params]
-        torch._foreach_copy_(grads, [p.grad for p in params])
-        weights = [p if p.dtype == _work_dtype(p) else torch.empty_like(p, dtype=_work_dtype(p)) for p in params]
-        converted = [i for i, p in enumerate(params) if weights[i] is not p]
-        if converted:
-            torch._foreach_copy_([weights[i] for i in converted], [params[i] for i in converted])
-        exp_avgs = [None if q else s["exp_avg"] for s, q in zip(states, quantised, strict=True)]
-        exp_avg_sqs = [None if q else s["exp_avg_sq"] for s, q in zip(states, quantised, strict=True)]
-        batches = []  # (plan, indices, states, flat m, flat v) per quantised (device, dtype) bucket
-        for (device, dtype), indices in self._quantised_buckets(params, quantised).items():
-            plan = self._quant_plan(tuple(params[i].shape for i in indices), device, dtype)
-            bucket_states = [states[i] for i in indices]
-            flat_m, views_m = plan.load(bucket_states, "exp_avg", signed=True)
-            flat_v, views_v = plan.load(bucket_states, "exp_avg_sq", signed=False)
-            for i, m, v in zip(indices, views_m, views_v, strict=True):
-                exp_avgs[i], exp_avg_sqs[i] = m, v
-            batches.append((plan, bucket_states, flat_m, flat_v))
+        def per_tensor(fn) -> float | Tensor:
+            """A step-dependent value: a Python scalar when every tensor is at the same step."""
+            return float(fn(steps[0])) if uniform else b.per_tensor([fn(t) for t in steps])
+
+        # 1. working copies
+        torch._foreach_copy_(b.grad_views, grads)
+        torch._foreach_copy_(b.weight_views, b.params)
+        g, theta = b.grad, b.weight
+        if b.quantised:
+            m = b.moments.load(states, "exp_avg", signed=True, dtype=dtype)
+            v = b.moments.load(states, "exp_avg_sq", signed=False, dtype=dtype)
+        else:
+            m = b.state_buffer(b.moments, states, "exp_avg", dtype)
+            v = b.state_buffer(b.moments, states, "exp_avg_sq", dtype)
 
         # 2-3. gradient transforms
         if group["use_orthogonal_grad"]:
-            orthograd_(weights, grads)
+            T.orthograd_(S, theta, g)
         if group["use_agr"]:
-            agr_(grads)
+            T.agr_(S, g)
 
         # 4. momentum input
         if adopt:
             # A tensor whose v is still all zero has never seen a gradient: this step is its ADOPT init step.
-            ready = (torch.stack(torch._foreach_max(exp_avg_sqs)) > 0).to(grads[0].dtype)
-            denom = torch._foreach_sqrt(exp_avg_sqs)
-            torch._foreach_clamp_min_(denom, eps)
-            inputs = torch._foreach_div(grads, denom)
-            clips = [t**0.25 for t in steps]
-            torch._foreach_clamp_min_(inputs, [-c for c in clips])
-            torch._foreach_clamp_max_(inputs, clips)
+            ready = (S.max(v) > 0).to(dtype)
+            denom = v.sqrt().clamp_min_(eps)
+            x = torch.div(g, denom, out=denom)
+            clip = b.expand(per_tensor(lambda t: t**0.25))
+            if isinstance(clip, float):
+                x.clamp_(-clip, clip)
+            else:
+                x.clamp_(min=-clip, max=clip)
         else:
-            inputs = grads
+            x = g
 
         # 5. TAM
         if group["use_tam"]:
-            damping = tam_damping_(exp_avgs, inputs, [s["tam_s"] for s in states], group["tam_beta"])
-            inputs = torch._foreach_mul(inputs, damping)
+            smoothed = b.state_buffer(b.scalars, b.layout.arrange(states), "tam_s", dtype)
+            damping = S.expand(T.tam_damping_(S, m, x, smoothed, group["tam_beta"]))
+            x = x * damping if x is g else x.mul_(damping)
 
         # 6-7. moments and update
         if adopt:
-            torch._foreach_lerp_(exp_avgs, inputs, list(ready * (1.0 - beta1)))
-            grad_sq = torch._foreach_mul(grads, grads)
-            torch._foreach_lerp_(exp_avg_sqs, grad_sq, list(1.0 - ready * beta2))
-            updates = torch._foreach_mul(exp_avgs, 1.0)
+            m.lerp_(x, S.expand(ready * (1.0 - beta1)))
+            v.lerp_(g * g, S.expand(ready.mul_(-beta2).add_(1.0)))
+            update = m
         else:
-            torch._foreach_lerp_(exp_avgs, inputs, 1.0 - beta1)
-            torch._foreach_mul_(exp_avg_sqs, beta2)
-            torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1.0 - beta2)
-            denom = torch._foreach_sqrt(exp_avg_sqs)
-            torch._foreach_div_(denom, [math.sqrt(1.0 - beta2**t) for t in steps])
-            torch._foreach_add_(denom, eps)
-            updates = torch._foreach_div(exp_avgs, denom)
-            torch._foreach_div_(updates, [1.0 - beta1**t for t in steps])
+            m.lerp_(x, 1.0 - beta1)
+            v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+            denom = v.sqrt().div_(b.expand(per_tensor(lambda t: math.sqrt(1.0 - beta2**t)))).add_(eps)
+            update = torch.div(m, denom, out=denom).div_(b.expand(per_tensor(lambda t: 1.0 - beta1**t)))
 
         # 8-9. sign agreement with the gradient
         if group["use_grams"]:
-            grams_(updates, grads)
+            update = T.grams(update, g)
         elif group["use_cautious"]:
-            cautious_(updates, grads)
+            update = T.cautious(S, update, g)
 
-        # 10. ALLoRA row scaling on LoRA tensors
+        # 10-11. −lr'·u, with ALLoRA's row factor on LoRA tensors (lr' = alora_ratio·lr on lora_up)
+        alora = group["use_alora"] and b.any_lora
         if alora:
-            lora = [i for i, p in enumerate(params) if p in roles]
-            if lora:
-                allora_scale_([updates[i] for i in lora], [weights[i] for i in lora], group["alora_eta"])
+            rows = T.allora_row_scale(b.weight_stacks, group["alora_eta"])
+            if not b.all_lora:
+                rows = torch.where(b.row_lora, rows, 1.0)
+            if b.any_up:
+                rows.mul_(b.lr_ratios(group["alora_ratio"])[1])
+            rows.mul_(-lr)
+            delta = update * rows.index_select(0, b.row_index)
+        else:
+            delta = update * -lr
 
-        # 11-12. step and decay
-        if group["use_spd"]:
-            deviation = torch._foreach_sub(weights, [s["theta0"] for s in states])  # in the weights' dtype
-            pushes_away = dots(grads, deviation) < 0
-            dev_before = torch.stack(torch._foreach_norm(deviation))
-        elif group["weight_decay"] != 0.0:
-            torch._foreach_mul_(
-                weights, [1.0 - lr_i * group["weight_decay"] * r for lr_i, r in zip(lrs, ratios, strict=True)]
+        # 12. SPD or decoupled decay, and the step
+        ratio = (
+            per_tensor(
+                lambda t: weight_decay_ratio(
+                    t, group["wd_transition_steps"], group["wd_decay_factor"], group["wd_min_ratio"]
+                )
             )
-        torch._foreach_mul_(updates, [-lr_i for lr_i in lrs])
-        torch._foreach_add_(weights, updates)
+            if group["dynamic_weight_decay"]
+            else 1.0
+        )
         if group["use_spd"]:
-            torch._foreach_add_(deviation, updates)  # now θ̃ − θ₀
-            dev_after = torch.stack(torch._foreach_norm(deviation))
-            growth = (dev_after - dev_before).clamp_min(0.0) / dev_after.clamp_min(1e-30)
-            torch._foreach_mul_(deviation, list(growth * pushes_away.to(growth.dtype)))
-            torch._foreach_mul_(deviation, [group["spd_lambda"] * r for r in ratios])
-            torch._foreach_sub_(weights, deviation)
+            deviation = theta - b.state_buffer(
+                b.theta0, states, "theta0", b.params[0].dtype
+            )  # θ₀ in the weights' dtype
+            pushes_away = T.dot(S, g, deviation) < 0
+            dev_before = T.sq_norm(S, deviation).sqrt_()
+            theta.add_(delta)
+            deviation.add_(delta)  # now θ̃ − θ₀
+            dev_after = T.sq_norm(S, deviation).sqrt_()
+            coef = (dev_after - dev_before).clamp_min_(0.0).div_(dev_after.clamp_min(1e-30))
+            coef.mul_(pushes_away).mul_(ratio * group["spd_lambda"])
+            theta.addcmul_(deviation, S.expand(coef), value=-1.0)
+        else:
+            if group["weight_decay"] != 0.0:
+                lr_decay = lr * group["weight_decay"] * ratio
+                if alora and b.any_up:
+                    lr_decay = b.lr_ratios(group["alora_ratio"])[0] * lr_decay
+                theta.mul_(b.expand(1.0 - lr_decay))
+            theta.add_(delta)
 
         # write back
-        if converted:
-            torch._foreach_copy_([params[i] for i in converted], [weights[i] for i in converted])
-        for plan, bucket_states, flat_m, flat_v in batches:
-            plan.store_(bucket_states, "exp_avg", flat_m, signed=True)
-            plan.store_(bucket_states, "exp_avg_sq", flat_v, signed=False)
-
-    @staticmethod
-    def _quantised_buckets(params: list[Tensor], quantised: list[bool]) -> dict[tuple, list[int]]:
-        buckets: dict[tuple, list[int]] = {}
-        for i, (p, q) in enumerate(zip(params, quantised, strict=True)):
-            if q:
-                buckets.setdefault((p.device, _work_dtype(p)), []).append(i)
-        return buckets
-
-    def _quant_plan(self, shapes: tuple, device: torch.device, dtype: torch.dtype) -> _QuantisedBatch:
-        """Slot layouts are cached by (shapes, device, dtype): the same parameters give the same plan each step."""
-        key = (shapes, device, dtype)
-        if key not in self._quant_plans:
-            self._quant_plans[key] = _QuantisedBatch(list(shapes), device, dtype)
-        return self._quant_plans[key]
+        torch._foreach_copy_(b.params, b.weight_views)
+        if b.quantised:
+            b.moments.store_("exp_avg", m, signed=True)
+            b.moments.store_("exp_avg_sq", v, signed=False)
 
     # ----- reporting ------------------------------------------------------------------------------------------
 

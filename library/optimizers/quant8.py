@@ -8,15 +8,21 @@ on CPU and CUDA. The state is two plain tensors, so ``state_dict()`` needs nothi
 them under ``<name>_codes`` / ``<name>_absmax`` (see :func:`init_state` / :func:`load` / :func:`store_`).
 
 Typical use inside a step: ``x = load(state, "exp_avg", signed=True)`` → update ``x`` in fp32 →
-``store_(state, "exp_avg", x, signed=True)``.
+``store_(state, "exp_avg", x, signed=True)``. For many tensors at once, :class:`FlatQuantState` keeps the codes
+of a whole :class:`~library.optimizers.flat.FlatLayout` in one buffer: one dequantisation and one quantisation
+call per step, bit-identical to quantising each tensor on its own.
 """
 
 from __future__ import annotations
+
+import operator
+from operator import itemgetter
 
 import torch
 from torch import Tensor
 
 from library.errors import OptimizerUnavailable
+from library.optimizers.flat import FlatLayout
 
 # Small blocks keep outliers local; 256 is what bitsandbytes' blockwise 8-bit optimizers use.
 BLOCKSIZE = 256
@@ -92,3 +98,117 @@ def store_(state: dict, name: str, x: Tensor, *, signed: bool) -> None:
 def state_nbytes(state: dict) -> int:
     """Bytes held by every tensor of one parameter's optimizer state (quantised or not)."""
     return sum(v.numel() * v.element_size() for v in state.values() if isinstance(v, Tensor))
+
+
+_ZERO_CODES: dict[bool, int] = {}
+
+
+def zero_code(signed: bool) -> int:
+    """Index of 0.0 in the quantisation map, read once from the CPU copy (never a device sync)."""
+    if signed not in _ZERO_CODES:
+        _ZERO_CODES[signed] = int(torch.argmin(quant_map(signed, torch.device("cpu")).abs()))
+    return _ZERO_CODES[signed]
+
+
+_ops = []
+
+
+def _bnb_ops():
+    """torch.ops.bitsandbytes, checked once: importing bitsandbytes registers them (or raises OptimizerUnavailable)."""
+    if not _ops:
+        _bnb_functional()
+        _ops.append(torch.ops.bitsandbytes)
+    return _ops[0]
+
+
+class FlatQuantState:
+    """The 8-bit states of all tensors of one layout as one code buffer and one absmax buffer.
+
+    Each tensor (in layout order) owns a slot of ``num_blocks(n)·BLOCKSIZE`` codes, so no quantisation block
+    straddles two tensors; the slot's tail holds the map's exact zero, which changes neither a block's absmax nor
+    any code. Quantising the whole padded buffer therefore gives bit-for-bit the codes and absmax of quantising
+    each tensor on its own. ``state[f"{name}_codes"]`` / ``state[f"{name}_absmax"]`` stay per-parameter tensors (so
+    checkpoints keep their format) as views of the two buffers; when something replaced them (a state_dict load)
+    they are gathered again. When every size is a multiple of ``BLOCKSIZE`` (LoRA shapes usually are) the padded
+    buffer is the layout's flat buffer itself; otherwise one cached index moves values between the two.
+    """
+
+    def __init__(self, layout: FlatLayout) -> None:
+        self.layout = layout
+        blocks = [num_blocks(n) for n in layout.sizes]
+        self.block_starts = [0]
+        for b in blocks[:-1]:
+            self.block_starts.append(self.block_starts[-1] + b)
+        self.blocks = blocks
+        self.total_blocks = sum(blocks)
+        self.padded = self.total_blocks * BLOCKSIZE
+        self.aligned = all(n % BLOCKSIZE == 0 for n in layout.sizes)
+        self._index: Tensor | None = None
+        self._buffers: dict[str, tuple[Tensor, Tensor, list[Tensor], list[Tensor]]] = {}
+
+    def _slot_index(self) -> Tensor:
+        """Padded position of every flat element (layout order), for layouts with unaligned sizes."""
+        if self._index is None:
+            shift = torch.tensor(
+                [s * BLOCKSIZE - o for s, o in zip(self.block_starts, self.layout.offsets, strict=True)],
+                dtype=torch.int64,
+                device=self.layout.device,
+            )
+            positions = torch.arange(self.layout.numel, dtype=torch.int64, device=self.layout.device)
+            self._index = positions.add_(self.layout.expand(shift))
+        return self._index
+
+    def _views(self, codes: Tensor, absmax: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """Per-tensor views of the two buffers, in the caller's order."""
+        layout = self.layout
+        code_views: list[Tensor] = [codes] * layout.count
+        absmax_views: list[Tensor] = [absmax] * layout.count
+        for j, i in enumerate(layout.order):
+            start = self.block_starts[j] * BLOCKSIZE
+            code_views[i] = codes[start : start + layout.sizes[j]].view(layout.shapes[i])
+            absmax_views[i] = absmax[self.block_starts[j] : self.block_starts[j] + self.blocks[j]]
+        return code_views, absmax_views
+
+    def _buffers_for(self, states: list[dict], name: str, signed: bool) -> tuple[Tensor, Tensor]:
+        cached = self._buffers.get(name)
+        codes_key, absmax_key = f"{name}_codes", f"{name}_absmax"
+        if cached is not None:
+            codes, absmax, code_views, absmax_views = cached
+            # map/operator.is_ run in C: a Python-level loop here costs more host time than the step's kernels
+            if all(map(operator.is_, map(itemgetter(codes_key), states), code_views)) and all(
+                map(operator.is_, map(itemgetter(absmax_key), states), absmax_views)
+            ):
+                return codes, absmax
+        device = self.layout.device
+        codes = torch.full((self.padded,), zero_code(signed), dtype=torch.uint8, device=device)
+        absmax = torch.empty(self.total_blocks, dtype=torch.float32, device=device)
+        code_views, absmax_views = self._views(codes, absmax)
+        torch._foreach_copy_(
+            code_views + absmax_views, [s[codes_key] for s in states] + [s[absmax_key] for s in states]
+        )
+        for s, c, a in zip(states, code_views, absmax_views, strict=True):
+            s[codes_key], s[absmax_key] = c, a
+        self._buffers[name] = (codes, absmax, code_views, absmax_views)
+        return codes, absmax
+
+    def load(
+        self, states: list[dict], name: str, *, signed: bool, dtype: torch.dtype = torch.float32
+    ) -> Tensor:
+        """The decoded state of every tensor as one new flat buffer in layout order (``states`` in caller's order)."""
+        codes, absmax = self._buffers_for(states, name, signed)
+        flat = _bnb_ops().dequantize_blockwise(
+            codes, absmax, quant_map(signed, codes.device), BLOCKSIZE, torch.float32
+        )
+        if not self.aligned:
+            flat = flat.index_select(0, self._slot_index())
+        return flat if flat.dtype == dtype else flat.to(dtype)
+
+    def store_(self, name: str, flat: Tensor, *, signed: bool) -> None:
+        """Requantise a flat buffer (layout order) into the state buffers of ``name`` (after :meth:`load`)."""
+        codes, absmax, _, _ = self._buffers[name]
+        src = flat if flat.dtype in (torch.float32, torch.float16, torch.bfloat16) else flat.to(torch.float32)
+        if not self.aligned:
+            src = src.new_zeros(self.padded).index_copy_(0, self._slot_index(), src)
+        new_codes, new_absmax = _bnb_ops().quantize_blockwise(src, quant_map(signed, src.device), BLOCKSIZE)
+        codes.copy_(new_codes)
+        absmax.copy_(new_absmax)

@@ -18,6 +18,11 @@ smallest value), which torch computes without interpolation. Units:
 The scales are plain state tensors (one value per row, so they broadcast onto the update), so ``state_dict``
 round-trips them. The original kept them in Python dicts and, through a log1p/median product, pinned them at the
 lower bound; here half of the units sit at or above 1 by construction and they move within the bounds.
+
+Performance: the base update is computed flat over all tensors of a (device, dtype) bucket
+(:class:`~library.optimizers.adam_mini.FlatPlan`); the per-row scales form one flat buffer spread over the
+elements by one gather (cached row index), and a refresh computes every unit's MDA with one segment mean and one
+segmented sort (:func:`unit_mdas`). Ops per step do not depend on the tensor count; no host sync.
 """
 
 from __future__ import annotations
@@ -32,16 +37,24 @@ from library.errors import OptimizerError
 from library.optimizers.adam_mini import (
     _QKV_NAME,
     Adam_mini,
+    FlatPlan,
+    Segments,
     apply_decoupled_,
+    dense_grad,
+    flat_plans,
     group_names,
     head_count,
+    init_missing_,
     is_head_structured,
+    pick,
+    segment_ids,
+    segment_sort,
     state_dtype,
     validate_common,
     validate_names,
     validate_positive_int,
-    working_grad,
 )
+from library.optimizers.flat import FlatState
 from library.optimizers.state import ExactStateLoad
 
 
@@ -66,53 +79,111 @@ def sac_units(name: str | None, shape: torch.Size, dim: int, n_heads: int) -> in
     return 1
 
 
+def unit_mdas(flat: Tensor, unit_lengths: Tensor) -> Tensor:
+    """Median (lower) deviation to the average of each unit of a flat buffer (units end to end, ``unit_lengths``).
+
+    One segment mean, one segmented sort and one gather for every unit of every tensor together.
+    """
+    n = flat.numel()
+    ids = torch.repeat_interleave(
+        torch.arange(unit_lengths.numel(), device=flat.device), unit_lengths, output_size=n
+    )
+    mean = torch.segment_reduce(flat, "mean", lengths=unit_lengths)
+    deviation = (flat - torch.repeat_interleave(mean, unit_lengths, output_size=n)).abs_()
+    starts = torch.cumsum(unit_lengths, 0) - unit_lengths
+    return segment_sort(deviation, ids).index_select(0, starts + (unit_lengths - 1) // 2)
+
+
 def unit_mda(update: Tensor, units: int) -> Tensor:
-    """Median (lower) deviation to the average of each unit's update entries; shape (units,)."""
-    x = update.reshape(units, -1)
-    return (x - x.mean(dim=1, keepdim=True)).abs().median(dim=1).values
+    """:func:`unit_mdas` of one tensor split into ``units`` equal row blocks; shape (units,)."""
+    lengths = torch.full((units,), update.numel() // units, dtype=torch.int64, device=update.device)
+    return unit_mdas(update.reshape(-1), lengths)
+
+
+def sac_scales_flat(mda: Tensor, lo: float, hi: float, include: Tensor | None = None) -> Tensor:
+    """s_u = clamp(D / d_u, lo, hi), D the median of the non-zero d_u among ``include`` (all units if None)."""
+    valid = mda > 0 if include is None else (mda > 0) & include
+    reference = torch.where(valid, mda, torch.nan).nanmedian()
+    scales = torch.where(mda > 0, reference / mda, 1.0)
+    return torch.nan_to_num(scales, nan=1.0).clamp_(lo, hi)
 
 
 def sac_scales(mdas: list[Tensor], lo: float, hi: float) -> list[Tensor]:
-    """s_u = clamp(D / d_u, lo, hi) with D the median of the non-zero d_u over every unit given (module docstring)."""
-    all_mda = torch.cat(mdas)
-    reference = torch.where(all_mda > 0, all_mda, torch.nan).nanmedian()
-    scales = []
-    for d in mdas:
-        s = torch.where(d > 0, reference / d, 1.0)
-        scales.append(torch.nan_to_num(s, nan=1.0).clamp_(lo, hi))
-    return scales
+    """:func:`sac_scales_flat` over every unit of a list of per-tensor MDA vectors (module docstring)."""
+    flat = sac_scales_flat(torch.cat(mdas), lo, hi)
+    return list(flat.split([d.numel() for d in mdas]))
 
 
-def rows_scale(unit_scale: Tensor, shape: torch.Size) -> Tensor:
-    """Expand per-unit scales to one per row, shaped to broadcast against a tensor of ``shape``."""
-    if len(shape) == 0:
-        return unit_scale.reshape(())
-    per_row = unit_scale.repeat_interleave(shape[0] // unit_scale.shape[0])
-    return per_row.reshape((shape[0],) + (1,) * (len(shape) - 1))
+def _scale_shape(shape: torch.Size) -> tuple[int, ...]:
+    """One scale per row, shaped to broadcast against the tensor."""
+    return (shape[0],) + (1,) * (len(shape) - 1) if len(shape) else ()
 
 
 class _SACMixin:
-    """Keeps ``sac_units``/``sac_scale`` in each tensor's state and applies them to the base updates."""
+    """Keeps ``sac_units``/``sac_scale`` in each tensor's state and applies them to flat base updates."""
 
-    def _sac_scale_updates_(
-        self, group: dict[str, Any], params: list[Tensor], names: list[str | None], updates: list[Tensor]
+    def _sac_scale_(
+        self,
+        group: dict[str, Any],
+        plan: FlatPlan,
+        params: list[Tensor],
+        names: list[str | None],
+        states: list[dict[str, Any]],
+        update: Tensor,
     ) -> None:
-        refresh = []
-        for p, name, u in zip(params, names, updates, strict=True):
-            state = self.state[p]
-            if "sac_scale" not in state:
+        """Multiply the flat update (layout order) by each row's unit scale, refreshing the scales when due.
+
+        The per-row scales of all tensors form one flat buffer, spread over the elements by one gather (cached
+        row index); a refresh computes every unit's MDA and scale at once (:func:`unit_mdas`).
+        """
+        for p, name, state in zip(params, names, states, strict=True):
+            if "sac_units" not in state:
                 state["sac_units"] = sac_units(name, p.shape, group["dim"], group["n_heads"])
-                state["sac_scale"] = torch.ones(
-                    (p.shape[0],) + (1,) * (p.dim() - 1) if p.dim() else (), dtype=u.dtype, device=p.device
-                )
-            if (state["step"] - 1) % group["scale_update_freq"] == 0:
-                refresh.append((state, u))
-        if refresh:
+        layout = plan.layout
+        init_missing_(
+            states, "sac_scale", [_scale_shape(p.shape) for p in params], 1.0, plan.dtype, layout.device
+        )
+        ordered = layout.arrange(states)
+        units = [s["sac_units"] for s in ordered]
+        cache = plan.cache.get("sac")
+        if cache is None or cache[0] != units:
+            shapes = layout.arrange(layout.shapes)
+            rows = [shape[0] if len(shape) else 1 for shape in shapes]
+
+            def lengths(values: list[int]) -> Tensor:
+                return torch.tensor(values, dtype=torch.int64, device=layout.device)
+
+            cache = plan.cache["sac"] = (
+                units,
+                FlatState(Segments([_scale_shape(s) for s in shapes])),
+                lengths([n // u for n, u in zip(layout.sizes, units, strict=True) for _ in range(u)]),
+                lengths([r // u for r, u in zip(rows, units, strict=True) for _ in range(u)]),
+                lengths(units),
+                segment_ids(
+                    lengths([n // r for n, r in zip(layout.sizes, rows, strict=True) for _ in range(r)]),
+                    layout.numel,
+                ),
+            )
+        _, scale_state, unit_lengths, unit_rows, unit_counts, row_ids = cache
+        scale = scale_state.buffer(ordered, "sac_scale", plan.dtype)
+        due = [(s["step"] - 1) % group["scale_update_freq"] == 0 for s in ordered]
+        if any(due):
             lo, hi = group["scale_bound"]
-            mdas = [unit_mda(u, state["sac_units"]) for state, u in refresh]
-            for (state, u), s in zip(refresh, sac_scales(mdas, lo, hi), strict=True):
-                state["sac_scale"].copy_(rows_scale(s, u.shape))
-        torch._foreach_mul_(updates, [self.state[p]["sac_scale"] for p in params])
+            include = None
+            if not all(due):
+                flags = torch.tensor(due, device=layout.device)
+                include = torch.repeat_interleave(flags, unit_counts, output_size=unit_lengths.numel())
+            fresh = torch.repeat_interleave(
+                sac_scales_flat(unit_mdas(update, unit_lengths), lo, hi, include),
+                unit_rows,
+                output_size=scale.numel(),
+            )
+            if include is not None:
+                fresh = torch.where(
+                    torch.repeat_interleave(include, unit_rows, output_size=scale.numel()), fresh, scale
+                )
+            scale.copy_(fresh)
+        update.mul_(scale.index_select(0, row_ids))
 
     def log_metrics(self) -> dict[str, Tensor | float]:
         """Row-averaged scale statistics; tensors, so logging costs no extra host sync until printed."""
@@ -134,30 +205,33 @@ def _validate_sac(
     return validate_scale_bound(cls, scale_bound)
 
 
-def adamw_moments_(
-    grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], beta1: float, beta2: float
-) -> None:
-    """m ← β₁m + (1−β₁)g;  v ← β₂v + (1−β₂)g²."""
-    torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
-    torch._foreach_mul_(exp_avg_sqs, beta2)
-    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1.0 - beta2)
+def adamw_update(
+    g: Tensor,
+    m: Tensor,
+    v: Tensor,
+    bc1: float | Tensor,
+    bc2_sqrt: float | Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    out: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """Advance flat m ← β₁m + (1−β₁)g, v ← β₂v + (1−β₂)g²; write m̂/(√v̂+ε) into ``out``; return (out, √v̂+ε).
+
+    bc1 = 1−β₁ᵗ and bc2_sqrt = √(1−β₂ᵗ) are Python floats, or per-element buffers when tensors' steps differ.
+    """
+    m.lerp_(g, 1.0 - beta1)
+    v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+    denom = v.sqrt().div_(bc2_sqrt).add_(eps)
+    torch.div(m, denom, out=out)
+    return out.div_(bc1), denom
 
 
-def adamw_denoms(exp_avg_sqs: list[Tensor], steps: list[int], beta2: float, eps: float) -> list[Tensor]:
-    """√v̂ + ε per tensor (v̂ bias-corrected with each tensor's own step)."""
-    denoms = torch._foreach_sqrt(exp_avg_sqs)
-    torch._foreach_div_(denoms, [(1.0 - beta2**t) ** 0.5 for t in steps])
-    torch._foreach_add_(denoms, eps)
-    return denoms
-
-
-def adamw_updates(
-    exp_avgs: list[Tensor], denoms: list[Tensor], steps: list[int], beta1: float
-) -> list[Tensor]:
-    """m̂ / (√v̂ + ε) per tensor."""
-    updates = torch._foreach_div(exp_avgs, denoms)
-    torch._foreach_div_(updates, [1.0 - beta1**t for t in steps])
-    return updates
+def adamw_bias_corrections(plan: FlatPlan, steps: list[int], beta1: float, beta2: float) -> tuple[Any, Any]:
+    """(1−β₁ᵗ, √(1−β₂ᵗ)) per element for the tensors' steps (layout order); floats when uniform."""
+    return plan.per_element([1.0 - beta1**t for t in steps]), plan.per_element(
+        [(1.0 - beta2**t) ** 0.5 for t in steps]
+    )
 
 
 class AdamWSAC(_SACMixin, ExactStateLoad, torch.optim.Optimizer):
@@ -206,8 +280,8 @@ class AdamWSAC(_SACMixin, ExactStateLoad, torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            params, names, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], [], []
+        for group_index, group in enumerate(self.param_groups):
+            params, names, grads, states = [], [], [], []
             for p, name in zip(group["params"], group_names(group), strict=True):
                 if p.grad is None:
                     continue
@@ -221,19 +295,24 @@ class AdamWSAC(_SACMixin, ExactStateLoad, torch.optim.Optimizer):
                 state["step"] += 1
                 params.append(p)
                 names.append(name)
-                grads.append(working_grad(p))
-                exp_avgs.append(state["exp_avg"])
-                exp_avg_sqs.append(state["exp_avg_sq"])
-                steps.append(state["step"])
-            if not params:
-                continue
+                grads.append(dense_grad(p))
+                states.append(state)
             beta1, beta2 = group["betas"]
-            adamw_moments_(grads, exp_avgs, exp_avg_sqs, beta1, beta2)
-            updates = adamw_updates(
-                exp_avgs, adamw_denoms(exp_avg_sqs, steps, beta2, group["eps"]), steps, beta1
-            )
-            self._sac_scale_updates_(group, params, names, updates)
-            apply_decoupled_(params, updates, group["lr"], group["weight_decay"])
+            for plan, idx in flat_plans(self.__dict__.setdefault("_flat_plans", {}), group_index, params):
+                sts, ps = pick(states, idx), pick(params, idx)
+                steps = [s["step"] for s in plan.layout.arrange(sts)]
+                update, _ = adamw_update(
+                    plan.gather("grad", pick(grads, idx)),
+                    plan.state.buffer(sts, "exp_avg", plan.dtype),
+                    plan.state.buffer(sts, "exp_avg_sq", plan.dtype),
+                    *adamw_bias_corrections(plan, steps, beta1, beta2),
+                    beta1,
+                    beta2,
+                    group["eps"],
+                    plan.scratch("update")[0],
+                )
+                self._sac_scale_(group, plan, ps, pick(names, idx), sts, update)
+                apply_decoupled_(plan, ps, update, group["lr"], group["weight_decay"])
         return loss
 
 
@@ -271,10 +350,8 @@ class Adam_miniSAC(_SACMixin, Adam_mini):  # noqa: N801 - the name users type (s
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            params, names, updates = self._adam_mini_updates(group)
-            if not params:
-                continue
-            self._sac_scale_updates_(group, params, names, updates)
-            apply_decoupled_(params, updates, group["lr"], group["weight_decay"])
+        for group_index, group in enumerate(self.param_groups):
+            for plan, params, names, states, update in self._adam_mini_updates(group_index, group):
+                self._sac_scale_(group, plan, params, names, states, update)
+                apply_decoupled_(plan, params, update, group["lr"], group["weight_decay"])
         return loss

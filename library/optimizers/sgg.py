@@ -25,11 +25,21 @@ second moment (row and column EMAs of g², Shazeer & Stern 2018), so its update 
 ShampooSGG_v2 is Shampoo (Gupta et al. 2018: L ← β₂L + (1−β₂)GGᵀ, R likewise, update L^-¼ M R^-¼), where the
 original ran a Newton-Schulz orthogonalisation; LambSGG_v2's ``t_total`` stretches the re-clustering interval
 over training instead of mutating the group's ``recluster_interval``.
+
+Performance: a LoRA step is bound by kernel launches (hundreds of small tensors), so each param group's tensors
+of one device and dtype are laid end to end (:class:`~library.optimizers.adam_mini.FlatPlan`): the gradients
+are gathered with one foreach copy, the moments live in flat buffers whose per-parameter views are the state
+tensors, every elementwise op is one kernel, per-tensor statistics are segment reductions and the per-cluster
+tables are flat (n·K,) buffers indexed by ``K·tensor + label``; Adafactor's row/column means run once per
+distinct matrix shape. Re-clustering is one batched k-means over all tensors (segmented sort for the quantile
+starts, K−1 comparisons per Lloyd step). The number of ops per step does not depend on the tensor count, and
+there is no host sync. ShampooSGG_v2 stays per matrix shape (stacked matmuls; one batched eigh per shape and
+side every ``precondition_frequency`` steps, which synchronises on CUDA).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -37,14 +47,22 @@ from torch import Tensor
 
 from library.errors import OptimizerError
 from library.optimizers.adam_mini import (
+    FlatPlan,
+    Segments,
     apply_decoupled_,
+    dense_grad,
+    flat_plans,
+    init_missing_,
+    pick,
+    segment_ids,
+    segment_sort,
     state_dtype,
     validate_common,
     validate_names,
     validate_positive_int,
-    working_grad,
 )
-from library.optimizers.sac import adamw_denoms, adamw_moments_, adamw_updates, validate_scale_bound
+from library.optimizers.flat import FlatState
+from library.optimizers.sac import adamw_bias_corrections, adamw_update, validate_scale_bound
 from library.optimizers.state import ExactStateLoad
 
 # Lloyd iterations per re-clustering: 1-D k-means from quantile starts settles in a handful.
@@ -57,62 +75,92 @@ _TINY = 1e-30
 
 
 # ----------------------------------------------------------------------------------------------- grouping/scaling
-def nearest_center(x: Tensor, centers: Tensor) -> Tensor:
-    """Index of the nearest (sorted) centre for each value of ``x``; ties go to the lower centre."""
-    return torch.bucketize(x, (centers[1:] + centers[:-1]) * 0.5)
+class Segmentation:
+    """Which tensor each element of a flat buffer belongs to, for k-means and cluster tables of all tensors at once.
+
+    ``base`` is K·(tensor position) per element, so ``base + label`` indexes a flat (n·K,) table of every tensor's
+    clusters. ``sample`` picks the (strided) elements that feed each tensor's quantile start.
+    """
+
+    def __init__(self, sizes: Sequence[int], k: int, device: torch.device, dtype: torch.dtype) -> None:
+        self.count = len(sizes)
+        lengths = torch.tensor(sizes, dtype=torch.int64, device=device)
+        self.segment = segment_ids(lengths, sum(sizes))
+        self.base = self.segment * k if self.count * k < 2**31 else self.segment.long() * k
+        self.numel = lengths.to(dtype)
+        strides = [max(1, -(-n // _QUANTILE_SAMPLE)) for n in sizes]
+        self.sample: Tensor | None = None
+        sample_sizes = list(sizes)
+        if any(s > 1 for s in strides):
+            offsets = [0]
+            for n in sizes[:-1]:
+                offsets.append(offsets[-1] + n)
+            picks = [
+                torch.arange(o, o + n, s, device=device)
+                for o, n, s in zip(offsets, sizes, strides, strict=True)
+            ]
+            sample_sizes = [len(p) for p in picks]
+            self.sample = torch.cat(picks)
+        sample_lengths = torch.tensor(sample_sizes, dtype=torch.int64, device=device)
+        self.sample_segment = segment_ids(sample_lengths, sum(sample_sizes))
+        self.sample_start = (torch.cumsum(sample_lengths, 0) - sample_lengths)[:, None]
+        self.sample_last = (sample_lengths - 1).to(dtype)[:, None]
+
+
+def _nearest(x: Tensor, centers: Tensor, segment: Tensor) -> Tensor:
+    """Index of the nearest of each element's tensor's (sorted) centres; ties go to the lower centre."""
+    mids = (centers[:, 1:] + centers[:, :-1]) * 0.5
+    labels = torch.zeros(x.shape, dtype=torch.int64, device=x.device)
+    for j in range(mids.shape[1]):  # K−1 boundaries, not a loop over tensors
+        labels += x > mids[:, j].index_select(0, segment)
+    return labels
+
+
+def kmeans_segments(
+    x: Tensor, seg: Segmentation, k: int, iters: int = KMEANS_ITERS
+) -> tuple[Tensor, Tensor, Tensor]:
+    """1-D k-means of every tensor of flat ``x`` together: (sorted centres (n, k), labels (numel,), counts (n, k)).
+
+    Centres start at each tensor's (c+½)/K quantiles (linear interpolation, as torch.quantile) and take ``iters``
+    Lloyd steps; an empty cluster keeps its centre. A fixed number of launches whatever the tensor count.
+    """
+    sample = x if seg.sample is None else x.index_select(0, seg.sample)
+    ordered = segment_sort(sample, seg.sample_segment)
+    ranks = (torch.arange(k, dtype=x.dtype, device=x.device) + 0.5) / k * seg.sample_last
+    below = ranks.long()
+    weights = ranks - below
+    above = ranks.ceil().long()
+    centers = ordered[seg.sample_start + below].lerp_(ordered[seg.sample_start + above], weights)
+    ones = torch.ones_like(x)
+    n = seg.count
+    for _ in range(iters):
+        index = seg.base + _nearest(x, centers, seg.segment)
+        sums = x.new_zeros(n * k).index_add_(0, index, x).view(n, k)
+        counts = x.new_zeros(n * k).index_add_(0, index, ones).view(n, k)
+        centers = torch.where(counts > 0, sums / counts.clamp_min(1.0), centers).sort(dim=1).values
+    labels = _nearest(x, centers, seg.segment)
+    counts = x.new_zeros(n * k).index_add_(0, seg.base + labels, ones).view(n, k)
+    return centers, labels, counts
 
 
 def kmeans_1d(x: Tensor, k: int, iters: int = KMEANS_ITERS) -> tuple[Tensor, Tensor]:
     """1-D k-means of flat ``x``: (sorted centres (k,), labels (n,) int64). Quantile start, ``iters`` Lloyd steps."""
-    stride = max(1, -(-x.numel() // _QUANTILE_SAMPLE))
-    q = (torch.arange(k, dtype=x.dtype, device=x.device) + 0.5) / k
-    centers = torch.quantile(x[::stride], q)
-    ones = torch.ones_like(x)
-    for _ in range(iters):
-        labels = nearest_center(x, centers)
-        sums = torch.zeros_like(centers).index_add_(0, labels, x)
-        counts = torch.zeros_like(centers).index_add_(0, labels, ones)
-        centers = torch.where(counts > 0, sums / counts.clamp_min(1.0), centers).sort().values
-    return centers, nearest_center(x, centers)
+    centers, labels, _ = kmeans_segments(x, Segmentation([x.numel()], k, x.device, x.dtype), k, iters)
+    return centers[0], labels
 
 
-def log_step(inv_step: Tensor) -> Tensor:
-    """z = −log(inv_step) clamped to a finite range (inv_step is √v̂+ε or another denominator)."""
-    return inv_step.log().neg_().clamp_(-_LOG_CAP, _LOG_CAP)
-
-
-def log_steps_(inv_steps: list[Tensor]) -> list[Tensor]:
-    """:func:`log_step` in place over a list of tensors, four foreach launches in all."""
-    torch._foreach_log_(inv_steps)
-    torch._foreach_neg_(inv_steps)
-    torch._foreach_clamp_min_(inv_steps, -_LOG_CAP)
-    torch._foreach_clamp_max_(inv_steps, _LOG_CAP)
-    return inv_steps
-
-
-def _weights(values: list[float], like: Tensor) -> float | Tensor:
-    """EMA weights per tensor: one float when they agree (the usual case), else a (n,) tensor."""
-    if all(v == values[0] for v in values):
-        return values[0]
-    return torch.tensor(values, dtype=like.dtype).to(like.device, non_blocking=True)
+def log_step_(inv_step: Tensor) -> Tensor:
+    """z = −log(inv_step) clamped to a finite range, in place (inv_step is √v̂+ε or another denominator)."""
+    return inv_step.log_().neg_().clamp_(-_LOG_CAP, _LOG_CAP)
 
 
 def _column(weight: float | Tensor) -> float | Tensor:
     return weight[:, None] if isinstance(weight, Tensor) else weight
 
 
-def _lerp_by_weight_(dst: list[Tensor], src: list[Tensor], weights: list[float]) -> None:
-    """dst_i ← lerp(dst_i, src_i, w_i), one foreach call per distinct weight (usually one)."""
-    by_weight: dict[float, list[int]] = {}
-    for i, w in enumerate(weights):
-        by_weight.setdefault(w, []).append(i)
-    for w, idx in by_weight.items():
-        torch._foreach_lerp_([dst[i] for i in idx], [src[i] for i in idx], w)
-
-
 # ------------------------------------------------------------------------------------------------------ base class
 class _SGGOptimizer(ExactStateLoad, torch.optim.Optimizer):
-    """Gathers per-tensor state, asks the subclass for (updates, z), applies SGG scaling, then the step."""
+    """Flattens each (device, dtype) bucket, asks the subclass for flat (updates, z), applies SGG scaling, steps."""
 
     def __init__(
         self,
@@ -152,126 +200,80 @@ class _SGGOptimizer(ExactStateLoad, torch.optim.Optimizer):
         raise NotImplementedError
 
     def _directions(
-        self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]]
-    ) -> tuple[list[Tensor], list[Tensor]]:
-        """Advance the base optimizer's state; return (updates u, log step sizes z), both shaped like the params."""
+        self, group: dict[str, Any], plan: FlatPlan, grad: Tensor, states: list[dict], ordered: list[dict]
+    ) -> tuple[Tensor, Tensor]:
+        """Advance the base optimizer's state; return flat updates u and log step sizes z (layout order).
+
+        ``grad`` is the plan's flat gradient; ``states`` are in the caller's order, ``ordered`` in layout order.
+        """
         raise NotImplementedError
 
-    def _apply(
-        self, group: dict[str, Any], params: list[Tensor], updates: list[Tensor], states: list[dict]
-    ) -> None:
-        apply_decoupled_(params, updates, group["lr"], group["weight_decay"])
+    def _apply(self, group: dict[str, Any], plan: FlatPlan, params: list[Tensor], update: Tensor) -> None:
+        apply_decoupled_(plan, params, update, group["lr"], group["weight_decay"])
 
     def _recluster_due(self, state: dict[str, Any], group: dict[str, Any]) -> bool:
         return (state["step"] - 1) % group["recluster_interval"] == 0
 
     # SGG -------------------------------------------------------------------------------------------------------
     def _sgg_scale_(
-        self, group: dict[str, Any], states: list[dict], updates: list[Tensor], zs: list[Tensor]
+        self, group: dict[str, Any], plan: FlatPlan, ordered: list[dict], update: Tensor, z: Tensor
     ) -> None:
-        """Scale the updates in place; tensors sharing a device and dtype are handled together (flat, batched)."""
-        buckets: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-        for i, z in enumerate(zs):
-            buckets.setdefault((z.device, z.dtype), []).append(i)
-        group_index = next(i for i, g in enumerate(self.param_groups) if g is group)
-        for key, idx in buckets.items():
-            self._sgg_scale_bucket_(
-                group,
-                (group_index, *key),
-                [states[i] for i in idx],
-                [updates[i] for i in idx],
-                [zs[i] for i in idx],
-            )
+        """One SGG scale step (module docstring) for every tensor of the bucket at once, in place on ``update``.
 
-    def _sgg_scale_bucket_(
-        self, group: dict[str, Any], key: tuple, states: list[dict], updates: list[Tensor], zs: list[Tensor]
-    ) -> None:
-        """One batched SGG scale step (module docstring) over tensors flattened into one vector.
-
-        Tensor j's cluster c is slot j·K + c of a flat (n·K,) table, so one index_add gives every cluster sum and
-        one index_select spreads the scales back; the per-tensor statistics are stacked, updated and copied back
-        with a fixed number of launches whatever the tensor count. Only re-clustering (every T steps) is per tensor.
+        Tensor j's cluster c is slot j·K + c of flat (n·K,) tables whose rows are the per-tensor state views, so
+        one index_add gives every cluster sum and one index_select spreads the scales back. Re-clustering runs
+        :func:`kmeans_segments` over all tensors at once, and only for the tensors that are due.
         """
         k = group["n_clusters"]
         lo, hi = group["scale_bound"]
         d_layer, d_cluster, d_scale = group["sgg_decays"]
-        numels = [z.numel() for z in zs]
-        z_flat = torch.cat([z.reshape(-1) for z in zs])
-        firsts, resets = [], []
-        for state, z in zip(states, z_flat.split(numels), strict=True):
-            first = "sgg_scale" not in state
-            recluster = self._recluster_due(state, group)
-            if first:
-                state["sgg_centers"] = torch.zeros(k, dtype=z.dtype, device=z.device)
-                state["sgg_cluster_stat"] = torch.zeros(k, dtype=z.dtype, device=z.device)
-                state["sgg_layer_stat"] = torch.zeros((), dtype=z.dtype, device=z.device)
-                state["sgg_scale"] = torch.ones(k, dtype=z.dtype, device=z.device).clamp_(lo, hi)
-            if first or recluster:
-                centers, labels = kmeans_1d(z, k)
-                state["sgg_centers"].copy_(centers)
-                state["sgg_labels"] = labels.to(torch.uint8)
-                state["sgg_counts"] = torch.zeros(k, dtype=z.dtype, device=z.device).index_add_(
-                    0, labels, torch.ones_like(z)
-                )
-            firsts.append(first)
-            resets.append(first or recluster)
-        labels, numel_t = self._flat_labels(key, states, numels, k, z_flat.dtype)
-        n = len(states)
-        counts = torch.cat([s["sgg_counts"] for s in states]).view(n, k)
-        sums = (
-            torch.zeros(n * k, dtype=z_flat.dtype, device=z_flat.device)
-            .index_add_(0, labels, z_flat)
-            .view(n, k)
+        layout, n, dtype = plan.layout, plan.layout.count, z.dtype
+        firsts = ["sgg_scale" not in s for s in ordered]
+        if any(firsts):
+            tables = (("sgg_centers", 0.0), ("sgg_cluster_stat", 0.0), ("sgg_counts", 0.0))
+            for key, fill in (*tables, ("sgg_scale", min(max(1.0, lo), hi))):
+                init_missing_(ordered, key, [(k,)] * n, fill, dtype, layout.device)
+            init_missing_(ordered, "sgg_layer_stat", [()] * n, 0.0, dtype, layout.device)
+            init_missing_(ordered, "sgg_labels", [(s,) for s in layout.sizes], 0, torch.uint8, layout.device)
+        resets = [self._recluster_due(s, group) or first for s, first in zip(ordered, firsts, strict=True)]
+        cache = plan.cache.get(("sgg", k))
+        if cache is None:
+            cache = plan.cache[("sgg", k)] = (
+                Segmentation(layout.sizes, k, layout.device, dtype),
+                FlatState(Segments([(k,)] * n)),
+                FlatState(Segments([()] * n)),
+                FlatState(Segments([(s,) for s in layout.sizes])),
+            )
+        seg, tables_state, layer_state, label_state = cache
+        centers, cluster_stat, scale, counts = (
+            tables_state.buffer(ordered, key, dtype).view(n, k)
+            for key in ("sgg_centers", "sgg_cluster_stat", "sgg_scale", "sgg_counts")
         )
-        layer_mean = sums.sum(dim=1) / numel_t
+        layer_stat = layer_state.buffer(ordered, "sgg_layer_stat", dtype)
+        labels = label_state.buffer(ordered, "sgg_labels", torch.uint8)
+        if any(resets):
+            fresh_centers, fresh_labels, fresh_counts = kmeans_segments(z, seg, k)
+            if not all(resets):
+                due = torch.tensor(resets, device=layout.device)
+                fresh_centers = torch.where(due[:, None], fresh_centers, centers)
+                fresh_counts = torch.where(due[:, None], fresh_counts, counts)
+                fresh_labels = torch.where(plan.spread(due), fresh_labels, labels)
+            centers.copy_(fresh_centers)
+            labels.copy_(fresh_labels)
+            counts.copy_(fresh_counts)
+        cached = plan.cache.get(("sgg_index", k))
+        if cached is None or cached[0] is not labels or any(resets):  # labels change only here or on reload
+            cached = plan.cache[("sgg_index", k)] = (labels, seg.base + labels)
+        index = cached[1]
+        sums = z.new_zeros(n * k).index_add_(0, index, z).view(n, k)
+        layer_mean = sums.sum(dim=1) / seg.numel
         cluster_mean = torch.where(counts > 0, sums / counts.clamp_min(1.0), layer_mean[:, None])
-
-        cluster_stats = [s["sgg_cluster_stat"] for s in states]
-        layer_stats = [s["sgg_layer_stat"] for s in states]
-        scales = [s["sgg_scale"] for s in states]
-        cluster_stat = torch.stack(cluster_stats)
-        layer_stat = torch.stack(layer_stats)
-        scale = torch.stack(scales)
         cluster_stat.lerp_(
-            cluster_mean, _column(_weights([1.0 if r else 1.0 - d_cluster for r in resets], z_flat))
+            cluster_mean, _column(plan.per_tensor([1.0 if r else 1.0 - d_cluster for r in resets]))
         )
-        layer_stat.lerp_(layer_mean, _weights([1.0 if f else 1.0 - d_layer for f in firsts], z_flat))
+        layer_stat.lerp_(layer_mean, plan.per_tensor([1.0 if f else 1.0 - d_layer for f in firsts]))
         scale.lerp_(torch.exp(layer_stat[:, None] - cluster_stat), 1.0 - d_scale).clamp_(lo, hi)
-        torch._foreach_copy_(cluster_stats, cluster_stat.unbind(0))
-        torch._foreach_copy_(layer_stats, layer_stat.unbind(0))
-        torch._foreach_copy_(scales, scale.unbind(0))
-
-        per_element = scale.view(-1).index_select(0, labels)
-        if updates[0].dtype != per_element.dtype:
-            per_element = per_element.to(updates[0].dtype)
-        torch._foreach_mul_(
-            updates, [s.view(u.shape) for s, u in zip(per_element.split(numels), updates, strict=True)]
-        )
-
-    def _flat_labels(
-        self, key: tuple, states: list[dict], numels: list[int], k: int, dtype: torch.dtype
-    ) -> tuple[Tensor, Tensor]:
-        """(all labels as one index vector, label + K·(tensor position); element counts as ``dtype``), cached.
-
-        Labels only change when a tensor is re-clustered or state is loaded, and both put new tensor objects in
-        the state, so comparing identities is enough (the cache holds them, so their ids cannot be reused).
-        """
-        plans = self.__dict__.setdefault("_sgg_plans", {})
-        labels = [s["sgg_labels"] for s in states]
-        cached = plans.get(key)
-        if (
-            cached is not None
-            and len(cached[0]) == len(labels)
-            and all(a is b for a, b in zip(cached[0], labels, strict=True))
-        ):
-            return cached[1], cached[2]
-        device = labels[0].device
-        sizes = torch.tensor(numels, device=device)
-        offsets = torch.repeat_interleave(torch.arange(len(labels), device=device) * k, sizes)
-        index_dtype = torch.int32 if len(labels) * k < 2**31 else torch.int64
-        flat = (torch.cat(labels).long() + offsets).to(index_dtype)
-        plans[key] = (labels, flat, sizes.to(dtype))
-        return flat, plans[key][2]
+        update.mul_(scale.view(-1).index_select(0, index))
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
@@ -279,7 +281,7 @@ class _SGGOptimizer(ExactStateLoad, torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
+        for group_index, group in enumerate(self.param_groups):
             params, grads, states = [], [], []
             for p in group["params"]:
                 if p.grad is None:
@@ -290,13 +292,14 @@ class _SGGOptimizer(ExactStateLoad, torch.optim.Optimizer):
                     self._init_base_state(p, state, group)
                 state["step"] += 1
                 params.append(p)
-                grads.append(working_grad(p))
+                grads.append(dense_grad(p))
                 states.append(state)
-            if not params:
-                continue
-            updates, zs = self._directions(group, params, grads, states)
-            self._sgg_scale_(group, states, updates, zs)
-            self._apply(group, params, updates, states)
+            for plan, idx in flat_plans(self.__dict__.setdefault("_flat_plans", {}), group_index, params):
+                sts = pick(states, idx)
+                ordered = plan.layout.arrange(sts)
+                update, z = self._directions(group, plan, plan.gather("grad", pick(grads, idx)), sts, ordered)
+                self._sgg_scale_(group, plan, ordered, update, z)
+                self._apply(group, plan, pick(params, idx), update)
         return loss
 
     def log_metrics(self) -> dict[str, Tensor | float]:
@@ -319,17 +322,21 @@ def _adam_state(p: Tensor, state: dict[str, Any]) -> None:
 
 
 def _adam_directions(
-    group: dict[str, Any], grads: list[Tensor], states: list[dict[str, Any]]
-) -> tuple[list[Tensor], list[Tensor]]:
-    """AdamW's m̂/(√v̂+ε) and z = −log(√v̂+ε) per tensor."""
+    group: dict[str, Any], plan: FlatPlan, grad: Tensor, states: list[dict], ordered: list[dict]
+) -> tuple[Tensor, Tensor]:
+    """AdamW's m̂/(√v̂+ε) and z = −log(√v̂+ε), flat."""
     beta1, beta2 = group["betas"]
-    steps = [s["step"] for s in states]
-    exp_avgs = [s["exp_avg"] for s in states]
-    exp_avg_sqs = [s["exp_avg_sq"] for s in states]
-    adamw_moments_(grads, exp_avgs, exp_avg_sqs, beta1, beta2)
-    denoms = adamw_denoms(exp_avg_sqs, steps, beta2, group["eps"])
-    updates = adamw_updates(exp_avgs, denoms, steps, beta1)
-    return updates, log_steps_(denoms)
+    update, denom = adamw_update(
+        grad,
+        plan.state.buffer(states, "exp_avg", plan.dtype),
+        plan.state.buffer(states, "exp_avg_sq", plan.dtype),
+        *adamw_bias_corrections(plan, [s["step"] for s in ordered], beta1, beta2),
+        beta1,
+        beta2,
+        group["eps"],
+        plan.scratch("update")[0],
+    )
+    return update, log_step_(denom)
 
 
 # --------------------------------------------------------------------------------------------------------- AdamW
@@ -370,8 +377,8 @@ class AdamWSGG(_SGGOptimizer):
     def _init_base_state(self, p: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         _adam_state(p, state)
 
-    def _directions(self, group, params, grads, states):
-        return _adam_directions(group, grads, states)
+    def _directions(self, group, plan, grad, states, ordered):
+        return _adam_directions(group, plan, grad, states, ordered)
 
 
 class AdamWSGG_v2(AdamWSGG):  # noqa: N801 - the name users type (seed doc 000)
@@ -404,10 +411,6 @@ class AdamWSGG_v2(AdamWSGG):  # noqa: N801 - the name users type (seed doc 000)
 
 
 # ----------------------------------------------------------------------------------------------------- Adafactor
-def _as_matrix(t: Tensor) -> Tensor:
-    return t.reshape(t.shape[0], -1)
-
-
 class AdafactorSGG(_SGGOptimizer):
     """Adafactor (Shazeer & Stern 2018) + SGG.
 
@@ -474,53 +477,90 @@ class AdafactorSGG(_SGGOptimizer):
         if group["betas"][0] > 0:
             state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
 
-    def _directions(self, group, params, grads, states):
-        """Elementwise math over the whole list (foreach); the row/column means stacked per matrix shape."""
+    def _factored(self, plan: FlatPlan) -> dict[str, Any]:
+        """Per-layout index maps: which tensors keep a full v and, per matrix shape, the factored tensors' rows."""
+        cached = plan.cache.get("adafactor")
+        if cached is not None:
+            return cached
+        layout, device = plan.layout, plan.layout.device
+        shapes = layout.arrange(layout.shapes)
+        factored = [len(s) >= 2 for s in shapes]
+        full = [j for j, f in enumerate(factored) if not f]
+        fact = [j for j, f in enumerate(factored) if f]
+        buckets, row_at, col_at = [], 0, 0
+        for b in layout.buckets:
+            members = [j for j in range(b.first, b.last) if factored[j]]
+            if not members:
+                continue
+            local = None
+            if len(members) < b.count:
+                local = torch.tensor([j - b.first for j in members], dtype=torch.int64, device=device)
+            where = torch.tensor(members, dtype=torch.int64, device=device)
+            buckets.append((b, len(members), row_at, col_at, local, where))
+            row_at += len(members) * b.rows
+            col_at += len(members) * b.cols
+        full_index = [i for j in full for i in range(layout.offsets[j], layout.offsets[j] + layout.sizes[j])]
+        cached = plan.cache["adafactor"] = {
+            "full": full,
+            "fact": fact,
+            "buckets": buckets,
+            "full_state": FlatState(Segments([shapes[j] for j in full])),
+            "rows": FlatState(Segments([(shapes[j][0],) for j in fact])),
+            "cols": FlatState(Segments([(layout.sizes[j] // shapes[j][0],) for j in fact])),
+            "full_index": torch.tensor(full_index, dtype=torch.int64, device=device),
+            "full_at": torch.tensor(full, dtype=torch.int64, device=device),
+            "full_lengths": torch.tensor([layout.sizes[j] for j in full], dtype=torch.int64, device=device),
+            "sqrt_numel": torch.tensor(layout.sizes, dtype=plan.dtype, device=device).sqrt(),
+        }
+        return cached
+
+    def _directions(self, group, plan, grad, states, ordered):
+        """Elementwise math on the flat buffer; the row/column means per matrix shape on [k, rows, cols] views."""
         beta1, beta2_cap = group["betas"]
-        steps = [s["step"] for s in states]
-        ws = [
-            1.0 - min(beta2_cap, 1.0 - t ** group["decay_rate"]) for t in steps
-        ]  # weight of the new g² (1 at t=1)
-        g2s = torch._foreach_mul(grads, grads)
-        torch._foreach_add_(g2s, group["eps"])
-        vs: list[Tensor | None] = [None] * len(grads)
-        full = [i for i, s in enumerate(states) if "exp_avg_sq" in s]
-        _lerp_by_weight_(
-            [states[i]["exp_avg_sq"] for i in full], [g2s[i] for i in full], [ws[i] for i in full]
-        )
-        for i in full:
-            vs[i] = states[i]["exp_avg_sq"]
-        shapes: dict[tuple[int, int], list[int]] = {}
-        for i, s in enumerate(states):
-            if "exp_avg_sq_row" in s:
-                shapes.setdefault((s["exp_avg_sq_row"].numel(), s["exp_avg_sq_col"].numel()), []).append(i)
-        for idx in shapes.values():
-            rows = [states[i]["exp_avg_sq_row"] for i in idx]
-            cols = [states[i]["exp_avg_sq_col"] for i in idx]
-            g2m = torch.stack([_as_matrix(g2s[i]) for i in idx])
-            row, col = torch.stack(rows), torch.stack(cols)
-            w = _weights([ws[i] for i in idx], row)
-            row.lerp_(g2m.mean(dim=2), _column(w))
-            col.lerp_(g2m.mean(dim=1), _column(w))
-            torch._foreach_copy_(rows, row.unbind(0))
-            torch._foreach_copy_(cols, col.unbind(0))
-            v = (row / row.mean(dim=1, keepdim=True).clamp_min(_TINY))[:, :, None] * col[:, None, :]
-            for i, vi in zip(idx, v.unbind(0), strict=True):
-                vs[i] = vi.view(grads[i].shape)
-        rsqrt_vs = torch._foreach_clamp_min(vs, _TINY)
-        torch._foreach_rsqrt_(rsqrt_vs)
-        updates = list(torch._foreach_mul(grads, rsqrt_vs))
-        numels = torch.tensor([u.numel() for u in updates], dtype=updates[0].dtype).to(updates[0].device)
-        rms = torch.stack(torch._foreach_norm(updates)) / numels.sqrt()
-        torch._foreach_div_(updates, (rms / group["clip_threshold"]).clamp_min(1.0).unbind(0))
-        momentum = [i for i, s in enumerate(states) if "exp_avg" in s]
-        if momentum:
-            exp_avgs = [states[i]["exp_avg"] for i in momentum]
-            torch._foreach_lerp_(exp_avgs, [updates[i] for i in momentum], 1.0 - beta1)
-            averaged = torch._foreach_div(exp_avgs, [1.0 - beta1 ** steps[i] for i in momentum])
-            for i, u in zip(momentum, averaged, strict=True):
-                updates[i] = u
-        return updates, log_steps_(torch._foreach_sqrt(vs))
+        layout, f = plan.layout, self._factored(plan)
+        steps = [s["step"] for s in ordered]
+        # weight of the new g² (1 at t=1)
+        w = plan.per_tensor([1.0 - min(beta2_cap, 1.0 - t ** group["decay_rate"]) for t in steps])
+        g2 = grad * grad
+        g2.add_(group["eps"])
+        v = plan.scratch("v")[0]
+        if f["full"]:
+            full_v = f["full_state"].buffer([ordered[j] for j in f["full"]], "exp_avg_sq", plan.dtype)
+            full_w = w
+            if isinstance(w, Tensor):
+                full_w = torch.repeat_interleave(
+                    w.index_select(0, f["full_at"]), f["full_lengths"], output_size=full_v.numel()
+                )
+            full_v.lerp_(g2.index_select(0, f["full_index"]), full_w)
+            v.index_copy_(0, f["full_index"], full_v)
+        if f["fact"]:
+            fact_states = [ordered[j] for j in f["fact"]]
+            rows = f["rows"].buffer(fact_states, "exp_avg_sq_row", plan.dtype)
+            cols = f["cols"].buffer(fact_states, "exp_avg_sq_col", plan.dtype)
+        for bucket, count, row_at, col_at, local, where in f["buckets"]:
+            g2m = layout.bucket_view(g2, bucket)
+            if local is not None:
+                g2m = g2m.index_select(0, local)
+            row = rows[row_at : row_at + count * bucket.rows].view(count, bucket.rows)
+            col = cols[col_at : col_at + count * bucket.cols].view(count, bucket.cols)
+            wb = _column(w.index_select(0, where)) if isinstance(w, Tensor) else w
+            row.lerp_(g2m.mean(dim=2), wb)
+            col.lerp_(g2m.mean(dim=1), wb)
+            factor = (row / row.mean(dim=1, keepdim=True).clamp_min(_TINY))[:, :, None]
+            vb = layout.bucket_view(v, bucket)
+            if local is None:
+                torch.mul(factor, col[:, None, :], out=vb)
+            else:
+                vb.index_copy_(0, local, factor * col[:, None, :])
+        update = torch.mul(grad, v.clamp_min(_TINY).rsqrt_(), out=plan.scratch("update")[0])
+        rms = layout.norm(update) / f["sqrt_numel"]
+        update.div_(plan.spread((rms / group["clip_threshold"]).clamp_min(1.0)))
+        if any("exp_avg" in s for s in states):
+            init_missing_(states, "exp_avg", layout.shapes, 0.0, plan.dtype, layout.device)
+            exp_avg = plan.state.buffer(states, "exp_avg", plan.dtype)
+            exp_avg.lerp_(update, 1.0 - beta1)
+            torch.div(exp_avg, plan.per_element([1.0 - beta1**t for t in steps]), out=update)
+        return update, log_step_(v.sqrt())
 
 
 # ---------------------------------------------------------------------------------------------------------- LAMB
@@ -575,37 +615,44 @@ class LambSGG_v2(_SGGOptimizer):  # noqa: N801 - the name users type (seed doc 0
         )
         return True
 
-    def _directions(self, group, params, grads, states):
-        return _adam_directions(group, grads, states)
+    def _directions(self, group, plan, grad, states, ordered):
+        return _adam_directions(group, plan, grad, states, ordered)
 
-    def _apply(self, group, params, updates, states):
+    def _apply(self, group, plan, params, update):
+        weights = plan.gather("param", params)
         if group["weight_decay"] != 0.0:
-            torch._foreach_add_(
-                updates,
-                [p.to(u.dtype) for p, u in zip(params, updates, strict=True)],
-                alpha=group["weight_decay"],
-            )
-        p_norms = torch.stack(
-            torch._foreach_norm([p.to(u.dtype) for p, u in zip(params, updates, strict=True)])
-        )
-        u_norms = torch.stack(torch._foreach_norm(updates))
+            update.add_(weights, alpha=group["weight_decay"])
+        p_norms, u_norms = plan.layout.norm(weights), plan.layout.norm(update)
         trust = torch.where((p_norms > 0) & (u_norms > 0), p_norms / u_norms.clamp_min(_TINY), 1.0)
-        torch._foreach_mul_(updates, trust.unbind(0))
-        apply_decoupled_(params, updates, group["lr"], 0.0)
+        update.mul_(plan.spread(trust))
+        apply_decoupled_(plan, params, update, group["lr"], 0.0)
 
 
 # ------------------------------------------------------------------------------------------------------- Shampoo
-def inverse_fourth_root(stat: Tensor, eps: float) -> Tensor:
-    """(S + ε·λ_max·I)^-¼ of a PSD matrix (2-D) or diagonal (1-D); zero where S carries no information."""
-    if stat.dim() == 1:
-        top = stat.max()
+def inverse_fourth_root(stat: Tensor, eps: float, diagonal: bool | None = None) -> Tensor:
+    """(S + ε·λ_max·I)^-¼ of PSD matrices [..., n, n] or diagonals [..., n]; zero where S carries no information.
+
+    ``diagonal`` defaults to "1-D input". A stack of matrices takes one batched eigh.
+    """
+    if diagonal is None:
+        diagonal = stat.dim() == 1
+    if diagonal:
+        top = stat.amax(dim=-1, keepdim=True)
         root = (stat + eps * top).clamp_min(_TINY).pow(-0.25)
         return torch.where(top > 0, root, torch.zeros_like(root))
     evals, evecs = torch.linalg.eigh(stat.double())
     evals = evals.clamp_min(0.0)
-    top = evals.max()
+    top = evals.amax(dim=-1, keepdim=True)
     root = torch.where(top > 0, (evals + eps * top).clamp_min(_TINY).pow(-0.25), torch.zeros_like(evals))
-    return ((evecs * root) @ evecs.T).to(stat.dtype)
+    return ((evecs * root.unsqueeze(-2)) @ evecs.mT).to(stat.dtype)
+
+
+def _per_matrix(values: list[float], like: Tensor) -> float | Tensor:
+    """One number per stacked matrix: a float when all agree, else a tensor broadcasting over ``like``'s stack."""
+    if all(v == values[0] for v in values):
+        return values[0]
+    column = torch.tensor(values, dtype=like.dtype).to(like.device, non_blocking=True)
+    return column.view(-1, *([1] * (like.dim() - 1)))
 
 
 class ShampooSGG_v2(_SGGOptimizer):  # noqa: N801 - the name users type (seed doc 000)
@@ -674,12 +721,12 @@ class ShampooSGG_v2(_SGGOptimizer):  # noqa: N801 - the name users type (seed do
         self.param_groups[-1].setdefault("lr_at_construction", self.param_groups[-1]["lr"])
 
     @staticmethod
-    def _uses_adam(p: Tensor, group: dict[str, Any]) -> bool:
-        return group["optimize_1d"] and p.dim() < 2
+    def _uses_adam(shape: torch.Size, group: dict[str, Any]) -> bool:
+        return group["optimize_1d"] and len(shape) < 2
 
     def _init_base_state(self, p: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         dtype = state_dtype(p)
-        if self._uses_adam(p, group):
+        if self._uses_adam(p.shape, group):
             _adam_state(p, state)
             return
         rows, cols = (p.shape[0], p[0].numel()) if p.dim() >= 2 else (1, p.numel())
@@ -689,19 +736,29 @@ class ShampooSGG_v2(_SGGOptimizer):  # noqa: N801 - the name users type (seed do
             state[f"{side}_stat"] = torch.zeros(shape, dtype=dtype, device=p.device)
             state[f"{side}_root"] = torch.zeros(shape, dtype=dtype, device=p.device)
 
-    def _directions(self, group, params, grads, states):
-        adam = [i for i, p in enumerate(params) if self._uses_adam(p, group)]
-        updates: list[Tensor | None] = [None] * len(params)
-        zs: list[Tensor | None] = [None] * len(params)
+    def _directions(self, group, plan, grad, states, ordered):
+        """Per matrix shape, stacked; the optimize_1d tensors as flat AdamW; both gathered into one flat buffer."""
+        grads = plan.scratch("grad")[1]
+        shapes = plan.layout.shapes
+        n = len(shapes)
+        adam = [i for i in range(n) if self._uses_adam(shapes[i], group)]
+        updates: list[Tensor | None] = [None] * n
+        zs: list[Tensor | None] = [None] * n
         if adam:
-            adam_u, adam_z = _adam_directions(group, [grads[i] for i in adam], [states[i] for i in adam])
+            sub = plan.cache.get(("adam_1d", tuple(adam)))
+            if sub is None:
+                sub = plan.cache[("adam_1d", tuple(adam))] = FlatPlan(
+                    [plan.params[i] for i in adam], plan.dtype
+                )
+            sub_states = [states[i] for i in adam]
+            sub_grad = sub.gather("grad", [grads[i] for i in adam])
+            u, z = _adam_directions(group, sub, sub_grad, sub_states, sub.layout.arrange(sub_states))
             base = group["lr_at_construction"]
-            ratio = (
+            u.mul_(
                 group["lr_1d"] / base if base > 0 else 0.0
             )  # lr_1d·lr/lr₀ after the common lr multiplication
-            torch._foreach_mul_(adam_u, ratio)
-            for i, u, z in zip(adam, adam_u, adam_z, strict=True):
-                updates[i], zs[i] = u, z
+            for i, ui, zi in zip(adam, sub.layout.views(u), sub.layout.views(z), strict=True):
+                updates[i], zs[i] = ui, zi
         beta1, beta2 = group["betas"]
         buckets: dict[tuple, list[int]] = {}
         for i, state in enumerate(states):
@@ -710,11 +767,11 @@ class ShampooSGG_v2(_SGGOptimizer):  # noqa: N801 - the name users type (seed do
                 buckets.setdefault(key, []).append(i)
         for idx in buckets.values():
             self._shampoo_bucket(group, idx, grads, states, updates, zs, beta1, beta2)
-        return updates, zs
+        return plan.layout.flatten(updates), plan.layout.flatten(zs)
 
     @staticmethod
     def _shampoo_bucket(group, idx, grads, states, updates, zs, beta1, beta2) -> None:
-        """Shampoo for tensors of one matrix shape, stacked: batched matmuls; only the inverse roots per tensor."""
+        """Shampoo for tensors of one matrix shape, stacked: batched matmuls, and one batched eigh per side."""
         sts = [states[i] for i in idx]
         exp_avgs = [s["exp_avg"] for s in sts]
         lefts, rights = [s["left_stat"] for s in sts], [s["right_stat"] for s in sts]
@@ -726,14 +783,16 @@ class ShampooSGG_v2(_SGGOptimizer):  # noqa: N801 - the name users type (seed do
         torch._foreach_copy_(lefts, left.unbind(0))
         torch._foreach_copy_(rights, right.unbind(0))
         torch._foreach_copy_(exp_avgs, m.unbind(0))
-        for state in sts:
-            t = state["step"]
-            if (t - 1) % group["precondition_frequency"] == 0:
-                bc2 = 1.0 - beta2**t
-                state["left_root"].copy_(inverse_fourth_root(state["left_stat"] / bc2, group["eps"]))
-                state["right_root"].copy_(inverse_fourth_root(state["right_stat"] / bc2, group["eps"]))
-        bc1 = _weights([1.0 - beta1 ** s["step"] for s in sts], m)
-        m = m / (bc1[:, None, None] if isinstance(bc1, Tensor) else bc1)
+        due = [j for j, s in enumerate(sts) if (s["step"] - 1) % group["precondition_frequency"] == 0]
+        if due:
+            pick_due = None if len(due) == len(sts) else torch.tensor(due, device=m.device)
+            for side, stat in (("left", left), ("right", right)):
+                if pick_due is not None:
+                    stat = stat.index_select(0, pick_due)
+                bc2 = _per_matrix([1.0 - beta2 ** sts[j]["step"] for j in due], stat)
+                roots = inverse_fourth_root(stat / bc2, group["eps"], diagonal=stat.dim() == 2)
+                torch._foreach_copy_([sts[j][f"{side}_root"] for j in due], list(roots.unbind(0)))
+        m = m / _per_matrix([1.0 - beta1 ** s["step"] for s in sts], m)
         lroot = torch.stack([s["left_root"] for s in sts])
         rroot = torch.stack([s["right_root"] for s in sts])
         u = lroot @ m if lroot.dim() == 3 else lroot[:, :, None] * m
@@ -741,8 +800,8 @@ class ShampooSGG_v2(_SGGOptimizer):  # noqa: N801 - the name users type (seed do
         ldiag = lroot.diagonal(dim1=1, dim2=2) if lroot.dim() == 3 else lroot
         rdiag = rroot.diagonal(dim1=1, dim2=2) if rroot.dim() == 3 else rroot
         z = (
-            log_step(ldiag.clamp_min(_TINY).reciprocal())[:, :, None]
-            + log_step(rdiag.clamp_min(_TINY).reciprocal())[:, None, :]
+            log_step_(ldiag.clamp_min(_TINY).reciprocal())[:, :, None]
+            + log_step_(rdiag.clamp_min(_TINY).reciprocal())[:, None, :]
         )
         for i, ui, zi in zip(idx, u.unbind(0), z.unbind(0), strict=True):
             updates[i], zs[i] = ui.view(grads[i].shape), zi.view(grads[i].shape)

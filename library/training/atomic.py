@@ -1,18 +1,28 @@
-"""Atomic file and folder writes: a crash or `kill -9` during a save leaves the previous file intact.
+"""Atomic file and folder writes: a crash, `kill -9` or full disk during a save leaves the previous file intact.
 
 Write to a temporary sibling, fsync it, then rename over the final name (rename is atomic on POSIX within one
-file system), then fsync the directory so the rename itself survives a power cut.
+file system), then fsync the directory so the rename itself survives a power cut. When the write fails because
+of the disk (full, quota, file-size limit, read-only), the temporary files go and the error is one line naming
+the file, the OS reason and what to do.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import glob
 import os
+import re
+import resource
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 from library.errors import ConfigError
+
+_WHAT_TO_DO = "free some space or pick another --output_dir"
+_LOW_SPACE = 1 << 20  # a write that failed with less than this left failed for lack of space
+_OS_ERROR_IN_TEXT = re.compile(r"os error (\d+)")  # how safetensors' Rust writer reports an io::Error
 
 
 def fsync_dir(path: Path) -> None:
@@ -29,6 +39,52 @@ def _fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
+def _largest_file(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return max((f.stat().st_size for f in path.rglob("*") if f.is_file()), default=0)
+
+
+def disk_failure_reason(exc: BaseException, written: Path) -> str | None:
+    """The OS reason a write into `written` (a file or folder) failed, or None when the disk is not the cause.
+
+    OSError carries it. safetensors and torch.save do not raise OSError: safetensors puts "os error N" in its
+    text, torch's zip writer only says "unexpected pos"; for those the file system itself is asked. Anything
+    else (a bug, a bad tensor) is not a disk failure and must surface unchanged.
+    """
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc)
+    if not isinstance(exc, Exception):
+        return None
+    found = _OS_ERROR_IN_TEXT.search(str(exc))
+    if found:
+        return os.strerror(int(found.group(1)))
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    with contextlib.suppress(OSError):
+        if limit != resource.RLIM_INFINITY and _largest_file(written) >= limit:
+            return f"{os.strerror(errno.EFBIG)} (the file size limit, ulimit -f, is {limit} bytes)"
+    folder = written.parent
+    with contextlib.suppress(OSError):
+        if shutil.disk_usage(folder).free < _LOW_SPACE:
+            return os.strerror(errno.ENOSPC)
+    with contextlib.suppress(OSError):
+        if os.statvfs(folder).f_flag & os.ST_RDONLY:
+            return os.strerror(errno.EROFS)
+    if not os.access(folder, os.W_OK):
+        return os.strerror(errno.EACCES)
+    return None
+
+
+def _remove_temporaries(tmp: Path) -> None:
+    """`tmp` and anything a writer staged beside it under a longer name (e.g. its own `<tmp>.tmp`)."""
+    for path in tmp.parent.glob(f"{glob.escape(tmp.name)}*"):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+
 @contextlib.contextmanager
 def atomic_file(final: Path) -> Iterator[Path]:
     """Yield a temporary path next to `final`; on success it replaces `final` atomically."""
@@ -39,11 +95,14 @@ def atomic_file(final: Path) -> Iterator[Path]:
         _fsync_file(tmp)
         os.replace(tmp, final)
         fsync_dir(final.parent)
-    except OSError as exc:
-        raise ConfigError(f"could not write {final}: {exc.strerror or exc}; the previous file (if any) is unchanged") from None
+    except Exception as exc:
+        reason = disk_failure_reason(exc, tmp)
+        if reason is None:
+            raise
+        kept = "the previous file is unchanged" if final.exists() else "no partial file is left"
+        raise ConfigError(f"could not write {final}: {reason}; {kept}; {_WHAT_TO_DO}") from None
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        _remove_temporaries(tmp)
 
 
 @contextlib.contextmanager
@@ -53,8 +112,8 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     old = final.with_name(f".{final.name}.old-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     try:
+        tmp.mkdir(parents=True)
         yield tmp
         for f in tmp.rglob("*"):
             if f.is_file():
@@ -63,10 +122,14 @@ def atomic_dir(final: Path) -> Iterator[Path]:
             os.replace(final, old)
         os.replace(tmp, final)
         fsync_dir(final.parent)
-    except OSError as exc:
+    except Exception as exc:
         if old.exists() and not final.exists():
             os.replace(old, final)
-        raise ConfigError(f"could not write {final}: {exc.strerror or exc}; the previous state (if any) is kept") from None
+        reason = disk_failure_reason(exc, tmp)
+        if reason is None:
+            raise
+        kept = "the previous folder is unchanged" if final.exists() else "no partial folder is left"
+        raise ConfigError(f"could not write {final}: {reason}; {kept}; {_WHAT_TO_DO}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
+import shutil
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from library.cli import LR_SCHEDULERS
 from library.errors import ConfigError
@@ -216,3 +221,168 @@ def validate_args(args: argparse.Namespace) -> None:
     validate_combinations(args)
     validate_paths(args)
     validate_network_args(args)
+    check_free_space_before_load(args)
+
+
+# ----------------------------------------------------------------------------------------------- disk space
+_MiB = 1 << 20
+_ADAM_MOMENTS = 2  # optimizer.bin holds ~2 fp32 tensors per trainable parameter for the Adam family
+_FILE_OVERHEAD = _MiB  # per file: safetensors header, ss_* metadata (tag frequencies grow with the dataset), RNG state
+
+
+@dataclass(frozen=True)
+class OutputEstimate:
+    """What a run writes into --output_dir: every kept LoRA file, and the state folder (twice while replaced)."""
+
+    lora_bytes: int
+    lora_files: int
+    state_bytes: int = 0
+    state_copies: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.lora_bytes * self.lora_files + self.state_bytes * self.state_copies
+
+    def describe(self) -> str:
+        text = f"{self.lora_files} LoRA file{'s' if self.lora_files != 1 else ''} of {_size(self.lora_bytes)}"
+        if self.state_copies:
+            text += f" + state folder {_size(self.state_bytes)}" + (" x2 while it is replaced" if self.state_copies > 1 else "")
+        return text
+
+
+def _size(n: int) -> str:
+    return f"{n / _MiB:.1f} MiB" if n < 1 << 30 else f"{n / (1 << 30):.2f} GiB"
+
+
+def planned_lora_files(args: argparse.Namespace, steps_per_epoch: int | None = None, start_step: int = 0) -> int:
+    """The final LoRA plus every checkpoint the run keeps (none is deleted), counted from `start_step`.
+
+    Before the dataset is batched (`steps_per_epoch` None) only what the flags fix is counted: a lower bound.
+    """
+    steps = args.max_train_steps
+    if args.max_train_epochs and steps_per_epoch:
+        steps = args.max_train_epochs * steps_per_epoch
+    elif args.max_train_epochs:
+        steps = None
+    files = 1
+    if args.save_every_n_steps and steps:
+        files += max(0, (steps - 1) // args.save_every_n_steps - start_step // args.save_every_n_steps)
+    epochs = args.max_train_epochs or (math.ceil(steps / steps_per_epoch) if steps and steps_per_epoch else None)
+    if args.save_every_n_epochs and epochs:
+        done = start_step // steps_per_epoch if steps_per_epoch else 0
+        files += max(0, (epochs - 1) // args.save_every_n_epochs - done // args.save_every_n_epochs)
+    return files
+
+
+def _saved_element_size(args: argparse.Namespace, param_dtype: torch.dtype | None = None) -> int:
+    explicit = {"fp16": 2, "bf16": 2, "float": 4}.get(args.save_precision or "")
+    if explicit:
+        return explicit
+    if param_dtype is not None:
+        return param_dtype.itemsize
+    return 2 if args.full_fp16 or args.full_bf16 else 4
+
+
+def _folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _architecture_dir(model: str) -> Path | None:
+    """The folder of JSON configs that describes the base model's layers, readable without its weights."""
+    from library.models.builtin import BUILTIN_NAMES, TINY_SD_CONFIG_DIR
+
+    if model in BUILTIN_NAMES:
+        return TINY_SD_CONFIG_DIR
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    if path.suffix.lower() == ".safetensors":
+        from library.models.single_file import bundled_config_dir, detect_checkpoint_type
+
+        keys = _safetensors_keys(path)
+        if keys:
+            model_type, _ = detect_checkpoint_type(set(keys), path)
+            return bundled_config_dir(model_type, v_parameterization=False)  # v-prediction: same layers
+    return None  # .ckpt: its keys need the whole pickle; the check after the network is built covers it
+
+
+def lora_parameters_from_configs(args: argparse.Namespace) -> int | None:
+    """LoRA parameter count of the network this run builds, from the model's configs on the meta device.
+
+    No weight is read or allocated, so it takes well under a second even for SDXL. None when the model's
+    configs cannot be read here (the loader will report that properly) or the network module is not ours (a
+    foreign create_network may not accept meta-device modules).
+    """
+    module = import_network_module(args.network_module)
+    folder = _architecture_dir(args.pretrained_model_name_or_path)
+    if folder is None or not hasattr(module, "check_network_args"):
+        return None
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from library.training.setup import parse_key_values
+
+    try:
+        unet_config = UNet2DConditionModel.load_config(folder / "unet")
+        te_configs = [CLIPTextConfig.from_pretrained(folder / sub) for sub in ("text_encoder", "text_encoder_2")
+                      if (folder / sub).is_dir()]
+    except (OSError, ValueError):
+        return None
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(unet_config)
+        encoders = [CLIPTextModel(te_configs[0]), *(CLIPTextModelWithProjection(c) for c in te_configs[1:])]
+        network = module.create_network(1.0, args.network_dim, args.network_alpha, None,
+                                        encoders if len(encoders) > 1 else encoders[0], unet,
+                                        neuron_dropout=args.network_dropout,
+                                        **parse_key_values(args.network_args, "--network_args"))
+    skip = "lora_te" if args.network_train_unet_only else "lora_unet" if args.network_train_text_encoder_only else None
+    return sum(v.numel() for k, v in network.state_dict().items() if skip is None or not k.startswith(skip))
+
+
+def estimate_outputs(args: argparse.Namespace, *, lora_parameters: int, trainable_parameters: int | None = None,
+                     param_dtype: torch.dtype | None = None, steps_per_epoch: int | None = None,
+                     start_step: int = 0) -> OutputEstimate:
+    """Bytes the run will write; the state is the network in fp32 plus Adam-sized optimizer moments."""
+    files = planned_lora_files(args, steps_per_epoch, start_step)
+    lora_bytes = lora_parameters * _saved_element_size(args, param_dtype) + _FILE_OVERHEAD
+    if not args.save_state:
+        return OutputEstimate(lora_bytes, files)
+    trainable = lora_parameters if trainable_parameters is None else trainable_parameters
+    state_bytes = lora_parameters * (param_dtype.itemsize if param_dtype else 4) + _ADAM_MOMENTS * 4 * trainable \
+        + _FILE_OVERHEAD
+    if args.resume:  # the folder we resume from has the real sizes of this optimizer's state
+        state_bytes = max(state_bytes, _folder_bytes(Path(args.resume)))
+    existing = Path(args.output_dir) / f"{args.output_name}-state"
+    return OutputEstimate(lora_bytes, files, state_bytes, 2 if files > 1 or existing.exists() else 1)
+
+
+def check_free_space(output_dir: Path, estimate: OutputEstimate) -> None:
+    """Stop now rather than at a save hours later; measured on the nearest existing folder of `output_dir`."""
+    folder = Path(output_dir).absolute()
+    while not folder.exists():
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    if free < estimate.total:
+        raise ConfigError(f"--output_dir {output_dir}: {_size(free)} free, this run writes about {_size(estimate.total)} "
+                          f"({estimate.describe()}); free some space, pick another --output_dir, or save less often")
+
+
+def check_free_space_before_load(args: argparse.Namespace) -> None:
+    """The cheap estimate: the network counted from the model's configs, checkpoints the flags fix."""
+    if args.network_weights and args.dim_from_weights:
+        count = None  # the file decides the shape; the check after the network is built counts it
+    else:
+        count = lora_parameters_from_configs(args)
+    if count is not None:
+        check_free_space(Path(args.output_dir), estimate_outputs(args, lora_parameters=count))
+
+
+def check_free_space_for_network(args: argparse.Namespace, network: torch.nn.Module, steps_per_epoch: int,
+                                 start_step: int = 0) -> None:
+    """The exact estimate, once the network is built and the epochs are batched: call before the first step."""
+    tensors = network.state_dict().values()
+    trainable = sum(p.numel() for p in network.parameters() if p.requires_grad)
+    dtype = next((p.dtype for p in network.parameters()), None)
+    estimate = estimate_outputs(args, lora_parameters=sum(t.numel() for t in tensors), trainable_parameters=trainable,
+                                param_dtype=dtype, steps_per_epoch=steps_per_epoch, start_step=start_step)
+    check_free_space(Path(args.output_dir), estimate)

@@ -2,9 +2,11 @@
 
 import io
 
+import pytest
 import torch
 
 from library.optimizers import quant8
+from library.optimizers.flat import FlatLayout
 
 
 def _randn(*shape, seed=0):
@@ -78,3 +80,48 @@ def test_float64_and_bfloat16_inputs_are_accepted():
         y = quant8.dequantize(codes, absmax, signed=True, dtype=dtype)
         assert y.dtype == dtype
         assert ((y.float() - x).abs() <= 0.02 * _block_absmax(x)).all()
+
+
+@pytest.mark.parametrize(
+    "shapes",
+    [[(3, 100), (7,), (256,), (2, 300), (3, 100)], [(16, 32), (512,), (4, 64, 1, 1)]],
+    ids=["unaligned", "aligned"],
+)
+@pytest.mark.parametrize("signed", [True, False])
+def test_flat_state_is_bit_identical_to_quantising_each_tensor(shapes, signed):
+    tensors = [_randn(*s, seed=10 + k) * (k + 1) for k, s in enumerate(shapes)]
+    if not signed:
+        tensors = [t.square() for t in tensors]
+    layout = FlatLayout(shapes, "cpu")
+    flat_state = quant8.FlatQuantState(layout)
+    states = [{} for _ in shapes]
+    for state, t in zip(states, tensors, strict=True):
+        quant8.init_state(state, "m", t, signed=signed)
+    assert torch.equal(flat_state.load(states, "m", signed=signed), torch.zeros(layout.numel))
+    flat_state.store_("m", layout.flatten(tensors), signed=signed)
+    expected = []
+    for state, t in zip(states, tensors, strict=True):
+        codes, absmax = quant8.quantize(t, signed=signed)
+        assert torch.equal(state["m_codes"], codes) and torch.equal(state["m_absmax"], absmax)
+        expected.append(quant8.dequantize(codes, absmax, signed=signed))
+    assert torch.equal(flat_state.load(states, "m", signed=signed), layout.flatten(expected))
+    # the per-parameter tensors are views of one code buffer (one quantisation call per step)
+    bases = {s["m_codes"].untyped_storage().data_ptr() for s in states}
+    assert len(bases) == 1
+
+
+def test_flat_state_gathers_per_parameter_tensors_that_were_replaced():
+    shapes = [(300,), (40, 8)]
+    layout = FlatLayout(shapes, "cpu")
+    flat_state = quant8.FlatQuantState(layout)
+    states = [{}, {}]
+    for state, s in zip(states, shapes, strict=True):
+        quant8.init_state(state, "v", torch.empty(s), signed=False)
+    flat_state.load(states, "v", signed=False)
+    loaded = _randn(40, 8, seed=7).abs()
+    states[1]["v_codes"], states[1]["v_absmax"] = quant8.quantize(
+        loaded, signed=False
+    )  # e.g. load_state_dict
+    want = quant8.dequantize(states[1]["v_codes"], states[1]["v_absmax"], signed=False)
+    got = layout.views(flat_state.load(states, "v", signed=False))
+    assert torch.equal(got[1], want) and torch.equal(got[0], torch.zeros(300))

@@ -98,9 +98,44 @@ def test_every_optimizer_trains_and_resumes_exactly_or_says_why_not(spec: Optimi
     optimizer2 = _build(spec, resumed)
     buffer.seek(0)
     optimizer2.load_state_dict(torch.load(buffer, weights_only=False))
+    buffer.seek(0)
+    assert_bitwise_equal(optimizer2.state_dict(), torch.load(buffer, weights_only=False), "loaded state_dict")
     _run(optimizer2, resumed, 5)
     for a, b in zip(params, resumed, strict=True):
         assert torch.equal(a, b)
+    assert_bitwise_equal(optimizer2.state_dict(), optimizer.state_dict(), "state_dict 5 steps after resume")
+
+
+def assert_bitwise_equal(got, want, where: str) -> None:
+    """Same structure, same dtypes, same bits (NaN == NaN); a resumed run must continue the exact state."""
+    if isinstance(want, torch.Tensor):
+        assert type(got) is type(want) and got.dtype == want.dtype and got.shape == want.shape, where
+        if hasattr(want, "__tensor_flatten__"):  # torchao's quantised states: compare codes, scales and metadata
+            names, meta = want.__tensor_flatten__()
+            assert got.__tensor_flatten__() == (names, meta), where
+            for name in names:
+                assert_bitwise_equal(getattr(got, name), getattr(want, name), f"{where}.{name}")
+        else:
+            assert torch.equal(_bits(got), _bits(want)), where
+    elif isinstance(want, dict):
+        assert isinstance(got, dict) and set(got) == set(want), (where, set(got) ^ set(want))
+        for key in want:
+            assert_bitwise_equal(got[key], want[key], f"{where}[{key!r}]")
+    elif isinstance(want, (list, tuple)):
+        assert type(got) is type(want) and len(got) == len(want), where
+        for i, (g, w) in enumerate(zip(got, want, strict=True)):
+            assert_bitwise_equal(g, w, f"{where}[{i}]")
+    elif isinstance(want, float) and want != want:
+        assert got != got, where
+    elif hasattr(want, "__dict__") and not isinstance(want, type):  # GaLore/APOLLO keep projector objects
+        assert type(got) is type(want), where
+        assert_bitwise_equal(vars(got), vars(want), f"{where}.__dict__")
+    else:
+        assert got == want, (where, got, want)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().cpu().reshape(-1).view(torch.uint8) if t.dtype != torch.bool else t.reshape(-1)
 
 
 @pytest.mark.parametrize("name", HF_NAMES + SD_SCRIPTS_NAMES + OPENTOME_NAMES + IN_HOUSE_NAMES)

@@ -11,6 +11,7 @@ import torch
 from library.errors import OptimizerError
 from library.optimizers.adam_mini import Adam_mini, adam_mini_blocks
 from library.optimizers.sac import Adam_miniSAC, AdamWSAC, sac_scales, sac_units, unit_mda
+from tests.optimizers.test_sgg import step_ops
 
 NAMES = ["attn_to_q.lora_down.weight", "attn_to_q.lora_up.weight", "attn_to_v.lora_up.weight", "ff.bias"]
 
@@ -233,3 +234,73 @@ def test_invalid_settings_raise_optimizer_error_naming_the_key(cls, kwargs, key)
 def test_names_must_line_up_with_params():
     with pytest.raises(OptimizerError, match="names"):
         AdamWSAC([{"params": [torch.nn.Parameter(torch.zeros(2))], "names": ["a", "b"]}])
+
+
+@pytest.mark.parametrize("cls", [Adam_mini, AdamWSAC, Adam_miniSAC])
+def test_step_ops_do_not_grow_with_tensor_count_and_never_sync(cls):
+    # step 3 refreshes the SAC scales (every 2 steps): the MDA medians are batched over all units too
+    def make_opt(groups):
+        kw = {} if cls is Adam_mini else {"scale_update_freq": 2}
+        return cls(groups, lr=1e-3, dim=16, n_heads=4, **kw)
+
+    small, small_all = step_ops(make_opt, 12)  # 24 tensors
+    large, large_all = step_ops(make_opt, 48)  # 96 tensors
+    assert small == large
+    assert "_local_scalar_dense" not in small_all and "_local_scalar_dense" not in large_all
+
+
+def test_adam_mini_joint_step_equals_separate_optimizers_with_uneven_steps():
+    """Adam-mini is per tensor: one optimizer whose tensors skip different steps matches one per tensor."""
+    shapes = [(16, 4), (4, 24), (16,), (16, 4), ()]
+    names = ["a_to_q.lora_up.weight", "a_to_q.lora_down.weight", "b.bias", "c_to_v.lora_up.weight", "d.scale"]
+    gen = torch.Generator().manual_seed(5)
+    start = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+    kw = dict(lr=1e-2, weight_decay=0.1, dim=16, n_heads=4)
+    joint = [torch.nn.Parameter(t.clone()) for t in start]
+    alone = [torch.nn.Parameter(t.clone()) for t in start]
+    opt = Adam_mini([{"params": joint, "names": names}], **kw)
+    opts = [Adam_mini([{"params": [q], "names": [n]}], **kw) for q, n in zip(alone, names, strict=True)]
+    for step in range(7):
+        for i, (p, q) in enumerate(zip(joint, alone, strict=True)):
+            skip = i % 2 == 1 and step % 3 == i % 3
+            g = None if skip else torch.randn(p.shape, generator=gen, dtype=torch.float64)
+            p.grad, q.grad = g, None if g is None else g.clone()
+        opt.step()
+        for q, o in zip(alone, opts, strict=True):
+            if q.grad is not None:
+                o.step()
+    for p, q in zip(joint, alone, strict=True):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-12, atol=1e-15)
+    assert opt.state[joint[0]]["block_sq"].shape == (4, 1)
+
+
+@pytest.mark.parametrize("lagging", [1, 2])
+def test_sac_refresh_of_some_tensors_keeps_the_others_and_uses_only_their_units(lagging):
+    params, loss_fn = lora_problem()
+    opt = make(AdamWSAC, params, scale_update_freq=3)
+    run(opt, params, loss_fn, 2)
+    opt.zero_grad()
+    loss_fn().backward()
+    params[lagging].grad = None  # one tensor falls a step behind: the others refresh alone on their step 4
+    opt.step()
+    before = opt.state[params[lagging]]["sac_scale"].clone()
+    opt.zero_grad()
+    loss_fn().backward()
+    grads = [p.grad.clone() for p in params]
+    state = copy.deepcopy(opt.state_dict())
+    opt.step()
+    assert torch.equal(opt.state[params[lagging]]["sac_scale"], before)  # at its step 3: not due
+    # the refreshed scales follow the definition over the refreshed tensors' units only (float64 reference)
+    refreshed = [i for i in range(len(params)) if i != lagging]
+    mdas = []
+    for i in refreshed:
+        s = state["state"][i]
+        m = s["exp_avg"].double() * 0.9 + 0.1 * grads[i].double()
+        v = s["exp_avg_sq"].double() * 0.99 + 0.01 * grads[i].double() ** 2
+        t = s["step"] + 1
+        u = (m / (1 - 0.9**t)) / ((v / (1 - 0.99**t)).sqrt() + 1e-8)
+        mdas.append(unit_mda(u, s["sac_units"]))
+    expected = sac_scales(mdas, 0.5, 10.0)
+    for i, e in zip(refreshed, expected, strict=True):
+        got = opt.state[params[i]]["sac_scale"].reshape(-1).double()
+        torch.testing.assert_close(got, e.repeat_interleave(got.numel() // e.numel()), rtol=1e-4, atol=0)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import collections
 import copy
 
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from library.errors import OptimizerError
 from library.optimizers.sgg import (
@@ -324,3 +326,121 @@ def test_resume_keeps_fp32_state_of_bf16_weights_and_uint8_labels(cls):
         q.grad = g
         opt2.step()
     assert torch.equal(p.detach(), q.detach())
+
+
+# ------------------------------------------------------------------------------------------------ flat step
+_METADATA_OPS = {
+    "view",
+    "_unsafe_view",
+    "as_strided",
+    "detach",
+    "t",
+    "expand",
+    "alias",
+    "unsqueeze",
+    "squeeze",
+    "select",
+    "slice",
+    "permute",
+    "transpose",
+    "_reshape_alias",
+    "unbind",
+    "split",
+    "split_with_sizes",
+    "lift_fresh",
+    "empty",
+    "empty_like",
+    "is_same_size",
+}
+
+
+class _Ops(TorchDispatchMode):
+    """Counts the kernel-launching ATen ops dispatched inside the block."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name not in _METADATA_OPS:
+            self.ops[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+LORA_PAIRS = [((4, 24), (16, 4)), ((4, 32, 1, 1), (8, 4, 1, 1)), ((4, 12), (20, 4))]
+
+
+def lora_set(blocks: int):
+    """`blocks` LoRA modules cycling through three shape pairs: 2·blocks tensors, always six distinct shapes."""
+    gen = torch.Generator().manual_seed(blocks)
+    params, names = [], []
+    for b in range(blocks):
+        down, up = LORA_PAIRS[b % len(LORA_PAIRS)]
+        params += [torch.nn.Parameter(torch.randn(down, generator=gen)), torch.nn.Parameter(torch.zeros(up))]
+        names += [f"m{b}_to_q.lora_down.weight", f"m{b}_to_q.lora_up.weight"]
+    return params, names
+
+
+def step_ops(make_opt, blocks: int, steps: int = 3):
+    """(ops of the last step, ops of all steps) for `steps` steps on `lora_set(blocks)`."""
+    params, names = lora_set(blocks)
+    opt = make_opt([{"params": params, "names": names}])
+    gen = torch.Generator().manual_seed(0)
+    total = collections.Counter()
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+        counter = _Ops()
+        with counter:
+            opt.step()
+        total += counter.ops
+    return counter.ops, total
+
+
+FLAT_KW = {
+    AdamWSGG: {},
+    AdamWSGG_v2: {},
+    AdafactorSGG: {},
+    LambSGG_v2: {"t_total": 20},
+    ShampooSGG_v2: {"precondition_frequency": 2},
+}
+
+
+@pytest.mark.parametrize("cls", ALL)
+def test_step_ops_do_not_grow_with_tensor_count_and_never_sync(cls):
+    # step 3 re-clusters (interval 2): k-means is batched over all tensors too
+    def make_opt(groups):
+        return cls(groups, lr=1e-3, recluster_interval=2, **FLAT_KW[cls])
+
+    small, small_all = step_ops(make_opt, 12)  # 24 tensors
+    large, large_all = step_ops(make_opt, 48)  # 96 tensors
+    assert small == large
+    assert "_local_scalar_dense" not in small_all and "_local_scalar_dense" not in large_all
+
+
+@pytest.mark.parametrize("cls", ALL)
+def test_joint_step_equals_separate_optimizers_with_uneven_steps(cls):
+    """SGG is per tensor: one optimizer over mixed shapes (a 1-D and a 2-D tensor of one matrix shape, a 0-d
+    tensor) whose tensors skip different steps (per-tensor bias corrections, partial re-clustering) must match
+    one optimizer per tensor."""
+    shapes = [(6, 5), (4,), (4, 1), (6, 5), (2, 3, 1, 1), ()]
+    gen = torch.Generator().manual_seed(3)
+    start = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+    kw = dict(lr=1e-2, recluster_interval=2, n_clusters=3, **FLAT_KW[cls])
+    joint = [torch.nn.Parameter(t.clone()) for t in start]
+    alone = [torch.nn.Parameter(t.clone()) for t in start]
+    opt = cls(joint, **kw)
+    opts = [cls([p], **kw) for p in alone]
+    for step in range(9):
+        for i, (p, q) in enumerate(zip(joint, alone, strict=True)):
+            skip = i % 2 == 1 and step % 3 == i % 3
+            g = None if skip else torch.randn(p.shape, generator=gen, dtype=torch.float64) * 10.0 ** -(i % 4)
+            p.grad, q.grad = g, None if g is None else g.clone()
+        opt.step()
+        for q, o in zip(alone, opts, strict=True):
+            if q.grad is not None:
+                o.step()
+    for p, q, o in zip(joint, alone, opts, strict=True):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-12, atol=1e-15)
+        torch.testing.assert_close(opt.state[p]["sgg_scale"], o.state[q]["sgg_scale"], rtol=1e-12, atol=0)

@@ -1,4 +1,4 @@
-"""The shared transforms against float64 definitions written coordinate by coordinate (docs/optimizers.md, the cited papers)."""
+"""The flat-buffer transforms against float64 definitions written coordinate by coordinate (docs/optimizers.md, the cited papers)."""
 
 import math
 
@@ -6,8 +6,30 @@ import pytest
 import torch
 
 from library.optimizers import transforms as T
+from library.optimizers.flat import FlatLayout
 
 F64 = torch.float64
+
+
+class Flat:
+    """Tensors laid end to end as the optimizer lays them: a layout, its Segments and flat copies."""
+
+    def __init__(self, tensors):
+        self.layout = FlatLayout([t.shape for t in tensors], "cpu")
+        self.seg = T.Segments(self.layout)
+
+    def flat(self, tensors):
+        return self.layout.flatten(tensors)
+
+    def split(self, flat):
+        return self.layout.views(flat)
+
+    def per_tensor(self, values):
+        """Per-tensor results (layout order) back in the caller's order."""
+        out = [None] * self.layout.count
+        for j, i in enumerate(self.layout.order):
+            out[i] = values[j]
+        return out
 
 
 def _rand(*shape, seed):
@@ -32,8 +54,10 @@ def test_orthograd_matches_definition_and_skips_zero_weights():
         perp = [b - coef * a for a, b in zip(th, gg, strict=True)]
         scale = math.sqrt(sum(b * b for b in gg)) / math.sqrt(sum(b * b for b in perp))
         expected.append([b * scale for b in perp])
-    work = [g.clone() for g in grads]
-    T.orthograd_(thetas, work)
+    f = Flat(grads)
+    flat_g = f.flat(grads)
+    T.orthograd_(f.seg, f.flat(thetas), flat_g)
+    work = f.split(flat_g)
     for w, e, theta, g in zip(work, expected, thetas, grads, strict=True):
         assert torch.allclose(w.reshape(-1), torch.tensor(e, dtype=F64), rtol=1e-12, atol=1e-12)
         assert torch.dot(w.reshape(-1), theta.reshape(-1)).abs() < 1e-12
@@ -46,8 +70,10 @@ def test_agr_matches_definition():
     g = _flat(grads[0])
     mass = sum(abs(x) for x in g)
     expected = [x - (abs(x) / mass) * x for x in g]
-    work = [x.clone() for x in grads]
-    T.agr_(work)
+    f = Flat(grads)
+    flat_g = f.flat(grads)
+    T.agr_(f.seg, flat_g)
+    work = f.split(flat_g)
     assert torch.allclose(work[0].reshape(-1), torch.tensor(expected, dtype=F64), rtol=1e-13, atol=0)
     assert torch.equal(work[1], grads[1])  # all-zero gradient stays zero, no NaN
 
@@ -56,9 +82,7 @@ def test_grams_takes_sign_from_gradient_and_magnitude_from_update():
     u, g = _rand(10, seed=8), _rand(10, seed=9)
     g[3] = 0.0
     expected = [math.copysign(abs(a), b) if b != 0 else 0.0 for a, b in zip(_flat(u), _flat(g), strict=True)]
-    work = [u.clone()]
-    T.grams_(work, [g])
-    assert work[0].tolist() == expected
+    assert T.grams(u, g).tolist() == expected
 
 
 def test_cautious_masks_disagreeing_coordinates_and_rescales():
@@ -66,41 +90,49 @@ def test_cautious_masks_disagreeing_coordinates_and_rescales():
     agree = [1.0 if a * b > 0 else 0.0 for a, b in zip(_flat(u), _flat(g), strict=True)]
     frac = max(sum(agree) / len(agree), 1e-3)
     expected = [a * k / frac for a, k in zip(_flat(u), agree, strict=True)]
-    work = [u.clone()]
-    T.cautious_(work, [g])
-    assert torch.allclose(work[0], torch.tensor(expected, dtype=F64), rtol=1e-14, atol=0)
+    f = Flat([u])
+    got = T.cautious(f.seg, u, g)
+    assert torch.allclose(got, torch.tensor(expected, dtype=F64), rtol=1e-14, atol=0)
     assert 0 < sum(agree) < len(agree)  # the case really masks something
 
 
 def test_cautious_all_disagree_gives_zero_not_nan():
     u = torch.ones(4, dtype=F64)
-    work = [u.clone()]
-    T.cautious_(work, [-u])
-    assert torch.equal(work[0], torch.zeros(4, dtype=F64))
+    assert torch.equal(T.cautious(Flat([u]).seg, u, -u), torch.zeros(4, dtype=F64))
 
 
 def test_tam_damping_follows_smoothed_cosine():
     m = [_rand(5, seed=12), torch.zeros(3, dtype=F64)]
     x = [_rand(5, seed=13), _rand(3, seed=14)]
-    s = [torch.tensor(0.3, dtype=F64), torch.tensor(-0.2, dtype=F64)]
     beta = 0.9
     a, b = _flat(m[0]), _flat(x[0])
     cos0 = sum(i * j for i, j in zip(a, b, strict=True)) / (
         math.sqrt(sum(i * i for i in a)) * math.sqrt(sum(j * j for j in b))
     )
     s_new = [beta * 0.3 + (1 - beta) * cos0, beta * -0.2 + (1 - beta) * 0.0]  # zero momentum: cos = 0
-    d = T.tam_damping_(m, x, s, beta)
-    for got, want, d_i in zip(s, s_new, d, strict=True):
+    f = Flat(m)
+    smoothed = torch.tensor(f.layout.arrange([0.3, -0.2]), dtype=F64)
+    d = f.per_tensor(T.tam_damping_(f.seg, f.flat(m), f.flat(x), smoothed, beta))
+    for got, want, d_i in zip(f.per_tensor(smoothed), s_new, d, strict=True):
         assert got.item() == pytest.approx(want, rel=1e-13)
         assert d_i.item() == pytest.approx((1 + want) / 2, rel=1e-13)
 
 
 def test_tam_damps_a_gradient_opposing_the_momentum_more():
-    m = [torch.ones(4, dtype=F64)]
-    s_with, s_against = [torch.tensor(0.0, dtype=F64)], [torch.tensor(0.0, dtype=F64)]
-    d_with = T.tam_damping_(m, [torch.ones(4, dtype=F64)], s_with, 0.5)[0]
-    d_against = T.tam_damping_(m, [-torch.ones(4, dtype=F64)], s_against, 0.5)[0]
+    m = torch.ones(4, dtype=F64)
+    seg = Flat([m]).seg
+    d_with = T.tam_damping_(seg, m, torch.ones(4, dtype=F64), torch.zeros(1, dtype=F64), 0.5)[0]
+    d_against = T.tam_damping_(seg, m, -torch.ones(4, dtype=F64), torch.zeros(1, dtype=F64), 0.5)[0]
     assert d_with.item() == pytest.approx(0.75) and d_against.item() == pytest.approx(0.25)
+
+
+def _row_factors(tensors, eta):
+    """ALLoRA factors spread over the elements, back in the caller's tensor shapes."""
+    f = Flat(tensors)
+    flat = f.flat(tensors)
+    stacks = [f.layout.bucket_view(flat, b) for b in f.layout.buckets]
+    rows = T.allora_row_scale(stacks, eta)
+    return f.split(rows.index_select(0, T.row_index(f.layout)))
 
 
 def test_allora_row_scale_matches_definition():
@@ -112,29 +144,45 @@ def test_allora_row_scale_matches_definition():
     for i in range(3):
         row_sq = sum(v * v for v in p[i].tolist())
         expected.append([v / math.sqrt(row_sq + 1 / eta**2) for v in u[i].tolist()])
-    work = [u.clone()]
-    T.allora_scale_(work, [p], eta)
-    assert torch.allclose(work[0], torch.tensor(expected, dtype=F64), rtol=1e-14, atol=0)
-    assert torch.allclose(work[0][1], u[1] * eta)  # a zero row gets the largest factor, η
+    scaled = u * _row_factors([p], eta)[0]
+    assert torch.allclose(scaled, torch.tensor(expected, dtype=F64), rtol=1e-14, atol=0)
+    assert torch.allclose(scaled[1], u[1] * eta)  # a zero row gets the largest factor, η
 
 
-def test_allora_scale_on_conv_shaped_lora():
-    p = _rand(4, 3, 3, 3, seed=17)
-    scales = T.allora_row_scale([p], 2.0)[0]
-    assert scales.shape == (4, 1, 1, 1)
-    want = 1 / torch.sqrt(p.reshape(4, -1).square().sum(1) + 0.25)
-    assert torch.allclose(scales.reshape(-1), want, rtol=1e-14)
+def test_allora_rows_of_mixed_shapes_and_conv_lora():
+    """Rows are found per tensor however the layout reorders shapes (conv LoRA: a row is dim 0 by the rest)."""
+    tensors = [_rand(4, 3, 3, 3, seed=17), _rand(2, 5, seed=18), _rand(4, 27, seed=19), _rand(6, seed=20)]
+    for t, got in zip(tensors, _row_factors(tensors, 2.0), strict=True):
+        rows = t.reshape(t.shape[0], -1) if t.dim() > 1 else t.reshape(-1, 1)
+        want = 1 / torch.sqrt(rows.square().sum(1) + 0.25)
+        assert torch.allclose(got.reshape(rows.shape), want[:, None].expand(rows.shape), rtol=1e-14, atol=0)
+
+
+def test_segments_reduce_and_expand_per_tensor_in_layout_order():
+    tensors = [_rand(3, 2, seed=21), _rand(5, seed=22), _rand(3, 2, seed=23), torch.zeros(0, dtype=F64)]
+    f = Flat(tensors)
+    flat = f.flat(tensors)
+    sums = f.per_tensor(f.seg.sum(flat))
+    maxima = f.per_tensor(f.seg.max(flat))
+    for t, s, m in zip(tensors[:3], sums, maxima, strict=False):
+        assert s.item() == pytest.approx(sum(t.reshape(-1).tolist()), rel=1e-14)
+        assert m.item() == max(t.reshape(-1).tolist())
+    assert sums[3].item() == 0.0
+    spread = f.split(f.seg.expand(torch.arange(4, dtype=F64)))
+    for j, i in enumerate(f.layout.order):
+        assert torch.equal(spread[i], torch.full_like(tensors[i], float(j)))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_transforms_keep_dtype_and_stay_finite(dtype):
     theta = [torch.randn(8, 4).to(dtype), torch.zeros(4, 2, dtype=dtype)]
     grads = [torch.randn(8, 4).to(dtype), torch.zeros(4, 2, dtype=dtype)]
-    T.orthograd_(theta, grads)
-    T.agr_(grads)
-    u = [g.clone() for g in grads]
-    T.grams_(u, grads)
-    T.cautious_(u, grads)
-    T.allora_scale_(u, theta, 2.0)
-    for x in grads + u:
+    f = Flat(theta)
+    flat_theta, g = f.flat(theta), f.flat(grads)
+    T.orthograd_(f.seg, flat_theta, g)
+    T.agr_(f.seg, g)
+    u = T.cautious(f.seg, T.grams(g, g), g)
+    stacks = [f.layout.bucket_view(flat_theta, b) for b in f.layout.buckets]
+    u = u * T.allora_row_scale(stacks, 2.0).index_select(0, T.row_index(f.layout))
+    for x in (g, u):
         assert x.dtype == dtype and torch.isfinite(x.float()).all()

@@ -6,8 +6,10 @@ that names the offending file/flag/key/environment variable, and an output folde
 
 from __future__ import annotations
 
+import contextlib
 import io
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -62,19 +64,23 @@ def _jpeg_bytes(size: int = 96) -> bytes:
 
 # ------------------------------------------------------------------------------------------------- files
 def missing_dataset_toml(tmp, ds, mp):
+    """--dataset_config names a file that does not exist"""
     return _set(train_argv(ds, tmp / "out"), "--dataset_config", str(tmp / "nope.toml")), "--dataset_config"
 
 
 def missing_image_dir(tmp, ds, mp):
+    """the dataset TOML's image_dir does not exist"""
     return train_argv(_dataset_toml(tmp, tmp / "no_such_images"), tmp / "out"), "no_such_images"
 
 
 def empty_image_dir(tmp, ds, mp):
+    """image_dir is an empty folder"""
     (tmp / "empty").mkdir()
     return train_argv(_dataset_toml(tmp, tmp / "empty"), tmp / "out"), "empty"
 
 
 def only_non_images(tmp, ds, mp):
+    """image_dir holds only .txt/.md files"""
     folder = tmp / "notes"
     folder.mkdir()
     for i in range(3):
@@ -84,6 +90,7 @@ def only_non_images(tmp, ds, mp):
 
 
 def corrupt_png(tmp, ds, mp):
+    """one PNG among good images has its pixel data zeroed"""
     def bad(folder):
         data = bytearray(_png_bytes())
         data[40:80] = b"\x00" * 40  # header survives, IDAT does not
@@ -94,6 +101,7 @@ def corrupt_png(tmp, ds, mp):
 
 
 def truncated_jpeg(tmp, ds, mp):
+    """one JPEG cut to a third of its bytes"""
     def bad(folder):
         data = _jpeg_bytes()
         (folder / "cut.jpg").write_bytes(data[: len(data) // 3])
@@ -103,6 +111,7 @@ def truncated_jpeg(tmp, ds, mp):
 
 
 def tiny_image(tmp, ds, mp):
+    """one 8x8 image"""
     def bad(folder):
         Image.new("RGB", (8, 8), (1, 2, 3)).save(folder / "speck.png")
         return "speck.png"
@@ -111,6 +120,7 @@ def tiny_image(tmp, ds, mp):
 
 
 def caption_not_utf8(tmp, ds, mp):
+    """one caption file in Latin-1 with stray bytes"""
     def bad(folder):
         (folder / "img00.txt").write_bytes("a caf\u00e9 in latin-1".encode("latin-1") + b"\xff\xfe")
         return "img00.txt"
@@ -119,60 +129,82 @@ def caption_not_utf8(tmp, ds, mp):
 
 
 def sample_prompts_missing(tmp, ds, mp):
+    """--sample_prompts names a missing file"""
     return train_argv(ds, tmp / "out", "--sample_prompts", str(tmp / "prompts.txt")), "--sample_prompts"
 
 
 def sample_prompts_not_text(tmp, ds, mp):
+    """--sample_prompts is a PNG"""
     prompts = tmp / "prompts.txt"
     prompts.write_bytes(_png_bytes())
     return train_argv(ds, tmp / "out", "--sample_prompts", str(prompts)), "--sample_prompts"
 
 
 def sample_prompts_is_folder(tmp, ds, mp):
+    """--sample_prompts is a folder"""
     (tmp / "prompts").mkdir()
     return train_argv(ds, tmp / "out", "--sample_prompts", str(tmp / "prompts")), "--sample_prompts"
 
 
 def missing_network_weights(tmp, ds, mp):
+    """--network_weights names a missing file"""
     return train_argv(ds, tmp / "out", "--network_weights", str(tmp / "lora.safetensors")), "--network_weights"
 
 
 def network_weights_not_safetensors(tmp, ds, mp):
+    """--network_weights is a text file named .safetensors"""
     weights = tmp / "lora.safetensors"
     weights.write_text("not a LoRA", encoding="utf-8")
     return train_argv(ds, tmp / "out", "--network_weights", str(weights)), "--network_weights"
 
 
 def resume_missing(tmp, ds, mp):
+    """--resume names a missing folder"""
     return train_argv(ds, tmp / "out", "--resume", str(tmp / "t-state")), "--resume"
 
 
 def resume_not_a_state_folder(tmp, ds, mp):
+    """--resume is a folder of photos"""
     (tmp / "holiday_photos").mkdir()
     (tmp / "holiday_photos" / "beach.jpg").write_bytes(_jpeg_bytes())
     return train_argv(ds, tmp / "out", "--resume", str(tmp / "holiday_photos")), "--resume"
 
 
 def model_missing(tmp, ds, mp):
+    """--pretrained_model_name_or_path names a missing .safetensors"""
     argv = _set(train_argv(ds, tmp / "out"), "--pretrained_model_name_or_path", str(tmp / "sd15.safetensors"))
     return argv, "--pretrained_model_name_or_path"
 
 
 def model_is_text_file(tmp, ds, mp):
+    """--pretrained_model_name_or_path is a .txt holding a URL"""
     model = tmp / "model.txt"
     model.write_text("https://example.invalid/sd15.safetensors\n", encoding="utf-8")
     return _set(train_argv(ds, tmp / "out"), "--pretrained_model_name_or_path", str(model)), "--pretrained_model_name_or_path"
 
 
 def model_unknown_builtin(tmp, ds, mp):
+    """--pretrained_model_name_or_path builtin:huge-sd"""
     argv = _set(train_argv(ds, tmp / "out"), "--pretrained_model_name_or_path", "builtin:huge-sd")
     return argv, "builtin:huge-sd"
 
 
 def model_folder_not_diffusers(tmp, ds, mp):
+    """--pretrained_model_name_or_path is an empty folder"""
     (tmp / "models").mkdir()
     argv = _set(train_argv(ds, tmp / "out"), "--pretrained_model_name_or_path", str(tmp / "models"))
     return argv, "--pretrained_model_name_or_path"
+
+
+def output_disk_full(tmp, ds, mp):
+    """the disk of --output_dir has no free space (disk_usage reports 0 bytes free)"""
+    import shutil
+
+    from library.training import validate
+
+    real = shutil.disk_usage(tmp)
+    mp.setattr(validate.shutil, "disk_usage", lambda path: real._replace(free=0))
+    return train_argv(ds, tmp / "out"), "--output_dir"
 
 
 # ------------------------------------------------------------------------------------------------- flags
@@ -191,47 +223,56 @@ def flags(*extra: str, needle: str) -> Case:
 
 # ------------------------------------------------------------------------------------------------- TOML
 def config_bad_syntax(tmp, ds, mp):
+    """--config_file with an unclosed list"""
     cfg = _config_file(tmp, "learning_rate = 1e-3\nnetwork_dim = [4\n")
     return train_argv(ds, tmp / "out", "--config_file", str(cfg)), "options.toml"
 
 
 def config_unknown_key(tmp, ds, mp):
+    """--config_file with the key learning_rat"""
     cfg = _config_file(tmp, "learning_rat = 1e-3\n")
     return train_argv(ds, tmp / "out", "--config_file", str(cfg)), "'learning_rat'; did you mean learning_rate"
 
 
 def config_wrong_type(tmp, ds, mp):
+    """--config_file with network_alpha = 'four'"""
     cfg = _config_file(tmp, "[network]\nnetwork_alpha = 'four'\n")
     argv = [a for a in train_argv(ds, tmp / "out") if a not in ("--network_alpha", "2")]
     return argv + ["--config_file", str(cfg)], "network_alpha"
 
 
 def config_missing(tmp, ds, mp):
+    """--config_file names a missing file"""
     return train_argv(ds, tmp / "out", "--config_file", str(tmp / "options.toml")), "--config_file"
 
 
 def dataset_bad_syntax(tmp, ds, mp):
+    """dataset TOML with an unclosed table header"""
     toml = tmp / "broken_ds.toml"
     toml.write_text("[general\nresolution = 64\n", encoding="utf-8")
     return _set(train_argv(ds, tmp / "out"), "--dataset_config", str(toml)), "broken_ds.toml"
 
 
 def dataset_unknown_subset_key(tmp, ds, mp):
+    """dataset TOML subset key num_repeat (typo)"""
     toml = _dataset_toml(tmp, make_images(tmp / "imgs", n=2), "num_repeat = 3\n")
     return _set(train_argv(ds, tmp / "out"), "--dataset_config", str(toml)), "num_repeat"
 
 
 def dataset_negative_repeats(tmp, ds, mp):
+    """dataset TOML num_repeats = -1"""
     toml = _dataset_toml(tmp, make_images(tmp / "imgs", n=2), "num_repeats = -1\n")
     return _set(train_argv(ds, tmp / "out"), "--dataset_config", str(toml)), "num_repeats"
 
 
 def dataset_resolution_big(tmp, ds, mp):
+    """dataset TOML resolution = 'big'"""
     toml = _dataset_toml(tmp, make_images(tmp / "imgs", n=2), general="resolution = \"big\"\nbatch_size = 2\n")
     return _set(train_argv(ds, tmp / "out"), "--dataset_config", str(toml)), "resolution"
 
 
 def optimizer_table_unknown_kwarg(tmp, ds, mp):
+    """[optimizer] table of --config_file with momentum_decay for AdamW"""
     cfg = _config_file(tmp, "[optimizer]\nname = 'AdamW'\nbetas = [0.9, 0.99]\nmomentum_decay = 0.5\n")
     return train_argv(ds, tmp / "out", "--config_file", str(cfg)), "momentum_decay"
 
@@ -245,8 +286,7 @@ def env(var: str, value: str, optimizer: str) -> Case:
     return case
 
 
-CASES: dict[str, Case] = {
-    # files
+CASES_BY_KIND: dict[str, dict[str, Case]] = {"files": {
     "missing dataset TOML": missing_dataset_toml,
     "missing image dir": missing_image_dir,
     "empty image dir": empty_image_dir,
@@ -266,7 +306,8 @@ CASES: dict[str, Case] = {
     "text file as model": model_is_text_file,
     "unknown builtin model": model_unknown_builtin,
     "empty folder as model": model_folder_not_diffusers,
-    # flags
+    "no free space for the output": output_disk_full,
+}, "flags": {
     "lr 0": flag("--learning_rate", "0"),
     "lr negative": flag("--learning_rate", "-0.5"),
     "lr negative, scientific notation": flag("--learning_rate", "-1e-4"),  # argparse reads it as a flag
@@ -291,7 +332,7 @@ CASES: dict[str, Case] = {
     "resolution abc": flag("--resolution", "abc"),
     "mixed_precision fp8": flag("--mixed_precision", "fp8"),
     "network_dim not an integer": flag("--network_dim", "4.5"),
-    # TOML
+}, "TOML": {
     "config TOML bad syntax": config_bad_syntax,
     "config TOML unknown key": config_unknown_key,
     "config TOML wrong type": config_wrong_type,
@@ -301,11 +342,12 @@ CASES: dict[str, Case] = {
     "dataset num_repeats = -1": dataset_negative_repeats,
     "dataset resolution = big": dataset_resolution_big,
     "[optimizer] unknown kwarg": optimizer_table_unknown_kwarg,
-    # environment
+}, "environment variables": {
     "SGG_N_CLUSTERS=abc": env("SGG_N_CLUSTERS", "abc", "AdamWSGG"),
     "SGG_SCALE_BOUND=(1,": env("SGG_SCALE_BOUND", "(1,", "AdamWSGG"),
     "SAC_SCALE_UPDATE_FREQ=-5": env("SAC_SCALE_UPDATE_FREQ", "-5", "AdamWSAC"),
-}
+}}
+CASES: dict[str, Case] = {name: case for cases in CASES_BY_KIND.values() for name, case in cases.items()}
 
 XFAIL: dict[str, str] = {}
 
@@ -316,46 +358,82 @@ def _params():
         yield pytest.param(case, id=name, marks=marks)
 
 
-def _run(argv: list[str], capsys) -> tuple[int, list[str]]:
-    try:
-        code = main(argv)
-    except SystemExit as exc:  # argparse's own type/choice errors
-        code = exc.code
-    return code, capsys.readouterr().err.strip().splitlines()
+@dataclass
+class CaseRun:
+    argv: list[str]
+    needle: str
+    code: int
+    stderr: list[str]
+
+
+def run_case(case: Case, tmp: Path, monkeypatch: pytest.MonkeyPatch) -> CaseRun:
+    """Build the case's files in `tmp`, then run the real entry point with every model load refused."""
+    dataset = _dataset_toml(tmp, make_images(tmp / "images"), name="dataset.toml")
+    argv, needle = case(tmp, dataset, monkeypatch)
+    _load_guard(monkeypatch)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            code = main(argv)
+        except SystemExit as exc:  # argparse's own type/choice errors
+            code = exc.code
+    return CaseRun(argv, needle, code, err.getvalue().strip().splitlines())
 
 
 def _load_guard(monkeypatch):
     """Any model load is a bug here: every case must fail before it."""
     import library.models.loader as loader
     import library.training.setup as setup
+    import library.training.trainer as trainer  # imported before patching: it binds `load_model` by name
 
     def refuse(*a, **k):
         raise AssertionError("a model was loaded for bad input")
 
     monkeypatch.setattr(loader, "load_sd_model", refuse)
     monkeypatch.setattr(setup, "load_model", refuse)
+    monkeypatch.setattr(trainer, "load_model", refuse)
 
 
 @pytest.mark.parametrize("case", _params())
-def test_bad_input_is_one_named_line_exit_2_and_writes_nothing(case, tiny_dataset, tmp_path, capsys, monkeypatch):
-    argv, needle = case(tmp_path, tiny_dataset, monkeypatch)
-    _load_guard(monkeypatch)
-    code, err = _run(argv, capsys)
-    assert code == 2, err
-    assert err, "no message"
-    last = err[-1]
-    assert last.startswith(("error: ", "train_network.py: error: ")), err
-    assert needle in last, (needle, last)
+def test_bad_input_is_one_named_line_exit_2_and_writes_nothing(case, tmp_path, monkeypatch):
+    run = run_case(case, tmp_path, monkeypatch)
+    assert run.code == 2, run.stderr
+    assert run.stderr, "no message"
+    last = run.stderr[-1]
+    assert last.startswith(("error: ", "train_network.py: error: ")), run.stderr
+    assert run.needle in last, (run.needle, last)
     assert len(last) < 600, last  # one readable line, not a dump
     out = tmp_path / "out"
     assert not out.exists() or not any(out.iterdir()), sorted(out.iterdir())
 
 
-def test_existing_output_without_overwrite_is_refused_and_kept(tiny_dataset, tmp_path, capsys, monkeypatch):
+def test_existing_output_without_overwrite_is_refused_and_kept(tiny_dataset, tmp_path, monkeypatch):
     out = tmp_path / "out"
     (out / "t-state").mkdir(parents=True)
     (out / "t-state" / "optimizer.bin").write_bytes(b"earlier")
     _load_guard(monkeypatch)
-    code, err = _run(train_argv(tiny_dataset, out), capsys)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(train_argv(tiny_dataset, out))
+    err = err.getvalue().strip().splitlines()
     assert code == 2 and err[-1].startswith("error: ") and "--overwrite" in err[-1] and "t-state" in err[-1], err
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == ["t-state", "t-state/optimizer.bin"]
+
+
+def test_too_little_free_space_names_the_estimate_before_the_model_loads(tiny_dataset, tmp_path, monkeypatch):
+    import shutil
+
+    from library.training import validate
+
+    out = tmp_path / "out"
+    real = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(validate.shutil, "disk_usage", lambda p: real._replace(free=300_000))
+    _load_guard(monkeypatch)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(train_argv(tiny_dataset, out, "--save_every_n_steps", "2", "--save_state", steps=6))
+    line = err.getvalue().strip().splitlines()[-1]
+    assert code == 2
+    assert line.startswith(f"error: --output_dir {out}: 0.3 MiB free, this run writes about "), line
+    assert "3 LoRA files of" in line and "state folder" in line and "x2 while it is replaced" in line
+    assert not out.exists()

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.training.conftest import train_argv
 
@@ -62,3 +63,142 @@ def test_sigint_saves_lora_and_state_then_says_how_to_resume(tiny_dataset, tmp_p
     assert "--resume" in rest and str(out / "t-state") in rest
     assert (out / "t.safetensors").stat().st_size > 0
     assert (out / "t-state").is_dir()
+
+
+# ------------------------------------------------------------------------------------------------- full disk
+def _run_python(script: str, *, timeout: int = 240) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    prelude = f"import sys, resource, signal\nsys.path.insert(0, {str(ROOT)!r})\n" \
+              "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past RLIMIT_FSIZE fail with EFBIG instead\n"
+    return subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(script)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _error_line(stderr: str) -> str:
+    """The one `error:` line (the progress bar, left open by the failed step, may precede it on its line)."""
+    lines = [line[line.index("error: "):] for line in stderr.splitlines() if "error: " in line]
+    assert len(lines) == 1, stderr[-3000:]
+    return lines[0]
+
+
+def _leftovers(out: Path) -> list[str]:
+    return sorted(p.name for p in out.rglob("*") if ".tmp" in p.name or ".old-" in p.name)
+
+
+def test_file_size_limit_during_a_replace_keeps_the_previous_file_and_folder(tmp_path):
+    """Real EFBIG from the kernel through both writers the trainer uses (safetensors and torch.save)."""
+    proc = _run_python(f"""
+        import torch, safetensors.torch
+        from pathlib import Path
+        from library.errors import ConfigError
+        from library.training.atomic import atomic_dir, atomic_file
+        out = Path({str(tmp_path)!r})
+        with atomic_file(out / "lora.safetensors") as tmp:
+            safetensors.torch.save_file({{"w": torch.ones(100)}}, str(tmp))
+        with atomic_dir(out / "state") as tmp:
+            torch.save({{"m": torch.ones(100)}}, tmp / "optimizer.bin")
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64_000, resource.RLIM_INFINITY))
+        for write in (lambda tmp: safetensors.torch.save_file({{"w": torch.zeros(50_000)}}, str(tmp)),
+                      lambda tmp: torch.save({{"w": torch.zeros(50_000)}}, tmp)):
+            try:
+                with atomic_file(out / "lora.safetensors") as tmp:
+                    write(tmp)
+            except ConfigError as exc:
+                print(exc)
+        try:
+            with atomic_dir(out / "state") as tmp:
+                torch.save({{"m": torch.zeros(50_000)}}, tmp / "optimizer.bin")
+        except ConfigError as exc:
+            print(exc)
+    """)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    messages = proc.stdout.splitlines()
+    assert len(messages) == 3, proc.stdout
+    for message, name in zip(messages, ("lora.safetensors", "lora.safetensors", "state"), strict=True):
+        assert f"could not write {tmp_path / name}: File too large" in message
+        assert "previous" in message and "unchanged" in message and "--output_dir" in message
+    import torch
+    from safetensors.torch import load_file
+
+    assert torch.equal(load_file(tmp_path / "lora.safetensors")["w"], torch.ones(100))
+    assert torch.equal(torch.load(tmp_path / "state" / "optimizer.bin")["m"], torch.ones(100))
+    assert _leftovers(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_disk_filling_up_between_checkpoints_stops_naming_the_file_and_keeps_the_last_ones(tiny_dataset, tmp_path):
+    """The trainer's real save path; the hook only decides when the "disk" fills: after the first checkpoint
+    (LoRA + state) the file-size limit drops to half a LoRA file, so the next save gets EFBIG from the kernel."""
+    out = tmp_path / "out"
+    argv = train_argv(tiny_dataset, out, "--save_every_n_steps", "1", "--save_state", steps=4)
+    proc = _run_python(f"""
+        from library.training import trainer
+        from library.training.entry import main
+        real_save = trainer.LoRATrainer.save
+        def save_then_fill_the_disk(self, name, *, state):
+            path = real_save(self, name, state=state)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (path.stat().st_size // 2, resource.RLIM_INFINITY))
+            return path
+        trainer.LoRATrainer.save = save_then_fill_the_disk
+        sys.exit(main({argv!r}))
+    """)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    line = _error_line(proc.stderr)
+    assert f"could not write {out / 't-step00000002.safetensors'}: File too large" in line, line
+    assert "no partial file is left; free some space or pick another --output_dir" in line
+    from safetensors.torch import load_file
+
+    first = load_file(out / "t-step00000001.safetensors")
+    assert any(k.endswith(".lora_down.weight") for k in first)
+    # the state folder of that save is still whole: its network (custom object 0) is the step-1 LoRA
+    network = torch.load(out / "t-state" / "custom_checkpoint_0.pkl", weights_only=True)
+    assert network.keys() == first.keys() and all(torch.equal(network[k], first[k]) for k in first)
+    assert torch.load(out / "t-state" / "custom_checkpoint_2.pkl", weights_only=True)["global_step"] == 1
+    assert sorted(p.name for p in out.iterdir()) == ["t-state", "t-step00000001.safetensors"]
+    assert _leftovers(out) == []
+
+
+# ------------------------------------------------------------------------------------------------- free space
+def test_free_space_estimate_covers_what_a_real_run_writes(tiny_dataset, tmp_path, monkeypatch):
+    """Run for real, then compare both estimates (before the model loads, and from the built network) with what
+    was written: never below it, over only by the per-file allowance for headers and metadata."""
+    from library.training import trainer, validate
+    from library.training.entry import main
+
+    out = tmp_path / "out"
+    estimates = []
+    monkeypatch.setattr(validate, "check_free_space", lambda output_dir, estimate: estimates.append(estimate))
+    real_setup = trainer.LoRATrainer.setup
+
+    def setup_then_check(self):  # where the trainer runs the second check: network built, epochs batched
+        real_setup(self)
+        validate.check_free_space_for_network(self.args, self.network, self.steps_per_epoch)
+
+    monkeypatch.setattr(trainer.LoRATrainer, "setup", setup_then_check)
+    assert main(train_argv(tiny_dataset, out, "--save_every_n_steps", "2", "--save_state", steps=5)) == 0
+    loras = sorted(out.glob("*.safetensors"))
+    assert [p.name for p in loras] == ["t-step00000002.safetensors", "t-step00000004.safetensors", "t.safetensors"]
+    state = sum(f.stat().st_size for f in (out / "t-state").rglob("*") if f.is_file())
+    assert len(estimates) == 2
+    for estimate in estimates:
+        assert estimate.lora_files == 3 and estimate.state_copies == 2
+        assert max(p.stat().st_size for p in loras) <= estimate.lora_bytes <= loras[0].stat().st_size + (1 << 20)
+        assert state <= estimate.state_bytes <= state + (1 << 20)
+
+
+@pytest.mark.parametrize(("flags", "steps_per_epoch", "start_step", "files"), [
+    ({"max_train_steps": 100, "save_every_n_steps": 10}, None, 0, 10),  # steps 10..90 and the final file
+    ({"max_train_steps": 100, "save_every_n_steps": 10}, None, 45, 6),  # resumed at 45: 50..90 and the final
+    ({"max_train_epochs": 4, "save_every_n_epochs": 1}, 10, 0, 4),  # after epochs 1, 2, 3 and the final
+    ({"max_train_epochs": 4, "save_every_n_epochs": 2}, None, 0, 2),  # epochs are known before batching
+    ({"max_train_epochs": 4, "save_every_n_steps": 5}, None, 0, 1),  # steps are not: a lower bound
+    ({"max_train_epochs": 4, "save_every_n_steps": 5}, 10, 0, 8),  # 5, 10, ..., 35 and the final
+])
+def test_planned_lora_files_match_the_trainers_save_points(flags, steps_per_epoch, start_step, files):
+    import argparse
+
+    from library.training.validate import planned_lora_files
+
+    args = argparse.Namespace(**{"max_train_steps": 1600, "max_train_epochs": None, "save_every_n_steps": None,
+                                 "save_every_n_epochs": None, **flags})
+    assert planned_lora_files(args, steps_per_epoch, start_step) == files
