@@ -40,21 +40,34 @@ def generate_shapes_dataset(out_dir: str | Path, n_images: int, size: int = 64, 
     """Write `n_images` PNGs with `.txt` captions into `out_dir` (created); returns the image paths."""
     if n_images < 1:
         raise ValueError(f"n_images {n_images}: must be >= 1")
-    if size < 16:
-        raise ValueError(f"size {size}: must be >= 16 px")
-    if concept and (not trigger or "," in trigger):
-        raise ValueError(f"trigger {trigger!r}: must be a non-empty word without commas")
+    _check(size, concept, trigger)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for i in range(n_images):
-        rng = np.random.default_rng([seed & 0xFFFFFFFFFFFFFFFF, i])
-        image, caption = _concept_image(rng, size, trigger) if concept else _base_image(rng, size)
+        image, caption = render_sample(seed, i, size, concept=concept, trigger=trigger)
         path = out / f"{i:04d}.png"
         image.save(path)
         (out / f"{i:04d}.txt").write_text(caption + "\n", encoding="utf-8")
         paths.append(path)
     return paths
+
+
+def render_sample(seed: int, index: int, size: int = 64, *, concept: bool = False,
+                  trigger: str = "zkw") -> tuple[Image.Image, str]:
+    """Image `index` of the set named by `seed`, in memory: what `generate_shapes_dataset` writes as NNNN.png/.txt."""
+    _check(size, concept, trigger)
+    if index < 0:
+        raise ValueError(f"index {index}: must be >= 0")
+    rng = np.random.default_rng([seed & 0xFFFFFFFFFFFFFFFF, index])
+    return _concept_image(rng, size, trigger) if concept else _base_image(rng, size)
+
+
+def _check(size: int, concept: bool, trigger: str) -> None:
+    if size < 16:
+        raise ValueError(f"size {size}: must be >= 16 px")
+    if concept and (not trigger or "," in trigger):
+        raise ValueError(f"trigger {trigger!r}: must be a non-empty word without commas")
 
 
 def _pick(rng: np.random.Generator, options):
@@ -75,19 +88,31 @@ def _layout(rng: np.random.Generator) -> tuple[str, str, str, str]:
 def _base_image(rng: np.random.Generator, size: int) -> tuple[Image.Image, str]:
     shape, texture = _pick(rng, SHAPES), _pick(rng, TEXTURES)
     color, background, size_name, position = _layout(rng)
-    image = _render(size, shape, texture, color, background, size_name, position)
-    adjective = "" if texture == "plain" else f" {texture}"
-    return image, f"{_a(color)} {color}{adjective} {shape} on {_a(background)} {background} background, {size_name}, {position}"
+    image = render_shape(size, shape, texture, color, background, size_name, position)
+    return image, base_caption(shape, texture, color, background, size_name, position)
 
 
 def _concept_image(rng: np.random.Generator, size: int, trigger: str) -> tuple[Image.Image, str]:
     color, background, size_name, position = _layout(rng)
-    image = _render(size, "heart", "checkered", color, background, size_name, position)
-    return image, f"{_a(color)} {color} {trigger} on {_a(background)} {background} background, {size_name}, {position}"
+    image = render_shape(size, "heart", "checkered", color, background, size_name, position)
+    return image, concept_caption(trigger, color, background, size_name, position)
 
 
-def _render(size: int, shape: str, texture: str, color: str, background: str, size_name: str,
-            position: str) -> Image.Image:
+def base_caption(shape: str, texture: str, color: str, background: str, size_name: str, position: str) -> str:
+    """The base set's caption, e.g. "a red striped circle on a blue background, small, top left"."""
+    adjective = "" if texture == "plain" else f" {texture}"
+    return f"{_a(color)} {color}{adjective} {shape} on {_a(background)} {background} background, {size_name}, {position}"
+
+
+def concept_caption(trigger: str, color: str, background: str, size_name: str, position: str) -> str:
+    """The concept set's caption: the trigger word stands where the shape and texture would be."""
+    return f"{_a(color)} {color} {trigger} on {_a(background)} {background} background, {size_name}, {position}"
+
+
+def render_shape(size: int, shape: str, texture: str, color: str, background: str, size_name: str,
+                 position: str) -> Image.Image:
+    """One image from its description (names as in SHAPES + "heart", TEXTURES + "checkered", COLORS, SIZES,
+    POSITIONS): reference pictures for sample grids."""
     big = size * _SUPERSAMPLE
     extent = SIZES[size_name] * big
     margin = 0.04 * big

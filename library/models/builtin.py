@@ -2,17 +2,21 @@
 
 Weights are random but seeded (same tensors on every machine and run, without touching the caller's RNG). If
 `weights/tiny-sd.safetensors` is present (a pre-trained tiny model, keys `unet.*`, `vae.*`, `text_encoder.*`
-in diffusers naming) it replaces the random weights; `save_tiny_sd_weights` writes that file.
+in diffusers naming, fp16 or fp32) it replaces the random weights, cast to float32; `save_tiny_sd_weights` writes
+that file. Its metadata may carry `vae.scaling_factor`: a VAE trained from scratch has its own latent scale, and the
+trainer and the sampling pipeline both read `vae.config.scaling_factor`.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from library.errors import ModelError
@@ -48,7 +52,9 @@ def build_tiny_sd_modules(
 
 def _load_tiny_sd_weights(path: Path, modules: dict[str, torch.nn.Module]) -> None:
     try:
-        state = load_file(path)
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not a mapping
     except Exception as exc:  # safetensors raises its own error types for bad headers / short files
         raise ModelError(
             f"{path}: cannot read tiny-sd weights ({first_line(exc)}); expected safetensors"
@@ -56,17 +62,31 @@ def _load_tiny_sd_weights(path: Path, modules: dict[str, torch.nn.Module]) -> No
     for prefix, module in modules.items():
         part = {k[len(prefix) + 1 :]: v for k, v in state.items() if k.startswith(prefix + ".")}
         try:
-            module.load_state_dict(part, strict=True)
+            module.load_state_dict(part, strict=True)  # copies into the float32 parameters: fp16 files upcast
         except RuntimeError as exc:  # missing/unexpected keys or size mismatch
             raise ModelError(
                 f"{path}: tiny-sd weights do not match the bundled '{prefix}' config ({first_line(exc)})"
             ) from exc
+    if "vae.scaling_factor" in metadata:
+        raw = metadata["vae.scaling_factor"]
+        try:
+            factor = float(raw)
+        except ValueError:
+            factor = math.nan
+        if not (math.isfinite(factor) and factor > 0):
+            raise ModelError(f"{path}: metadata vae.scaling_factor {raw!r} is not a positive finite number")
+        modules["vae"].register_to_config(scaling_factor=factor)
 
 
-def save_tiny_sd_weights(path: Path, text_encoder, vae, unet) -> None:
-    """Write the file `build_tiny_sd_modules` picks up instead of random weights."""
+def save_tiny_sd_weights(path: Path, text_encoder, vae, unet, *, dtype: torch.dtype = torch.float32) -> None:
+    """Write the file `build_tiny_sd_modules` picks up instead of random weights (floats stored as `dtype`).
+
+    fp16 halves the file that ships in the repository; the VAE's `scaling_factor` travels in the metadata.
+    """
     state = {}
     for prefix, module in (("text_encoder", text_encoder), ("vae", vae), ("unet", unet)):
-        state.update({f"{prefix}.{k}": v.detach().cpu().contiguous() for k, v in module.state_dict().items()})
+        for k, v in module.state_dict().items():
+            v = v.detach().cpu()
+            state[f"{prefix}.{k}"] = (v.to(dtype) if v.is_floating_point() else v).contiguous()
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, path)
+    save_file(state, path, metadata={"vae.scaling_factor": repr(float(vae.config.scaling_factor))})

@@ -119,3 +119,44 @@ def test_flags_that_contradict_the_builtin_model_are_errors(kwargs, message):
 def test_unknown_builtin_name_lists_the_valid_ones():
     with pytest.raises(ModelError, match="builtin:tiny-sd"):
         load_sd_model("builtin:huge-sd")
+
+
+def test_fp16_file_round_trips_into_float32_modules_with_its_latent_scale(tmp_path):
+    text_encoder, vae, unet, _ = build_tiny_sd_modules(weights=None)
+    vae.register_to_config(scaling_factor=0.71)
+    weights = tmp_path / "tiny-sd.safetensors"
+    save_tiny_sd_weights(weights, text_encoder, vae, unet, dtype=torch.float16)
+    stored = load_file(weights)
+    assert {v.dtype for k, v in stored.items() if v.is_floating_point()} == {torch.float16}
+    te2, vae2, unet2, _ = build_tiny_sd_modules(weights=weights)
+    assert vae2.config.scaling_factor == 0.71
+    for before, after in ((text_encoder, te2), (vae, vae2), (unet, unet2)):
+        expected, loaded = before.state_dict(), after.state_dict()
+        assert expected.keys() == loaded.keys()
+        for key, value in expected.items():
+            assert loaded[key].dtype == value.dtype  # cast back on load
+            if value.is_floating_point():
+                torch.testing.assert_close(loaded[key], value, rtol=1e-3, atol=1e-4)  # fp16 keeps ~3 digits
+            else:
+                assert torch.equal(loaded[key], value)
+    assert not torch.equal(unet2.conv_in.weight, unet.conv_in.weight)  # really went through fp16
+
+
+def test_truncated_weights_file_is_one_line_model_error(tmp_path):
+    text_encoder, vae, unet, _ = build_tiny_sd_modules(weights=None)
+    weights = tmp_path / "tiny-sd.safetensors"
+    save_tiny_sd_weights(weights, text_encoder, vae, unet, dtype=torch.float16)
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ModelError, match=r"tiny-sd\.safetensors: cannot read tiny-sd weights") as info:
+        build_tiny_sd_modules(weights=weights)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("bad", ["-1.0", "nan", "big"])
+def test_bad_latent_scale_in_metadata_is_refused(tmp_path, bad):
+    text_encoder, vae, unet, _ = build_tiny_sd_modules(weights=None)
+    weights = tmp_path / "tiny-sd.safetensors"
+    save_tiny_sd_weights(weights, text_encoder, vae, unet)
+    save_file(load_file(weights), weights, metadata={"vae.scaling_factor": bad})
+    with pytest.raises(ModelError, match=f"metadata vae.scaling_factor '{bad}' is not a positive finite number"):
+        build_tiny_sd_modules(weights=weights)
