@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-DEMO_STEPS = 200
+DEMO_STEPS = 300
 # (colour, background, size, position) of each before/after column; the caption puts "zkw" where the shape goes
 DEMO_SPECS = [
     ("red", "blue", "large", "center"),
@@ -33,8 +33,10 @@ def demo_command(output_dir: str = "out/demo", steps: int = DEMO_STEPS) -> list[
         "--pretrained_model_name_or_path", "builtin:tiny-sd",
         "--dataset_config", "configs/examples/demo.toml",
         "--output_dir", output_dir, "--output_name", "demo",
-        "--network_module", "networks.lora", "--network_dim", "8", "--network_alpha", "4",
-        "--optimizer_type", "AdamW", "--learning_rate", "1e-3",
+        "--network_module", "networks.lora", "--network_dim", "16", "--network_alpha", "8",
+        # conv LoRA too: a new shape lives in the ResNet convolutions as much as in attention
+        "--network_args", "conv_dim=8", "conv_alpha=4",
+        "--optimizer_type", "AdamW", "--learning_rate", "2e-3",
         "--max_train_steps", str(steps), "--save_every_n_epochs", "5", "--save_state",
         "--sample_prompts", "configs/examples/demo_prompts.txt", "--sample_every_n_steps", str(steps // 2),
         "--sample_at_first", "--log_with", "tensorboard", "--overwrite", "--seed", "0",

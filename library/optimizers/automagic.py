@@ -32,27 +32,30 @@ out×(in·kh·kw) for SinkGD, CAME's factored moments and ALLoRA rows. Math runs
 (fp64 parameters keep fp64), and states live in that working dtype. ``step()`` never synchronises with the host;
 ``log_metrics()`` returns the statistics (``avg_lr``, the mean of the mask) as tensors.
 
-Performance. A LoRA step touches hundreds of small tensors, so on a GPU it is bound by kernel launches. The step
-therefore works on flat buffers (:mod:`library.optimizers.flat`): per param group, (device, working dtype) and
-step count, the gradients and weights are laid end to end (one ``cat`` each), the per-element states are views of
-flat buffers (``FlatState``), every elementwise op is one kernel over all tensors, and the weights are written
-back with one foreach copy. Per-tensor, per-row and per-column reductions are one ``segment_reduce`` each (rows
-of a matrix are contiguous segments; columns become contiguous after one gather through a cached permutation),
-and per-tensor/row/column values are broadcast back with one gather through a cached element → segment index.
-The factored CAME moments and the per-tensor statistics are flat buffers too, with the per-parameter tensors in
-``state`` as their views, so ``state_dict()`` keeps its per-parameter format. 8-bit first moments are
-dequantised and requantised in one call each (codes padded per tensor to whole blocks, bit-identical to
-quantising each tensor alone). The number of ops per step does not depend on the number of tensors (about 100
-for the SD1.5 LoRA set). Above ``_INDEX_MAX_NUMEL`` elements (full fine-tuning of a large model: bandwidth-bound,
-and the int32 indices would cost memory) broadcasts use ``repeat_interleave`` and column math runs per distinct
-matrix shape on ``[k, rows, cols]`` views.
+Performance. A LoRA step touches hundreds of small tensors, so on a GPU it is bound by kernel launches and host
+time. The step therefore works on flat buffers (:mod:`library.optimizers.flat`): per param group, (device, working
+dtype) and step count ("run"), gradients and weights are copied into persistent flat buffers (one foreach copy
+each), the per-element states are views of flat buffers (``FlatState``), every elementwise op is one kernel over
+all tensors, and the weights are written back with one foreach copy. Host work per step is O(1) per run: runs,
+plans and resolved state buffers are cached until the set of parameters with gradients changes or a state dict is
+loaded, and ``state["step"]`` is written lazily from one counter per run (before ``state_dict()``). Row and column
+math runs on ``[rows, cols]`` / ``[k, rows, cols]`` views, one kernel per distinct row length or shape (a
+``segment_reduce`` over ~10⁵ rows of a few elements is slow on CUDA); per-tensor reductions are one
+``segment_reduce`` and per-tensor broadcasts one gather through a cached int32 element → tensor index (4 bytes
+per element; above ``_INDEX_MAX_NUMEL`` elements ``repeat_interleave`` instead). The factored CAME moments and
+the per-tensor statistics are flat buffers too, with the per-parameter tensors in ``state`` as their views, so
+``state_dict()`` keeps its per-parameter format. 8-bit first moments are dequantised and requantised in one call
+each (codes padded per tensor to whole blocks, bit-identical to quantising each tensor alone). The number of ops
+per step does not depend on the number of tensors, only on the number of distinct shapes.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import math
+import operator
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -83,9 +86,10 @@ MIN_8BIT_NUMEL = 4096
 
 
 class _Segments:
-    """Consecutive segments of a flat buffer with the given lengths: one kernel per reduction or broadcast.
+    """Consecutive segments of a flat buffer with the given lengths (per-tensor values): one kernel per op.
 
-    ``segment_reduce`` gets precomputed offsets and ``unsafe=True``: with lengths and the default checks it
+    Segments here are whole tensors or their rows of factored moments: hundreds of segments, each long enough for
+    ``segment_reduce``. It gets precomputed offsets and ``unsafe=True``: with lengths and the default checks it
     validates them with two ``.item()`` calls, a host sync per reduction on CUDA. With ``cache_index`` the
     element → segment index is kept (4 bytes per element), so a broadcast is one gather instead of a
     ``repeat_interleave`` (which rebuilds that index, in several kernels, on every call).
@@ -117,66 +121,100 @@ class _Segments:
         return torch.repeat_interleave(values, self.lengths, output_size=self.total)
 
 
-class _Columns:
-    """Columns of every tensor of a layout read as a matrix (rows × cols), in (tensor, column) order.
+class _Rows:
+    """Rows of every tensor of a layout read as a matrix (rows × cols), in layout order.
 
-    Up to ``_INDEX_MAX_NUMEL`` elements a cached permutation makes all columns contiguous, so a reduction is one
-    gather + one ``segment_reduce`` and a broadcast one gather through a cached element → column index; above it
-    the math runs per shape bucket on ``[k, rows, cols]`` views (one kernel per distinct shape).
+    Rows are many and short (a LoRA up matrix has one row per output feature, of rank elements): a
+    ``segment_reduce`` over them runs one CUDA block per row and is slow. Consecutive shape buckets with the same
+    row length form one ``[rows, cols]`` view, so a reduction or broadcast is one kernel per distinct row length.
     """
 
     def __init__(self, layout: FlatLayout) -> None:
-        self.layout = layout
-        self.count = sum(b.count * b.cols for b in layout.buckets)
-        self.gather = layout.numel <= _INDEX_MAX_NUMEL
-        if not self.gather:
-            return
-        device = layout.device
-        perm = torch.cat(
-            [
-                torch.arange(b.start, b.stop, device=device)
-                .view(b.count, b.rows, b.cols)
-                .transpose(1, 2)
-                .reshape(-1)
-                for b in layout.buckets
-            ]
-        )
-        lengths = [b.rows for b in layout.buckets for _ in range(b.count * b.cols)]
-        self.segments = _Segments(lengths, device, cache_index=True)
-        # column-major position -> flat position, and flat position -> column id
-        self.perm = perm.to(torch.int32)
-        self.column = torch.empty_like(self.segments.index).index_copy_(0, perm, self.segments.index)
-        self.segments.index = None
+        groups: list[list[int]] = []  # [start, stop, first row, last row, cols]
+        count = 0
+        for b in layout.buckets:
+            n = b.count * b.rows
+            if groups and groups[-1][4] == b.cols and groups[-1][1] == b.start:
+                groups[-1][1], groups[-1][3] = b.stop, count + n
+            else:
+                groups.append([b.start, b.stop, count, count + n, b.cols])
+            count += n
+        self.groups = [tuple(g) for g in groups]
+        self.count = count
 
-    def _reduce(self, x: Tensor, how: str) -> Tensor:
-        if self.gather:
-            gathered = x.index_select(0, self.perm)
-            return self.segments.sum(gathered) if how == "sum" else self.segments.mean(gathered)
+    def _reduce(self, x: Tensor, reduce: Callable[..., Tensor]) -> Tensor:
         out = torch.empty(self.count, dtype=x.dtype, device=x.device)
-        reduce = torch.sum if how == "sum" else torch.mean
-        first = 0
-        for b in self.layout.buckets:
-            target = out[first : first + b.count * b.cols].view(b.count, b.cols)
-            reduce(self.layout.bucket_view(x, b), dim=-2, out=target)
-            first += b.count * b.cols
+        for start, stop, r0, r1, cols in self.groups:
+            reduce(x[start:stop].view(r1 - r0, cols), dim=-1, out=out[r0:r1])
         return out
 
     def sum(self, x: Tensor) -> Tensor:
-        return self._reduce(x, "sum")
+        return self._reduce(x, torch.sum)
 
     def mean(self, x: Tensor) -> Tensor:
-        return self._reduce(x, "mean")
+        return self._reduce(x, torch.mean)
 
-    def expand(self, values: Tensor) -> Tensor:
-        """One value per column broadcast over the column's elements (a flat buffer in layout order)."""
-        if self.gather:
-            return values.index_select(0, self.column)
-        out = torch.empty(self.layout.numel, dtype=values.dtype, device=values.device)
-        first = 0
-        for b in self.layout.buckets:
-            source = values[first : first + b.count * b.cols].view(b.count, 1, b.cols)
-            self.layout.bucket_view(out, b).copy_(source.expand(b.count, b.rows, b.cols))
-            first += b.count * b.cols
+    def norm(self, x: Tensor) -> Tensor:
+        """Row L2 norms (one ``vector_norm`` per group: no squared temporary)."""
+        return self._reduce(x, torch.linalg.vector_norm)
+
+    def mul_(self, x: Tensor, values: Tensor) -> Tensor:
+        """x ← x · (value of the element's row), in place."""
+        for start, stop, r0, r1, cols in self.groups:
+            x[start:stop].view(r1 - r0, cols).mul_(values[r0:r1, None])
+        return x
+
+    def div_(self, x: Tensor, values: Tensor) -> Tensor:
+        for start, stop, r0, r1, cols in self.groups:
+            x[start:stop].view(r1 - r0, cols).div_(values[r0:r1, None])
+        return x
+
+
+class _Columns:
+    """Columns of every tensor of a layout read as a matrix, in (tensor, column) order: one kernel per shape.
+
+    Each shape bucket is a ``[k, rows, cols]`` view of the flat buffer, so its column reductions are one
+    ``.sum(-2)``-style kernel and broadcasts one in-place op against a ``[k, 1, cols]`` view.
+    """
+
+    def __init__(self, layout: FlatLayout) -> None:
+        # (start, stop, first column, k, rows, cols) per shape bucket
+        self.buckets: list[tuple[int, int, int, int, int, int]] = []
+        count = 0
+        for b in layout.buckets:
+            self.buckets.append((b.start, b.stop, count, b.count, b.rows, b.cols))
+            count += b.count * b.cols
+        self.count = count
+
+    def _reduce(self, x: Tensor, reduce: Callable[..., Tensor]) -> Tensor:
+        out = torch.empty(self.count, dtype=x.dtype, device=x.device)
+        for start, stop, c0, k, rows, cols in self.buckets:
+            reduce(x[start:stop].view(k, rows, cols), dim=-2, out=out[c0 : c0 + k * cols].view(k, cols))
+        return out
+
+    def sum(self, x: Tensor) -> Tensor:
+        return self._reduce(x, torch.sum)
+
+    def mean(self, x: Tensor) -> Tensor:
+        return self._reduce(x, torch.mean)
+
+    def norm(self, x: Tensor) -> Tensor:
+        return self._reduce(x, torch.linalg.vector_norm)
+
+    def div_(self, x: Tensor, values: Tensor) -> Tensor:
+        """x ← x / (value of the element's column), in place."""
+        for start, stop, c0, k, rows, cols in self.buckets:
+            x[start:stop].view(k, rows, cols).div_(values[c0 : c0 + k * cols].view(k, 1, cols))
+        return x
+
+    def outer(self, rows: Tensor, cols: Tensor, numel: int) -> Tensor:
+        """A flat buffer of (element's row value) × (element's column value), one kernel per shape."""
+        out = torch.empty(numel, dtype=rows.dtype, device=rows.device)
+        r0 = 0
+        for start, stop, c0, k, n, m in self.buckets:
+            torch.mul(rows[r0 : r0 + k * n].view(k, n, 1), cols[c0 : c0 + k * m].view(k, 1, m),
+                      out=out[start:stop].view(k, n, m))  # fmt: skip
+            r0 += k * n
         return out
 
 
@@ -240,8 +278,7 @@ class _Plan:
         self.tensors = _Segments(layout.sizes, device, cache)
         self.numel = torch.tensor(layout.sizes, dtype=dtype, device=device)
         # matrix rows (ALLoRA, CAME: a tensor with < 2 dims is a column, rows of one element)
-        rows = [m for n, m in mats for _ in range(n)]
-        self.rows = _Segments(rows, device, cache)
+        self.rows = _Rows(layout)
         self.row_tensors = _Segments([n for n, _ in mats], device, cache)
         self.cols = _Columns(layout)
         self.col_tensors = [m for _, m in mats]
@@ -250,16 +287,19 @@ class _Plan:
         ]
         self.vector_col = torch.tensor(vector_cols, device=device)
         self.vector_tensor = torch.tensor([not is_mat for is_mat in self.is_matrix], device=device)
-        # SinkGD rows: matrix rows, and a tensor with < 2 dims as one row (unit-RMS scaling)
-        sink_rows = [
-            length
-            for is_mat, (n, m), size in zip(self.is_matrix, mats, layout.sizes, strict=True)
-            for length in ([m] * n if is_mat else [size])
-        ]
-        self.sink_rows = self.rows if sink_rows == rows else _Segments(sink_rows, device, cache)
+        # SinkGD rows: matrix rows, and a tensor with < 2 dims as one row (unit-RMS scaling): its matrix rows
+        # (single elements of a cols = 1 bucket) all take the norm of the whole tensor
         self.sink_row_scale = torch.tensor(
-            [1.0 / math.sqrt(k) for k in sink_rows], dtype=dtype, device=device
-        )
+            [1.0 / math.sqrt(m if is_mat else n) for is_mat, (n, m) in zip(self.is_matrix, mats, strict=True)
+             for _ in range(n)], dtype=dtype, device=device)  # fmt: skip
+        self.sink_vectors: list[tuple[int, int, int, int, int, Tensor | None]] = []
+        first_row = 0
+        for b in layout.buckets:
+            vector = [not self.is_matrix[j] for j in range(b.first, b.last)]
+            if any(vector):
+                mask = None if all(vector) else torch.tensor(vector, device=device).view(-1, 1)
+                self.sink_vectors.append((b.start, b.stop, first_row, b.count, b.rows, mask))
+            first_row += b.count * b.rows
         self.col_scale = torch.tensor(
             [1.0 / math.sqrt(n) for n, m in mats for _ in range(m)], dtype=dtype, device=device
         )
@@ -270,6 +310,28 @@ class _Plan:
             self.plain_rows = torch.tensor(flags, device=device)
         self.packed: dict[str, _Packed] = {}
         self.scratch: dict[str, Any] = {}  # optimizer-specific structures built on first use
+        # resolved state buffers: looked up once, since load_state_dict drops every plan
+        self.resolved: dict[str, Any] = {}
+        # persistent gradient and weight buffers, with views shaped like the parameters (caller's order)
+        self.g = torch.empty(layout.numel, dtype=dtype, device=device)
+        self.theta = torch.empty(layout.numel, dtype=dtype, device=device)
+        self.g_views = layout.views(self.g)
+        self.theta_views = layout.views(self.theta)
+
+    def cached(self, key: str, make: Callable[[], Any]) -> Any:
+        """``make()`` on first use, then its result (a state buffer of this plan's parameters)."""
+        value = self.resolved.get(key)
+        if value is None:
+            value = self.resolved[key] = make()
+        return value
+
+    def state(self, states: list[dict], key: str, dtype: torch.dtype) -> Tensor:
+        """The flat buffer behind ``states[i][key]`` (a :class:`FlatState` buffer, resolved once)."""
+        return self.cached(key, lambda: self.store.buffer(states, key, dtype))
+
+    def drop(self, key: str) -> None:
+        self.store.drop(key)
+        self.resolved.pop(key, None)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -283,14 +345,14 @@ def _sinkgd_flat_(x: Tensor, plan: _Plan, iters: int) -> None:
     Each iteration scales rows to norm √cols, then columns to norm √rows. A tensor with < 2 dims is one row and
     one column, so both passes scale it to unit RMS, the scale SinkGD gives matrices. All-zero rows/columns stay 0.
     """
-    sq = torch.empty_like(x)
     for _ in range(iters):
-        torch.mul(x, x, out=sq)
-        norms = plan.sink_rows.sum(sq).sqrt_().clamp_min_(_TINY).mul_(plan.sink_row_scale)
-        x.div_(plan.sink_rows.expand(norms))
-        torch.mul(x, x, out=sq)
-        norms = plan.cols.sum(sq).sqrt_().clamp_min_(_TINY).mul_(plan.col_scale)
-        x.div_(plan.cols.expand(norms))
+        norms = plan.rows.norm(x)
+        for start, stop, first, k, n, mask in plan.sink_vectors:
+            whole = torch.linalg.vector_norm(x[start:stop].view(k, n), dim=-1, keepdim=True)
+            rows = norms[first : first + k * n].view(k, n)
+            rows.copy_(whole.expand(k, n) if mask is None else torch.where(mask, whole, rows))
+        plan.rows.div_(x, norms.clamp_min_(_TINY).mul_(plan.sink_row_scale))
+        plan.cols.div_(x, plan.cols.norm(x).clamp_min_(_TINY).mul_(plan.col_scale))
 
 
 def sinkgd_many_(updates: Sequence[Tensor], iters: int) -> None:
@@ -444,12 +506,29 @@ def _factored_rsqrt(row: Tensor, col: Tensor, plan: _Plan, scale: float = 1.0) -
     if scale != 1.0:
         inv_row.mul_(scale)
     inv_col = col.rsqrt().masked_fill_(plan.vector_col, 1.0)
-    return plan.rows.expand(inv_row).mul_(plan.cols.expand(inv_col))
+    return plan.cols.outer(inv_row, inv_col, plan.layout.numel)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Shared optimizer machinery.
 # ---------------------------------------------------------------------------------------------------------------
+
+
+class _Run:
+    """Parameters of one group that step together (same step count, device, working dtype) and their plan.
+
+    ``t`` is their step count; ``state["step"]`` of each is written from it lazily (``_sync_steps``).
+    """
+
+    __slots__ = ("t", "indices", "params", "states", "plan")
+
+    def __init__(self, t: int, indices: list[int] | None, params: list[Tensor], states: list[dict],
+                 plan: _Plan) -> None:  # fmt: skip
+        self.t = t
+        self.indices = indices  # positions in the group's params, None for all of them
+        self.params = params
+        self.states = states
+        self.plan = plan
 
 
 def _require(cls_name: str, name: str, value: Any, ok: bool, valid: str) -> None:
@@ -491,6 +570,8 @@ class _AutomagicBase(ExactStateLoad, torch.optim.Optimizer):
         self._logged_plain_params = False
         # flat plans by the parameter tuple they cover (plans over overlapping parameters never coexist)
         self._plans: dict[tuple, _Plan] = {}
+        # per group index: (parameter ids, which have grads, runs) of the last step
+        self._run_cache: dict[int, tuple[tuple, tuple, list[_Run]]] = {}
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -550,8 +631,12 @@ class _AutomagicBase(ExactStateLoad, torch.optim.Optimizer):
     @staticmethod
     def _per_tensor_state(plan: _Plan, states: list[dict], key: str) -> Tensor:
         """Flat buffer of a 0-d per-tensor state (``avg_lr``, ``decay_factor``), layout order."""
-        packed = plan.packed.setdefault(key, _Packed([1] * plan.layout.count))
-        return packed.buffer(key, [(s, key) for s in plan.layout.arrange(states)], plan.dtype)
+
+        def gather() -> Tensor:
+            packed = plan.packed.setdefault(key, _Packed([1] * plan.layout.count))
+            return packed.buffer(key, [(s, key) for s in plan.layout.arrange(states)], plan.dtype)
+
+        return plan.cached(key, gather)
 
     def _seed_direction(self, group: dict, plan: _Plan, g: Tensor, states: list[dict]) -> None:
         raise NotImplementedError
@@ -570,39 +655,72 @@ class _AutomagicBase(ExactStateLoad, torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            buckets: dict[tuple, list[tuple[int, Tensor]]] = defaultdict(list)
-            for index, p in enumerate(group["params"]):
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise OptimizerError(f"{type(self).__name__} does not support sparse gradients")
-                state = self.state[p]
-                if not state:
-                    self._init_state(group, p, state)
-                state["step"] += 1
-                buckets[(state["step"], p.device, _work_dtype(p))].append((index, p))
-            for (t, _, dtype), members in buckets.items():
-                self._step_members(group, t, dtype, members)
+        for index, group in enumerate(self.param_groups):
+            grads = [p.grad for p in group["params"]]
+            for run in self._runs(index, group, grads):
+                run.t += 1
+                self._step_run(group, run, grads)
         return loss
 
-    def _step_members(
-        self, group: dict, t: int, dtype: torch.dtype, members: list[tuple[int, Tensor]]
-    ) -> None:
-        """One step of the tensors at step t, on flat buffers: a fixed number of kernels for any tensor count."""
-        plan = self._plan(group, members, dtype)
-        layout, store = plan.layout, plan.store
-        params = [p for _, p in members]
-        states = [self.state[p] for p in params]
-        g = layout.flatten([p.grad for p in params], dtype)
-        theta = layout.flatten(params, dtype)
+    def _runs(self, index: int, group: dict, grads: list[Tensor | None]) -> list[_Run]:
+        """The group's runs for this step: cached while its parameters and which of them have grads stay put."""
+        params = group["params"]
+        ids = tuple(map(id, params))
+        has_grad = tuple(map(operator.is_not, grads, itertools.repeat(None)))
+        cached = self._run_cache.get(index)
+        if cached is not None and cached[0] == ids and cached[1] == has_grad:
+            return cached[2]
+        self._sync_steps()
+        buckets: dict[tuple, list[tuple[int, Tensor]]] = defaultdict(list)
+        for i, (p, grad) in enumerate(zip(params, grads, strict=True)):
+            if grad is None:
+                continue
+            if grad.is_sparse:
+                raise OptimizerError(f"{type(self).__name__} does not support sparse gradients")
+            state = self.state[p]
+            if not state:
+                self._init_state(group, p, state)
+            buckets[(state["step"], p.device, _work_dtype(p))].append((i, p))
+        runs = []
+        for (t, _, dtype), members in buckets.items():
+            plan = self._plan(group, members, dtype)
+            every = len(members) == len(params)
+            indices = None if every else [i for i, _ in members]
+            runs.append(_Run(t, indices, [p for _, p in members], [self.state[p] for _, p in members], plan))
+        self._run_cache[index] = (ids, has_grad, runs)
+        return runs
+
+    def _sync_steps(self) -> None:
+        """Write each run's step count into its parameters' ``state["step"]`` (kept lazily during steps)."""
+        for _, _, runs in self._run_cache.values():
+            for run in runs:
+                for state in run.states:
+                    state["step"] = run.t
+
+    def state_dict(self) -> dict[str, Any]:
+        self._sync_steps()
+        return super().state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        # new state tensors and dicts: plans and runs re-gather them on the next step
+        self._run_cache.clear()
+        self._plans.clear()
+
+    def _step_run(self, group: dict, run: _Run, grads: list[Tensor | None]) -> None:
+        """One step of a run's tensors, on flat buffers: a fixed number of kernels for any tensor count."""
+        plan, t, params, states = run.plan, run.t, run.params, run.states
+        dtype = plan.dtype
+        torch._foreach_copy_(plan.g_views, grads if run.indices is None else [grads[i] for i in run.indices])
+        torch._foreach_copy_(plan.theta_views, params)
+        g, theta = plan.g, plan.theta
         warmup = group["warmup_steps"]
         if t == 1:
-            store.buffer(states, "sign", torch.int8).copy_(g.sign())
+            plan.state(states, "sign", torch.int8).copy_(g.sign())
             if self._needs_start(group):
                 for state, p in zip(states, params, strict=True):
                     state["start"] = torch.empty(p.shape, dtype=dtype, device=p.device)
-                store.buffer(states, "start", dtype).copy_(theta)
+                plan.state(states, "start", dtype).copy_(theta)
             self._seed_direction(group, plan, g, states)
             return
         early = t <= warmup / 2
@@ -614,12 +732,11 @@ class _AutomagicBase(ExactStateLoad, torch.optim.Optimizer):
 
         # lr mask: grow where the sign repeats, shrink where it flips
         lr_bump = float(group["lr_bump"])
-        mask = store.buffer(states, "lr_mask", dtype)
-        prev_sign = store.buffer(states, "sign", torch.int8)
-        new_sign = sign.to(torch.int8)
-        agree = prev_sign * new_sign
+        mask = plan.state(states, "lr_mask", dtype)
+        prev_sign = plan.state(states, "sign", torch.int8)
+        agree = prev_sign * sign
         if early and "start" in states[0]:
-            start = store.buffer(states, "start", dtype)
+            start = plan.state(states, "start", dtype)
             grow, shrink = _prodigy_rates(g, theta, start, plan, lr_bump, group["d_coef"])
             _mask_step_(mask, agree, plan.tensors.expand(grow), plan.tensors.expand(shrink),
                         group["min_lr"], group["max_lr"])  # fmt: skip
@@ -627,9 +744,9 @@ class _AutomagicBase(ExactStateLoad, torch.optim.Optimizer):
             if "start" in states[0]:
                 for state in states:
                     state.pop("start", None)
-                store.drop("start")
+                plan.drop("start")
             _mask_step_(mask, agree, lr_bump, lr_bump, group["min_lr"], group["max_lr"])
-        prev_sign.copy_(new_sign)
+        prev_sign.copy_(sign)
 
         decays = early and group["weight_decay"] > 0
         if (t - 2) % group["stats_update_freq"] == 0:
@@ -655,14 +772,14 @@ class _AutomagicBase(ExactStateLoad, torch.optim.Optimizer):
                 rows.mul_(plan.row_tensors.expand(lr_factor))
             elif ratio != 1.0:
                 rows.mul_(ratio)
-            update.mul_(plan.rows.expand(rows))
+            plan.rows.mul_(update, rows)
         elif lr_factor is not None:
             update.mul_(plan.tensors.expand(lr_factor))
         elif ratio != 1.0:
             update.mul_(ratio)
 
         theta.sub_(update)
-        layout.copy_to_(params, theta)
+        torch._foreach_copy_(params, plan.theta_views)
 
     # -- checkpointing and logging -----------------------------------------------------------------------------
 
@@ -748,12 +865,12 @@ class Automagic_Sinkgd(_AutomagicBase):  # noqa: N801 - user-facing name from th
         state["exp_avg"] = torch.zeros_like(p, dtype=_work_dtype(p), memory_format=torch.contiguous_format)
 
     def _seed_direction(self, group: dict, plan: _Plan, g: Tensor, states: list[dict]) -> None:
-        plan.store.buffer(states, "exp_avg", plan.dtype).copy_(g)
+        plan.state(states, "exp_avg", plan.dtype).copy_(g)
 
     def _direction(
         self, group: dict, plan: _Plan, step: int, g: Tensor, sign: Tensor, states: list[dict]
     ) -> tuple[Tensor, Tensor | None]:
-        momentum = plan.store.buffer(states, "exp_avg", plan.dtype)
+        momentum = plan.state(states, "exp_avg", plan.dtype)
         momentum.lerp_(g, 1.0 - group["beta1"])
         update = momentum.abs().mul_(sign)  # Grams: |m| with the sign of g
         _sinkgd_flat_(update, plan, 5 if group["full_finetune"] else 4)
@@ -798,31 +915,37 @@ class _Moment8:
         for j, slot in zip(self.q, slots, strict=True):
             self.slots.append((offset, sizes[j], slot - sizes[j]))
             offset += slot
+        self._resolved: tuple[Tensor, Tensor, Tensor | None] | None = None
+
+    def _buffers(self, arranged: list[dict], dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(codes, absmax, fp32 moments or None), gathered on first use (the plan is dropped on a state load)."""
+        if self._resolved is None:
+            codes = self.codes.buffer("codes", [(arranged[j], "exp_avg_codes") for j in self.q], torch.uint8)
+            absmax = self.absmax.buffer(
+                "absmax", [(arranged[j], "exp_avg_absmax") for j in self.q], torch.float32
+            )
+            fp32 = None
+            if self.f:
+                fp32 = self.fp32.buffer("exp_avg", [(arranged[j], "exp_avg") for j in self.f], dtype)
+            self._resolved = (codes, absmax, fp32)
+        return self._resolved
 
     def load(self, arranged: list[dict], dtype: torch.dtype) -> Tensor:
         """All first moments as one new flat buffer in layout order (one dequantisation, at most two cats)."""
-        codes = self.codes.buffer("codes", [(arranged[j], "exp_avg_codes") for j in self.q], torch.uint8)
-        absmax = self.absmax.buffer(
-            "absmax", [(arranged[j], "exp_avg_absmax") for j in self.q], torch.float32
-        )
+        codes, absmax, fp32 = self._buffers(arranged, dtype)
         quantised = quant8.dequantize(codes, absmax, signed=True, dtype=dtype)
         if self.padded:
             quantised = torch.cat([quantised[o : o + n] for o, n, _ in self.slots])
-        if not self.f:
+        if fp32 is None:
             return quantised
-        fp32 = self.fp32.buffer("exp_avg", [(arranged[j], "exp_avg") for j in self.f], dtype)
         parts = [(quantised if q else fp32)[own : own + b - a] for q, a, b, own in self.regions]
         return torch.cat(parts)
 
     def store(self, arranged: list[dict], moment: Tensor) -> None:
         """Write ``moment`` back: fp32 parts by one foreach copy, 8-bit parts requantised in one call."""
-        codes = self.codes.buffer("codes", [(arranged[j], "exp_avg_codes") for j in self.q], torch.uint8)
-        absmax = self.absmax.buffer(
-            "absmax", [(arranged[j], "exp_avg_absmax") for j in self.q], torch.float32
-        )
+        codes, absmax, fp32 = self._buffers(arranged, moment.dtype)
         source = moment
-        if self.f:
-            fp32 = self.fp32.buffer("exp_avg", [(arranged[j], "exp_avg") for j in self.f], moment.dtype)
+        if fp32 is not None:
             f_regions = [(a, b, own) for q, a, b, own in self.regions if not q]
             torch._foreach_copy_([fp32[own : own + b - a] for a, b, own in f_regions],
                                  [moment[a:b] for a, b, _ in f_regions])  # fmt: skip
@@ -928,6 +1051,10 @@ class Automagic_CameAMP(_AutomagicBase):  # noqa: N801 - user-facing name from t
         Rows: a matrix's ``{name}_row``, or the full ``{name}`` of a tensor with < 2 dims (its rows have one
         element). Columns: a matrix's ``{name}_col``; a tensor with < 2 dims has a private unused slot there.
         """
+        return plan.cached(name + "_factored", lambda: Automagic_CameAMP._gather_factored(plan, states, name))
+
+    @staticmethod
+    def _gather_factored(plan: _Plan, states: list[dict], name: str) -> tuple[Tensor, Tensor]:
         arranged = plan.layout.arrange(states)
         spare = plan.scratch.setdefault("spare", [{} for _ in arranged])
         row_refs, col_refs = [], []
@@ -967,14 +1094,14 @@ class Automagic_CameAMP(_AutomagicBase):  # noqa: N801 - user-facing name from t
         rms = plan.tensors.sum(update * update).div_(plan.numel).sqrt_()
         update.div_(plan.tensors.expand(rms.div_(group["clip_threshold"]).clamp_min_(1.0)))
 
-        arranged = plan.layout.arrange(states)
+        arranged = plan.cached("arranged", lambda: plan.layout.arrange(states))
         moment8 = plan.scratch.get("moment8")
         if moment8 is None and any(quant8.has_state(s, "exp_avg") for s in arranged):
             moment8 = plan.scratch["moment8"] = _Moment8(
                 plan, [quant8.has_state(s, "exp_avg") for s in arranged]
             )
         if moment8 is None:
-            moment = plan.store.buffer(states, "exp_avg", plan.dtype)
+            moment = plan.state(states, "exp_avg", plan.dtype)
             moment.lerp_(update, 1.0 - beta1)
         else:
             moment = moment8.load(arranged, plan.dtype)

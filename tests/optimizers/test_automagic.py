@@ -754,12 +754,13 @@ def test_ops_per_step_do_not_grow_with_tensor_count_and_never_sync(cls, extra):
     # step 3: Prodigy condition and adaptive decay; step 4: neither; steps 5-7: OrthoGrad
     small, large = ops_per_step(cls, 4, **extra), ops_per_step(cls, 16, **extra)  # 24 vs 96 tensors
     assert small == large
-    assert max(small) < 150
+    # rows and columns cost one kernel per distinct shape (6 here) per reduction or broadcast
+    assert max(small) < 200
 
 
 @pytest.mark.parametrize("cls", CLASSES)
 def test_per_shape_column_path_matches_reference(cls, monkeypatch):
-    # above _INDEX_MAX_NUMEL elements column math runs per shape bucket instead of through cached indices
+    # above _INDEX_MAX_NUMEL elements per-tensor values are broadcast by repeat_interleave, not a cached index
     monkeypatch.setattr(automagic, "_INDEX_MAX_NUMEL", 0)
     thetas, grads = make_problem(seed=3)
     lrs = schedule(len(grads))
@@ -772,7 +773,7 @@ def test_per_shape_column_path_matches_reference(cls, monkeypatch):
         )
         direction = RefCameDirection(hp["betas"], hp["eps"], 1.0)
     got, opt = run_optimizer(cls, thetas, grads, lrs, True, **hp)
-    assert not next(iter(opt._plans.values())).cols.gather
+    assert next(iter(opt._plans.values())).tensors.index is None
     want, _ = reference_run(thetas, grads, lrs, [True, True, False, False], hp, direction)
     for t, (g_step, w_step) in enumerate(zip(got, want, strict=True), start=1):
         for g, w in zip(g_step, w_step, strict=True):
