@@ -37,20 +37,27 @@ Design decisions:
   (:mod:`library.optimizers.quant8`); each step dequantises, updates in fp32 and requantises all quantised
   tensors of a bucket with one call each (bit-identical to per-tensor quantisation, see
   :class:`~library.optimizers.quant8.FlatQuantState`).
-- Performance: a LoRA step touches hundreds of small tensors, so on a GPU it is bound by kernel launches and host
-  syncs, not arithmetic. Per param group, the tensors of each (device, dtype, 8-bit or not) bucket are laid end to
-  end in flat buffers (:mod:`library.optimizers.flat`; cached until the group's set of parameters with gradients
-  changes). Gradients and weights are copied into persistent flat fp32 (working dtype) buffers with one foreach
-  copy each and the weights copied back with one more; m, v, θ₀ and TAM's s̄ are flat buffers whose per-parameter
-  views are what ``self.state[p]`` holds, so state_dict keeps its per-parameter format and a loaded state is
-  gathered again. Every elementwise op is one kernel over the bucket, per-tensor sums/maxima one
-  ``segment_reduce`` (``unsafe=True``: its default length check reads values back to the host), per-tensor
-  factors one ``index_select`` with a cached int32 element→tensor index, ALLoRA's row norms one batched norm per
-  distinct shape and its row factors one ``index_select`` (element→row index). Step-dependent values (ADOPT
-  clip, bias corrections, ρ(t)) are Python scalars when all tensors of a bucket are at the same step, else one
-  small host-built tensor copied once. So a step dispatches a fixed number of ops (about 85 with the defaults)
-  whatever the tensor count and never reads a value back from the device. The price is memory outside the
-  optimizer state: the two flat working buffers and the two indices, about 16 bytes per parameter.
+- Performance: a LoRA step touches hundreds of small tensors, so on a GPU it is bound by host work (Python,
+  dispatch, launches) and host syncs, not arithmetic. Per param group a cached plan holds the tensors with
+  gradients, their states and the buckets; it is reused while the same tensors have gradients (checked with a few
+  C-level passes), so a step runs no per-tensor Python: the plan owns the step counters (one Python int when all
+  tensors step together) and writes every ``state["step"]`` in one C-level pass, so state_dict and direct reads
+  stay current. Per bucket of (device, dtype, 8-bit or not) the tensors are laid end to end in flat buffers
+  (:mod:`library.optimizers.flat`). Gradients and weights are copied into persistent flat fp32 (working dtype)
+  buffers with one foreach copy each and the weights copied back with one more; m, v, θ₀ and TAM's s̄ are flat
+  buffers whose per-parameter views are what ``self.state[p]`` holds, so state_dict keeps its per-parameter
+  format and a loaded state is gathered again. Every elementwise op is one kernel over the bucket, fused where a
+  form exists (both ADOPT lerp weights from one op, the step applied by one ``addcmul_`` without a δ buffer,
+  a uniform bias correction or SPD strength folded into a scalar); per-tensor sums/maxima are one
+  ``segment_reduce`` (``unsafe=True``: its default length check reads values back to the host), several sums of
+  products share one (TAM's cosine, SPD's inner product and norm); per-tensor factors are one ``index_select``
+  with a cached int32 element→tensor index; ALLoRA's row norms are one norm per run of shape buckets with equal
+  row length (all LoRA ups share cols = rank) written into one buffer, its row factors one ``index_select``.
+  Step-dependent values (ADOPT clip, bias corrections, ρ(t)) are Python scalars when all tensors of a bucket are
+  at the same step, else one small host-built tensor copied once. So a step dispatches a fixed number of ops
+  (about 66 with the defaults) whatever the tensor count and never reads a value back from the device. The
+  price is memory outside the optimizer state: the two flat working buffers and the two indices, about 16 bytes
+  per parameter.
 """
 
 from __future__ import annotations
@@ -59,8 +66,10 @@ import logging
 import math
 import operator
 import re
+from collections import deque
 from collections.abc import Iterable
-from operator import itemgetter
+from itertools import compress, repeat
+from operator import attrgetter, itemgetter
 from typing import Any
 
 import torch
@@ -148,7 +157,9 @@ class _Bucket:
         self.row_lora = torch.tensor([r is not None for r in self._row_roles], device=first.device)
         self.row_index = T.row_index(layout) if self.any_lora else None
         self._ratios: tuple[float, Tensor, Tensor] | None = None
-        self.weight_stacks = [layout.bucket_view(self.weight, bk) for bk in layout.buckets]
+        self.weight_stacks = T.row_stacks(layout, self.weight)
+        self.row_norms = self.weight.new_empty(sum(stack.shape[0] for stack in self.weight_stacks))
+        self._adopt_coefs: tuple[tuple[float, float], Tensor, Tensor] | None = None
         self._seen: dict[tuple[int, str], tuple[Tensor, list[Tensor]]] = {}
 
     def state_buffer(
@@ -183,6 +194,15 @@ class _Bucket:
             )
         return self._ratios[1], self._ratios[2]
 
+    def adopt_coefs(self, beta1: float, beta2: float) -> tuple[Tensor, Tensor]:
+        """[2, 1] (scale, base): base + scale·ready = rows [ready·(1−β₁), 1 − ready·β₂], both moment lerp weights."""
+        if self._adopt_coefs is None or self._adopt_coefs[0] != (beta1, beta2):
+            device = self.layout.device
+            scale = torch.tensor([[1.0 - beta1], [-beta2]], dtype=self.dtype, device=device)
+            base = torch.tensor([[0.0], [1.0]], dtype=self.dtype, device=device)
+            self._adopt_coefs = ((beta1, beta2), scale, base)
+        return self._adopt_coefs[1], self._adopt_coefs[2]
+
     def per_tensor(self, values: list[float]) -> Tensor:
         """Host-computed per-tensor values (caller's order) as one device tensor in layout order, one copy."""
         host = torch.tensor(self.layout.arrange(values), dtype=self.dtype)
@@ -193,6 +213,70 @@ class _Bucket:
     def expand(self, value: float | Tensor) -> float | Tensor:
         """A Python scalar as is; per-tensor values spread over each tensor's elements."""
         return value if isinstance(value, float) else self.seg.expand(value)
+
+
+_GRAD = attrgetter("grad")
+_STEP = itemgetter("step")
+
+
+class _Plan:
+    """What one param group's step needs besides the gradients, cached while the same tensors have gradients.
+
+    Rebuilding it walks every tensor in Python; reusing it costs a few C-level passes (identity of the params,
+    which have a gradient), so a step's host work does not grow with per-tensor Python code. The plan owns the
+    step counters while it lives: ``steps`` (a Python int when every tensor is at the same step, else a list)
+    is incremented here and written to every ``state["step"]`` with one C-level pass, so state_dict() and
+    direct reads always see the current count.
+    """
+
+    def __init__(
+        self,
+        group_params: list[Tensor],
+        has_grad: list[bool],
+        features: tuple[bool, bool],
+        states: list[dict[str, Any]],
+        buckets: list[_Bucket],
+    ) -> None:
+        self.group_params = list(group_params)
+        self.has_grad = has_grad
+        self.partial = not all(has_grad)
+        self.features = features
+        self.states = states
+        steps = list(map(_STEP, states))
+        self.steps: int | list[int] = steps[0] if min(steps) == max(steps) else steps
+        single = len(buckets) == 1
+        self.buckets = [
+            (
+                b,
+                None if single else b.members,
+                states if single else [states[i] for i in b.members],
+            )
+            for b in buckets
+        ]
+        for b, _, bucket_states in self.buckets:
+            b.arranged_states = b.layout.arrange(bucket_states)
+
+    def matches(self, group_params: list[Tensor], has_grad: list[bool], features: tuple[bool, bool]) -> bool:
+        return (
+            features == self.features
+            and has_grad == self.has_grad
+            and len(group_params) == len(self.group_params)
+            and all(map(operator.is_, group_params, self.group_params))
+        )
+
+    def advance(self) -> None:
+        """One step for every tensor of the plan."""
+        if isinstance(self.steps, int):
+            self.steps += 1
+            deque(map(operator.setitem, self.states, repeat("step"), repeat(self.steps)), maxlen=0)
+        else:
+            self.steps = [t + 1 for t in self.steps]
+            deque(map(operator.setitem, self.states, repeat("step"), self.steps), maxlen=0)
+
+    def bucket_steps(self, members: list[int] | None) -> int | list[int]:
+        if isinstance(self.steps, int) or members is None:
+            return self.steps
+        return list(map(self.steps.__getitem__, members))
 
 
 class HinaAdamWOptimizer(ExactStateLoad, torch.optim.Optimizer):
@@ -305,7 +389,7 @@ class HinaAdamWOptimizer(ExactStateLoad, torch.optim.Optimizer):
         self._lora_roles: dict[Tensor, str] | None = None
         self._lora_pair_count = 0
         self._unnamed_logged = False
-        self._plans: dict[int, tuple[list[Tensor], list[_Bucket], tuple[bool, bool]]] = {}
+        self._plans: dict[int, _Plan] = {}
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -379,48 +463,36 @@ class HinaAdamWOptimizer(ExactStateLoad, torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        roles = self._roles()
         for index, group in enumerate(self.param_groups):
-            params, grads = [], []
-            for p in group["params"]:
-                grad = p.grad
-                if grad is not None:
-                    params.append(p)
-                    grads.append(grad)
-            if params:
-                self._step_group(index, group, params, grads, roles)
+            group_params = group["params"]
+            grads = list(map(_GRAD, group_params))
+            has_grad = list(map(operator.is_not, grads, repeat(None)))
+            features = (group["use_tam"], group["use_spd"])
+            plan = self._plans.get(index)
+            if plan is None or not plan.matches(group_params, has_grad, features):
+                if not any(has_grad):
+                    continue
+                plan = self._plans[index] = self._plan(group, has_grad, features)
+            if plan.partial:
+                grads = list(compress(grads, has_grad))
+            plan.advance()
+            for bucket, members, states in plan.buckets:
+                bucket_grads = grads if members is None else list(map(grads.__getitem__, members))
+                self._step_bucket(group, bucket, states, bucket_grads, plan.bucket_steps(members))
         return loss
 
-    def _step_group(
-        self,
-        index: int,
-        group: dict[str, Any],
-        params: list[Tensor],
-        grads: list[Tensor],
-        roles: dict[Tensor, str],
-    ) -> None:
-        if any(g.is_sparse for g in grads):
+    def _plan(self, group: dict[str, Any], has_grad: list[bool], features: tuple[bool, bool]) -> _Plan:
+        """Initialise the state of new tensors and lay out the buckets (only when the tensor set changes)."""
+        params = list(compress(group["params"], has_grad))
+        if any(p.grad.is_sparse for p in params):
             raise OptimizerError("CustomAdamW does not support sparse gradients; valid: dense gradients")
-        states = list(map(self.state.__getitem__, params))
-        features = (group["use_tam"], group["use_spd"])
-        cached = self._plans.get(index)
-        same_params = (
-            cached is not None and len(cached[0]) == len(params) and all(map(operator.is_, cached[0], params))
-        )
+        states = [self.state[p] for p in params]
         for p, state in zip(params, states, strict=True):
             if not state:
                 self._init_state(p, state, group)
-                self._ensure_feature_state(p, state, group)
-            state["step"] += 1
-        if not same_params or cached[2] != features:  # new tensors, or a feature switched on: its buffers
-            for p, state in zip(params, states, strict=True):
-                self._ensure_feature_state(p, state, group)
-        buckets = cached[1] if same_params else self._buckets(params, states, roles)
-        self._plans[index] = (params, buckets, features)
-        for bucket in buckets:
-            bucket_states = states if len(buckets) == 1 else [states[i] for i in bucket.members]
-            bucket_grads = grads if len(buckets) == 1 else [grads[i] for i in bucket.members]
-            self._step_bucket(group, bucket, bucket_states, bucket_grads)
+            self._ensure_feature_state(p, state, group)  # also when a feature was switched on mid-run
+        buckets = self._buckets(params, states, self._roles())
+        return _Plan(group["params"], has_grad, features, states, buckets)
 
     @staticmethod
     def _buckets(
@@ -436,19 +508,24 @@ class HinaAdamWOptimizer(ExactStateLoad, torch.optim.Optimizer):
         ]
 
     def _step_bucket(
-        self, group: dict[str, Any], b: _Bucket, states: list[dict[str, Any]], grads: list[Tensor]
+        self,
+        group: dict[str, Any],
+        b: _Bucket,
+        states: list[dict[str, Any]],
+        grads: list[Tensor],
+        steps: int | list[int],
     ) -> None:
         """Steps 1-12 of the module docstring on the bucket's flat buffers (a fixed number of ops, no host sync)."""
         S, dtype = b.seg, b.dtype
         beta1, beta2 = group["betas"]
         eps, lr = group["eps"], group["lr"]
         adopt = group["use_adopt_stability"]
-        steps = [s["step"] for s in states]
-        uniform = min(steps) == max(steps)
+        if isinstance(steps, list) and min(steps) == max(steps):
+            steps = steps[0]
 
         def per_tensor(fn) -> float | Tensor:
             """A step-dependent value: a Python scalar when every tensor is at the same step."""
-            return float(fn(steps[0])) if uniform else b.per_tensor([fn(t) for t in steps])
+            return float(fn(steps)) if isinstance(steps, int) else b.per_tensor([fn(t) for t in steps])
 
         # 1. working copies
         torch._foreach_copy_(b.grad_views, grads)
@@ -470,7 +547,7 @@ class HinaAdamWOptimizer(ExactStateLoad, torch.optim.Optimizer):
         # 4. momentum input
         if adopt:
             # A tensor whose v is still all zero has never seen a gradient: this step is its ADOPT init step.
-            ready = (S.max(v) > 0).to(dtype)
+            ready = S.max(v).gt_(0.0)  # 1.0 / 0.0 in the working dtype
             denom = v.sqrt().clamp_min_(eps)
             x = torch.div(g, denom, out=denom)
             clip = b.expand(per_tensor(lambda t: t**0.25))
@@ -483,20 +560,29 @@ class HinaAdamWOptimizer(ExactStateLoad, torch.optim.Optimizer):
 
         # 5. TAM
         if group["use_tam"]:
-            smoothed = b.state_buffer(b.scalars, b.layout.arrange(states), "tam_s", dtype)
+            smoothed = b.state_buffer(b.scalars, b.arranged_states, "tam_s", dtype)
             damping = S.expand(T.tam_damping_(S, m, x, smoothed, group["tam_beta"]))
             x = x * damping if x is g else x.mul_(damping)
 
         # 6-7. moments and update
+        step_lr = lr  # the update's scale; a uniform bias correction 1/(1−β₁ᵗ) is folded in here
         if adopt:
-            m.lerp_(x, S.expand(ready * (1.0 - beta1)))
-            v.lerp_(g * g, S.expand(ready.mul_(-beta2).add_(1.0)))
+            # both per-tensor lerp weights in one op: rows [ready·(1−β₁), 1 − ready·β₂]
+            scale, base = b.adopt_coefs(beta1, beta2)
+            weights = torch.addcmul(base, scale, ready)
+            m.lerp_(x, S.expand(weights[0]))
+            v.lerp_(g * g, S.expand(weights[1]))
             update = m
         else:
             m.lerp_(x, 1.0 - beta1)
             v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
             denom = v.sqrt().div_(b.expand(per_tensor(lambda t: math.sqrt(1.0 - beta2**t)))).add_(eps)
-            update = torch.div(m, denom, out=denom).div_(b.expand(per_tensor(lambda t: 1.0 - beta1**t)))
+            update = torch.div(m, denom, out=denom)
+            correction = per_tensor(lambda t: 1.0 - beta1**t)
+            if isinstance(correction, float):  # Grams, Cautious and ALLoRA commute with a positive scale
+                step_lr = lr / correction
+            else:
+                update.div_(S.expand(correction))
 
         # 8-9. sign agreement with the gradient
         if group["use_grams"]:
@@ -506,16 +592,21 @@ class HinaAdamWOptimizer(ExactStateLoad, torch.optim.Optimizer):
 
         # 10-11. −lr'·u, with ALLoRA's row factor on LoRA tensors (lr' = alora_ratio·lr on lora_up)
         alora = group["use_alora"] and b.any_lora
+        row_scale: Tensor | None = None
         if alora:
-            rows = T.allora_row_scale(b.weight_stacks, group["alora_eta"])
+            rows = T.allora_row_scale(b.weight_stacks, group["alora_eta"], out=b.row_norms)
             if not b.all_lora:
                 rows = torch.where(b.row_lora, rows, 1.0)
             if b.any_up:
                 rows.mul_(b.lr_ratios(group["alora_ratio"])[1])
-            rows.mul_(-lr)
-            delta = update * rows.index_select(0, b.row_index)
-        else:
-            delta = update * -lr
+            row_scale = rows.index_select(0, b.row_index)
+
+        def apply_step_(target: Tensor) -> None:
+            """target ← target − lr'·u, one fused kernel (no δ buffer)."""
+            if row_scale is None:
+                target.add_(update, alpha=-step_lr)
+            else:
+                target.addcmul_(update, row_scale, value=-step_lr)
 
         # 12. SPD or decoupled decay, and the step
         ratio = (
@@ -531,21 +622,26 @@ class HinaAdamWOptimizer(ExactStateLoad, torch.optim.Optimizer):
             deviation = theta - b.state_buffer(
                 b.theta0, states, "theta0", b.params[0].dtype
             )  # θ₀ in the weights' dtype
-            pushes_away = T.dot(S, g, deviation) < 0
-            dev_before = T.sq_norm(S, deviation).sqrt_()
-            theta.add_(delta)
-            deviation.add_(delta)  # now θ̃ − θ₀
+            inner, dev_sq = S.sums((g, deviation), (deviation, deviation))
+            pushes_away = inner < 0
+            dev_before = dev_sq.sqrt_()
+            apply_step_(theta)
+            apply_step_(deviation)  # now θ̃ − θ₀
             dev_after = T.sq_norm(S, deviation).sqrt_()
             coef = (dev_after - dev_before).clamp_min_(0.0).div_(dev_after.clamp_min(1e-30))
-            coef.mul_(pushes_away).mul_(ratio * group["spd_lambda"])
-            theta.addcmul_(deviation, S.expand(coef), value=-1.0)
+            coef.mul_(pushes_away)
+            strength = ratio * group["spd_lambda"]
+            if isinstance(strength, float):
+                theta.addcmul_(deviation, S.expand(coef), value=-strength)
+            else:
+                theta.addcmul_(deviation, S.expand(coef.mul_(strength)), value=-1.0)
         else:
             if group["weight_decay"] != 0.0:
                 lr_decay = lr * group["weight_decay"] * ratio
                 if alora and b.any_up:
                     lr_decay = b.lr_ratios(group["alora_ratio"])[0] * lr_decay
                 theta.mul_(b.expand(1.0 - lr_decay))
-            theta.add_(delta)
+            apply_step_(theta)
 
         # write back
         torch._foreach_copy_(b.params, b.weight_views)

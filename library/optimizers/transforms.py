@@ -35,10 +35,27 @@ class Segments:
         self.lengths = layout.lengths
         ids = torch.arange(layout.count, dtype=torch.int32, device=layout.device)
         self.index = torch.repeat_interleave(ids, layout.lengths, output_size=layout.numel)
+        self._stacked_lengths: dict[int, Tensor] = {1: layout.lengths}
 
     def sum(self, x: Tensor) -> Tensor:
         """Per-tensor sums of a flat buffer, in layout order."""
         return torch.segment_reduce(x, "sum", lengths=self.lengths, unsafe=True)
+
+    def sums(self, *products: tuple[Tensor, Tensor]) -> Tensor:
+        """Per-tensor sums of several products a⊙b as a [len(products), count] tensor: one reduction for all.
+
+        The products are written side by side into one [k, numel] buffer reduced as k·count segments; each
+        segment is summed on its own, so every result equals ``sum(a * b)`` for that pair.
+        """
+        k = len(products)
+        lengths = self._stacked_lengths.get(k)
+        if lengths is None:
+            lengths = self._stacked_lengths[k] = self.lengths.repeat(k)
+        a0 = products[0][0]
+        buf = torch.empty((k, a0.numel()), dtype=a0.dtype, device=a0.device)
+        for row, (a, b) in enumerate(products):
+            torch.mul(a, b, out=buf[row])
+        return torch.segment_reduce(buf.view(-1), "sum", lengths=lengths, unsafe=True).view(k, -1)
 
     def max(self, x: Tensor) -> Tensor:
         """Per-tensor maxima of a flat buffer, in layout order."""
@@ -61,8 +78,8 @@ def sq_norm(seg: Segments, x: Tensor) -> Tensor:
 
 def cosine(seg: Segments, a: Tensor, b: Tensor, eps: float = 1e-16) -> Tensor:
     """⟨a_i, b_i⟩ / max(‖a_i‖·‖b_i‖, eps) per tensor: the cosine, and 0 where either side is all zero."""
-    norms = sq_norm(seg, a).mul_(sq_norm(seg, b)).sqrt_()
-    return dot(seg, a, b).div_(norms.clamp_min_(eps))
+    aa, bb, ab = seg.sums((a, a), (b, b), (a, b))
+    return ab.div_(torch.mul(aa, bb).sqrt_().clamp_min_(eps))
 
 
 def orthograd_(seg: Segments, theta: Tensor, grad: Tensor) -> None:
@@ -131,14 +148,35 @@ def row_index(layout: FlatLayout) -> Tensor:
     return torch.repeat_interleave(ids, cols, output_size=layout.numel).to(layout.device)
 
 
-def allora_row_scale(stacks: list[Tensor], eta: float) -> Tensor:
+def allora_row_scale(stacks: list[Tensor], eta: float, out: Tensor | None = None) -> Tensor:
     """ALLoRA (Huang et al. 2024) per-row factor 1/√(‖θ_r‖² + 1/η²) for every row, in flat order.
 
-    ``stacks`` are the weights' [count, rows, cols] shape-bucket views (``FlatLayout.bucket_view``), in bucket
-    order. A row is a slice along dim 0 (for lora_down: one rank direction; for lora_up: one output feature).
+    ``stacks`` are views of the weights whose last dim is a row, covering the flat buffer in order: the
+    [count, rows, cols] shape-bucket views (``FlatLayout.bucket_view``) or, fewer, [rows, cols] views of
+    consecutive buckets sharing ``cols`` (:func:`row_stacks`). A row is a slice along dim 0 (for lora_down: one rank direction; for lora_up: one output feature).
     Rows at zero get the largest factor η, so zero-initialised LoRA up learns without waiting for its own norm to
-    grow. One batched norm per distinct shape; spread the result over the elements with :func:`row_index`.
+    grow. One batched norm per stack (written into ``out``, one value per row, when given); spread the result over the elements with :func:`row_index`.
     """
-    norms = [torch.linalg.vector_norm(stack, dim=2).reshape(-1) for stack in stacks]
-    rows = norms[0] if len(norms) == 1 else torch.cat(norms)
+    if out is None:
+        norms = [torch.linalg.vector_norm(stack, dim=-1).reshape(-1) for stack in stacks]
+        rows = norms[0] if len(norms) == 1 else torch.cat(norms)
+    else:  # each norm written in place: no cat
+        rows, start = out, 0
+        for stack in stacks:
+            count = stack[..., 0].numel()
+            torch.linalg.vector_norm(stack, dim=-1, out=out[start : start + count].view(stack.shape[:-1]))
+            start += count
     return rows.mul_(rows).add_(1.0 / (eta * eta)).rsqrt_()
+
+
+def row_stacks(layout: FlatLayout, flat: Tensor) -> list[Tensor]:
+    """[rows, cols] views of `flat` for :func:`allora_row_scale`, one per run of consecutive shape buckets with
+    the same ``cols`` (LoRA up tensors all have cols = rank): fewer norm kernels than one per distinct shape."""
+    runs: list[list[int]] = []  # [start, stop, rows, cols]
+    for b in layout.buckets:
+        if runs and runs[-1][3] == b.cols:
+            runs[-1][1] = b.stop
+            runs[-1][2] += b.count * b.rows
+        else:
+            runs.append([b.start, b.stop, b.count * b.rows, b.cols])
+    return [flat[start:stop].view(rows, cols) for start, stop, rows, cols in runs]

@@ -585,3 +585,33 @@ def test_tensors_at_different_steps_match_each_tensor_stepped_alone(extra):
     assert [joint.state[p]["step"] for p in params] == [8, 8, 5]
     for p, a in zip(params, alone, strict=True):
         torch.testing.assert_close(p.detach(), a[0].detach(), rtol=1e-13, atol=1e-15)
+
+
+def test_step_counts_and_resume_follow_the_tensors_with_gradients():
+    """The cached per-group plan owns the step counters: state["step"] must still be current after every step,
+    as the set of tensors with gradients changes, and a checkpoint taken mid-way must resume exactly."""
+    params = _params()
+    opt = HinaAdamWOptimizer([{"params": params, "names": NAMES}], **DEFAULTS)
+    pattern = [(1, 1, 1), (1, 1, 0), (1, 1, 0), (0, 1, 1), (1, 1, 1), (1, 1, 1)]
+    expected = [0, 0, 0]
+    grads = _grad_sequence(len(pattern), seed=9)
+    snapshot = None
+    for k, (on, gs) in enumerate(zip(pattern, grads, strict=True)):
+        for p, flag, g in zip(params, on, gs, strict=True):
+            p.grad = g.clone() if flag else None
+        opt.step()
+        expected = [e + f for e, f in zip(expected, on, strict=True)]
+        assert [opt.state[p]["step"] for p in params] == expected
+        assert opt.state_dict()["state"][2]["step"] == expected[2]
+        if k == 2:
+            snapshot = (copy.deepcopy(opt.state_dict()), [p.detach().clone() for p in params])
+    resumed = [torch.nn.Parameter(w) for w in snapshot[1]]
+    opt2 = HinaAdamWOptimizer([{"params": resumed, "names": NAMES}], **DEFAULTS)
+    opt2.load_state_dict(snapshot[0])
+    for on, gs in zip(pattern[3:], grads[3:], strict=True):
+        for p, flag, g in zip(resumed, on, gs, strict=True):
+            p.grad = g.clone() if flag else None
+        opt2.step()
+    for a, b in zip(params, resumed, strict=True):
+        assert torch.equal(a, b)
+    assert [opt2.state[p]["step"] for p in resumed] == expected

@@ -186,3 +186,46 @@ def test_transforms_keep_dtype_and_stay_finite(dtype):
     u = u * T.allora_row_scale(stacks, 2.0).index_select(0, T.row_index(f.layout))
     for x in (g, u):
         assert x.dtype == dtype and torch.isfinite(x.float()).all()
+
+
+def test_sums_of_several_products_match_one_reduction_each():
+    tensors = [_rand(3, 4, seed=40), _rand(7, seed=41), _rand(2, 2, 2, seed=42), torch.zeros(0, dtype=F64)]
+    others = [_rand(*t.shape, seed=50 + i) for i, t in enumerate(tensors)]
+    f = Flat(tensors)
+    a, b = f.flat(tensors), f.flat(others)
+    ab, aa = f.seg.sums((a, b), (a, a))
+    expected_ab = [
+        sum(x * y for x, y in zip(_flat(t), _flat(o), strict=True))
+        for t, o in zip(tensors, others, strict=True)
+    ]
+    expected_aa = [sum(x * x for x in _flat(t)) for t in tensors]
+    assert f.per_tensor(ab.tolist()) == pytest.approx(expected_ab, rel=1e-12, abs=0.0)
+    assert f.per_tensor(aa.tolist()) == pytest.approx(expected_aa, rel=1e-12, abs=0.0)
+
+
+def test_row_stacks_merge_equal_cols_and_give_the_same_row_factors():
+    # two LoRA downs (rows=rank 4, different cols) and three ups of different rows sharing cols=4 (the rank)
+    tensors = [
+        _rand(4, 6, seed=60),
+        _rand(4, 10, seed=61),
+        _rand(5, 4, seed=62),
+        _rand(9, 4, seed=63),
+        _rand(9, 2, 2, seed=64),
+    ]
+    f = Flat(tensors)
+    flat = f.flat(tensors)
+    stacks = T.row_stacks(f.layout, flat)
+    assert [tuple(s.shape) for s in stacks] == [
+        (4, 6),
+        (4, 10),
+        (5 + 9 + 9, 4),
+    ]  # 4 distinct shapes, 3 stacks
+    for s in stacks:
+        assert s.data_ptr() >= flat.data_ptr()  # views, not copies
+    by_bucket = T.allora_row_scale([f.layout.bucket_view(flat, b) for b in f.layout.buckets], 2.0)
+    out = torch.full_like(by_bucket, float("nan"))
+    merged = T.allora_row_scale(stacks, 2.0, out=out)
+    assert merged.data_ptr() == out.data_ptr()
+    torch.testing.assert_close(merged, by_bucket, rtol=1e-15, atol=0.0)
+    expected = [1.0 / math.sqrt(sum(v * v for v in row.tolist()) + 0.25) for s in stacks for row in s]
+    assert merged.tolist() == pytest.approx(expected, rel=1e-12)
