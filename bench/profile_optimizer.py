@@ -17,6 +17,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.optimizer_step import make_params  # noqa: E402
+from bench.profile_step import kernel_summary  # noqa: E402
 from library.optimizers.registry import build_optimizer  # noqa: E402
 
 
@@ -36,21 +37,13 @@ def profile_optimizer(name: str, steps: int, top: int) -> dict:
         host_ms = (time.perf_counter() - start) * 1e3 / steps
         torch.cuda.synchronize()
         wall_ms = (time.perf_counter() - start) * 1e3 / steps
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    by_name: dict[str, list[float]] = {}
-    for e in kernels:
-        by_name.setdefault(e.name, []).append(e.device_time)
-    ranked = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:top]
     syncs = sum(1 for e in prof.events() if e.name in ("aten::_local_scalar_dense", "cudaStreamSynchronize",
                                                         "cudaDeviceSynchronize")) / steps
-    row = {"optimizer": name, "wall_ms": wall_ms, "host_ms": host_ms,
-           "gpu_ms": sum(e.device_time for e in kernels) / steps / 1e3, "kernels": len(kernels) / steps,
-           "syncs": syncs,
-           "top": [{"kernel": k[:110], "ms": sum(v) / steps / 1e3, "calls": len(v) / steps} for k, v in ranked]}
-    print(f"{name}: wall {wall_ms:.2f} ms, host {host_ms:.2f} ms, GPU {row['gpu_ms']:.2f} ms, "
-          f"{row['kernels']:.0f} kernels, {syncs:.0f} syncs per step")
+    row = {"optimizer": name, "wall_ms": wall_ms, "host_ms": host_ms, "syncs": syncs, **kernel_summary(prof, steps, top)}
+    print(f"{name}: wall {wall_ms:.2f} ms, host {host_ms:.2f} ms, GPU {row['gpu_kernel_ms_step']:.2f} ms, "
+          f"{row['kernels_per_step']:.0f} kernels, {syncs:.0f} syncs per step")
     for t in row["top"]:
-        print(f"    {t['ms']:7.3f} ms x{t['calls']:4.0f}  {t['kernel']}")
+        print(f"    {t['ms_step']:7.3f} ms x{t['calls_step']:4.0f}  {t['kernel']}")
     return row
 
 

@@ -25,6 +25,21 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 from bench import train_step as ts  # noqa: E402
 
 
+def kernel_summary(prof: profile, steps: int, top: int) -> dict[str, Any]:
+    """GPU kernel time and count per step, and the `top` kernels by time, from a finished profiler."""
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+               and not e.name.startswith("Optimizer.")]  # torch.optim's GPU-side range annotation is not a kernel
+    by_name: dict[str, list[float]] = {}
+    for e in kernels:
+        by_name.setdefault(e.name, []).append(e.device_time)
+    ranked = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:top]
+    return {
+        "gpu_kernel_ms_step": sum(e.device_time for e in kernels) / steps / 1e3,
+        "kernels_per_step": len(kernels) / steps,
+        "top": [{"kernel": k[:120], "ms_step": sum(v) / steps / 1e3, "calls_step": len(v) / steps} for k, v in ranked],
+    }
+
+
 def profile_row(name: str, bench: ts.Bench, steps: int, top: int) -> dict[str, Any]:
     setup = ts.setup_baseline(bench, None if name == "baseline" else "default") if name in ts.BASELINES \
         else ts.setup_ours(bench, ts.VARIANTS[name])
@@ -38,23 +53,11 @@ def profile_row(name: str, bench: ts.Bench, steps: int, top: int) -> dict[str, A
             ts.train_step(setup)
         torch.cuda.synchronize()
         wall = (time.perf_counter() - start) / steps
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    gpu_us = sum(e.device_time for e in kernels) / steps
-    by_name: dict[str, list[float]] = {}
-    for e in kernels:
-        by_name.setdefault(e.name, []).append(e.device_time)
-    ranked = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:top]
-    row = {
-        "name": name,
-        "wall_ms_step": wall * 1e3,
-        "gpu_kernel_ms_step": gpu_us / 1e3,
-        "kernels_per_step": len(kernels) / steps,
-        "top": [{"kernel": k[:120], "ms_step": sum(v) / steps / 1e3, "calls_step": len(v) / steps} for k, v in ranked],
-    }
+    row = {"name": name, "wall_ms_step": wall * 1e3, **kernel_summary(prof, steps, top)}
     print(f"{name}: wall {row['wall_ms_step']:.1f} ms/step, GPU kernels {row['gpu_kernel_ms_step']:.1f} ms/step, "
           f"{row['kernels_per_step']:.0f} kernels/step", flush=True)
-    for t in row["top"][:top]:
-        print(f"    {t['ms_step']:7.2f} ms  x{t['calls_step']:5.0f}  {t['kernel']}")
+    for t in row["top"]:
+        print(f"    {t['ms_step']:7.3f} ms  x{t['calls_step']:5.0f}  {t['kernel']}")
     del setup
     ts.release_memory(bench.device)
     return row
