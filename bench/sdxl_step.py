@@ -27,7 +27,6 @@ import argparse
 import contextlib
 import json
 import sys
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -303,49 +302,20 @@ def print_table(results: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- CLI
+SIZED = {"batch_size": (1, 1), "resolution": (1024, 128), "warmup": (3, 1), "steps": (5, 2), "windows": (3, 2)}
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--quick", action="store_true", help="toy SDXL-shaped U-Net at 128x128, few steps (runs on CPU)")
-    p.add_argument("--json", metavar="PATH", help="write every figure here (rewritten after each row)")
-    p.add_argument("--configs", default=",".join(DEFAULT_ROWS), help=f"comma list of rows; known: {', '.join(ROWS)}")
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--resolution", type=int, default=None, help="image side in pixels; default 1024 (128 with --quick)")
-    p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--alpha", type=float, default=16.0)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--warmup", type=int, default=None, help="warm-up steps per row; default 3 (1 with --quick)")
-    p.add_argument("--steps", type=int, default=None, help="steps per timed window; default 5 (2 with --quick)")
-    p.add_argument("--windows", type=int, default=None, help="timed windows per row; default 3 (2 with --quick)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (aot_eager to debug)")
+    p = ts.bench_parser(__doc__, "toy SDXL-shaped U-Net at 128x128, few steps (runs on CPU)", SIZED, list(ROWS),
+                        DEFAULT_ROWS)
     args = p.parse_args(argv)
-    defaults = {"resolution": 128 if args.quick else 1024, "warmup": 1 if args.quick else 3,
-                "steps": 2 if args.quick else 5, "windows": 2 if args.quick else 3}
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    args.configs = [c.strip() for c in args.configs.split(",") if c.strip()]
-    unknown = [c for c in args.configs if c not in ROWS]
-    if unknown:
-        p.error(f"--configs: unknown {unknown[0]!r}; known: {', '.join(ROWS)}")
-    if args.resolution % 8:
-        p.error(f"--resolution {args.resolution}: must be a multiple of 8 (latents are 1/8 of the image)")
-    for key in ("batch_size", "warmup", "steps", "windows", "rank"):
-        if getattr(args, key) < 1:
-            p.error(f"--{key.replace('_', '-')} {getattr(args, key)}: must be >= 1")
+    ts.check_bench_args(p, args, SIZED, list(ROWS))
     return args
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    import diffusers
-
-    diffusers.utils.logging.set_verbosity_error()
-    warnings.filterwarnings("ignore", message=".*functools.lru_cache.*")
-    device = torch.device(args.device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+    device = ts.bench_device(args.device)
     unet_config = QUICK_UNET if args.quick else sdxl_unet_config()
     pooled = unet_config["projection_class_embeddings_input_dim"] - 6 * unet_config["addition_time_embed_dim"]
     bench = SDXLBench(device, unet_config, args.batch_size, args.resolution // 8, 77, args.rank, args.alpha, args.lr,

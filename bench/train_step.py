@@ -643,59 +643,82 @@ def environment(bench: Bench, args: argparse.Namespace, argv: list[str]) -> dict
 
 
 # ---------------------------------------------------------------------------------------------- CLI
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+SIZED_HELP = {"batch_size": "images per step", "resolution": "image side in pixels",
+              "warmup": "warm-up steps per row", "steps": "steps per timed window", "windows": "timed windows per row"}
+
+
+def bench_parser(doc: str, quick_help: str, sized: dict[str, tuple[int, int]],
+                 configs: list[str], default_configs: tuple[str, ...]) -> argparse.ArgumentParser:
+    """The options every bench script shares; `sized` maps each of SIZED_HELP to its (default, --quick default)."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--quick", action="store_true", help="tiny U-Net, batch 2, few steps (smoke test; runs on CPU)")
+    p.add_argument("--quick", action="store_true", help=quick_help)
     p.add_argument("--json", metavar="PATH", help="write every figure here (rewritten after each row)")
-    p.add_argument("--configs", default=",".join(DEFAULT_CONFIGS),
-                   help=f"comma list of rows (a)/(b) to run; known: {', '.join([*BASELINES, *VARIANTS])}")
-    p.add_argument("--optimizers", default=DEFAULT_OPTIMIZERS,
-                   help="(c) registry names, comma list ('' for none); AdamW is added as the reference")
-    p.add_argument("--optimizer-base", default=None,
-                   help="the (b) variant the (c) rows run on (default ours_fp32_compile, ours_fp32 without compile)")
-    p.add_argument("--batch-size", type=int, default=None, help="default 4 (2 with --quick)")
-    p.add_argument("--resolution", type=int, default=None, help="image side in pixels; default 512 (128 with --quick)")
+    p.add_argument("--configs", default=",".join(default_configs),
+                   help=f"comma list of rows to run; known: {', '.join(configs)}")
+    for key, (full, quick) in sized.items():
+        p.add_argument(f"--{key.replace('_', '-')}", type=int, default=None,
+                       help=f"{SIZED_HELP[key]}; default {full} ({quick} with --quick)")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--alpha", type=float, default=16.0)
     p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--warmup", type=int, default=None, help="warm-up steps per row; default 5 (1 with --quick)")
-    p.add_argument("--steps", type=int, default=None, help="steps per timed window; default 10 (2 with --quick)")
-    p.add_argument("--windows", type=int, default=None, help="timed windows per row; default 5 (2 with --quick)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (aot_eager to debug)")
-    args = p.parse_args(argv)
-    quick = args.quick
-    defaults = {"batch_size": 2 if quick else 4, "resolution": 128 if quick else 512, "warmup": 1 if quick else 5,
-                "steps": 2 if quick else 10, "windows": 2 if quick else 5}
-    for key, value in defaults.items():
+    return p
+
+
+def check_bench_args(p: argparse.ArgumentParser, args: argparse.Namespace, sized: dict[str, tuple[int, int]],
+                     configs: list[str]) -> None:
+    """Fill the --quick-dependent defaults, split --configs, and refuse values no row could run with."""
+    for key, (full, quick) in sized.items():
         if getattr(args, key) is None:
-            setattr(args, key, value)
+            setattr(args, key, quick if args.quick else full)
     args.configs = [c.strip() for c in args.configs.split(",") if c.strip()]
-    unknown = [c for c in args.configs if c not in BASELINES and c not in VARIANTS]
+    unknown = [c for c in args.configs if c not in configs]
     if unknown:
-        p.error(f"--configs: unknown {unknown[0]!r}; known: {', '.join([*BASELINES, *VARIANTS])}")
-    args.optimizers = [o.strip() for o in args.optimizers.split(",") if o.strip() and o.strip() != "AdamW"]
-    if args.optimizer_base is not None and args.optimizer_base not in VARIANTS:
-        p.error(f"--optimizer-base: unknown {args.optimizer_base!r}; known: {', '.join(VARIANTS)}")
+        p.error(f"--configs: unknown {unknown[0]!r}; known: {', '.join(configs)}")
     if args.resolution % 8:
         p.error(f"--resolution {args.resolution}: must be a multiple of 8 (latents are 1/8 of the image)")
-    for key in ("batch_size", "warmup", "steps", "windows", "rank"):
+    for key in (*sized, "rank"):
         if getattr(args, key) < 1:
             p.error(f"--{key.replace('_', '-')} {getattr(args, key)}: must be >= 1")
-    return args
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
+def bench_device(name: str) -> torch.device:
+    """The device, with diffusers' and dynamo's harmless noise silenced and cuDNN autotuning on for every row."""
     import diffusers
 
     diffusers.utils.logging.set_verbosity_error()
     # diffusers' upsampler calls an lru_cache'd version check that dynamo traces through; harmless, noisy
     warnings.filterwarnings("ignore", message=".*functools.lru_cache.*")
-    device = torch.device(args.device)
+    device = torch.device(name)
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # for every row alike
+        torch.backends.cudnn.benchmark = True
+    return device
+
+
+SIZED = {"batch_size": (4, 2), "resolution": (512, 128), "warmup": (5, 1), "steps": (10, 2), "windows": (5, 2)}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    configs = [*BASELINES, *VARIANTS]
+    p = bench_parser(__doc__, "tiny U-Net, batch 2, few steps (smoke test; runs on CPU)", SIZED, configs,
+                     DEFAULT_CONFIGS)
+    p.add_argument("--optimizers", default=DEFAULT_OPTIMIZERS,
+                   help="(c) registry names, comma list ('' for none); AdamW is added as the reference")
+    p.add_argument("--optimizer-base", default=None,
+                   help="the (b) variant the (c) rows run on (default ours_fp32_compile, ours_fp32 without compile)")
+    args = p.parse_args(argv)
+    check_bench_args(p, args, SIZED, configs)
+    args.optimizers = [o.strip() for o in args.optimizers.split(",") if o.strip() and o.strip() != "AdamW"]
+    if args.optimizer_base is not None and args.optimizer_base not in VARIANTS:
+        p.error(f"--optimizer-base: unknown {args.optimizer_base!r}; known: {', '.join(VARIANTS)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    device = bench_device(args.device)
     bench = Bench(device, QUICK_UNET if args.quick else SD15_UNET, args.batch_size, args.resolution // 8, 77,
                   args.rank, args.alpha, args.lr, args.warmup, args.steps, args.windows, args.seed,
                   args.compile_backend)

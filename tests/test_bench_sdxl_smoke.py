@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import statistics
 import subprocess
 import sys
@@ -13,20 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests import test_bench_smoke as smoke
+from tests.test_bench_smoke import rows_by_name
+
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "sdxl_step.py"
 
 
 def run_bench(tmp_path: Path, *args: str, timeout: int = 300) -> tuple[dict, str]:
-    out = tmp_path / "bench.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--json", str(out), *args], cwd=tmp_path,
-                          env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return json.loads(out.read_text()), proc.stdout
-
-
-def rows_by_name(results: dict) -> dict[str, dict]:
-    return {r["name"]: r for r in results["rows"]}
+    return smoke.run_bench(tmp_path, *args, timeout=timeout, script=SCRIPT)
 
 
 def assert_trained(row: dict) -> None:

@@ -17,10 +17,11 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "train_step.py"
 
 
-def run_bench(tmp_path: Path, *args: str, timeout: int = 300) -> tuple[dict, str]:
+def run_bench(tmp_path: Path, *args: str, timeout: int = 300, script: Path = SCRIPT) -> tuple[dict, str]:
+    """`script --quick --json` in `tmp_path` on one CPU thread: (its JSON, its stdout); it must exit 0."""
     out = tmp_path / "bench.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--json", str(out), *args], cwd=tmp_path,
+    proc = subprocess.run([sys.executable, str(script), "--quick", "--json", str(out), *args], cwd=tmp_path,
                           env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(out.read_text()), proc.stdout

@@ -67,11 +67,43 @@ class StageClock:
         by_time = self.elapsed() / self.budget_s if self.budget_s > 0 else 0.0
         return min(1.0, max(step / self.steps, by_time))
 
+    def done(self, step: int) -> bool:
+        return step >= self.steps or self.progress(step) >= 1.0
+
+    def set_lr(self, opt: torch.optim.Optimizer, base_lr: float, step: int, warmup: int) -> float:
+        """Every group of `opt` to `lr_at` this step's progress; returns that lr."""
+        lr = lr_at(base_lr, step, self.progress(step), warmup)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        return lr
+
 
 def lr_at(base_lr: float, step: int, progress: float, warmup: int, floor: float = 0.05) -> float:
     """Linear warmup, then cosine from `base_lr` to `floor * base_lr` over the stage's progress."""
     warm = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
     return base_lr * warm * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+class LossLog:
+    """Mean loss since the last log point, read on the host only there (every `every` steps and at the end)."""
+
+    def __init__(self, device: torch.device, every: int) -> None:
+        self.every = every
+        self.points: list[list[float]] = []  # [step, mean loss]
+        self._running = torch.zeros((), device=device)
+        self._count = 0
+
+    def add(self, loss: torch.Tensor, step: int, last: bool) -> float | None:
+        """Accumulate step `step`'s loss; at a log point return the mean since the previous one."""
+        self._running += loss
+        self._count += 1
+        if step % self.every and not last:
+            return None
+        value = (self._running / self._count).item()
+        self.points.append([step, value])
+        self._running.zero_()
+        self._count = 0
+        return value
 
 
 def _render_chunk(job: tuple[int, int, int, int]) -> tuple[np.ndarray, list[str]]:
@@ -134,14 +166,12 @@ def train_vae(vae, images, args, device, clock: StageClock, log) -> tuple[list[l
     """Reconstruction training on uint8 images held on the device; returns (losses, steps)."""
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0, betas=(0.9, 0.99))
     gen = torch.Generator(device=device).manual_seed(args.seed + 1)
-    losses, running, count = [], torch.zeros((), device=device), 0
+    losses = LossLog(device, args.log_every)
     vae.train()
     clock.begin()
     step = 0
-    while step < clock.steps and clock.progress(step) < 1.0:
-        lr = lr_at(args.vae_lr, step, clock.progress(step), args.warmup)
-        for group in opt.param_groups:
-            group["lr"] = lr
+    while not clock.done(step):
+        lr = clock.set_lr(opt, args.vae_lr, step, args.warmup)
         idx = torch.randint(0, images.shape[0], (args.vae_batch,), device=device, generator=gen)
         x = _to_pixels(images[idx])
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
@@ -155,18 +185,13 @@ def train_vae(vae, images, args, device, clock: StageClock, log) -> tuple[list[l
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
-        running += loss.detach()
-        count += 1
         step += 1
-        if step % args.log_every == 0 or step == clock.steps or clock.progress(step) >= 1.0:
-            value = (running / count).item()
-            losses.append([step, value])
+        value = losses.add(loss.detach(), step, clock.done(step))
+        if value is not None:
             log(f"vae  step {step:6d}  loss {value:.4f}  kl {kl.item():.2f}  lr {lr:.2e}  "
                 f"{clock.elapsed():.0f}s  {step / max(clock.elapsed(), 1e-9):.1f} it/s")
-            running.zero_()
-            count = 0
     vae.eval()
-    return losses, step
+    return losses.points, step
 
 
 def encode_dataset(vae, images, batch: int, device, seed: int, bf16: bool):
@@ -198,15 +223,13 @@ def train_unet(unet, text_encoder, latents, token_ids, empty_ids, scheduler_conf
     ema = Ema([*unet.parameters(), *text_encoder.parameters()], args.ema_decay) if args.ema_decay > 0 else None
     gen = torch.Generator(device=device).manual_seed(args.seed + 3)
     n, timesteps_n = latents.shape[0], scheduler_config["num_train_timesteps"]
-    losses, running, count = [], torch.zeros((), device=device), 0
+    losses = LossLog(device, args.log_every)
     unet.train()
     text_encoder.train()
     clock.begin()
     step = 0
-    while step < clock.steps and clock.progress(step) < 1.0:
-        lr = lr_at(args.unet_lr, step, clock.progress(step), args.warmup)
-        for group in opt.param_groups:
-            group["lr"] = lr
+    while not clock.done(step):
+        lr = clock.set_lr(opt, args.unet_lr, step, args.warmup)
         idx = torch.randint(0, n, (args.unet_batch,), device=device, generator=gen)
         x0 = latents[idx]
         drop = torch.rand(args.unet_batch, device=device, generator=gen) < args.caption_dropout
@@ -226,21 +249,17 @@ def train_unet(unet, text_encoder, latents, token_ids, empty_ids, scheduler_conf
         opt.step()
         if ema is not None:
             ema.update(step)
-        running += per_sample.detach().mean()  # the unweighted epsilon MSE: comparable across settings
-        count += 1
         step += 1
-        if step % args.log_every == 0 or step == clock.steps or clock.progress(step) >= 1.0:
-            value = (running / count).item()
-            losses.append([step, value])
+        # the unweighted epsilon MSE: comparable across settings
+        value = losses.add(per_sample.detach().mean(), step, clock.done(step))
+        if value is not None:
             log(f"unet step {step:6d}  eps mse {value:.4f}  lr {lr:.2e}  {clock.elapsed():.0f}s  "
                 f"{step / max(clock.elapsed(), 1e-9):.1f} it/s")
-            running.zero_()
-            count = 0
     if ema is not None:
         ema.copy_to_params()
     unet.eval()
     text_encoder.eval()
-    return losses, step
+    return losses.points, step
 
 
 def sample_grid(weights: Path, config_dir: Path, device, seeds: list[int], steps: int, cfg: float, size: int,

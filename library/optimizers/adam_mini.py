@@ -105,6 +105,14 @@ def validate_positive_int(cls: str, key: str, value: Any) -> None:
         raise OptimizerError(f"{cls} {key}={value!r} is invalid; valid: an integer >= 1")
 
 
+def validate_heads(cls: str, dim: int, n_heads: int) -> None:
+    """The model width and head count that split q/k(/v) projections into heads."""
+    validate_positive_int(cls, "dim", dim)
+    validate_positive_int(cls, "n_heads", n_heads)
+    if n_heads > dim:
+        raise OptimizerError(f"{cls} n_heads={n_heads} is invalid for dim={dim}; valid: n_heads <= dim")
+
+
 def dense_grad(p: Tensor) -> Tensor:
     """``p.grad``, rejected when sparse (the flat gather casts it to the working precision)."""
     if p.grad.is_sparse:
@@ -335,10 +343,7 @@ class Adam_mini(ExactStateLoad, torch.optim.Optimizer):  # noqa: N801 - the name
     ) -> None:
         cls = type(self).__name__
         validate_common(cls, lr, betas, eps, weight_decay)
-        validate_positive_int(cls, "dim", dim)
-        validate_positive_int(cls, "n_heads", n_heads)
-        if n_heads > dim:
-            raise OptimizerError(f"{cls} n_heads={n_heads} is invalid for dim={dim}; valid: n_heads <= dim")
+        validate_heads(cls, dim, n_heads)
         params = list(params)
         validate_names(cls, params)
         defaults = dict(

@@ -121,7 +121,23 @@ class _Segments:
         return torch.repeat_interleave(values, self.lengths, output_size=self.total)
 
 
-class _Rows:
+class _Reductions:
+    """sum / mean / L2 norm of each row (or column) through the subclass's one-kernel-per-view `_reduce`."""
+
+    _reduce: Callable[[Tensor, Callable[..., Tensor]], Tensor]
+
+    def sum(self, x: Tensor) -> Tensor:
+        return self._reduce(x, torch.sum)
+
+    def mean(self, x: Tensor) -> Tensor:
+        return self._reduce(x, torch.mean)
+
+    def norm(self, x: Tensor) -> Tensor:
+        """One ``vector_norm`` per view: no squared temporary."""
+        return self._reduce(x, torch.linalg.vector_norm)
+
+
+class _Rows(_Reductions):
     """Rows of every tensor of a layout read as a matrix (rows × cols), in layout order.
 
     Rows are many and short (a LoRA up matrix has one row per output feature, of rank elements): a
@@ -148,16 +164,6 @@ class _Rows:
             reduce(x[start:stop].view(r1 - r0, cols), dim=-1, out=out[r0:r1])
         return out
 
-    def sum(self, x: Tensor) -> Tensor:
-        return self._reduce(x, torch.sum)
-
-    def mean(self, x: Tensor) -> Tensor:
-        return self._reduce(x, torch.mean)
-
-    def norm(self, x: Tensor) -> Tensor:
-        """Row L2 norms (one ``vector_norm`` per group: no squared temporary)."""
-        return self._reduce(x, torch.linalg.vector_norm)
-
     def mul_(self, x: Tensor, values: Tensor) -> Tensor:
         """x ← x · (value of the element's row), in place."""
         for start, stop, r0, r1, cols in self.groups:
@@ -170,7 +176,7 @@ class _Rows:
         return x
 
 
-class _Columns:
+class _Columns(_Reductions):
     """Columns of every tensor of a layout read as a matrix, in (tensor, column) order: one kernel per shape.
 
     Each shape bucket is a ``[k, rows, cols]`` view of the flat buffer, so its column reductions are one
@@ -191,15 +197,6 @@ class _Columns:
         for start, stop, c0, k, rows, cols in self.buckets:
             reduce(x[start:stop].view(k, rows, cols), dim=-2, out=out[c0 : c0 + k * cols].view(k, cols))
         return out
-
-    def sum(self, x: Tensor) -> Tensor:
-        return self._reduce(x, torch.sum)
-
-    def mean(self, x: Tensor) -> Tensor:
-        return self._reduce(x, torch.mean)
-
-    def norm(self, x: Tensor) -> Tensor:
-        return self._reduce(x, torch.linalg.vector_norm)
 
     def div_(self, x: Tensor, values: Tensor) -> Tensor:
         """x ← x / (value of the element's column), in place."""

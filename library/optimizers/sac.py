@@ -51,6 +51,7 @@ from library.optimizers.adam_mini import (
     segment_sort,
     state_dtype,
     validate_common,
+    validate_heads,
     validate_names,
     validate_positive_int,
 )
@@ -198,10 +199,7 @@ def _validate_sac(
     cls: str, scale_update_freq: int, scale_bound: Any, dim: int, n_heads: int
 ) -> tuple[float, float]:
     validate_positive_int(cls, "scale_update_freq", scale_update_freq)
-    validate_positive_int(cls, "dim", dim)
-    validate_positive_int(cls, "n_heads", n_heads)
-    if n_heads > dim:
-        raise OptimizerError(f"{cls} n_heads={n_heads} is invalid for dim={dim}; valid: n_heads <= dim")
+    validate_heads(cls, dim, n_heads)
     return validate_scale_bound(cls, scale_bound)
 
 
@@ -231,6 +229,30 @@ def adamw_bias_corrections(plan: FlatPlan, steps: list[int], beta1: float, beta2
     """(1−β₁ᵗ, √(1−β₂ᵗ)) per element for the tensors' steps (layout order); floats when uniform."""
     return plan.per_element([1.0 - beta1**t for t in steps]), plan.per_element(
         [(1.0 - beta2**t) ** 0.5 for t in steps]
+    )
+
+
+def init_adam_state(p: Tensor, state: dict[str, Any]) -> None:
+    """AdamW's zero moments for ``p``, contiguous (the flat plans gather them), in the state precision."""
+    state["exp_avg"] = torch.zeros_like(p, dtype=state_dtype(p), memory_format=torch.contiguous_format)
+    state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
+
+
+def plan_adamw_update(
+    group: dict[str, Any], plan: FlatPlan, grad: Tensor, states: list[dict], ordered: list[dict]
+) -> tuple[Tensor, Tensor]:
+    """`adamw_update` on a flat plan: its exp_avg / exp_avg_sq buffers, per-tensor bias corrections (``ordered``:
+    the states in layout order), the result in its "update" scratch. Returns (m̂/(√v̂+ε), √v̂+ε), flat."""
+    beta1, beta2 = group["betas"]
+    return adamw_update(
+        grad,
+        plan.state.buffer(states, "exp_avg", plan.dtype),
+        plan.state.buffer(states, "exp_avg_sq", plan.dtype),
+        *adamw_bias_corrections(plan, [s["step"] for s in ordered], beta1, beta2),
+        beta1,
+        beta2,
+        group["eps"],
+        plan.scratch("update")[0],
     )
 
 
@@ -288,29 +310,16 @@ class AdamWSAC(_SACMixin, ExactStateLoad, torch.optim.Optimizer):
                 state = self.state[p]
                 if "step" not in state:
                     state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(
-                        p, dtype=state_dtype(p), memory_format=torch.contiguous_format
-                    )
-                    state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
+                    init_adam_state(p, state)
                 state["step"] += 1
                 params.append(p)
                 names.append(name)
                 grads.append(dense_grad(p))
                 states.append(state)
-            beta1, beta2 = group["betas"]
             for plan, idx in flat_plans(self.__dict__.setdefault("_flat_plans", {}), group_index, params):
                 sts, ps = pick(states, idx), pick(params, idx)
-                steps = [s["step"] for s in plan.layout.arrange(sts)]
-                update, _ = adamw_update(
-                    plan.gather("grad", pick(grads, idx)),
-                    plan.state.buffer(sts, "exp_avg", plan.dtype),
-                    plan.state.buffer(sts, "exp_avg_sq", plan.dtype),
-                    *adamw_bias_corrections(plan, steps, beta1, beta2),
-                    beta1,
-                    beta2,
-                    group["eps"],
-                    plan.scratch("update")[0],
-                )
+                grad = plan.gather("grad", pick(grads, idx))
+                update, _ = plan_adamw_update(group, plan, grad, sts, plan.layout.arrange(sts))
                 self._sac_scale_(group, plan, ps, pick(names, idx), sts, update)
                 apply_decoupled_(plan, ps, update, group["lr"], group["weight_decay"])
         return loss

@@ -62,7 +62,7 @@ from library.optimizers.adam_mini import (
     validate_positive_int,
 )
 from library.optimizers.flat import FlatState
-from library.optimizers.sac import adamw_bias_corrections, adamw_update, validate_scale_bound
+from library.optimizers.sac import init_adam_state, plan_adamw_update, validate_scale_bound
 from library.optimizers.state import ExactStateLoad
 
 # Lloyd iterations per re-clustering: 1-D k-means from quantile starts settles in a handful.
@@ -316,26 +316,11 @@ class _SGGOptimizer(ExactStateLoad, torch.optim.Optimizer):
         }
 
 
-def _adam_state(p: Tensor, state: dict[str, Any]) -> None:
-    state["exp_avg"] = torch.zeros_like(p, dtype=state_dtype(p), memory_format=torch.contiguous_format)
-    state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
-
-
 def _adam_directions(
     group: dict[str, Any], plan: FlatPlan, grad: Tensor, states: list[dict], ordered: list[dict]
 ) -> tuple[Tensor, Tensor]:
     """AdamW's m̂/(√v̂+ε) and z = −log(√v̂+ε), flat."""
-    beta1, beta2 = group["betas"]
-    update, denom = adamw_update(
-        grad,
-        plan.state.buffer(states, "exp_avg", plan.dtype),
-        plan.state.buffer(states, "exp_avg_sq", plan.dtype),
-        *adamw_bias_corrections(plan, [s["step"] for s in ordered], beta1, beta2),
-        beta1,
-        beta2,
-        group["eps"],
-        plan.scratch("update")[0],
-    )
+    update, denom = plan_adamw_update(group, plan, grad, states, ordered)
     return update, log_step_(denom)
 
 
@@ -375,7 +360,7 @@ class AdamWSGG(_SGGOptimizer):
         )
 
     def _init_base_state(self, p: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
-        _adam_state(p, state)
+        init_adam_state(p, state)
 
     def _directions(self, group, plan, grad, states, ordered):
         return _adam_directions(group, plan, grad, states, ordered)
@@ -603,7 +588,7 @@ class LambSGG_v2(_SGGOptimizer):  # noqa: N801 - the name users type (seed doc 0
         )
 
     def _init_base_state(self, p: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
-        _adam_state(p, state)
+        init_adam_state(p, state)
         state["next_recluster"] = 1
 
     def _recluster_due(self, state: dict[str, Any], group: dict[str, Any]) -> bool:
@@ -727,7 +712,7 @@ class ShampooSGG_v2(_SGGOptimizer):  # noqa: N801 - the name users type (seed do
     def _init_base_state(self, p: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         dtype = state_dtype(p)
         if self._uses_adam(p.shape, group):
-            _adam_state(p, state)
+            init_adam_state(p, state)
             return
         rows, cols = (p.shape[0], p[0].numel()) if p.dim() >= 2 else (1, p.numel())
         state["exp_avg"] = torch.zeros(rows, cols, dtype=dtype, device=p.device)

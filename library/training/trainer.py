@@ -35,7 +35,12 @@ from library.training.setup import (
     load_model,
     weight_dtype_for,
 )
-from library.training.validate import import_network_module, output_files_exist, validate_args
+from library.training.validate import (
+    check_free_space_for_network,
+    import_network_module,
+    output_files_exist,
+    validate_args,
+)
 
 logger = logging.getLogger("loraforge")
 
@@ -138,6 +143,8 @@ class LoRATrainer:
         if a.resume:
             acc.load_state(a.resume)
             logger.info("resumed from %s at step %d (epoch %d)", a.resume, self.progress.global_step, self.progress.epoch + 1)
+        if acc.is_main_process:  # the exact estimate, now that the network and the epochs are known
+            check_free_space_for_network(a, self.network, self.steps_per_epoch, start_step=self.progress.global_step)
         if acc.is_main_process and log_with:
             acc.init_trackers((a.log_prefix or "") + "network_train", config={"optimizer": self.optimizer_desc})
 
@@ -260,70 +267,74 @@ class LoRATrainer:
         loss_count = 0
         good_weights = self._snapshot()
         good_step = self.progress.global_step
-        if a.sample_at_first and self.progress.global_step == 0:
-            self.sample_images()
-        self._optimizer_mode("train")
-        first_step, loop_start = None, time.perf_counter()
-        while self.progress.global_step < a.max_train_steps and self.progress.epoch < self.num_epochs:
-            epoch = self.progress.epoch
-            batches = self._epoch_batches(epoch)
-            start = self.progress.batches_done_in_epoch
-            loader = torch.utils.data.DataLoader(
-                self.dataset, batch_sampler=batches[start:], collate_fn=collate,
-                num_workers=a.max_data_loader_n_workers, persistent_workers=False,
-                pin_memory=self.device.type == "cuda", generator=torch.Generator())
-            for i, batch in enumerate(loader, start=start):
-                loss = self.compute_loss(batch)
-                acc.backward(loss / a.gradient_accumulation_steps)
-                loss_sum += loss.detach()
-                loss_count += 1
-                micro_done = i + 1
-                if micro_done % a.gradient_accumulation_steps and micro_done != len(batches):
-                    continue
-                self._sync_gradients()
-                if a.max_grad_norm > 0:
-                    acc.clip_grad_norm_(self.trainable, a.max_grad_norm)
-                self.optimizer.step()
-                self.lr_scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                self.progress.global_step += 1
-                self.progress.batches_done_in_epoch = micro_done
-                self._hessian_update()
-                step = self.progress.global_step
-                if first_step is None:
-                    first_step = step
-                    if compile_requested(a):
-                        logger.info("first step, including torch.compile: %.1f s", time.perf_counter() - loop_start)
+        try:
+            if a.sample_at_first and self.progress.global_step == 0:
+                self.sample_images()
+            self._optimizer_mode("train")
+            first_step, loop_start = None, time.perf_counter()
+            while self.progress.global_step < a.max_train_steps and self.progress.epoch < self.num_epochs:
+                epoch = self.progress.epoch
+                batches = self._epoch_batches(epoch)
+                start = self.progress.batches_done_in_epoch
+                loader = torch.utils.data.DataLoader(
+                    self.dataset, batch_sampler=batches[start:], collate_fn=collate,
+                    num_workers=a.max_data_loader_n_workers, persistent_workers=False,
+                    pin_memory=self.device.type == "cuda", generator=torch.Generator())
+                for i, batch in enumerate(loader, start=start):
+                    loss = self.compute_loss(batch)
+                    acc.backward(loss / a.gradient_accumulation_steps)
+                    loss_sum += loss.detach()
+                    loss_count += 1
+                    micro_done = i + 1
+                    if micro_done % a.gradient_accumulation_steps and micro_done != len(batches):
+                        continue
+                    self._sync_gradients()
+                    if a.max_grad_norm > 0:
+                        acc.clip_grad_norm_(self.trainable, a.max_grad_norm)
+                    self.optimizer.step()
+                    self.lr_scheduler.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.progress.global_step += 1
+                    self.progress.batches_done_in_epoch = micro_done
+                    self._hessian_update()
+                    step = self.progress.global_step
+                    if first_step is None:
+                        first_step = step
+                        if compile_requested(a):
+                            logger.info("first step, including torch.compile: %.1f s", time.perf_counter() - loop_start)
 
-                if step % check_every == 0 or step == a.max_train_steps:
-                    if not torch.isfinite(loss_sum).item():
-                        self._diverged(good_weights, good_step, step)
-                    good_weights, good_step = self._snapshot(), step
-                if step % a.log_every_n_steps == 0 or step == a.max_train_steps:
-                    bar.log(step, (loss_sum / max(loss_count, 1)).item(), self._lr_logs())
-                    loss_sum.zero_()
-                    loss_count = 0
-                bar.update(step)
-                if a.save_every_n_steps and step % a.save_every_n_steps == 0 and step < a.max_train_steps:
-                    self.save(f"{a.output_name}-step{step:08d}", state=a.save_state)
-                if a.sample_every_n_steps and step % a.sample_every_n_steps == 0:
-                    self.sample_images()
-                if self.stop_signal:
-                    self._interrupted()
-                if step >= a.max_train_steps:
-                    break
-            else:
-                self.progress.epoch += 1
-                self.progress.batches_done_in_epoch = 0
-                done = self.progress.epoch
-                if a.save_every_n_epochs and done % a.save_every_n_epochs == 0 and done < self.num_epochs \
-                        and self.progress.global_step < a.max_train_steps:
-                    self.save(f"{a.output_name}-{done:06d}", state=a.save_state)
-                if a.sample_every_n_epochs and done % a.sample_every_n_epochs == 0:
-                    self.sample_images()
-                continue
-            break
-        final = self.save(a.output_name, state=a.save_state)
+                    if step % check_every == 0 or step == a.max_train_steps:
+                        if not torch.isfinite(loss_sum).item():
+                            self._diverged(good_weights, good_step, step)
+                        good_weights, good_step = self._snapshot(), step
+                    if step % a.log_every_n_steps == 0 or step == a.max_train_steps:
+                        bar.log(step, (loss_sum / max(loss_count, 1)).item(), self._lr_logs())
+                        loss_sum.zero_()
+                        loss_count = 0
+                    bar.update(step)
+                    if a.save_every_n_steps and step % a.save_every_n_steps == 0 and step < a.max_train_steps:
+                        self.save(f"{a.output_name}-step{step:08d}", state=a.save_state)
+                    if a.sample_every_n_steps and step % a.sample_every_n_steps == 0:
+                        self.sample_images()
+                    if self.stop_signal:
+                        self._interrupted()
+                    if step >= a.max_train_steps:
+                        break
+                else:
+                    self.progress.epoch += 1
+                    self.progress.batches_done_in_epoch = 0
+                    done = self.progress.epoch
+                    if a.save_every_n_epochs and done % a.save_every_n_epochs == 0 and done < self.num_epochs \
+                            and self.progress.global_step < a.max_train_steps:
+                        self.save(f"{a.output_name}-{done:06d}", state=a.save_state)
+                    if a.sample_every_n_epochs and done % a.sample_every_n_epochs == 0:
+                        self.sample_images()
+                    continue
+                break
+            final = self.save(a.output_name, state=a.save_state)
+        except BaseException:  # the error line must not land on the open progress bar's line
+            bar.bar.close()
+            raise
         bar.close()
         acc.wait_for_everyone()
         acc.end_training()

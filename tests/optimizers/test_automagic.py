@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from library.errors import OptimizerError
 from library.optimizers import automagic
@@ -21,6 +20,7 @@ from library.optimizers.automagic import (
     sinkgd_many_,
     vradam_factor,
 )
+from tests.optimizers.op_counting import HOST_SYNC, observed_steps
 
 F64 = torch.float64
 
@@ -692,25 +692,6 @@ def test_compat_import_path():
 # ------------------------------------------------------------------------------------------------ flat step
 
 
-# Metadata-only ops: no kernel on a GPU.
-_FREE_OPS = {"view", "_unsafe_view", "as_strided", "detach", "alias", "unsqueeze", "squeeze", "expand", "select",
-             "slice", "permute", "transpose", "t", "unbind", "split", "split_with_sizes", "lift_fresh", "empty",
-             "empty_like"}  # fmt: skip
-
-
-class _OpLog(TorchDispatchMode):
-    """The kernel-launching ATen ops one step dispatches, with their kwargs."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket.__name__ not in _FREE_OPS:
-            self.ops.append((func.overloadpacket.__name__, dict(kwargs or {})))
-        return func(*args, **(kwargs or {}))
-
-
 FLAT_SHAPES = [
     ("lora_unet_a.lora_down.weight", (4, 32)), ("lora_unet_a.lora_up.weight", (24, 4)),
     ("lora_unet_c.lora_down.weight", (4, 8, 1, 1)), ("lora_unet_c.lora_up.weight", (16, 4, 1, 1)),
@@ -731,16 +712,9 @@ def flat_params(copies, seed=0):
 def ops_per_step(cls, copies, steps=7, **kw):
     params, names = flat_params(copies)
     opt = cls([{"params": params, "names": names}], warmup_steps=4, orthograd=True, stats_update_freq=1, **kw)
-    gen = torch.Generator().manual_seed(1)
     counts = []
-    for _ in range(steps):
-        for p in params:
-            p.grad = torch.randn(p.shape, generator=gen)
-        log = _OpLog()
-        with log:
-            opt.step()
-        names_seen = [name for name, _ in log.ops]
-        assert "_local_scalar_dense" not in names_seen  # .item()/bool()/float() on a tensor: a host sync
+    for log in observed_steps(opt, params, steps, seed=1):
+        assert HOST_SYNC not in log.counts
         assert all(kw.get("unsafe") for name, kw in log.ops if name == "segment_reduce")  # safe form syncs
         counts.append(len(log.ops))
     return counts[2:]  # steps 1-2 build the plan and gather the states once

@@ -1,6 +1,5 @@
 """CustomAdamW against a slow float64 reference written from the definitions (docs/optimizers.md), plus the issue's behaviours."""
 
-import collections
 import copy
 import io
 import logging
@@ -8,11 +7,11 @@ import math
 
 import pytest
 import torch
-import torch.utils._python_dispatch
 
 from library.custom_hina_adamw_optimizer import HinaAdamWOptimizer as CompatImport
 from library.errors import OptimizerError
 from library.optimizers.hina_adamw import HinaAdamWOptimizer, find_lora_pairs, weight_decay_ratio
+from tests.optimizers.op_counting import OpLog, lora_set, observed_steps
 
 F64 = torch.float64
 FLAGS = [
@@ -496,40 +495,11 @@ def test_presets_are_valid_optimizer_settings(preset):
 LORA_SHAPES = [((4, 16), (16, 4)), ((4, 24), (24, 4)), ((4, 8, 1, 1), (12, 4, 1, 1))]
 
 
-def _lora_set(pairs, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    params, names = [], []
-    for k in range(pairs):
-        down, up = LORA_SHAPES[k % len(LORA_SHAPES)]
-        params += [torch.nn.Parameter(torch.randn(down, generator=gen)), torch.nn.Parameter(torch.zeros(up))]
-        names += [f"lora_unet_m{k}.lora_down.weight", f"lora_unet_m{k}.lora_up.weight"]
-    return params, names
-
-
-class _OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[str(func.overloadpacket.__name__)] += 1
-        return func(*args, **(kwargs or {}))
-
-
 def _third_step(pairs, hp, observe):
-    """Run two steps, then the third under `observe` (a context manager factory); return what it yields."""
-    params, names = _lora_set(pairs)
+    """Run three steps, each under `observe` (a context manager factory); return what the third one yields."""
+    params, names = lora_set(pairs, LORA_SHAPES, "lora_unet_m{}", seed=0)
     opt = HinaAdamWOptimizer([{"params": params, "names": names}], **hp)
-    gen = torch.Generator().manual_seed(1)
-    for _ in range(2):
-        for p in params:
-            p.grad = torch.randn(p.shape, generator=gen)
-        opt.step()
-    for p in params:
-        p.grad = torch.randn(p.shape, generator=gen)
-    with observe() as seen:
-        opt.step()
-    return seen
+    return observed_steps(opt, params, 3, observe, seed=1)[-1]
 
 
 FLAT_CONFIGS = {
@@ -543,8 +513,8 @@ FLAT_CONFIGS = {
 @pytest.mark.parametrize("name", sorted(FLAT_CONFIGS))
 def test_op_count_per_step_does_not_grow_with_tensor_count(name):
     hp = {**DEFAULTS, **FLAT_CONFIGS[name]}
-    small = _third_step(12, hp, _OpCounter).ops
-    large = _third_step(48, hp, _OpCounter).ops
+    small = _third_step(12, hp, lambda: OpLog(skip=())).counts
+    large = _third_step(48, hp, lambda: OpLog(skip=())).counts
     assert small == large
     buckets = 2 if name == "eight_bit" else 1  # 8-bit and fp32-state tensors (under min_8bit_size) step apart
     assert sum(small.values()) < 120 * buckets

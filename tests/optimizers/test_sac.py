@@ -11,7 +11,7 @@ import torch
 from library.errors import OptimizerError
 from library.optimizers.adam_mini import Adam_mini, adam_mini_blocks
 from library.optimizers.sac import Adam_miniSAC, AdamWSAC, sac_scales, sac_units, unit_mda
-from tests.optimizers.test_sgg import step_ops
+from tests.optimizers.op_counting import HOST_SYNC, step_ops
 
 NAMES = ["attn_to_q.lora_down.weight", "attn_to_q.lora_up.weight", "attn_to_v.lora_up.weight", "ff.bias"]
 
@@ -246,7 +246,7 @@ def test_step_ops_do_not_grow_with_tensor_count_and_never_sync(cls):
     small, small_all = step_ops(make_opt, 12)  # 24 tensors
     large, large_all = step_ops(make_opt, 48)  # 96 tensors
     assert small == large
-    assert "_local_scalar_dense" not in small_all and "_local_scalar_dense" not in large_all
+    assert HOST_SYNC not in small_all and HOST_SYNC not in large_all
 
 
 def test_adam_mini_joint_step_equals_separate_optimizers_with_uneven_steps():

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import collections
 import copy
 
 import numpy as np
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from library.errors import OptimizerError
 from library.optimizers.sgg import (
@@ -21,6 +19,7 @@ from library.optimizers.sgg import (
     kmeans_1d,
     lamb_recluster_interval,
 )
+from tests.optimizers.op_counting import HOST_SYNC, step_ops
 
 ALL = [AdamWSGG, AdamWSGG_v2, AdafactorSGG, LambSGG_v2, ShampooSGG_v2]
 
@@ -329,75 +328,6 @@ def test_resume_keeps_fp32_state_of_bf16_weights_and_uint8_labels(cls):
 
 
 # ------------------------------------------------------------------------------------------------ flat step
-_METADATA_OPS = {
-    "view",
-    "_unsafe_view",
-    "as_strided",
-    "detach",
-    "t",
-    "expand",
-    "alias",
-    "unsqueeze",
-    "squeeze",
-    "select",
-    "slice",
-    "permute",
-    "transpose",
-    "_reshape_alias",
-    "unbind",
-    "split",
-    "split_with_sizes",
-    "lift_fresh",
-    "empty",
-    "empty_like",
-    "is_same_size",
-}
-
-
-class _Ops(TorchDispatchMode):
-    """Counts the kernel-launching ATen ops dispatched inside the block."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__
-        if name not in _METADATA_OPS:
-            self.ops[name] += 1
-        return func(*args, **(kwargs or {}))
-
-
-LORA_PAIRS = [((4, 24), (16, 4)), ((4, 32, 1, 1), (8, 4, 1, 1)), ((4, 12), (20, 4))]
-
-
-def lora_set(blocks: int):
-    """`blocks` LoRA modules cycling through three shape pairs: 2·blocks tensors, always six distinct shapes."""
-    gen = torch.Generator().manual_seed(blocks)
-    params, names = [], []
-    for b in range(blocks):
-        down, up = LORA_PAIRS[b % len(LORA_PAIRS)]
-        params += [torch.nn.Parameter(torch.randn(down, generator=gen)), torch.nn.Parameter(torch.zeros(up))]
-        names += [f"m{b}_to_q.lora_down.weight", f"m{b}_to_q.lora_up.weight"]
-    return params, names
-
-
-def step_ops(make_opt, blocks: int, steps: int = 3):
-    """(ops of the last step, ops of all steps) for `steps` steps on `lora_set(blocks)`."""
-    params, names = lora_set(blocks)
-    opt = make_opt([{"params": params, "names": names}])
-    gen = torch.Generator().manual_seed(0)
-    total = collections.Counter()
-    for _ in range(steps):
-        for p in params:
-            p.grad = torch.randn(p.shape, generator=gen)
-        counter = _Ops()
-        with counter:
-            opt.step()
-        total += counter.ops
-    return counter.ops, total
-
-
 FLAT_KW = {
     AdamWSGG: {},
     AdamWSGG_v2: {},
@@ -416,7 +346,7 @@ def test_step_ops_do_not_grow_with_tensor_count_and_never_sync(cls):
     small, small_all = step_ops(make_opt, 12)  # 24 tensors
     large, large_all = step_ops(make_opt, 48)  # 96 tensors
     assert small == large
-    assert "_local_scalar_dense" not in small_all and "_local_scalar_dense" not in large_all
+    assert HOST_SYNC not in small_all and HOST_SYNC not in large_all
 
 
 @pytest.mark.parametrize("cls", ALL)
