@@ -37,7 +37,7 @@ def assert_trained(row: dict, batch: int, flops: float) -> None:
     assert row["ms_step"] > 0 and len(row["ms_step_windows"]) == 2
     assert row["ms_step"] == pytest.approx(statistics.median(row["ms_step_windows"]))
     assert row["images_per_s"] == pytest.approx(batch * 1000 / row["ms_step"])
-    assert 0 < row["opt_ms"] < row["ms_step"] and 0 < row["fwd_bwd_ms"] < row["ms_step"]
+    assert row["opt_ms"] > 0 and row["fwd_bwd_ms"] > 0  # medians of different sets: no ordering on a loaded CPU
     assert row["tflops"] == pytest.approx(flops / (row["ms_step"] / 1e3) / 1e12)
     assert row["grad_nonzero_frac"] >= 0.5  # every lora_up after one warm-up step (lora_down needs up != 0 first)
     assert row["params_changed_frac"] == 1.0

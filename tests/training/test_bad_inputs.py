@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -58,7 +59,8 @@ def _png_bytes(size: int = 64) -> bytes:
 
 def _jpeg_bytes(size: int = 96) -> bytes:
     buf = io.BytesIO()
-    Image.effect_noise((size, size), 60).convert("RGB").save(buf, format="JPEG", quality=90)
+    noise = np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)  # seeded: same bytes each run
+    Image.fromarray(noise).save(buf, format="JPEG", quality=90)
     return buf.getvalue()
 
 
