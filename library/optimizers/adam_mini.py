@@ -25,7 +25,7 @@ flat helpers the SGG and SAC optimizers share.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -75,6 +75,31 @@ def group_names(group: dict[str, Any]) -> list[str | None]:
     if names is None:
         return [None] * len(group["params"])
     return list(names)
+
+
+def advance_group(
+    optimizer: torch.optim.Optimizer,
+    group: dict[str, Any],
+    init_state: Callable[[Tensor, str | None, dict[str, Any], dict[str, Any]], None],
+) -> tuple[list[Tensor], list[str | None], list[Tensor], list[dict[str, Any]]]:
+    """(params, names, dense grads, states) of the group's tensors that have gradients, each state's step advanced.
+
+    A tensor's first step creates its state with ``init_state(p, name, state, group)`` after ``state["step"] = 0``.
+    """
+    params, names, grads, states = [], [], [], []
+    for p, name in zip(group["params"], group_names(group), strict=True):
+        if p.grad is None:
+            continue
+        state = optimizer.state[p]
+        if "step" not in state:
+            state["step"] = 0
+            init_state(p, name, state, group)
+        state["step"] += 1
+        params.append(p)
+        names.append(name)
+        grads.append(dense_grad(p))
+        states.append(state)
+    return params, names, grads, states
 
 
 def validate_names(cls: str, params: Iterable[Any]) -> None:
@@ -351,16 +376,10 @@ class Adam_mini(ExactStateLoad, torch.optim.Optimizer):  # noqa: N801 - the name
         )
         super().__init__(params, defaults)
 
-    def _init_state(self, p: Tensor, name: str | None, group: dict[str, Any]) -> dict[str, Any]:
-        state = self.state[p]
-        if not state:
-            blocks = adam_mini_blocks(name, p.shape, group["dim"], group["n_heads"])
-            state["step"] = 0
-            state["exp_avg"] = torch.zeros_like(
-                p, dtype=state_dtype(p), memory_format=torch.contiguous_format
-            )
-            state["block_sq"] = torch.zeros(blocks, 1, dtype=state_dtype(p), device=p.device)
-        return state
+    def _init_state(self, p: Tensor, name: str | None, state: dict[str, Any], group: dict[str, Any]) -> None:
+        blocks = adam_mini_blocks(name, p.shape, group["dim"], group["n_heads"])
+        state["exp_avg"] = torch.zeros_like(p, dtype=state_dtype(p), memory_format=torch.contiguous_format)
+        state["block_sq"] = torch.zeros(blocks, 1, dtype=state_dtype(p), device=p.device)
 
     def _adam_mini_updates(
         self, group_index: int, group: dict[str, Any]
@@ -369,16 +388,7 @@ class Adam_mini(ExactStateLoad, torch.optim.Optimizer):  # noqa: N801 - the name
 
         Returns (plan, params, names, states, flat update in layout order) per bucket.
         """
-        params, names, grads, states = [], [], [], []
-        for p, name in zip(group["params"], group_names(group), strict=True):
-            if p.grad is None:
-                continue
-            state = self._init_state(p, name, group)
-            state["step"] += 1
-            params.append(p)
-            names.append(name)
-            grads.append(dense_grad(p))
-            states.append(state)
+        params, names, grads, states = advance_group(self, group, self._init_state)
         beta1, beta2 = group["betas"]
         out = []
         for plan, idx in flat_plans(self.__dict__.setdefault("_flat_plans", {}), group_index, params):

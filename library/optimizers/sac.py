@@ -39,10 +39,9 @@ from library.optimizers.adam_mini import (
     Adam_mini,
     FlatPlan,
     Segments,
+    advance_group,
     apply_decoupled_,
-    dense_grad,
     flat_plans,
-    group_names,
     head_count,
     init_missing_,
     is_head_structured,
@@ -232,6 +231,10 @@ def adamw_bias_corrections(plan: FlatPlan, steps: list[int], beta1: float, beta2
     )
 
 
+def _init_adam_state(p: Tensor, _name: str | None, state: dict[str, Any], _group: dict[str, Any]) -> None:
+    init_adam_state(p, state)
+
+
 def init_adam_state(p: Tensor, state: dict[str, Any]) -> None:
     """AdamW's zero moments for ``p``, contiguous (the flat plans gather them), in the state precision."""
     state["exp_avg"] = torch.zeros_like(p, dtype=state_dtype(p), memory_format=torch.contiguous_format)
@@ -303,19 +306,7 @@ class AdamWSAC(_SACMixin, ExactStateLoad, torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group_index, group in enumerate(self.param_groups):
-            params, names, grads, states = [], [], [], []
-            for p, name in zip(group["params"], group_names(group), strict=True):
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if "step" not in state:
-                    state["step"] = 0
-                    init_adam_state(p, state)
-                state["step"] += 1
-                params.append(p)
-                names.append(name)
-                grads.append(dense_grad(p))
-                states.append(state)
+            params, names, grads, states = advance_group(self, group, _init_adam_state)
             for plan, idx in flat_plans(self.__dict__.setdefault("_flat_plans", {}), group_index, params):
                 sts, ps = pick(states, idx), pick(params, idx)
                 grad = plan.gather("grad", pick(grads, idx))

@@ -49,8 +49,8 @@ from library.errors import OptimizerError
 from library.optimizers.adam_mini import (
     FlatPlan,
     Segments,
+    advance_group,
     apply_decoupled_,
-    dense_grad,
     flat_plans,
     init_missing_,
     pick,
@@ -196,6 +196,9 @@ class _SGGOptimizer(ExactStateLoad, torch.optim.Optimizer):
         super().__init__(params, defaults)
 
     # subclasses -------------------------------------------------------------------------------------------------
+    def _init_new_state(self, p: Tensor, _name: str | None, state: dict[str, Any], group: dict[str, Any]) -> None:
+        self._init_base_state(p, state, group)
+
     def _init_base_state(self, p: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         raise NotImplementedError
 
@@ -282,18 +285,7 @@ class _SGGOptimizer(ExactStateLoad, torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group_index, group in enumerate(self.param_groups):
-            params, grads, states = [], [], []
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if "step" not in state:
-                    state["step"] = 0
-                    self._init_base_state(p, state, group)
-                state["step"] += 1
-                params.append(p)
-                grads.append(dense_grad(p))
-                states.append(state)
+            params, _, grads, states = advance_group(self, group, self._init_new_state)
             for plan, idx in flat_plans(self.__dict__.setdefault("_flat_plans", {}), group_index, params):
                 sts = pick(states, idx)
                 ordered = plan.layout.arrange(sts)
