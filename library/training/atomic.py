@@ -85,6 +85,15 @@ def _remove_temporaries(tmp: Path) -> None:
                 path.unlink()
 
 
+def _disk_error(exc: BaseException, tmp: Path, final: Path, kind: str) -> ConfigError | None:
+    """The one-line error for a save that failed for lack of disk (None when `exc` is something else)."""
+    reason = disk_failure_reason(exc, tmp)
+    if reason is None:
+        return None
+    kept = f"the previous {kind} is unchanged" if final.exists() else f"no partial {kind} is left"
+    return ConfigError(f"could not write {final}: {reason}; {kept}; {_WHAT_TO_DO}")
+
+
 @contextlib.contextmanager
 def atomic_file(final: Path) -> Iterator[Path]:
     """Yield a temporary path next to `final`; on success it replaces `final` atomically."""
@@ -96,11 +105,10 @@ def atomic_file(final: Path) -> Iterator[Path]:
         os.replace(tmp, final)
         fsync_dir(final.parent)
     except Exception as exc:
-        reason = disk_failure_reason(exc, tmp)
-        if reason is None:
+        error = _disk_error(exc, tmp, final, "file")
+        if error is None:
             raise
-        kept = "the previous file is unchanged" if final.exists() else "no partial file is left"
-        raise ConfigError(f"could not write {final}: {reason}; {kept}; {_WHAT_TO_DO}") from None
+        raise error from None
     finally:
         _remove_temporaries(tmp)
 
@@ -125,11 +133,10 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     except Exception as exc:
         if old.exists() and not final.exists():
             os.replace(old, final)
-        reason = disk_failure_reason(exc, tmp)
-        if reason is None:
+        error = _disk_error(exc, tmp, final, "folder")
+        if error is None:
             raise
-        kept = "the previous folder is unchanged" if final.exists() else "no partial folder is left"
-        raise ConfigError(f"could not write {final}: {reason}; {kept}; {_WHAT_TO_DO}") from None
+        raise error from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
