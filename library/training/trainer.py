@@ -271,7 +271,7 @@ class LoRATrainer:
             if a.sample_at_first and self.progress.global_step == 0:
                 self.sample_images()
             self._optimizer_mode("train")
-            first_step, loop_start = None, time.perf_counter()
+            report_compile, loop_start = compile_requested(a), time.perf_counter()
             while self.progress.global_step < a.max_train_steps and self.progress.epoch < self.num_epochs:
                 epoch = self.progress.epoch
                 batches = self._epoch_batches(epoch)
@@ -298,10 +298,9 @@ class LoRATrainer:
                     self.progress.batches_done_in_epoch = micro_done
                     self._hessian_update()
                     step = self.progress.global_step
-                    if first_step is None:
-                        first_step = step
-                        if compile_requested(a):
-                            logger.info("first step, including torch.compile: %.1f s", time.perf_counter() - loop_start)
+                    if report_compile:  # the first step of this run compiled the U-Net
+                        report_compile = False
+                        logger.info("first step, including torch.compile: %.1f s", time.perf_counter() - loop_start)
 
                     if step % check_every == 0 or step == a.max_train_steps:
                         if not torch.isfinite(loss_sum).item():
