@@ -25,10 +25,9 @@ _TINY = 1e-30
 class Segments:
     """Per-tensor reductions and broadcasts over the flat buffers of one :class:`FlatLayout`, a kernel each.
 
-    Unlike ``FlatLayout.sum``/``max``, reductions pass ``unsafe=True``: segment_reduce's check that the lengths add
-    up to the buffer size reads two values back to the host (a device sync per call); the layout guarantees it
-    by construction. ``expand`` gathers with a cached int32 index (which tensor each element belongs to, 4 bytes
-    per element) instead of ``repeat_interleave``, which rebuilds an int64 index of the same length every call.
+    ``sum``/``max`` are the layout's (``segment_reduce`` without its host-syncing length check). ``expand`` gathers
+    with a cached int32 index (which tensor each element belongs to, 4 bytes per element) instead of
+    ``repeat_interleave``, which rebuilds an int64 index of the same length every call.
     """
 
     def __init__(self, layout: FlatLayout) -> None:
@@ -36,10 +35,8 @@ class Segments:
         ids = torch.arange(layout.count, dtype=torch.int32, device=layout.device)
         self.index = torch.repeat_interleave(ids, layout.lengths, output_size=layout.numel)
         self._stacked_lengths: dict[int, Tensor] = {1: layout.lengths}
-
-    def sum(self, x: Tensor) -> Tensor:
-        """Per-tensor sums of a flat buffer, in layout order."""
-        return torch.segment_reduce(x, "sum", lengths=self.lengths, unsafe=True)
+        self.sum = layout.sum
+        self.max = layout.max
 
     def sums(self, *products: tuple[Tensor, Tensor]) -> Tensor:
         """Per-tensor sums of several products a⊙b as a [len(products), count] tensor: one reduction for all.
@@ -56,10 +53,6 @@ class Segments:
         for row, (a, b) in enumerate(products):
             torch.mul(a, b, out=buf[row])
         return torch.segment_reduce(buf.view(-1), "sum", lengths=lengths, unsafe=True).view(k, -1)
-
-    def max(self, x: Tensor) -> Tensor:
-        """Per-tensor maxima of a flat buffer, in layout order."""
-        return torch.segment_reduce(x, "max", lengths=self.lengths, unsafe=True)
 
     def expand(self, values: Tensor) -> Tensor:
         """Per-tensor values (layout order) spread over each tensor's elements."""
