@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from library.errors import OptimizerError
-from library.optimizers.flat import FlatLayout, FlatState
+from library.optimizers.flat import FlatLayout, FlatState, segment_ids
 from library.optimizers.state import ExactStateLoad
 
 _QK_NAME = re.compile(r"(?:^|[._])(?:to_q|to_k|q_proj|k_proj|query|key|wq|wk)(?:[._]|$)")
@@ -249,10 +249,7 @@ class FlatPlan:
 
     def spread(self, values: Tensor) -> Tensor:
         """Per-tensor values (layout order) repeated over each tensor's elements: one gather by a cached index."""
-        ids = self.cache.get("tensor_ids")
-        if ids is None:
-            ids = self.cache["tensor_ids"] = segment_ids(self.layout.lengths, self.layout.numel)
-        return values.index_select(0, ids)
+        return values.index_select(0, self.layout.element_ids)
 
 
 def flat_plans(
@@ -301,13 +298,6 @@ def apply_decoupled_(
             cast, cast_views = plan.scratch("update", dtype)
             cast.copy_(flat)
             torch._foreach_add_(pick(params, idx), pick(cast_views, idx), alpha=-lr)
-
-
-def segment_ids(lengths: Tensor, total: int) -> Tensor:
-    """Index of each element's segment (segments of ``lengths`` end to end), int32: built once per layout, so
-    spreading per-segment values is one ``index_select`` (``repeat_interleave`` rebuilds this index every call)."""
-    positions = torch.arange(lengths.numel(), dtype=torch.int32, device=lengths.device)
-    return torch.repeat_interleave(positions, lengths, output_size=total)
 
 
 def segment_sort(x: Tensor, segment_ids: Tensor) -> Tensor:

@@ -65,7 +65,7 @@ from torch import Tensor
 
 from library.errors import OptimizerError
 from library.optimizers import quant8
-from library.optimizers.flat import FlatLayout, FlatState, matrix_shape
+from library.optimizers.flat import FlatLayout, FlatState, matrix_shape, segment_ids
 from library.optimizers.state import ExactStateLoad
 
 logger = logging.getLogger(__name__)
@@ -105,8 +105,7 @@ class _Segments:
         self.offsets = torch.tensor(offsets, dtype=torch.int64, device=device)
         self.index = None
         if cache_index:
-            ids = torch.arange(self.count, dtype=torch.int32, device=device)
-            self.index = torch.repeat_interleave(ids, self.lengths, output_size=self.total)
+            self.index = segment_ids(self.lengths, self.total)
 
     def sum(self, x: Tensor) -> Tensor:
         return torch.segment_reduce(x, "sum", offsets=self.offsets, unsafe=True)

@@ -15,6 +15,7 @@ distinct shape, not per tensor. Every per-tensor list a caller builds must be in
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,6 +30,13 @@ def matrix_shape(shape: Sequence[int]) -> tuple[int, int]:
     if len(shape) == 0:
         return 1, 1
     return shape[0], math.prod(shape[1:])
+
+
+def segment_ids(lengths: Tensor, total: int) -> Tensor:
+    """Index of each element's segment (segments of ``lengths`` end to end), int32: built once, so spreading
+    per-segment values is one ``index_select`` (``repeat_interleave`` rebuilds this index on every call)."""
+    positions = torch.arange(lengths.numel(), dtype=torch.int32, device=lengths.device)
+    return torch.repeat_interleave(positions, lengths, output_size=total)
 
 
 @dataclass(frozen=True)
@@ -114,6 +122,11 @@ class FlatLayout:
     def norm(self, x: Tensor) -> Tensor:
         """Per-tensor L2 norms of a flat buffer, in layout order."""
         return self.sum(x * x).sqrt()
+
+    @functools.cached_property
+    def element_ids(self) -> Tensor:
+        """Layout position of every flat element (int32, 4 bytes per element, built on first use)."""
+        return segment_ids(self.lengths, self.numel)
 
     def expand(self, values: Tensor) -> Tensor:
         """Per-tensor values (layout order) repeated over each tensor's elements: a flat buffer to multiply by."""

@@ -46,7 +46,6 @@ from library.optimizers.adam_mini import (
     init_missing_,
     is_head_structured,
     pick,
-    segment_ids,
     segment_sort,
     state_dtype,
     validate_common,
@@ -54,7 +53,7 @@ from library.optimizers.adam_mini import (
     validate_names,
     validate_positive_int,
 )
-from library.optimizers.flat import FlatState
+from library.optimizers.flat import FlatState, segment_ids
 from library.optimizers.state import ExactStateLoad
 
 

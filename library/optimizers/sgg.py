@@ -54,14 +54,13 @@ from library.optimizers.adam_mini import (
     flat_plans,
     init_missing_,
     pick,
-    segment_ids,
     segment_sort,
     state_dtype,
     validate_common,
     validate_names,
     validate_positive_int,
 )
-from library.optimizers.flat import FlatState
+from library.optimizers.flat import FlatState, segment_ids
 from library.optimizers.sac import init_adam_state, plan_adamw_update, validate_scale_bound
 from library.optimizers.state import ExactStateLoad
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from library.optimizers.flat import FlatLayout
+from library.optimizers.flat import FlatLayout, segment_ids
 
 # ‖θ‖² at or below this is treated as "no weight yet" (LoRA up at init) by OrthoGrad.
 _ZERO_NORM_SQ = 1e-30
@@ -32,8 +32,7 @@ class Segments:
 
     def __init__(self, layout: FlatLayout) -> None:
         self.lengths = layout.lengths
-        ids = torch.arange(layout.count, dtype=torch.int32, device=layout.device)
-        self.index = torch.repeat_interleave(ids, layout.lengths, output_size=layout.numel)
+        self.index = layout.element_ids
         self._stacked_lengths: dict[int, Tensor] = {1: layout.lengths}
         self.sum = layout.sum
         self.max = layout.max
@@ -135,10 +134,8 @@ def row_index(layout: FlatLayout) -> Tensor:
     Rows are numbered in flat order (bucket by bucket, tensor by tensor), the order :func:`allora_row_scale`
     returns them in, so ``rows.index_select(0, row_index(layout))`` spreads per-row values over the elements.
     """
-    row_count = sum(b.count * b.rows for b in layout.buckets)
-    cols = torch.tensor([b.cols for b in layout.buckets for _ in range(b.count * b.rows)], dtype=torch.int64)
-    ids = torch.arange(row_count, dtype=torch.int32)
-    return torch.repeat_interleave(ids, cols, output_size=layout.numel).to(layout.device)
+    cols = [b.cols for b in layout.buckets for _ in range(b.count * b.rows)]
+    return segment_ids(torch.tensor(cols, dtype=torch.int64, device=layout.device), layout.numel)
 
 
 def allora_row_scale(stacks: list[Tensor], eta: float, out: Tensor | None = None) -> Tensor:

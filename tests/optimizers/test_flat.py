@@ -38,6 +38,9 @@ def test_segment_reductions_and_expand_match_per_tensor_math():
     torch.testing.assert_close(layout.max(flat), torch.stack([t.max() for t in arranged]))
     torch.testing.assert_close(layout.norm(flat), torch.stack([t.norm() for t in arranged]))
     values = torch.arange(len(SHAPES), dtype=torch.float64)
+    owner = layout.element_ids
+    assert owner.dtype == torch.int32 and owner.numel() == layout.numel
+    torch.testing.assert_close(values.index_select(0, owner), layout.expand(values))
     scaled = layout.views(flat * layout.expand(values))
     for j, i in enumerate(layout.order):
         torch.testing.assert_close(scaled[i], tensors[i] * values[j])
