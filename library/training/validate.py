@@ -297,11 +297,11 @@ def _architecture_dir(model: str) -> Path | None:
     if path.is_dir():
         return path
     if path.suffix.lower() == ".safetensors":
-        from library.models.single_file import bundled_config_dir, detect_checkpoint_type
+        from library.models.loader import detect_model_type
+        from library.models.single_file import bundled_config_dir
 
-        keys = _safetensors_keys(path)
-        if keys:
-            model_type, _ = detect_checkpoint_type(set(keys), path)
+        model_type = detect_model_type(path)  # header only; None for a file the loader will report
+        if model_type is not None:
             return bundled_config_dir(model_type, v_parameterization=False)  # v-prediction: same layers
     return None  # .ckpt: its keys need the whole pickle; the check after the network is built covers it
 
