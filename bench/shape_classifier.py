@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import multiprocessing
 import re
 import sys
 import tempfile
@@ -70,7 +71,8 @@ def synthetic_examples(n_images: int, size: int = 64, seed: int = 0, workers: in
         for k, start in enumerate(range(0, count, 256)):
             jobs.append((min(256, count - start), size, seed * 1_000_003 + stream * 10_007 + k, concept))
     if workers > 1 and len(jobs) > 1:
-        with ProcessPoolExecutor(max_workers=min(workers, len(jobs))) as pool:
+        # spawn: a fork of this (threaded) process can inherit a held lock and hang
+        with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn")) as pool:
             chunks = list(pool.map(_generate_chunk, jobs))
     else:
         chunks = [_generate_chunk(job) for job in jobs]

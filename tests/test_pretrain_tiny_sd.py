@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from library.data.synthetic import render_arrays
 from library.models.builtin import build_tiny_sd_modules
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,9 +66,8 @@ def test_stage_progress_follows_steps_or_time_whichever_is_ahead():
 
 
 def test_rendered_set_does_not_depend_on_the_worker_count():
-    script = _script()
-    one, captions_one = script.render_dataset(5, 10, 300, 16, workers=1)
-    two, captions_two = script.render_dataset(5, 10, 300, 16, workers=2)
+    one, captions_one = render_arrays(5, 10, 300, 16, workers=1)
+    two, captions_two = render_arrays(5, 10, 300, 16, workers=2)
     assert one.shape == (300, 16, 16, 3) and one.dtype.name == "uint8"
     assert (one == two).all() and captions_one == captions_two
     assert not any("zkw" in c or "heart" in c for c in captions_one)

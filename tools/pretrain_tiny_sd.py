@@ -21,14 +21,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import multiprocessing
 import os
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,32 +102,6 @@ class LossLog:
         self._running.zero_()
         self._count = 0
         return value
-
-
-def _render_chunk(job: tuple[int, int, int, int]) -> tuple[np.ndarray, list[str]]:
-    """Images start..stop-1 of the base set as uint8 HWC, with captions (a pool worker)."""
-    from library.data.synthetic import render_sample
-
-    seed, start, stop, size = job
-    images, captions = [], []
-    for i in range(start, stop):
-        image, caption = render_sample(seed, i, size)
-        images.append(np.asarray(image, dtype=np.uint8))
-        captions.append(caption)
-    return np.stack(images), captions
-
-
-def render_dataset(seed: int, start: int, count: int, size: int, workers: int) -> tuple[np.ndarray, list[str]]:
-    """`count` base-set images from index `start`; the same arrays for any number of workers."""
-    chunk = 256
-    jobs = [(seed, a, min(a + chunk, start + count), size) for a in range(start, start + count, chunk)]
-    if workers > 1 and len(jobs) > 1:
-        # fork: no CUDA context exists yet, and the children need nothing but numpy and PIL
-        with multiprocessing.get_context("fork").Pool(workers) as pool:
-            parts = pool.map(_render_chunk, jobs)
-    else:
-        parts = [_render_chunk(job) for job in jobs]
-    return np.concatenate([p[0] for p in parts]), [c for p in parts for c in p[1]]
 
 
 def _to_pixels(images_u8: torch.Tensor) -> torch.Tensor:
@@ -344,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     args = parse_args(argv)
 
+    from library.data.synthetic import render_arrays
     from library.models.builtin import TINY_SD_CONFIG_DIR, build_tiny_sd_modules, save_tiny_sd_weights
     from library.models.common import sd_tokenizers
 
@@ -367,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.n_images} images, budget {args.time_budget_s:.0f}s")
 
     t = time.perf_counter()
-    images_np, captions = render_dataset(args.seed, 0, args.n_images, args.size, args.workers)
+    images_np, captions = render_arrays(args.seed, 0, args.n_images, args.size, args.workers)
     timings["render_s"] = time.perf_counter() - t
     log(f"rendered {len(captions)} images in {timings['render_s']:.1f}s, e.g. '{captions[0]}'")
 

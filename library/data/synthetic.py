@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import multiprocessing
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +62,31 @@ def render_sample(seed: int, index: int, size: int = 64, *, concept: bool = Fals
         raise ValueError(f"index {index}: must be >= 0")
     rng = np.random.default_rng([seed & 0xFFFFFFFFFFFFFFFF, index])
     return _concept_image(rng, size, trigger) if concept else _base_image(rng, size)
+
+
+def _render_range(job: tuple[int, int, int, int]) -> tuple[np.ndarray, list[str]]:
+    """Images start..stop-1 of the set named by `seed`, as uint8 HWC, with captions (one pool task)."""
+    seed, start, stop, size = job
+    images, captions = [], []
+    for i in range(start, stop):
+        image, caption = render_sample(seed, i, size)
+        images.append(np.asarray(image, dtype=np.uint8))
+        captions.append(caption)
+    return np.stack(images), captions
+
+
+def render_arrays(seed: int, start: int, count: int, size: int, workers: int = 1) -> tuple[np.ndarray, list[str]]:
+    """`count` images of the set from index `start` as one uint8 [N,H,W,3] array: the same for any worker count."""
+    chunk = 256
+    jobs = [(seed, a, min(a + chunk, start + count), size) for a in range(start, start + count, chunk)]
+    if workers > 1 and len(jobs) > 1:
+        # spawn, not fork: a fork of a process that already runs threads (torch's, a test runner's) can inherit a
+        # held lock and wait on it forever
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            parts = pool.map(_render_range, jobs)
+    else:
+        parts = [_render_range(job) for job in jobs]
+    return np.concatenate([p[0] for p in parts]), [c for p in parts for c in p[1]]
 
 
 def _check(size: int, concept: bool, trigger: str) -> None:

@@ -8,6 +8,7 @@ every `--log_every_n_steps` steps, so a GPU step never waits on the host.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import os
@@ -256,8 +257,11 @@ class LoRATrainer:
 
     # ------------------------------------------------------------------ loop
     def train(self) -> None:
+        with self._stop_signals_save():
+            self._train()
+
+    def _train(self) -> None:
         a, acc = self.args, self.accelerator
-        self._install_signal_handlers()
         logger.info("training: %d steps, %d per epoch, from step %d (Ctrl-C saves and stops)", a.max_train_steps,
                     self.steps_per_epoch, self.progress.global_step)
         bar = Progress(a, total=a.max_train_steps, initial=self.progress.global_step, enabled=acc.is_local_main_process,
@@ -302,9 +306,13 @@ class LoRATrainer:
                         report_compile = False
                         logger.info("first step, including torch.compile: %.1f s", time.perf_counter() - loop_start)
 
-                    if step % check_every == 0 or step == a.max_train_steps:
-                        if not torch.isfinite(loss_sum).item():
+                    checkpoint_step = step % check_every == 0 or step == a.max_train_steps
+                    stop = self.stop_signal is not None
+                    if checkpoint_step or self.world > 1:  # several processes decide together, every step
+                        finite, stop = self._agree_on_health(loss_sum)
+                        if not finite:
                             self._diverged(good_weights, good_step, step)
+                    if checkpoint_step:
                         good_weights, good_step = self._snapshot(), step
                     if step % a.log_every_n_steps == 0 or step == a.max_train_steps:
                         bar.log(step, (loss_sum / max(loss_count, 1)).item(), self._lr_logs())
@@ -315,7 +323,7 @@ class LoRATrainer:
                         self.save(f"{a.output_name}-step{step:08d}", state=a.save_state)
                     if a.sample_every_n_steps and step % a.sample_every_n_steps == 0:
                         self.sample_images()
-                    if self.stop_signal:
+                    if stop:
                         self._interrupted()
                     if step >= a.max_train_steps:
                         break
@@ -411,6 +419,20 @@ class LoRATrainer:
     def _snapshot(self) -> list[torch.Tensor]:
         return [p.detach().clone() for p in self.trainable]
 
+    def _agree_on_health(self, loss_sum: torch.Tensor) -> tuple[bool, bool]:
+        """(every process's loss finite, some process asked to stop). One answer for all processes: a rank that
+        saved alone would wait in the save's barrier while the others wait in the next gradient all-reduce."""
+        finite = torch.isfinite(loss_sum)
+        if self.world == 1:
+            return bool(finite.item()), self.stop_signal is not None
+        flags = torch.stack([finite.logical_not().float(), torch.tensor(float(self.stop_signal is not None))
+                             .to(loss_sum.device)])
+        torch.distributed.all_reduce(flags)
+        bad, stop = flags.tolist()
+        if stop and self.stop_signal is None:
+            self.stop_signal = "a signal to another process"
+        return bad == 0, stop > 0
+
     def _diverged(self, good_weights, good_step: int, step: int) -> None:
         with torch.no_grad():
             for p, w in zip(self.trainable, good_weights, strict=True):
@@ -421,16 +443,25 @@ class LoRATrainer:
                               f"{good_step} is saved as {path}. Lower --learning_rate, set --max_grad_norm, or use "
                               "--mixed_precision bf16", exit_code=3)
 
-    def _install_signal_handlers(self) -> None:
+    @contextlib.contextmanager
+    def _stop_signals_save(self):
+        """Ctrl-C / SIGTERM ask for a save after the current step; the caller's handlers come back afterwards
+        (a process that trains twice, or a test runner, must not keep ignoring SIGTERM)."""
         def handler(signum, frame):
             if self.stop_signal:  # second Ctrl-C: stop now
                 raise KeyboardInterrupt
             self.stop_signal = signal.Signals(signum).name
             logger.warning("%s received: saving after this step (press Ctrl-C again to abort without saving)", self.stop_signal)
 
-        if threading_main():
-            signal.signal(signal.SIGINT, handler)
-            signal.signal(signal.SIGTERM, handler)
+        if not threading_main():
+            yield
+            return
+        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
 
     def _interrupted(self) -> None:
         a = self.args

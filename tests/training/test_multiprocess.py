@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -15,7 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-from library.training.trainer import average_gradients
+from library.training.trainer import LoRATrainer, average_gradients
 from tests.training.conftest import train_argv
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -27,8 +30,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _spawn(fn, *args, nprocs: int = 2, limit: float = 120.0) -> None:
+    """mp.spawn with a deadline: a deadlocked rank fails the test instead of hanging the run."""
+    ctx = mp.spawn(fn, args=args, nprocs=nprocs, join=False)
+    deadline = time.monotonic() + limit
+    while not ctx.join(timeout=2):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"{fn.__name__}: ranks still running after {limit:.0f} s")
+
+
+def _init(rank: int, world: int, port: int) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
+
+
 def _worker(rank: int, world: int, port: int, out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    _init(rank, world, port)
     a = torch.nn.Parameter(torch.zeros(3, 2))
     b = torch.nn.Parameter(torch.zeros(4, dtype=torch.float64))
     a.grad = torch.full((3, 2), float(rank + 1))
@@ -39,11 +58,31 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
 
 
 def test_average_gradients_matches_the_mean_over_ranks(tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    _spawn(_worker, 2, _free_port(), str(tmp_path))
     for rank in range(2):
         got = torch.load(tmp_path / f"rank{rank}.pt")
         assert torch.equal(got["a"], torch.full((3, 2), 1.5))
         assert got["b"].dtype == torch.float64 and torch.equal(got["b"], torch.arange(4, dtype=torch.float64) * 1.5)
+
+
+def _health_worker(rank: int, world: int, port: int, out: str) -> None:
+    _init(rank, world, port)
+    trainer = LoRATrainer.__new__(LoRATrainer)  # only the fields the decision reads
+    trainer.world = world
+    # rank 0's loss went NaN, rank 1 alone received SIGTERM
+    trainer.stop_signal = "SIGTERM" if rank == 1 else None
+    loss = torch.tensor(float("nan") if rank == 0 else 1.0)
+    finite, stop = trainer._agree_on_health(loss)
+    torch.save({"finite": finite, "stop": stop, "signal": trainer.stop_signal}, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_every_rank_takes_the_same_stop_and_divergence_decision(tmp_path):
+    """One rank saving alone would wait in the save's barrier while the other waits in the next all-reduce."""
+    _spawn(_health_worker, 2, _free_port(), str(tmp_path))
+    got = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
+    assert [(g["finite"], g["stop"]) for g in got] == [(False, True), (False, True)]
+    assert got[1]["signal"] == "SIGTERM" and got[0]["signal"] == "a signal to another process"
 
 
 @pytest.mark.slow
@@ -52,10 +91,19 @@ def test_two_process_training_runs_with_gloo(tiny_dataset, tmp_path):
     out = tmp_path / "out"
     env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    proc = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", str(_free_port()),
-                           str(ROOT / "train_network.py"), *train_argv(tiny_dataset, out, steps=4)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "4 steps, 2 per epoch" in proc.stderr  # 8 images, batch 2, split over 2 processes
+    # its own session, so a timeout kills torchrun's ranks too (they hold the pipes; killing torchrun alone
+    # would leave them running)
+    proc = subprocess.Popen([torchrun, "--nproc_per_node", "2", "--master_port", str(_free_port()),
+                             str(ROOT / "train_network.py"), *train_argv(tiny_dataset, out, steps=4)],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        _, stderr = proc.communicate()
+        pytest.fail(f"2-process training still running after 240 s:\n{stderr[-3000:]}")
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "4 steps, 2 per epoch" in stderr  # 8 images, batch 2, split over 2 processes
     lora = load_file(str(out / "t.safetensors"))
     assert any(k.endswith("lora_up.weight") and lora[k].abs().sum() > 0 for k in lora)

@@ -65,6 +65,22 @@ def test_sigint_saves_lora_and_state_then_says_how_to_resume(tiny_dataset, tmp_p
     assert (out / "t-state").is_dir()
 
 
+def test_training_in_process_gives_the_callers_signal_handlers_back(tiny_dataset, tmp_path):
+    """Ctrl-C means "save" only while training: afterwards SIGTERM must again do what the caller set up."""
+    from library.training.entry import main
+
+    def callers(signum, frame):
+        pass
+
+    before = {sig: signal.signal(sig, callers) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        assert main(train_argv(tiny_dataset, tmp_path / "out", steps=1)) == 0
+        assert signal.getsignal(signal.SIGINT) is callers and signal.getsignal(signal.SIGTERM) is callers
+    finally:
+        for sig, old in before.items():
+            signal.signal(sig, old)
+
+
 # ------------------------------------------------------------------------------------------------- full disk
 def _run_python(script: str, *, timeout: int = 240) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
