@@ -167,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dynamo_backend", type=str, default="inductor", help="torch.compile backend")
     g.add_argument("--channels_last", action="store_true")
     g.add_argument("--detect_anomaly", action="store_true")
+    g.add_argument("--ddp_timeout", type=int, default=None,
+                   help="minutes a process waits in a collective for the others before failing (accelerate's "
+                        "default: 30)")
 
     g = p.add_argument_group("optimizer")
     g.add_argument("--optimizer_type", type=str, default="AdamW", help="registry name; 'list' prints them all")

@@ -16,6 +16,7 @@ import random
 import signal
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -93,11 +94,12 @@ class LoRATrainer:
         self.dataset = build_dataset(a)
         check_writable(self.output_dir)  # last check before the expensive part
 
-        from accelerate import Accelerator
+        from accelerate import Accelerator, InitProcessGroupKwargs
 
         # sd-scripts: a --logging_dir alone means tensorboard; "none" turns trackers off
         log_with = None if a.log_with == "none" else a.log_with or ("tensorboard" if a.logging_dir else None)
-        self.accelerator = Accelerator(mixed_precision=a.mixed_precision, log_with=log_with,
+        handlers = [] if a.ddp_timeout is None else [InitProcessGroupKwargs(timeout=timedelta(minutes=a.ddp_timeout))]
+        self.accelerator = Accelerator(mixed_precision=a.mixed_precision, log_with=log_with, kwargs_handlers=handlers,
                                        project_dir=a.logging_dir or str(self.output_dir / "logs"))
         acc = self.accelerator
         self.device = acc.device

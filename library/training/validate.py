@@ -21,7 +21,7 @@ _TORCH_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 _AT_LEAST_ONE = ("network_dim", "train_batch_size", "max_train_steps", "gradient_accumulation_steps",
                  "log_every_n_steps", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps")
 _OPTIONAL_AT_LEAST_ONE = ("max_train_epochs", "save_every_n_epochs", "save_every_n_steps", "sample_every_n_steps",
-                          "sample_every_n_epochs", "plot_every_n_steps", "clip_skip")
+                          "sample_every_n_epochs", "plot_every_n_steps", "clip_skip", "ddp_timeout")
 _RATIOS = ("caption_dropout_rate", "network_dropout")
 
 

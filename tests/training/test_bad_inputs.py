@@ -334,6 +334,7 @@ CASES_BY_KIND: dict[str, dict[str, Case]] = {"files": {
     "resolution abc": flag("--resolution", "abc"),
     "mixed_precision fp8": flag("--mixed_precision", "fp8"),
     "network_dim not an integer": flag("--network_dim", "4.5"),
+    "ddp_timeout 0": flag("--ddp_timeout", "0"),
 }, "TOML": {
     "config TOML bad syntax": config_bad_syntax,
     "config TOML unknown key": config_unknown_key,

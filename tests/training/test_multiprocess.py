@@ -94,7 +94,7 @@ def test_two_process_training_runs_with_gloo(tiny_dataset, tmp_path):
     # its own session, so a timeout kills torchrun's ranks too (they hold the pipes; killing torchrun alone
     # would leave them running)
     proc = subprocess.Popen([torchrun, "--nproc_per_node", "2", "--master_port", str(_free_port()),
-                             str(ROOT / "train_network.py"), *train_argv(tiny_dataset, out, steps=4)],
+                             str(ROOT / "train_network.py"), *train_argv(tiny_dataset, out, "--ddp_timeout", "2", steps=4)],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
