@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 import time
@@ -78,6 +79,17 @@ def lora_shapes(rank: int) -> list[tuple[str, tuple[int, ...], tuple[int, ...]]]
         elif isinstance(module, torch.nn.Linear):
             shapes.append((kohya, (rank, module.in_features), (module.out_features, rank)))
     return shapes
+
+
+def parse_row(label: str) -> tuple[str, list[str]]:
+    """``Name`` or ``Name:key=value,key=value`` (as --optimizer_args, which parses the values), e.g.
+    ``Automagic_Sinkgd:cuda_graph=False`` or ``Lion:betas=(0.9,0.99),weight_decay=0.1``."""
+    name, _, options = label.partition(":")
+    items = [item.strip() for item in re.split(r",(?=\s*\w+\s*=)", options) if item.strip()]
+    for item in items:
+        if "=" not in item:
+            raise SystemExit(f"--optimizers {label}: {item!r} is not key=value")
+    return name, items
 
 
 def make_params(rank: int, device: str, seed: int = 0) -> tuple[list[torch.nn.Parameter], list[str]]:
@@ -155,7 +167,8 @@ def bench_one(label: str, make_optimizer, params, device: str, warmup: int, iter
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--optimizers", nargs="+", default=DEFAULT_OPTIMIZERS)
+    parser.add_argument("--optimizers", nargs="+", default=DEFAULT_OPTIMIZERS,
+                        help="registry names, each optionally with constructor settings: Name:key=value,...")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--warmup", type=int, default=10)
@@ -184,13 +197,14 @@ def main(argv: list[str] | None = None) -> int:
             args.iters,
         )
     ]
-    for name in args.optimizers:
+    for label in args.optimizers:
+        name, settings = parse_row(label)
 
-        def make(name: str = name) -> torch.optim.Optimizer:
+        def make(name: str = name, settings: list[str] = settings) -> torch.optim.Optimizer:
             groups = [{"params": params, "names": names}]
-            return build_optimizer(name, groups, lr=args.lr)[0]
+            return build_optimizer(name, groups, lr=args.lr, optimizer_args=settings)[0]
 
-        results.append(bench_one(name, make, params, args.device, args.warmup, args.iters))
+        results.append(bench_one(label, make, params, args.device, args.warmup, args.iters))
 
     base = results[0]["ms"]
     print(f"{'optimizer':32s} {'ms/step':>9s} {'x fused':>8s} {'state B/param':>14s}")

@@ -66,6 +66,7 @@ from torch import Tensor
 from library.errors import OptimizerError
 from library.optimizers import quant8
 from library.optimizers.flat import FlatLayout, FlatState, matrix_shape, segment_ids
+from library.optimizers.graphs import StepGraph
 from library.optimizers.state import ExactStateLoad
 
 logger = logging.getLogger(__name__)
@@ -838,6 +839,7 @@ class Automagic_Sinkgd(_AutomagicBase):  # noqa: N801 - user-facing name from th
         full_finetune: bool = False,
         orthograd: bool = False,
         stats_update_freq: int = 5,
+        cuda_graph: bool = True,
     ) -> None:
         _require(type(self).__name__, "beta1", beta1, 0.0 <= beta1 < 1.0, "must be in [0, 1)")
         defaults = dict(
@@ -853,6 +855,7 @@ class Automagic_Sinkgd(_AutomagicBase):  # noqa: N801 - user-facing name from th
             full_finetune=full_finetune,
             orthograd=orthograd,
             stats_update_freq=stats_update_freq,
+            cuda_graph=cuda_graph,
         )
         super().__init__(params, defaults)
 
@@ -868,8 +871,12 @@ class Automagic_Sinkgd(_AutomagicBase):  # noqa: N801 - user-facing name from th
     ) -> tuple[Tensor, Tensor | None]:
         momentum = plan.state(states, "exp_avg", plan.dtype)
         momentum.lerp_(g, 1.0 - group["beta1"])
-        update = momentum.abs().mul_(sign)  # Grams: |m| with the sign of g
-        _sinkgd_flat_(update, plan, 5 if group["full_finetune"] else 4)
+        iters = 5 if group["full_finetune"] else 4
+        update = plan.cached("sinkgd_update", lambda: torch.empty_like(momentum))  # stays put: the graph's input
+        torch.abs(momentum, out=update).mul_(sign)  # Grams: |m| with the sign of g
+        sinkgd = plan.cached(f"sinkgd{iters}", lambda: StepGraph(
+            lambda: _sinkgd_flat_(update, plan, iters), update.device, enabled=group["cuda_graph"]))
+        sinkgd()  # ~40 kernels per iteration (one per shape): one graph launch on a GPU
         return update, _vradam(momentum, plan)
 
 
