@@ -12,11 +12,11 @@ SCRIPT = ROOT / "bench" / "optimizer_step.py"
 @pytest.mark.slow
 def test_rows_with_settings_are_built_with_them_and_a_bad_row_is_reported(tmp_path):
     results, stdout = run_bench(tmp_path, "--device", "cpu", "--rank", "1", "--optimizers",
-                                "Automagic_Sinkgd:cuda_graph=False", "CustomAdamW:use_spd=False", "NoSuchOptimizer",
+                                "Automagic_Sinkgd:cuda_graph=True", "CustomAdamW:use_spd=False", "NoSuchOptimizer",
                                 script=SCRIPT)
     rows = {r["optimizer"]: r for r in results["results"]}
     assert results["meta"]["tensors"] == 384 and rows["torch AdamW fused (baseline)"]["ms"] > 0
-    assert rows["Automagic_Sinkgd:cuda_graph=False"]["ratio_to_fused_adamw"] > 0
+    assert rows["Automagic_Sinkgd:cuda_graph=True"]["ratio_to_fused_adamw"] > 0
     # SPD keeps θ₀: 4 more bytes per parameter than with it off (12)
     assert rows["CustomAdamW:use_spd=False"]["state_bytes_per_param"] == pytest.approx(8.0, abs=0.1)
     assert rows["NoSuchOptimizer"]["ms"] is None and "NoSuchOptimizer" in rows["NoSuchOptimizer"]["error"]

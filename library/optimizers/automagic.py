@@ -822,6 +822,10 @@ class Automagic_Sinkgd(_AutomagicBase):  # noqa: N801 - user-facing name from th
     ``full_finetune`` means "not a LoRA": 5 SinkGD iterations and, for parameters without names, no ALLoRA.
     ALLoRA applies to parameters whose group ``names`` mark them as LoRA matrices (``lora_down``/``lora_up``),
     or, without names, to every tensor with 2+ dims unless ``full_finetune``.
+
+    ``cuda_graph=True`` (CUDA only) replays SinkGD's row/column passes, one kernel per distinct shape and pass, as
+    one CUDA graph (:mod:`library.optimizers.graphs`): same kernels, one launch. Off by default until its speed-up
+    is measured on a GPU (bench/optimizer_step.py ``Automagic_Sinkgd:cuda_graph=True``).
     """
 
     def __init__(
@@ -839,7 +843,7 @@ class Automagic_Sinkgd(_AutomagicBase):  # noqa: N801 - user-facing name from th
         full_finetune: bool = False,
         orthograd: bool = False,
         stats_update_freq: int = 5,
-        cuda_graph: bool = True,
+        cuda_graph: bool = False,
     ) -> None:
         _require(type(self).__name__, "beta1", beta1, 0.0 <= beta1 < 1.0, "must be in [0, 1)")
         defaults = dict(
