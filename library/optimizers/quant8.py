@@ -169,7 +169,8 @@ class FlatQuantState:
             absmax_views[i] = absmax[self.block_starts[j] : self.block_starts[j] + self.blocks[j]]
         return code_views, absmax_views
 
-    def _buffers_for(self, states: list[dict], name: str, signed: bool) -> tuple[Tensor, Tensor]:
+    def buffers(self, states: list[dict], name: str, signed: bool) -> tuple[Tensor, Tensor]:
+        """(codes, absmax) flat buffers of state ``name``: the cached ones while ``states`` still hold their views."""
         cached = self._buffers.get(name)
         codes_key, absmax_key = f"{name}_codes", f"{name}_absmax"
         if cached is not None:
@@ -195,7 +196,7 @@ class FlatQuantState:
         self, states: list[dict], name: str, *, signed: bool, dtype: torch.dtype = torch.float32
     ) -> Tensor:
         """The decoded state of every tensor as one new flat buffer in layout order (``states`` in caller's order)."""
-        codes, absmax = self._buffers_for(states, name, signed)
+        codes, absmax = self.buffers(states, name, signed)
         flat = _bnb_ops().dequantize_blockwise(
             codes, absmax, quant_map(signed, codes.device), BLOCKSIZE, torch.float32
         )
