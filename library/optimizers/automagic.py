@@ -66,7 +66,7 @@ from torch import Tensor
 from library.errors import OptimizerError
 from library.optimizers import quant8
 from library.optimizers.flat import FlatLayout, FlatState, matrix_shape, segment_ids
-from library.optimizers.graphs import StepGraph
+from library.optimizers.graphs import StepGraph, can_capture
 from library.optimizers.state import ExactStateLoad
 
 logger = logging.getLogger(__name__)
@@ -492,7 +492,7 @@ def adaptive_decay_factor(grads: Sequence[Tensor]) -> Tensor:
     return _in_caller_order(plan.layout, _adaptive_decay(plan.layout.flatten(grads), plan))
 
 
-def _factored_rsqrt(row: Tensor, col: Tensor, plan: _Plan, scale: float = 1.0) -> Tensor:
+def _factored_rsqrt(row: Tensor, col: Tensor, plan: _Plan, scale: float | Tensor = 1.0) -> Tensor:
     """scale / √V̂ per element: V̂ = (row/mean(row)) ⊗ col for matrices, V̂ = row (the full moment) otherwise.
 
     ``row`` has one entry per matrix row (every element of a tensor with < 2 dims), ``col`` one per column (the
@@ -500,7 +500,7 @@ def _factored_rsqrt(row: Tensor, col: Tensor, plan: _Plan, scale: float = 1.0) -
     """
     row_mean = plan.row_tensors.mean(row).clamp_min_(_TINY).masked_fill_(plan.vector_tensor, 1.0)
     inv_row = (row / plan.row_tensors.expand(row_mean)).rsqrt_()
-    if scale != 1.0:
+    if isinstance(scale, Tensor) or scale != 1.0:  # a tensor is never compared: that would sync with the host
         inv_row.mul_(scale)
     inv_col = col.rsqrt().masked_fill_(plan.vector_col, 1.0)
     return plan.cols.outer(inv_row, inv_col, plan.layout.numel)
@@ -985,6 +985,9 @@ class Automagic_CameAMP(_AutomagicBase):  # noqa: N801 - user-facing name from t
     arguments mean the same as in :class:`Automagic_Sinkgd`. ``optim_bits=8`` stores m block-wise quantised (uint8
     codes + fp32 absmax per 256 elements) for tensors of ≥ 4096 elements; the factored moments are already tiny
     and the lr mask stays fp32 (8-bit or 16-bit masks cannot represent ``lr_bump`` steps).
+
+    ``cuda_graph=True`` (CUDA only) replays the CAME direction (factored moments, clipping, first moment and
+    confidence: one kernel per distinct shape and reduction) as one CUDA graph. Off by default until measured.
     """
 
     def __init__(
@@ -1005,6 +1008,7 @@ class Automagic_CameAMP(_AutomagicBase):  # noqa: N801 - user-facing name from t
         eps: tuple[float, float] = (1e-30, 1e-16),
         clip_threshold: float = 1.0,
         optim_bits: int = 32,
+        cuda_graph: bool = False,
     ) -> None:
         name = type(self).__name__
         _require(
@@ -1033,6 +1037,7 @@ class Automagic_CameAMP(_AutomagicBase):  # noqa: N801 - user-facing name from t
             eps=tuple(eps),
             clip_threshold=clip_threshold,
             optim_bits=optim_bits,
+            cuda_graph=cuda_graph,
         )
         super().__init__(params, defaults)
 
@@ -1088,9 +1093,25 @@ class Automagic_CameAMP(_AutomagicBase):  # noqa: N801 - user-facing name from t
     def _direction(
         self, group: dict, plan: _Plan, step: int, g: Tensor, sign: Tensor, states: list[dict]
     ) -> tuple[Tensor, Tensor | None]:
+        beta3 = group["betas"][2]
+        bias = math.sqrt(1.0 - beta3 ** (step - 1))  # R's bias correction (step 1 only seeded v)
+        if not (group["cuda_graph"] and can_capture(plan.layout.device)):
+            return self._came(group, plan, g, states, bias), None
+        # the graph reads fixed addresses: g's own buffer, or a copy of OrthoGrad's new one; the correction
+        # through a device scalar
+        own = g is plan.g
+        g_in = g if own else plan.cached("came_g", lambda: torch.empty_like(plan.g)).copy_(g)
+        scalar = plan.cached("came_bias", lambda: torch.empty((), dtype=plan.dtype, device=plan.layout.device))
+        scalar.fill_(bias)
+        baked = (tuple(group["betas"]), tuple(group["eps"]), group["clip_threshold"], own)
+        came = plan.cached(f"came{baked}", lambda: StepGraph(
+            lambda: self._came(group, plan, g_in, states, scalar), plan.layout.device))
+        return came(), None
+
+    def _came(self, group: dict, plan: _Plan, g: Tensor, states: list[dict], bias: float | Tensor) -> Tensor:
+        """CAME's direction m/√R̂ (``bias`` = √(1−β₃ᵏ), a float or a 0-d device tensor)."""
         beta1, beta2, beta3 = group["betas"]
         eps1, eps2 = group["eps"]
-        k = step - 1  # CAME update count (step 1 only seeded v)
         v_row, v_col = self._factored(plan, states, "v")
         r_row, r_col = self._factored(plan, states, "r")
 
@@ -1118,5 +1139,4 @@ class Automagic_CameAMP(_AutomagicBase):  # noqa: N801 - user-facing name from t
         instability = update.sub_(moment).square_().add_(eps2)
         r_row.lerp_(plan.rows.mean(instability), 1.0 - beta3)
         r_col.lerp_(plan.cols.mean(instability), 1.0 - beta3)
-        direction = _factored_rsqrt(r_row, r_col, plan, math.sqrt(1.0 - beta3**k)).mul_(moment)
-        return direction, None
+        return _factored_rsqrt(r_row, r_col, plan, bias).mul_(moment)

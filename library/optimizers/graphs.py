@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -25,51 +26,60 @@ logger = logging.getLogger("loraforge")
 WARMUP_CALLS = 2
 
 
-class StepGraph:
-    """``fn()`` eagerly on CPU or for the first calls, then as a replayed CUDA graph on its device."""
+def can_capture(device: torch.device) -> bool:
+    """Whether a block on ``device`` can become a CUDA graph (the optimizers' graph paths ask this first)."""
+    return device.type == "cuda"
 
-    def __init__(self, fn: Callable[[], None], device: torch.device, enabled: bool = True) -> None:
+
+class StepGraph:
+    """``fn()`` eagerly on CPU or for the first calls, then as a replayed CUDA graph on its device.
+
+    A call returns what ``fn`` returns; once captured, the tensors it returned at capture, which every replay
+    rewrites (read them before the next call).
+    """
+
+    def __init__(self, fn: Callable[[], Any], device: torch.device, enabled: bool = True) -> None:
         self.fn = fn
-        self.enabled = enabled and device.type == "cuda"
+        self.enabled = enabled and can_capture(device)
         self.device = device
         self.graph: torch.cuda.CUDAGraph | None = None
+        self.output: Any = None
         self.calls = 0
 
     @property
     def captured(self) -> bool:
         return self.graph is not None
 
-    def __call__(self) -> None:
+    def __call__(self) -> Any:
         if self.graph is not None:
             self.graph.replay()
-            return
+            return self.output
         if not self.enabled or torch.cuda.is_current_stream_capturing():
-            self.fn()  # also inside a caller's own capture: their graph records these kernels
-            return
+            return self.fn()  # also inside a caller's own capture: their graph records these kernels
         if self.calls < WARMUP_CALLS:
             self.calls += 1
-            self._on_side_stream(self.fn)
-            return
-        self._capture()
+            return self._on_side_stream(self.fn)
+        return self._capture()
 
-    def _on_side_stream(self, fn: Callable[[], None]) -> None:
+    def _on_side_stream(self, fn: Callable[[], Any]) -> Any:
         """Warm-up as PyTorch recommends before capture: on a side stream, ordered after the current one."""
         current = torch.cuda.current_stream(self.device)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(current)
         with torch.cuda.stream(side):
-            fn()
+            out = fn()
         current.wait_stream(side)
+        return out
 
-    def _capture(self) -> None:
+    def _capture(self) -> Any:
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph):
-                self.fn()
+                output = self.fn()
         except Exception as exc:  # noqa: BLE001 - any capture failure: the eager path is always correct
             self.enabled = False
             logger.warning("CUDA graph capture of the optimizer step failed (%s); running it eagerly", exc)
-            self.fn()
-            return
-        self.graph = graph
+            return self.fn()
+        self.graph, self.output = graph, output
         graph.replay()  # capture records the kernels without running them: this call's work
+        return output

@@ -85,7 +85,7 @@ from library.errors import OptimizerError
 from library.optimizers import quant8
 from library.optimizers import transforms as T
 from library.optimizers.flat import FlatLayout, FlatState
-from library.optimizers.graphs import StepGraph
+from library.optimizers.graphs import StepGraph, can_capture
 from library.optimizers.state import ExactStateLoad
 
 logger = logging.getLogger(__name__)
@@ -234,10 +234,6 @@ class _Bucket:
                 scalar = self._device_scalars[name] = torch.empty((), dtype=self.dtype, device=self.layout.device)
             out[name] = scalar.fill_(value)
         return out
-
-
-def _can_capture(device: torch.device) -> bool:
-    return device.type == "cuda"
 
 
 def _same_key(old: tuple | None, new: tuple) -> bool:
@@ -555,7 +551,7 @@ class HinaAdamWOptimizer(ExactStateLoad, torch.optim.Optimizer):
             steps = steps[0]
         torch._foreach_copy_(b.grad_views, grads)  # gradients move every step: never inside the graph
         values = self._step_values(group, b, steps)
-        if not (group["cuda_graph"] and isinstance(steps, int) and _can_capture(b.layout.device)):
+        if not (group["cuda_graph"] and isinstance(steps, int) and can_capture(b.layout.device)):
             self._update(group, b, states, values)
             return
         scalars = b.device_scalars(values)  # the graph reads this step's scalars from fixed device tensors

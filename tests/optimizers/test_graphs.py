@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from library.optimizers.automagic import Automagic_Sinkgd
+from library.optimizers.automagic import Automagic_CameAMP, Automagic_Sinkgd
 from library.optimizers.graphs import WARMUP_CALLS, StepGraph
 from library.optimizers.hina_adamw import HinaAdamWOptimizer
 from tests.optimizers.op_counting import lora_set
@@ -44,11 +44,11 @@ def test_on_a_gpu_the_block_is_captured_once_then_replayed():
     assert torch.equal(x.cpu(), torch.full((4,), 126.0))  # six applications, as eagerly
 
 
-def _train(cuda_graph: bool, steps: int, reload_at: int) -> tuple[list[torch.Tensor], Automagic_Sinkgd]:
+def _train(cuda_graph: bool, steps: int, reload_at: int, cls=Automagic_Sinkgd, **extra):
     params, names = lora_set(6, seed=0)
     params = [torch.nn.Parameter(p.detach().cuda()) for p in params]
     gen = torch.Generator(device="cuda").manual_seed(1)
-    opt = Automagic_Sinkgd([{"params": params, "names": names}], lr=1e-3, warmup_steps=4, cuda_graph=cuda_graph)
+    opt = cls([{"params": params, "names": names}], lr=1e-3, warmup_steps=4, cuda_graph=cuda_graph, **extra)
     for step in range(steps):
         for p in params:
             p.grad = torch.randn(p.shape, device="cuda", generator=gen)
@@ -68,6 +68,20 @@ def test_graphed_sinkgd_matches_eager_through_a_state_dict_reload():
     assert graphs and all(g.captured for g in graphs)
     for a, b in zip(eager, graphed, strict=True):
         torch.testing.assert_close(b, a, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("bits", [32, 8])
+def test_graphed_cameamp_matches_eager_across_warmup_and_a_reload(bits):
+    """OrthoGrad turns on after warm-up (step 5): g then reaches the graph through a copy."""
+    extra = dict(orthograd=True, optim_bits=bits)
+    eager, _ = _train(False, 14, reload_at=7, cls=Automagic_CameAMP, **extra)
+    graphed, opt = _train(True, 14, reload_at=7, cls=Automagic_CameAMP, **extra)
+    graphs = [v for plan in opt._plans.values() for v in plan.resolved.values() if isinstance(v, StepGraph)]
+    assert graphs and any(g.captured for g in graphs)
+    for a, b in zip(eager, graphed, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)  # R's correction: a device scalar, not an argument
 
 
 def _train_custom(cuda_graph: bool, bits: int) -> tuple[list[torch.Tensor], HinaAdamWOptimizer]:

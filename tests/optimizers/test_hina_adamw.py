@@ -605,7 +605,7 @@ def graph_mode_on_cpu(monkeypatch):
     """The cuda_graph=True path (device scalars, captured closure, capture keys) with eager execution."""
     import library.optimizers.hina_adamw as hina
 
-    monkeypatch.setattr(hina, "_can_capture", lambda device: True)
+    monkeypatch.setattr(hina, "can_capture", lambda device: True)
     monkeypatch.setattr(hina, "StepGraph", _EagerStandIn)
     _EagerStandIn.built = 0
     return _EagerStandIn
