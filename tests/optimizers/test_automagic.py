@@ -20,6 +20,7 @@ from library.optimizers.automagic import (
     sinkgd_many_,
     vradam_factor,
 )
+from tests.optimizers.graph_mode import eager_graph_mode
 from tests.optimizers.op_counting import HOST_SYNC, observed_steps
 
 F64 = torch.float64
@@ -780,24 +781,9 @@ def test_cameamp_8bit_flat_moments_equal_per_tensor_quantisation():
             assert torch.equal(torch.as_tensor(together.state[p][key]), torch.as_tensor(value)), key
 
 
-class _EagerStandIn:
-    """StepGraph's stand-in on the CPU: runs the captured closure at every call and counts captures."""
-
-    built = 0
-
-    def __init__(self, fn, device, enabled=True):
-        type(self).built += 1
-        self.fn = fn
-
-    def __call__(self):
-        return self.fn()
-
-
 def test_cameamp_graph_mode_matches_float64_reference(monkeypatch):
     """cuda_graph=True's path on the CPU: g through a fixed buffer, R's bias correction through a device scalar."""
-    monkeypatch.setattr(automagic, "can_capture", lambda device: True)
-    monkeypatch.setattr(automagic, "StepGraph", _EagerStandIn)
-    _EagerStandIn.built = 0
+    stand_in = eager_graph_mode(monkeypatch, automagic)
     thetas, grads = make_problem(seed=1)
     lrs = schedule(len(grads))
     hp = dict(BASE_HP, full_finetune=False, betas=(0.8, 0.99, 0.999), eps=(1e-30, 1e-16), clip_threshold=1.0)
@@ -808,4 +794,4 @@ def test_cameamp_graph_mode_matches_float64_reference(monkeypatch):
         for g, w in zip(g_step, w_step, strict=True):
             torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12, msg=f"step {t}")
     # one capture while g is the plan's own buffer, one after warm-up, when OrthoGrad returns a new one
-    assert _EagerStandIn.built == 2
+    assert stand_in.built == 2

@@ -11,6 +11,7 @@ import torch
 from library.custom_hina_adamw_optimizer import HinaAdamWOptimizer as CompatImport
 from library.errors import OptimizerError
 from library.optimizers.hina_adamw import HinaAdamWOptimizer, find_lora_pairs, weight_decay_ratio
+from tests.optimizers.graph_mode import eager_graph_mode
 from tests.optimizers.op_counting import OpLog, lora_set, observed_steps
 
 F64 = torch.float64
@@ -587,28 +588,11 @@ def test_step_counts_and_resume_follow_the_tensors_with_gradients():
     assert [opt2.state[p]["step"] for p in resumed] == expected
 
 
-class _EagerStandIn:
-    """StepGraph's stand-in on the CPU: runs the block at every call, counts how often a step was 'captured'."""
-
-    built = 0
-
-    def __init__(self, fn, device, enabled=True):
-        type(self).built += 1
-        self.fn = fn
-
-    def __call__(self):
-        self.fn()
-
-
 @pytest.fixture
 def graph_mode_on_cpu(monkeypatch):
-    """The cuda_graph=True path (device scalars, captured closure, capture keys) with eager execution."""
     import library.optimizers.hina_adamw as hina
 
-    monkeypatch.setattr(hina, "can_capture", lambda device: True)
-    monkeypatch.setattr(hina, "StepGraph", _EagerStandIn)
-    _EagerStandIn.built = 0
-    return _EagerStandIn
+    return eager_graph_mode(monkeypatch, hina)
 
 
 @pytest.mark.parametrize("name", ["defaults", "all_on", "adamw_cautious", "without_use_spd", "without_use_alora"])
