@@ -66,7 +66,7 @@ from torch import Tensor
 from library.errors import OptimizerError
 from library.optimizers import quant8
 from library.optimizers.flat import FlatLayout, FlatState, matrix_shape, segment_ids
-from library.optimizers.graphs import StepGraph, can_capture
+from library.optimizers.graphs import GraphSlot, StepGraph, can_capture
 from library.optimizers.state import ExactStateLoad
 
 logger = logging.getLogger(__name__)
@@ -878,9 +878,11 @@ class Automagic_Sinkgd(_AutomagicBase):  # noqa: N801 - user-facing name from th
         iters = 5 if group["full_finetune"] else 4
         update = plan.cached("sinkgd_update", lambda: torch.empty_like(momentum))  # stays put: the graph's input
         torch.abs(momentum, out=update).mul_(sign)  # Grams: |m| with the sign of g
-        sinkgd = plan.cached(f"sinkgd{iters}", lambda: StepGraph(
-            lambda: _sinkgd_flat_(update, plan, iters), update.device, enabled=group["cuda_graph"]))
-        sinkgd()  # ~40 kernels per iteration (one per shape): one graph launch on a GPU
+        if group["cuda_graph"] and can_capture(plan.layout.device):  # ~40 kernels an iteration: one launch
+            slot = plan.cached("graph", GraphSlot)
+            slot((iters,), lambda: StepGraph(lambda: _sinkgd_flat_(update, plan, iters), plan.layout.device))
+        else:
+            _sinkgd_flat_(update, plan, iters)
         return update, _vradam(momentum, plan)
 
 
@@ -1103,10 +1105,10 @@ class Automagic_CameAMP(_AutomagicBase):  # noqa: N801 - user-facing name from t
         g_in = g if own else plan.cached("came_g", lambda: torch.empty_like(plan.g)).copy_(g)
         scalar = plan.cached("came_bias", lambda: torch.empty((), dtype=plan.dtype, device=plan.layout.device))
         scalar.fill_(bias)
-        baked = (tuple(group["betas"]), tuple(group["eps"]), group["clip_threshold"], own)
-        came = plan.cached(f"came{baked}", lambda: StepGraph(
-            lambda: self._came(group, plan, g_in, states, scalar), plan.layout.device))
-        return came(), None
+        baked = (*group["betas"], *group["eps"], group["clip_threshold"], own)
+        slot = plan.cached("graph", GraphSlot)
+        return slot(baked, lambda: StepGraph(lambda: self._came(group, plan, g_in, states, scalar),
+                                              plan.layout.device)), None
 
     def _came(self, group: dict, plan: _Plan, g: Tensor, states: list[dict], bias: float | Tensor) -> Tensor:
         """CAME's direction m/√R̂ (``bias`` = √(1−β₃ᵏ), a float or a 0-d device tensor)."""

@@ -8,8 +8,9 @@ each call; this block has no inputs that change, so plain capture is enough.
 
 Contract for ``fn``: it reads and writes only tensors whose storage stays put between calls (persistent flat
 buffers, plan constants), takes no per-step Python values, and never synchronises with the host. Temporaries it
-allocates come from the graph's private pool. The caller drops the ``StepGraph`` when those buffers are rebuilt
-(a new plan after ``load_state_dict`` or a changed parameter set).
+allocates come from the graph's private pool. A ``GraphSlot`` keyed on what the block bakes in (settings, the
+buffers it points at) replaces the graph when that changes; a new plan (after ``load_state_dict`` or a changed
+parameter set) starts with an empty slot.
 """
 
 from __future__ import annotations
@@ -83,3 +84,29 @@ class StepGraph:
         self.graph, self.output = graph, output
         graph.replay()  # capture records the kernels without running them: this call's work
         return output
+
+
+class GraphSlot:
+    """The one StepGraph of an owner (a bucket, a plan) and the key it was captured for.
+
+    A call with another key builds a new graph and drops the old one with its private memory pool, so a change
+    of what the block bakes in (settings, the state buffers it points at) never replays stale kernels nor keeps
+    a dead graph's temporaries alive. Key items that are tensors compare by identity (a re-gathered buffer has a
+    new address), the others by equality.
+    """
+
+    def __init__(self) -> None:
+        self.graph: StepGraph | None = None
+        self.key: tuple | None = None
+
+    def __call__(self, key: tuple, make: Callable[[], StepGraph]) -> Any:
+        if self.graph is None or not _same(self.key, key):
+            self.graph, self.key = make(), key
+        return self.graph()
+
+
+def _same(old: tuple | None, new: tuple) -> bool:
+    return old is not None and len(old) == len(new) and all(
+        a is b if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor) else a == b
+        for a, b in zip(old, new, strict=True)
+    )

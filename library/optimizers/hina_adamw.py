@@ -85,7 +85,7 @@ from library.errors import OptimizerError
 from library.optimizers import quant8
 from library.optimizers import transforms as T
 from library.optimizers.flat import FlatLayout, FlatState
-from library.optimizers.graphs import StepGraph, can_capture
+from library.optimizers.graphs import GraphSlot, StepGraph, can_capture
 from library.optimizers.state import ExactStateLoad
 
 logger = logging.getLogger(__name__)
@@ -169,8 +169,7 @@ class _Bucket:
         self._adopt_coefs: tuple[tuple[float, float], Tensor, Tensor] | None = None
         self._seen: dict[tuple[int, str], tuple[Tensor, list[Tensor]]] = {}
         self._device_scalars: dict[str, Tensor] = {}
-        self.graph: StepGraph | None = None  # the captured step (cuda_graph=True), valid for graph_key
-        self.graph_key: tuple | None = None
+        self.graph = GraphSlot()  # the captured step (cuda_graph=True)
 
     def state_buffer(
         self, store: FlatState, states: list[dict[str, Any]], key: str, dtype: torch.dtype
@@ -234,11 +233,6 @@ class _Bucket:
                 scalar = self._device_scalars[name] = torch.empty((), dtype=self.dtype, device=self.layout.device)
             out[name] = scalar.fill_(value)
         return out
-
-
-def _same_key(old: tuple | None, new: tuple) -> bool:
-    """Same baked settings and the very same state buffers (identity: a re-gathered buffer has a new address)."""
-    return old is not None and old[0] == new[0] and len(old[1]) == len(new[1]) and all(map(operator.is_, old[1], new[1]))
 
 
 _GRAD = attrgetter("grad")
@@ -555,11 +549,8 @@ class HinaAdamWOptimizer(ExactStateLoad, torch.optim.Optimizer):
             self._update(group, b, states, values)
             return
         scalars = b.device_scalars(values)  # the graph reads this step's scalars from fixed device tensors
-        key = (self._baked(group), self._state_buffers(group, b, states))
-        if b.graph is None or not _same_key(b.graph_key, key):
-            b.graph = StepGraph(lambda: self._update(group, b, states, scalars), b.layout.device)
-            b.graph_key = key
-        b.graph()
+        key = (*self._baked(group), *self._state_buffers(group, b, states))
+        b.graph(key, lambda: StepGraph(lambda: self._update(group, b, states, scalars), b.layout.device))
 
     @staticmethod
     def _baked(group: dict[str, Any]) -> tuple:
