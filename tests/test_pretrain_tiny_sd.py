@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _script():
-    if "pretrain_tiny_sd" not in sys.modules:  # registered first: dataclasses and pool pickling look it up
+    if "pretrain_tiny_sd" not in sys.modules:  # registered first: @dataclass looks its module up
         spec = importlib.util.spec_from_file_location("pretrain_tiny_sd", ROOT / "tools" / "pretrain_tiny_sd.py")
         module = importlib.util.module_from_spec(spec)
         sys.modules[spec.name] = module
