@@ -4,6 +4,7 @@ Prints (and writes as JSON) the wall time per step, the summed GPU kernel time p
 per step and the top kernels, so "launch-bound" vs "GPU-bound" is read off directly.
 
     python bench/profile_step.py --configs baseline,ours_bf16,ours_bf16_compile --json $OUT/profile.json
+    python bench/profile_step.py --model sdxl --configs baseline,ours_bf16 --json $OUT/profile_sdxl.json
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
+from bench import sdxl_step  # noqa: E402
 from bench import train_step as ts  # noqa: E402
 
 
@@ -40,9 +42,21 @@ def kernel_summary(prof: profile, steps: int, top: int) -> dict[str, Any]:
     }
 
 
+def build_setup(name: str, bench: ts.Bench) -> ts.Setup:
+    """The row as bench/train_step.py (SD1.5) or bench/sdxl_step.py (SDXL) builds it."""
+    if isinstance(bench, sdxl_step.SDXLBench):
+        row = sdxl_step.ROWS[name]
+        build = sdxl_step.setup_baseline if row.group == "a" else sdxl_step.setup_ours
+        setup = build(bench, row)
+        ts.release_memory(bench.device, reset_compiled=False)
+        return setup
+    if name in ts.BASELINES:
+        return ts.setup_baseline(bench, None if name == "baseline" else "default")
+    return ts.setup_ours(bench, ts.VARIANTS[name])
+
+
 def profile_row(name: str, bench: ts.Bench, steps: int, top: int) -> dict[str, Any]:
-    setup = ts.setup_baseline(bench, None if name == "baseline" else "default") if name in ts.BASELINES \
-        else ts.setup_ours(bench, ts.VARIANTS[name])
+    setup = build_setup(name, bench)
     for _ in range(bench.warmup):
         ts.train_step(setup)
     torch.cuda.synchronize()
@@ -65,6 +79,9 @@ def profile_row(name: str, bench: ts.Bench, steps: int, top: int) -> dict[str, A
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", choices=("sd15", "sdxl"), default="sd15",
+                   help="sd15: bench/train_step.py's rows (batch 4, 512x512); sdxl: bench/sdxl_step.py's rows "
+                        "(batch 1, 1024x1024, gradient checkpointing)")
     p.add_argument("--configs", default="baseline,ours_bf16,ours_bf16_compile")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--top", type=int, default=15)
@@ -74,7 +91,14 @@ def main(argv: list[str] | None = None) -> int:
         print("bench/profile_step.py needs CUDA", file=sys.stderr)
         return 2
     torch.backends.cudnn.benchmark = True
-    bench = ts.Bench(torch.device("cuda"), ts.SD15_UNET, 4, 64, 77, 16, 16.0, 1e-4, 3, 10, 5, 0, "inductor")
+    cuda = torch.device("cuda")
+    if args.model == "sdxl":
+        config = sdxl_step.sdxl_unet_config()
+        pooled = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
+        bench: ts.Bench = sdxl_step.SDXLBench(cuda, config, 1, 128, 77, 16, 16.0, 1e-4, 3, 10, 5, 0, "inductor",
+                                              pooled)
+    else:
+        bench = ts.Bench(cuda, ts.SD15_UNET, 4, 64, 77, 16, 16.0, 1e-4, 3, 10, 5, 0, "inductor")
     rows = []
     for name in [c.strip() for c in args.configs.split(",") if c.strip()]:
         try:
