@@ -24,7 +24,6 @@ rewritten after each row.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 from dataclasses import dataclass, field
@@ -65,6 +64,7 @@ class Row:
     channels_last: bool = False
     checkpointing: bool = True
     optimizer: str = "AdamW"
+    cuda_graphs: bool = False  # the trainer's --cuda_graphs
     description: str = ""
 
 
@@ -82,6 +82,16 @@ ROWS: dict[str, Row] = {
                                 description="fp32 LoRA + autocast, --dynamo_mode reduce-overhead (CUDA graphs)"),
     "ours_bf16_cudagraphs": Row("b", "bf16", "reduce-overhead",
                                 description="bf16 LoRA, --dynamo_mode reduce-overhead (CUDA graphs)"),
+    "ours_bf16_graphs": Row("b", "bf16", cuda_graphs=True,
+                            description="bf16 LoRA, eager kernels replayed as one CUDA graph (--full_bf16 --cuda_graphs)"),
+    "ours_fp32_graphs": Row("b", "fp32", cuda_graphs=True,
+                            description="fp32 LoRA + autocast, replayed as one CUDA graph (--cuda_graphs)"),
+    "ours_bf16_graphs_nogc": Row("b", "bf16", checkpointing=False, cuda_graphs=True,
+                                 description="bf16 LoRA, --cuda_graphs, no gradient checkpointing"),
+    "ours_bf16_compile_graphs": Row("b", "bf16", "default", cuda_graphs=True,
+                                    description="bf16 LoRA, torch.compile (default mode) + --cuda_graphs"),
+    "lowvram_graphs": Row("lv", "bf16", optimizer="AdamW8bit", cuda_graphs=True,
+                          description="the low-VRAM recipe + --cuda_graphs"),
     "lowvram": Row("lv", "bf16", optimizer="AdamW8bit",
                    description="docs/sdxl.md low-VRAM recipe: bf16 weights + LoRA, AdamW8bit, gradient checkpointing, "
                                "cached text-encoder outputs and latents (no text encoder / VAE on the GPU)"),
@@ -122,9 +132,11 @@ def scheduler_config() -> dict[str, Any]:
 
 
 def build_unet(bench: SDXLBench, row: Row, device: torch.device | None = None):
+    from library.training.graphed_step import checkpoint_without_rng_state
+
     unet = ts.build_unet(bench, row.channels_last, device)
-    if row.checkpointing:
-        unet.enable_gradient_checkpointing()
+    if row.checkpointing:  # as the trainer: a graph being recorded cannot read the RNG state checkpointing saves
+        unet.enable_gradient_checkpointing(checkpoint_without_rng_state if row.cuda_graphs else None)
     return unet
 
 
@@ -181,23 +193,28 @@ def setup_ours(bench: SDXLBench, row: Row) -> ts.Setup:
     device, added = bench.device, bench.added
     latents = bench.latents.contiguous(memory_format=torch.channels_last) if row.channels_last else bench.latents
     weights = torch.ones(bench.batch, device=device)
-    amp = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if autocast else contextlib.nullcontext
+    amp = ts.autocast_context(autocast, device, row.cuda_graphs)
 
-    def forward_backward() -> torch.Tensor:
+    def body(latents: torch.Tensor, text: torch.Tensor, text_embeds: torch.Tensor,
+             time_ids: torch.Tensor) -> tuple[torch.Tensor]:
         noise = losses.sample_noise(latents, None)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=device)
         noisy = scheduler.add_noise(latents, noise, timesteps)
         with amp():
-            pred = model(noisy, timesteps, bench.text, added_cond_kwargs=added).sample
+            pred = model(noisy, timesteps, text, added_cond_kwargs={"text_embeds": text_embeds,
+                                                                    "time_ids": time_ids}).sample
         target = losses.training_target(scheduler, latents, noise, timesteps)
         loss = losses.diffusion_loss(pred, target, timesteps, scheduler, loss_weights=weights, min_snr_gamma=None,
                                      scale_v_pred_loss_like_noise_pred=False)
         loss.backward()
-        return loss.detach()
+        return (loss.detach(),)
 
     named = list(network.named_parameters())
+    inputs = (latents, bench.text, added["text_embeds"], added["time_ids"])
+    forward_backward = ts.graphed_or_eager(body, lambda: inputs, [p for _, p in named], device, row.cuda_graphs)
     info = {"lora": "networks.lora", "lora_dtype": row.lora_dtype, "autocast": autocast, "compile": row.compile_mode,
             "channels_last": row.channels_last, "gradient_checkpointing": row.checkpointing,
+            "cuda_graphs": row.cuda_graphs,
             "optimizer": f"{row.optimizer} -> {type(optimizer).__module__}.{type(optimizer).__name__}",
             **ts.lora_counts([p for _, p in named])}
     return ts.Setup(forward_backward, optimizer, [p for _, p in named], [n for n, _ in named], "lora_up", info,
@@ -206,7 +223,7 @@ def setup_ours(bench: SDXLBench, row: Row) -> ts.Setup:
 
 def run(name: str, bench: SDXLBench) -> dict[str, Any]:
     row = ROWS[name]
-    reason = ts.compile_skip_reason(row.compile_mode, bench)
+    reason = ts.compile_skip_reason(row.compile_mode, bench) or ts.graphs_skip_reason(row.cuda_graphs, bench)
     if row.group == "a":
         try:
             import peft  # noqa: F401

@@ -83,6 +83,7 @@ class Variant:
     channels_last: bool = False
     description: str = ""
     host_inputs: bool = False  # feed each step the way trainer.compute_loss does (blocking host->device copies)
+    cuda_graphs: bool = False  # the trainer's --cuda_graphs: forward + loss + backward replayed as one CUDA graph
 
 
 VARIANTS: dict[str, Variant] = {
@@ -99,6 +100,10 @@ VARIANTS: dict[str, Variant] = {
                                        description="fp32 LoRA + autocast, reduce-overhead, channels_last"),
     "ours_bf16_cudagraphs_cl": Variant("bf16", "reduce-overhead", True,
                                        description="bf16 LoRA, reduce-overhead (CUDA graphs), channels_last"),
+    "ours_bf16_graphs": Variant("bf16", cuda_graphs=True,
+                                description="bf16 LoRA, eager kernels replayed as one CUDA graph (--cuda_graphs)"),
+    "ours_fp32_graphs": Variant("fp32", cuda_graphs=True,
+                                description="fp32 LoRA + autocast, replayed as one CUDA graph (--cuda_graphs)"),
     "ours_bf16_autotune": Variant("bf16", "max-autotune-no-cudagraphs",
                                   description="bf16 LoRA, torch.compile mode=max-autotune-no-cudagraphs (slow compile)"),
     "ours_bf16_compile_hostinputs": Variant(
@@ -185,6 +190,24 @@ def cudagraph_step_marker(mode: str | None) -> Callable[[], None]:
     if mode == "reduce-overhead":
         return torch.compiler.cudagraph_mark_step_begin
     return lambda: None
+
+
+def autocast_context(enabled: bool, device: torch.device, cuda_graphs: bool) -> Callable[[], Any]:
+    """bf16 autocast for fp32-LoRA rows; without its weight-cast cache under --cuda_graphs, as the trainer does."""
+    if not enabled:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=not cuda_graphs)
+
+
+def graphed_or_eager(body: Callable[..., tuple[torch.Tensor, ...]], inputs: Callable[[], tuple[torch.Tensor, ...]],
+                     params: list[torch.Tensor], device: torch.device, cuda_graphs: bool) -> Callable[[], torch.Tensor]:
+    """The row's forward_backward: ``body`` on this step's inputs, eagerly or through the trainer's GraphedStep."""
+    if not cuda_graphs:
+        return lambda: body(*inputs())[0]
+    from library.training.graphed_step import GraphedStep
+
+    graphed = GraphedStep(body, params, device)
+    return lambda: graphed(*inputs())[0]
 
 
 def lora_counts(params: list[torch.Tensor]) -> dict[str, int]:
@@ -282,11 +305,10 @@ def setup_ours(bench: Bench, variant: Variant, optimizer_name: str = "AdamW") ->
     scheduler = losses.make_noise_scheduler(SD_SCHEDULER, v_parameterization=False, zero_terminal_snr=False)
     model = maybe_compile(unet, variant.compile_mode, bench)
     device = bench.device
-    amp = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if autocast else contextlib.nullcontext
+    amp = autocast_context(autocast, device, variant.cuda_graphs)
     inputs = cached_inputs(bench, variant)
 
-    def forward_backward() -> torch.Tensor:
-        latents, text, loss_weights = inputs()
+    def body(latents: torch.Tensor, text: torch.Tensor, loss_weights: torch.Tensor) -> tuple[torch.Tensor]:
         noise = losses.sample_noise(latents, None)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=device)
         noisy = scheduler.add_noise(latents, noise, timesteps)
@@ -296,11 +318,13 @@ def setup_ours(bench: Bench, variant: Variant, optimizer_name: str = "AdamW") ->
         loss = losses.diffusion_loss(pred, target, timesteps, scheduler, loss_weights=loss_weights,
                                      min_snr_gamma=None, scale_v_pred_loss_like_noise_pred=False)
         loss.backward()
-        return loss.detach()
+        return (loss.detach(),)
 
     named = list(network.named_parameters())
+    forward_backward = graphed_or_eager(body, inputs, [p for _, p in named], device, variant.cuda_graphs)
     info = {"lora": "networks.lora", "lora_dtype": variant.lora_dtype, "autocast": autocast,
             "compile": variant.compile_mode, "channels_last": variant.channels_last,
+            "cuda_graphs": variant.cuda_graphs,
             "optimizer": f"{optimizer_name} -> {type(optimizer).__module__}.{type(optimizer).__name__}",
             **lora_counts([p for _, p in named])}
     return Setup(forward_backward, optimizer, [p for _, p in named], [n for n, _ in named], "lora_up", info,
@@ -478,6 +502,12 @@ def skipped(name: str, group: str, reason: str) -> dict[str, Any]:
     return {"name": name, "group": group, "skipped": reason}
 
 
+def graphs_skip_reason(cuda_graphs: bool, bench: Bench) -> str | None:
+    if cuda_graphs and bench.device.type != "cuda":
+        return "--cuda_graphs records CUDA graphs: needs a CUDA device"
+    return None
+
+
 def compile_skip_reason(mode: str | None, bench: Bench) -> str | None:
     if mode is None:
         return None
@@ -503,7 +533,7 @@ def config_row(name: str, bench: Bench) -> dict[str, Any]:
         return run_row({"name": name, "group": group, "description": BASELINES[name]}, bench,
                        lambda: setup_baseline(bench, mode))
     variant = VARIANTS[name]
-    reason = compile_skip_reason(variant.compile_mode, bench)
+    reason = compile_skip_reason(variant.compile_mode, bench) or graphs_skip_reason(variant.cuda_graphs, bench)
     if reason:
         return skipped(name, "b", reason)
     print(f"  {name} ...", flush=True)

