@@ -271,3 +271,20 @@ def test_loss_weights_match_min_snr_and_v_scaling_definitions_in_float64(predict
         w = torch.minimum(snr, torch.tensor(gamma, dtype=torch.float64)) / (snr + 1) * snr / (snr + 1)
     assert snr[-1] == 0 and torch.isfinite(got)
     torch.testing.assert_close(got.double(), (mse * w).mean(), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="--cuda_graphs records CUDA graphs")
+def test_sdxl_with_cuda_graphs_trains_the_lora_that_eager_trains(sdxl, tmp_path):
+    """The recorded step carries SDXL's added conditioning (pooled embedding, per-image time ids) as inputs."""
+    trained = {}
+    for label, flags in (("eager", []), ("graphs", ["--cuda_graphs"])):
+        out = tmp_path / label
+        assert main(argv(sdxl["folder"], sdxl["data"], out, "--network_train_unet_only", "--cache_text_encoder_outputs",
+                         "--cache_latents", "--gradient_checkpointing", "--mixed_precision", "bf16", *flags,
+                         steps=6)) == 0
+        trained[label] = load_file(str(out / "lora.safetensors"))
+    ups = sorted(k for k in trained["eager"] if "lora_up" in k)
+    eager, graphs = (torch.cat([trained[run][k].float().flatten() for k in ups]) for run in ("eager", "graphs"))
+    assert graphs.abs().sum() > 0
+    assert torch.nn.functional.cosine_similarity(eager, graphs, dim=0) > 0.999
