@@ -73,6 +73,7 @@ class StepGraph:
         return out
 
     def _capture(self) -> Any:
+        release_warmup_cache()  # before and after: the peak holds either the warm-ups' cache or the graph's pool
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph):
@@ -82,8 +83,16 @@ class StepGraph:
             logger.warning("CUDA graph capture of the optimizer step failed (%s); running it eagerly", exc)
             return self.fn()
         self.graph, self.output = graph, output
+        release_warmup_cache()
         graph.replay()  # capture records the kernels without running them: this call's work
         return output
+
+
+def release_warmup_cache() -> None:
+    """Hand back the blocks the eager warm-ups left cached: a captured graph keeps its temporaries in its own
+    pool, so those cached blocks would only add to reserved memory (SDXL LoRA + CustomAdamW: +3.6 GiB reserved
+    over AdamW before this)."""
+    torch.cuda.empty_cache()
 
 
 class GraphSlot:

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from library.optimizers.graphs import release_warmup_cache
+
 logger = logging.getLogger("loraforge")
 
 #: eager runs before recording a signature: cuDNN autotuning, cuBLAS workspaces and lazy buffers happen there
@@ -110,10 +112,13 @@ class GraphedStep:
         saved_grads = [flat.clone() for flat in self._flat]
         saved_rng = self._rng_state()
         self._warm_up(static)
+        release_warmup_cache()  # before and after the capture: the peak holds the warm-ups' cache or the pool
         replay, outputs = self._capture(static)
         for flat, saved in zip(self._flat, saved_grads, strict=True):
             flat.copy_(saved)
+        del saved_grads
         self._set_rng_state(saved_rng)
+        release_warmup_cache()
         return Recording(replay, static, outputs)
 
     # --- the CUDA parts; a CPU test swaps these three for eager stand-ins ------------------------------------
