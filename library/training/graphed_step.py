@@ -121,7 +121,7 @@ class GraphedStep:
         release_warmup_cache()
         return Recording(replay, static, outputs)
 
-    # --- the CUDA parts; a CPU test swaps these three for eager stand-ins ------------------------------------
+    # --- the CUDA parts; the CPU tests swap them for eager stand-ins -----------------------------------------------
     def _warm_up(self, static: list[Tensor]) -> None:
         """As PyTorch recommends before capture: on a side stream, ordered after the current one."""
         current = torch.cuda.current_stream(self.device)
