@@ -16,6 +16,9 @@ DIM=${DIM:-32}
 ALPHA=${ALPHA:-16}
 LR=${LR:-1e-4}
 PRECISION=${PRECISION:-bf16}           # "no" on a CPU
+CUDA_GRAPHS=${CUDA_GRAPHS:-1}          # 1: --cuda_graphs (GPU step replayed as a CUDA graph, ~10x on an H100)
+EXTRA=()
+if [[ "$CUDA_GRAPHS" == 1 && "$PRECISION" != "no" ]]; then EXTRA+=(--cuda_graphs); fi
 
 "$PYTHON" sdxl_train_network.py \
   --pretrained_model_name_or_path "$MODEL" \
@@ -38,4 +41,5 @@ PRECISION=${PRECISION:-bf16}           # "no" on a CPU
   --save_every_n_steps 500 \
   --save_state \
   --seed 42 \
+  ${EXTRA[@]+"${EXTRA[@]}"} \
   "$@"
