@@ -36,9 +36,10 @@ Signature = tuple[tuple[tuple[int, ...], torch.dtype], ...]
 
 @dataclass
 class Recording:
-    """One recorded signature: replay it after copying the step's inputs into ``inputs``."""
+    """One recorded signature: replay it after copying the step's inputs into ``inputs``; ``replay`` is None when
+    the capture failed and the signature runs eagerly."""
 
-    replay: Callable[[], None]
+    replay: Callable[[], None] | None
     inputs: list[Tensor]
     outputs: tuple[Tensor, ...]
 
@@ -99,8 +100,11 @@ class GraphedStep:
         recording = self.recordings.get(signature)
         if recording is None:
             recording = self.recordings[signature] = self._record(inputs)
-            logger.info("recorded the training step as a CUDA graph for inputs %s (%d recorded)",
-                        [list(s) for s, _ in signature], len(self.recordings))
+            if recording.replay is not None:
+                logger.info("recorded the training step as a CUDA graph for inputs %s (%d recorded)",
+                            [list(s) for s, _ in signature], len(self.recordings))
+        if recording.replay is None:
+            return self.body(*inputs)
         for static, x in zip(recording.inputs, inputs, strict=True):
             static.copy_(x)
         recording.replay()
@@ -113,7 +117,13 @@ class GraphedStep:
         saved_rng = self._rng_state()
         self._warm_up(static)
         release_warmup_cache()  # before and after the capture: the peak holds the warm-ups' cache or the pool
-        replay, outputs = self._capture(static)
+        replay: Callable[[], None] | None
+        try:
+            replay, outputs = self._capture(static)
+        except Exception as exc:  # noqa: BLE001 - an op that cannot be recorded: eager is the same computation
+            logger.warning("could not record the training step as a CUDA graph for inputs %s (%s: %s); these "
+                           "inputs train eagerly", [list(x.shape) for x in static], type(exc).__name__, exc)
+            replay, outputs = None, ()
         for flat, saved in zip(self._flat, saved_grads, strict=True):
             flat.copy_(saved)
         del saved_grads

@@ -171,3 +171,31 @@ def test_cuda_graphs_train_the_lora_that_eager_trains(tiny_dataset, tmp_path, ex
     eager, graphs = (torch.cat([weights[run][k].float().flatten() for k in ups]) for run in ("eager", "graphs"))
     assert graphs.abs().sum() > 0
     assert torch.nn.functional.cosine_similarity(eager, graphs, dim=0) > 0.999
+
+
+class FailingCapture(EagerRecorder):
+    """A body with an op that cannot be recorded: capture raises."""
+
+    def _capture(self, static):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+
+def test_a_failed_capture_trains_that_signature_eagerly_with_a_warning(caplog):
+    eager_losses, eager_grads, eager_weights, _ = _train(False)
+    model = _model()
+    params = list(model.parameters())
+    opt = torch.optim.SGD(params, lr=0.1)
+    step = FailingCapture(_body(model, 2), params, torch.device("cpu"))
+    torch.manual_seed(123)
+    losses = []
+    with caplog.at_level("WARNING", logger="loraforge"):
+        for i, (x, w) in enumerate(_batches()):
+            losses.append(step(x, w)[0].clone())
+            if (i + 1) % 2 == 0:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+    assert sum("could not record" in r.getMessage() for r in caplog.records) == 2  # once per signature
+    for a, b in zip(losses, eager_losses, strict=True):  # the warm-ups left no trace in gradients or RNG
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for a, b in zip(params, eager_weights, strict=True):
+        torch.testing.assert_close(a.detach(), b, rtol=0, atol=0)
