@@ -15,13 +15,12 @@ parameter set) starts with an empty slot.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-logger = logging.getLogger("loraforge")
+from library.errors import OptimizerError
 
 #: eager calls before capture: the first calls may allocate lazily (cuBLAS workspaces, caching-allocator blocks)
 WARMUP_CALLS = 2
@@ -78,10 +77,13 @@ class StepGraph:
         try:
             with torch.cuda.graph(graph):
                 output = self.fn()
-        except Exception as exc:  # noqa: BLE001 - any capture failure: the eager path is always correct
-            self.enabled = False
-            logger.warning("CUDA graph capture of the optimizer step failed (%s); running it eagerly", exc)
-            return self.fn()
+        except Exception as exc:
+            # no eager fallback: a failed capture leaves the CUDA generator in capture mode, so the training
+            # step's next random draw would fail with an unrelated message ("Offset increment outside graph
+            # capture"; seen on an H100)
+            raise OptimizerError(f"recording the optimizer step as a CUDA graph failed ({type(exc).__name__}: "
+                                 f"{str(exc).splitlines()[0]}); run it eagerly with --optimizer_args "
+                                 "cuda_graph=False") from exc
         self.graph, self.output = graph, output
         release_warmup_cache()
         graph.replay()  # capture records the kernels without running them: this call's work

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from library.errors import ConfigError
 from library.optimizers.graphs import release_warmup_cache
 
 logger = logging.getLogger("loraforge")
@@ -36,10 +37,9 @@ Signature = tuple[tuple[tuple[int, ...], torch.dtype], ...]
 
 @dataclass
 class Recording:
-    """One recorded signature: replay it after copying the step's inputs into ``inputs``; ``replay`` is None when
-    the capture failed and the signature runs eagerly."""
+    """One recorded signature: replay it after copying the step's inputs into ``inputs``."""
 
-    replay: Callable[[], None] | None
+    replay: Callable[[], None]
     inputs: list[Tensor]
     outputs: tuple[Tensor, ...]
 
@@ -100,11 +100,8 @@ class GraphedStep:
         recording = self.recordings.get(signature)
         if recording is None:
             recording = self.recordings[signature] = self._record(inputs)
-            if recording.replay is not None:
-                logger.info("recorded the training step as a CUDA graph for inputs %s (%d recorded)",
-                            [list(s) for s, _ in signature], len(self.recordings))
-        if recording.replay is None:
-            return self.body(*inputs)
+            logger.info("recorded the training step as a CUDA graph for inputs %s (%d recorded)",
+                        [list(s) for s, _ in signature], len(self.recordings))
         for static, x in zip(recording.inputs, inputs, strict=True):
             static.copy_(x)
         recording.replay()
@@ -117,13 +114,14 @@ class GraphedStep:
         saved_rng = self._rng_state()
         self._warm_up(static)
         release_warmup_cache()  # before and after the capture: the peak holds the warm-ups' cache or the pool
-        replay: Callable[[], None] | None
         try:
             replay, outputs = self._capture(static)
-        except Exception as exc:  # noqa: BLE001 - an op that cannot be recorded: eager is the same computation
-            logger.warning("could not record the training step as a CUDA graph for inputs %s (%s: %s); these "
-                           "inputs train eagerly", [list(x.shape) for x in static], type(exc).__name__, exc)
-            replay, outputs = None, ()
+        except Exception as exc:
+            # no eager fallback: a failed capture leaves the CUDA generator in capture mode, so every later
+            # random draw of the process fails ("Offset increment outside graph capture"; seen on an H100)
+            raise ConfigError(f"--cuda_graphs: the training step could not be recorded as a CUDA graph for inputs "
+                              f"{[list(x.shape) for x in static]} ({type(exc).__name__}: {str(exc).splitlines()[0]}"
+                              "); train without --cuda_graphs") from exc
         for flat, saved in zip(self._flat, saved_grads, strict=True):
             flat.copy_(saved)
         del saved_grads

@@ -112,3 +112,26 @@ def test_graphed_custom_adamw_matches_eager(bits):
     assert buckets and all(b.graph.graph is not None and b.graph.graph.captured for b in buckets)
     for a, b in zip(eager, graphed, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+
+
+def test_a_failed_capture_is_one_line_that_names_cuda_graph_false(monkeypatch):
+    """No eager fallback: a failed capture leaves the CUDA generator unusable for the rest of the process."""
+    import contextlib
+
+    from library.errors import OptimizerError
+    from library.optimizers import graphs
+
+    @contextlib.contextmanager
+    def refusing_capture(graph):
+        raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
+        yield
+
+    monkeypatch.setattr(graphs.torch.cuda, "CUDAGraph", lambda: object())
+    monkeypatch.setattr(graphs.torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(graphs.torch.cuda, "graph", refusing_capture)
+    block = StepGraph(lambda: None, torch.device("cpu"))
+    block.enabled, block.calls = True, WARMUP_CALLS  # as on a GPU after the warm-ups
+    with pytest.raises(OptimizerError, match=r"^recording the optimizer step as a CUDA graph failed \(RuntimeError: "
+                                             r"operation not permitted when stream is capturing\); run it eagerly "
+                                             r"with --optimizer_args cuda_graph=False$"):
+        block()
