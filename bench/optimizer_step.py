@@ -64,7 +64,7 @@ SD15_UNET = {
     "use_linear_projection": False,
 }
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
-SDXL_CONFIG = Path(__file__).resolve().parents[1] / "library" / "models" / "configs" / "sdxl-base" / "unet" / "config.json"
+SDXL_CONFIG = Path(__file__).resolve().parents[1] / "library/models/configs/sdxl-base/unet/config.json"
 
 
 def unet_config(params: str) -> dict:

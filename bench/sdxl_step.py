@@ -83,7 +83,8 @@ ROWS: dict[str, Row] = {
     "ours_bf16_cudagraphs": Row("b", "bf16", "reduce-overhead",
                                 description="bf16 LoRA, --dynamo_mode reduce-overhead (CUDA graphs)"),
     "ours_bf16_graphs": Row("b", "bf16", cuda_graphs=True,
-                            description="bf16 LoRA, eager kernels replayed as one CUDA graph (--full_bf16 --cuda_graphs)"),
+                            description="bf16 LoRA, eager kernels replayed as one CUDA graph "
+                                        "(--full_bf16 --cuda_graphs)"),
     "ours_fp32_graphs": Row("b", "fp32", cuda_graphs=True,
                             description="fp32 LoRA + autocast, replayed as one CUDA graph (--cuda_graphs)"),
     "ours_bf16_graphs_nogc": Row("b", "bf16", checkpointing=False, cuda_graphs=True,

@@ -7,8 +7,9 @@ Decoding is bitsandbytes' ``dequantize_blockwise`` kernel. Encoding is ours, fiv
 (block absmax, scale, ``bucketize`` against the map's midpoints): bitsandbytes' CUDA quantize kernel launches on
 the legacy default stream, so it is silently left out of a captured CUDA graph (the optimizers' ``cuda_graph``
 mode), and its binary search is not always the nearest code (0.2-0.3% of codes, one step off, measured on its CPU
-kernel); ours is exactly the nearest code, ties to the lower one, on every device. The state is two plain tensors, so ``state_dict()`` needs nothing special; an optimizer keeps
-them under ``<name>_codes`` / ``<name>_absmax`` (see :func:`init_state` / :func:`load` / :func:`store_`).
+kernel); ours is exactly the nearest code, ties to the lower one, on every device. The state is two plain
+tensors, so ``state_dict()`` needs nothing special; an optimizer keeps them under ``<name>_codes`` /
+``<name>_absmax`` (see :func:`init_state` / :func:`load` / :func:`store_`).
 
 Typical use inside a step: ``x = load(state, "exp_avg", signed=True)`` → update ``x`` in fp32 →
 ``store_(state, "exp_avg", x, signed=True)``. For many tensors at once, :class:`FlatQuantState` keeps the codes
@@ -229,7 +230,6 @@ class FlatQuantState:
     def store_(self, name: str, flat: Tensor, *, signed: bool) -> None:
         """Requantise a flat buffer (layout order) into the state buffers of ``name`` (after :meth:`load`)."""
         codes, absmax, _, _ = self._buffers[name]
-        src = flat
         if not self.aligned:
-            src = src.new_zeros(self.padded).index_copy_(0, self._slot_index(), src)
-        quantize_into_(src, codes, absmax, signed=signed)
+            flat = flat.new_zeros(self.padded).index_copy_(0, self._slot_index(), flat)
+        quantize_into_(flat, codes, absmax, signed=signed)
