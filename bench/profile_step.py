@@ -45,11 +45,7 @@ def kernel_summary(prof: profile, steps: int, top: int) -> dict[str, Any]:
 def build_setup(name: str, bench: ts.Bench) -> ts.Setup:
     """The row as bench/train_step.py (SD1.5) or bench/sdxl_step.py (SDXL) builds it."""
     if isinstance(bench, sdxl_step.SDXLBench):
-        row = sdxl_step.ROWS[name]
-        build = sdxl_step.setup_baseline if row.group == "a" else sdxl_step.setup_ours
-        setup = build(bench, row)
-        ts.release_memory(bench.device, reset_compiled=False)
-        return setup
+        return sdxl_step.build_row(name, bench)
     if name in ts.BASELINES:
         return ts.setup_baseline(bench, None if name == "baseline" else "default")
     return ts.setup_ours(bench, ts.VARIANTS[name])

@@ -230,6 +230,16 @@ def setup_ours(bench: SDXLBench, row: Row) -> ts.Setup:
                     before_step=ts.cudagraph_step_marker(row.compile_mode), network=network, keep=(unet, model))
 
 
+def build_row(name: str, bench: SDXLBench) -> ts.Setup:
+    """The setup of row ``name`` (also bench/profile_step.py --model sdxl's)."""
+    row = ROWS[name]
+    setup = (setup_baseline if row.group == "a" else setup_ours)(bench, row)
+    # the fp32 -> bf16 cast of the U-Net left ~10 GiB of cached blocks: free them, or they would count
+    # as this row's peak reserved memory
+    ts.release_memory(bench.device, reset_compiled=False)
+    return setup
+
+
 def run(name: str, bench: SDXLBench) -> dict[str, Any]:
     row = ROWS[name]
     reason = ts.compile_skip_reason(row.compile_mode, bench) or ts.graphs_skip_reason(row.cuda_graphs, bench)
@@ -241,16 +251,8 @@ def run(name: str, bench: SDXLBench) -> dict[str, Any]:
     if reason:
         return ts.skipped(name, row.group, reason)
     print(f"  {name} ...", flush=True)
-    build = setup_baseline if row.group == "a" else setup_ours
-
-    def make() -> ts.Setup:
-        setup = build(bench, row)
-        # the fp32 -> bf16 cast of the U-Net left ~10 GiB of cached blocks: free them, or they would count
-        # as this row's peak reserved memory
-        ts.release_memory(bench.device, reset_compiled=False)
-        return setup
-
-    result = ts.run_row({"name": name, "group": row.group, "description": row.description}, bench, make)
+    result = ts.run_row({"name": name, "group": row.group, "description": row.description}, bench,
+                        lambda: build_row(name, bench))
     if bench.device.type == "cuda" and "ms_step" in result:
         # the peak since measure() reset the counters after building the row (cached blocks included)
         result["peak_reserved_gib"] = torch.cuda.max_memory_reserved(bench.device) / 2**30

@@ -72,7 +72,8 @@ def synthetic_examples(n_images: int, size: int = 64, seed: int = 0, workers: in
             jobs.append((min(256, count - start), size, seed * 1_000_003 + stream * 10_007 + k, concept))
     if workers > 1 and len(jobs) > 1:
         # spawn: a fork of this (threaded) process can inherit a held lock and hang
-        with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn")) as pool:
+        spawn = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=spawn) as pool:
             chunks = list(pool.map(_generate_chunk, jobs))
     else:
         chunks = [_generate_chunk(job) for job in jobs]

@@ -58,8 +58,8 @@ Design decisions:
   (about 66 with the defaults) whatever the tensor count and never reads a value back from the device. The
   price is memory outside the optimizer state: the two flat working buffers and the two indices, about 16 bytes
   per parameter.
-- ``cuda_graph=True`` (the default) goes one further on a GPU: after the gradient gather, a bucket's whole step replays as one
-  CUDA graph (:mod:`library.optimizers.graphs`). What changes between steps reaches it through persistent 0-d
+- ``cuda_graph=True`` (the default) goes one further on a GPU: after the gradient gather, a bucket's whole step
+  replays as one CUDA graph (:mod:`library.optimizers.graphs`). What changes between steps reaches it through persistent 0-d
   device tensors (the lr-scaled step, ADOPT's clip, bias corrections, ρ(t) terms: one asynchronous ``fill_``
   each); settings compiled into the kernels (flags, betas, ε, TAM β, ALLoRA η and ratio) and the identity of the
   state buffers key the capture, so a change of either, a state-dict load or a new tensor set captures again.

@@ -28,10 +28,13 @@ def uses_cuda_graphs(args: argparse.Namespace) -> bool:
 
 
 def check_compile_device(args: argparse.Namespace, device: torch.device) -> None:
-    """CUDA-graph modes need a CUDA device: say so before any model is loaded."""
+    """CUDA-graph modes and --cuda_graphs need a CUDA device: say so before any model is loaded."""
     if uses_cuda_graphs(args) and device.type != "cuda":
         raise ConfigError(f"--dynamo_mode {args.dynamo_mode} records CUDA graphs and needs a CUDA device (this run is "
                           f"on {device.type}); valid here: --dynamo_mode default or max-autotune-no-cudagraphs")
+    if args.cuda_graphs and device.type != "cuda":
+        raise ConfigError(f"--cuda_graphs records CUDA graphs and needs a CUDA device (this run is on "
+                          f"{device.type}); drop --cuda_graphs")
 
 
 def compile_unet(unet: torch.nn.Module, args: argparse.Namespace) -> torch.nn.Module:

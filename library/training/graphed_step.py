@@ -25,12 +25,9 @@ import torch
 from torch import Tensor
 
 from library.errors import ConfigError
-from library.optimizers.graphs import release_warmup_cache
+from library.optimizers.graphs import WARMUP_CALLS, on_side_stream, release_warmup_cache
 
 logger = logging.getLogger("loraforge")
-
-#: eager runs before recording a signature: cuDNN autotuning, cuBLAS workspaces and lazy buffers happen there
-WARMUP_RUNS = 2
 
 Signature = tuple[tuple[tuple[int, ...], torch.dtype], ...]
 
@@ -113,7 +110,6 @@ class GraphedStep:
         saved_grads = [flat.clone() for flat in self._flat]
         saved_rng = self._rng_state()
         self._warm_up(static)
-        release_warmup_cache()  # before and after the capture: the peak holds the warm-ups' cache or the pool
         try:
             replay, outputs = self._capture(static)
         except Exception as exc:
@@ -131,14 +127,13 @@ class GraphedStep:
 
     # --- the CUDA parts; the CPU tests swap them for eager stand-ins -----------------------------------------------
     def _warm_up(self, static: list[Tensor]) -> None:
-        """As PyTorch recommends before capture: on a side stream, ordered after the current one."""
-        current = torch.cuda.current_stream(self.device)
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(current)
-        with torch.cuda.stream(side):
-            for _ in range(WARMUP_RUNS):
+        """WARMUP_CALLS eager runs (cuDNN autotuning, cuBLAS workspaces and lazy buffers happen there)."""
+
+        def runs() -> None:
+            for _ in range(WARMUP_CALLS):
                 self.body(*static)
-        current.wait_stream(side)
+
+        on_side_stream(self.device, runs)
 
     def _capture(self, static: list[Tensor]) -> tuple[Callable[[], None], tuple[Tensor, ...]]:
         graph = torch.cuda.CUDAGraph()

@@ -44,14 +44,17 @@ def test_on_a_gpu_the_block_is_captured_once_then_replayed():
     assert torch.equal(x.cpu(), torch.full((4,), 126.0))  # six applications, as eagerly
 
 
-def _train(cuda_graph: bool, steps: int, reload_at: int, cls=Automagic_Sinkgd, **extra):
+def _train(cuda_graph: bool, steps: int, reload_at: int, cls=Automagic_Sinkgd, lr_decay: float = 1.0, **extra):
+    """``steps`` steps on CUDA with random gradients; a state-dict reload after step ``reload_at``; the lr
+    multiplied by ``lr_decay`` each step, as a scheduler would."""
     params, names = lora_set(6, seed=0)
     params = [torch.nn.Parameter(p.detach().cuda()) for p in params]
     gen = torch.Generator(device="cuda").manual_seed(1)
-    opt = cls([{"params": params, "names": names}], lr=1e-3, warmup_steps=4, cuda_graph=cuda_graph, **extra)
+    opt = cls([{"params": params, "names": names}], lr=1e-3, cuda_graph=cuda_graph, **extra)
     for step in range(steps):
         for p in params:
             p.grad = torch.randn(p.shape, device="cuda", generator=gen)
+        opt.param_groups[0]["lr"] = 1e-3 * lr_decay**step
         opt.step()
         if step == reload_at:  # new plans and buffers: the graph must be rebuilt, not replayed on stale memory
             opt.load_state_dict(opt.state_dict())
@@ -62,8 +65,8 @@ def _train(cuda_graph: bool, steps: int, reload_at: int, cls=Automagic_Sinkgd, *
 @pytest.mark.gpu
 @needs_cuda
 def test_graphed_sinkgd_matches_eager_through_a_state_dict_reload():
-    eager, _ = _train(False, 12, reload_at=6)
-    graphed, opt = _train(True, 12, reload_at=6)
+    eager, _ = _train(False, 12, reload_at=6, warmup_steps=4)
+    graphed, opt = _train(True, 12, reload_at=6, warmup_steps=4)
     graphs = [plan.resolved["graph"].graph for plan in opt._plans.values()]
     assert graphs and all(g.captured for g in graphs)
     for a, b in zip(eager, graphed, strict=True):
@@ -75,7 +78,7 @@ def test_graphed_sinkgd_matches_eager_through_a_state_dict_reload():
 @pytest.mark.parametrize("bits", [32, 8])
 def test_graphed_cameamp_matches_eager_across_warmup_and_a_reload(bits):
     """OrthoGrad turns on after warm-up (step 5): g then reaches the graph through a copy."""
-    extra = dict(orthograd=True, optim_bits=bits)
+    extra = dict(orthograd=True, optim_bits=bits, warmup_steps=4)
     eager, _ = _train(False, 14, reload_at=7, cls=Automagic_CameAMP, **extra)
     graphed, opt = _train(True, 14, reload_at=7, cls=Automagic_CameAMP, **extra)
     graphs = [plan.resolved["graph"].graph for plan in opt._plans.values()]
@@ -84,30 +87,15 @@ def test_graphed_cameamp_matches_eager_across_warmup_and_a_reload(bits):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)  # R's correction: a device scalar, not an argument
 
 
-def _train_custom(cuda_graph: bool, bits: int) -> tuple[list[torch.Tensor], HinaAdamWOptimizer]:
-    params, names = lora_set(6, seed=0)
-    params = [torch.nn.Parameter(p.detach().cuda()) for p in params]
-    gen = torch.Generator(device="cuda").manual_seed(1)
-    opt = HinaAdamWOptimizer([{"params": params, "names": names}], lr=1e-3, optim_bits=bits, min_8bit_size=32,
-                             wd_transition_steps=3, use_orthogonal_grad=True, cuda_graph=cuda_graph)
-    for step in range(12):
-        for p in params:
-            p.grad = torch.randn(p.shape, device="cuda", generator=gen)
-        opt.param_groups[0]["lr"] = 1e-3 * (0.9**step)  # as a scheduler would
-        opt.step()
-        if step == 6:
-            opt.load_state_dict(opt.state_dict())
-    torch.cuda.synchronize()
-    return [p.detach().clone() for p in params], opt
-
-
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("bits", [32, 8])
 def test_graphed_custom_adamw_matches_eager(bits):
     """Same kernels; only the scalars differ in form (device tensors instead of kernel arguments)."""
-    eager, _ = _train_custom(False, bits)
-    graphed, opt = _train_custom(True, bits)
+    extra = dict(cls=HinaAdamWOptimizer, lr_decay=0.9, optim_bits=bits, min_8bit_size=32, wd_transition_steps=3,
+                 use_orthogonal_grad=True)
+    eager, _ = _train(False, 12, reload_at=6, **extra)
+    graphed, opt = _train(True, 12, reload_at=6, **extra)
     buckets = [b for plan in opt._plans.values() for b, _, _ in plan.buckets]
     assert buckets and all(b.graph.graph is not None and b.graph.graph.captured for b in buckets)
     for a, b in zip(eager, graphed, strict=True):

@@ -13,8 +13,9 @@ import torch
 from safetensors.torch import load_file
 
 from library.errors import ConfigError
+from library.optimizers.graphs import WARMUP_CALLS
 from library.training.entry import main
-from library.training.graphed_step import WARMUP_RUNS, GraphedStep
+from library.training.graphed_step import GraphedStep
 from tests.training.conftest import train_argv
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="records CUDA graphs")
@@ -35,7 +36,7 @@ class EagerRecorder(GraphedStep):
         self.body = counted
 
     def _warm_up(self, static):
-        for _ in range(WARMUP_RUNS):
+        for _ in range(WARMUP_CALLS):
             self.body(*static)
 
     def _capture(self, static):
@@ -107,7 +108,7 @@ def test_replayed_steps_equal_eager_steps_across_buckets_and_accumulation(device
     losses, grads, weights, step = _train(True, device=device)
     assert len(step.recordings) == 2  # one per input signature, each recorded once
     if device == "cpu":
-        assert step.body_runs == 10 + 2 * (WARMUP_RUNS + 1)  # 10 replays; per signature: warm-ups and the capture
+        assert step.body_runs == 10 + 2 * (WARMUP_CALLS + 1)  # 10 replays; per signature: warm-ups and the capture
     for a, b in zip(losses, eager_losses, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     for a, b in zip(grads, eager_grads, strict=True):
