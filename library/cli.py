@@ -213,6 +213,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sample_prompts", type=str, default=None, help="text file: one prompt per line (--n --w --h --s --l --d)")
     g.add_argument("--sample_sampler", type=str, default="ddim", choices=["ddim", "euler", "euler_a", "dpmsolver++"])
     g.add_argument("--sample_at_first", action="store_true")
+
+    from library.flags import captions, images, models_saving, objective, run, sampling
+
+    objective.add_arguments(p)
+    captions.add_arguments(p)
+    images.add_arguments(p)
+    run.add_arguments(p)
+    models_saving.add_arguments(p)
+    sampling.add_arguments(p)
     return p
 
 

@@ -1,0 +1,9 @@
+"""sd-scripts' image, bucket, augmentation and validation options."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds nothing yet: the area's options still live in library/cli.py."""
