@@ -23,7 +23,7 @@ import torch
 
 from library.data.dataset import collate
 from library.errors import ConfigError, LoraForgeError
-from library.training import conditioning, losses
+from library.training import conditioning, losses, resume, state_io
 from library.training.atomic import atomic_dir, atomic_file, check_writable
 from library.training.compile import check_compile_device, compile_requested, compile_unet, step_marker
 from library.training.graphed_step import GraphedStep, checkpoint_without_rng_state
@@ -36,6 +36,7 @@ from library.training.setup import (
     build_optimizer_for,
     check_optimizer_settings,
     load_model,
+    optimizer_name,
     weight_dtype_for,
 )
 from library.training.validate import (
@@ -85,6 +86,7 @@ class LoRATrainer:
     def setup(self) -> None:
         a = self.args
         validate_args(a)
+        self.resume_found = resume.find_state(a.resume) if a.resume else None
         if not a.overwrite and not a.resume:
             existing = output_files_exist(self.output_dir, a.output_name)
             if existing:
@@ -104,6 +106,10 @@ class LoRATrainer:
                                        project_dir=a.logging_dir or str(self.output_dir / "logs"))
         acc = self.accelerator
         self.device = acc.device
+        self.resume_parts = None
+        if a.resume:  # read and checked against this run before the model loads
+            resume.check_settings(self.resume_found, self._run_settings())
+            self.resume_parts = resume.load(self.resume_found, acc.process_index)
         check_compile_device(a, self.device)
         self._mark_step = step_marker(a)
         torch.manual_seed(a.seed + acc.process_index)
@@ -146,10 +152,11 @@ class LoRATrainer:
         self.num_epochs = math.ceil(a.max_train_steps / self.steps_per_epoch)
         self.lr_scheduler = build_lr_scheduler(a, self.base_optimizer, a.max_train_steps)
         self.optimizer = acc.prepare(self.optimizer)
-        acc.register_for_checkpointing(self.network, self.lr_scheduler, self.progress)
-        if a.resume:
-            acc.load_state(a.resume)
-            logger.info("resumed from %s at step %d (epoch %d)", a.resume, self.progress.global_step, self.progress.epoch + 1)
+        if self.resume_parts is not None:
+            self._apply_state(self.resume_parts)
+            logger.info("resumed from %s at step %d (epoch %d)", self.resume_found.folder, self.progress.global_step,
+                        self.progress.epoch + 1)
+            self.resume_parts = None
         if acc.is_main_process:  # the exact estimate, now that the network and the epochs are known
             check_free_space_for_network(a, self.network, self.steps_per_epoch, start_step=self.progress.global_step)
         if acc.is_main_process and log_with:
@@ -407,12 +414,52 @@ class LoRATrainer:
             state_dir = self.output_dir / f"{a.output_name}-state"
             if acc.is_main_process:
                 with atomic_dir(state_dir) as tmp:
-                    acc.save_state(str(tmp))
-            else:
-                acc.save_state(str(state_dir.with_name(state_dir.name + f".rank{acc.process_index}")))
+                    state_io.write_state(tmp, self._state_parts(), self._run_settings(), step=self.progress.global_step)
+                resume.remove_leftover_copies(state_dir)
+            else:  # the other processes differ only in their random streams
+                with atomic_dir(state_dir.with_name(f"{state_dir.name}.rank{acc.process_index}")) as tmp:
+                    state_io.write_state(tmp, {"rng": state_io.rng_state()}, {}, step=self.progress.global_step)
         acc.wait_for_everyone()
         self._optimizer_mode("train")
         return path
+
+    def _run_settings(self) -> dict:
+        """What a state depends on: resuming with other values would fail to load or silently change the run."""
+        from library.training.setup import parse_key_values
+
+        a = self.args
+        net_kwargs = parse_key_values(a.network_args, "--network_args")
+        return {"network_module": a.network_module, "network_dim": a.network_dim, "conv_dim": net_kwargs.get("conv_dim"),
+                "optimizer": optimizer_name(a), "batch_size": [d["batch_size"] for d in self.dataset.summary()["datasets"]],
+                "gradient_accumulation_steps": a.gradient_accumulation_steps}
+
+    def _state_parts(self) -> dict:
+        parts = {"network": self.network.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "lr_scheduler": self.lr_scheduler.state_dict(), "progress": self.progress.state_dict(),
+                 "rng": state_io.rng_state()}
+        if self.accelerator.scaler is not None:
+            parts["scaler"] = self.accelerator.scaler.state_dict()
+        return parts
+
+    def _apply_state(self, parts: dict) -> None:
+        where = f"--resume {self.resume_found.folder}"
+        try:
+            self.network.load_state_dict(parts["network"], strict=True)
+        except RuntimeError as exc:
+            detail = " ".join(str(exc).split())[:300]
+            raise ConfigError(f"{where}: its LoRA does not fit this network (other network_dim/conv_dim/"
+                              f"--network_args?): {detail}") from None
+        try:
+            self.optimizer.load_state_dict(parts["optimizer"])
+        except (ValueError, KeyError, RuntimeError) as exc:
+            raise ConfigError(f"{where}: its optimizer state does not fit this optimizer ({exc}); resume with the "
+                              "--optimizer_type and flags of that run") from None
+        self.lr_scheduler.load_state_dict(parts["lr_scheduler"])
+        self.progress.load_state_dict(parts["progress"])
+        if "scaler" in parts and self.accelerator.scaler is not None:
+            self.accelerator.scaler.load_state_dict(parts["scaler"])
+        if "rng" in parts:
+            state_io.set_rng_state(parts["rng"])
 
     def sample_images(self) -> None:
         a = self.args

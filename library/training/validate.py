@@ -137,15 +137,6 @@ def _check_network_weights(value: str) -> None:
         raise ConfigError(f"--network_weights {value}: neither a .safetensors file nor a torch.save'd state dict")
 
 
-def _check_resume(value: str) -> None:
-    path = Path(value)
-    if not path.is_dir():
-        raise ConfigError(f"--resume {value}: state folder not found (it is written by --save_state as <output_name>-state)")
-    if not any(path.glob("random_states_*.pkl")) or not any(path.glob("optimizer*")):
-        raise ConfigError(f"--resume {value}: not a training state folder (no optimizer/random_states files); "
-                          "give the <output_name>-state folder written by --save_state")
-
-
 def _check_model(model: str) -> None:
     from library.models.builtin import BUILTIN_NAMES
 
@@ -186,8 +177,6 @@ def validate_paths(args: argparse.Namespace) -> None:
         value = getattr(args, flag)
         if value and not Path(value).is_dir():
             raise ConfigError(f"--{flag} {value}: folder not found")
-    if args.resume:
-        _check_resume(args.resume)
     _check_model(args.pretrained_model_name_or_path)
 
 

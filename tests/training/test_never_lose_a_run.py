@@ -166,10 +166,13 @@ def test_disk_filling_up_between_checkpoints_stops_naming_the_file_and_keeps_the
 
     first = load_file(out / "t-step00000001.safetensors")
     assert any(k.endswith(".lora_down.weight") for k in first)
-    # the state folder of that save is still whole: its network (custom object 0) is the step-1 LoRA
-    network = torch.load(out / "t-state" / "custom_checkpoint_0.pkl", weights_only=True)
+    # the state folder of that save is still whole: its network is the step-1 LoRA
+    from library.training import state_io
+
+    parts = state_io.read_state(out / "t-state", state_io.read_manifest(out / "t-state"))
+    network = parts["network"]
     assert network.keys() == first.keys() and all(torch.equal(network[k], first[k]) for k in first)
-    assert torch.load(out / "t-state" / "custom_checkpoint_2.pkl", weights_only=True)["global_step"] == 1
+    assert parts["progress"]["global_step"] == 1
     assert sorted(p.name for p in out.iterdir()) == ["t-state", "t-step00000001.safetensors"]
     assert _leftovers(out) == []
 
