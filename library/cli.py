@@ -70,6 +70,8 @@ def _resolution(value: str) -> tuple[int, int]:
         parts = parts * 2
     if len(parts) != 2 or min(parts) <= 0:
         raise argparse.ArgumentTypeError(f"expected N or W,H with positive integers, got {value!r}")
+    if min(parts) < 64 or max(parts) > 16384:
+        raise argparse.ArgumentTypeError(f"{value!r}: each side must be from 64 to 16384 pixels")
     return parts[0], parts[1]
 
 
@@ -277,6 +279,9 @@ def load_config_file(path_str: str, parser: argparse.ArgumentParser) -> tuple[di
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"--config_file {path}: invalid TOML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"--config_file {path}: nested too deeply to read (tables or arrays inside each other "
+                          "thousands of levels deep)") from None
     except UnicodeDecodeError:
         raise ConfigError(f"--config_file {path}: not UTF-8 text") from None
     flat, optimizer_table = _flatten_toml(data, path)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import pickle
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from library.errors import ConfigError, ModelError
+from library.models.common import unpickling_refusal
 from networks.lora_modules import LoRAModule
 
 logger = logging.getLogger(__name__)
@@ -382,6 +384,9 @@ def read_lora_file(file: str | os.PathLike) -> dict[str, Tensor]:
         if path.suffix == ".safetensors":
             return safetensors.torch.load_file(str(path))
         return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # objects other than tensors: refused, never run
+        raise ModelError(f"refused LoRA file {path}: it holds code or objects that are not tensors "
+                         f"({unpickling_refusal(e)}); use a .safetensors LoRA") from None
     except Exception as e:  # corrupt or foreign file: one line naming the file
         raise ModelError(f"cannot read LoRA file {path}: {type(e).__name__}: {e}".splitlines()[0]) from e
 

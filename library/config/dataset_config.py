@@ -162,9 +162,15 @@ def _resolution(v: Any) -> tuple[int, int]:
         v = [v, v]
     if not isinstance(v, list) or len(v) != 2 or any(isinstance(x, bool) or not isinstance(x, int) for x in v):
         raise _Invalid
-    if min(v) < 8 or v[0] % 8 or v[1] % 8:
+    if min(v) < 64 or max(v) > MAX_RESOLUTION or v[0] % 8 or v[1] % 8:
         raise _Invalid
     return (v[0], v[1])
+
+
+def _repeats(v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_REPEATS:
+        raise _Invalid
+    return v
 
 
 def _reso(v: Any) -> int:
@@ -173,11 +179,14 @@ def _reso(v: Any) -> int:
     return v
 
 
-_RESOLUTION_VALID = "a positive multiple of 8 or a [width, height] pair of them, e.g. 512 or [768, 512]"
+MAX_RESOLUTION = 16384  # a side beyond this cannot fit any accelerator's memory: refuse it instead of hanging
+MAX_REPEATS = 100_000  # repeats beyond this only make a list of billions of samples
+_RESOLUTION_VALID = (f"a multiple of 8 from 64 to {MAX_RESOLUTION} or a [width, height] pair of them, "
+                     "e.g. 512 or [768, 512]")
 
 # Keys that live on a subset (settable at every level).
 _SUBSET_KEYS: dict[str, tuple[Callable[[Any], Any], str]] = {
-    "num_repeats": (_int_at_least(1), "an integer >= 1"),
+    "num_repeats": (_repeats, f"an integer from 1 to {MAX_REPEATS}"),
     "caption_extension": (_extension, 'a file extension such as ".txt" or ".caption"'),
     "class_tokens": (_str, "a string (the caption for images without a caption file)"),
     "keep_tokens": (_int_at_least(0), "an integer >= 0"),
@@ -252,6 +261,9 @@ def load_dataset_config(path: str | Path, defaults: DatasetDefaults | None = Non
                           f"{exc.start}); save it as UTF-8") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(_toml_error(path, exc)) from None
+    except RecursionError:
+        raise ConfigError(f"dataset config {path}: nested too deeply to read (tables or arrays inside each other "
+                          "thousands of levels deep)") from None
     return _build(data, path, defaults)
 
 
@@ -340,6 +352,8 @@ def _build(data: dict, path: Path, defaults: DatasetDefaults) -> DatasetConfig:
             merged = _merge(_subset_field_names(), sub_values, ds_values, general, defaults)
             image_dir = Path(sub_values["image_dir"]).expanduser()
             resolved = image_dir if image_dir.is_absolute() else Path.cwd() / image_dir
+            if resolved.exists() and not resolved.is_dir():
+                raise ctx.fail(f"{sub_where}.image_dir", f"{str(image_dir)!r} is a file, not a folder of images")
             if not resolved.is_dir():
                 raise ctx.fail(f"{sub_where}.image_dir", f"folder {str(image_dir)!r} not found (relative paths "
                                f"resolve against the current directory {Path.cwd()})")
@@ -438,6 +452,10 @@ def _folder_subsets(root: Path, flag: str, defaults: DatasetDefaults, is_reg: bo
     zero = [p.name for p in folders if int(_FOLDER.match(p.name).group(1)) < 1]
     if zero:
         raise DatasetError(f"{flag} {root}: folder {zero[0]!r} has 0 repeats; the number before '_' must be >= 1")
+    many = [p.name for p in folders if int(_FOLDER.match(p.name).group(1)) > MAX_REPEATS]
+    if many:
+        raise DatasetError(f"{flag} {root}: folder {many[0]!r} asks for more than {MAX_REPEATS} repeats; "
+                           f"the number before '_' must be from 1 to {MAX_REPEATS}")
     if not folders:
         loose = any(p.suffix.lower() in IMAGE_EXTENSIONS for p in root.iterdir() if p.is_file())
         hint = ("images must be inside subfolders named <repeats>_<concept>, e.g. 10_zkw" if loose

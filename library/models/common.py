@@ -94,6 +94,15 @@ def read_json(path: Path, what: str) -> dict:
         raise ModelError(f"{path}: cannot read the {what} ({exc}); expected a JSON object") from exc
 
 
+def unpickling_refusal(exc: BaseException) -> str:
+    """Why torch's weights_only unpickler refused a file, without torch's advice to retry with
+    weights_only=False: that advice is to run the file's code, which a trainer must never suggest."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    useful = [line for line in lines if "weights_only" not in line and "Weights only load failed" not in line
+              and "documentation" not in line]
+    return (useful[0] if useful else "it holds objects other than tensors and plain values")[:200]
+
+
 def first_line(exc: BaseException) -> str:
     """Exception type and first message line: enough to diagnose, short enough for a one-line error."""
     text = str(exc).strip()

@@ -12,6 +12,7 @@ half-initialised model.
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import torch
@@ -34,6 +35,7 @@ from library.models.common import (
     first_line,
     read_json,
     sd_tokenizers,
+    unpickling_refusal,
 )
 
 CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
@@ -78,9 +80,14 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # zip/pickle errors, EOF, non-tensor objects refused by weights_only
+        except pickle.UnpicklingError as exc:  # objects other than tensors: refused, never run
             raise ModelError(
-                f"{path}: cannot read as a PyTorch checkpoint with weights_only=True ({first_line(exc)}); "
+                f"{path}: refused, the checkpoint holds code or objects that are not tensors ({unpickling_refusal(exc)}); "
+                "loraforge loads only tensors from pickled files; use a .safetensors copy of the model"
+            ) from None
+        except Exception as exc:  # zip errors, EOF, truncation
+            raise ModelError(
+                f"{path}: cannot read as a PyTorch checkpoint ({first_line(exc)}); "
                 "expected a torch.save'd state_dict of tensors (convert other checkpoints to .safetensors)"
             ) from exc
     while isinstance(state, dict) and isinstance(state.get("state_dict"), dict):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import difflib
 import inspect
+import math
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -202,7 +203,18 @@ def resolve_settings(
             default = kwargs.get(key, names[key]) if names[key] is EMPTY or names[key] is None else names[key]
             kwargs[key], sources[key] = coerce_value(optimizer, key, value, default, where), where
     kwargs.setdefault("lr", None if names["lr"] is EMPTY else names["lr"])
+    for key, source in sources.items():
+        if source != SOURCE_DEFAULT and not _all_finite(kwargs[key]):
+            raise OptimizerError(f"{source}: {key}={kwargs[key]!r} is not valid for {optimizer}: "
+                                 "numbers must be finite (no inf/nan)")
     return kwargs, sources
+
+
+def _all_finite(value: Any) -> bool:
+    """Numbers (and tuples of them) a user set must be finite: inf or nan makes every step NaN."""
+    if isinstance(value, tuple | list):
+        return all(_all_finite(v) for v in value)
+    return not (_is_number(value) and not isinstance(value, bool) and not math.isfinite(value))
 
 
 def _unknown_message(optimizer: str, key: str, where: str, names: Mapping[str, Any]) -> str:

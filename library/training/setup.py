@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import ast
 import logging
+import math
 import os
 
 import torch
@@ -82,17 +83,25 @@ def load_model(args: argparse.Namespace, device: torch.device, weight_dtype: tor
 
 
 # ----------------------------------------------------------------------------------------------- network
+_MAX_ARG_CHARS = 4096  # no network setting is longer; a huge value is a pasted file, not a setting
+
+
 def parse_key_values(items: list[str] | None, flag: str) -> dict:
     """`k=v` pairs; values are Python literals when they parse as one, plain strings otherwise (never eval)."""
     out = {}
     for item in items or []:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
-            raise ConfigError(f"{flag} {item!r}: expected key=value")
+            raise ConfigError(f"{flag} {item[:40]!r}: expected key=value")
+        if len(raw) > _MAX_ARG_CHARS:
+            raise ConfigError(f"{flag} {key.strip()[:40]}=...: the value has {len(raw)} characters "
+                              f"(at most {_MAX_ARG_CHARS})")
         try:
             value = ast.literal_eval(raw.strip())
-        except (ValueError, SyntaxError):
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
             value = raw.strip()
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{flag} {key.strip()}={raw.strip()}: must be a finite number")
         out[key.strip()] = value
     return out
 

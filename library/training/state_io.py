@@ -26,6 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from library.errors import ConfigError
+from library.models.common import unpickling_refusal
 
 FORMAT = "loraforge-state"
 VERSION = 1
@@ -180,10 +181,9 @@ def load_pickle_safely(path: Path) -> Any:
         with torch.serialization.safe_globals(safe):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).split("\n")
-        detail = next((line.strip() for line in first if "GLOBAL" in line or "Unsupported" in line), first[0].strip())
         raise ConfigError(f"--resume {path}: refused, the file holds code or objects that are not plain data "
-                          f"({detail[:160]}); only tensors and plain values are loaded from a state folder") from None
+                          f"({unpickling_refusal(exc)}); only tensors and plain values are loaded from a state "
+                          "folder") from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         raise ConfigError(f"--resume {path}: unreadable ({str(exc).splitlines()[0][:160]}); truncated or not "
                           "a state file") from None

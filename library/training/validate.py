@@ -30,7 +30,31 @@ def _fail(flag: str, value, valid: str) -> None:
     raise ConfigError(f"--{flag} {value}: {valid}")
 
 
+_SEED_RANGE = (0, 2**32 - 1)  # what NumPy's and Python's seeding take, as sd-scripts seeds all three
+_NON_NEGATIVE = ("lr_scheduler_power", "max_data_loader_n_workers", "prior_loss_weight")
+
+
+def _options_of(args: argparse.Namespace) -> dict:
+    return {k: v for k, v in vars(args).items() if not k.startswith("_")}
+
+
+def validate_finite(args: argparse.Namespace) -> None:
+    """Every numeric option must be a finite number: one inf or nan makes every step and the LoRA NaN."""
+    for name, value in _options_of(args).items():
+        values = value if isinstance(value, (list, tuple)) else [value]
+        for v in values:
+            if isinstance(v, float) and not math.isfinite(v):
+                _fail(name, value, "must be a finite number")
+
+
 def validate_numbers(args: argparse.Namespace) -> None:
+    validate_finite(args)
+    for name in _NON_NEGATIVE:
+        v = getattr(args, name, None)
+        if v is not None and v < 0:
+            _fail(name, v, "must be >= 0")
+    if not _SEED_RANGE[0] <= args.seed <= _SEED_RANGE[1]:
+        _fail("seed", args.seed, f"must be from {_SEED_RANGE[0]} to {_SEED_RANGE[1]}")
     for name in ("learning_rate", "unet_lr", "text_encoder_lr"):
         v = getattr(args, name)
         if v is not None and not v > 0:
@@ -135,6 +159,22 @@ def _check_network_weights(value: str) -> None:
             raise ConfigError(f"--network_weights {value}: no '<name>.lora_down.weight' tensors; not a kohya-format LoRA")
     elif not _looks_like_torch_file(path):
         raise ConfigError(f"--network_weights {value}: neither a .safetensors file nor a torch.save'd state dict")
+    _check_finite_weights(value)
+
+
+def _check_finite_weights(value: str) -> None:
+    """A LoRA holding inf/nan would make the first step NaN and every file saved after it."""
+    from library.errors import LoraForgeError
+    from networks.lora import read_lora_file
+
+    try:
+        weights = read_lora_file(value)
+    except LoraForgeError as exc:
+        raise ConfigError(f"--network_weights {value}: {exc}") from None
+    bad = [k for k, t in weights.items() if torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise ConfigError(f"--network_weights {value}: {len(bad)} tensors hold inf/nan (first: {bad[0]}); "
+                          "it is the LoRA of a diverged run, pick an earlier file")
 
 
 def _check_model(model: str) -> None:
@@ -167,6 +207,10 @@ def _check_model(model: str) -> None:
 
 
 def validate_paths(args: argparse.Namespace) -> None:
+    for flag in ("logging_dir", "output_dir"):
+        value = getattr(args, flag)
+        if value and Path(value).exists() and not Path(value).is_dir():
+            raise ConfigError(f"--{flag} {value}: is a file; give a folder (it is created when missing)")
     if args.dataset_config and not Path(args.dataset_config).is_file():
         raise ConfigError(f"--dataset_config {args.dataset_config}: file not found")
     if args.sample_prompts:

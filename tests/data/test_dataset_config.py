@@ -91,8 +91,9 @@ def test_unknown_key_without_close_match_lists_valid_keys(dirs):
 
 
 @pytest.mark.parametrize("line, key, valid", [
-    ('num_repeats = "10"', "num_repeats", "an integer >= 1"),
-    ("num_repeats = 0", "num_repeats", "an integer >= 1"),
+    ('num_repeats = "10"', "num_repeats", "an integer from 1 to 100000"),
+    ("num_repeats = 0", "num_repeats", "an integer from 1 to 100000"),
+    ("num_repeats = 9223372036854775807", "num_repeats", "an integer from 1 to 100000"),
     ("flip_aug = 1", "flip_aug", "true or false"),
     ("caption_dropout_rate = 1.5", "caption_dropout_rate", r"a number in \[0, 1\]"),
     ("keep_tokens = -1", "keep_tokens", "an integer >= 0"),
@@ -104,10 +105,10 @@ def test_wrong_subset_values(dirs, line, key, valid):
         load_dataset_config(path)
 
 
-@pytest.mark.parametrize("value", ['"512"', "[512]", "[512, 512, 3]", "500", "[true, 512]", "0"])
+@pytest.mark.parametrize("value", ['"512"', "[512]", "[512, 512, 3]", "500", "[true, 512]", "0", "99999992", "8"])
 def test_wrong_resolution(dirs, value):
     path = _write(dirs, f'[[datasets]]\nresolution = {value}\n[[datasets.subsets]]\nimage_dir = "a"\n')
-    with pytest.raises(ConfigError, match=r"datasets\[0\]\.resolution: bad value .*multiple of 8 or a \[width, height\]"):
+    with pytest.raises(ConfigError, match=r"datasets\[0\]\.resolution: bad value .*multiple of 8 from 64 to 16384 or a \[width, height\]"):
         load_dataset_config(path)
 
 
