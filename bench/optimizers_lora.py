@@ -244,7 +244,7 @@ def sample_and_score(trainer, classifier, prompts: list[tuple[str, str, str]], p
     images = []
     try:
         with torch.random.fork_rng(devices=devices):  # sampling must not move the training run's RNG
-            pipe = sampling.build_pipeline(model, sampling.make_scheduler("ddim", model.scheduler_config))
+            pipe = sampling.build_pipeline(model, sampling.make_scheduler("ddim", model.v_parameterization))
             pipe.set_progress_bar_config(disable=True)
             for s in range(0, len(prompts), 16):
                 part = prompts[s:s + 16]

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from library.errors import ConfigError
+from library.training.sample_prompts import SAMPLERS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -212,8 +213,11 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("sampling")
     g.add_argument("--sample_every_n_steps", type=int, default=None)
     g.add_argument("--sample_every_n_epochs", type=int, default=None)
-    g.add_argument("--sample_prompts", type=str, default=None, help="text file: one prompt per line (--n --w --h --s --l --d)")
-    g.add_argument("--sample_sampler", type=str, default="ddim", choices=["ddim", "euler", "euler_a", "dpmsolver++"])
+    g.add_argument("--sample_prompts", type=str, default=None,
+                   help="prompt file (.txt: one prompt per line with --n --w --h --d --s --l --ss ...; .toml; .json), "
+                        "read and checked before training")
+    g.add_argument("--sample_sampler", type=str, default="ddim", choices=list(SAMPLERS),
+                   help="sampler (diffusers scheduler) for sample images, as sd-scripts maps the names")
     g.add_argument("--sample_at_first", action="store_true")
 
     from library.flags import captions, images, models_saving, objective, run, sampling

@@ -1,72 +1,34 @@
-"""Sample images during training from a prompt file in sd-scripts' syntax.
+"""Sample images during training from a prompt file in sd-scripts' syntax (read by `sample_prompts.py`).
 
-One prompt per line; options after the prompt: `--n negative`, `--w 512`, `--h 512`, `--s steps`, `--l cfg scale`,
-`--d seed`. Lines starting with `#` are comments. Each prompt gets its own seeded generator, so sampling never
-disturbs the training RNG (resume stays exact) and the same prompt/seed is comparable across steps.
+Each prompt gets its own seeded generator (its `--d` seed, else `--seed` + its index), so sampling never disturbs
+the training RNG (resume stays exact) and the same prompt is comparable across steps. sd-scripts draws an unseeded
+prompt from a fresh random seed instead, which also reseeds training's own generator.
 """
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
-from pathlib import Path
-
 import torch
 
-from library.errors import ConfigError
+from library.training.sample_prompts import SAMPLERS, SamplePrompt
 
-_OPTION = re.compile(r"\s--(n|w|h|s|l|d)\s")
-
-
-@dataclass
-class SamplePrompt:
-    prompt: str
-    negative: str = ""
-    width: int = 512
-    height: int = 512
-    steps: int = 20
-    scale: float = 7.0
-    seed: int | None = None
+# sd-scripts' sampling schedule (get_my_scheduler): the SD noise schedule, whatever the model's config says
+_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
 
 
-def parse_prompt_line(line: str, default_size: tuple[int, int], where: str) -> SamplePrompt:
-    parts = _OPTION.split(" " + line.strip() + " ")
-    sp = SamplePrompt(prompt=parts[0].strip(), width=default_size[0], height=default_size[1])
-    converters = {"n": ("negative", str), "w": ("width", int), "h": ("height", int), "s": ("steps", int),
-                  "l": ("scale", float), "d": ("seed", int)}
-    for key, value in zip(parts[1::2], parts[2::2], strict=True):  # re.split with one group: equal halves
-        field, kind = converters[key]
-        try:
-            setattr(sp, field, kind(value.strip()))
-        except ValueError:
-            raise ConfigError(f"{where}: --{key} {value.strip()!r} is not a valid {kind.__name__}") from None
-    return sp
+def make_scheduler(name: str, v_parameterization: bool):
+    """The diffusers scheduler sd-scripts uses for the sampler `name`, configured as sd-scripts configures it."""
+    import diffusers
 
-
-def load_prompts(path: str, default_size: tuple[int, int]) -> list[SamplePrompt]:
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"--sample_prompts {path}: cannot read as UTF-8 text ({exc})") from None
-    prompts = [parse_prompt_line(line, default_size, f"--sample_prompts {path}:{i + 1}")
-               for i, line in enumerate(text.splitlines()) if line.strip() and not line.lstrip().startswith("#")]
-    if not prompts:
-        raise ConfigError(f"--sample_prompts {path}: no prompts (one per line; '#' starts a comment)")
-    return prompts
-
-
-def make_scheduler(name: str, scheduler_config: dict):
-    from diffusers import (
-        DDIMScheduler,
-        DPMSolverMultistepScheduler,
-        EulerAncestralDiscreteScheduler,
-        EulerDiscreteScheduler,
-    )
-
-    cls = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler, "euler_a": EulerAncestralDiscreteScheduler,
-           "dpmsolver++": DPMSolverMultistepScheduler}[name]
-    return cls.from_config(scheduler_config)
+    cls = getattr(diffusers, SAMPLERS[name])
+    kwargs = dict(_SCHEDULE)
+    if name in ("dpmsolver", "dpmsolver++"):
+        kwargs["algorithm_type"] = name
+    if v_parameterization:
+        kwargs["prediction_type"] = "v_prediction"
+    scheduler = cls(**kwargs)
+    if getattr(scheduler.config, "clip_sample", None) is False:  # sd-scripts turns clipping on where it exists
+        scheduler.register_to_config(clip_sample=True)
+    return scheduler
 
 
 def build_pipeline(model, scheduler):
@@ -84,12 +46,13 @@ def build_pipeline(model, scheduler):
 
 
 @torch.no_grad()
-def generate(model, prompts: list[SamplePrompt], sampler: str, scheduler_config: dict, device, base_seed: int):
-    """Return one PIL image per prompt."""
-    pipe = build_pipeline(model, make_scheduler(sampler, scheduler_config))
+def generate(model, prompts: list[SamplePrompt], sampler: str, device, base_seed: int):
+    """Return one PIL image per prompt; a prompt's own sampler (`--ss`) replaces `sampler`."""
+    pipe = build_pipeline(model, make_scheduler(sampler, model.v_parameterization))
     pipe.set_progress_bar_config(disable=True)
     images = []
     for i, sp in enumerate(prompts):
+        pipe.scheduler = make_scheduler(sp.sampler or sampler, model.v_parameterization)
         gen = torch.Generator(device="cpu").manual_seed(sp.seed if sp.seed is not None else base_seed + i)
         out = pipe(sp.prompt, negative_prompt=sp.negative or None, width=sp.width, height=sp.height,
                    num_inference_steps=sp.steps, guidance_scale=sp.scale, generator=gen, output_type="pil")

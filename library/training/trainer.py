@@ -29,6 +29,7 @@ from library.training.compile import check_compile_device, compile_requested, co
 from library.training.graphed_step import GraphedStep, checkpoint_without_rng_state
 from library.training.metadata import build_metadata
 from library.training.progress import Progress
+from library.training.sample_prompts import load_prompts
 from library.training.setup import (
     build_dataset,
     build_lr_scheduler,
@@ -87,6 +88,7 @@ class LoRATrainer:
         a = self.args
         validate_args(a)
         self.resume_found = resume.find_state(a.resume) if a.resume else None
+        self.prompts = load_prompts(a.sample_prompts) if a.sample_prompts else None  # a bad line stops now
         if not a.overwrite and not a.resume:
             existing = output_files_exist(self.output_dir, a.output_name)
             if existing:
@@ -317,8 +319,7 @@ class LoRATrainer:
         check_every = 1 if self.device.type == "cpu" else a.log_every_n_steps
         loss_sum = torch.zeros((), device=self.device)
         loss_count = 0
-        good_weights = self._snapshot()
-        good_step = self.progress.global_step
+        self.good_weights, self.good_step = self._snapshot(), self.progress.global_step
         try:
             if a.sample_at_first and self.progress.global_step == 0:
                 self.sample_images()
@@ -357,9 +358,9 @@ class LoRATrainer:
                     if checkpoint_step or self.world > 1:  # several processes decide together, every step
                         finite, stop = self._agree_on_health(loss_sum)
                         if not finite:
-                            self._diverged(good_weights, good_step, step)
-                    if checkpoint_step:
-                        good_weights, good_step = self._snapshot(), step
+                            self._diverged(step)
+                    if checkpoint_step:  # checked finite just now: the last good weights
+                        self.good_weights, self.good_step = self._snapshot(), step
                     if step % a.log_every_n_steps == 0 or step == a.max_train_steps:
                         bar.log(step, (loss_sum / max(loss_count, 1)).item(), self._lr_logs())
                         loss_sum.zero_()
@@ -399,6 +400,8 @@ class LoRATrainer:
     # ------------------------------------------------------------------ saving and safety
     def save(self, name: str, *, state: bool) -> Path:
         a, acc = self.args, self.accelerator
+        if not bool(self._weights_finite()):  # a save between health checks must not write a NaN LoRA
+            self._diverged(self.progress.global_step)
         self._optimizer_mode("eval")
         path = self.output_dir / f"{name}.safetensors"
         acc.wait_for_everyone()
@@ -462,27 +465,36 @@ class LoRATrainer:
             state_io.set_rng_state(parts["rng"])
 
     def sample_images(self) -> None:
-        a = self.args
-        if not a.sample_prompts or not self.accelerator.is_main_process:
+        """Samples are a view of the run, never a reason to lose it: a failure is one warning line."""
+        if not self.prompts or not self.accelerator.is_main_process:
             return
-        from library.training import sampling
-        from library.training.sample_grid import save_samples
-
         self._optimizer_mode("eval")
         self.model.unet.eval()
         self.network.eval()  # LoRA dropout follows the network's mode
-        prompts = sampling.load_prompts(a.sample_prompts, a.resolution)
         parked = [m for m in (self.model.vae, *self.model.text_encoders)
                   if m.device.type == "cpu" and self.device.type != "cpu"]
+        try:
+            self._sample(parked)
+        except Exception as exc:  # out of memory, a scheduler's refusal, a full disk: training goes on
+            reason = " ".join(str(exc).split())[:200]
+            logger.warning("sampling at step %d failed, training goes on: %s: %s", self.progress.global_step,
+                           type(exc).__name__, reason)
+        finally:
+            for module in parked:
+                module.to("cpu")
+            self.network.train()
+            self.model.unet.train()
+            self._optimizer_mode("train")
+
+    def _sample(self, parked: list[torch.nn.Module]) -> None:
+        from library.training import sampling
+        from library.training.sample_grid import save_samples
+
+        a = self.args
         for module in parked:  # cached latents / text-encoder outputs moved them off the device
             module.to(self.device)
-        images = sampling.generate(self.model, prompts, a.sample_sampler, self.model.scheduler_config, self.device, a.seed)
-        for module in parked:
-            module.to("cpu")
-        save_samples(self.output_dir, a.output_name, self.progress.global_step, prompts, images, self.accelerator)
-        self.network.train()
-        self.model.unet.train()
-        self._optimizer_mode("train")
+        images = sampling.generate(self.model, self.prompts, a.sample_sampler, self.device, a.seed)
+        save_samples(self.output_dir, a.output_name, self.progress.global_step, self.prompts, images, self.accelerator)
 
     def _optimizer_mode(self, mode: str) -> None:
         """Schedule-free optimizers keep two iterates: evaluate and save the averaged one."""
@@ -505,10 +517,16 @@ class LoRATrainer:
     def _snapshot(self) -> list[torch.Tensor]:
         return [p.detach().clone() for p in self.trainable]
 
+    def _weights_finite(self) -> torch.Tensor:
+        """One device-side answer: a finite loss can still come with inf weights (an inf lr's first update)."""
+        norms = torch._foreach_norm([p.detach() for p in self.trainable])  # inf/nan anywhere -> inf/nan norm
+        return torch.isfinite(torch.stack(norms)).all()
+
     def _agree_on_health(self, loss_sum: torch.Tensor) -> tuple[bool, bool]:
-        """(every process's loss finite, some process asked to stop). One answer for all processes: a rank that
-        saved alone would wait in the save's barrier while the others wait in the next gradient all-reduce."""
-        finite = torch.isfinite(loss_sum)
+        """(every process's loss and weights finite, some process asked to stop). One answer for all processes: a
+        rank that saved alone would wait in the save's barrier while the others wait in the next gradient
+        all-reduce."""
+        finite = torch.isfinite(loss_sum) & self._weights_finite()
         if self.world == 1:
             return bool(finite.item()), self.stop_signal is not None
         flags = torch.stack([finite.logical_not().float(), torch.tensor(float(self.stop_signal is not None))
@@ -519,13 +537,15 @@ class LoRATrainer:
             self.stop_signal = "a signal to another process"
         return bad == 0, stop > 0
 
-    def _diverged(self, good_weights, good_step: int, step: int) -> None:
+    def _diverged(self, step: int) -> None:
+        """Put back the last weights checked finite (taken before the first bad update), save them, stop."""
+        good_step = self.good_step
         with torch.no_grad():
-            for p, w in zip(self.trainable, good_weights, strict=True):
+            for p, w in zip(self.trainable, self.good_weights, strict=True):
                 p.copy_(w)
         self.progress.global_step = good_step
         path = self.save(f"{self.args.output_name}-step{good_step:08d}-lastgood", state=False)
-        raise TrainingStopped(f"loss became NaN/inf between step {good_step} and step {step}; the LoRA of step "
+        raise TrainingStopped(f"loss or weights became NaN/inf between step {good_step} and step {step}; the LoRA of step "
                               f"{good_step} is saved as {path}. Lower --learning_rate, set --max_grad_norm, or use "
                               "--mixed_precision bf16", exit_code=3)
 

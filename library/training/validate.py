@@ -134,19 +134,6 @@ def _safetensors_keys(path: Path) -> list[str] | None:
         return None
 
 
-def _check_text_file(flag: str, value: str) -> None:
-    path = Path(value)
-    if not path.is_file():
-        raise ConfigError(f"--{flag} {value}: file not found" + (" (it is a folder)" if path.is_dir() else ""))
-    try:
-        path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"--{flag} {value}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}); "
-                          "expected one prompt per line") from None
-    except OSError as exc:
-        raise ConfigError(f"--{flag} {value}: cannot read ({exc.strerror or exc})") from None
-
-
 def _check_network_weights(value: str) -> None:
     path = Path(value)
     if not path.is_file():
@@ -213,8 +200,6 @@ def validate_paths(args: argparse.Namespace) -> None:
             raise ConfigError(f"--{flag} {value}: is a file; give a folder (it is created when missing)")
     if args.dataset_config and not Path(args.dataset_config).is_file():
         raise ConfigError(f"--dataset_config {args.dataset_config}: file not found")
-    if args.sample_prompts:
-        _check_text_file("sample_prompts", args.sample_prompts)
     if args.network_weights:
         _check_network_weights(args.network_weights)
     for flag in ("train_data_dir", "reg_data_dir"):
