@@ -144,7 +144,12 @@ class CaptionedImageDataset(Dataset):
             folder = Path(sub.image_dir)
             if not folder.is_dir():
                 raise DatasetError(f"{sub.name or 'subset'}: image folder {folder} not found")
-            files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+            entries = sorted(folder.iterdir())
+            files = [p for p in entries if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
+            odd = [p.name for p in entries if not p.is_file() and not p.is_dir()]  # dangling links, devices, pipes
+            if odd:
+                logger.warning("%s: skipped %d entries that are not files (dangling links or devices): %s",
+                               folder, len(odd), ", ".join(odd[:5]) + (" ..." if len(odd) > 5 else ""))
             if not files:
                 raise DatasetError(f"{sub.name or 'subset'}: no images in {folder} "
                                    f"(looked for {', '.join(IMAGE_EXTENSIONS)})")

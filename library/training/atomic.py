@@ -39,6 +39,13 @@ def _fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
+def _follow_umask(path: Path) -> None:
+    """safetensors creates its files 0600; a shared output (a ComfyUI service account) needs the user's umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 def _largest_file(path: Path) -> int:
     if path.is_file():
         return path.stat().st_size
@@ -53,6 +60,8 @@ def disk_failure_reason(exc: BaseException, written: Path) -> str | None:
     else (a bug, a bad tensor) is not a disk failure and must surface unchanged.
     """
     if isinstance(exc, OSError):
+        if exc.errno == errno.EFBIG:
+            return _size_limit_reason()
         return exc.strerror or str(exc)
     if not isinstance(exc, Exception):
         return None
@@ -62,7 +71,7 @@ def disk_failure_reason(exc: BaseException, written: Path) -> str | None:
     limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
     with contextlib.suppress(OSError):
         if limit != resource.RLIM_INFINITY and _largest_file(written) >= limit:
-            return f"{os.strerror(errno.EFBIG)} (the file size limit, ulimit -f, is {limit} bytes)"
+            return _size_limit_reason()
     folder = written.parent
     with contextlib.suppress(OSError):
         if shutil.disk_usage(folder).free < _LOW_SPACE:
@@ -73,6 +82,11 @@ def disk_failure_reason(exc: BaseException, written: Path) -> str | None:
     if not os.access(folder, os.W_OK):
         return os.strerror(errno.EACCES)
     return None
+
+
+def _size_limit_reason() -> str:
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    return f"{os.strerror(errno.EFBIG)} (the file size limit, ulimit -f, is {limit} bytes)"
 
 
 def _remove_temporaries(tmp: Path) -> None:
@@ -91,7 +105,17 @@ def _disk_error(exc: BaseException, tmp: Path, final: Path, kind: str) -> Config
     if reason is None:
         return None
     kept = f"the previous {kind} is unchanged" if final.exists() else f"no partial {kind} is left"
-    return ConfigError(f"could not write {final}: {reason}; {kept}; {_WHAT_TO_DO}")
+    return ConfigError(f"could not write {final}: {reason}; {kept}; {_advice(reason)}")
+
+
+def _advice(reason: str) -> str:
+    if "size limit" in reason:
+        return "raise the file size limit (ulimit -f) or pick another --output_dir"
+    if reason == os.strerror(errno.ENAMETOOLONG):
+        return "use a shorter --output_name"
+    if reason in (os.strerror(errno.EACCES), os.strerror(errno.EROFS)):
+        return "pick a writable --output_dir"
+    return _WHAT_TO_DO
 
 
 @contextlib.contextmanager
@@ -101,6 +125,7 @@ def atomic_file(final: Path) -> Iterator[Path]:
     tmp = final.with_name(f".{final.stem}.tmp-{os.getpid()}{final.suffix}")  # keep the suffix: writers pick the format from it
     try:
         yield tmp
+        _follow_umask(tmp)
         _fsync_file(tmp)
         os.replace(tmp, final)
         fsync_dir(final.parent)
@@ -151,3 +176,20 @@ def check_writable(directory: Path) -> None:
         probe.unlink()
     except OSError as exc:
         raise ConfigError(f"--output_dir {directory}: not writable ({exc.strerror or exc})") from None
+
+
+_LONGEST_SUFFIX = "-step00000000-lastgood.tmp-4194304.safetensors"  # the longest name a run writes, less the name
+
+
+def check_output_names(directory: Path, output_name: str) -> None:
+    """Every file name the run will write must fit the file system, or the LoRA is lost at the first save."""
+    try:
+        limit = os.pathconf(directory, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    longest = len(f".{output_name}{_LONGEST_SUFFIX}".encode())
+    if longest > limit:
+        room = limit - len(f".{_LONGEST_SUFFIX}".encode())
+        raise ConfigError(f"--output_name {output_name[:24]}...: {len(output_name.encode())} bytes; the run's file "
+                          f"names would reach {longest} bytes, over the file system's limit of {limit}; use at most "
+                          f"{room} bytes")

@@ -46,4 +46,7 @@ def main(argv: list[str] | None = None, *, force_sdxl: bool = False) -> int:
     except LoraForgeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # before training's own handler is in place: nothing to save yet
+        print("loraforge: interrupted during set-up; nothing was trained or saved", file=sys.stderr)
+        return 130
     return 0

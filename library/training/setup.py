@@ -66,6 +66,7 @@ def load_model(args: argparse.Namespace, device: torch.device, weight_dtype: tor
         logger.info("%s is an SDXL model: training it as SDXL (as sdxl_train_network.py / --sdxl would)", source)
         args.sdxl = True
     model = load_sd_model(source, v2=args.v2, v_parameterization=args.v_parameterization, sdxl=args.sdxl)
+    check_clip_skip(args.clip_skip, model)
     for module in (model.unet, model.vae, *model.text_encoders):
         module.requires_grad_(False)
         module.eval()
@@ -80,6 +81,14 @@ def load_model(args: argparse.Namespace, device: torch.device, weight_dtype: tor
         logger.info("--xformers: using PyTorch scaled-dot-product attention (same kernels family, no extra package)")
     logger.info("model: %s (%s%s)", model.source, model.model_type, ", v-prediction" if model.v_parameterization else "")
     return model
+
+
+def check_clip_skip(clip_skip: int | None, model) -> None:
+    """--clip_skip N reads the N-th last layer: it must exist in every text encoder."""
+    layers = min(te.config.num_hidden_layers for te in model.text_encoders)
+    if clip_skip is not None and clip_skip > layers:
+        raise ConfigError(f"--clip_skip {clip_skip}: the text encoder of {model.source} has {layers} layers; "
+                          f"use 1 to {layers} (2 is usual for anime models)")
 
 
 # ----------------------------------------------------------------------------------------------- network

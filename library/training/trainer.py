@@ -24,10 +24,11 @@ import torch
 from library.data.dataset import collate
 from library.errors import ConfigError, LoraForgeError
 from library.training import conditioning, losses, resume, state_io
-from library.training.atomic import atomic_dir, atomic_file, check_writable
+from library.training.atomic import atomic_dir, atomic_file, check_output_names, check_writable
 from library.training.compile import check_compile_device, compile_requested, compile_unet, step_marker
 from library.training.graphed_step import GraphedStep, checkpoint_without_rng_state
 from library.training.metadata import build_metadata
+from library.training.output_lock import OutputLock
 from library.training.progress import Progress
 from library.training.sample_prompts import load_prompts
 from library.training.setup import (
@@ -82,6 +83,7 @@ class LoRATrainer:
         self.stop_signal: str | None = None
         self.started_at = time.time()
         self.session_id = random.SystemRandom().randint(0, 2**31 - 1)
+        self.saving = False  # a signal during a save lets it finish
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -97,8 +99,20 @@ class LoRATrainer:
         self.network_module = import_network_module(a.network_module)
         self.spec = check_optimizer_settings(a)
         self.dataset = build_dataset(a)
-        check_writable(self.output_dir)  # last check before the expensive part
+        check_writable(self.output_dir)  # last checks before the expensive part
+        check_output_names(self.output_dir, a.output_name)
+        self.output_lock = OutputLock(self.output_dir, a.output_name)
+        if os.environ.get("RANK", "0") == "0":  # one lock per run: the main process holds it
+            self.output_lock.acquire()
+        try:
+            self._build()
+        except BaseException:
+            self.output_lock.release()
+            raise
 
+    def _build(self) -> None:
+        """Everything that costs time: the accelerator, the model, the network, the optimizer, a resumed state."""
+        a = self.args
         from accelerate import Accelerator, InitProcessGroupKwargs
 
         # sd-scripts: a --logging_dir alone means tensorboard; "none" turns trackers off
@@ -307,8 +321,11 @@ class LoRATrainer:
 
     # ------------------------------------------------------------------ loop
     def train(self) -> None:
-        with self._stop_signals_save():
-            self._train()
+        try:
+            with self._stop_signals_save():
+                self._train()
+        finally:
+            self.output_lock.release()
 
     def _train(self) -> None:
         a, acc = self.args, self.accelerator
@@ -399,6 +416,13 @@ class LoRATrainer:
 
     # ------------------------------------------------------------------ saving and safety
     def save(self, name: str, *, state: bool) -> Path:
+        self.saving = True
+        try:
+            return self._save(name, state=state)
+        finally:
+            self.saving = False
+
+    def _save(self, name: str, *, state: bool) -> Path:
         a, acc = self.args, self.accelerator
         if not bool(self._weights_finite()):  # a save between health checks must not write a NaN LoRA
             self._diverged(self.progress.global_step)
@@ -554,10 +578,17 @@ class LoRATrainer:
         """Ctrl-C / SIGTERM ask for a save after the current step; the caller's handlers come back afterwards
         (a process that trains twice, or a test runner, must not keep ignoring SIGTERM)."""
         def handler(signum, frame):
-            if self.stop_signal:  # second Ctrl-C: stop now
-                raise KeyboardInterrupt
-            self.stop_signal = signal.Signals(signum).name
-            logger.warning("%s received: saving after this step (press Ctrl-C again to abort without saving)", self.stop_signal)
+            name = signal.Signals(signum).name
+            if self.saving:
+                logger.warning("%s received: the save in progress finishes first, then training stops", name)
+                self.stop_signal = self.stop_signal or name
+                return
+            if self.stop_signal:  # a second signal: stop now
+                raise TrainingStopped(f"stopped by a second {name} at step {self.progress.global_step} without "
+                                      "saving; the files saved earlier are kept",
+                                      exit_code=130 if name == "SIGINT" else 143)
+            self.stop_signal = name
+            logger.warning("%s received: saving after this step (press Ctrl-C again to stop without saving)", name)
 
         if not threading_main():
             yield

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import math
+import os
 import shutil
 import zipfile
 from dataclasses import dataclass
@@ -424,7 +425,27 @@ def check_free_space_before_load(args: argparse.Namespace) -> None:
     else:
         count = lora_parameters_from_configs(args)
     if count is not None:
+        check_network_fits_memory(args, count)
         check_free_space(Path(args.output_dir), estimate_outputs(args, lora_parameters=count))
+
+
+_TRAINING_BYTES_PER_PARAM = 16  # fp32 weight, gradient and two Adam moments
+
+
+def _memory_bytes() -> tuple[int, str]:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(0).total_memory, "GPU memory"
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "RAM"
+
+
+def check_network_fits_memory(args: argparse.Namespace, lora_parameters: int) -> None:
+    """A LoRA whose training state alone exceeds the machine's memory would die out of memory after the load."""
+    need = lora_parameters * _TRAINING_BYTES_PER_PARAM
+    have, what = _memory_bytes()
+    if need > have:
+        raise ConfigError(f"--network_dim {args.network_dim}: the LoRA has {lora_parameters:,} parameters, about "
+                          f"{_size(need)} to train (weights, gradients, optimizer moments), more than this machine's "
+                          f"{_size(have)} of {what}; use a smaller --network_dim")
 
 
 def check_free_space_for_network(args: argparse.Namespace, network: torch.nn.Module, steps_per_epoch: int,
