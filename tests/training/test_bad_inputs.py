@@ -209,6 +209,107 @@ def output_disk_full(tmp, ds, mp):
     return train_argv(ds, tmp / "out"), "--output_dir"
 
 
+def output_name_too_long(tmp, ds, mp):
+    """--output_name of 250 characters (its checkpoint names would pass the file system's 255-byte limit)"""
+    return _set(train_argv(ds, tmp / "out"), "--output_name", "n" * 250), "--output_name"
+
+
+def logging_dir_is_a_file(tmp, ds, mp):
+    """--logging_dir names a file"""
+    (tmp / "logs").write_text("not a folder", encoding="utf-8")
+    return train_argv(ds, tmp / "out", "--logging_dir", str(tmp / "logs")), "--logging_dir"
+
+
+def image_dir_is_a_file(tmp, ds, mp):
+    """the dataset TOML's image_dir is a file"""
+    (tmp / "photo.png").write_bytes(_png_bytes())
+    return _set(train_argv(ds, tmp / "out"), "--dataset_config", str(_dataset_toml(tmp, tmp / "photo.png"))), "is a file"
+
+
+def network_weights_with_nan(tmp, ds, mp):
+    """--network_weights holds NaN values (the LoRA of a diverged run)"""
+    import torch
+    from safetensors.torch import save_file
+
+    weights = tmp / "diverged.safetensors"
+    save_file({"lora_unet_x.lora_down.weight": torch.full((4, 8), float("nan")),
+               "lora_unet_x.lora_up.weight": torch.zeros(8, 4)}, str(weights))
+    return train_argv(ds, tmp / "out", "--network_weights", str(weights)), "inf/nan"
+
+
+def malicious_state(tmp: Path) -> Path:
+    """An accelerate-style state folder whose pickles would create MARKER when unpickled without restriction."""
+    import os
+
+    import torch
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {tmp / 'MARKER'}",)
+
+    state = tmp / "shared-state"
+    state.mkdir()
+    for name in ("custom_checkpoint_0.pkl", "optimizer.bin", "random_states_0.pkl", "custom_checkpoint_1.pkl",
+                 "custom_checkpoint_2.pkl"):
+        torch.save({"state": Payload()}, state / name)
+    return state
+
+
+def resume_malicious_state(tmp, ds, mp):
+    """--resume of a state folder whose pickles carry code"""
+    return train_argv(ds, tmp / "out", "--resume", str(malicious_state(tmp))), "refused"
+
+
+def config_resume_malicious_state(tmp, ds, mp):
+    """a shared --config_file with resume = a state folder whose pickles carry code"""
+    cfg = _config_file(tmp, f"resume = '{malicious_state(tmp).as_posix()}'\n")
+    return train_argv(ds, tmp / "out", "--config_file", str(cfg)), "refused"
+
+
+def resume_truncated_state(tmp, ds, mp):
+    """--resume of a state folder whose state.safetensors was cut short"""
+    import torch
+
+    from library.training import state_io
+
+    state = tmp / "t-state"
+    state.mkdir()
+    state_io.write_state(state, {"network": {"w": torch.ones(1000)}}, {}, step=3)
+    data = (state / state_io.TENSORS).read_bytes()
+    (state / state_io.TENSORS).write_bytes(data[: len(data) // 2])
+    return train_argv(ds, tmp / "out", "--resume", str(state)), "truncated"
+
+
+def resume_other_settings(tmp, ds, mp):
+    """--resume of a state saved with network_dim 8 and Lion"""
+    from library.training import state_io
+
+    state = tmp / "t-state"
+    state.mkdir()
+    state_io.write_state(state, {}, {"network_dim": 8, "optimizer": "Lion", "batch_size": [2]}, step=3)
+    return train_argv(ds, tmp / "out", "--resume", str(state)), "network_dim 8 -> 4; optimizer 'Lion' -> 'AdamW'"
+
+
+def _prompts(tmp: Path, name: str, text: str) -> Path:
+    path = tmp / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def prompt_case(text: str, needle: str, name: str = "prompts.txt") -> Case:
+    def case(tmp, ds, mp):
+        return train_argv(ds, tmp / "out", "--sample_prompts", str(_prompts(tmp, name, text))), needle
+    return case
+
+
+def network_dim_beyond_memory(tmp, ds, mp):
+    """--network_dim 100000 on a machine with 16 GiB (the LoRA alone would need about 36 GiB to train)"""
+    from library.training import validate
+
+    mp.setattr(validate, "_memory_bytes", lambda: (16 << 30, "RAM"))
+    return _set(train_argv(ds, tmp / "out"), "--network_dim", "100000"), "--network_dim 100000"
+
+
 # ------------------------------------------------------------------------------------------------- flags
 def flag(name: str, value: str, needle: str | None = None, *extra: str) -> Case:
     def case(tmp, ds, mp):
@@ -273,6 +374,38 @@ def dataset_resolution_big(tmp, ds, mp):
     return _set(train_argv(ds, tmp / "out"), "--dataset_config", str(toml)), "resolution"
 
 
+def config_nested_deeply(tmp, ds, mp):
+    """--config_file with an array nested 5,000 levels deep"""
+    cfg = _config_file(tmp, "x = " + "[" * 5000 + "]" * 5000 + "\n")
+    return train_argv(ds, tmp / "out", "--config_file", str(cfg)), "nested too deeply"
+
+
+def dataset_nested_deeply(tmp, ds, mp):
+    """dataset TOML with an array nested 5,000 levels deep"""
+    toml = tmp / "deep_ds.toml"
+    toml.write_text("x = " + "[" * 5000 + "]" * 5000 + "\n", encoding="utf-8")
+    return _set(train_argv(ds, tmp / "out"), "--dataset_config", str(toml)), "nested too deeply"
+
+
+def dataset_resolution_huge(tmp, ds, mp):
+    """dataset TOML resolution = 99999992"""
+    toml = _dataset_toml(tmp, make_images(tmp / "imgs", n=2), general="resolution = 99999992\nbatch_size = 2\n")
+    return _set(train_argv(ds, tmp / "out"), "--dataset_config", str(toml)), "resolution"
+
+
+def dataset_repeats_huge(tmp, ds, mp):
+    """dataset TOML num_repeats = 2^63-1"""
+    toml = _dataset_toml(tmp, make_images(tmp / "imgs", n=2), "num_repeats = 9223372036854775807\n")
+    return _set(train_argv(ds, tmp / "out"), "--dataset_config", str(toml)), "num_repeats"
+
+
+def folder_repeats_huge(tmp, ds, mp):
+    """--train_data_dir with a folder 99999999999_concept"""
+    make_images(tmp / "train" / "99999999999_concept", n=2)
+    argv = [a for a in train_argv(ds, tmp / "out") if a not in ("--dataset_config", str(ds))]
+    return argv + ["--train_data_dir", str(tmp / "train")], "99999999999_concept"
+
+
 def optimizer_table_unknown_kwarg(tmp, ds, mp):
     """[optimizer] table of --config_file with momentum_decay for AdamW"""
     cfg = _config_file(tmp, "[optimizer]\nname = 'AdamW'\nbetas = [0.9, 0.99]\nmomentum_decay = 0.5\n")
@@ -309,6 +442,29 @@ CASES_BY_KIND: dict[str, dict[str, Case]] = {"files": {
     "unknown builtin model": model_unknown_builtin,
     "empty folder as model": model_folder_not_diffusers,
     "no free space for the output": output_disk_full,
+    "--output_name of 250 characters": output_name_too_long,
+    "--logging_dir is a file": logging_dir_is_a_file,
+    "image_dir is a file": image_dir_is_a_file,
+    "--network_weights with NaN": network_weights_with_nan,
+    "--resume of a state folder carrying code": resume_malicious_state,
+    "--config_file resume = a state folder carrying code": config_resume_malicious_state,
+    "--resume of a truncated state": resume_truncated_state,
+    "--resume with other settings": resume_other_settings,
+}, "sample prompts": {
+    "empty prompt file": prompt_case("# only a comment\n\n", "no prompts"),
+    "--w abc": prompt_case("a cat --w abc\n", "prompts.txt:1: --w 'abc': expected an integer"),
+    "--h 40000": prompt_case("a cat\na dog --w 512 --h 40000\n", "prompts.txt:2: height 40000"),
+    "--s twenty": prompt_case("a cat --s twenty\n", "--s 'twenty'"),
+    "--l nan": prompt_case("a cat --l nan\n", "expected a finite number"),
+    "unknown option --ar": prompt_case("a cat --ar 16:9\n", "unknown option --ar"),
+    "unknown sampler --ss": prompt_case("a cat --ss euler_x\n", "sampler 'euler_x'"),
+    "--cn (ControlNet)": prompt_case("a cat --cn pose.png\n", "ControlNet"),
+    "TOML without [prompt]": prompt_case("[prompts]\nx = 1\n", "[prompt] table", "prompts.toml"),
+    "TOML width = 'wide'": prompt_case("[prompt]\nwidth = 'wide'\n[[prompt.subset]]\nprompt = 'a cat'\n",
+                                       "prompt.subset[0]: width 'wide'", "prompts.toml"),
+    "JSON not a list": prompt_case('{"prompt": "a cat"}', "JSON list", "prompts.json"),
+    "JSON unknown key": prompt_case('[{"prompt": "a cat", "steps": 20}]', "prompt 1: unknown key 'steps'",
+                                    "prompts.json"),
 }, "flags": {
     "lr 0": flag("--learning_rate", "0"),
     "lr negative": flag("--learning_rate", "-0.5"),
@@ -330,6 +486,20 @@ CASES_BY_KIND: dict[str, dict[str, Case]] = {"files": {
     "--dataset_config + --train_data_dir": flags("--train_data_dir", "/tmp", needle="--train_data_dir"),
     "cache TE outputs while training TE": flags("--cache_text_encoder_outputs", needle="--cache_text_encoder_outputs"),
     "max_train_steps 0": flag("--max_train_steps", "0"),
+    "lr inf": flag("--learning_rate", "inf"),
+    "max_grad_norm nan": flag("--max_grad_norm", "nan"),
+    "lr_scheduler_power nan": flag("--lr_scheduler_power", "nan"),
+    "network_alpha inf": flag("--network_alpha", "inf"),
+    "loraplus_lr_ratio=1e999": flags("--network_args", "loraplus_lr_ratio=1e999", needle="loraplus_lr_ratio"),
+    "optimizer weight_decay=nan": flags("--optimizer_args", "weight_decay=float('nan')", needle="weight_decay"),
+    "100,000-character --network_args value": flags("--network_args", "conv_dim=" + "4" * 100_000,
+                                                    needle="100000 characters"),
+    "network_dim 100000 on a 16 GiB machine": network_dim_beyond_memory,
+    "clip_skip 0": flag("--clip_skip", "0"),
+    "seed 99999999999999999999999": flag("--seed", "99999999999999999999999"),
+    "max_data_loader_n_workers -1": flag("--max_data_loader_n_workers", "-1"),
+    "resolution 1": flag("--resolution", "1"),
+    "unknown --sample_sampler": flag("--sample_sampler", "euler_x"),
     "negative lr_warmup_steps": flag("--lr_warmup_steps", "-5"),
     "resolution abc": flag("--resolution", "abc"),
     "mixed_precision fp8": flag("--mixed_precision", "fp8"),
@@ -356,10 +526,16 @@ CASES_BY_KIND: dict[str, dict[str, Case]] = {"files": {
     "dataset num_repeats = -1": dataset_negative_repeats,
     "dataset resolution = big": dataset_resolution_big,
     "[optimizer] unknown kwarg": optimizer_table_unknown_kwarg,
+    "config TOML nested 5,000 deep": config_nested_deeply,
+    "dataset TOML nested 5,000 deep": dataset_nested_deeply,
+    "dataset resolution = 99999992": dataset_resolution_huge,
+    "dataset num_repeats = 2^63-1": dataset_repeats_huge,
+    "folder 99999999999_concept": folder_repeats_huge,
 }, "environment variables": {
     "SGG_N_CLUSTERS=abc": env("SGG_N_CLUSTERS", "abc", "AdamWSGG"),
     "SGG_SCALE_BOUND=(1,": env("SGG_SCALE_BOUND", "(1,", "AdamWSGG"),
     "SAC_SCALE_UPDATE_FREQ=-5": env("SAC_SCALE_UPDATE_FREQ", "-5", "AdamWSAC"),
+    "SGG_SCALE_BOUND=(1e999, 1e999)": env("SGG_SCALE_BOUND", "(1e999, 1e999)", "AdamWSGG"),
 }}
 CASES: dict[str, Case] = {name: case for cases in CASES_BY_KIND.values() for name, case in cases.items()}
 
@@ -419,6 +595,8 @@ def test_bad_input_is_one_named_line_exit_2_and_writes_nothing(case, tmp_path, m
     assert len(last) < 600, last  # one readable line, not a dump
     out = tmp_path / "out"
     assert not out.exists() or not any(out.iterdir()), sorted(out.iterdir())
+    assert not (tmp_path / "MARKER").exists(), "a state folder's pickle ran code"
+    assert "weights_only=False" not in last
 
 
 def test_existing_output_without_overwrite_is_refused_and_kept(tiny_dataset, tmp_path, monkeypatch):
