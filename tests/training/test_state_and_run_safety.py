@@ -6,9 +6,6 @@ import os
 import pickle
 import random
 import signal
-import subprocess
-import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -22,8 +19,6 @@ from library.training import resume, state_io
 from library.training.entry import main
 from tests.training.conftest import train_argv
 from tests.training.test_train_end_to_end import make_trainer
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 class _Payload:
@@ -96,33 +91,68 @@ def test_a_checkpoint_carrying_code_is_refused_without_advising_weights_only_fal
     assert not (tmp_path / "MARKER").exists()
 
 
+def _save_states_forever(final: Path, report: int) -> None:
+    """The child: replace `final` with ever newer states, writing each finished step to the pipe `report`."""
+    from library.training.atomic import atomic_dir
+
+    for step in range(1, 1_000_000):
+        with atomic_dir(final) as tmp:
+            state_io.write_state(tmp, {"network": {"w": torch.full((100_000,), float(step))}}, {}, step=step)
+        os.write(report, f"{step}\n".encode())
+
+
 def test_kill_9_at_any_moment_of_state_saves_leaves_the_newest_complete_state(tmp_path):
-    """A process replaces NAME-state over and over; killed at 4 moments, resume always finds a complete state
-    at least as new as the last save the process finished."""
+    """A forked process replaces NAME-state over and over; killed at 8 moments, resume always finds a complete
+    state at least as new as the last save the process finished."""
     final = tmp_path / "t-state"
-    script = textwrap.dedent(f"""
-        import sys, torch
-        sys.path.insert(0, {str(ROOT)!r})
-        from pathlib import Path
-        from library.training import state_io
-        from library.training.atomic import atomic_dir
-        for step in range(1, 100000):
-            with atomic_dir(Path({str(final)!r})) as tmp:
-                state_io.write_state(tmp, {{"network": {{"w": torch.full((200_000,), float(step))}}}}, {{}}, step=step)
-            print(step, flush=True)
-    """)
-    for delay in (0.9, 1.3, 1.7, 2.1):
-        proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
-                                env=dict(os.environ, OMP_NUM_THREADS="1"))
-        proc.stdout.readline()  # the first save finished: from here on a complete state must always exist
-        time.sleep(delay - 0.8)
-        proc.kill()
-        done = [int(line) for line in proc.stdout.read().split()]
-        proc.wait()
+    for delay in (0.0, 0.003, 0.007, 0.011, 0.02, 0.03, 0.05, 0.08):
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child never returns
+            try:
+                _save_states_forever(final, write)
+            finally:
+                os._exit(0)
+        os.close(write)
+        with os.fdopen(read) as reports:
+            reports.readline()  # the first save finished: from here on a complete state must always exist
+            time.sleep(delay)
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            done = [int(line) for line in reports.read().split()]
         found = resume.find_state(str(final))
         parts = resume.load(found, rank=0)
         assert found.step >= (done[-1] if done else 1)
-        assert torch.equal(parts["network"]["w"], torch.full((200_000,), float(found.step)))
+        assert torch.equal(parts["network"]["w"], torch.full((100_000,), float(found.step)))
+
+
+def test_kill_9_between_the_two_renames_of_a_state_save_resumes_from_the_new_state(tmp_path, caplog):
+    """The moment the old folder is set aside and the new one not yet in place: the folder name is missing."""
+    from library.training import atomic
+
+    final = tmp_path / "t-state"
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child never returns
+        try:
+            real_replace = os.replace
+
+            def replace_then_die(src, dst):
+                real_replace(src, dst)
+                if Path(dst).name.startswith(".t-state.old-"):
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+            atomic.os.replace = replace_then_die
+            _save_states_forever(final, write)
+        finally:
+            os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    os.close(read)
+    assert not final.exists() and len(resume.leftover_copies(final)) == 2
+    found = resume.find_state(str(final))
+    assert found.folder.name.startswith(".t-state.tmp-") and found.step == 2
+    assert "the newest complete state is" in caplog.text
 
 
 def test_resume_takes_the_complete_copy_a_cut_save_left_and_says_where(tmp_path, caplog):
