@@ -17,7 +17,7 @@ import json
 import logging
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,7 @@ class SamplePrompt:
     scale: float = DEFAULT_SCALE
     seed: int | None = None
     sampler: str | None = None  # None: --sample_sampler
+    where: str = field(default="", compare=False)  # file:line, for errors found once the sampler is known
 
 
 # option -> (table key, kind); the order matters only for "ss" before "s" (sd-scripts needs "s " + digits)
@@ -131,7 +132,7 @@ def table_to_prompt(table: dict[str, Any], where: str) -> SamplePrompt:
     return SamplePrompt(prompt=prompt.strip(), negative=str(values.get("negative_prompt") or ""),
                         steps=max(1, min(1000, values.get("sample_steps", DEFAULT_STEPS))),
                         scale=values.get("scale", DEFAULT_SCALE), seed=seed,
-                        sampler=sampler.lower() if sampler else None, **sizes)
+                        sampler=sampler.lower() if sampler else None, where=where, **sizes)
 
 
 def _read(path: Path, flag: str) -> str:
@@ -170,6 +171,17 @@ def _tables(path: Path, text: str, flag: str) -> list[tuple[str, Any]]:
         return [(f"{flag} {path}: prompt {i + 1}", item) for i, item in enumerate(data)]
     return [(f"{flag} {path}:{i + 1}", line.strip()) for i, line in enumerate(text.splitlines())
             if line.strip() and not line.startswith("#")]  # sd-scripts: a comment's '#' is the line's first char
+
+
+_MIN_STEPS = {"pndm": 4}  # PNDM's PLMS starts with a 4-step Runge-Kutta warm-up; fewer steps crash diffusers
+
+
+def check_steps(prompts: list[SamplePrompt], default_sampler: str) -> None:
+    for sp in prompts:
+        sampler = sp.sampler or default_sampler
+        if sp.steps < _MIN_STEPS.get(sampler, 1):
+            raise ConfigError(f"{sp.where}: {sp.steps} steps with sampler {sampler}; it needs at least "
+                              f"{_MIN_STEPS[sampler]}")
 
 
 def load_prompts(path: str | Path, flag: str = "--sample_prompts") -> list[SamplePrompt]:

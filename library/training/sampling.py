@@ -23,6 +23,8 @@ def make_scheduler(name: str, v_parameterization: bool):
     kwargs = dict(_SCHEDULE)
     if name in ("dpmsolver", "dpmsolver++"):
         kwargs["algorithm_type"] = name
+    if name == "dpmsolver":  # current diffusers refuses first-order DPM-Solver's default final step to sigma 0
+        kwargs["final_sigmas_type"] = "sigma_min"
     if v_parameterization:
         kwargs["prediction_type"] = "v_prediction"
     scheduler = cls(**kwargs)

@@ -30,7 +30,7 @@ from library.training.graphed_step import GraphedStep, checkpoint_without_rng_st
 from library.training.metadata import build_metadata
 from library.training.output_lock import OutputLock
 from library.training.progress import Progress
-from library.training.sample_prompts import load_prompts
+from library.training.sample_prompts import check_steps, load_prompts
 from library.training.setup import (
     build_dataset,
     build_lr_scheduler,
@@ -91,6 +91,8 @@ class LoRATrainer:
         validate_args(a)
         self.resume_found = resume.find_state(a.resume) if a.resume else None
         self.prompts = load_prompts(a.sample_prompts) if a.sample_prompts else None  # a bad line stops now
+        if self.prompts:
+            check_steps(self.prompts, a.sample_sampler)
         if not a.overwrite and not a.resume:
             existing = output_files_exist(self.output_dir, a.output_name)
             if existing:

@@ -459,6 +459,7 @@ CASES_BY_KIND: dict[str, dict[str, Case]] = {"files": {
     "unknown option --ar": prompt_case("a cat --ar 16:9\n", "unknown option --ar"),
     "unknown sampler --ss": prompt_case("a cat --ss euler_x\n", "sampler 'euler_x'"),
     "--cn (ControlNet)": prompt_case("a cat --cn pose.png\n", "ControlNet"),
+    "--ss pndm --s 3": prompt_case("a cat --ss pndm --s 3\n", "prompts.txt:1: 3 steps with sampler pndm"),
     "TOML without [prompt]": prompt_case("[prompts]\nx = 1\n", "[prompt] table", "prompts.toml"),
     "TOML width = 'wide'": prompt_case("[prompt]\nwidth = 'wide'\n[[prompt.subset]]\nprompt = 'a cat'\n",
                                        "prompt.subset[0]: width 'wide'", "prompts.toml"),
