@@ -40,6 +40,7 @@ from library.data.captions import (
     tag_frequency,
 )
 from library.data.images import IMAGE_EXTENSIONS, MIN_IMAGE_SIDE, load_image, probe_image
+from library.data.latent_cache_key import image_identity, latent_shape_fits
 from library.errors import DatasetError
 
 logger = logging.getLogger(__name__)
@@ -241,12 +242,13 @@ class CaptionedImageDataset(Dataset):
 
     # ------------------------------------------------------------------------------------------ latents
     def cache_latents(self, encode: Callable[[torch.Tensor], torch.Tensor], to_disk: bool, batch_size: int = 8,
-                      cache_tag: str = "") -> None:
+                      cache_tag: str = "", latent_factor: int = 8, latent_channels: int | None = None) -> None:
         """Encode every image once (both flips for flip_aug subsets) so training never decodes images again.
 
         `encode` gets FloatTensor[B,3,H,W] in [-1,1] on the CPU and returns latents [B,C,H/f,W/f] (move to your
         device inside). `to_disk`: `<image stem>.npz` next to the image, reused on the next run when its recorded
-        bucket, original size, flip variants and `cache_tag` (e.g. the VAE's name) still match, else recomputed.
+        bucket, original size, flip variants, image file (size, mtime) and `cache_tag` (the VAE's fingerprint) still
+        match and its latents have the bucket's shape (`latent_factor`, `latent_channels`), else recomputed.
         """
         if batch_size < 1:
             raise DatasetError(f"cache_latents batch_size {batch_size}: must be >= 1")
@@ -259,7 +261,7 @@ class CaptionedImageDataset(Dataset):
         for i, img in enumerate(self._images):
             flip = self._subsets[img.subset].config.flip_aug
             npz = _npz_path(img.path) if to_disk else None
-            if npz is not None and _npz_valid(npz, img, flip, cache_tag):
+            if npz is not None and _npz_valid(npz, img, flip, cache_tag, (latent_factor, latent_channels)):
                 self._cache[i] = _Cached(None, None, npz)
                 reused += 1
             else:
@@ -444,14 +446,18 @@ def _npz_path(image: Path) -> Path:
     return image.parent / (image.stem + ".npz")
 
 
-def _npz_valid(npz: Path, img: _Image, flip: bool, tag: str) -> bool:
-    """A cache file is reused only if it was made for this bucket, image size, flip setting and encoder tag."""
+def _npz_valid(npz: Path, img: _Image, flip: bool, tag: str, geometry: tuple[int, int | None]) -> bool:
+    """A cache file is reused only if it was made for this bucket, image file, flip setting and encoder tag, and
+    its latents have the shape the bucket gives."""
     if not npz.is_file():
         return False
     try:
         with np.load(npz, allow_pickle=False) as data:
             return ("latents" in data and tuple(data["bucket"].tolist()) == img.bucket
                     and tuple(data["original_size"].tolist()) == img.size
+                    and tuple(data["image_identity"].tolist()) == image_identity(img.path)
+                    and all(latent_shape_fits(data[k].shape, img.bucket, *geometry) for k in data
+                            if k.startswith("latents"))
                     and (not flip or "latents_flipped" in data) and str(data["cache_tag"]) == tag)
     except (OSError, ValueError, KeyError, EOFError):
         return False  # unreadable or from another tool: recompute
@@ -459,7 +465,8 @@ def _npz_valid(npz: Path, img: _Image, flip: bool, tag: str) -> bool:
 
 def _write_npz(npz: Path, img: _Image, latents: torch.Tensor, flipped: torch.Tensor | None, tag: str) -> None:
     arrays = {"latents": latents.numpy(), "bucket": np.array(img.bucket, dtype=np.int32),
-              "original_size": np.array(img.size, dtype=np.int32), "cache_tag": np.array(tag)}
+              "original_size": np.array(img.size, dtype=np.int32), "cache_tag": np.array(tag),
+              "image_identity": np.array(image_identity(img.path), dtype=np.int64)}
     if flipped is not None:
         arrays["latents_flipped"] = flipped.numpy()
     tmp = None

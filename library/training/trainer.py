@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from library.data.dataset import collate
+from library.data.latent_cache_key import vae_fingerprint
 from library.errors import ConfigError, LoraForgeError
 from library.training import conditioning, losses, resume, state_io
 from library.training.atomic import atomic_dir, atomic_file, check_output_names, check_writable
@@ -192,8 +193,10 @@ class LoRATrainer:
                 pixels = pixels.to(self.device, vae.dtype)
                 return vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
 
+            tag = vae_fingerprint(vae) if a.cache_latents_to_disk else ""  # the weights decide, not the path
             self.dataset.cache_latents(encode, to_disk=a.cache_latents_to_disk, batch_size=a.train_batch_size,
-                                       cache_tag=a.pretrained_model_name_or_path)
+                                       cache_tag=tag, latent_factor=2 ** (len(vae.config.block_out_channels) - 1),
+                                       latent_channels=vae.config.latent_channels)
             vae.to("cpu")
             logger.info("cached latents of %d images", len(self.dataset))
         if a.cache_text_encoder_outputs:
