@@ -232,6 +232,13 @@ class CaptionedImageDataset(Dataset):
         img = self._images[image_index]
         return load_image(img.path, min_side=1, cover=img.bucket)
 
+    def captions_by_dataset(self) -> dict[int, list[str]]:
+        """Each dataset's captions as read, once per image (for checks that need a tokenizer)."""
+        out: dict[int, list[str]] = {}
+        for img in self._images:
+            out.setdefault(self._subsets[img.subset].dataset, []).append(img.caption)
+        return out
+
     def caption_for_cache(self, index: int) -> str:
         """Sample `index`'s caption without shuffle/dropout (what cached text-encoder outputs are built from)."""
         img = self._images[self._samples[index]]

@@ -91,6 +91,18 @@ def check_clip_skip(clip_skip: int | None, model) -> None:
                           f"use 1 to {layers} (2 is usual for anime models)")
 
 
+def warn_long_captions(dataset, tokenizer, source: str) -> None:
+    """The text encoder reads 75 tokens (77 with start and end); a longer caption is cut there, silently in
+    sd-scripts. One line per dataset says how many."""
+    room = tokenizer.model_max_length
+    for index, captions in dataset.captions_by_dataset().items():
+        lengths = [len(ids) for ids in tokenizer(captions, truncation=False, verbose=False)["input_ids"]]
+        cut = sum(n > room for n in lengths)
+        if cut:
+            logger.warning("%s dataset %d: %d of %d captions are longer than %d tokens and are cut there (longest: "
+                           "%d)", source, index, cut, len(captions), room - 2, max(lengths) - 2)
+
+
 # ----------------------------------------------------------------------------------------------- network
 _MAX_ARG_CHARS = 4096  # no network setting is longer; a huge value is a pasted file, not a setting
 

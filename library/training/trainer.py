@@ -40,6 +40,7 @@ from library.training.setup import (
     check_optimizer_settings,
     load_model,
     optimizer_name,
+    warn_long_captions,
     weight_dtype_for,
 )
 from library.training.validate import (
@@ -136,6 +137,7 @@ class LoRATrainer:
 
         self.weight_dtype = weight_dtype_for(a)
         self.model = load_model(a, self.device, self.weight_dtype)
+        warn_long_captions(self.dataset, self.model.tokenizers[0], self.dataset.summary()["source"])
         self.noise_scheduler = losses.make_noise_scheduler(self.model.scheduler_config,
                                                            v_parameterization=self.model.v_parameterization,
                                                            zero_terminal_snr=a.zero_terminal_snr)
@@ -390,7 +392,8 @@ class LoRATrainer:
                     bar.update(step)
                     if a.save_every_n_steps and step % a.save_every_n_steps == 0 and step < a.max_train_steps:
                         self.save(f"{a.output_name}-step{step:08d}", state=a.save_state)
-                    if a.sample_every_n_steps and step % a.sample_every_n_steps == 0:
+                    # as sd-scripts: --sample_every_n_epochs, when given, replaces --sample_every_n_steps
+                    if a.sample_every_n_steps and not a.sample_every_n_epochs and step % a.sample_every_n_steps == 0:
                         self.sample_images()
                     if stop:
                         self._interrupted()

@@ -98,6 +98,8 @@ def test_samples_during_training_use_the_prompt_file_and_sampler(tiny_dataset, t
     prompts.write_text("[prompt]\nwidth = 64\nheight = 64\nsample_steps = 2\n[[prompt.subset]]\nprompt = 'a cat'\n",
                        encoding="utf-8")
     out = tmp_path / "out"
+    # --sample_every_n_epochs replaces --sample_every_n_steps (as sd-scripts); the one step ends no epoch
     assert main(train_argv(tiny_dataset, out, "--sample_prompts", str(prompts), "--sample_sampler", "k_dpm_2_a",
-                           "--sample_at_first", steps=1)) == 0
+                           "--sample_at_first", "--sample_every_n_steps", "1", "--sample_every_n_epochs", "1",
+                           steps=1)) == 0
     assert sorted(p.name for p in (out / "sample").glob("t_0*.png")) == ["t_000000_00_a_cat.png"]

@@ -289,3 +289,16 @@ def test_dangling_links_and_pipes_in_an_image_folder_are_named_in_one_warning(ti
     build_dataset(parse_args(train_argv(tiny_dataset, tmp_path / "out")))
     lines = [r.getMessage() for r in caplog.records if "not files" in r.getMessage()]
     assert lines == [f"{images}: skipped 2 entries that are not files (dangling links or devices): gone.png, pipe.png"]
+
+
+def test_captions_cut_at_the_token_limit_get_one_warning_per_dataset(tiny_dataset, tmp_path, caplog):
+    from library.cli import parse_args
+    from library.models.clip_tokenizer import load_clip_tokenizer
+    from library.training.setup import build_dataset, warn_long_captions
+
+    (tmp_path / "images" / "img00.txt").write_text("a red circle, " * 30, encoding="utf-8")  # 120 tokens
+    (tmp_path / "images" / "img01.txt").write_text("green " * 76, encoding="utf-8")  # 76 tokens: one too many
+    dataset = build_dataset(parse_args(train_argv(tiny_dataset, tmp_path / "out")))
+    warn_long_captions(dataset, load_clip_tokenizer(), "ds.toml")
+    lines = [r.getMessage() for r in caplog.records if "are cut there" in r.getMessage()]
+    assert lines == ["ds.toml dataset 0: 2 of 8 captions are longer than 75 tokens and are cut there (longest: 120)"]
