@@ -78,18 +78,19 @@ def before_after_grid(lora_file: str | Path, specs=DEMO_SPECS, *, trigger: str =
 
     from library.data.synthetic import concept_caption, render_shape
     from library.models import load_sd_model
-    from library.training.sampling import SamplePrompt, generate
+    from library.training.sample_prompts import SamplePrompt
+    from library.training.sampling import generate
     from networks.lora import create_network_from_weights
 
     base = load_sd_model(model)
     prompts = [SamplePrompt(concept_caption(trigger, *spec), width=size, height=size, steps=steps, scale=cfg,
                             seed=seed + i) for i, spec in enumerate(specs)]
-    before = generate(base, prompts, "ddim", base.scheduler_config, torch.device("cpu"), seed)
+    before = generate(base, prompts, "ddim", torch.device("cpu"), seed)
     network, weights = create_network_from_weights(1.0, lora_file, base.vae, base.text_encoders, base.unet)
     network.apply_to(base.text_encoders, base.unet)
     network.load_state_dict(weights)
     network.eval()
-    after = generate(base, prompts, "ddim", base.scheduler_config, torch.device("cpu"), seed)
+    after = generate(base, prompts, "ddim", torch.device("cpu"), seed)
     network.remove_from()
     target = [render_shape(size, "heart", "checkered", *spec) for spec in specs]
     return labelled_grid([before, after, target], ["before", "after", "target"], [p.prompt for p in prompts])

@@ -240,7 +240,8 @@ def sample_grid(weights: Path, config_dir: Path, device, seeds: list[int], steps
     from library.data.synthetic import base_caption, render_shape
     from library.models.builtin import build_tiny_sd_modules
     from library.models.common import assemble, ddpm_scheduler_config, sd_tokenizers
-    from library.training.sampling import SamplePrompt, generate
+    from library.training.sample_prompts import SamplePrompt
+    from library.training.sampling import generate
     from tools.demo import labelled_grid
 
     text_encoder, vae, unet, raw = build_tiny_sd_modules(config_dir, weights=weights)
@@ -250,7 +251,7 @@ def sample_grid(weights: Path, config_dir: Path, device, seeds: list[int], steps
     rows = [[render_shape(size, *spec) for spec in specs]]
     for seed in seeds:
         batch = [SamplePrompt(p, width=size, height=size, steps=steps, scale=cfg, seed=seed) for p in prompts]
-        rows.append(generate(model, batch, "ddim", model.scheduler_config, device, seed))
+        rows.append(generate(model, batch, "ddim", device, seed))
     return labelled_grid(rows, ["target", *[f"seed {s}" for s in seeds]], prompts), prompts
 
 
