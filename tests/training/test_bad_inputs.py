@@ -299,6 +299,7 @@ def _prompts(tmp: Path, name: str, text: str) -> Path:
 def prompt_case(text: str, needle: str, name: str = "prompts.txt") -> Case:
     def case(tmp, ds, mp):
         return train_argv(ds, tmp / "out", "--sample_prompts", str(_prompts(tmp, name, text))), needle
+    case.__doc__ = f"--sample_prompts {name} holding {text.strip()!r}"
     return case
 
 
