@@ -51,7 +51,8 @@ HAND_WRITTEN = ["quickstart.md", "dataset-config.md", "formats.md", "troubleshoo
                 "zh-TW/quickstart.md", "zh-TW/optimizer-guides.md"]
 # Flags in those pages that belong to other programs: accelerate launch, sample-prompt lines, the synthetic-data
 # generator, the doc generators, tensorboard, and train.py's spelling of --config_file.
-NOT_TRAINER_FLAGS = {"num_processes", "cpu", "w", "h", "s", "l", "d", "n", "concept", "check", "logdir", "config-file"}
+NOT_TRAINER_FLAGS = {"num_processes", "cpu", "w", "h", "s", "l", "d", "n", "ss", "cn", "ctr", "rcfg", "fs", "concept", "check",
+                     "logdir", "config-file"}
 
 
 def test_hand_written_pages_name_only_real_options() -> None:

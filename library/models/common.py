@@ -100,7 +100,8 @@ def unpickling_refusal(exc: BaseException) -> str:
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     useful = [line for line in lines if "weights_only" not in line and "Weights only load failed" not in line
               and "documentation" not in line]
-    return (useful[0] if useful else "it holds objects other than tensors and plain values")[:200]
+    reason = useful[0].split(" Please use")[0] if useful else "it holds objects other than tensors and plain values"
+    return reason[:200]
 
 
 def first_line(exc: BaseException) -> str:

@@ -67,7 +67,8 @@ def disk_failure_reason(exc: BaseException, written: Path) -> str | None:
         return None
     found = _OS_ERROR_IN_TEXT.search(str(exc))
     if found:
-        return os.strerror(int(found.group(1)))
+        code = int(found.group(1))
+        return _size_limit_reason() if code == errno.EFBIG else os.strerror(code)
     limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
     with contextlib.suppress(OSError):
         if limit != resource.RLIM_INFINITY and _largest_file(written) >= limit:

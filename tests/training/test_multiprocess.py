@@ -69,6 +69,7 @@ def _health_worker(rank: int, world: int, port: int, out: str) -> None:
     _init(rank, world, port)
     trainer = LoRATrainer.__new__(LoRATrainer)  # only the fields the decision reads
     trainer.world = world
+    trainer.trainable = [torch.nn.Parameter(torch.ones(3))]  # finite weights: the loss alone decides here
     # rank 0's loss went NaN, rank 1 alone received SIGTERM
     trainer.stop_signal = "SIGTERM" if rank == 1 else None
     loss = torch.tensor(float("nan") if rank == 0 else 1.0)
