@@ -175,7 +175,9 @@ class LoRATrainer:
             captions = sorted({self.dataset.caption_for_cache(i) for i in range(len(self.dataset))})
             with torch.no_grad():
                 for c in captions:
-                    self.cached_text[c] = conditioning.encode_prompts(m, [c], a.clip_skip, self.device)
+                    self.cached_text[c] = conditioning.encode_prompts(m, [c], a.clip_skip, self.device,
+                                                                      max_token_length=a.max_token_length,
+                                                                      weighted=a.weighted_captions)
             for te in m.text_encoders:  # not trained (--network_train_unet_only): no reason to hold device memory
                 te.to("cpu")
             logger.info("cached text-encoder outputs of %d captions", len(captions))
@@ -191,7 +193,13 @@ class LoRATrainer:
         usable = len(batches) // self.world * self.world
         if usable == 0:
             raise ConfigError(f"the dataset gives {len(batches)} batches per epoch, fewer than the {self.world} processes")
-        return batches[self.accelerator.process_index:usable:self.world]
+        mine = batches[self.accelerator.process_index:usable:self.world]
+        if self.dataset.uses_token_warmup():  # token warm-up grows captions with the optimizer step
+            accumulate = self.args.gradient_accumulation_steps
+            first = epoch * math.ceil(len(mine) / accumulate)
+            self.dataset.set_sample_steps({i: first + j // accumulate for j, batch in enumerate(mine) for i in batch},
+                                          self.args.max_train_steps)
+        return mine
 
     # ------------------------------------------------------------------ step
     def _latents(self, batch: dict) -> torch.Tensor:
@@ -213,7 +221,9 @@ class LoRATrainer:
             cond = conditioning.Conditioning(hidden, extra)
         else:
             with torch.set_grad_enabled(self.train_text_encoder):
-                cond = conditioning.encode_prompts(self.model, captions, self.args.clip_skip, self.device)
+                cond = conditioning.encode_prompts(self.model, captions, self.args.clip_skip, self.device,
+                                                   max_token_length=self.args.max_token_length,
+                                                   weighted=self.args.weighted_captions)
         if cond.added_cond_kwargs is not None:  # SDXL: each image's own original size, crop and bucket
             cond.added_cond_kwargs["time_ids"] = conditioning.sdxl_time_ids(
                 batch["original_size"], batch["crop_top_left"], batch["bucket"], self.device)
