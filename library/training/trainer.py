@@ -195,9 +195,7 @@ class LoRATrainer:
             raise ConfigError(f"the dataset gives {len(batches)} batches per epoch, fewer than the {self.world} processes")
         mine = batches[self.accelerator.process_index:usable:self.world]
         if self.dataset.uses_token_warmup():  # token warm-up grows captions with the optimizer step
-            accumulate = self.args.gradient_accumulation_steps
-            first = epoch * math.ceil(len(mine) / accumulate)
-            self.dataset.set_sample_steps({i: first + j // accumulate for j, batch in enumerate(mine) for i in batch},
+            self.dataset.set_sample_steps(sample_steps(mine, epoch, self.args.gradient_accumulation_steps),
                                           self.args.max_train_steps)
         return mine
 
@@ -519,6 +517,13 @@ class LoRATrainer:
         code = 130 if self.stop_signal == "SIGINT" else 143
         raise TrainingStopped(f"stopped by {self.stop_signal} at step {self.progress.global_step}; LoRA saved to {path}, "
                               f"state to {state}. Resume with the same command plus --resume {state}", exit_code=code)
+
+
+def sample_steps(batches: list[list[int]], epoch: int, accumulate: int) -> dict[int, int]:
+    """Sample index -> the optimizer steps done before its batch trains (sd-scripts' `current_step`): every epoch
+    has the same ceil(batches / accumulate) steps, and a step follows each `accumulate` batches."""
+    first = epoch * math.ceil(len(batches) / accumulate)
+    return {i: first + j // accumulate for j, batch in enumerate(batches) for i in batch}
 
 
 def average_gradients(params: list[torch.Tensor], world: int) -> None:
