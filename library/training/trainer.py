@@ -437,7 +437,8 @@ class LoRATrainer:
                   if m.device.type == "cpu" and self.device.type != "cpu"]
         for module in parked:  # cached latents / text-encoder outputs moved them off the device
             module.to(self.device)
-        images = sampling.generate(self.model, prompts, a.sample_sampler, self.model.scheduler_config, self.device, a.seed)
+        images = sampling.generate(self.model, prompts, a.sample_sampler, self.model.scheduler_config, self.device, a.seed,
+                                   clip_skip=a.clip_skip, max_token_length=a.max_token_length)
         for module in parked:
             module.to("cpu")
         save_samples(self.output_dir, a.output_name, self.progress.global_step, prompts, images, self.accelerator)
