@@ -82,7 +82,7 @@ def test_sdxl_script_flags_parse_and_it_refuses_an_sd1_model(dataset_toml: Path,
     assert result.returncode == 2, result.stderr[-3000:]
     assert "unrecognized arguments" not in result.stderr and "usage:" not in result.stderr
     assert "error: builtin:tiny-sd: is an SD1 model" in result.stderr
-    assert "select SDXL" in result.stderr
+    assert "select SDXL; train it with train_network.py and neither --v2 nor --sdxl" in result.stderr
 
 
 def test_sdxl_script_adds_cuda_graphs_with_bf16_which_a_cpu_refuses_in_one_line(dataset_toml: Path,

@@ -17,6 +17,7 @@ import importlib.util
 import logging
 import re
 import shutil
+import sys
 import textwrap
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -794,7 +795,8 @@ def resolve(name: str) -> OptimizerSpec:
             description=f"{attr} from {module}",
         )
     close = difflib.get_close_matches(_key(name), list(_INDEX), n=3, cutoff=0.6)
-    hint = f"; did you mean {', '.join(_INDEX[c].name for c in close)}?" if close else ""
+    names = dict.fromkeys(_INDEX[c].name for c in close)  # an alias and its name point at one optimizer
+    hint = f"; did you mean {', '.join(names)}?" if names else ""
     raise OptimizerError(
         f"--optimizer_type: unknown optimizer {name!r}{hint} (see `--optimizer_type list`, or give module.path.Class)"
     )
@@ -909,7 +911,11 @@ def short_status(spec: OptimizerSpec) -> str:
 
 
 def format_optimizer_table(width: int | None = None) -> str:
-    """Terminal listing for ``--optimizer_type list``: name, aliases, package, status, description."""
+    """Terminal listing for ``--optimizer_type list``: name, aliases, package, status, description.
+
+    Descriptions are cut to the terminal's width only on a terminal: piped into `less` or a file, they are whole."""
+    if width is None and not sys.stdout.isatty():
+        width = 10**6
     width = width or shutil.get_terminal_size((120, 24)).columns
     rows = [(s.name, ", ".join(s.aliases), package_of(s), short_status(s), s.description) for s in _SPECS]
     head = ("name", "aliases", "package", "status", "description")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import logging
 import re
+import sys
 
 import pytest
 import torch
@@ -325,3 +326,17 @@ def test_listing_shows_every_name_with_its_status_within_the_width() -> None:
     assert all(len(line) <= 140 for line in lines)
     assert re.search(r"^lomo\s.*refused", table, re.MULTILINE)
     assert re.search(r"^adamw_torch_xla\s.*needs torch_xla", table, re.MULTILINE)
+
+
+def test_piped_listing_keeps_every_description_whole(monkeypatch) -> None:
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: False)
+    table = format_optimizer_table()
+    for spec in list_optimizers():
+        assert spec.description in table
+
+
+def test_did_you_mean_names_each_optimizer_once() -> None:
+    with pytest.raises(OptimizerError, match="did you mean") as raised:
+        resolve("AdamW8bitt")
+    names = str(raised.value).split("did you mean ", 1)[1].rstrip("?").split(", ")
+    assert len(names) == len(set(names)) and "AdamW8bit" in names
