@@ -19,7 +19,7 @@ import re
 import shutil
 import sys
 import textwrap
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -840,6 +840,7 @@ def build_optimizer(
     optimizer_args: Sequence[str] | Mapping[str, Any] | None = None,
     toml_table: Mapping[str, Any] | None = None,
     environ: Mapping[str, str] | None = None,
+    from_config_file: Collection[str] = (),
 ) -> tuple[torch.optim.Optimizer, dict[str, str]]:
     """Build the optimizer ``name`` over ``param_groups``; returns it and {kwarg: source} of every value set.
 
@@ -866,6 +867,7 @@ def build_optimizer(
         optimizer_args=optimizer_args,
         toml_table=toml_table,
         environ=environ,
+        from_config_file=from_config_file,
     )
     try:
         optimizer = spec.build(param_groups, name=spec.name, **kwargs)
@@ -891,9 +893,11 @@ def _log_loaded_once() -> None:
     if _loaded_logged or not logger.isEnabledFor(logging.INFO):  # a silenced probe build does not use it up
         return
     _loaded_logged = True
-    for family, label in (("SGG", "SGG"), ("SAC", "SAC"), ("standard", "Standard")):
+    for family in ("SGG", "SAC"):  # the OpenToMe guide documents these two lines
         names = [s.name for s in _SPECS if s.family == family and unavailable_reason(s) is None]
-        logger.info("%s optimizers loaded: %s", label, names)
+        logger.info("%s optimizers loaded: %s", family, names)
+    available = sum(unavailable_reason(s) is None for s in _SPECS if s.family not in ("SGG", "SAC"))
+    logger.info("%d other optimizers available (--optimizer_type list names them)", available)
 
 
 def short_status(spec: OptimizerSpec) -> str:

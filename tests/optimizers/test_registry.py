@@ -304,8 +304,10 @@ def test_logs_selected_optimizer_type_and_sources(caplog: pytest.LogCaptureFixtu
     assert "Selected optimizer: AdamW (Type: standard)" in text
     assert "weight_decay = 0.0 (--optimizer_args)" in text
     assert "betas = (0.9, 0.99) (registry default)" in text
-    for label in ("SGG", "SAC", "Standard"):
+    for label in ("SGG", "SAC"):
         assert text.count(f"{label} optimizers loaded: [") == 1
+    others = sum(unavailable_reason(s) is None for s in list_optimizers() if s.family not in ("SGG", "SAC"))
+    assert text.count(f"{others} other optimizers available (--optimizer_type list names them)") == 1
     assert "'AdamWSAC'" in text.split("SAC optimizers loaded:")[1].splitlines()[0]
 
 
