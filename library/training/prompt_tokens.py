@@ -88,7 +88,7 @@ def weighted_input_ids(tokenizer, caption: str, max_token_length: int | None = N
     tokens: list[int] = []
     weights: list[float] = []
     for text, weight in parse_prompt_attention(caption):
-        piece = tokenizer(text).input_ids[1:-1]
+        piece = tokenizer(text, verbose=False).input_ids[1:-1]  # long runs are cut below, not by CLIP
         tokens += piece
         weights += [weight] * len(piece)
         if len(tokens) > length - 2:

@@ -21,7 +21,7 @@ def _weighted_tokens(tokenizer, text: str, limit: int) -> tuple[list[int], list[
     tokens: list[int] = []
     weights: list[float] = []
     for piece, weight in parse_prompt_attention(text):
-        ids = tokenizer(piece).input_ids[1:-1]
+        ids = tokenizer(piece, verbose=False).input_ids[1:-1]
         tokens += ids
         weights += [weight] * len(ids)
         if len(tokens) > limit:
