@@ -299,6 +299,12 @@ def test_captions_cut_at_the_token_limit_get_one_warning_per_dataset(tiny_datase
     (tmp_path / "images" / "img00.txt").write_text("a red circle, " * 30, encoding="utf-8")  # 120 tokens
     (tmp_path / "images" / "img01.txt").write_text("green " * 76, encoding="utf-8")  # 76 tokens: one too many
     dataset = build_dataset(parse_args(train_argv(tiny_dataset, tmp_path / "out")))
-    warn_long_captions(dataset, load_clip_tokenizer(), "ds.toml")
+    tokenizer = load_clip_tokenizer()
+    warn_long_captions(dataset, tokenizer, "ds.toml")
+    warn_long_captions(dataset, tokenizer, "ds.toml", max_token_length=150)  # room for both
+    (tmp_path / "images" / "img01.txt").write_text("(green green:1.2) " * 38, encoding="utf-8")  # 76 once weighted
+    warn_long_captions(build_dataset(parse_args(train_argv(tiny_dataset, tmp_path / "out"))), tokenizer, "w.toml",
+                       weighted=True)
     lines = [r.getMessage() for r in caplog.records if "are cut there" in r.getMessage()]
-    assert lines == ["ds.toml dataset 0: 2 of 8 captions are longer than 75 tokens and are cut there (longest: 120)"]
+    assert lines == ["ds.toml dataset 0: 2 of 8 captions are longer than 75 tokens and are cut there (longest: 120)",
+                     "w.toml dataset 0: 2 of 8 captions are longer than 75 tokens and are cut there (longest: 120)"]
