@@ -152,11 +152,13 @@ def test_sdxl_train_network_script_trains_both_encoders_and_diffusers_loads_the_
 @torch.no_grad()
 def fixed_noise_loss(model, network, multiplier: float, data: Path) -> float:
     """Epsilon MSE on the training images at fixed noise and timesteps, with the LoRA at `multiplier`."""
-    from library.data.buckets import resize_and_crop
+    from library.data.buckets import crop_top_left, fit_predefined
+    from library.data.transforms import fit_to_bucket
 
     network.set_multiplier(multiplier)
     images = [Image.open(p).convert("RGB") for p in sorted(data.rglob("*.png"))]
-    crops = [resize_and_crop(img, (64, 64)) for img in images]  # as the dataset feeds them
+    crops = [(fit_to_bucket(np.asarray(img), fit_predefined(img.size, [(64, 64)])),  # as the dataset feeds them
+              crop_top_left((64, 64), img.size, False)) for img in images]
     pixels = torch.stack([torch.from_numpy(np.asarray(c, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
                           for c, _ in crops])
     latents = model.vae.encode(pixels).latent_dist.mean * model.vae.config.scaling_factor
