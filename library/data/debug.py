@@ -19,7 +19,7 @@ def print_dataset(dataset: CaptionedImageDataset, *, seed: int, epoch: int = 0, 
     for b, batch in enumerate(sampler):
         for index in batch:
             d = dataset.describe(index)
-            crop = "around the face" if d["face_crop"] else "left,top=%d,%d" % d["crop_left_top"]
+            crop = "around the face" if d["face_crop"] else "left,top={},{}".format(*d["crop_left_top"])
             print(f"batch {b} sample {index}: {d['path']} | original {d['original_size'][0]}x{d['original_size'][1]}"
                   f" -> resized {d['resized_size'][0]}x{d['resized_size'][1]} -> bucket {d['bucket'][0]}x"
                   f"{d['bucket'][1]} ({crop}) | flipped {d['flipped']} | crop_top_left {d['crop_top_left']} | "

@@ -293,8 +293,11 @@ def test_random_crop_moves_the_window(tmp_path):
     (tmp_path / "a").mkdir()
     Image.fromarray(arr).save(tmp_path / "a/x.png")
     ds = CaptionedImageDataset(_config(SubsetConfig(tmp_path / "a", num_repeats=16, random_crop=True)), seed=0)
-    lefts = {ds[i]["crop_top_left"][1] for i in range(len(ds))}
+    # pixel value = 2 * x, so a sample's first column tells where its window starts; the SDXL crop conditioning
+    # stays the offset of the whole image fitted in the bucket (64x32 at top 16), as sd-scripts passes it
+    lefts = {int(ds.pixels(i)[0, 0, 0]) // 2 for i in range(len(ds))}
     assert len(lefts) > 4 and min(lefts) >= 0 and max(lefts) <= 64
+    assert {ds[i]["crop_top_left"] for i in range(len(ds))} == {(16, 0)}
 
 
 def test_demo_toml_gives_an_epoch_of_10_to_20_steps(tmp_path, monkeypatch):
@@ -316,5 +319,7 @@ def test_bucket_no_upscale_uses_the_image_size(tmp_path):
     ds = CaptionedImageDataset(cfg, seed=0)
     by_caption = {ds[i]["caption"]: ds[i] for i in range(len(ds))}
     assert by_caption["s"]["bucket"] == (96, 64)  # floored, never enlarged
-    assert by_caption["b"]["bucket"] == (160, 64)  # 400x200 -> 128^2 area: 181x90 -> floored to 32s
-    assert by_caption["b"]["pixel_values"].shape == (3, 64, 160)
+    # 400x200 -> 128^2 area: 181x90; width-first rounding gives 160x64 (aspect 2.5), height-first 128x64 (2.0):
+    # sd-scripts keeps the closer aspect
+    assert by_caption["b"]["bucket"] == (128, 64)
+    assert by_caption["b"]["pixel_values"].shape == (3, 64, 128)
