@@ -174,6 +174,9 @@ class CaptionedImageDataset(Dataset):
             info = _Subset(sub, d, _caption_options(sub), [], {})
             self._subsets.append(info)
             face_crop_on = sub.face_crop_aug_range is not None and not bp.enable_bucket
+            if sub.face_crop_aug_range is not None and bp.enable_bucket:
+                logger.warning("%s: face_crop_aug_range applies only without enable_bucket (as in sd-scripts); "
+                               "bucketed images are resized and cropped instead", sub.name or sub.image_dir)
             with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # decoding releases the GIL
                 results = list(pool.map(functools.partial(_inspect, sub=sub, choose=choose, min_side=min_side),
                                         entries))
@@ -189,6 +192,8 @@ class CaptionedImageDataset(Dataset):
                 info.extensions[ext] = info.extensions.get(ext, 0) + 1
                 info.images.append(len(self._images))
                 face = face_from_name(path.stem) if face_crop_on else None
+                if face is not None and (size[0] < fit.bucket[0] or size[1] < fit.bucket[1]):
+                    face = None  # smaller than the resolution: a face crop would need enlarging; resize instead
                 self._images.append(_Image(path, len(self._subsets) - 1, size, caption, fit, face))
                 rows.append((path, caption, size))
             if sub.cache_info and sub.metadata_file is None and entries[0].size is None and not info.skipped:

@@ -371,7 +371,7 @@ class LoRATrainer:
                     loss_sum += loss
                     loss_count += 1
                     if self.validation is not None:
-                        self.validation.train.add(epoch=epoch, step=i, loss=loss)
+                        self.validation.train.add(epoch=epoch, step=i, loss=loss.clone())  # graphs reuse `loss`
                     micro_done = i + 1
                     if micro_done % a.gradient_accumulation_steps and micro_done != len(batches):
                         continue
