@@ -9,8 +9,10 @@ from typing import TextIO
 from library.data.dataset import CaptionedImageDataset
 
 
-def print_dataset(dataset: CaptionedImageDataset, *, seed: int, epoch: int = 0, out: TextIO = sys.stdout) -> int:
-    """Prints the epoch's batches in training order, one line per sample; returns the number of samples."""
+def print_dataset(dataset: CaptionedImageDataset, *, seed: int, epoch: int = 0, out: TextIO | None = None) -> int:
+    """Prints the epoch's batches in training order, one line per sample (to stdout unless `out`); returns the
+    number of samples."""
+    out = sys.stdout if out is None else out
     dataset.set_epoch(epoch)
     sampler = dataset.batch_sampler(seed=seed, shuffle=True)
     sampler.set_epoch(epoch)

@@ -96,7 +96,8 @@ def test_trainer_batches_carry_each_images_own_time_ids_cached_or_not(sdxl, tmp_
     batch, fresh = conditioning_of("--network_train_unet_only")
     _, cached = conditioning_of("--cache_text_encoder_outputs", "--network_train_unet_only")
     rows = {tuple(r) for r in fresh.added_cond_kwargs["time_ids"].tolist()}
-    assert rows == {(64.0, 96.0, 0.0, 16.0, 64.0, 64.0), (96.0, 96.0, 0.0, 0.0, 64.0, 64.0)}
+    # crop (top, left) as sd-scripts passes it: the 96x64 image fitted inside 64x64 is 64x42.7 at top (64-42.7)//2
+    assert rows == {(64.0, 96.0, 10.0, 0.0, 64.0, 64.0), (96.0, 96.0, 0.0, 0.0, 64.0, 64.0)}
     assert sorted(batch["original_size"]) == [(96, 64), (96, 64), (96, 64), (96, 64), (96, 96), (96, 96), (96, 96),
                                               (96, 96)]  # 2 repeats
     for key in ("time_ids", "text_embeds"):
