@@ -259,12 +259,14 @@ class CaptionedImageDataset(Dataset):
         cfg = self._subsets[self._images[self._samples[index]].subset].config
         return cfg.flip_aug and bool(sample_rng(self.seed, self.epoch, index, STREAM_FLIP).random() < 0.5)
 
-    def _crop(self, index: int) -> tuple[int, int] | None:
-        """(left, top) of the bucket in the resized image: random with random_crop, else None (centred)."""
+    def crop_window(self, index: int) -> tuple[BucketFit, tuple[int, int]]:
+        """Sample `index`'s bucket fit and the (left, top) of the bucket in the resized image this epoch (random
+        with random_crop, else centred): `fit_to_bucket(array, *crop_window(i))` cuts any per-pixel data (a mask)
+        exactly as the image."""
         img = self._images[self._samples[index]]
-        if not self._subsets[img.subset].config.random_crop:
-            return None
-        return crop_offsets(img.fit.resized, img.bucket, sample_rng(self.seed, self.epoch, index, STREAM_CROP))
+        rng = sample_rng(self.seed, self.epoch, index, STREAM_CROP)
+        random_crop = self._subsets[img.subset].config.random_crop
+        return img.fit, crop_offsets(img.fit.resized, img.bucket, rng if random_crop else None)
 
     def pixels(self, index: int) -> np.ndarray:
         """Sample `index` as trained this epoch, HxWx3 uint8: resized and cropped to its bucket (or cut around
@@ -277,7 +279,7 @@ class CaptionedImageDataset(Dataset):
             pixels = face_crop(pixels, img.face, img.bucket, cfg.face_crop_aug_range, cfg.random_crop, rng,
                                cfg.resize_interpolation)
         else:
-            pixels = fit_to_bucket(pixels, img.fit, self._crop(index), cfg.resize_interpolation)
+            pixels = fit_to_bucket(pixels, *self.crop_window(index), cfg.resize_interpolation)
         if cfg.color_aug:
             pixels = color_aug(pixels, sample_rng(self.seed, self.epoch, index, STREAM_COLOR))
         if self._flipped(index):
@@ -289,7 +291,7 @@ class CaptionedImageDataset(Dataset):
         img = self._images[self._samples[index]]
         sub = self._subsets[img.subset]
         flip = self._flipped(index)
-        crop = self._crop(index) or crop_offsets(img.fit.resized, img.bucket)
+        crop = self.crop_window(index)[1]
         return {"index": index, "path": str(img.path), "is_reg": sub.config.is_reg,
                 "caption": process_caption(img.caption, sub.options,
                                            sample_rng(self.seed, self.epoch, index, STREAM_CAPTION), self.epoch),

@@ -279,6 +279,9 @@ def test_cache_latents_on_disk_is_reused_and_invalidated(tmp_path):
     bigger.cache_latents(encode, to_disk=True, cache_tag="vae-b")  # other bucket size: stale
     assert calls[-1] == 2 and bigger[0]["latents"].shape == (4, 4, 4)
     assert not list((tmp_path / "a").glob("*.tmp"))
+    unchecked = CaptionedImageDataset(cfg, seed=0)  # --skip_cache_check: any existing file is taken as it is
+    unchecked.cache_latents(encode, to_disk=True, cache_tag="vae-c", skip_cache_check=True)
+    assert len(calls) == 5 and unchecked[0]["latents"].shape == (4, 4, 4)
 
 
 def test_cache_latents_refuses_random_crop(tmp_path):
