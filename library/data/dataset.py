@@ -119,14 +119,17 @@ class CaptionedImageDataset(Dataset):
 
     collate = staticmethod(collate)
 
-    def __init__(self, config: DatasetConfig, *, seed: int, skip_bad_images: bool = False, split: str = "train"):
+    def __init__(self, config: DatasetConfig, *, seed: int, skip_bad_images: bool = False, split: str = "train",
+                 fast_decode: bool = False):
         """`split`: "train", or "validation" (each dataset's validation_split share of its non-regularisation
-        images, once each, as sd-scripts holds them out)."""
+        images, once each, as sd-scripts holds them out). `fast_decode`: decode large JPEGs only as large as the
+        resize needs (about 2x faster on photos; pixels then differ slightly from sd-scripts' full decode)."""
         if split not in SPLITS:
             raise ValueError(f"split {split!r}: expected one of {SPLITS}")
         self.config = config
         self.seed = seed
         self.split = split
+        self.fast_decode = fast_decode
         self.epoch = 0
         self._subsets: list[_Subset] = []
         self._images: list[_Image] = []
@@ -300,7 +303,9 @@ class CaptionedImageDataset(Dataset):
                 "flipped": flip, "crop_top_left": crop_top_left(img.bucket, img.size, flip)}
 
     def _load_pixels(self, image_index: int) -> Image.Image:
-        return load_image(self._images[image_index].path, min_side=1)
+        img = self._images[image_index]
+        cover = img.fit.resized if self.fast_decode and img.face is None else None
+        return load_image(img.path, min_side=1, cover=cover)
 
     def caption_for_cache(self, index: int) -> str:
         """Sample `index`'s caption without shuffle/dropout (what cached text-encoder outputs are built from)."""

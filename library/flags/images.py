@@ -35,6 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "scaled so the image's short side is MIN..MAX face sizes, e.g. 2.0,4.0")
     g.add_argument("--resize_interpolation", choices=INTERPOLATIONS, default=None,
                    help="resize filter; default: area to shrink, Lanczos to enlarge")
+    g.add_argument("--fast_image_decode", action="store_true",
+                   help="(loraforge) decode large JPEGs only as large as their bucket needs: about 2x faster "
+                        "uncached steps on photos, pixels slightly different from sd-scripts' full decode")
     g.add_argument("--vae_batch_size", type=int, default=1, help="images per VAE call when caching latents")
     g.add_argument("--skip_cache_check", action="store_true",
                    help="reuse an existing latent cache file without checking its bucket, size and model")

@@ -58,10 +58,11 @@ def build_dataset(args: argparse.Namespace, split: str = "train"):
         if not any(bp.validation_split > 0 for bp in config.datasets):
             return None
         dataset = CaptionedImageDataset(config, seed=args.seed, skip_bad_images=args.skip_bad_images,
-                                        split="validation")
+                                        split="validation", fast_decode=args.fast_image_decode)
         logger.info("validation dataset: %d images", len(dataset))
         return dataset
-    dataset = CaptionedImageDataset(config, seed=args.seed, skip_bad_images=args.skip_bad_images)
+    dataset = CaptionedImageDataset(config, seed=args.seed, skip_bad_images=args.skip_bad_images,
+                                    fast_decode=args.fast_image_decode)
     s = dataset.summary()
     logger.info("dataset %s: %d images (%d regularisation), %d samples with repeats, %d batches per epoch%s", s["source"],
                 s["num_train_images"], s["num_reg_images"], s["num_samples"], s["num_batches"],

@@ -188,3 +188,16 @@ def test_debug_dataset_lines(tmp_path):
         d = ds.describe(int(line.split("sample ")[1].split(":")[0]))
         assert f"bucket {d['bucket'][0]}x{d['bucket'][1]}" in line and f"caption: {d['caption']}" in line
         assert f"crop_top_left {d['crop_top_left']}" in line and "original 96x64" in line
+
+
+def test_fast_decode_is_close_to_the_full_decode(tmp_path):
+    folder = tmp_path / "j"
+    folder.mkdir()
+    yy, xx = np.mgrid[0:768, 0:1024]
+    smooth = np.stack([xx // 4 % 256, yy // 3 % 256, (xx + yy) // 8 % 256], -1).astype(np.uint8)
+    Image.fromarray(smooth).save(folder / "photo.jpg", quality=95)
+    config = _config(SubsetConfig(folder))
+    full = CaptionedImageDataset(config, seed=0).pixels(0).astype(np.float64)
+    fast = CaptionedImageDataset(config, seed=0, fast_decode=True).pixels(0).astype(np.float64)
+    assert full.shape == fast.shape == (64, 64, 3)
+    assert 0 < np.abs(full - fast).mean() < 4  # not sd-scripts' pixels, but close to them
