@@ -199,7 +199,8 @@ class CaptionedImageDataset(Dataset):
                     face = None  # smaller than the resolution: a face crop would need enlarging; resize instead
                 self._images.append(_Image(path, len(self._subsets) - 1, size, caption, fit, face))
                 rows.append((path, caption, size))
-            if sub.cache_info and sub.metadata_file is None and entries[0].size is None and not info.skipped:
+            complete = not info.skipped and not (bp.validation_split > 0 and not sub.is_reg)  # the whole folder
+            if sub.cache_info and sub.metadata_file is None and entries[0].size is None and complete:
                 write_info_cache(Path(sub.image_dir), rows)
 
     def _build_samples(self, d: int, bp: DatasetBlueprint) -> None:

@@ -201,3 +201,12 @@ def test_fast_decode_is_close_to_the_full_decode(tmp_path):
     fast = CaptionedImageDataset(config, seed=0, fast_decode=True).pixels(0).astype(np.float64)
     assert full.shape == fast.shape == (64, 64, 3)
     assert 0 < np.abs(full - fast).mean() < 4  # not sd-scripts' pixels, but close to them
+
+
+def test_cache_info_is_not_written_from_a_split_list(tmp_path):
+    folder = _images(tmp_path / "a", 4)
+    CaptionedImageDataset(_config(SubsetConfig(folder, cache_info=True), validation_split=0.5), seed=0)
+    assert not (folder / INFO_CACHE_FILE).exists()  # it would list only the training half
+    CaptionedImageDataset(_config(SubsetConfig(folder, cache_info=True)), seed=0)
+    train = CaptionedImageDataset(_config(SubsetConfig(folder, cache_info=True), validation_split=0.5), seed=0)
+    assert len(train) == 2  # read from the complete cache, then split
