@@ -17,7 +17,7 @@ import os
 import tempfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -40,11 +40,11 @@ from library.data.captions import (
     STREAM_CROP,
     STREAM_FLIP,
     CaptionOptions,
+    CaptionStep,
     find_caption_file,
     process_caption,
     read_caption,
     sample_rng,
-    static_caption,
     tag_frequency,
 )
 from library.data.images import IMAGE_EXTENSIONS, MIN_IMAGE_SIDE, load_image, probe_image
@@ -131,6 +131,8 @@ class CaptionedImageDataset(Dataset):
         self.split = split
         self.fast_decode = fast_decode
         self.epoch = 0
+        self._sample_steps: dict[int, int] = {}  # sample index -> optimizer step it trains at (token warm-up)
+        self._max_train_steps = 0
         self._subsets: list[_Subset] = []
         self._images: list[_Image] = []
         self._samples: list[int] = []  # sample index -> image index (repeats expanded)
@@ -243,14 +245,26 @@ class CaptionedImageDataset(Dataset):
         """Caption shuffle/dropout, flips and random crops of sample i depend on (seed, epoch, i)."""
         self.epoch = epoch
 
+    def set_sample_steps(self, steps: dict[int, int], max_train_steps: int) -> None:
+        """The optimizer step at which each sample of this epoch trains: token warm-up depends on it (set before
+        the epoch's DataLoader starts, so worker processes get it too)."""
+        self._sample_steps = dict(steps)
+        self._max_train_steps = max_train_steps
+
+    def uses_token_warmup(self) -> bool:
+        return any(s.options.token_warmup_step > 0 for s in self._subsets)
+
+    def random_caption_subsets(self) -> list[str]:
+        """Subsets whose caption changes between steps (shuffle, dropout, warm-up, wildcards): their text-encoder
+        outputs cannot be cached."""
+        return [s.config.name or str(s.config.image_dir) for s in self._subsets if s.options.random]
+
     def __getitem__(self, index: int) -> dict:
         image_index = self._samples[index]
         img = self._images[image_index]
         sub = self._subsets[img.subset]
-        caption = process_caption(img.caption, sub.options, sample_rng(self.seed, self.epoch, index, STREAM_CAPTION),
-                                  self.epoch)
         flip = self._flipped(index)
-        item = {"caption": caption, "is_reg": sub.config.is_reg, "bucket": img.bucket, "index": index,
+        item = {"caption": self._caption(index), "is_reg": sub.config.is_reg, "bucket": img.bucket, "index": index,
                 "original_size": img.size, "crop_top_left": crop_top_left(img.bucket, img.size, flip)}
         cached = self._cache.get(image_index)
         if cached is not None:
@@ -258,6 +272,12 @@ class CaptionedImageDataset(Dataset):
             return item
         item["pixel_values"] = to_tensor(self.pixels(index))
         return item
+
+    def _caption(self, index: int) -> str:
+        img = self._images[self._samples[index]]
+        at = CaptionStep(self.epoch + 1, self._sample_steps.get(index, 0), self._max_train_steps)
+        return process_caption(img.caption, self._subsets[img.subset].options,
+                               sample_rng(self.seed, self.epoch, index, STREAM_CAPTION), at)
 
     def _flipped(self, index: int) -> bool:
         cfg = self._subsets[self._images[self._samples[index]].subset].config
@@ -297,8 +317,7 @@ class CaptionedImageDataset(Dataset):
         flip = self._flipped(index)
         crop = self.crop_window(index)[1]
         return {"index": index, "path": str(img.path), "is_reg": sub.config.is_reg,
-                "caption": process_caption(img.caption, sub.options,
-                                           sample_rng(self.seed, self.epoch, index, STREAM_CAPTION), self.epoch),
+                "caption": self._caption(index),
                 "original_size": img.size, "resized_size": img.fit.resized, "bucket": img.bucket,
                 "crop_left_top": None if img.face is not None else crop, "face_crop": img.face is not None,
                 "flipped": flip, "crop_top_left": crop_top_left(img.bucket, img.size, flip)}
@@ -309,9 +328,11 @@ class CaptionedImageDataset(Dataset):
         return load_image(img.path, min_side=1, cover=cover)
 
     def caption_for_cache(self, index: int) -> str:
-        """Sample `index`'s caption without shuffle/dropout (what cached text-encoder outputs are built from)."""
+        """Sample `index`'s caption as training sees it when nothing in it is random (`random_caption_subsets` is
+        empty): what cached text-encoder outputs are built from."""
         img = self._images[self._samples[index]]
-        return static_caption(img.caption, self._subsets[img.subset].options)
+        return process_caption(img.caption, self._subsets[img.subset].options, sample_rng(self.seed, 0, index, 0),
+                               CaptionStep())
 
     def batch_sampler(self, *, seed: int, shuffle: bool = True) -> BucketBatchSampler:
         return BucketBatchSampler(self._groups, seed=seed, shuffle=shuffle)
@@ -392,6 +413,10 @@ class CaptionedImageDataset(Dataset):
                     "random_crop": s.config.random_crop, "face_crop_aug_range": s.config.face_crop_aug_range,
                     "resize_interpolation": s.config.resize_interpolation,
                     "metadata_file": str(s.config.metadata_file) if s.config.metadata_file else None,
+                    "keep_tokens_separator": s.config.keep_tokens_separator,
+                    "secondary_separator": s.config.secondary_separator or None,
+                    "enable_wildcard": s.config.enable_wildcard,
+                    "caption_prefix": s.config.caption_prefix, "caption_suffix": s.config.caption_suffix,
                 })
             images = [self._images[i] for s in self._subsets if s.dataset == d for i in s.images]
             datasets.append({
@@ -409,7 +434,7 @@ class CaptionedImageDataset(Dataset):
             name = Path(s.config.metadata_file or s.config.image_dir).name
             dirs[name] = {"n_repeats": s.config.num_repeats, "img_count": len(s.images)}
             captions = (self._images[i].caption for i in s.images)
-            tags[name] = tag_frequency(captions, s.config.secondary_separator)
+            tags[name] = tag_frequency(captions)
         return {
             "source": self.config.source,
             "num_train_images": sum(len(s.images) for s in self._subsets if not s.config.is_reg),
@@ -517,7 +542,7 @@ def _inspect(entry: SubsetEntry, sub: SubsetConfig, choose: Callable[[tuple[int,
         caption = entry.caption
         if caption is None:
             caption_file = find_caption_file(path, sub.caption_extension)
-            caption = read_caption(caption_file) if caption_file else ""
+            caption = read_caption(caption_file, sub.enable_wildcard) if caption_file else ""
             if not caption and sub.class_tokens:
                 caption = sub.class_tokens
         fit = choose(size)
@@ -530,13 +555,7 @@ def _inspect(entry: SubsetEntry, sub: SubsetConfig, choose: Callable[[tuple[int,
 
 
 def _caption_options(sub: SubsetConfig) -> CaptionOptions:
-    return CaptionOptions(
-        shuffle_caption=sub.shuffle_caption, keep_tokens=sub.keep_tokens,
-        keep_tokens_separator=sub.keep_tokens_separator, secondary_separator=sub.secondary_separator,
-        caption_dropout_rate=sub.caption_dropout_rate,
-        caption_dropout_every_n_epochs=sub.caption_dropout_every_n_epochs,
-        caption_tag_dropout_rate=sub.caption_tag_dropout_rate,
-        caption_prefix=sub.caption_prefix, caption_suffix=sub.caption_suffix)
+    return CaptionOptions(**{f.name: getattr(sub, f.name) for f in fields(CaptionOptions)})
 
 
 def _encode(encode: Callable[[torch.Tensor], torch.Tensor], pixels: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,6 @@ from library.data.images import IMAGE_EXTENSIONS
 from library.errors import DatasetError
 
 INFO_CACHE_FILE = "metadata_cache.json"  # sd-scripts' name: {path: {"caption": str, "resolution": [w, h]}}
-TAG_SEPARATOR = ","  # sd-scripts' default caption_separator, between a metadata caption and its tags
 
 
 @dataclass
@@ -29,7 +28,7 @@ class SubsetEntry:
 def list_entries(sub: SubsetConfig) -> list[SubsetEntry]:
     """The subset's images in sd-scripts' order (sorted paths; a metadata file's keys in its order)."""
     if sub.metadata_file is not None:
-        return metadata_entries(sub.metadata_file, sub.image_dir)
+        return metadata_entries(sub.metadata_file, sub.image_dir, sub.caption_separator)
     folder = Path(sub.image_dir)
     if not folder.is_dir():
         raise DatasetError(f"{sub.name or 'subset'}: image folder {folder} not found")
@@ -41,10 +40,10 @@ def list_entries(sub: SubsetConfig) -> list[SubsetEntry]:
     return [SubsetEntry(p) for p in files]
 
 
-def metadata_entries(metadata_file: Path, image_dir: Path | None) -> list[SubsetEntry]:
+def metadata_entries(metadata_file: Path, image_dir: Path | None, separator: str = ",") -> list[SubsetEntry]:
     """sd-scripts' fine-tuning metadata: {image key: {"caption": str, "tags": str, "image_size": [w, h]}}. A key is
     a path, absolute or relative to image_dir; a key without extension (older files) finds its image by trying
-    the image extensions. The caption is the caption, then the tags after a comma."""
+    the image extensions. The caption is the caption, then the tags after `separator` (caption_separator)."""
     try:
         data = json.loads(Path(metadata_file).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -66,7 +65,7 @@ def metadata_entries(metadata_file: Path, image_dir: Path | None) -> list[Subset
         caption = meta.get("caption") or ""
         tags = meta.get("tags")
         if tags:
-            caption = caption + TAG_SEPARATOR + tags if caption else tags
+            caption = caption + separator + tags if caption else tags
         size = meta.get("image_size")
         entries.append(SubsetEntry(path, caption, tuple(size) if size else None))
     return entries

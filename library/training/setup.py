@@ -24,6 +24,7 @@ def weight_dtype_for(args: argparse.Namespace) -> torch.dtype:
 # ----------------------------------------------------------------------------------------------- data
 def dataset_defaults(args: argparse.Namespace):
     from library.config.dataset_config import DatasetDefaults
+    from library.flags.captions import caption_defaults
 
     return DatasetDefaults(
         resolution=tuple(args.resolution), batch_size=args.train_batch_size, enable_bucket=args.enable_bucket,
@@ -34,6 +35,7 @@ def dataset_defaults(args: argparse.Namespace):
         random_crop=args.random_crop, color_aug=args.color_aug, face_crop_aug_range=args.face_crop_aug_range,
         resize_interpolation=args.resize_interpolation, cache_info=args.cache_info, num_repeats=args.dataset_repeats,
         validation_split=args.validation_split, validation_seed=args.validation_seed,
+        **caption_defaults(args),
     )
 
 
@@ -63,6 +65,11 @@ def build_dataset(args: argparse.Namespace, split: str = "train"):
         return dataset
     dataset = CaptionedImageDataset(config, seed=args.seed, skip_bad_images=args.skip_bad_images,
                                     fast_decode=args.fast_image_decode)
+    varying = dataset.random_caption_subsets() if args.cache_text_encoder_outputs else []
+    if varying:
+        raise ConfigError(f"--cache_text_encoder_outputs: the captions of {varying[0]} change between steps (shuffle, "
+                          "caption or tag dropout, token warm-up or wildcards), so their encoding cannot be cached; "
+                          "turn those off or drop --cache_text_encoder_outputs")
     s = dataset.summary()
     logger.info("dataset %s: %d images (%d regularisation), %d samples with repeats, %d batches per epoch%s", s["source"],
                 s["num_train_images"], s["num_reg_images"], s["num_samples"], s["num_batches"],
