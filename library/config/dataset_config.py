@@ -47,6 +47,8 @@ class SubsetConfig:
     caption_prefix: str | None = None
     caption_suffix: str | None = None
     random_crop: bool = False
+    alpha_mask: bool = False  # the alpha channel is the loss mask
+    conditioning_data_dir: Path | None = None  # loss-mask images named as the images (with --masked_loss)
     name: str = ""  # where it came from, for messages: "datasets[0].subsets[1]" or "--train_data_dir 10_cat"
 
 
@@ -94,6 +96,8 @@ class DatasetDefaults:
     caption_suffix: str | None = None
     flip_aug: bool = False
     random_crop: bool = False
+    alpha_mask: bool = False
+    conditioning_data_dir: str | None = None  # --conditioning_data_dir, for --train_data_dir folders
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> DatasetDefaults:
@@ -191,11 +195,13 @@ _SUBSET_KEYS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "caption_suffix": (_str, "a string"),
     "flip_aug": (_bool, "true or false"),
     "random_crop": (_bool, "true or false"),
+    "alpha_mask": (_bool, "true or false (the alpha channel is the loss mask)"),
 }
 # Keys only valid inside [[datasets.subsets]].
 _SUBSET_ONLY_KEYS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "image_dir": (_str, "a folder path (relative paths resolve against the current directory)"),
     "is_reg": (_bool, "true or false"),
+    "conditioning_data_dir": (_str, "a folder of mask images named as the subset's images (with --masked_loss)"),
 }
 # Keys that live on a dataset (settable in [general] and [[datasets]]).
 _DATASET_KEYS: dict[str, tuple[Callable[[Any], Any], str]] = {
@@ -217,7 +223,6 @@ _UNSUPPORTED_SUBSET_KEYS = {
     "caption_separator": "tags are always separated by ','",
     "custom_attributes": "custom attributes are not used",
     "cache_info": "image sizes are cached in memory per run",
-    "alpha_mask": "alpha masks are not implemented (transparent pixels are composited on white)",
 }
 _UNSUPPORTED_DATASET_KEYS = {
     "network_multiplier": "per-dataset network multipliers are not implemented",
@@ -226,7 +231,6 @@ _UNSUPPORTED_DATASET_KEYS = {
 }
 _REJECTED_KEYS = {
     "metadata_file": "fine-tuning datasets (metadata JSON) are not supported; use image_dir with caption files",
-    "conditioning_data_dir": "ControlNet datasets are not supported",
 }
 
 _GENERAL_VALID = {**_DATASET_KEYS, **_SUBSET_KEYS}
@@ -343,6 +347,9 @@ def _build(data: dict, path: Path, defaults: DatasetDefaults) -> DatasetConfig:
             if not resolved.is_dir():
                 raise ctx.fail(f"{sub_where}.image_dir", f"folder {str(image_dir)!r} not found (relative paths "
                                f"resolve against the current directory {Path.cwd()})")
+            if "conditioning_data_dir" in sub_values:
+                merged["conditioning_data_dir"] = _existing_folder(ctx, f"{sub_where}.conditioning_data_dir",
+                                                                   sub_values["conditioning_data_dir"])
             subsets.append(SubsetConfig(image_dir=resolved, name=sub_where, **merged))
         merged_ds = _merge(_DATASET_KEYS.keys(), ds_values, general, defaults)
         blueprint = DatasetBlueprint(subsets=subsets, **merged_ds)
@@ -355,6 +362,27 @@ def _build(data: dict, path: Path, defaults: DatasetDefaults) -> DatasetConfig:
     if ctx.unsupported:
         logger.warning("dataset config %s: accepted but not implemented (ignored): %s", path, "; ".join(ctx.unsupported))
     return DatasetConfig(datasets=datasets, source=str(path), unsupported=ctx.unsupported)
+
+
+def _existing_folder(ctx: _Ctx, where: str, value: str) -> Path:
+    folder = Path(value).expanduser()
+    resolved = folder if folder.is_absolute() else Path.cwd() / folder
+    if not resolved.is_dir():
+        raise ctx.fail(where, f"folder {value!r} not found (relative paths resolve against the current directory "
+                              f"{Path.cwd()})")
+    return resolved
+
+
+def check_mask_sources(config: DatasetConfig, masked_loss: bool) -> None:
+    """--masked_loss needs a mask (alpha_mask or conditioning_data_dir); mask folders need --masked_loss."""
+    subsets = [s for d in config.datasets for s in d.subsets]
+    with_dir = [s for s in subsets if s.conditioning_data_dir is not None]
+    if with_dir and not masked_loss:
+        raise ConfigError(f"{config.source}: {with_dir[0].name} has conditioning_data_dir (loss masks): add "
+                          "--masked_loss to train with them")
+    if masked_loss and not with_dir and not any(s.alpha_mask for s in subsets):
+        raise ConfigError(f"--masked_loss: no mask in {config.source}; add --alpha_mask (alpha channel) or "
+                          "conditioning_data_dir (mask images) to the subsets")
 
 
 def _subset_field_names() -> list[str]:
@@ -425,6 +453,16 @@ def config_from_train_data_dir(train_data_dir: str | Path, reg_data_dir: str | P
     return DatasetConfig(datasets=[blueprint], source="--train_data_dir")
 
 
+def _mask_folder(root: str | None, subfolder: str) -> Path | None:
+    """--conditioning_data_dir: masks in <root>/<N_concept>/ when that folder exists, else in <root> itself."""
+    if root is None:
+        return None
+    base = Path(root).expanduser().resolve()
+    if not base.is_dir():
+        raise DatasetError(f"--conditioning_data_dir {root}: folder not found")
+    return base / subfolder if (base / subfolder).is_dir() else base
+
+
 def _folder_subsets(root: Path, flag: str, defaults: DatasetDefaults, is_reg: bool) -> list[SubsetConfig]:
     from library.data.images import IMAGE_EXTENSIONS
 
@@ -448,6 +486,7 @@ def _folder_subsets(root: Path, flag: str, defaults: DatasetDefaults, is_reg: bo
         m = _FOLDER.match(folder.name)
         concept = m.group(2).strip()
         values = _merge(_subset_field_names(), defaults)
+        values["conditioning_data_dir"] = _mask_folder(defaults.conditioning_data_dir, folder.name)
         values["num_repeats"] = int(m.group(1))
         values["is_reg"] = is_reg
         values["class_tokens"] = concept or None

@@ -40,6 +40,14 @@ from library.data.captions import (
     tag_frequency,
 )
 from library.data.images import IMAGE_EXTENSIONS, MIN_IMAGE_SIDE, load_image, probe_image
+from library.data.masks import (
+    check_mask_file,
+    find_mask_file,
+    load_mask_image,
+    mask_tensor,
+    split_alpha,
+    to_mask_bytes,
+)
 from library.errors import DatasetError
 
 logger = logging.getLogger(__name__)
@@ -64,6 +72,7 @@ class _Image:
     size: tuple[int, int]  # upright, full resolution
     caption: str  # as read (class_tokens when there is no caption file)
     bucket: tuple[int, int]
+    mask_file: Path | None = None  # its loss mask in the subset's conditioning_data_dir
 
 
 @dataclass
@@ -71,6 +80,7 @@ class _Cached:
     latents: torch.Tensor | None  # None: on disk, load from `npz`
     flipped: torch.Tensor | None
     npz: Path | None
+    mask: torch.Tensor | None = None  # uint8 [H, W] at the bucket, unflipped (in memory even with a disk cache)
 
 
 def collate(items: list[dict]) -> dict:
@@ -86,6 +96,9 @@ def collate(items: list[dict]) -> dict:
     for key in ("pixel_values", "latents"):
         if key in items[0]:
             batch[key] = torch.stack([it[key] for it in items])
+    if any("mask" in it for it in items):  # an image without a mask counts everywhere (sd-scripts: ones)
+        w, h = items[0]["bucket"]
+        batch["mask"] = torch.stack([it.get("mask", torch.ones(1, h, w)) for it in items])
     return batch
 
 
@@ -158,11 +171,11 @@ class CaptionedImageDataset(Dataset):
                     bad.append(str(result))
                     info.skipped += 1
                     continue
-                size, caption, caption_file, bucket = result
+                size, caption, caption_file, bucket, mask_file = result
                 ext = caption_file.name[len(path.stem):] if caption_file else "none"
                 info.extensions[ext] = info.extensions.get(ext, 0) + 1
                 info.images.append(len(self._images))
-                self._images.append(_Image(path, len(self._subsets) - 1, size, caption, bucket))
+                self._images.append(_Image(path, len(self._subsets) - 1, size, caption, bucket, mask_file))
 
     def _build_samples(self, d: int, bp: DatasetBlueprint) -> None:
         subsets = [s for s in self._subsets if s.dataset == d]
@@ -212,19 +225,32 @@ class CaptionedImageDataset(Dataset):
         if cached is not None:
             item["latents"] = self._cached_latents(cached, flip)
             item["crop_top_left"] = _center_crop_top_left(img.size, img.bucket)
+            if cached.mask is not None:
+                item["mask"] = mask_tensor(cached.mask, flip)
             return item
         fraction = tuple(sample_rng(self.seed, self.epoch, index, STREAM_CROP).random(2)) if cfg.random_crop \
             else (0.5, 0.5)
-        pixels = self._load_pixels(image_index)
+        pixels, mask = self._load_pixels_and_mask(image_index)
         pixels, item["crop_top_left"] = resize_and_crop(pixels, img.bucket, fraction)
         if flip:
             pixels = pixels.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         item["pixel_values"] = to_tensor(pixels)
+        if mask is not None:  # the same resize and crop as its image
+            item["mask"] = mask_tensor(to_mask_bytes(resize_and_crop(mask, img.bucket, fraction)[0]), flip)
         return item
 
     def _load_pixels(self, image_index: int) -> Image.Image:
+        return self._load_pixels_and_mask(image_index)[0]
+
+    def _load_pixels_and_mask(self, image_index: int) -> tuple[Image.Image, Image.Image | None]:
+        """The decoded RGB image and its loss mask ("L", same size) when its subset has one."""
         img = self._images[image_index]
-        return load_image(img.path, min_side=1, cover=img.bucket)
+        if img.mask_file is not None:
+            pixels = load_image(img.path, min_side=1, cover=img.bucket)
+            return pixels, load_mask_image(img.mask_file, pixels.size)
+        if self._subsets[img.subset].config.alpha_mask:
+            return split_alpha(load_image(img.path, min_side=1, cover=img.bucket, keep_alpha=True))
+        return load_image(img.path, min_side=1, cover=img.bucket), None
 
     def caption_for_cache(self, index: int) -> str:
         """Sample `index`'s caption without shuffle/dropout (what cached text-encoder outputs are built from)."""
@@ -254,15 +280,17 @@ class CaptionedImageDataset(Dataset):
         for i, img in enumerate(self._images):
             flip = self._subsets[img.subset].config.flip_aug
             npz = _npz_path(img.path) if to_disk else None
-            if npz is not None and _npz_valid(npz, img, flip, cache_tag):
-                self._cache[i] = _Cached(None, None, npz)
+            if npz is not None and _npz_valid(npz, img, flip, cache_tag, self._has_mask(img)):
+                self._cache[i] = _Cached(None, None, npz, _npz_mask(npz) if self._has_mask(img) else None)
                 reused += 1
             else:
                 todo.setdefault(img.bucket, []).append(i)
         for bucket, indices in todo.items():
             for start in range(0, len(indices), batch_size):
                 chunk = indices[start:start + batch_size]
-                pixels = torch.stack([to_tensor(resize_and_crop(self._load_pixels(i), bucket)[0]) for i in chunk])
+                loaded = [self._load_pixels_and_mask(i) for i in chunk]
+                pixels = torch.stack([to_tensor(resize_and_crop(rgb, bucket)[0]) for rgb, _ in loaded])
+                masks = [None if m is None else to_mask_bytes(resize_and_crop(m, bucket)[0]) for _, m in loaded]
                 latents = _encode(encode, pixels)
                 needs_flip = [self._subsets[self._images[i].subset].config.flip_aug for i in chunk]
                 flipped = _encode(encode, pixels.flip(-1)) if any(needs_flip) else None
@@ -271,11 +299,14 @@ class CaptionedImageDataset(Dataset):
                     lat_f = flipped[k].clone() if flipped is not None and needs_flip[k] else None
                     if to_disk:
                         npz = _npz_path(self._images[i].path)
-                        _write_npz(npz, self._images[i], lat, lat_f, cache_tag)
-                        self._cache[i] = _Cached(None, None, npz)
+                        _write_npz(npz, self._images[i], lat, lat_f, cache_tag, masks[k])
+                        self._cache[i] = _Cached(None, None, npz, masks[k])
                     else:
-                        self._cache[i] = _Cached(lat, lat_f, None)
+                        self._cache[i] = _Cached(lat, lat_f, None, masks[k])
         logger.info("latents: %d image(s) encoded, %d reused from disk cache", sum(map(len, todo.values())), reused)
+
+    def _has_mask(self, img: _Image) -> bool:
+        return img.mask_file is not None or self._subsets[img.subset].config.alpha_mask
 
     @staticmethod
     def _cached_latents(cached: _Cached, flip: bool) -> torch.Tensor:
@@ -409,9 +440,13 @@ def _inspect(path: Path, sub: SubsetConfig, bp: DatasetBlueprint, buckets: list[
             bucket = closest_bucket(size, buckets)
         else:
             bucket = bp.resolution
+        mask_file = None
+        if sub.conditioning_data_dir is not None:
+            mask_file = find_mask_file(sub.conditioning_data_dir, path)
+            check_mask_file(mask_file, path, size)
     except DatasetError as exc:
         return exc
-    return size, caption, caption_file, bucket
+    return size, caption, caption_file, bucket, mask_file
 
 
 def _caption_options(sub: SubsetConfig) -> CaptionOptions:
@@ -439,24 +474,34 @@ def _npz_path(image: Path) -> Path:
     return image.parent / (image.stem + ".npz")
 
 
-def _npz_valid(npz: Path, img: _Image, flip: bool, tag: str) -> bool:
-    """A cache file is reused only if it was made for this bucket, image size, flip setting and encoder tag."""
+def _npz_valid(npz: Path, img: _Image, flip: bool, tag: str, mask: bool = False) -> bool:
+    """A cache file is reused only if it was made for this bucket, image size, flip setting and encoder tag (and
+    holds the loss mask when one is wanted)."""
     if not npz.is_file():
         return False
     try:
         with np.load(npz, allow_pickle=False) as data:
             return ("latents" in data and tuple(data["bucket"].tolist()) == img.bucket
                     and tuple(data["original_size"].tolist()) == img.size
-                    and (not flip or "latents_flipped" in data) and str(data["cache_tag"]) == tag)
+                    and (not flip or "latents_flipped" in data) and str(data["cache_tag"]) == tag
+                    and (not mask or "mask" in data))
     except (OSError, ValueError, KeyError, EOFError):
         return False  # unreadable or from another tool: recompute
 
 
-def _write_npz(npz: Path, img: _Image, latents: torch.Tensor, flipped: torch.Tensor | None, tag: str) -> None:
+def _npz_mask(npz: Path) -> torch.Tensor | None:
+    with np.load(npz, allow_pickle=False) as data:
+        return torch.from_numpy(np.array(data["mask"])) if "mask" in data else None
+
+
+def _write_npz(npz: Path, img: _Image, latents: torch.Tensor, flipped: torch.Tensor | None, tag: str,
+               mask: torch.Tensor | None = None) -> None:
     arrays = {"latents": latents.numpy(), "bucket": np.array(img.bucket, dtype=np.int32),
               "original_size": np.array(img.size, dtype=np.int32), "cache_tag": np.array(tag)}
     if flipped is not None:
         arrays["latents_flipped"] = flipped.numpy()
+    if mask is not None:
+        arrays["mask"] = mask.numpy()
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(dir=npz.parent, prefix=f".{npz.stem}.", suffix=".npz.tmp")

@@ -31,12 +31,17 @@ def dataset_defaults(args: argparse.Namespace):
         bucket_reso_steps=args.bucket_reso_steps, bucket_no_upscale=args.bucket_no_upscale,
         caption_extension=args.caption_extension, shuffle_caption=args.shuffle_caption, keep_tokens=args.keep_tokens,
         caption_dropout_rate=args.caption_dropout_rate, flip_aug=args.flip_aug,
+        alpha_mask=args.alpha_mask, conditioning_data_dir=args.conditioning_data_dir,
     )
 
 
 def build_dataset(args: argparse.Namespace):
     """Load and validate the dataset (every image decoded once) before any model is loaded."""
-    from library.config.dataset_config import config_from_train_data_dir, load_dataset_config
+    from library.config.dataset_config import (
+        check_mask_sources,
+        config_from_train_data_dir,
+        load_dataset_config,
+    )
     from library.data.dataset import CaptionedImageDataset
 
     defaults = dataset_defaults(args)
@@ -44,6 +49,7 @@ def build_dataset(args: argparse.Namespace):
         config = load_dataset_config(args.dataset_config, defaults)
     else:
         config = config_from_train_data_dir(args.train_data_dir, args.reg_data_dir, defaults)
+    check_mask_sources(config, args.masked_loss)
     dataset = CaptionedImageDataset(config, seed=args.seed, skip_bad_images=args.skip_bad_images)
     s = dataset.summary()
     logger.info("dataset %s: %d images (%d regularisation), %d samples with repeats, %d batches per epoch%s", s["source"],
