@@ -114,6 +114,8 @@ class LoRATrainer:
         self.noise_scheduler = losses.make_noise_scheduler(self.model.scheduler_config,
                                                            v_parameterization=self.model.v_parameterization,
                                                            zero_terminal_snr=a.zero_terminal_snr)
+        # schedule and SNR table on the device: a recorded (--cuda_graphs) step never copies from the host
+        self.noise_scheduler.alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(self.device)
         self.snr = losses.snr_table(self.model.scheduler_config).to(self.device)
         self.noise_options = losses.NoiseOptions.from_args(a)
         self.loss_options = losses.LossOptions.from_args(a, v_prediction=self.model.v_parameterization)
