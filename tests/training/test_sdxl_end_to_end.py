@@ -262,3 +262,26 @@ def test_sdxl_with_cuda_graphs_trains_the_lora_that_eager_trains(sdxl, tmp_path)
     eager, graphs = (torch.cat([trained[run][k].float().flatten() for k in ups]) for run in ("eager", "graphs"))
     assert graphs.abs().sum() > 0
     assert torch.nn.functional.cosine_similarity(eager, graphs, dim=0) > 0.999
+
+
+def test_sdxl_trains_with_masks_and_the_objective_options(sdxl, tmp_path):
+    """SDXL with conditioning_data_dir masks (cropped as the 96x64 images are), Huber loss, noise and timestep
+    options, debiased weights and max-norm, from cached latents: a LoRA other than the plain run's."""
+    masks = tmp_path / "masks" / "2_shapes"
+    masks.mkdir(parents=True)
+    for path in sorted((sdxl["data"] / "2_shapes").glob("*.png")):
+        size = Image.open(path).size
+        half = Image.new("RGB", size, (0, 0, 0))
+        half.paste((255, 255, 255), (0, 0, size[0] // 2, size[1]))
+        half.save(masks / path.name)
+    common = ("--network_train_unet_only", "--cache_text_encoder_outputs", "--cache_latents", "--sdxl")
+    options = ("--masked_loss", "--conditioning_data_dir", str(tmp_path / "masks"), "--loss_type", "huber",
+               "--noise_offset", "0.05", "--adaptive_noise_scale", "0.01", "--ip_noise_gamma", "0.1",
+               "--min_timestep", "50", "--max_timestep", "950", "--debiased_estimation_loss",
+               "--scale_weight_norms", "1")
+    for name, flags in (("plain", ()), ("options", options)):
+        assert main(argv(sdxl["folder"], sdxl["data"], tmp_path / name, *common, *flags, steps=3)) == 0
+    plain, trained = (load_file(str(tmp_path / name / "lora.safetensors")) for name in ("plain", "options"))
+    assert max((plain[k] - trained[k]).abs().max().item() for k in plain) > 1e-6
+    meta = metadata(tmp_path / "options" / "lora.safetensors")
+    assert meta["ss_loss_type"] == "huber" and meta["modelspec.timestep_range"] == "50,950"
