@@ -14,6 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from library.training.entry import main
+from library.training.progress import Progress
 from tests.training.conftest import train_argv
 
 SHARED = ("--cache_latents", "--gradient_accumulation_steps", "2", "--max_data_loader_n_workers", "0")
@@ -56,10 +57,19 @@ def runs(tmp_path_factory):
         "max_norm": (toml, ("--scale_weight_norms", "0.002")),
     }
     out = {}
+    logged: list[tuple[dict, dict]] = []  # (tracker logs, progress-bar fields) of the max-norm run
+
+    def log(self, step, loss, lr_logs, postfix=None):
+        logged.append((dict(lr_logs), dict(postfix or {})))
+
     for name, (dataset, flags) in families.items():
         folder = root / name
-        assert main(train_argv(dataset, folder, *SHARED, *flags, steps=3)) == 0, name
+        with pytest.MonkeyPatch.context() as patch:
+            if name == "max_norm":
+                patch.setattr(Progress, "log", log)
+            assert main(train_argv(dataset, folder, *SHARED, *flags, steps=3)) == 0, name
         out[name] = folder / "t.safetensors"
+    out["max_norm_logs"] = logged
     return out
 
 
@@ -94,6 +104,15 @@ def test_scale_weight_norms_caps_every_module(runs):
         down, up = sd[key].flatten(1).double(), sd[f"{module}.lora_up.weight"].flatten(1).double()
         scale = sd[f"{module}.alpha"].double() / down.shape[0]
         assert torch.linalg.matrix_norm(up @ down * scale) <= 0.002 * (1 + 1e-4), module
+
+
+def test_scale_weight_norms_logs_as_sd_scripts(runs):
+    logs = runs["max_norm_logs"]
+    assert len(logs) == 3  # --log_every_n_steps 1
+    for tracker, bar in logs:
+        assert tracker["max_norm/keys_scaled"] > 0 and 0 < tracker["norm/avg_key_norm"] <= 0.002 * (1 + 1e-4)
+        assert tracker["max_norm/max_key_norm"] <= 0.002 * (1 + 1e-4)
+        assert set(bar) == {"Keys Scaled", "Average key norm"}
 
 
 def test_metadata_uses_sd_scripts_names_and_values(runs):
