@@ -454,7 +454,8 @@ def config_from_train_data_dir(train_data_dir: str | Path, reg_data_dir: str | P
 
 
 def _mask_folder(root: str | None, subfolder: str) -> Path | None:
-    """--conditioning_data_dir: masks in <root>/<N_concept>/ when that folder exists, else in <root> itself."""
+    """--conditioning_data_dir: masks in <root>/<N_concept>/ when that folder exists, else in <root> itself
+    (training folders only: regularisation images count everywhere)."""
     if root is None:
         return None
     base = Path(root).expanduser().resolve()
@@ -486,7 +487,7 @@ def _folder_subsets(root: Path, flag: str, defaults: DatasetDefaults, is_reg: bo
         m = _FOLDER.match(folder.name)
         concept = m.group(2).strip()
         values = _merge(_subset_field_names(), defaults)
-        values["conditioning_data_dir"] = _mask_folder(defaults.conditioning_data_dir, folder.name)
+        values["conditioning_data_dir"] = None if is_reg else _mask_folder(defaults.conditioning_data_dir, folder.name)
         values["num_repeats"] = int(m.group(1))
         values["is_reg"] = is_reg
         values["class_tokens"] = concept or None

@@ -150,6 +150,8 @@ def test_train_data_dir_masks_from_conditioning_data_dir(tmp_path):
     mask.save(tmp_path / "cond" / "5_cat" / "0.png")
     defaults = DatasetDefaults.from_args(argparse.Namespace(conditioning_data_dir=str(tmp_path / "cond"),
                                                             resolution=(64, 64)))
-    cfg = config_from_train_data_dir(tmp_path / "train", None, defaults)
-    assert cfg.datasets[0].subsets[0].conditioning_data_dir == tmp_path / "cond" / "5_cat"
+    _masked_image(tmp_path / "reg" / "1_cat" / "r.png", alpha=False)
+    cfg = config_from_train_data_dir(tmp_path / "train", tmp_path / "reg", defaults)
+    train, reg = cfg.datasets[0].subsets
+    assert train.conditioning_data_dir == tmp_path / "cond" / "5_cat" and reg.conditioning_data_dir is None
     _assert_mask_follows_image(CaptionedImageDataset(cfg, seed=0)[0])
