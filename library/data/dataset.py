@@ -80,7 +80,7 @@ class _Cached:
     latents: torch.Tensor | None  # None: on disk, load from `npz`
     flipped: torch.Tensor | None
     npz: Path | None
-    mask: torch.Tensor | None = None  # uint8 [H, W] at the bucket, unflipped (in memory even with a disk cache)
+    mask: torch.Tensor | None = None  # uint8 [H, W] at the bucket, unflipped (in memory caching only)
 
 
 def collate(items: list[dict]) -> dict:
@@ -225,8 +225,9 @@ class CaptionedImageDataset(Dataset):
         if cached is not None:
             item["latents"] = self._cached_latents(cached, flip)
             item["crop_top_left"] = _center_crop_top_left(img.size, img.bucket)
-            if cached.mask is not None:
-                item["mask"] = mask_tensor(cached.mask, flip)
+            mask = _npz_mask(cached.npz) if cached.npz is not None and self._has_mask(img) else cached.mask
+            if mask is not None:
+                item["mask"] = mask_tensor(mask, flip)
             return item
         fraction = tuple(sample_rng(self.seed, self.epoch, index, STREAM_CROP).random(2)) if cfg.random_crop \
             else (0.5, 0.5)
@@ -281,7 +282,7 @@ class CaptionedImageDataset(Dataset):
             flip = self._subsets[img.subset].config.flip_aug
             npz = _npz_path(img.path) if to_disk else None
             if npz is not None and _npz_valid(npz, img, flip, cache_tag, self._has_mask(img)):
-                self._cache[i] = _Cached(None, None, npz, _npz_mask(npz) if self._has_mask(img) else None)
+                self._cache[i] = _Cached(None, None, npz)
                 reused += 1
             else:
                 todo.setdefault(img.bucket, []).append(i)
@@ -300,7 +301,7 @@ class CaptionedImageDataset(Dataset):
                     if to_disk:
                         npz = _npz_path(self._images[i].path)
                         _write_npz(npz, self._images[i], lat, lat_f, cache_tag, masks[k])
-                        self._cache[i] = _Cached(None, None, npz, masks[k])
+                        self._cache[i] = _Cached(None, None, npz)
                     else:
                         self._cache[i] = _Cached(lat, lat_f, None, masks[k])
         logger.info("latents: %d image(s) encoded, %d reused from disk cache", sum(map(len, todo.values())), reused)

@@ -6,8 +6,11 @@
 from __future__ import annotations
 
 import argparse
+import logging
 
 from library.errors import ConfigError
+
+logger = logging.getLogger("loraforge")
 
 LOSS_TYPES = ("l1", "l2", "huber", "smooth_l1")
 HUBER_SCHEDULES = ("constant", "exponential", "snr")
@@ -89,6 +92,9 @@ def validate(args: argparse.Namespace) -> None:
     if args.conditioning_data_dir and args.dataset_config:
         raise ConfigError("--conditioning_data_dir goes with --train_data_dir; with --dataset_config set "
                           "conditioning_data_dir on the subsets in the TOML")
+    if args.zero_terminal_snr and not args.v_parameterization:
+        logger.warning("--zero_terminal_snr without --v_parameterization: an epsilon model cannot predict from pure "
+                       "noise at the last timestep; training may behave unexpectedly (as sd-scripts warns)")
     if args.cuda_graphs and args.multires_noise_iterations:
         raise ConfigError("--cuda_graphs cannot record --multires_noise_iterations: each step draws its noise "
                           "pyramid's sizes on the host; drop one of the two")
