@@ -14,8 +14,9 @@ from transformers import CLIPTokenizer
 from library.errors import ModelError
 from library.models.clip_tokenizer import SDXL_TOKENIZER_2_PAD, load_clip_tokenizer
 
-_TYPE_FLAGS = {"sd1": "no --v2/--sdxl", "sd2": "--v2", "sdxl": "--sdxl"}
-_TYPE_ADVICE = {"sd1": "drop --v2/--sdxl", "sd2": "use --v2", "sdxl": "use --sdxl (sdxl_train_network.py)"}
+_TYPE_FLAGS = {"sd1": "no --v2/--sdxl", "sd2": "--v2", "sdxl": "--sdxl or sdxl_train_network.py"}
+_TYPE_ADVICE = {"sd1": "train it with train_network.py and neither --v2 nor --sdxl", "sd2": "use --v2",
+                "sdxl": "use sdxl_train_network.py (or --sdxl)"}
 _DDPM_KEYS = tuple(p for p in inspect.signature(DDPMScheduler.__init__).parameters if p != "self")
 
 

@@ -128,8 +128,10 @@ def _optimizer_inputs(args: argparse.Namespace) -> dict:
     from library.optimizers.args import parse_optimizer_args
 
     cli_kwargs = {k: getattr(args, k) for k in OPTIMIZER_FLAG_DESTS if getattr(args, k, None) is not None}
+    from_file = {"lr" if k == "learning_rate" else k for k in getattr(args, "config_file_keys", [])}
     return dict(cli_kwargs=cli_kwargs, optimizer_args=parse_optimizer_args(args.optimizer_args or []),
-                toml_table=getattr(args, "optimizer_table", None), environ=dict(os.environ))
+                toml_table=getattr(args, "optimizer_table", None), environ=dict(os.environ),
+                from_config_file=from_file)
 
 
 def optimizer_name(args: argparse.Namespace) -> str:

@@ -101,8 +101,13 @@ class LoRATrainer:
         log_with = None if a.log_with == "none" else a.log_with or ("tensorboard" if a.logging_dir else None)
         handlers = [] if a.ddp_timeout is None else [InitProcessGroupKwargs(timeout=timedelta(minutes=a.ddp_timeout))]
         self.accelerator = Accelerator(mixed_precision=a.mixed_precision, log_with=log_with, kwargs_handlers=handlers,
-                                       project_dir=a.logging_dir or str(self.output_dir / "logs"))
+                                       project_dir=a.logging_dir or str(self.output_dir / "logs"),
+                                       cpu=launched_on_cpus())
         acc = self.accelerator
+        if acc.is_main_process:
+            batch = "/".join(str(d.batch_size) for d in self.dataset.config.datasets)  # one per dataset
+            logger.info("processes: %d; effective batch: %s per process x %d processes x %d accumulation steps",
+                        acc.num_processes, batch, acc.num_processes, a.gradient_accumulation_steps)
         self.device = acc.device
         check_compile_device(a, self.device)
         self._mark_step = step_marker(a)
@@ -563,6 +568,13 @@ def average_gradients(params: list[torch.Tensor], world: int) -> None:
         n = g.numel()
         p.grad = flat[offset:offset + n].view_as(p).to(p.dtype)
         offset += n
+
+
+def launched_on_cpus() -> bool:
+    """Several processes (torchrun / accelerate launch --multi_gpu) on a machine without CUDA: accelerate joins
+    them through gloo only when told to use the CPU; otherwise each process would train alone, on all the data,
+    into the same files."""
+    return not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def threading_main() -> bool:
