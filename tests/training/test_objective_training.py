@@ -13,9 +13,12 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from library.cli import parse_args
 from library.training.entry import main
 from library.training.progress import Progress
+from library.training.trainer import LoRATrainer
 from tests.training.conftest import train_argv
+from tests.training.test_graphed_step import EagerRecorder
 
 SHARED = ("--cache_latents", "--gradient_accumulation_steps", "2", "--max_data_loader_n_workers", "0")
 
@@ -137,6 +140,21 @@ GRAPHED_OPTIONS = ("--loss_type", "huber", "--noise_offset", "0.1", "--noise_off
                    "--adaptive_noise_scale", "0.05", "--ip_noise_gamma", "0.1", "--ip_noise_gamma_random_strength",
                    "--min_timestep", "100", "--max_timestep", "900", "--min_snr_gamma", "5",
                    "--debiased_estimation_loss", "--alpha_mask", "--scale_weight_norms", "1")
+
+
+def test_the_recorded_step_takes_the_mask_and_options_as_the_eager_step_does(runs, tmp_path):
+    """The --cuda_graphs body on CPU, with the recorder's eager stand-ins: masks (and their absence) travel as a
+    graph input, the options' random draws are undone after the warm-ups, so the LoRA equals the eager one."""
+    toml = runs["baseline"].parent.parent / "d.toml"
+    for label in ("eager", "recorded"):
+        trainer = LoRATrainer(parse_args(train_argv(toml, tmp_path / label, *GRAPHED_OPTIONS,
+                                                    "--network_train_unet_only", steps=3)))
+        trainer.setup()
+        if label == "recorded":
+            trainer.graphed = EagerRecorder(trainer._graph_body, trainer.trainable, trainer.device)
+        trainer.train()
+    assert trainer.graphed.recordings and trainer.graphed.body_runs > 3
+    assert _max_difference(tmp_path / "eager" / "t.safetensors", tmp_path / "recorded" / "t.safetensors") < 1e-6
 
 
 @pytest.mark.gpu
