@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -89,14 +90,14 @@ def sample_timesteps(batch: int, opts: NoiseOptions, num_train_timesteps: int, d
     return torch.full((batch,), hi, dtype=torch.long, device=device)
 
 
-def sample_noise(latents: torch.Tensor, opts: NoiseOptions, host_rng: random.Random | None = None) -> torch.Tensor:
-    """The noise the target is built from: Gaussian, plus offset noise, then the pyramid (sd-scripts' order)."""
+def sample_noise(latents: torch.Tensor, opts: NoiseOptions) -> torch.Tensor:
+    """The noise the target is built from: Gaussian, plus offset noise, then the pyramid (sd-scripts' order; the
+    pyramid's level sizes come from Python's `random`, seeded per process like sd-scripts')."""
     noise = torch.randn_like(latents)
     if opts.noise_offset:
         noise = noise + offset_noise(latents, opts)
     if opts.multires_noise_iterations:
-        noise = pyramid_noise(noise, opts.multires_noise_iterations, opts.multires_noise_discount,
-                              host_rng or random)
+        noise = pyramid_noise(noise, opts.multires_noise_iterations, opts.multires_noise_discount, random.random)
     return noise
 
 
@@ -113,13 +114,14 @@ def offset_noise(latents: torch.Tensor, opts: NoiseOptions) -> torch.Tensor:
                                   dtype=latents.dtype)
 
 
-def pyramid_noise(noise: torch.Tensor, iterations: int, discount: float, host_rng) -> torch.Tensor:
+def pyramid_noise(noise: torch.Tensor, iterations: int, discount: float,
+                  uniform: Callable[[], float]) -> torch.Tensor:
     """Multi-resolution noise (Whitaker 2023) as sd-scripts: level i adds bilinearly upsampled noise of size
     (H, W) / r^i, r uniform in [2, 4) per level, weighted discount^i; stops at a 1-pixel side; unit std overall."""
     b, c, h, w = noise.shape
     total = noise
     for i in range(iterations):
-        r = host_rng.random() * 2 + 2
+        r = uniform() * 2 + 2
         hn, wn = max(1, int(h / (r**i))), max(1, int(w / (r**i)))
         level = torch.randn(b, c, hn, wn, device=noise.device, dtype=noise.dtype)
         total = total + torch.nn.functional.interpolate(level, size=(h, w), mode="bilinear", align_corners=False) * discount**i
