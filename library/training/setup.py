@@ -24,6 +24,7 @@ def weight_dtype_for(args: argparse.Namespace) -> torch.dtype:
 # ----------------------------------------------------------------------------------------------- data
 def dataset_defaults(args: argparse.Namespace):
     from library.config.dataset_config import DatasetDefaults
+    from library.flags.captions import caption_defaults
 
     return DatasetDefaults(
         resolution=tuple(args.resolution), batch_size=args.train_batch_size, enable_bucket=args.enable_bucket,
@@ -32,6 +33,7 @@ def dataset_defaults(args: argparse.Namespace):
         caption_extension=args.caption_extension, shuffle_caption=args.shuffle_caption, keep_tokens=args.keep_tokens,
         caption_dropout_rate=args.caption_dropout_rate, flip_aug=args.flip_aug,
         alpha_mask=args.alpha_mask, conditioning_data_dir=args.conditioning_data_dir,
+        **caption_defaults(args),
     )
 
 
@@ -51,6 +53,11 @@ def build_dataset(args: argparse.Namespace):
         config = config_from_train_data_dir(args.train_data_dir, args.reg_data_dir, defaults)
     check_mask_sources(config, args.masked_loss)
     dataset = CaptionedImageDataset(config, seed=args.seed, skip_bad_images=args.skip_bad_images)
+    varying = dataset.random_caption_subsets() if args.cache_text_encoder_outputs else []
+    if varying:
+        raise ConfigError(f"--cache_text_encoder_outputs: the captions of {varying[0]} change between steps (shuffle, "
+                          "caption or tag dropout, token warm-up or wildcards), so their encoding cannot be cached; "
+                          "turn those off or drop --cache_text_encoder_outputs")
     s = dataset.summary()
     logger.info("dataset %s: %d images (%d regularisation), %d samples with repeats, %d batches per epoch%s", s["source"],
                 s["num_train_images"], s["num_reg_images"], s["num_samples"], s["num_batches"],

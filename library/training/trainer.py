@@ -189,7 +189,9 @@ class LoRATrainer:
             captions = sorted({self.dataset.caption_for_cache(i) for i in range(len(self.dataset))})
             with torch.no_grad():
                 for c in captions:
-                    self.cached_text[c] = conditioning.encode_prompts(m, [c], a.clip_skip, self.device)
+                    self.cached_text[c] = conditioning.encode_prompts(m, [c], a.clip_skip, self.device,
+                                                                      max_token_length=a.max_token_length,
+                                                                      weighted=a.weighted_captions)
             for te in m.text_encoders:  # not trained (--network_train_unet_only): no reason to hold device memory
                 te.to("cpu")
             logger.info("cached text-encoder outputs of %d captions", len(captions))
@@ -205,7 +207,11 @@ class LoRATrainer:
         usable = len(batches) // self.world * self.world
         if usable == 0:
             raise ConfigError(f"the dataset gives {len(batches)} batches per epoch, fewer than the {self.world} processes")
-        return batches[self.accelerator.process_index:usable:self.world]
+        mine = batches[self.accelerator.process_index:usable:self.world]
+        if self.dataset.uses_token_warmup():  # token warm-up grows captions with the optimizer step
+            self.dataset.set_sample_steps(sample_steps(mine, epoch, self.args.gradient_accumulation_steps),
+                                          self.args.max_train_steps)
+        return mine
 
     # ------------------------------------------------------------------ step
     def _latents(self, batch: dict) -> torch.Tensor:
@@ -227,7 +233,9 @@ class LoRATrainer:
             cond = conditioning.Conditioning(hidden, extra)
         else:
             with torch.set_grad_enabled(self.train_text_encoder):
-                cond = conditioning.encode_prompts(self.model, captions, self.args.clip_skip, self.device)
+                cond = conditioning.encode_prompts(self.model, captions, self.args.clip_skip, self.device,
+                                                   max_token_length=self.args.max_token_length,
+                                                   weighted=self.args.weighted_captions)
         if cond.added_cond_kwargs is not None:  # SDXL: each image's own original size, crop and bucket
             cond.added_cond_kwargs["time_ids"] = conditioning.sdxl_time_ids(
                 batch["original_size"], batch["crop_top_left"], batch["bucket"], self.device)
@@ -457,7 +465,8 @@ class LoRATrainer:
                   if m.device.type == "cpu" and self.device.type != "cpu"]
         for module in parked:  # cached latents / text-encoder outputs moved them off the device
             module.to(self.device)
-        images = sampling.generate(self.model, prompts, a.sample_sampler, self.model.scheduler_config, self.device, a.seed)
+        images = sampling.generate(self.model, prompts, a.sample_sampler, self.model.scheduler_config, self.device, a.seed,
+                                   clip_skip=a.clip_skip, max_token_length=a.max_token_length)
         for module in parked:
             module.to("cpu")
         save_samples(self.output_dir, a.output_name, self.progress.global_step, prompts, images, self.accelerator)
@@ -551,6 +560,13 @@ class LoRATrainer:
         code = 130 if self.stop_signal == "SIGINT" else 143
         raise TrainingStopped(f"stopped by {self.stop_signal} at step {self.progress.global_step}; LoRA saved to {path}, "
                               f"state to {state}. Resume with the same command plus --resume {state}", exit_code=code)
+
+
+def sample_steps(batches: list[list[int]], epoch: int, accumulate: int) -> dict[int, int]:
+    """Sample index -> the optimizer steps done before its batch trains (sd-scripts' `current_step`): every epoch
+    has the same ceil(batches / accumulate) steps, and a step follows each `accumulate` batches."""
+    first = epoch * math.ceil(len(batches) / accumulate)
+    return {i: first + j // accumulate for j, batch in enumerate(batches) for i in batch}
 
 
 def average_gradients(params: list[torch.Tensor], world: int) -> None:
