@@ -192,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("saving")
     g.add_argument("--output_dir", type=str, default=None)
     g.add_argument("--output_name", type=str, default="last")
-    g.add_argument("--save_model_as", type=str, default="safetensors", choices=["safetensors"])
+    g.add_argument("--save_model_as", type=str, default="safetensors", choices=["ckpt", "pt", "safetensors"],
+                   help="LoRA file format: safetensors (with metadata), or ckpt/pt (torch.save of the tensors only)")
     g.add_argument("--save_precision", type=str, default=None, choices=[None, "float", "fp16", "bf16"])
     g.add_argument("--save_every_n_epochs", type=int, default=None)
     g.add_argument("--save_every_n_steps", type=int, default=None)

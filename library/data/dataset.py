@@ -286,26 +286,24 @@ class CaptionedImageDataset(Dataset):
 
     # ------------------------------------------------------------------------------------------ summary
     def summary(self) -> dict:
-        """Counts, buckets, per-subset caption extensions and tag frequency (feeds ss_* LoRA metadata)."""
+        """Counts, buckets, per-subset settings and tag frequency; the ss_* LoRA metadata is written from it with
+        sd-scripts' meanings (`*_x_repeats` count an image once per repeat, as its num_train_images does)."""
         sampler = self.batch_sampler(seed=self.seed)
         datasets = []
         for d, bp in enumerate(self.config.datasets):
             batch_size, groups = self._groups[d]
-            subsets = []
-            for s in (s for s in self._subsets if s.dataset == d):
-                subsets.append({
-                    "image_dir": str(s.config.image_dir), "num_repeats": s.config.num_repeats,
-                    "is_reg": s.config.is_reg, "img_count": len(s.images), "skipped": s.skipped,
-                    "class_tokens": s.config.class_tokens, "caption_extension": dict(s.extensions),
-                    "shuffle_caption": s.config.shuffle_caption, "keep_tokens": s.config.keep_tokens,
-                    "flip_aug": s.config.flip_aug,
-                })
+            members = [s for s in self._subsets if s.dataset == d]
+            subsets = [self._subset_summary(s) for s in members]
             datasets.append({
                 "resolution": list(bp.resolution), "batch_size": batch_size, "enable_bucket": bp.enable_bucket,
                 "min_bucket_reso": bp.min_bucket_reso, "max_bucket_reso": bp.max_bucket_reso,
                 "bucket_reso_steps": bp.bucket_reso_steps, "bucket_no_upscale": bp.bucket_no_upscale,
                 "buckets": {f"{w}x{h}": len(v) for (w, h), v in groups.items()},
+                "bucket_info": self._bucket_info(bp, groups, members),
                 "num_batches": sum(math.ceil(len(v) / batch_size) for v in groups.values()),
+                "num_train_images_x_repeats": _repeated(members, reg=False),
+                "num_reg_images_x_repeats": _repeated(members, reg=True),
+                "tag_frequency": {Path(s.config.image_dir).name: self._tags(s) for s in members},
                 "subsets": subsets,
             })
         dirs: dict[str, dict] = {}
@@ -313,12 +311,13 @@ class CaptionedImageDataset(Dataset):
         for s in self._subsets:
             name = Path(s.config.image_dir).name
             dirs[name] = {"n_repeats": s.config.num_repeats, "img_count": len(s.images)}
-            captions = (self._images[i].caption for i in s.images)
-            tags[name] = tag_frequency(captions, s.config.secondary_separator)
+            tags[name] = self._tags(s)
         return {
             "source": self.config.source,
             "num_train_images": sum(len(s.images) for s in self._subsets if not s.config.is_reg),
             "num_reg_images": sum(len(s.images) for s in self._subsets if s.config.is_reg),
+            "num_train_images_x_repeats": _repeated(self._subsets, reg=False),
+            "num_reg_images_x_repeats": _repeated(self._subsets, reg=True),
             "num_samples": len(self._samples),
             "num_batches": len(sampler),
             "skipped": list(self.skipped),
@@ -326,6 +325,37 @@ class CaptionedImageDataset(Dataset):
             "dataset_dirs": dirs,
             "tag_frequency": tags,
         }
+
+    def _subset_summary(self, s: _Subset) -> dict:
+        c = s.config
+        return {
+            "image_dir": str(c.image_dir), "num_repeats": c.num_repeats, "is_reg": c.is_reg, "img_count": len(s.images),
+            "skipped": s.skipped, "class_tokens": c.class_tokens, "caption_extension": dict(s.extensions),
+            "shuffle_caption": c.shuffle_caption, "keep_tokens": c.keep_tokens, "flip_aug": c.flip_aug,
+            "random_crop": c.random_crop, "keep_tokens_separator": c.keep_tokens_separator,
+            "secondary_separator": c.secondary_separator, "caption_prefix": c.caption_prefix,
+            "caption_suffix": c.caption_suffix,
+        }
+
+    def _tags(self, s: _Subset) -> dict[str, int]:
+        return tag_frequency((self._images[i].caption for i in s.images), s.config.secondary_separator)
+
+    def _bucket_info(self, bp: DatasetBlueprint, groups: dict[tuple[int, int], list[int]],
+                     members: list[_Subset]) -> dict | None:
+        """sd-scripts' bucket_info: {"buckets": {index: {"resolution": (w, h), "count": samples}},
+        "mean_img_ar_error": mean |bucket w/h - image w/h| over images}; None without buckets."""
+        if not bp.enable_bucket:
+            return None
+        resos = sorted(groups) if bp.bucket_no_upscale else \
+            make_buckets(bp.resolution, bp.min_bucket_reso, bp.max_bucket_reso, bp.bucket_reso_steps)
+        buckets = {i: {"resolution": list(r), "count": len(groups[r])} for i, r in enumerate(resos) if groups.get(r)}
+        images = [self._images[i] for s in members for i in s.images]
+        errors = [abs(im.bucket[0] / im.bucket[1] - im.size[0] / im.size[1]) for im in images]
+        return {"buckets": buckets, "mean_img_ar_error": sum(errors) / len(errors) if errors else 0}
+
+
+def _repeated(subsets: list[_Subset], *, reg: bool) -> int:
+    return sum(len(s.images) * s.config.num_repeats for s in subsets if s.config.is_reg == reg)
 
 
 def balance_reg_repeats(reg_repeats: list[int], train_total: int) -> list[int]:

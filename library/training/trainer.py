@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import signal
 import time
 from dataclasses import dataclass
@@ -23,11 +24,10 @@ import torch
 
 from library.data.dataset import collate
 from library.errors import ConfigError, LoraForgeError
-from library.training import conditioning, losses
+from library.training import checkpoints, conditioning, losses, metadata
 from library.training.atomic import atomic_dir, atomic_file, check_writable
 from library.training.compile import check_compile_device, compile_requested, compile_unet, step_marker
 from library.training.graphed_step import GraphedStep, checkpoint_without_rng_state
-from library.training.metadata import build_metadata
 from library.training.progress import Progress
 from library.training.setup import (
     build_dataset,
@@ -144,16 +144,49 @@ class LoRATrainer:
         if a.max_train_epochs:
             a.max_train_steps = a.max_train_epochs * self.steps_per_epoch
         self.num_epochs = math.ceil(a.max_train_steps / self.steps_per_epoch)
+        a.save_every_n_epochs = checkpoints.save_every_n_epochs(a, self.num_epochs)
         self.lr_scheduler = build_lr_scheduler(a, self.base_optimizer, a.max_train_steps)
         self.optimizer = acc.prepare(self.optimizer)
         acc.register_for_checkpointing(self.network, self.lr_scheduler, self.progress)
         if a.resume:
             acc.load_state(a.resume)
             logger.info("resumed from %s at step %d (epoch %d)", a.resume, self.progress.global_step, self.progress.epoch + 1)
+        self._start_at_initial_step()
+        self.metadata = metadata.build_metadata(a, metadata.RunFacts(
+            model_type=self.model.model_type, v_parameterization=self.model.v_parameterization,
+            session_id=self.session_id, started_at=self.started_at, dataset_summary=self.dataset.summary(),
+            from_dataset_config=bool(a.dataset_config), num_batches_per_epoch=len(self.batches),
+            num_epochs=self.num_epochs, num_processes=self.world,
+            optimizer_class=f"{type(self.base_optimizer).__module__}.{type(self.base_optimizer).__name__}",
+            network_kwargs=network_kwargs_metadata(a)))
         if acc.is_main_process:  # the exact estimate, now that the network and the epochs are known
             check_free_space_for_network(a, self.network, self.steps_per_epoch, start_step=self.progress.global_step)
         if acc.is_main_process and log_with:
             acc.init_trackers((a.log_prefix or "") + "network_train", config={"optimizer": self.optimizer_desc})
+
+    def _start_at_initial_step(self) -> None:
+        """--initial_step / --initial_epoch, as sd-scripts: with --skip_until_initial_step the run continues from
+        that step (the batches before it are drawn and discarded); without it only the epoch count starts there,
+        and the run stops at the last epoch. They override the step of a --resume state."""
+        a = self.args
+        start = checkpoints.initial_step(a, self.steps_per_epoch)
+        if not start:
+            return
+        if start >= a.max_train_steps:
+            flag = "--initial_step" if a.initial_step is not None else "--initial_epoch"
+            raise ConfigError(f"{flag}: the run would start at step {start}, not below --max_train_steps "
+                              f"{a.max_train_steps}")
+        if a.resume:
+            logger.warning("--initial_step/--initial_epoch given: the step saved in %s is not used", a.resume)
+        epoch, into_epoch = divmod(start, self.steps_per_epoch)
+        if a.skip_until_initial_step:
+            skipped = min(into_epoch * a.gradient_accumulation_steps, len(self.batches))
+            self.progress.load_state_dict({"global_step": start, "epoch": epoch, "batches_done_in_epoch": skipped})
+            logger.info("skipping %d steps: starting at step %d, epoch %d", start, start, epoch + 1)
+        else:
+            self.progress.load_state_dict({"global_step": 0, "epoch": epoch, "batches_done_in_epoch": 0})
+            logger.info("starting at epoch %d (--initial_step without --skip_until_initial_step skips no data)",
+                        epoch + 1)
 
     def _cache_inputs(self) -> None:
         """Encode images (and captions) once when asked to; the VAE/text encoders then leave the GPU."""
@@ -359,7 +392,7 @@ class LoRATrainer:
                         loss_count = 0
                     bar.update(step)
                     if a.save_every_n_steps and step % a.save_every_n_steps == 0 and step < a.max_train_steps:
-                        self.save(f"{a.output_name}-step{step:08d}", state=a.save_state)
+                        self._save_checkpoint(step, every=a.save_every_n_steps, by_step=True)
                     if a.sample_every_n_steps and step % a.sample_every_n_steps == 0:
                         self.sample_images()
                     if stop:
@@ -372,12 +405,12 @@ class LoRATrainer:
                     done = self.progress.epoch
                     if a.save_every_n_epochs and done % a.save_every_n_epochs == 0 and done < self.num_epochs \
                             and self.progress.global_step < a.max_train_steps:
-                        self.save(f"{a.output_name}-{done:06d}", state=a.save_state)
+                        self._save_checkpoint(done, every=a.save_every_n_epochs, by_step=False)
                     if a.sample_every_n_epochs and done % a.sample_every_n_epochs == 0:
                         self.sample_images()
                     continue
                 break
-            final = self.save(a.output_name, state=a.save_state)
+            final = self.save(a.output_name, state=a.save_state or a.save_state_on_train_end, epoch=self.num_epochs)
         except BaseException:  # the error line must not land on the open progress bar's line
             bar.bar.close()
             raise
@@ -386,25 +419,51 @@ class LoRATrainer:
         acc.end_training()
         if acc.is_main_process:
             logger.info("done: %d steps; LoRA -> %s%s; logs -> %s", self.progress.global_step, final,
-                        f"; state -> {self.output_dir / (a.output_name + '-state')}" if a.save_state else "",
+                        f"; state -> {self.output_dir / checkpoints.state_name(a.output_name)}"
+                        if a.save_state or a.save_state_on_train_end else "",
                         acc.project_dir)
 
     # ------------------------------------------------------------------ saving and safety
-    def save(self, name: str, *, state: bool) -> Path:
+    def _save_checkpoint(self, number: int, *, every: int, by_step: bool) -> None:
+        """A step or epoch checkpoint (LoRA, and state with --save_state), then retire the one that falls out of
+        --save_last_n_steps/epochs (--save_last_n_*_state for the state folders), as sd-scripts."""
+        a = self.args
+        if by_step:
+            namer, remove = checkpoints.step_name, checkpoints.step_to_remove
+            keep, keep_state = a.save_last_n_steps, a.save_last_n_steps_state
+        else:
+            namer, remove = checkpoints.epoch_name, checkpoints.epoch_to_remove
+            keep, keep_state = a.save_last_n_epochs, a.save_last_n_epochs_state
+        epoch = self.progress.epoch + 1 if by_step else number  # 1-based: the epoch in progress, or the one done
+        self.save(namer(a.output_name, number), state=a.save_state, epoch=epoch)
+        if not self.accelerator.is_main_process:
+            return
+        old = remove(number, every, keep)
+        if old is not None:
+            retire(self.output_dir / f"{namer(a.output_name, old)}.{a.save_model_as}")
+        old_state = remove(number, every, checkpoints.state_last_n(keep_state, keep))
+        if a.save_state and old_state:
+            retire(self.output_dir / checkpoints.state_name(namer(a.output_name, old_state)))
+
+    def save(self, name: str, *, state: bool, epoch: int | None = None) -> Path:
+        """The LoRA file `<name>.<--save_model_as>` (and the state folder `<name>-state`), each written atomically.
+        `epoch` is the 1-based epoch recorded as ss_epoch (default: the one in progress)."""
         a, acc = self.args, self.accelerator
         self._optimizer_mode("eval")
-        path = self.output_dir / f"{name}.safetensors"
+        path = self.output_dir / f"{name}.{a.save_model_as}"
         acc.wait_for_everyone()
         if acc.is_main_process:
             dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "float": torch.float32}.get(a.save_precision or "", None)
-            metadata = build_metadata(a, model_type=self.model.model_type, v_parameterization=self.model.v_parameterization,
-                                      session_id=self.session_id, started_at=self.started_at,
-                                      dataset_summary=self.dataset.summary(), optimizer_desc=self.optimizer_desc,
-                                      steps=self.progress.global_step, epoch=self.progress.epoch)
+            md = metadata.stamp(self.metadata, steps=self.progress.global_step,
+                                epoch=self.progress.epoch + 1 if epoch is None else epoch, no_metadata=a.no_metadata)
+            md.update(metadata.modelspec(a, model_type=self.model.model_type,
+                                         v_parameterization=self.model.v_parameterization,
+                                         resolution=self.trained_resolution(),
+                                         implementation_version=f"loraforge/{self.metadata['ss_sd_scripts_commit_hash']}"))
             with atomic_file(path) as tmp:
-                self.network.save_weights(str(tmp), dtype, metadata)
+                self.network.save_weights(str(tmp), dtype, md)
         if state:
-            state_dir = self.output_dir / f"{a.output_name}-state"
+            state_dir = self.output_dir / checkpoints.state_name(name)
             if acc.is_main_process:
                 with atomic_dir(state_dir) as tmp:
                     acc.save_state(str(tmp))
@@ -413,6 +472,12 @@ class LoRATrainer:
         acc.wait_for_everyone()
         self._optimizer_mode("train")
         return path
+
+    def trained_resolution(self) -> tuple[int, int]:
+        """--resolution, or with --dataset_config the first dataset's (what the run trained, not the CLI default)."""
+        if self.args.dataset_config:
+            return tuple(self.dataset.config.datasets[0].resolution)
+        return tuple(self.args.resolution)
 
     def sample_images(self) -> None:
         a = self.args
@@ -505,7 +570,7 @@ class LoRATrainer:
     def _interrupted(self) -> None:
         a = self.args
         path = self.save(a.output_name, state=True)
-        state = self.output_dir / f"{a.output_name}-state"
+        state = self.output_dir / checkpoints.state_name(a.output_name)
         code = 130 if self.stop_signal == "SIGINT" else 143
         raise TrainingStopped(f"stopped by {self.stop_signal} at step {self.progress.global_step}; LoRA saved to {path}, "
                               f"state to {state}. Resume with the same command plus --resume {state}", exit_code=code)
@@ -526,6 +591,25 @@ def average_gradients(params: list[torch.Tensor], world: int) -> None:
         n = g.numel()
         p.grad = flat[offset:offset + n].view_as(p).to(p.dtype)
         offset += n
+
+
+def retire(path: Path) -> None:
+    """Remove a checkpoint file or state folder that a newer one replaced (--save_last_n_*)."""
+    if path.is_dir():
+        logger.info("removing old state: %s", path)
+        shutil.rmtree(path)
+    elif path.exists():
+        logger.info("removing old checkpoint: %s", path)
+        path.unlink()
+
+
+def network_kwargs_metadata(args: argparse.Namespace) -> dict:
+    """--network_args as sd-scripts records them: values as given (strings), plus `dropout` (its --network_dropout,
+    which sd-scripts passes to every network module) when --dim_from_weights is not used."""
+    kwargs = dict(item.split("=", 1) for item in args.network_args or [] if "=" in item)
+    if not args.dim_from_weights:
+        kwargs.setdefault("dropout", args.network_dropout)
+    return kwargs
 
 
 def threading_main() -> bool:

@@ -167,10 +167,11 @@ def test_disk_filling_up_between_checkpoints_stops_naming_the_file_and_keeps_the
     first = load_file(out / "t-step00000001.safetensors")
     assert any(k.endswith(".lora_down.weight") for k in first)
     # the state folder of that save is still whole: its network (custom object 0) is the step-1 LoRA
-    network = torch.load(out / "t-state" / "custom_checkpoint_0.pkl", weights_only=True)
+    state = out / "t-step00000001-state"
+    network = torch.load(state / "custom_checkpoint_0.pkl", weights_only=True)
     assert network.keys() == first.keys() and all(torch.equal(network[k], first[k]) for k in first)
-    assert torch.load(out / "t-state" / "custom_checkpoint_2.pkl", weights_only=True)["global_step"] == 1
-    assert sorted(p.name for p in out.iterdir()) == ["t-state", "t-step00000001.safetensors"]
+    assert torch.load(state / "custom_checkpoint_2.pkl", weights_only=True)["global_step"] == 1
+    assert sorted(p.name for p in out.iterdir()) == ["t-step00000001-state", "t-step00000001.safetensors"]
     assert _leftovers(out) == []
 
 
@@ -187,10 +188,10 @@ def test_free_space_estimate_covers_what_a_real_run_writes(tiny_dataset, tmp_pat
     assert main(train_argv(tiny_dataset, out, "--save_every_n_steps", "2", "--save_state", steps=5)) == 0
     loras = sorted(out.glob("*.safetensors"))
     assert [p.name for p in loras] == ["t-step00000002.safetensors", "t-step00000004.safetensors", "t.safetensors"]
-    state = sum(f.stat().st_size for f in (out / "t-state").rglob("*") if f.is_file())
+    state = sum(f.stat().st_size for f in (out / "t-step00000002-state").rglob("*") if f.is_file())
     assert len(estimates) == 2
     for estimate in estimates:
-        assert estimate.lora_files == 3 and estimate.state_copies == 2
+        assert estimate.lora_files == 3 and estimate.state_copies == 3  # t-step2-state, t-step4-state, t-state
         assert max(p.stat().st_size for p in loras) <= estimate.lora_bytes <= loras[0].stat().st_size + (1 << 20)
         assert state <= estimate.state_bytes <= state + (1 << 20)
 
