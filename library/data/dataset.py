@@ -231,6 +231,10 @@ class CaptionedImageDataset(Dataset):
         img = self._images[self._samples[index]]
         return static_caption(img.caption, self._subsets[img.subset].options)
 
+    def image_path(self, index: int) -> Path:
+        """The image file of sample `index` (caches written next to it are named after it)."""
+        return self._images[self._samples[index]].path
+
     def batch_sampler(self, *, seed: int, shuffle: bool = True) -> BucketBatchSampler:
         return BucketBatchSampler(self._groups, seed=seed, shuffle=shuffle)
 

@@ -116,6 +116,8 @@ def check_arguments(args: argparse.Namespace) -> None:
                           "as sd-scripts requires")
     if args.fused_backward_pass:
         check_fused_backward_pass(args)
+    if args.cpu_offload_checkpointing and not args.gradient_checkpointing:
+        logger.warning("--cpu_offload_checkpointing does nothing without --gradient_checkpointing (as in sd-scripts)")
     if args.vae is not None and not Path(args.vae).exists():
         raise ConfigError(f"--vae {args.vae}: no such file or folder (give a .safetensors/.ckpt VAE or a diffusers "
                           "folder)")

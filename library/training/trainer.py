@@ -36,6 +36,8 @@ from library.training.setup import (
     build_optimizer_for,
     check_optimizer_settings,
     load_model,
+    merge_base_weights,
+    store_base_in_fp8,
     weight_dtype_for,
 )
 from library.training.validate import (
@@ -111,13 +113,18 @@ class LoRATrainer:
 
         self.weight_dtype = weight_dtype_for(a)
         self.model = load_model(a, self.device, self.weight_dtype)
+        merge_base_weights(a, self.network_module, self.model, self.device)  # before caching: encoders included
         self.noise_scheduler = losses.make_noise_scheduler(self.model.scheduler_config,
                                                            v_parameterization=self.model.v_parameterization,
                                                            zero_terminal_snr=a.zero_terminal_snr)
         self.train_unet = not a.network_train_text_encoder_only
         self.train_text_encoder = not a.network_train_unet_only
         self._cache_inputs()
+        store_base_in_fp8(a, self.model, self.weight_dtype)  # before the LoRA wraps the layers
         self.model.unet.to(self.device)
+        if a.fused_backward_pass:
+            logger.info("--fused_backward_pass: as in sd-scripts' train_network.py, a LoRA trains with the ordinary "
+                        "backward and optimizer step (the fused pass exists for full fine-tuning)")
 
         self.network = build_network(a, self.network_module, self.model, self.train_text_encoder, self.train_unet)
         self.network.to(self.device, dtype=self.weight_dtype if (a.full_fp16 or a.full_bf16) else torch.float32)
@@ -205,15 +212,28 @@ class LoRATrainer:
             vae.to("cpu")
             logger.info("cached latents of %d images", len(self.dataset))
         if a.cache_text_encoder_outputs:
-            captions = sorted({self.dataset.caption_for_cache(i) for i in range(len(self.dataset))})
-            with torch.no_grad():
-                for c in captions:
-                    self.cached_text[c] = conditioning.encode_prompts(m, [c], a.clip_skip, self.device)
+            @torch.no_grad()
+            def encode_caption(caption: str) -> conditioning.Conditioning:
+                return conditioning.encode_prompts(m, [caption], a.clip_skip, self.device)
+
+            if a.cache_text_encoder_outputs_to_disk:
+                from library.training.text_cache import cached_outputs
+
+                tag = f"{a.pretrained_model_name_or_path}|clip_skip={a.clip_skip}|base_weights={a.base_weights}"
+                items = sorted({(self.dataset.image_path(i), self.dataset.caption_for_cache(i))
+                                for i in range(len(self.dataset))})
+                cached, encoded = cached_outputs(items, encode_caption, tag)
+                self.cached_text = {c: v.to(self.device) for c, v in cached.items()}
+                logger.info("text-encoder outputs of %d captions: %d read from *_te_outputs.npz, %d encoded",
+                            len(cached), len(cached) - encoded, encoded)
+            else:
+                captions = sorted({self.dataset.caption_for_cache(i) for i in range(len(self.dataset))})
+                self.cached_text = {c: encode_caption(c) for c in captions}
+                logger.info("cached text-encoder outputs of %d captions", len(captions))
             for te in m.text_encoders:  # not trained (--network_train_unet_only): no reason to hold device memory
                 te.to("cpu")
-            logger.info("cached text-encoder outputs of %d captions", len(captions))
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()  # hand what the encoders used back before the U-Net arrives
+        if self.device.type == "cuda" and not a.highvram:
+            torch.cuda.empty_cache()  # hand what the encoders used back before the U-Net arrives (not --highvram)
 
     def _epoch_batches(self, epoch: int) -> list[list[int]]:
         """This process's batches of an epoch: deterministic from (seed, epoch), split across processes."""
@@ -255,7 +275,17 @@ class LoRATrainer:
     def _unet_forward(self, latents, noise, timesteps, cond):
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         self._mark_step()
-        return self.model.unet(noisy, timesteps, cond.encoder_hidden_states, added_cond_kwargs=cond.added_cond_kwargs).sample
+        with self._offload_saved_activations():
+            return self.model.unet(noisy, timesteps, cond.encoder_hidden_states,
+                                   added_cond_kwargs=cond.added_cond_kwargs).sample
+
+    def _offload_saved_activations(self):
+        """--cpu_offload_checkpointing: what autograd keeps for backward (with --gradient_checkpointing, the
+        blocks' inputs) waits in pinned host memory instead of VRAM."""
+        a = self.args
+        if a.cpu_offload_checkpointing and a.gradient_checkpointing and self.model.unet.training:
+            return torch.autograd.graph.save_on_cpu(pin_memory=self.device.type == "cuda")
+        return contextlib.nullcontext()
 
     def _loss_weights(self, batch: dict) -> torch.Tensor:
         # built on the host and copied without blocking: no host sync in the step
