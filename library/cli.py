@@ -251,6 +251,10 @@ def _coerce(action: argparse.Action, key: str, value: Any, path: Path) -> Any:
         return value
     if action.nargs in ("*", "+"):
         items = value if isinstance(value, list) else [value]
+        if action.type in (int, float):  # e.g. base_weights_multiplier = [0.5, 1]
+            if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in items):
+                raise ConfigError(f"{where} must be a list of numbers, got {value!r}")
+            return [action.type(v) for v in items]
         return [str(v) for v in items]
     if isinstance(value, (list, dict)):
         if action.type is _resolution and isinstance(value, list):
