@@ -118,6 +118,8 @@ class RunFacts:
     num_processes: int
     optimizer_class: str  # module.Class
     network_kwargs: dict
+    network_dim: int | None = None  # the network's own, when --dim_from_weights took it from the file
+    network_alpha: float | None = None
 
 
 def base_model_version(facts: RunFacts, args: argparse.Namespace) -> str:
@@ -259,6 +261,8 @@ def build_metadata(args: argparse.Namespace, facts: RunFacts) -> dict[str, str]:
         "ss_sd_scripts_commit_hash": source_revision(),
         "ss_optimizer": optimizer_metadata(facts.optimizer_class, args.optimizer_args),
     })
+    if facts.network_dim is not None:
+        md["ss_network_dim"], md["ss_network_alpha"] = facts.network_dim, facts.network_alpha
     md.update(dataset_keys(args, facts))
     if args.network_args:
         md["ss_network_args"] = json.dumps(facts.network_kwargs)

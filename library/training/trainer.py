@@ -165,7 +165,7 @@ class LoRATrainer:
             from_dataset_config=bool(a.dataset_config), num_batches_per_epoch=len(self.batches),
             num_epochs=self.num_epochs, num_processes=self.world,
             optimizer_class=f"{type(self.base_optimizer).__module__}.{type(self.base_optimizer).__name__}",
-            network_kwargs=network_kwargs_metadata(a)))
+            network_kwargs=network_kwargs_metadata(a), **dim_from_weights_metadata(a, self.network)))
         if acc.is_main_process:  # the exact estimate, now that the network and the epochs are known
             check_free_space_for_network(a, self.network, self.steps_per_epoch, start_step=self.progress.global_step)
         if acc.is_main_process and log_with:
@@ -640,6 +640,16 @@ def network_kwargs_metadata(args: argparse.Namespace) -> dict:
     if not args.dim_from_weights:
         kwargs.setdefault("dropout", args.network_dropout)
     return kwargs
+
+
+def dim_from_weights_metadata(args: argparse.Namespace, network) -> dict:
+    """With --dim_from_weights the rank and alpha are the file's, not --network_dim/--network_alpha: record those
+    (one value when every module shares it, as kohya LoRAs do; else the largest rank and its alpha)."""
+    modules = list(getattr(network, "text_encoder_loras", [])) + list(getattr(network, "unet_loras", []))
+    if not args.dim_from_weights or not modules:
+        return {}
+    widest = max(modules, key=lambda m: m.lora_dim)
+    return {"network_dim": widest.lora_dim, "network_alpha": round(widest.scale * widest.lora_dim, 6)}
 
 
 def threading_main() -> bool:

@@ -149,3 +149,24 @@ def test_modelspec_keys_follow_sd_scripts_spec(tmp_path):
     v = metadata.modelspec(args, model_type="sd2", v_parameterization=True, resolution=(768, 768),
                            implementation_version="loraforge/x")
     assert v["modelspec.architecture"] == "stable-diffusion-v2-768-v/lora" and v["modelspec.prediction_type"] == "v"
+
+
+def test_dim_from_weights_records_the_files_rank_and_alpha(tiny_dataset, tmp_path):
+    import safetensors.torch
+
+    import networks.lora as lora
+    from library.models.loader import load_sd_model
+    from library.training.trainer import dim_from_weights_metadata
+
+    model = load_sd_model("builtin:tiny-sd")
+    source = lora.create_network(1.0, 8, 4.0, model.vae, model.text_encoders[0], model.unet)
+    path = tmp_path / "start.safetensors"
+    safetensors.torch.save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
+    args = parse_args(["--dataset_config", str(tiny_dataset), "--output_dir", str(tmp_path / "o"), "--network_weights",
+                       str(path), "--dim_from_weights", "--network_dim", "32", "--network_alpha", "16"])
+    network, _ = lora.create_network_from_weights(1.0, str(path), model.vae, model.text_encoders[0], model.unet)
+    found = dim_from_weights_metadata(args, network)
+    assert found == {"network_dim": 8, "network_alpha": 4.0}
+    facts = _facts(args)
+    md = metadata.build_metadata(args, metadata.RunFacts(**{**facts.__dict__, **found}))
+    assert md["ss_network_dim"] == "8" and md["ss_network_alpha"] == "4.0"  # not --network_dim 32 / alpha 16

@@ -151,8 +151,8 @@ def test_disk_filling_up_between_checkpoints_stops_naming_the_file_and_keeps_the
         from library.training import trainer
         from library.training.entry import main
         real_save = trainer.LoRATrainer.save
-        def save_then_fill_the_disk(self, name, *, state):
-            path = real_save(self, name, state=state)
+        def save_then_fill_the_disk(self, name, **kwargs):
+            path = real_save(self, name, **kwargs)
             resource.setrlimit(resource.RLIMIT_FSIZE, (path.stat().st_size // 2, resource.RLIM_INFINITY))
             return path
         trainer.LoRATrainer.save = save_then_fill_the_disk
