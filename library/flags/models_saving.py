@@ -108,6 +108,9 @@ def check_arguments(args: argparse.Namespace) -> None:
             raise ConfigError(f"--{name} {value}: must be >= 0")
     if args.initial_step is not None and args.initial_step < 0:
         raise ConfigError(f"--initial_step {args.initial_step}: must be >= 0 (0 is the first step)")
+    if args.initial_step and not args.max_train_epochs and args.initial_step >= args.max_train_steps:
+        raise ConfigError(f"--initial_step {args.initial_step}: must be below --max_train_steps {args.max_train_steps}, "
+                          "as sd-scripts requires")
     if args.initial_epoch is not None and args.initial_epoch < 1:
         raise ConfigError(f"--initial_epoch {args.initial_epoch}: must be >= 1 (1 is the first epoch)")
     if (args.fp8_base or args.fp8_base_unet) and args.mixed_precision == "no":

@@ -55,7 +55,8 @@ class Fp8Linear(nn.Linear):
     compute_dtype: torch.dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _LinearFromFp8.apply(x, self.weight, self.bias, self.compute_dtype)
+        # the input joins the compute dtype as autocast would cast it (sampling may run without autocast)
+        return _LinearFromFp8.apply(x.to(self.compute_dtype), self.weight, self.bias, self.compute_dtype)
 
 
 class Fp8Conv2d(nn.Conv2d):
@@ -65,7 +66,7 @@ class Fp8Conv2d(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         geometry = (self.stride, self.padding, self.dilation, self.groups)
-        return _Conv2dFromFp8.apply(x, self.weight, self.bias, self.compute_dtype, geometry)
+        return _Conv2dFromFp8.apply(x.to(self.compute_dtype), self.weight, self.bias, self.compute_dtype, geometry)
 
 
 def _convertible(layer: nn.Module) -> type[nn.Module] | None:

@@ -208,7 +208,7 @@ class LoRATrainer:
                 return vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
 
             self.dataset.cache_latents(encode, to_disk=a.cache_latents_to_disk, batch_size=a.train_batch_size,
-                                       cache_tag=a.pretrained_model_name_or_path)
+                                       cache_tag=a.pretrained_model_name_or_path + (f"|vae={a.vae}" if a.vae else ""))
             vae.to("cpu")
             logger.info("cached latents of %d images", len(self.dataset))
         if a.cache_text_encoder_outputs:
@@ -466,14 +466,12 @@ class LoRATrainer:
             keep, keep_state = a.save_last_n_epochs, a.save_last_n_epochs_state
         epoch = self.progress.epoch + 1 if by_step else number  # 1-based: the epoch in progress, or the one done
         self.save(namer(a.output_name, number), state=a.save_state, epoch=epoch)
-        if not self.accelerator.is_main_process:
-            return
         old = remove(number, every, keep)
-        if old is not None:
+        if old is not None and self.accelerator.is_main_process:
             retire(self.output_dir / f"{namer(a.output_name, old)}.{a.save_model_as}")
         old_state = remove(number, every, checkpoints.state_last_n(keep_state, keep))
         if a.save_state and old_state:
-            retire(self.output_dir / checkpoints.state_name(namer(a.output_name, old_state)))
+            retire(self._state_dir(namer(a.output_name, old_state)))
 
     def save(self, name: str, *, state: bool, epoch: int | None = None) -> Path:
         """The LoRA file `<name>.<--save_model_as>` (and the state folder `<name>-state`), each written atomically.
@@ -493,15 +491,21 @@ class LoRATrainer:
             with atomic_file(path) as tmp:
                 self.network.save_weights(str(tmp), dtype, md)
         if state:
-            state_dir = self.output_dir / checkpoints.state_name(name)
+            state_dir = self._state_dir(name)
             if acc.is_main_process:
                 with atomic_dir(state_dir) as tmp:
                     acc.save_state(str(tmp))
             else:
-                acc.save_state(str(state_dir.with_name(state_dir.name + f".rank{acc.process_index}")))
+                acc.save_state(str(state_dir))
         acc.wait_for_everyone()
         self._optimizer_mode("train")
         return path
+
+    def _state_dir(self, name: str) -> Path:
+        """This process's state folder of checkpoint `name` (other processes write `<folder>.rank<i>` beside it)."""
+        folder = self.output_dir / checkpoints.state_name(name)
+        acc = self.accelerator
+        return folder if acc.is_main_process else folder.with_name(f"{folder.name}.rank{acc.process_index}")
 
     def trained_resolution(self) -> tuple[int, int]:
         """--resolution, or with --dataset_config the first dataset's (what the run trained, not the CLI default)."""

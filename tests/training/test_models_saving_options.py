@@ -94,6 +94,7 @@ def _checked(tmp_path, *extra: str):
     (["--vae", "missing.safetensors"], "--vae missing.safetensors: no such file or folder"),
     (["--base_weights", "missing.safetensors"], "--base_weights missing.safetensors: file not found"),
     (["--initial_epoch", "0"], "--initial_epoch 0: must be >= 1"),
+    (["--initial_step", "10", "--max_train_steps", "10"], "--initial_step 10: must be below --max_train_steps 10"),
     (["--save_last_n_steps", "-1"], "--save_last_n_steps -1: must be >= 0"),
     (["--metadata_thumbnail", "nothere.png"], "--metadata_thumbnail nothere.png: file not found"),
 ])
