@@ -77,7 +77,6 @@ OPTION_KEYS: dict[str, str] = {
 # ss_ key -> option; written as str(bool(value))
 SWITCH_KEYS: dict[str, str] = {
     "ss_full_fp16": "full_fp16",
-    "ss_cache_latents": "cache_latents",
     "ss_debiased_estimation": "debiased_estimation_loss",
     "ss_fp8_base": "fp8_base",
     "ss_fp8_base_unet": "fp8_base_unet",
@@ -254,6 +253,7 @@ def build_metadata(args: argparse.Namespace, facts: RunFacts) -> dict[str, str]:
         "ss_v2": facts.model_type == "sd2",
         "ss_num_train_images": s["num_train_images_x_repeats"],
         "ss_num_validation_images": 0,
+        "ss_cache_latents": bool(args.cache_latents or args.cache_latents_to_disk),  # the one implies the other
         "ss_num_reg_images": s["num_reg_images_x_repeats"],
         "ss_num_batches_per_epoch": facts.num_batches_per_epoch,
         "ss_num_epochs": facts.num_epochs,

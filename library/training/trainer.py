@@ -421,7 +421,7 @@ class LoRATrainer:
                         loss_sum.zero_()
                         loss_count = 0
                     bar.update(step)
-                    if a.save_every_n_steps and step % a.save_every_n_steps == 0 and step < a.max_train_steps:
+                    if a.save_every_n_steps and step % a.save_every_n_steps == 0:  # the last step too, as sd-scripts
                         self._save_checkpoint(step, every=a.save_every_n_steps, by_step=True)
                     if a.sample_every_n_steps and step % a.sample_every_n_steps == 0:
                         self.sample_images()

@@ -311,7 +311,7 @@ def planned_lora_files(args: argparse.Namespace, steps_per_epoch: int | None = N
         steps = None
     files = 1
     if args.save_every_n_steps and steps:
-        saves = max(0, (steps - 1) // args.save_every_n_steps - start_step // args.save_every_n_steps)
+        saves = max(0, steps // args.save_every_n_steps - start_step // args.save_every_n_steps)
         files += saves if keep_steps is None else min(saves, keep_steps // args.save_every_n_steps + 2)
     epochs = args.max_train_epochs or (math.ceil(steps / steps_per_epoch) if steps and steps_per_epoch else None)
     if args.save_every_n_epochs and epochs:

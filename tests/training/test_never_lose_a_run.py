@@ -197,12 +197,12 @@ def test_free_space_estimate_covers_what_a_real_run_writes(tiny_dataset, tmp_pat
 
 
 @pytest.mark.parametrize(("flags", "steps_per_epoch", "start_step", "files"), [
-    ({"max_train_steps": 100, "save_every_n_steps": 10}, None, 0, 10),  # steps 10..90 and the final file
-    ({"max_train_steps": 100, "save_every_n_steps": 10}, None, 45, 6),  # resumed at 45: 50..90 and the final
+    ({"max_train_steps": 100, "save_every_n_steps": 10}, None, 0, 11),  # steps 10..100 and the final file
+    ({"max_train_steps": 100, "save_every_n_steps": 10}, None, 45, 7),  # resumed at 45: 50..100 and the final
     ({"max_train_epochs": 4, "save_every_n_epochs": 1}, 10, 0, 4),  # after epochs 1, 2, 3 and the final
     ({"max_train_epochs": 4, "save_every_n_epochs": 2}, None, 0, 2),  # epochs are known before batching
     ({"max_train_epochs": 4, "save_every_n_steps": 5}, None, 0, 1),  # steps are not: a lower bound
-    ({"max_train_epochs": 4, "save_every_n_steps": 5}, 10, 0, 8),  # 5, 10, ..., 35 and the final
+    ({"max_train_epochs": 4, "save_every_n_steps": 5}, 10, 0, 9),  # 5, 10, ..., 40 and the final
 ])
 def test_planned_lora_files_match_the_trainers_save_points(flags, steps_per_epoch, start_step, files):
     import argparse

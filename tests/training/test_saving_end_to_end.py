@@ -26,10 +26,10 @@ def test_step_checkpoints_keep_the_last_n_steps_and_record_what_was_trained(tiny
     assert main(train_argv(tiny_dataset, out, "--save_every_n_steps", "1", "--save_last_n_steps", "1", "--save_state",
                            "--save_last_n_steps_state", "1", "--training_comment", "first try", "--metadata_title",
                            "Cat", "--lowram", "--network_args", "conv_dim=2", steps=4)) == 0
-    # steps 1..3 saved (the last step is the final file); each save retires the one older than the last step
+    # steps 1..4 saved (the last step too, as sd-scripts); each save retires the one older than the last step
     assert sorted(p.name for p in out.iterdir() if not p.name.endswith((".png", "logs"))) == [
-        "t-state", "t-step00000002-state", "t-step00000002.safetensors", "t-step00000003-state",
-        "t-step00000003.safetensors", "t.safetensors"]
+        "t-state", "t-step00000003-state", "t-step00000003.safetensors", "t-step00000004-state",
+        "t-step00000004.safetensors", "t.safetensors"]
     md = _metadata(out / "t.safetensors")
     assert md["ss_steps"] == "4" and md["ss_epoch"] == md["ss_num_epochs"] == "1"
     assert md["ss_training_comment"] == "first try" and md["modelspec.title"] == "Cat" and md["ss_lowram"] == "True"
