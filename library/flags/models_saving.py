@@ -119,6 +119,9 @@ def check_arguments(args: argparse.Namespace) -> None:
                           "as sd-scripts requires")
     if args.fused_backward_pass:
         check_fused_backward_pass(args)
+    if args.cpu_offload_checkpointing and args.cuda_graphs:
+        raise ConfigError("--cpu_offload_checkpointing cannot be recorded by --cuda_graphs (each step copies to new "
+                          "host buffers); drop one of them")
     if args.cpu_offload_checkpointing and not args.gradient_checkpointing:
         logger.warning("--cpu_offload_checkpointing does nothing without --gradient_checkpointing (as in sd-scripts)")
     if args.vae is not None and not Path(args.vae).exists():
