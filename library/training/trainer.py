@@ -232,8 +232,7 @@ class LoRATrainer:
                 logger.info("cached text-encoder outputs of %d captions", len(captions))
             for te in m.text_encoders:  # not trained (--network_train_unet_only): no reason to hold device memory
                 te.to("cpu")
-        if self.device.type == "cuda" and not a.highvram:
-            torch.cuda.empty_cache()  # hand what the encoders used back before the U-Net arrives (not --highvram)
+        release_cached_memory(self.device, highvram=a.highvram)
 
     def _epoch_batches(self, epoch: int) -> list[list[int]]:
         """This process's batches of an epoch: deterministic from (seed, epoch), split across processes."""
@@ -625,6 +624,13 @@ def average_gradients(params: list[torch.Tensor], world: int) -> None:
         n = g.numel()
         p.grad = flat[offset:offset + n].view_as(p).to(p.dtype)
         offset += n
+
+
+def release_cached_memory(device: torch.device, *, highvram: bool) -> None:
+    """After the caches are built, hand the memory the encoders used back to the driver before the U-Net arrives,
+    as sd-scripts does; --highvram keeps PyTorch's cache for the next allocation instead."""
+    if device.type == "cuda" and not highvram:
+        torch.cuda.empty_cache()
 
 
 def retire(path: Path) -> None:

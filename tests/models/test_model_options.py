@@ -230,3 +230,23 @@ def test_fp8_unet_trains_a_lora_with_finite_gradients(tiny):
     grads = [p.grad for p in net.parameters() if p.requires_grad]
     assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
     assert any(g.abs().sum() > 0 for n, g in zip(dict(net.named_parameters()), grads, strict=True) if "down" in n)
+
+
+# ------------------------------------------------------------------------------------------------ --lowram, --highvram
+@pytest.mark.parametrize(("flags", "unet_device"), [((), "cpu"), (("--lowram",), "meta")])
+def test_lowram_puts_the_unet_on_the_device_as_it_loads(flags, unet_device):
+    meta = torch.device("meta")  # stands in for the GPU: where each part lands is what is checked
+    model = load_model(_args(*flags), meta, torch.float32)
+    assert {p.device.type for p in model.unet.parameters()} == {unet_device}
+    assert {p.device.type for p in model.vae.parameters()} == {"meta"}
+
+
+@pytest.mark.parametrize(("highvram", "emptied"), [(False, 1), (True, 0)])
+def test_highvram_keeps_the_cuda_cache_after_caching(monkeypatch, highvram, emptied):
+    from library.training import trainer
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append(1))
+    trainer.release_cached_memory(torch.device("cuda"), highvram=highvram)
+    trainer.release_cached_memory(CPU, highvram=False)  # nothing to release on the CPU
+    assert len(calls) == emptied
