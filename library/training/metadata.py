@@ -9,6 +9,7 @@ in `build_metadata`. `--no_metadata` keeps the keys loaders need (`MINIMUM_KEYS`
 from __future__ import annotations
 
 import argparse
+import ast
 import base64
 import datetime
 import hashlib
@@ -94,6 +95,7 @@ ABSENT_OPTION_DEFAULTS: dict[str, Any] = {"multires_noise_discount": 0.3, "capti
 
 
 def option(args: argparse.Namespace, name: str) -> Any:
+    """The option's value; sd-scripts' default for one this parser does not define."""
     return getattr(args, name, ABSENT_OPTION_DEFAULTS.get(name))
 
 
@@ -121,7 +123,7 @@ class RunFacts:
     network_alpha: float | None = None
 
 
-def base_model_version(facts: RunFacts, args: argparse.Namespace) -> str:
+def base_model_version(facts: RunFacts) -> str:
     """sd-scripts' model version string: sdxl_base_v1-0, or sd_v1 / sd_v2 with _v for v-prediction."""
     if facts.model_type == "sdxl":
         return "sdxl_base_v1-0"
@@ -130,8 +132,6 @@ def base_model_version(facts: RunFacts, args: argparse.Namespace) -> str:
 
 def optimizer_metadata(optimizer_class: str, optimizer_args: list[str] | None) -> str:
     """sd-scripts' ss_optimizer: `module.Class` plus `(k=v,...)` of --optimizer_args, values as Python reads them."""
-    import ast
-
     pairs = []
     for item in optimizer_args or []:
         key, _, raw = item.partition("=")
@@ -257,7 +257,7 @@ def build_metadata(args: argparse.Namespace, facts: RunFacts) -> dict[str, str]:
         "ss_num_reg_images": s["num_reg_images_x_repeats"],
         "ss_num_batches_per_epoch": facts.num_batches_per_epoch,
         "ss_num_epochs": facts.num_epochs,
-        "ss_base_model_version": base_model_version(facts, args),
+        "ss_base_model_version": base_model_version(facts),
         "ss_sd_scripts_commit_hash": source_revision(),
         "ss_optimizer": optimizer_metadata(facts.optimizer_class, args.optimizer_args),
     })
