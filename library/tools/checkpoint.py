@@ -1,0 +1,141 @@
+"""The model side of the tools: the layers a LoRA adapts (by kohya name), merging LoRAs into them, and writing
+the merged model as a single file in its own original layout or as a diffusers folder."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import safetensors.torch
+import torch
+from torch import nn
+
+from library.errors import ConfigError, ModelError
+from library.models.common import SDModel
+from library.models.ldm_names import text_encoder_key, unet_key
+from library.models.single_file import CHECKPOINT_SUFFIXES, read_checkpoint
+from library.tools.lora_files import LoraWeights
+from library.tools.lora_math import lora_delta
+from library.training.atomic import atomic_dir, atomic_file
+from networks.lora import (
+    LORA_PREFIX_TEXT_ENCODER,
+    LORA_PREFIX_UNET,
+    TEXT_ENCODER_TARGET_MODULES,
+    UNET_CONV_TARGET_MODULES,
+    UNET_TARGET_MODULES,
+    _target_layers,
+)
+
+
+@dataclass
+class Layer:
+    component: str  # "unet" or "text_encoder<i>"
+    path: str  # the layer's module path inside its component (its weight is `<path>.weight`)
+    module: nn.Module
+
+
+def lora_layers(model: SDModel, conv: bool = True) -> dict[str, Layer]:
+    """kohya name -> layer, for every layer networks.lora can adapt (ResNet/sampler layers only with `conv`)."""
+    layers: dict[str, Layer] = {}
+    count = len(model.text_encoders)
+    for i, te in enumerate(model.text_encoders):
+        prefix = LORA_PREFIX_TEXT_ENCODER if count == 1 else f"{LORA_PREFIX_TEXT_ENCODER}{i + 1}"
+        paths = {id(m): n for n, m in te.named_modules()}
+        core = getattr(te, "text_model", te)
+        for name, layer in _target_layers(core, f"{prefix}.text_model", TEXT_ENCODER_TARGET_MODULES):
+            layers[name] = Layer(f"text_encoder{i}", paths[id(layer)], layer)
+    targets = UNET_TARGET_MODULES + (UNET_CONV_TARGET_MODULES if conv else ())
+    paths = {id(m): n for n, m in model.unet.named_modules()}
+    for name, layer in _target_layers(model.unet, LORA_PREFIX_UNET, targets):
+        layers[name] = Layer("unet", paths[id(layer)], layer)
+    return layers
+
+
+def check_lora_fits(modules: dict[str, LoraWeights], layers: dict[str, Layer], source: str, model: SDModel) -> None:
+    """Every module must name a layer of this model with the same weight shape; the error names the first not."""
+    unknown = sorted(modules.keys() - layers.keys())
+    if unknown and len(unknown) == len(modules):
+        raise ModelError(
+            f"{source}: none of its {len(modules)} modules (e.g. {unknown[0]}) is a layer of the "
+            f"{model.model_type.upper()} model {model.source}; is the LoRA for another model type?"
+        )
+    if unknown:
+        raise ModelError(f"{source}: unknown keys, {len(unknown)} modules are not layers of {model.source}: "
+                         f"{', '.join(unknown[:3])}{' ...' if len(unknown) > 3 else ''}")
+    for name, w in modules.items():
+        weight = layers[name].module.weight
+        need = (w.up.shape[0], *w.down.shape[1:])
+        if weight.numel() != torch.Size(need).numel():
+            raise ModelError(f"{source}: {name} is for a layer of shape {tuple(need)}, {model.source} has "
+                             f"{tuple(weight.shape)}; is the LoRA for another model?")
+
+
+@torch.no_grad()
+def merge_into(modules: dict[str, LoraWeights], layers: dict[str, Layer], ratio: float,
+               device: torch.device, progress=lambda items: items) -> None:
+    """`W += ratio * alpha / rank * up @ down` for each module, computed on `device` in the weights' dtype."""
+    for name, w in progress(list(modules.items())):
+        weight = layers[name].module.weight
+        delta = lora_delta(w.down.to(device, weight.dtype), w.up.to(device, weight.dtype), w.scale * ratio,
+                           tuple(weight.shape))
+        weight.add_(delta.to(weight.device))
+
+
+def is_checkpoint_file(path: Path) -> bool:
+    return path.suffix.lower() in CHECKPOINT_SUFFIXES
+
+
+def save_merged_model(model: SDModel, layers: dict[str, Layer], changed: Iterable[str], save_to: Path,
+                      dtype: torch.dtype, metadata: dict[str, str] | None) -> None:
+    """A file for a file: the source checkpoint with the changed layers replaced (every other key as it was,
+    floats cast to `dtype`); a folder otherwise: the whole model as a diffusers pipeline folder."""
+    if is_checkpoint_file(save_to):
+        source = Path(model.source)
+        if not source.is_file():
+            raise ConfigError(
+                f"--save_to {save_to}: a single-file checkpoint is written in the layout of a single-file "
+                f"--sd_model, and {model.source} is not one; give a folder name to save a diffusers model"
+            )
+        _save_checkpoint(model, layers, changed, source, save_to, dtype, metadata)
+    else:
+        _save_folder(model, save_to, dtype)
+
+
+def _save_checkpoint(model: SDModel, layers: dict[str, Layer], changed: Iterable[str], source: Path,
+                     save_to: Path, dtype: torch.dtype, metadata: dict[str, str] | None) -> None:
+    state = read_checkpoint(source)
+    for name in changed:
+        layer = layers[name]
+        weight = layer.module.weight.detach().cpu()
+        if layer.component == "unet":
+            key, block = unet_key(model.unet, f"{layer.path}.weight"), None
+        else:
+            key, block = text_encoder_key(model.model_type, int(layer.component[-1]), f"{layer.path}.weight")
+        if key not in state:
+            raise ModelError(f"{source}: has no key {key} for the merged layer {name}")
+        if block is None:
+            state[key] = weight.reshape(state[key].shape).to(state[key].dtype)
+        else:  # a q/k/v row block of OpenCLIP's fused in_proj_weight
+            rows = state[key].shape[0] // 3
+            fused = state[key].clone()
+            fused[block * rows:(block + 1) * rows] = weight.to(fused.dtype)
+            state[key] = fused
+    state = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in state.items()}
+    save_to.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(save_to) as tmp:
+        if save_to.suffix.lower() == ".safetensors":
+            safetensors.torch.save_file(state, str(tmp), metadata)
+        else:
+            torch.save({"state_dict": state}, tmp)
+
+
+def _save_folder(model: SDModel, save_to: Path, dtype: torch.dtype) -> None:
+    from diffusers import DDPMScheduler
+
+    from library.training.sampling import build_pipeline
+
+    pipe = build_pipeline(model, DDPMScheduler.from_config(model.scheduler_config))
+    pipe.to(dtype=dtype)
+    with atomic_dir(save_to) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)

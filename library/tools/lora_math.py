@@ -1,0 +1,110 @@
+"""LoRA algebra as plain functions on tensors: the dense update of one module, its low-rank factorisation and
+sd-scripts' rules for choosing a rank (resize_lora.py's `--dynamic_method`).
+
+A module's update is `scale * up @ down` with `scale = alpha / rank`, in the shape of the layer's weight
+(Linear `[out, in]`, Conv2d `[out, in, kh, kw]`; a kxk conv LoRA has a kxk `down` and a 1x1 `up`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+MIN_SV = 1e-6  # a largest singular value below this is a zero update: sd-scripts keeps rank 1 for it
+DYNAMIC_METHODS = ("sv_ratio", "sv_fro", "sv_cumulative")
+
+
+def lora_delta(down: Tensor, up: Tensor, scale: float, weight_shape: tuple[int, ...] | None = None) -> Tensor:
+    """`scale * up @ down` in the layer's weight shape.
+
+    `weight_shape` reshapes a Linear-shaped update onto a 1x1 conv (or back), as happens when a LoRA trained
+    with `use_linear_projection` is merged into a model whose proj_in/proj_out are 1x1 convolutions.
+    """
+    product = up.flatten(1) @ down.flatten(1)
+    if down.ndim == 4:
+        product = product.reshape(up.shape[0], *down.shape[1:])
+    delta = product * scale
+    if weight_shape is not None and tuple(delta.shape) != tuple(weight_shape):
+        delta = delta.reshape(weight_shape)
+    return delta
+
+
+def as_matrix(weight: Tensor) -> Tensor:
+    """A weight as the 2-D matrix a LoRA factorises: `[out, in * kh * kw]`."""
+    return weight.flatten(1) if weight.ndim > 2 else weight
+
+
+def factorize(matrix: Tensor, rank: int, weight_shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+    """(up, down) of the best rank-`rank` approximation `U_r diag(S_r) Vh_r` (Eckart-Young), up carrying S.
+
+    Shapes follow kohya's LoRA: `down` `[r, in]` or `[r, in, kh, kw]`, `up` `[out, r]` or `[out, r, 1, 1]`.
+    """
+    U, S, Vh = torch.linalg.svd(matrix, full_matrices=False)
+    return factors_from_svd(U, S, Vh, rank, weight_shape)
+
+
+def factors_from_svd(
+    U: Tensor, S: Tensor, Vh: Tensor, rank: int, weight_shape: tuple[int, ...]
+) -> tuple[Tensor, Tensor]:
+    up = U[:, :rank] * S[:rank]
+    down = Vh[:rank]
+    if len(weight_shape) == 4:
+        up = up.reshape(weight_shape[0], rank, 1, 1)
+        down = down.reshape(rank, *weight_shape[1:])
+    return up, down
+
+
+def clamp_to_quantile(up: Tensor, down: Tensor, quantile: float) -> tuple[Tensor, Tensor]:
+    """Clip both factors to +-(the `quantile` of all their entries), as sd-scripts' SVD tools do against outliers."""
+    if quantile >= 1.0:
+        return up, down
+    values = torch.cat([up.flatten(), down.flatten()])
+    high = torch.quantile(values.float(), quantile).to(values.dtype)
+    return up.clamp(-high, high), down.clamp(-high, high)
+
+
+def _clamped_index(index: int, count: int) -> int:
+    return max(1, min(index, count - 1))
+
+
+def rank_sv_ratio(S: Tensor, target: float) -> int:
+    """Keep the singular values larger than `S[0] / target` (sd-scripts' index, plus one)."""
+    index = int((S > S[0] / target).sum().item())
+    return _clamped_index(index, len(S)) + 1
+
+
+def rank_sv_cumulative(S: Tensor, target: float) -> int:
+    """Keep singular values until their running sum reaches `target` of the total (sd-scripts' rule)."""
+    cumulative = torch.cumsum(S, dim=0) / S.sum()
+    index = int(torch.searchsorted(cumulative, torch.tensor(target, dtype=S.dtype, device=S.device))) + 1
+    return _clamped_index(index, len(S)) + 1
+
+
+def rank_sv_fro(S: Tensor, target: float) -> int:
+    """Keep singular values until `target` of the Frobenius norm is retained (squared sums, sd-scripts' rule)."""
+    squared = S.pow(2)
+    cumulative = torch.cumsum(squared, dim=0) / squared.sum()
+    index = int(torch.searchsorted(cumulative, torch.tensor(target**2, dtype=S.dtype, device=S.device))) + 1
+    return _clamped_index(index, len(S)) + 1
+
+
+RANK_RULES = {"sv_ratio": rank_sv_ratio, "sv_fro": rank_sv_fro, "sv_cumulative": rank_sv_cumulative}
+
+
+def choose_rank(S: Tensor, max_rank: int, method: str | None, param: float | None) -> int:
+    """The rank resize_lora.py keeps: the dynamic rule's (or `max_rank`), capped at `max_rank`; 1 for a zero
+    update; never more than the singular values there are (sd-scripts would fail there)."""
+    rank = RANK_RULES[method](S, param) if method else max_rank
+    if S[0] <= MIN_SV:
+        rank = 1
+    return min(rank, max_rank, len(S))
+
+
+def retained(S: Tensor, rank: int) -> dict[str, float]:
+    """What a truncation keeps: share of sum(S), of the Frobenius norm, and S[0] / S[rank-1] (for --verbose)."""
+    squared = S.pow(2)
+    return {
+        "sum_retained": float(S[:rank].abs().sum() / S.abs().sum()),
+        "fro_retained": float(squared[:rank].sum().sqrt() / squared.sum().sqrt()),
+        "max_ratio": float(S[0] / S[rank - 1]),
+    }
