@@ -55,6 +55,14 @@ def lora_layers(model: SDModel, conv: bool = True) -> dict[str, Layer]:
 def check_lora_fits(modules: dict[str, LoraWeights], layers: dict[str, Layer], source: str, model: SDModel) -> None:
     """Every module must name a layer of this model with the same weight shape; the error names the first not."""
     unknown = sorted(modules.keys() - layers.keys())
+    te_names = [n for n in modules if n.startswith(LORA_PREFIX_TEXT_ENCODER)]
+    two_encoders = any(n.startswith(("lora_te1_", "lora_te2_")) for n in te_names)
+    if te_names and two_encoders != (len(model.text_encoders) == 2):
+        kind = "SDXL (two text encoders)" if two_encoders else "SD1/SD2 (one text encoder)"
+        raise ModelError(
+            f"{source}: is a LoRA for {kind}, e.g. {te_names[0]}, but {model.source} is an "
+            f"{model.model_type.upper()} model; it is for another model type"
+        )
     if unknown and len(unknown) == len(modules):
         raise ModelError(
             f"{source}: none of its {len(modules)} modules (e.g. {unknown[0]}) is a layer of the "
