@@ -144,3 +144,22 @@ def test_tool_errors_are_one_line_exit_2(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()[-1]
         assert err.startswith("error: ") and named in err, err
     assert not list(tmp_path.glob("o.*")) and not (tmp_path / "e.safetensors").exists()
+
+
+def test_sdxl_svd_merge_reads_both_namings_and_writes_sai_names(tmp_path, monkeypatch):
+    from networks.sdxl_keys import unet_key_to_diffusers
+
+    model = load(single_file(tmp_path, "sdxl", monkeypatch), "sdxl")
+    ours, sai = tmp_path / "ours.safetensors", tmp_path / "sai.safetensors"
+    lora_file(model, ours, dim=2, alpha=2.0, conv_dim=None, seed=1)
+    lora_file(model, sai, dim=2, alpha=2.0, conv_dim=None, seed=1, sai_names=True)  # the same weights
+    out = tmp_path / "merged.safetensors"
+    assert svd_merge_lora.main(["--models", str(ours), str(sai), "--ratios", "0.5", "0.5", "--new_rank", "2",
+                                "--save_to", str(out)]) == 0
+    (merged, meta), (original, _) = read_lora(out), read_lora(ours)
+    assert any(n.startswith("lora_unet_input_blocks_") for n in merged)
+    assert not any(n.startswith("lora_unet_down_blocks_") for n in merged)
+    assert meta["ss_base_model_version"] == "sdxl_base_v1-0"
+    for name, w in merged.items():  # half of each, added: the original update (up to the 0.99 clip)
+        expected = dense(original[unet_key_to_diffusers(name)])
+        assert (dense(w) - expected).norm() / expected.norm() < 0.4, name

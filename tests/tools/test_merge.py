@@ -17,20 +17,22 @@ def assert_outputs_close(actual: dict, expected: dict) -> None:
         torch.testing.assert_close(actual[key], expected[key], atol=2e-5, rtol=1e-4, msg=key)
 
 
-def test_sd1_merge_into_single_file_equals_base_with_lora(tmp_path, monkeypatch):
-    base_path = single_file(tmp_path, "sd1", monkeypatch)
-    base = load(base_path, "sd1")
+@pytest.mark.parametrize("kind", ["sd1", "sd2"])  # SD2: q/k/v are row blocks of OpenCLIP's fused in_proj
+def test_merge_into_single_file_equals_base_with_lora(tmp_path, monkeypatch, kind):
+    base_path = single_file(tmp_path, kind, monkeypatch)
+    base = load(base_path, kind)
     lora_a, lora_b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
     lora_file(base, lora_a, seed=1)
     lora_file(base, lora_b, dim=2, alpha=1.0, conv_dim=None, seed=2)
     before = outputs(base)
 
     out = tmp_path / "merged.safetensors"
-    assert merge_lora.main(["--sd_model", str(base_path), "--models", str(lora_a), str(lora_b),
+    v2 = ["--v2"] if kind == "sd2" else []
+    assert merge_lora.main([*v2, "--sd_model", str(base_path), "--models", str(lora_a), str(lora_b),
                             "--ratios", "0.7", "-0.4", "--save_to", str(out)]) == 0
-    merged = outputs(load(out, "sd1"))
+    merged = outputs(load(out, kind))
     # the reference: the base with both LoRAs hooked in at their ratios, one after the other
-    reference_model = load(base_path, "sd1")
+    reference_model = load(base_path, kind)
     from networks.lora import create_network_from_weights
 
     networks = []
@@ -48,7 +50,7 @@ def test_sd1_merge_into_single_file_equals_base_with_lora(tmp_path, monkeypatch)
         keys, meta = set(f.keys()), f.metadata()
     with safetensors.safe_open(str(base_path), "pt") as f:
         assert keys == set(f.keys())
-    assert meta["modelspec.merged_from"] == "sd1-base, a, b"
+    assert meta["modelspec.merged_from"] == f"{kind}-base, a, b"
 
 
 def test_sd1_merge_output_loads_in_diffusers_from_single_file(tmp_path, monkeypatch):
