@@ -56,6 +56,12 @@ def weight_differences(original, tuned, conv: bool, min_diff: float) -> dict[str
     return diffs
 
 
+def base_model_version(model_type: str, v_parameterization: bool) -> str:
+    """sd-scripts' `ss_base_model_version` of an extracted LoRA: sd_v1 / sd_v2 (+ `_v`), sdxl_base_v1-0."""
+    version = ARCHITECTURES[(model_type, False)][1]
+    return version + "_v" if v_parameterization and model_type != "sdxl" else version
+
+
 def extract_file(args: argparse.Namespace) -> None:
     model_type = expected_model_type(v2=args.v2, sdxl=args.sdxl)
     save_to = check_save_path(args.save_to)
@@ -82,7 +88,7 @@ def extract_file(args: argparse.Namespace) -> None:
         network_args = {"conv_dim": str(args.conv_dim), "conv_alpha": str(float(args.conv_dim))}
     metadata = {
         "ss_v2": str(args.v2),
-        "ss_base_model_version": ARCHITECTURES[(model_type, False)][1],
+        "ss_base_model_version": base_model_version(model_type, v_param),
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(args.dim),
         "ss_network_alpha": str(float(args.dim)),
