@@ -3,11 +3,20 @@ lines: the numbers their definitions give, sd-scripts' metadata, files diffusers
 
 from __future__ import annotations
 
+import pytest
 import safetensors
 import torch
 
 from library.tools.lora_files import read_lora
-from networks import check_lora_weights, extract_lora_from_models, merge_lora, resize_lora, svd_merge_lora
+from library.tools.sdxl_names import to_diffusers_names
+from networks import (
+    check_lora_weights,
+    extract_lora_from_models,
+    merge_lora,
+    resize_lora,
+    sdxl_merge_lora,
+    svd_merge_lora,
+)
 from networks.lora import safetensors_hashes
 from tests.networks.test_lora_diffusers import sd_pipeline
 from tests.tools.helpers import load, lora_file, outputs_with_lora, single_file
@@ -87,18 +96,25 @@ def test_svd_merge_of_two_ranks(tmp_path):
     assert_diffusers_reads_like_us(out, model)
 
 
-def test_extract_recovers_the_merged_lora(tmp_path, monkeypatch):
-    base_path = single_file(tmp_path, "sd1", monkeypatch)
-    base = load(base_path, "sd1")
+@pytest.mark.parametrize("kind", ["sd1", "sdxl"])
+def test_extract_recovers_the_merged_lora(tmp_path, monkeypatch, kind):
+    base_path = single_file(tmp_path, kind, monkeypatch)
+    base = load(base_path, kind)
     known = tmp_path / "known.safetensors"
     lora_file(base, known, dim=4, alpha=2.0, conv_dim=2)
     tuned = tmp_path / "tuned.safetensors"
-    assert merge_lora.main(["--sd_model", str(base_path), "--models", str(known), "--ratios", "1",
-                            "--save_to", str(tuned)]) == 0
+    merge = sdxl_merge_lora.main if kind == "sdxl" else merge_lora.main
+    assert merge(["--sd_model", str(base_path), "--models", str(known), "--ratios", "1",
+                  "--save_to", str(tuned)]) == 0
     out = tmp_path / "extracted.safetensors"
-    assert extract_lora_from_models.main(["--model_org", str(base_path), "--model_tuned", str(tuned), "--save_to",
-                                          str(out), "--dim", "4", "--conv_dim", "2", "--clamp_quantile", "1"]) == 0
+    flags = ["--sdxl"] if kind == "sdxl" else []
+    assert extract_lora_from_models.main([*flags, "--model_org", str(base_path), "--model_tuned", str(tuned),
+                                          "--save_to", str(out), "--dim", "4", "--conv_dim", "2",
+                                          "--clamp_quantile", "1"]) == 0
     (want, _), (got, meta) = read_lora(known), read_lora(out)
+    if kind == "sdxl":  # written with sd-scripts' SAI names
+        assert any(n.startswith("lora_unet_output_blocks_") for n in got)
+        got = to_diffusers_names(got)
     assert got.keys() == want.keys()
     for name, w in want.items():
         expected = dense(w)
@@ -106,7 +122,9 @@ def test_extract_recovers_the_merged_lora(tmp_path, monkeypatch):
         assert error < 1e-4, (name, float(error))
     assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "4.0"
     assert meta["ss_network_args"] == '{"conv_dim": "2", "conv_alpha": "2.0"}'
-    assert_diffusers_reads_like_us(out, base)
+    assert meta["ss_base_model_version"] == ("sdxl_base_v1-0" if kind == "sdxl" else "sd_v1")
+    if kind == "sd1":
+        assert_diffusers_reads_like_us(out, base)
 
 
 def test_check_lora_weights_lists_every_factor(tmp_path, capsys):
