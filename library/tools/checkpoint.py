@@ -9,6 +9,7 @@ from pathlib import Path
 
 import safetensors.torch
 import torch
+from diffusers import DDPMScheduler
 from torch import nn
 
 from library.errors import ConfigError, ModelError
@@ -18,6 +19,7 @@ from library.models.single_file import CHECKPOINT_SUFFIXES, read_checkpoint
 from library.tools.lora_files import LoraWeights
 from library.tools.lora_math import lora_delta
 from library.training.atomic import atomic_dir, atomic_file
+from library.training.sampling import build_pipeline
 from networks.lora import (
     LORA_PREFIX_TEXT_ENCODER,
     LORA_PREFIX_UNET,
@@ -139,10 +141,6 @@ def _save_checkpoint(model: SDModel, layers: dict[str, Layer], changed: Iterable
 
 
 def _save_folder(model: SDModel, save_to: Path, dtype: torch.dtype) -> None:
-    from diffusers import DDPMScheduler
-
-    from library.training.sampling import build_pipeline
-
     pipe = build_pipeline(model, DDPMScheduler.from_config(model.scheduler_config))
     pipe.to(dtype=dtype)
     with atomic_dir(save_to) as tmp:

@@ -7,6 +7,7 @@ them by name rather than dropping their modules.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -133,8 +134,6 @@ def save_lora(path: Path, state: dict[str, Tensor], metadata: dict[str, str], dt
 def minimum_network_metadata(v2: str | None, base_model: str | None, dims: str, alphas: str,
                              network_args: dict | None = None) -> dict[str, str]:
     """The `ss_*` keys sd-scripts writes into a LoRA it did not train (merged, resized, extracted)."""
-    import json
-
     metadata = {"ss_network_module": "networks.lora", "ss_network_dim": dims, "ss_network_alpha": alphas}
     if v2 is not None:
         metadata["ss_v2"] = v2

@@ -31,6 +31,7 @@ from library.tools.lora_files import (
 )
 from library.tools.lora_ops import merge_weighted, shuffle_ranks
 from library.tools.runner import progress, resolve_device
+from library.tools.sdxl_names import to_diffusers_names, to_file_names
 
 logger = logging.getLogger(__name__)
 
@@ -51,8 +52,6 @@ def check_models_and_ratios(args: argparse.Namespace) -> None:
 
 def read_loras(paths: list[str], dtype: torch.dtype, sdxl: bool) -> list[tuple[str, dict[str, LoraWeights], dict]]:
     """Each file's modules (SDXL names in sd-scripts' SAI form are read as the diffusers-path names)."""
-    from library.tools.sdxl_names import to_diffusers_names
-
     out = []
     for path in paths:
         modules, metadata = read_lora(path, dtype)
@@ -115,12 +114,7 @@ def _merge_loras(args: argparse.Namespace, merge_dtype: torch.dtype, save_dtype:
         model_type, v_param = ("sdxl", False) if sdxl else model_type_of(first)
         metadata.update(modelspec(model_type, v_param, lora=True, title=save_to.stem,
                                   merged_from=merged_from(args.models)))
-    state = join_modules(_named_for_file(merged, sdxl))
+    state = join_modules(to_file_names(merged) if sdxl else merged)
     logger.info("saving %s", save_to)
     save_lora(save_to, state, metadata, save_dtype)
 
-
-def _named_for_file(modules: dict[str, LoraWeights], sdxl: bool) -> dict[str, LoraWeights]:
-    from library.tools.sdxl_names import to_file_names
-
-    return to_file_names(modules) if sdxl else modules
