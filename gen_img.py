@@ -39,9 +39,12 @@ def setup_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from library.tools.generate import generate_images
+    def body(args: argparse.Namespace) -> None:
+        from library.tools.generate import generate_images  # after run_tool has quieted the import noise
 
-    return run_tool(setup_parser(), generate_images, argv)
+        generate_images(args)
+
+    return run_tool(setup_parser(), body, argv)
 
 
 if __name__ == "__main__":

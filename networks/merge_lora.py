@@ -6,7 +6,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as `python networks/<tool>.py`
 
-from library.tools.merge import merge  # noqa: E402
 from library.tools.runner import run_tool  # noqa: E402
 
 
@@ -37,7 +36,12 @@ def setup_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_tool(setup_parser(), merge, argv)
+    def body(args: argparse.Namespace) -> None:
+        from library.tools.merge import merge  # after run_tool quiets the import noise
+
+        merge(args)
+
+    return run_tool(setup_parser(), body, argv)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as `python networks/<tool>.py`
 
-from library.tools.resize import resize_file  # noqa: E402
 from library.tools.runner import run_tool  # noqa: E402
 
 
@@ -28,7 +27,12 @@ def setup_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_tool(setup_parser(), resize_file, argv)
+    def body(args: argparse.Namespace) -> None:
+        from library.tools.resize import resize_file  # after run_tool quiets the import noise
+
+        resize_file(args)
+
+    return run_tool(setup_parser(), body, argv)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import torch
 from tqdm import tqdm
 
 from library.errors import ConfigError, LoraForgeError
+from library.quiet import silence_library_noise
 
 logger = logging.getLogger("loraforge.tools")
 
@@ -39,8 +40,7 @@ def run_tool(parser: argparse.ArgumentParser, body: Callable[[argparse.Namespace
              argv: Sequence[str] | None = None) -> int:
     """Parse, run; a LoraForgeError becomes `error: <one line>` on stderr and exit code 2."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
-    for noisy in ("diffusers", "transformers", "accelerate", "PIL", "torch"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    silence_library_noise()
     args = parser.parse_args(argv)
     try:
         body(args)
