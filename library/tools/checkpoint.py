@@ -16,8 +16,7 @@ from library.errors import ConfigError, ModelError
 from library.models.common import SDModel
 from library.models.ldm_names import text_encoder_key, unet_key
 from library.models.single_file import CHECKPOINT_SUFFIXES, read_checkpoint
-from library.tools.lora_files import LoraWeights
-from library.tools.lora_math import lora_delta
+from library.tools.lora_files import LoraWeights, LycorisWeights
 from library.training.atomic import atomic_dir, atomic_file
 from library.training.sampling import build_pipeline
 from networks.lora import (
@@ -54,7 +53,7 @@ def lora_layers(model: SDModel, conv: bool = True) -> dict[str, Layer]:
     return layers
 
 
-def check_lora_fits(modules: dict[str, LoraWeights], layers: dict[str, Layer], source: str, model: SDModel) -> None:
+def check_lora_fits(modules: dict[str, LoraWeights | LycorisWeights], layers: dict[str, Layer], source: str, model: SDModel) -> None:
     """Every module must name a layer of this model with the same weight shape; the error names the first not."""
     unknown = sorted(modules.keys() - layers.keys())
     te_names = [n for n in modules if n.startswith(LORA_PREFIX_TEXT_ENCODER)]
@@ -74,6 +73,8 @@ def check_lora_fits(modules: dict[str, LoraWeights], layers: dict[str, Layer], s
         raise ModelError(f"{source}: unknown keys, {len(unknown)} modules are not layers of {model.source}: "
                          f"{', '.join(unknown[:3])}{' ...' if len(unknown) > 3 else ''}")
     for name, w in modules.items():
+        if not isinstance(w, LoraWeights):
+            continue  # a LyCORIS module's shape shows when its update is formed (merge_into)
         weight = layers[name].module.weight
         need = (w.up.shape[0], *w.down.shape[1:])
         if weight.numel() != torch.Size(need).numel():
@@ -82,14 +83,18 @@ def check_lora_fits(modules: dict[str, LoraWeights], layers: dict[str, Layer], s
 
 
 @torch.no_grad()
-def merge_into(modules: dict[str, LoraWeights], layers: dict[str, Layer], ratio: float,
-               device: torch.device, progress=lambda items: items) -> None:
-    """`W += ratio * alpha / rank * up @ down` for each module, computed on `device` in the weights' dtype."""
+def merge_into(modules: dict[str, LoraWeights | LycorisWeights], layers: dict[str, Layer], ratio: float,
+               device: torch.device, source: str, progress=lambda items: items) -> None:
+    """`W += ratio * update` for each module (LoRA: `alpha / rank * up @ down`; LoHa / LoKr: their products),
+    computed on `device` in the weights' dtype."""
     for name, w in progress(list(modules.items())):
         weight = layers[name].module.weight
-        delta = lora_delta(w.down.to(device, weight.dtype), w.up.to(device, weight.dtype), w.scale * ratio,
-                           tuple(weight.shape))
-        weight.add_(delta.to(weight.device))
+        try:
+            delta = w.to(device, weight.dtype).delta(tuple(weight.shape))
+        except RuntimeError as exc:  # the factors' product has another size than the layer
+            raise ModelError(f"{source}: {name} does not fit the layer of shape {tuple(weight.shape)} "
+                             f"({str(exc).splitlines()[0]})") from None
+        weight.add_((delta * ratio).to(weight.device))
 
 
 def is_checkpoint_file(path: Path) -> bool:

@@ -19,6 +19,7 @@ from safetensors import safe_open
 from torch import Tensor
 
 from library.errors import ConfigError, ModelError
+from library.tools.lora_math import loha_delta, lokr_delta, lora_delta
 from library.training.atomic import atomic_file
 from library.training.metadata import ARCHITECTURES
 from networks.lora import read_lora_file, safetensors_hashes
@@ -26,7 +27,44 @@ from networks.lora import read_lora_file, safetensors_hashes
 LORA_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
 _LYCORIS_MARKERS = {"hada_w1_a": "LoHa", "lokr_w1": "LoKr", "lokr_w1_a": "LoKr", "oft_blocks": "OFT",
                     "oft_diag": "OFT", "b_norm": "(IA)^3/norm", "diff": "full-diff"}
+_LYCORIS_MERGEABLE = ("hada_", "lokr_")
+_LYCORIS_KEYS = {  # per type: each tuple lists the keys of which one must be present
+    "LoHa": (("hada_w1_a",), ("hada_w1_b",), ("hada_w2_a",), ("hada_w2_b",)),
+    "LoKr": (("lokr_w1", "lokr_w1_a"), ("lokr_w2", "lokr_w2_a")),
+}
 PRECISIONS = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class LycorisWeights:
+    """One LyCORIS LoHa / LoKr module: its tensors by key suffix (`hada_w1_a`, `lokr_w1`, ...) and alpha."""
+
+    kind: str  # "LoHa" | "LoKr"
+    tensors: dict[str, Tensor]
+    alpha: float | None
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> LycorisWeights:
+        return LycorisWeights(self.kind, {k: v.to(device, dtype) for k, v in self.tensors.items()}, self.alpha)
+
+    def delta(self, weight_shape: tuple[int, ...]) -> Tensor:
+        t = self.tensors
+        if self.kind == "LoHa":
+            rank = t["hada_w1_b"].shape[0]
+            scale = self.alpha / rank if self.alpha else 1.0
+            return loha_delta(t["hada_w1_a"], t["hada_w1_b"], t["hada_w2_a"], t["hada_w2_b"], scale, weight_shape,
+                              t.get("hada_t1"), t.get("hada_t2"))
+        factors, rank = [], None
+        for i in ("1", "2"):
+            if f"lokr_w{i}" in t:
+                factors.append(t[f"lokr_w{i}"])
+                continue
+            rank = t[f"lokr_w{i}_b"].shape[0]
+            if f"lokr_t{i}" in t:
+                factors.append(torch.einsum("ijkl,ip,jr->prkl", t[f"lokr_t{i}"], t[f"lokr_w{i}_a"], t[f"lokr_w{i}_b"]))
+            else:
+                factors.append(t[f"lokr_w{i}_a"] @ t[f"lokr_w{i}_b"])
+        scale = self.alpha / rank if (self.alpha and rank) else 1.0  # full factors: alpha does not apply
+        return lokr_delta(factors[0], factors[1], scale, weight_shape)
 
 
 @dataclass
@@ -44,6 +82,12 @@ class LoraWeights:
     @property
     def scale(self) -> float:
         return (self.alpha / self.rank) if self.alpha else 1.0
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> LoraWeights:
+        return LoraWeights(self.down.to(device, dtype), self.up.to(device, dtype), self.alpha)
+
+    def delta(self, weight_shape: tuple[int, ...]) -> Tensor:
+        return lora_delta(self.down, self.up, self.scale, weight_shape)
 
 
 def precision(name: str | None, flag: str) -> torch.dtype | None:
@@ -69,6 +113,29 @@ def read_lora(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> tu
     """(module name -> factors, metadata) of a kohya-format LoRA file, floats cast to `dtype`."""
     state = read_lora_file(path)
     return split_modules(state, str(path), dtype), read_metadata(path)
+
+
+def read_any_lora(path: str | os.PathLike, dtype: torch.dtype = torch.float32
+                  ) -> dict[str, LoraWeights | LycorisWeights]:
+    """Modules of a kohya LoRA/LoCon or a LyCORIS LoHa/LoKr file (what merging into a model accepts)."""
+    state = read_lora_file(path)
+    lycoris: dict[str, dict[str, Tensor]] = {}
+    for key, value in state.items():
+        name, _, rest = key.partition(".")
+        if rest.startswith(_LYCORIS_MERGEABLE):
+            lycoris.setdefault(name, {})[rest] = value.to(dtype)
+    rest_state = {k: v for k, v in state.items() if k.partition(".")[0] not in lycoris}
+    modules: dict[str, LoraWeights | LycorisWeights] = {}
+    if rest_state or not lycoris:
+        modules.update(split_modules(rest_state, str(path), dtype))
+    for name, tensors in lycoris.items():
+        kind = "LoHa" if "hada_w1_a" in tensors else "LoKr"
+        needed = _LYCORIS_KEYS[kind]
+        if not all(any(k in tensors for k in options) for options in needed):
+            raise ModelError(f"{path}: {kind} module {name} lacks one of {', '.join('/'.join(o) for o in needed)}")
+        alpha = state.get(f"{name}.alpha")
+        modules[name] = LycorisWeights(kind, tensors, float(alpha) if alpha is not None else None)
+    return modules
 
 
 def split_modules(state: dict[str, Tensor], source: str, dtype: torch.dtype = torch.float32) -> dict[str, LoraWeights]:

@@ -108,3 +108,24 @@ def retained(S: Tensor, rank: int) -> dict[str, float]:
         "fro_retained": float(squared[:rank].sum().sqrt() / squared.sum().sqrt()),
         "max_ratio": float(S[0] / S[rank - 1]),
     }
+
+
+def _tucker(core: Tensor, down: Tensor, up: Tensor) -> Tensor:
+    """A Tucker-factored conv kernel: `core [r, r, kh, kw]` with `down [r, in]`, `up [r, out]` -> [out, in, kh, kw]."""
+    return torch.einsum("ijkl,jr,ip->prkl", core, down, up)
+
+
+def loha_delta(w1a: Tensor, w1b: Tensor, w2a: Tensor, w2b: Tensor, scale: float,
+               weight_shape: tuple[int, ...], t1: Tensor | None = None, t2: Tensor | None = None) -> Tensor:
+    """LoHa (LyCORIS): `(w1a @ w1b) * (w2a @ w2b) * scale`, the Hadamard product of two low-rank matrices
+    (Tucker cores `t1`/`t2` for convolutions when present), as ComfyUI and A1111 apply it."""
+    first = _tucker(t1, w1b, w1a) if t1 is not None else (w1a @ w1b).reshape(weight_shape)
+    second = _tucker(t2, w2b, w2a) if t2 is not None else (w2a @ w2b).reshape(weight_shape)
+    return (first * second * scale).reshape(weight_shape)
+
+
+def lokr_delta(w1: Tensor, w2: Tensor, scale: float, weight_shape: tuple[int, ...]) -> Tensor:
+    """LoKr (LyCORIS): `kron(w1, w2) * scale`, each factor full or already multiplied out from its low-rank pair."""
+    if w2.ndim == 4 and w1.ndim == 2:
+        w1 = w1[:, :, None, None]
+    return (torch.kron(w1, w2) * scale).reshape(weight_shape)

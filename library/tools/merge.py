@@ -18,7 +18,6 @@ from library.tools.checkpoint import (
     save_merged_model,
 )
 from library.tools.lora_files import (
-    LoraWeights,
     check_save_path,
     join_modules,
     merged_from,
@@ -26,7 +25,9 @@ from library.tools.lora_files import (
     model_type_of,
     modelspec,
     precision,
+    read_any_lora,
     read_lora,
+    read_metadata,
     save_lora,
 )
 from library.tools.lora_ops import merge_weighted, shuffle_ranks
@@ -50,11 +51,15 @@ def check_models_and_ratios(args: argparse.Namespace) -> None:
             raise ModelError(f"--models: LoRA file not found: {path}")
 
 
-def read_loras(paths: list[str], dtype: torch.dtype, sdxl: bool) -> list[tuple[str, dict[str, LoraWeights], dict]]:
-    """Each file's modules (SDXL names in sd-scripts' SAI form are read as the diffusers-path names)."""
+def read_loras(paths: list[str], dtype: torch.dtype, sdxl: bool, lycoris: bool = False) -> list[tuple[str, dict, dict]]:
+    """Each file's modules (SDXL names in sd-scripts' SAI form are read as the diffusers-path names); with
+    `lycoris` LoHa / LoKr modules too (merging into a model is defined for them, LoRA-to-LoRA merges are not)."""
     out = []
     for path in paths:
-        modules, metadata = read_lora(path, dtype)
+        if lycoris:
+            modules, metadata = read_any_lora(path, dtype), read_metadata(path)
+        else:
+            modules, metadata = read_lora(path, dtype)
         if sdxl:
             modules = to_diffusers_names(modules, path)
         out.append((path, modules, metadata))
@@ -76,7 +81,7 @@ def merge(args: argparse.Namespace, *, sdxl: bool = False) -> None:
     if is_checkpoint_file(save_to) and not Path(args.sd_model).is_file():
         raise ConfigError(f"--save_to {save_to}: a single-file checkpoint needs a single-file --sd_model "
                           f"({args.sd_model} is not one); give a folder name to save a diffusers model")
-    loras = read_loras(args.models, merge_dtype, sdxl)
+    loras = read_loras(args.models, merge_dtype, sdxl, lycoris=True)
     logger.info("loading %s", args.sd_model)
     model = load_sd_model(args.sd_model, v2=getattr(args, "v2", False), sdxl=sdxl, dtype=merge_dtype)
     for part in (*model.text_encoders, model.unet):
@@ -87,7 +92,7 @@ def merge(args: argparse.Namespace, *, sdxl: bool = False) -> None:
     changed: set[str] = set()
     for (path, modules, _), ratio in zip(loras, args.ratios, strict=True):
         logger.info("merging %s (ratio %g)", path, ratio)
-        merge_into(modules, layers, ratio, device, progress(f"merge {Path(path).name}"))
+        merge_into(modules, layers, ratio, device, path, progress(f"merge {Path(path).name}"))
         changed |= modules.keys()
     metadata = None
     if not args.no_metadata:

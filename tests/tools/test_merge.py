@@ -168,3 +168,51 @@ def test_merge_errors_are_one_line(tmp_path, monkeypatch, capsys):
                                       "1", "--save_to", str(tmp_path / "m")], capsys)
     assert "another model type" in msg and str(sdxl_lora) in msg
     assert not (tmp_path / "m").exists()
+
+
+def test_merge_loha_and_lokr_into_a_model_follows_their_definitions(tmp_path):
+    """LyCORIS LoHa: (w1a w1b) * (w2a w2b) * alpha / rank; LoKr: kron(w1, w2a w2b) * alpha / rank."""
+    import safetensors.torch
+
+    from library.tools.checkpoint import lora_layers
+
+    base = load("builtin:tiny-sd", "sd1")
+    layers = lora_layers(base)
+    linear = next(n for n in layers if n.endswith("attn1_to_q"))
+    conv = next(n for n in layers if n.endswith("resnets_0_conv1"))
+    te = next(n for n in layers if n.startswith("lora_te_") and n.endswith("mlp_fc1"))
+    g = torch.Generator().manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g) * 0.3
+
+    loha, expected = {}, {}
+    for name in (linear, conv, te):
+        shape = tuple(layers[name].module.weight.shape)
+        out, inp = shape[0], int(torch.Size(shape[1:]).numel())
+        t = {"hada_w1_a": randn(out, 2), "hada_w1_b": randn(2, inp), "hada_w2_a": randn(out, 2),
+             "hada_w2_b": randn(2, inp)}
+        loha.update({f"{name}.{k}": v for k, v in t.items()})
+        loha[f"{name}.alpha"] = torch.tensor(1.0)
+        product = (t["hada_w1_a"].double() @ t["hada_w1_b"].double()) * (t["hada_w2_a"].double() @ t["hada_w2_b"].double())
+        expected[name] = 0.7 * product.reshape(shape) * (1.0 / 2)
+    out, inp = layers[linear].module.weight.shape
+    w1, w2a, w2b = randn(2, 4), randn(out // 2, 3), randn(3, inp // 4)
+    lokr = {f"{linear}.lokr_w1": w1, f"{linear}.lokr_w2_a": w2a, f"{linear}.lokr_w2_b": w2b,
+            f"{linear}.alpha": torch.tensor(6.0)}
+    w2 = w2a.double() @ w2b.double()
+    kron = torch.einsum("ab,cd->acbd", w1.double(), w2).reshape(out, inp)  # block (a, b) is w1[a, b] * w2
+    expected[linear] = expected[linear] + 1.0 * kron * (6.0 / 3)
+    safetensors.torch.save_file(loha, tmp_path / "loha.safetensors")
+    safetensors.torch.save_file(lokr, tmp_path / "lokr.safetensors")
+
+    merged_dir = tmp_path / "merged"
+    assert merge_lora.main(["--sd_model", "builtin:tiny-sd", "--models", str(tmp_path / "loha.safetensors"),
+                            str(tmp_path / "lokr.safetensors"), "--ratios", "0.7", "1.0", "--save_to",
+                            str(merged_dir)]) == 0
+    merged_layers = lora_layers(load(merged_dir, "sd1"))
+    for name, delta in expected.items():
+        got = merged_layers[name].module.weight.double() - layers[name].module.weight.double()
+        torch.testing.assert_close(got, delta, atol=1e-5, rtol=1e-4, msg=name)
+    untouched = next(n for n in layers if n.endswith("attn2_to_k"))
+    assert torch.equal(merged_layers[untouched].module.weight, layers[untouched].module.weight)
