@@ -181,3 +181,29 @@ def test_sdxl_svd_merge_reads_both_namings_and_writes_sai_names(tmp_path, monkey
     for name, w in merged.items():  # half of each, added: the original update (up to the 0.99 clip)
         expected = dense(original[unet_key_to_diffusers(name)])
         assert (dense(w) - expected).norm() / expected.norm() < 0.4, name
+
+
+@torch.no_grad()
+def test_sdxl_lora_with_sai_names_loads_in_diffusers(tmp_path, monkeypatch):
+    """An SDXL LoRA the tools write (SAI names) changes diffusers' SDXL pipeline as our network does."""
+    from diffusers import DDPMScheduler
+
+    from library.training.sampling import build_pipeline
+    from tests.tools.helpers import outputs
+
+    model = load(single_file(tmp_path, "sdxl", monkeypatch), "sdxl")
+    src, out = tmp_path / "ours.safetensors", tmp_path / "sai.safetensors"
+    lora_file(model, src, dim=4, alpha=2.0, conv_dim=2)
+    assert sdxl_merge_lora.main(["--models", str(src), "--ratios", "1", "--save_to", str(out)]) == 0  # a copy
+    with safetensors.safe_open(str(out), "pt") as f:
+        assert any(k.startswith("lora_unet_input_blocks_") for k in f.keys())
+    expected = outputs_with_lora(model, tmp_path / "ours.safetensors")
+    pipe = build_pipeline(model, DDPMScheduler.from_config(model.scheduler_config))
+    pipe.load_lora_weights(str(out))
+
+    class Model:
+        unet, text_encoders = pipe.unet, [pipe.text_encoder, pipe.text_encoder_2]
+
+    got = outputs(Model)
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], atol=2e-5, rtol=1e-4, msg=key)
