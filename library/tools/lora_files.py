@@ -1,8 +1,9 @@
 """Read kohya-format LoRA files into per-module factors and write them back atomically with `ss_*` metadata.
 
 Keys are `<module>.lora_down.weight`, `<module>.lora_up.weight`, `<module>.alpha` (kohya LoRA, LoCon and
-LyCORIS' `locon` all use them). LyCORIS' other types (LoHa, LoKr, ...) store other factors; the tools refuse
-them by name rather than dropping their modules.
+LyCORIS' `locon` all use them). LyCORIS LoHa (`hada_*`) and LoKr (`lokr_*`) modules are read for merging into a
+model (`read_any_lora`); other LyCORIS types, and LoHa/LoKr where only LoRA factors make sense, are refused by
+name rather than their modules dropped.
 """
 
 from __future__ import annotations
@@ -28,10 +29,11 @@ LORA_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
 _LYCORIS_MARKERS = {"hada_w1_a": "LoHa", "lokr_w1": "LoKr", "lokr_w1_a": "LoKr", "oft_blocks": "OFT",
                     "oft_diag": "OFT", "b_norm": "(IA)^3/norm", "diff": "full-diff"}
 _LYCORIS_MERGEABLE = ("hada_", "lokr_")
-_LYCORIS_KEYS = {  # per type: each tuple lists the keys of which one must be present
-    "LoHa": (("hada_w1_a",), ("hada_w1_b",), ("hada_w2_a",), ("hada_w2_b",)),
-    "LoKr": (("lokr_w1", "lokr_w1_a"), ("lokr_w2", "lokr_w2_a")),
+_LYCORIS_KEYS = {  # per type: each tuple lists alternative key sets, one of which must be present
+    "LoHa": ((("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"),)),
+    "LoKr": (("lokr_w1",), ("lokr_w1_a", "lokr_w1_b")),
 }
+_LOKR_SECOND = (("lokr_w2",), ("lokr_w2_a", "lokr_w2_b"))
 PRECISIONS = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -129,10 +131,11 @@ def read_any_lora(path: str | os.PathLike, dtype: torch.dtype = torch.float32
     if rest_state or not lycoris:
         modules.update(split_modules(rest_state, str(path), dtype))
     for name, tensors in lycoris.items():
-        kind = "LoHa" if "hada_w1_a" in tensors else "LoKr"
-        needed = _LYCORIS_KEYS[kind]
-        if not all(any(k in tensors for k in options) for options in needed):
-            raise ModelError(f"{path}: {kind} module {name} lacks one of {', '.join('/'.join(o) for o in needed)}")
+        kind = "LoHa" if any(k.startswith("hada_") for k in tensors) else "LoKr"
+        for alternatives in (_LYCORIS_KEYS[kind], *((_LOKR_SECOND,) if kind == "LoKr" else ())):
+            if not any(all(k in tensors for k in keys) for keys in alternatives):
+                wanted = " or ".join("+".join(keys) for keys in alternatives)
+                raise ModelError(f"{path}: {kind} module {name} lacks {wanted}")
         alpha = state.get(f"{name}.alpha")
         modules[name] = LycorisWeights(kind, tensors, float(alpha) if alpha is not None else None)
     return modules
