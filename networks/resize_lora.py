@@ -11,17 +11,32 @@ from library.tools.runner import run_tool  # noqa: E402
 
 def setup_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--save_precision", type=str, default=None, choices=[None, "float", "fp16", "bf16"],
-                        help="precision of the saved file; float if omitted")
-    parser.add_argument("--new_rank", type=int, default=4, help="rank of the output LoRA (the cap with --dynamic_method)")
-    parser.add_argument("--new_conv_rank", type=int, default=None,
-                        help="rank for Conv2d 3x3 modules; --new_rank if omitted")
-    parser.add_argument("--save_to", type=str, default=None, help="output LoRA file (.safetensors/.ckpt/.pt/.pth)")
+    parser.add_argument(
+        "--save_precision",
+        type=str,
+        default=None,
+        choices=[None, "float", "fp16", "bf16"],
+        help="precision of the saved file; float if omitted",
+    )
+    parser.add_argument(
+        "--new_rank", type=int, default=4, help="rank of the output LoRA (the cap with --dynamic_method)"
+    )
+    parser.add_argument(
+        "--new_conv_rank", type=int, default=None, help="rank for Conv2d 3x3 modules; --new_rank if omitted"
+    )
+    parser.add_argument(
+        "--save_to", type=str, default=None, help="output LoRA file (.safetensors/.ckpt/.pt/.pth)"
+    )
     parser.add_argument("--model", type=str, default=None, help="LoRA file to resize")
     parser.add_argument("--device", type=str, default=None, help="device to compute on (cuda for GPU)")
     parser.add_argument("--verbose", action="store_true", help="print what each module keeps")
-    parser.add_argument("--dynamic_method", type=str, default=None, choices=[None, "sv_ratio", "sv_fro", "sv_cumulative"],
-                        help="choose each module's rank by a rule on its singular values; --new_rank is the cap")
+    parser.add_argument(
+        "--dynamic_method",
+        type=str,
+        default=None,
+        choices=[None, "sv_ratio", "sv_fro", "sv_cumulative"],
+        help="choose each module's rank by a rule on its singular values; --new_rank is the cap",
+    )
     parser.add_argument("--dynamic_param", type=float, default=None, help="the rule's target")
     return parser
 

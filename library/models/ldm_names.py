@@ -14,10 +14,21 @@ from diffusers import UNet2DConditionModel
 
 from library.models.single_file import TEXT_ENCODER_LAYOUTS, UNET_PREFIX
 
-_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
-           "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
-_OPEN_CLIP = {"self_attn.out_proj": "attn.out_proj", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
-              "layer_norm1": "ln_1", "layer_norm2": "ln_2"}
+_RESNET = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "time_emb_proj": "emb_layers.1",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "conv_shortcut": "skip_connection",
+}
+_OPEN_CLIP = {
+    "self_attn.out_proj": "attn.out_proj",
+    "mlp.fc1": "mlp.c_fc",
+    "mlp.fc2": "mlp.c_proj",
+    "layer_norm1": "ln_1",
+    "layer_norm2": "ln_2",
+}
 _QKV = ("q_proj", "k_proj", "v_proj")
 
 
@@ -30,16 +41,35 @@ def unet_key(unet: UNet2DConditionModel, key: str) -> str:
     """The LDM key (with `model.diffusion_model.`) of a diffusers U-Net parameter of a block."""
     per = unet.config.layers_per_block + 1  # LDM: the resnets of a level plus its down/up-sampler slot
     rules = (
-        (r"down_blocks\.(\d+)\.resnets\.(\d+)\.(.*)", lambda m: f"input_blocks.{int(m[1]) * per + int(m[2]) + 1}.0.{_resnet(m[3])}"),
-        (r"down_blocks\.(\d+)\.attentions\.(\d+)\.(.*)", lambda m: f"input_blocks.{int(m[1]) * per + int(m[2]) + 1}.1.{m[3]}"),
-        (r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.*)", lambda m: f"input_blocks.{(int(m[1]) + 1) * per}.0.op.{m[2]}"),
+        (
+            r"down_blocks\.(\d+)\.resnets\.(\d+)\.(.*)",
+            lambda m: f"input_blocks.{int(m[1]) * per + int(m[2]) + 1}.0.{_resnet(m[3])}",
+        ),
+        (
+            r"down_blocks\.(\d+)\.attentions\.(\d+)\.(.*)",
+            lambda m: f"input_blocks.{int(m[1]) * per + int(m[2]) + 1}.1.{m[3]}",
+        ),
+        (
+            r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.*)",
+            lambda m: f"input_blocks.{(int(m[1]) + 1) * per}.0.op.{m[2]}",
+        ),
         (r"mid_block\.resnets\.(\d+)\.(.*)", lambda m: f"middle_block.{2 * int(m[1])}.{_resnet(m[2])}"),
         (r"mid_block\.attentions\.0\.(.*)", lambda m: f"middle_block.1.{m[1]}"),
-        (r"up_blocks\.(\d+)\.resnets\.(\d+)\.(.*)", lambda m: f"output_blocks.{int(m[1]) * per + int(m[2])}.0.{_resnet(m[3])}"),
-        (r"up_blocks\.(\d+)\.attentions\.(\d+)\.(.*)", lambda m: f"output_blocks.{int(m[1]) * per + int(m[2])}.1.{m[3]}"),
-        (r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.*)", lambda m: (
-            f"output_blocks.{int(m[1]) * per + per - 1}."
-            f"{2 if getattr(unet.up_blocks[int(m[1])], 'attentions', None) else 1}.conv.{m[2]}")),
+        (
+            r"up_blocks\.(\d+)\.resnets\.(\d+)\.(.*)",
+            lambda m: f"output_blocks.{int(m[1]) * per + int(m[2])}.0.{_resnet(m[3])}",
+        ),
+        (
+            r"up_blocks\.(\d+)\.attentions\.(\d+)\.(.*)",
+            lambda m: f"output_blocks.{int(m[1]) * per + int(m[2])}.1.{m[3]}",
+        ),
+        (
+            r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.*)",
+            lambda m: (
+                f"output_blocks.{int(m[1]) * per + per - 1}."
+                f"{2 if getattr(unet.up_blocks[int(m[1])], 'attentions', None) else 1}.conv.{m[2]}"
+            ),
+        ),
     )
     for pattern, build in rules:
         match = re.fullmatch(pattern, key)

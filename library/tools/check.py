@@ -1,4 +1,5 @@
-"""check_lora_weights.py: one CSV-like line per LoRA tensor (shape, mean |w|, min |w|), to spot dead modules."""
+"""check_lora_weights.py: one CSV-like line per LoRA tensor (shape, mean |w|, min |w|), to spot dead
+modules."""
 
 from __future__ import annotations
 

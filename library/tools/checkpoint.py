@@ -37,7 +37,7 @@ class Layer:
 
 
 def lora_layers(model: SDModel, conv: bool = True) -> dict[str, Layer]:
-    """kohya name -> layer, for every layer networks.lora can adapt (ResNet/sampler layers only with `conv`)."""
+    """kohya name -> layer, for every layer networks.lora can adapt (ResNet/sampler layers: with `conv`)."""
     layers: dict[str, Layer] = {}
     count = len(model.text_encoders)
     for i, te in enumerate(model.text_encoders):
@@ -53,8 +53,10 @@ def lora_layers(model: SDModel, conv: bool = True) -> dict[str, Layer]:
     return layers
 
 
-def check_lora_fits(modules: dict[str, LoraWeights | LycorisWeights], layers: dict[str, Layer], source: str, model: SDModel) -> None:
-    """Every module must name a layer of this model with the same weight shape; the error names the first not."""
+def check_lora_fits(
+    modules: dict[str, LoraWeights | LycorisWeights], layers: dict[str, Layer], source: str, model: SDModel
+) -> None:
+    """Every module must name a layer of this model, of its weight's size; the error names the first not."""
     unknown = sorted(modules.keys() - layers.keys())
     te_names = [n for n in modules if n.startswith(LORA_PREFIX_TEXT_ENCODER)]
     two_encoders = any(n.startswith(("lora_te1_", "lora_te2_")) for n in te_names)
@@ -70,21 +72,31 @@ def check_lora_fits(modules: dict[str, LoraWeights | LycorisWeights], layers: di
             f"{model.model_type.upper()} model {model.source}; is the LoRA for another model type?"
         )
     if unknown:
-        raise ModelError(f"{source}: unknown keys, {len(unknown)} modules are not layers of {model.source}: "
-                         f"{', '.join(unknown[:3])}{' ...' if len(unknown) > 3 else ''}")
+        raise ModelError(
+            f"{source}: unknown keys, {len(unknown)} modules are not layers of {model.source}: "
+            f"{', '.join(unknown[:3])}{' ...' if len(unknown) > 3 else ''}"
+        )
     for name, w in modules.items():
         if not isinstance(w, LoraWeights):
             continue  # a LyCORIS module's shape shows when its update is formed (merge_into)
         weight = layers[name].module.weight
         need = (w.up.shape[0], *w.down.shape[1:])
         if weight.numel() != torch.Size(need).numel():
-            raise ModelError(f"{source}: {name} is for a layer of shape {tuple(need)}, {model.source} has "
-                             f"{tuple(weight.shape)}; is the LoRA for another model?")
+            raise ModelError(
+                f"{source}: {name} is for a layer of shape {tuple(need)}, {model.source} has "
+                f"{tuple(weight.shape)}; is the LoRA for another model?"
+            )
 
 
 @torch.no_grad()
-def merge_into(modules: dict[str, LoraWeights | LycorisWeights], layers: dict[str, Layer], ratio: float,
-               device: torch.device, source: str, progress=lambda items: items) -> None:
+def merge_into(
+    modules: dict[str, LoraWeights | LycorisWeights],
+    layers: dict[str, Layer],
+    ratio: float,
+    device: torch.device,
+    source: str,
+    progress=lambda items: items,
+) -> None:
     """`W += ratio * update` for each module (LoRA: `alpha / rank * up @ down`; LoHa / LoKr: their products),
     computed on `device` in the weights' dtype."""
     for name, w in progress(list(modules.items())):
@@ -92,8 +104,10 @@ def merge_into(modules: dict[str, LoraWeights | LycorisWeights], layers: dict[st
         try:
             delta = w.to(device, weight.dtype).delta(tuple(weight.shape))
         except RuntimeError as exc:  # the factors' product has another size than the layer
-            raise ModelError(f"{source}: {name} does not fit the layer of shape {tuple(weight.shape)} "
-                             f"({str(exc).splitlines()[0]})") from None
+            raise ModelError(
+                f"{source}: {name} does not fit the layer of shape {tuple(weight.shape)} "
+                f"({str(exc).splitlines()[0]})"
+            ) from None
         weight.add_((delta * ratio).to(weight.device))
 
 
@@ -101,8 +115,14 @@ def is_checkpoint_file(path: Path) -> bool:
     return path.suffix.lower() in CHECKPOINT_SUFFIXES
 
 
-def save_merged_model(model: SDModel, layers: dict[str, Layer], changed: Iterable[str], save_to: Path,
-                      dtype: torch.dtype, metadata: dict[str, str] | None) -> None:
+def save_merged_model(
+    model: SDModel,
+    layers: dict[str, Layer],
+    changed: Iterable[str],
+    save_to: Path,
+    dtype: torch.dtype,
+    metadata: dict[str, str] | None,
+) -> None:
     """A file for a file: the source checkpoint with the changed layers replaced (every other key as it was,
     floats cast to `dtype`); a folder otherwise: the whole model as a diffusers pipeline folder."""
     if is_checkpoint_file(save_to):
@@ -117,8 +137,15 @@ def save_merged_model(model: SDModel, layers: dict[str, Layer], changed: Iterabl
         _save_folder(model, save_to, dtype)
 
 
-def _save_checkpoint(model: SDModel, layers: dict[str, Layer], changed: Iterable[str], source: Path,
-                     save_to: Path, dtype: torch.dtype, metadata: dict[str, str] | None) -> None:
+def _save_checkpoint(
+    model: SDModel,
+    layers: dict[str, Layer],
+    changed: Iterable[str],
+    source: Path,
+    save_to: Path,
+    dtype: torch.dtype,
+    metadata: dict[str, str] | None,
+) -> None:
     state = read_checkpoint(source)
     for name in changed:
         layer = layers[name]
@@ -134,7 +161,7 @@ def _save_checkpoint(model: SDModel, layers: dict[str, Layer], changed: Iterable
         else:  # a q/k/v row block of OpenCLIP's fused in_proj_weight
             rows = state[key].shape[0] // 3
             fused = state[key].clone()
-            fused[block * rows:(block + 1) * rows] = weight.to(fused.dtype)
+            fused[block * rows : (block + 1) * rows] = weight.to(fused.dtype)
             state[key] = fused
     state = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in state.items()}
     save_to.parent.mkdir(parents=True, exist_ok=True)

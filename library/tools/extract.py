@@ -36,20 +36,27 @@ def weight_differences(original, tuned, conv: bool, min_diff: float) -> dict[str
     left out when none differs by more than `min_diff` (as sd-scripts decides "text encoder is the same")."""
     layers_o, layers_t = lora_layers(original, conv), lora_layers(tuned, conv)
     if layers_o.keys() != layers_t.keys():
-        raise ModelError(f"{original.source} and {tuned.source} are different model versions "
-                         f"({len(layers_o)} vs {len(layers_t)} LoRA target layers)")
+        raise ModelError(
+            f"{original.source} and {tuned.source} are different model versions "
+            f"({len(layers_o)} vs {len(layers_t)} LoRA target layers)"
+        )
     diffs, te_max = {}, 0.0
     for name, layer in layers_o.items():
         a, b = layer.module.weight, layers_t[name].module.weight
         if a.shape != b.shape:
-            raise ModelError(f"{tuned.source}: layer {name} has shape {tuple(b.shape)}, the original {tuple(a.shape)}")
+            raise ModelError(
+                f"{tuned.source}: layer {name} has shape {tuple(b.shape)}, the original {tuple(a.shape)}"
+            )
         diff = (b.to(a.device).float() - a.float()).cpu()
         if layer.component != "unet":
             te_max = max(te_max, float(diff.abs().max()))
         diffs[name] = diff
     if te_max <= min_diff:
-        logger.warning("text encoder is the same (max difference %g <= --min_diff %g): extracting the U-Net only",
-                       te_max, min_diff)
+        logger.warning(
+            "text encoder is the same (max difference %g <= --min_diff %g): extracting the U-Net only",
+            te_max,
+            min_diff,
+        )
         diffs = {n: d for n, d in diffs.items() if layers_o[n].component == "unet"}
     else:
         logger.info("text encoder differs (max difference %g > --min_diff %g)", te_max, min_diff)

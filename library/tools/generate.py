@@ -1,9 +1,9 @@
 """gen_img.py / generate: images from prompts with a base model and LoRAs, PNGs carrying the prompt.
 
 Prompt lines use gen_img.py's options after the text: `--n` negative prompt, `--w` / `--h` size, `--d` seeds
-(comma-separated), `--l` guidance scale, `--s` steps, `--ss` sampler, `--am` LoRA multipliers (comma-separated,
-one per `--network_weights`). Seeds follow gen_img.py: `--seed` itself for a single image, otherwise drawn from
-`random.Random(--seed)`; `--d` seeds come first.
+(comma-separated), `--l` guidance scale, `--s` steps, `--ss` sampler, `--am` LoRA multipliers
+(comma-separated, one per `--network_weights`). Seeds follow gen_img.py: `--seed` itself for a single image,
+otherwise drawn from `random.Random(--seed)`; `--d` seeds come first.
 """
 
 from __future__ import annotations
@@ -69,8 +69,9 @@ def parse_prompt(line: str, defaults: PromptJob, where: str) -> PromptJob:
     for part in parts[1:]:
         match = _OPTION.match(part.strip())
         if not match:
-            raise ConfigError(f"{where}: unknown prompt option '--{part.strip()}'; "
-                              "valid: --n --w --h --d --l --s --ss --am")
+            raise ConfigError(
+                f"{where}: unknown prompt option '--{part.strip()}'; valid: --n --w --h --d --l --s --ss --am"
+            )
         key, value = match[1].lower(), match[2].strip()
         try:
             if key == "n":
@@ -105,8 +106,11 @@ def read_prompts(args: argparse.Namespace, defaults: PromptJob) -> list[PromptJo
         lines = Path(args.from_file).read_text(encoding="utf-8-sig").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"--from_file {args.from_file}: cannot read as UTF-8 text ({exc})") from None
-    jobs = [parse_prompt(line, defaults, f"--from_file {args.from_file}:{i + 1}")
-            for i, line in enumerate(lines) if line.strip() and not line.lstrip().startswith("#")]
+    jobs = [
+        parse_prompt(line, defaults, f"--from_file {args.from_file}:{i + 1}")
+        for i, line in enumerate(lines)
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
     if not jobs:
         raise ConfigError(f"--from_file {args.from_file}: no prompts (one per line; '#' starts a comment)")
     return jobs
@@ -137,8 +141,9 @@ def make_scheduler(name: str, scheduler_config: dict):
         try:
             import scipy  # noqa: F401
         except ImportError:
-            raise ConfigError("sampler lms needs the scipy package (pip install scipy); "
-                              "or pick another sampler") from None
+            raise ConfigError(
+                "sampler lms needs the scipy package (pip install scipy); or pick another sampler"
+            ) from None
     return getattr(diffusers, cls_name).from_config({**scheduler_config, **extra})
 
 
@@ -193,7 +198,9 @@ def check_networks(args: argparse.Namespace) -> list[tuple[str, float]]:
         raise ConfigError(f"--network_module: {len(modules)} values for {len(files)} --network_weights")
     for module in modules:
         if module != "networks.lora":
-            raise ConfigError(f"--network_module {module}: only networks.lora (kohya LoRA/LoCon files) is supported")
+            raise ConfigError(
+                f"--network_module {module}: only networks.lora (kohya LoRA/LoCon files) is supported"
+            )
     if files and not modules:
         raise ConfigError("--network_weights needs --network_module networks.lora (as gen_img.py)")
     muls = args.network_mul if args.network_mul else [1.0] * len(files)
@@ -219,8 +226,9 @@ def attach_networks(model, networks: list[tuple[str, float]], merge: bool, devic
         if model.model_type == "sdxl":
             state = to_diffusers_names(state, file)
         check_lora_fits(split_modules(state, file), layers, file, model)
-        network, weights = create_network_from_weights(mul, file, model.vae, model.text_encoders, model.unet,
-                                                       weights_sd=state)
+        network, weights = create_network_from_weights(
+            mul, file, model.vae, model.text_encoders, model.unet, weights_sd=state
+        )
         network.load_state_dict(weights)
         network.to(device=device, dtype=dtype)
         if merge:
@@ -240,9 +248,14 @@ def generate_images(args: argparse.Namespace) -> list[Path]:
     from library.training.sampling import build_pipeline
 
     if not args.ckpt:
-        raise ConfigError("--ckpt is required: a .safetensors/.ckpt file, a diffusers folder or builtin:tiny-sd")
-    device = resolve_device(args.device) if args.device else torch.device(
-        "cuda" if torch.cuda.is_available() else "cpu")
+        raise ConfigError(
+            "--ckpt is required: a .safetensors/.ckpt file, a diffusers folder or builtin:tiny-sd"
+        )
+    device = (
+        resolve_device(args.device)
+        if args.device
+        else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    )
     dtype = dtype_for(args, device)
     for flag in ("images_per_prompt", "n_iter", "batch_size", "steps"):
         if getattr(args, flag) < 1:
@@ -250,18 +263,28 @@ def generate_images(args: argparse.Namespace) -> list[Path]:
     networks = check_networks(args)
     model_type = detect_model_type(args.ckpt) or ("sdxl" if args.sdxl else "sd2" if args.v2 else "sd1")
     size = default_size(model_type, args.v_parameterization)
-    defaults = PromptJob(prompt="", width=args.W or size, height=args.H or size, steps=args.steps,
-                         scale=args.scale, sampler=sampler_name(args.sampler, "--sampler"))
+    defaults = PromptJob(
+        prompt="",
+        width=args.W or size,
+        height=args.H or size,
+        steps=args.steps,
+        scale=args.scale,
+        sampler=sampler_name(args.sampler, "--sampler"),
+    )
     jobs = read_prompts(args, defaults)
     for job in jobs:
         if job.multipliers is not None and len(job.multipliers) != len(networks):
-            raise ConfigError(f"prompt {job.prompt!r}: --am has {len(job.multipliers)} values for "
-                              f"{len(networks)} --network_weights")
+            raise ConfigError(
+                f"prompt {job.prompt!r}: --am has {len(job.multipliers)} values for "
+                f"{len(networks)} --network_weights"
+            )
         if job.multipliers is not None and args.network_merge:
-            raise ConfigError("--am changes LoRA multipliers per prompt, which merged LoRAs cannot; "
-                              "drop --network_merge")
-    model = load_sd_model(args.ckpt, v2=args.v2, sdxl=args.sdxl, v_parameterization=args.v_parameterization,
-                          dtype=dtype)
+            raise ConfigError(
+                "--am changes LoRA multipliers per prompt, which merged LoRAs cannot; drop --network_merge"
+            )
+    model = load_sd_model(
+        args.ckpt, v2=args.v2, sdxl=args.sdxl, v_parameterization=args.v_parameterization, dtype=dtype
+    )
     for part in (*model.text_encoders, model.vae, model.unet):
         part.to(device)
     attached = attach_networks(model, networks, args.network_merge, device, dtype)
@@ -271,7 +294,9 @@ def generate_images(args: argparse.Namespace) -> list[Path]:
     outdir.mkdir(parents=True, exist_ok=True)
     rng, stamp, written = random.Random(args.seed), now_stamp(), []
     for _ in range(args.n_iter):
-        seeds_per_job = image_seeds(jobs, args.images_per_prompt, args.seed if args.n_iter == 1 else None, rng)
+        seeds_per_job = image_seeds(
+            jobs, args.images_per_prompt, args.seed if args.n_iter == 1 else None, rng
+        )
         for job, seeds in progress("prompts")(list(zip(jobs, seeds_per_job, strict=True))):
             muls = job.multipliers if job.multipliers is not None else [m for _, m in networks]
             if not args.network_merge:
@@ -279,14 +304,23 @@ def generate_images(args: argparse.Namespace) -> list[Path]:
                     network.set_multiplier(mul)
             pipe.scheduler = make_scheduler(job.sampler, model.scheduler_config)
             for start in range(0, len(seeds), args.batch_size):
-                batch = seeds[start:start + args.batch_size]
-                images = pipe([job.prompt] * len(batch), negative_prompt=[job.negative] * len(batch),
-                              width=job.width, height=job.height, num_inference_steps=job.steps,
-                              guidance_scale=job.scale,
-                              generator=[torch.Generator("cpu").manual_seed(s) for s in batch]).images
+                batch = seeds[start : start + args.batch_size]
+                images = pipe(
+                    [job.prompt] * len(batch),
+                    negative_prompt=[job.negative] * len(batch),
+                    width=job.width,
+                    height=job.height,
+                    num_inference_steps=job.steps,
+                    guidance_scale=job.scale,
+                    generator=[torch.Generator("cpu").manual_seed(s) for s in batch],
+                ).images
                 for image, seed in zip(images, batch, strict=True):
                     path = outdir / output_name(len(written), seed, args.sequential_file_name, stamp)
-                    save_png(image, path, png_metadata(job, seed, [(f, m) for (f, _), m in zip(networks, muls, strict=True)]))
+                    save_png(
+                        image,
+                        path,
+                        png_metadata(job, seed, [(f, m) for (f, _), m in zip(networks, muls, strict=True)]),
+                    )
                     written.append(path)
     logger.info("%d images written to %s", len(written), outdir)
     return written

@@ -1,9 +1,9 @@
 """Read kohya-format LoRA files into per-module factors and write them back atomically with `ss_*` metadata.
 
 Keys are `<module>.lora_down.weight`, `<module>.lora_up.weight`, `<module>.alpha` (kohya LoRA, LoCon and
-LyCORIS' `locon` all use them). LyCORIS LoHa (`hada_*`) and LoKr (`lokr_*`) modules are read for merging into a
-model (`read_any_lora`); other LyCORIS types, and LoHa/LoKr where only LoRA factors make sense, are refused by
-name rather than their modules dropped.
+LyCORIS' `locon` all use them). LyCORIS LoHa (`hada_*`) and LoKr (`lokr_*`) modules are read for merging
+into a model (`read_any_lora`); other LyCORIS types, and LoHa/LoKr where only LoRA factors make sense, are
+refused by name rather than their modules dropped.
 """
 
 from __future__ import annotations
@@ -26,8 +26,15 @@ from library.training.metadata import ARCHITECTURES
 from networks.lora import read_lora_file, safetensors_hashes
 
 LORA_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
-_LYCORIS_MARKERS = {"hada_w1_a": "LoHa", "lokr_w1": "LoKr", "lokr_w1_a": "LoKr", "oft_blocks": "OFT",
-                    "oft_diag": "OFT", "b_norm": "(IA)^3/norm", "diff": "full-diff"}
+_LYCORIS_MARKERS = {
+    "hada_w1_a": "LoHa",
+    "lokr_w1": "LoKr",
+    "lokr_w1_a": "LoKr",
+    "oft_blocks": "OFT",
+    "oft_diag": "OFT",
+    "b_norm": "(IA)^3/norm",
+    "diff": "full-diff",
+}
 _LYCORIS_MERGEABLE = ("hada_", "lokr_")
 _LYCORIS_KEYS = {  # per type: each tuple lists alternative key sets, one of which must be present
     "LoHa": ((("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"),)),
@@ -46,15 +53,25 @@ class LycorisWeights:
     alpha: float | None
 
     def to(self, device: torch.device, dtype: torch.dtype) -> LycorisWeights:
-        return LycorisWeights(self.kind, {k: v.to(device, dtype) for k, v in self.tensors.items()}, self.alpha)
+        return LycorisWeights(
+            self.kind, {k: v.to(device, dtype) for k, v in self.tensors.items()}, self.alpha
+        )
 
     def delta(self, weight_shape: tuple[int, ...]) -> Tensor:
         t = self.tensors
         if self.kind == "LoHa":
             rank = t["hada_w1_b"].shape[0]
             scale = self.alpha / rank if self.alpha else 1.0
-            return loha_delta(t["hada_w1_a"], t["hada_w1_b"], t["hada_w2_a"], t["hada_w2_b"], scale, weight_shape,
-                              t.get("hada_t1"), t.get("hada_t2"))
+            return loha_delta(
+                t["hada_w1_a"],
+                t["hada_w1_b"],
+                t["hada_w2_a"],
+                t["hada_w2_b"],
+                scale,
+                weight_shape,
+                t.get("hada_t1"),
+                t.get("hada_t2"),
+            )
         factors, rank = [], None
         for i in ("1", "2"):
             if f"lokr_w{i}" in t:
@@ -62,7 +79,9 @@ class LycorisWeights:
                 continue
             rank = t[f"lokr_w{i}_b"].shape[0]
             if f"lokr_t{i}" in t:
-                factors.append(torch.einsum("ijkl,ip,jr->prkl", t[f"lokr_t{i}"], t[f"lokr_w{i}_a"], t[f"lokr_w{i}_b"]))
+                factors.append(
+                    torch.einsum("ijkl,ip,jr->prkl", t[f"lokr_t{i}"], t[f"lokr_w{i}_a"], t[f"lokr_w{i}_b"])
+                )
             else:
                 factors.append(t[f"lokr_w{i}_a"] @ t[f"lokr_w{i}_b"])
         scale = self.alpha / rank if (self.alpha and rank) else 1.0  # full factors: alpha does not apply
@@ -108,17 +127,22 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
         with safe_open(str(path), framework="pt") as f:
             return dict(f.metadata() or {})
     except Exception as exc:  # SafetensorError: bad header; the tensor read names the problem too
-        raise ModelError(f"cannot read LoRA file {path}: {type(exc).__name__}: {exc}".splitlines()[0]) from exc
+        raise ModelError(
+            f"cannot read LoRA file {path}: {type(exc).__name__}: {exc}".splitlines()[0]
+        ) from exc
 
 
-def read_lora(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> tuple[dict[str, LoraWeights], dict]:
+def read_lora(
+    path: str | os.PathLike, dtype: torch.dtype = torch.float32
+) -> tuple[dict[str, LoraWeights], dict]:
     """(module name -> factors, metadata) of a kohya-format LoRA file, floats cast to `dtype`."""
     state = read_lora_file(path)
     return split_modules(state, str(path), dtype), read_metadata(path)
 
 
-def read_any_lora(path: str | os.PathLike, dtype: torch.dtype = torch.float32
-                  ) -> dict[str, LoraWeights | LycorisWeights]:
+def read_any_lora(
+    path: str | os.PathLike, dtype: torch.dtype = torch.float32
+) -> dict[str, LoraWeights | LycorisWeights]:
     """Modules of a kohya LoRA/LoCon or a LyCORIS LoHa/LoKr file (what merging into a model accepts)."""
     state = read_lora_file(path)
     lycoris: dict[str, dict[str, Tensor]] = {}
@@ -141,7 +165,9 @@ def read_any_lora(path: str | os.PathLike, dtype: torch.dtype = torch.float32
     return modules
 
 
-def split_modules(state: dict[str, Tensor], source: str, dtype: torch.dtype = torch.float32) -> dict[str, LoraWeights]:
+def split_modules(
+    state: dict[str, Tensor], source: str, dtype: torch.dtype = torch.float32
+) -> dict[str, LoraWeights]:
     modules: dict[str, LoraWeights] = {}
     for key in state:
         name, _, rest = key.partition(".")
@@ -159,7 +185,8 @@ def split_modules(state: dict[str, Tensor], source: str, dtype: torch.dtype = to
         down, up = state[key].to(dtype), state[up_key].to(dtype)
         if up.shape[1] != down.shape[0]:
             raise ModelError(
-                f"{source}: {name} has mismatched ranks: lora_down {tuple(down.shape)} vs lora_up {tuple(up.shape)}"
+                f"{source}: {name} has mismatched ranks: lora_down {tuple(down.shape)} vs "
+                f"lora_up {tuple(up.shape)}"
             )
         alpha = state.get(f"{name}.alpha")
         modules[name] = LoraWeights(down, up, float(alpha) if alpha is not None else None)
@@ -187,10 +214,14 @@ def check_save_path(save_to: str | None, flag: str = "--save_to") -> Path:
     return path
 
 
-def save_lora(path: Path, state: dict[str, Tensor], metadata: dict[str, str], dtype: torch.dtype | None) -> None:
+def save_lora(
+    path: Path, state: dict[str, Tensor], metadata: dict[str, str], dtype: torch.dtype | None
+) -> None:
     """Atomic write; floats cast to `dtype` first (the sshs_* hashes are of the bytes written)."""
-    state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
-             for k, v in state.items()}
+    state = {
+        k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
+        for k, v in state.items()
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(path) as tmp:
         if path.suffix == ".safetensors":
@@ -201,8 +232,9 @@ def save_lora(path: Path, state: dict[str, Tensor], metadata: dict[str, str], dt
             torch.save(state, tmp)
 
 
-def minimum_network_metadata(v2: str | None, base_model: str | None, dims: str, alphas: str,
-                             network_args: dict | None = None) -> dict[str, str]:
+def minimum_network_metadata(
+    v2: str | None, base_model: str | None, dims: str, alphas: str, network_args: dict | None = None
+) -> dict[str, str]:
     """The `ss_*` keys sd-scripts writes into a LoRA it did not train (merged, resized, extracted)."""
     metadata = {"ss_network_module": "networks.lora", "ss_network_dim": dims, "ss_network_alpha": alphas}
     if v2 is not None:
@@ -224,15 +256,19 @@ def model_type_of(metadata: dict[str, str]) -> tuple[str, bool]:
     return "sd1", False
 
 
-def modelspec(model_type: str, v_parameterization: bool, *, lora: bool, title: str,
-              merged_from: str | None = None) -> dict[str, str]:
+def modelspec(
+    model_type: str, v_parameterization: bool, *, lora: bool, title: str, merged_from: str | None = None
+) -> dict[str, str]:
     """sd-scripts' `modelspec.*` keys (the SAI model spec) for a tool's output."""
-    arch, _ = ARCHITECTURES.get((model_type, v_parameterization and model_type == "sd2"), ARCHITECTURES[("sd1", False)])
+    arch, _ = ARCHITECTURES.get(
+        (model_type, v_parameterization and model_type == "sd2"), ARCHITECTURES[("sd1", False)]
+    )
     size = 1024 if model_type == "sdxl" else 768 if (model_type == "sd2" and v_parameterization) else 512
     md = {
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": f"{arch}/lora" if lora else arch,
-        "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if model_type == "sdxl"
+        "modelspec.implementation": "https://github.com/Stability-AI/generative-models"
+        if model_type == "sdxl"
         else "diffusers",
         "modelspec.title": title,
         "modelspec.resolution": f"{size}x{size}",

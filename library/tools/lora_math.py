@@ -55,7 +55,7 @@ def factors_from_svd(
 
 
 def clamp_to_quantile(up: Tensor, down: Tensor, quantile: float) -> tuple[Tensor, Tensor]:
-    """Clip both factors to +-(the `quantile` of all their entries), as sd-scripts' SVD tools do against outliers."""
+    """Clip both factors to +-(the `quantile` of all their entries), as sd-scripts' SVD tools do."""
     if quantile >= 1.0:
         return up, down
     values = torch.cat([up.flatten(), down.flatten()])
@@ -81,7 +81,7 @@ def rank_sv_cumulative(S: Tensor, target: float) -> int:
 
 
 def rank_sv_fro(S: Tensor, target: float) -> int:
-    """Keep singular values until `target` of the Frobenius norm is retained (squared sums, sd-scripts' rule)."""
+    """Keep singular values until `target` of the Frobenius norm is retained (sd-scripts' rule)."""
     squared = S.pow(2)
     cumulative = torch.cumsum(squared, dim=0) / squared.sum()
     index = int(torch.searchsorted(cumulative, torch.tensor(target**2, dtype=S.dtype, device=S.device))) + 1
@@ -101,7 +101,7 @@ def choose_rank(S: Tensor, max_rank: int, method: str | None, param: float | Non
 
 
 def retained(S: Tensor, rank: int) -> dict[str, float]:
-    """What a truncation keeps: share of sum(S), of the Frobenius norm, and S[0] / S[rank-1] (for --verbose)."""
+    """What a truncation keeps: share of sum(S), of the Frobenius norm, S[0] / S[rank-1] (--verbose)."""
     squared = S.pow(2)
     return {
         "sum_retained": float(S[:rank].abs().sum() / S.abs().sum()),
@@ -111,12 +111,20 @@ def retained(S: Tensor, rank: int) -> dict[str, float]:
 
 
 def _tucker(core: Tensor, down: Tensor, up: Tensor) -> Tensor:
-    """A Tucker-factored conv kernel: `core [r, r, kh, kw]` with `down [r, in]`, `up [r, out]` -> [out, in, kh, kw]."""
+    """A Tucker-factored kernel: `core [r, r, kh, kw]`, `down [r, in]`, `up [r, out]` -> [out, in, kh, kw]."""
     return torch.einsum("ijkl,jr,ip->prkl", core, down, up)
 
 
-def loha_delta(w1a: Tensor, w1b: Tensor, w2a: Tensor, w2b: Tensor, scale: float,
-               weight_shape: tuple[int, ...], t1: Tensor | None = None, t2: Tensor | None = None) -> Tensor:
+def loha_delta(
+    w1a: Tensor,
+    w1b: Tensor,
+    w2a: Tensor,
+    w2b: Tensor,
+    scale: float,
+    weight_shape: tuple[int, ...],
+    t1: Tensor | None = None,
+    t2: Tensor | None = None,
+) -> Tensor:
     """LoHa (LyCORIS): `(w1a @ w1b) * (w2a @ w2b) * scale`, the Hadamard product of two low-rank matrices
     (Tucker cores `t1`/`t2` for convolutions when present), as ComfyUI and A1111 apply it."""
     first = _tucker(t1, w1b, w1a) if t1 is not None else (w1a @ w1b).reshape(weight_shape)
@@ -125,7 +133,7 @@ def loha_delta(w1a: Tensor, w1b: Tensor, w2a: Tensor, w2b: Tensor, scale: float,
 
 
 def lokr_delta(w1: Tensor, w2: Tensor, scale: float, weight_shape: tuple[int, ...]) -> Tensor:
-    """LoKr (LyCORIS): `kron(w1, w2) * scale`, each factor full or already multiplied out from its low-rank pair."""
+    """LoKr (LyCORIS): `kron(w1, w2) * scale`, each factor full or multiplied out from its low-rank pair."""
     if w2.ndim == 4 and w1.ndim == 2:
         w1 = w1[:, :, None, None]
     return (torch.kron(w1, w2) * scale).reshape(weight_shape)

@@ -1,7 +1,7 @@
-"""The LoRA-to-LoRA operations of sd-scripts' scripts, on `{module name: LoraWeights}` dicts, with its numbers.
+"""sd-scripts' LoRA-to-LoRA operations, with its numbers, on `{module name: LoraWeights}` dicts.
 
-- `merge_weighted` / `merge_concat`: merge_lora.py without `--sd_model` (factors summed or concatenated);
-- `svd_merge`: svd_merge_lora.py (dense updates summed, then cut to a new rank by SVD);
+- `merge_weighted`: merge_lora.py without `--sd_model` (factors summed, or concatenated with `concat`);
+- `summed_updates` + `low_rank`: svd_merge_lora.py (dense updates summed, then cut to a new rank by SVD);
 - `resize`: resize_lora.py (each update cut to a lower rank by SVD, fixed or by a dynamic rule);
 - `extract`: extract_lora_from_models.py (the SVD of a weight difference).
 """
@@ -39,10 +39,12 @@ def weight_shape(w: LoraWeights) -> tuple[int, ...]:
     return (w.up.shape[0], *w.down.shape[1:])
 
 
-def merge_weighted(loras: list[tuple[str, dict[str, LoraWeights]]], ratios: list[float],
-                   concat: bool = False) -> dict[str, LoraWeights]:
-    """merge_lora.py's LoRA merge: each factor scaled by `sqrt(alpha / base_alpha) * ratio` (`up` by its absolute
-    value, so a negative ratio flips the update once) and summed, or with `concat` stacked along the rank.
+def merge_weighted(
+    loras: list[tuple[str, dict[str, LoraWeights]]], ratios: list[float], concat: bool = False
+) -> dict[str, LoraWeights]:
+    """merge_lora.py's LoRA merge: each factor scaled by `sqrt(alpha / base_alpha) * ratio` (`up` by its
+    absolute value, so a negative ratio flips the update once) and summed, or with `concat` stacked along the
+    rank.
 
     base_alpha is the first file's alpha of the module. A plain sum of factors is not the sum of the updates;
     that is what sd-scripts computes, and `svd_merge` is the exact alternative.
@@ -58,11 +60,14 @@ def merge_weighted(loras: list[tuple[str, dict[str, LoraWeights]]], ratios: list
             if base is None:
                 merged[name] = LoraWeights(down, up, alpha)
             elif concat:
-                merged[name] = LoraWeights(torch.cat([base.down, down]), torch.cat([base.up, up], dim=1), base_alpha)
+                merged[name] = LoraWeights(
+                    torch.cat([base.down, down]), torch.cat([base.up, up], dim=1), base_alpha
+                )
             elif base.down.shape != down.shape or base.up.shape != up.shape:
                 raise ModelError(
                     f"{source}: {name} has rank {w.rank} but an earlier LoRA has rank {base.rank} "
-                    f"(shapes {tuple(down.shape)} vs {tuple(base.down.shape)}); merge LoRAs of different ranks "
+                    f"(shapes {tuple(down.shape)} vs {tuple(base.down.shape)}); "
+                    "merge LoRAs of different ranks "
                     "with --concat or svd_merge_lora.py"
                 )
             else:
@@ -77,8 +82,12 @@ def shuffle_ranks(modules: dict[str, LoraWeights], generator: torch.Generator | 
         w.down, w.up = w.down[perm], w.up[:, perm]
 
 
-def summed_updates(loras: list[tuple[str, dict[str, LoraWeights]]], ratios: list[float], device: torch.device,
-                   progress: Progress = _identity) -> dict[str, Tensor]:
+def summed_updates(
+    loras: list[tuple[str, dict[str, LoraWeights]]],
+    ratios: list[float],
+    device: torch.device,
+    progress: Progress = _identity,
+) -> dict[str, Tensor]:
     """Sum over files of `ratio * alpha / rank * up @ down` per module (dense, on `device`)."""
     total: dict[str, Tensor] = {}
     for (source, modules), ratio in zip(loras, ratios, strict=True):
@@ -93,8 +102,13 @@ def summed_updates(loras: list[tuple[str, dict[str, LoraWeights]]], ratios: list
     return total
 
 
-def low_rank(updates: dict[str, Tensor], new_rank: int, new_conv_rank: int, clamp_quantile: float,
-             progress: Progress = _identity) -> dict[str, LoraWeights]:
+def low_rank(
+    updates: dict[str, Tensor],
+    new_rank: int,
+    new_conv_rank: int,
+    clamp_quantile: float,
+    progress: Progress = _identity,
+) -> dict[str, LoraWeights]:
     """Each dense update as a LoRA of `new_rank` (`new_conv_rank` for kxk convs), alpha = rank (scale 1),
     factors clipped at `clamp_quantile` as svd_merge_lora.py / extract_lora_from_models.py do."""
     out = {}
@@ -122,11 +136,17 @@ class ResizeReport:
     max_ratio: float
 
 
-def resize(modules: dict[str, LoraWeights], new_rank: int, new_conv_rank: int, dynamic_method: str | None,
-           dynamic_param: float | None, device: torch.device, progress: Progress = _identity,
-           ) -> tuple[dict[str, LoraWeights], list[ResizeReport]]:
-    """resize_lora.py: `up @ down` cut by SVD to the rank `choose_rank` gives; the new alpha keeps the old scale
-    (`alpha / old_rank * new_rank`), so the update becomes `scale * (rank-r truncation of up @ down)`."""
+def resize(
+    modules: dict[str, LoraWeights],
+    new_rank: int,
+    new_conv_rank: int,
+    dynamic_method: str | None,
+    dynamic_param: float | None,
+    device: torch.device,
+    progress: Progress = _identity,
+) -> tuple[dict[str, LoraWeights], list[ResizeReport]]:
+    """resize_lora.py: `up @ down` cut by SVD to the rank `choose_rank` gives; the new alpha keeps the old
+    scale (`alpha / old_rank * new_rank`): the update becomes `scale * (rank-r truncation of up @ down)`."""
     out, reports = {}, []
     for name, w in progress(list(modules.items())):
         shape = weight_shape(w)
@@ -141,7 +161,12 @@ def resize(modules: dict[str, LoraWeights], new_rank: int, new_conv_rank: int, d
     return out, reports
 
 
-def extract(differences: dict[str, Tensor], dim: int, conv_dim: int | None, clamp_quantile: float,
-            progress: Progress = _identity) -> dict[str, LoraWeights]:
+def extract(
+    differences: dict[str, Tensor],
+    dim: int,
+    conv_dim: int | None,
+    clamp_quantile: float,
+    progress: Progress = _identity,
+) -> dict[str, LoraWeights]:
     """extract_lora_from_models.py: each weight difference as a rank-`dim` LoRA (kxk convs at `conv_dim`)."""
     return low_rank(differences, dim, conv_dim if conv_dim is not None else dim, clamp_quantile, progress)

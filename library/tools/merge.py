@@ -42,18 +42,25 @@ def check_models_and_ratios(args: argparse.Namespace) -> None:
         raise ConfigError("--models: give one or more LoRA files to merge")
     if args.ratios is None or len(args.ratios) != len(args.models):
         got = 0 if args.ratios is None else len(args.ratios)
-        raise ConfigError(f"--ratios: {got} value(s) for {len(args.models)} --models; give one ratio per LoRA")
+        raise ConfigError(
+            f"--ratios: {got} value(s) for {len(args.models)} --models; give one ratio per LoRA"
+        )
     if getattr(args, "lbws", None):
-        raise ConfigError("--lbws: layer-block weights are not supported; merge without --lbws "
-                          "(scale whole LoRAs with --ratios)")
+        raise ConfigError(
+            "--lbws: layer-block weights are not supported; merge without --lbws "
+            "(scale whole LoRAs with --ratios)"
+        )
     for path in args.models:
         if not Path(path).is_file():
             raise ModelError(f"--models: LoRA file not found: {path}")
 
 
-def read_loras(paths: list[str], dtype: torch.dtype, sdxl: bool, lycoris: bool = False) -> list[tuple[str, dict, dict]]:
+def read_loras(
+    paths: list[str], dtype: torch.dtype, sdxl: bool, lycoris: bool = False
+) -> list[tuple[str, dict, dict]]:
     """Each file's modules (SDXL names in sd-scripts' SAI form are read as the diffusers-path names); with
-    `lycoris` LoHa / LoKr modules too (merging into a model is defined for them, LoRA-to-LoRA merges are not)."""
+    `lycoris` LoHa / LoKr modules too (merging into a model is defined for them, LoRA-to-LoRA merges are
+    not)."""
     out = []
     for path in paths:
         if lycoris:
@@ -79,8 +86,10 @@ def merge(args: argparse.Namespace, *, sdxl: bool = False) -> None:
         _merge_loras(args, merge_dtype, save_dtype, save_to, sdxl)
         return
     if is_checkpoint_file(save_to) and not Path(args.sd_model).is_file():
-        raise ConfigError(f"--save_to {save_to}: a single-file checkpoint needs a single-file --sd_model "
-                          f"({args.sd_model} is not one); give a folder name to save a diffusers model")
+        raise ConfigError(
+            f"--save_to {save_to}: a single-file checkpoint needs a single-file --sd_model "
+            f"({args.sd_model} is not one); give a folder name to save a diffusers model"
+        )
     loras = read_loras(args.models, merge_dtype, sdxl, lycoris=True)
     logger.info("loading %s", args.sd_model)
     model = load_sd_model(args.sd_model, v2=getattr(args, "v2", False), sdxl=sdxl, dtype=merge_dtype)
@@ -96,14 +105,20 @@ def merge(args: argparse.Namespace, *, sdxl: bool = False) -> None:
         changed |= modules.keys()
     metadata = None
     if not args.no_metadata:
-        metadata = modelspec(model.model_type, model.v_parameterization, lora=False, title=save_to.stem,
-                             merged_from=merged_from([args.sd_model, *args.models]))
+        metadata = modelspec(
+            model.model_type,
+            model.v_parameterization,
+            lora=False,
+            title=save_to.stem,
+            merged_from=merged_from([args.sd_model, *args.models]),
+        )
     logger.info("saving %s", save_to)
     save_merged_model(model, layers, changed, save_to, save_dtype, metadata)
 
 
-def _merge_loras(args: argparse.Namespace, merge_dtype: torch.dtype, save_dtype: torch.dtype, save_to: Path,
-                 sdxl: bool) -> None:
+def _merge_loras(
+    args: argparse.Namespace, merge_dtype: torch.dtype, save_dtype: torch.dtype, save_to: Path, sdxl: bool
+) -> None:
     loras = read_loras(args.models, merge_dtype, sdxl)
     merged = merge_weighted([(p, m) for p, m, _ in loras], args.ratios, concat=args.concat)
     if args.shuffle:
@@ -112,14 +127,18 @@ def _merge_loras(args: argparse.Namespace, merge_dtype: torch.dtype, save_dtype:
     ranks = {w.rank for w in merged.values()}
     alphas = {w.alpha for w in merged.values()}
     metadata = minimum_network_metadata(
-        first.get("ss_v2"), first.get("ss_base_model_version"),
-        str(ranks.pop()) if len(ranks) == 1 else "Dynamic", str(alphas.pop()) if len(alphas) == 1 else "Dynamic",
+        first.get("ss_v2"),
+        first.get("ss_base_model_version"),
+        str(ranks.pop()) if len(ranks) == 1 else "Dynamic",
+        str(alphas.pop()) if len(alphas) == 1 else "Dynamic",
     )
     if not args.no_metadata:
         model_type, v_param = ("sdxl", False) if sdxl else model_type_of(first)
-        metadata.update(modelspec(model_type, v_param, lora=True, title=save_to.stem,
-                                  merged_from=merged_from(args.models)))
+        metadata.update(
+            modelspec(
+                model_type, v_param, lora=True, title=save_to.stem, merged_from=merged_from(args.models)
+            )
+        )
     state = join_modules(to_file_names(merged) if sdxl else merged)
     logger.info("saving %s", save_to)
     save_lora(save_to, state, metadata, save_dtype)
-

@@ -1,4 +1,4 @@
-"""What every tool script shares: logging, the device check, progress bars, and errors as one line + exit 2."""
+"""What every tool script shares: logging, the device check, progress bars, errors as one line + exit 2."""
 
 from __future__ import annotations
 
@@ -36,8 +36,11 @@ def progress(desc: str) -> Callable[[Iterable], Iterable]:
     return lambda items: tqdm(items, desc=desc, disable=None, leave=False)
 
 
-def run_tool(parser: argparse.ArgumentParser, body: Callable[[argparse.Namespace], None],
-             argv: Sequence[str] | None = None) -> int:
+def run_tool(
+    parser: argparse.ArgumentParser,
+    body: Callable[[argparse.Namespace], None],
+    argv: Sequence[str] | None = None,
+) -> int:
     """Parse, run; a LoraForgeError becomes `error: <one line>` on stderr and exit code 2."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
     silence_library_noise()

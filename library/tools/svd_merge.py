@@ -27,11 +27,13 @@ CLAMP_QUANTILE = 0.99  # svd_merge_lora.py clips the new factors at this quantil
 
 
 def is_sdxl_lora(metadata: dict[str, str], names) -> bool:
-    """SDXL by its metadata, or by its two text encoders' prefixes (lora_te1_/lora_te2_) or SAI U-Net names."""
+    """SDXL by its metadata, its two text encoders' prefixes (lora_te1_/lora_te2_) or SAI U-Net names."""
     if metadata.get("ss_base_model_version", "").startswith("sdxl"):
         return True
-    return any(n.startswith(("lora_te1_", "lora_te2_", "lora_unet_input_blocks", "lora_unet_output_blocks"))
-               for n in names)
+    return any(
+        n.startswith(("lora_te1_", "lora_te2_", "lora_unet_input_blocks", "lora_unet_output_blocks"))
+        for n in names
+    )
 
 
 def svd_merge(args: argparse.Namespace) -> None:
@@ -52,12 +54,18 @@ def svd_merge(args: argparse.Namespace) -> None:
         merged = to_file_names(merged)
     first = next((md for _, _, md in loras if md), {})
     metadata = minimum_network_metadata(
-        first.get("ss_v2"), first.get("ss_base_model_version"), str(args.new_rank), str(args.new_rank),
+        first.get("ss_v2"),
+        first.get("ss_base_model_version"),
+        str(args.new_rank),
+        str(args.new_rank),
         {"conv_dim": new_conv_rank, "conv_alpha": new_conv_rank},
     )
     if not args.no_metadata:
         model_type, v_param = ("sdxl", False) if sdxl else model_type_of(first)
-        metadata.update(modelspec(model_type, v_param, lora=True, title=Path(save_to).stem,
-                                  merged_from=merged_from(args.models)))
+        metadata.update(
+            modelspec(
+                model_type, v_param, lora=True, title=Path(save_to).stem, merged_from=merged_from(args.models)
+            )
+        )
     logger.info("saving %s", save_to)
     save_lora(save_to, join_modules(merged), metadata, save_dtype)

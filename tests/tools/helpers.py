@@ -30,16 +30,28 @@ def load(path, kind: str):
     return load_sd_model(str(path), **FLAGS[kind])
 
 
-def lora_file(model, path: Path, *, dim: int = 4, alpha: float = 2.0, conv_dim: int | None = 2, seed: int = 1,
-              sai_names: bool = False) -> LoRANetwork:
+def lora_file(
+    model,
+    path: Path,
+    *,
+    dim: int = 4,
+    alpha: float = 2.0,
+    conv_dim: int | None = 2,
+    seed: int = 1,
+    sai_names: bool = False,
+) -> LoRANetwork:
     """A LoRA with random non-zero factors on every target layer, saved as sd-scripts would name it."""
     kwargs = {"conv_dim": conv_dim, "conv_alpha": 1.0} if conv_dim else {}
     with torch.random.fork_rng(devices=[]):
         network = create_network(1.0, dim, alpha, None, model.text_encoders, model.unet, **kwargs)
     randomize_lora(network, seed=seed, std=0.2)
     base = "sdxl_base_v1-0" if model.model_type == "sdxl" else "sd_v1"
-    metadata = {"ss_network_dim": str(dim), "ss_network_alpha": str(alpha), "ss_base_model_version": base,
-                "ss_v2": str(model.model_type == "sd2")}
+    metadata = {
+        "ss_network_dim": str(dim),
+        "ss_network_alpha": str(alpha),
+        "ss_base_model_version": base,
+        "ss_v2": str(model.model_type == "sd2"),
+    }
     state = {k: v.detach().clone().contiguous() for k, v in network.state_dict().items()}
     if sai_names:
         state = {unet_key_to_sai(k): v for k, v in state.items()}
@@ -62,7 +74,9 @@ def outputs_with_lora(model, network_file: Path, multiplier: float = 1.0) -> dic
     """The base model with the LoRA hooked in by networks.lora (the reference a merge must equal)."""
     from networks.lora import create_network_from_weights
 
-    network, weights = create_network_from_weights(multiplier, network_file, None, model.text_encoders, model.unet)
+    network, weights = create_network_from_weights(
+        multiplier, network_file, None, model.text_encoders, model.unet
+    )
     network.load_state_dict(weights)
     network.set_multiplier(multiplier)
     network.apply_to(model.text_encoders, model.unet)

@@ -15,10 +15,16 @@ DTYPE = torch.float64
 def random_module(out: int, inp: int, rank: int, alpha: float, kernel: int | None = None, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     if kernel:
-        return LoraWeights(torch.randn(rank, inp, kernel, kernel, generator=g, dtype=DTYPE),
-                           torch.randn(out, rank, 1, 1, generator=g, dtype=DTYPE), alpha)
-    return LoraWeights(torch.randn(rank, inp, generator=g, dtype=DTYPE), torch.randn(out, rank, generator=g, dtype=DTYPE),
-                       alpha)
+        return LoraWeights(
+            torch.randn(rank, inp, kernel, kernel, generator=g, dtype=DTYPE),
+            torch.randn(out, rank, 1, 1, generator=g, dtype=DTYPE),
+            alpha,
+        )
+    return LoraWeights(
+        torch.randn(rank, inp, generator=g, dtype=DTYPE),
+        torch.randn(out, rank, generator=g, dtype=DTYPE),
+        alpha,
+    )
 
 
 def dense(w: LoraWeights) -> torch.Tensor:
@@ -44,7 +50,9 @@ def test_resize_gives_the_rank_r_truncated_svd_of_the_update(kernel):
     r = 2 if kernel else 3
     assert resized["m"].rank == r and reports[0].new_rank == r
     assert resized["m"].alpha == pytest.approx(4.0 / 8 * r)  # the old scale is kept
-    torch.testing.assert_close(dense(resized["m"]), truncation(dense(modules["m"]), r), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(
+        dense(resized["m"]), truncation(dense(modules["m"]), r), rtol=1e-10, atol=1e-10
+    )
 
 
 def reference_rank(S: list[float], method: str, target: float, max_rank: int) -> int:
@@ -66,8 +74,17 @@ def reference_rank(S: list[float], method: str, target: float, max_rank: int) ->
     return min(max(1, min(index, n - 1)) + 1, max_rank)
 
 
-@pytest.mark.parametrize("method, target", [("sv_ratio", 4.0), ("sv_ratio", 30.0), ("sv_fro", 0.9),
-                                            ("sv_fro", 0.99), ("sv_cumulative", 0.5), ("sv_cumulative", 0.8)])
+@pytest.mark.parametrize(
+    "method, target",
+    [
+        ("sv_ratio", 4.0),
+        ("sv_ratio", 30.0),
+        ("sv_fro", 0.9),
+        ("sv_fro", 0.99),
+        ("sv_cumulative", 0.5),
+        ("sv_cumulative", 0.8),
+    ],
+)
 def test_dynamic_methods_pick_the_rank_their_rule_defines(method, target):
     S = [10.0, 6.0, 3.0, 2.0, 1.0, 0.5, 0.25, 0.1]
     rank = choose_rank(torch.tensor(S, dtype=DTYPE), 8, method, target)
@@ -81,7 +98,9 @@ def test_dynamic_methods_pick_the_rank_their_rule_defines(method, target):
 
 def test_dynamic_rank_examples():
     S = torch.tensor([10.0, 6.0, 3.0, 2.0, 1.0], dtype=DTYPE)
-    assert choose_rank(S, 8, "sv_ratio", 4.0) == 4  # 10, 6 and 3 exceed 10/4: index 3, rank 4 (sd-scripts adds 1)
+    assert (
+        choose_rank(S, 8, "sv_ratio", 4.0) == 4
+    )  # 10, 6 and 3 exceed 10/4: index 3, rank 4 (sd-scripts adds 1)
     assert choose_rank(S, 2, "sv_ratio", 4.0) == 2  # capped at --new_rank
     assert choose_rank(torch.zeros(4, dtype=DTYPE), 4, None, None) == 1  # a zero update keeps rank 1
 

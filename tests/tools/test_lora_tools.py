@@ -56,8 +56,23 @@ def test_resize_truncates_each_update_and_updates_metadata(tmp_path):
     src = tmp_path / "r8.safetensors"
     lora_file(model, src, dim=8, alpha=4.0, conv_dim=4)
     out = tmp_path / "r3.safetensors"
-    assert resize_lora.main(["--model", str(src), "--save_to", str(out), "--new_rank", "3", "--new_conv_rank", "2",
-                             "--save_precision", "float"]) == 0
+    assert (
+        resize_lora.main(
+            [
+                "--model",
+                str(src),
+                "--save_to",
+                str(out),
+                "--new_rank",
+                "3",
+                "--new_conv_rank",
+                "2",
+                "--save_precision",
+                "float",
+            ]
+        )
+        == 0
+    )
     before, _ = read_lora(src)
     after, _ = read_lora(out)
     for name, w in before.items():
@@ -73,8 +88,23 @@ def test_resize_truncates_each_update_and_updates_metadata(tmp_path):
     assert_diffusers_reads_like_us(out, model)
 
     dyn = tmp_path / "dyn.safetensors"
-    assert resize_lora.main(["--model", str(src), "--save_to", str(dyn), "--new_rank", "8", "--dynamic_method",
-                             "sv_fro", "--dynamic_param", "0.9"]) == 0
+    assert (
+        resize_lora.main(
+            [
+                "--model",
+                str(src),
+                "--save_to",
+                str(dyn),
+                "--new_rank",
+                "8",
+                "--dynamic_method",
+                "sv_fro",
+                "--dynamic_param",
+                "0.9",
+            ]
+        )
+        == 0
+    )
     assert metadata(dyn)["ss_network_dim"] == "Dynamic"
     assert len({w.rank for w in read_lora(dyn)[0].values()}) > 1  # each module its own rank
 
@@ -85,13 +115,20 @@ def test_svd_merge_of_two_ranks(tmp_path):
     lora_file(model, a, dim=4, alpha=2.0, conv_dim=None, seed=1)
     lora_file(model, b, dim=2, alpha=1.0, conv_dim=None, seed=2)
     out = tmp_path / "ab.safetensors"
-    assert svd_merge_lora.main(["--models", str(a), str(b), "--ratios", "1.0", "0.5", "--new_rank", "6",
-                                "--save_to", str(out)]) == 0
+    assert (
+        svd_merge_lora.main(
+            ["--models", str(a), str(b), "--ratios", "1.0", "0.5", "--new_rank", "6", "--save_to", str(out)]
+        )
+        == 0
+    )
     (ma, _), (mb, _), (merged, meta) = read_lora(a), read_lora(b), read_lora(out)
     for name in ma:
         expected = dense(ma[name]) + 0.5 * dense(mb[name])  # rank <= 6: the SVD keeps it whole...
         error = (dense(merged[name]) - expected).norm() / expected.norm()
-        assert 0 < error < 0.4, (name, float(error))  # ...but for the clip of the factors at their 0.99 quantile
+        assert 0 < error < 0.4, (
+            name,
+            float(error),
+        )  # ...but for the clip of the factors at their 0.99 quantile
     assert meta["ss_network_dim"] == "6" and meta["ss_network_args"] == '{"conv_dim": 6, "conv_alpha": 6}'
     assert_diffusers_reads_like_us(out, model)
 
@@ -104,13 +141,34 @@ def test_extract_recovers_the_merged_lora(tmp_path, monkeypatch, kind):
     lora_file(base, known, dim=4, alpha=2.0, conv_dim=2)
     tuned = tmp_path / "tuned.safetensors"
     merge = sdxl_merge_lora.main if kind == "sdxl" else merge_lora.main
-    assert merge(["--sd_model", str(base_path), "--models", str(known), "--ratios", "1",
-                  "--save_to", str(tuned)]) == 0
+    assert (
+        merge(
+            ["--sd_model", str(base_path), "--models", str(known), "--ratios", "1", "--save_to", str(tuned)]
+        )
+        == 0
+    )
     out = tmp_path / "extracted.safetensors"
     flags = ["--sdxl"] if kind == "sdxl" else []
-    assert extract_lora_from_models.main([*flags, "--model_org", str(base_path), "--model_tuned", str(tuned),
-                                          "--save_to", str(out), "--dim", "4", "--conv_dim", "2",
-                                          "--clamp_quantile", "1"]) == 0
+    assert (
+        extract_lora_from_models.main(
+            [
+                *flags,
+                "--model_org",
+                str(base_path),
+                "--model_tuned",
+                str(tuned),
+                "--save_to",
+                str(out),
+                "--dim",
+                "4",
+                "--conv_dim",
+                "2",
+                "--clamp_quantile",
+                "1",
+            ]
+        )
+        == 0
+    )
     (want, _), (got, meta) = read_lora(known), read_lora(out)
     if kind == "sdxl":  # written with sd-scripts' SAI names
         assert any(n.startswith("lora_unet_output_blocks_") for n in got)
@@ -147,15 +205,51 @@ def test_tool_errors_are_one_line_exit_2(tmp_path, capsys):
     lora_file(model, path, conv_dim=None)
     cases = [
         (resize_lora.main, ["--model", str(path), "--save_to", str(tmp_path / "o.txt")], "--save_to"),
-        (resize_lora.main, ["--model", str(path), "--save_to", str(tmp_path / "o.safetensors"),
-                            "--dynamic_method", "sv_fro"], "--dynamic_param"),
-        (resize_lora.main, ["--model", str(tmp_path / "missing.safetensors"), "--save_to",
-                            str(tmp_path / "o.safetensors")], "missing.safetensors"),
-        (svd_merge_lora.main, ["--models", str(path), "--ratios", "1", "--save_to", str(tmp_path / "o.safetensors"),
-                               "--lbws", "[1,1,1,1,1,1,1,1,1,1,1,1]"], "--lbws"),
-        (extract_lora_from_models.main, ["--model_org", "builtin:tiny-sd", "--model_tuned", "builtin:tiny-sd",
-                                         "--save_to", str(tmp_path / "e.safetensors"), "--device", "cuda:99"],
-         "--device"),
+        (
+            resize_lora.main,
+            [
+                "--model",
+                str(path),
+                "--save_to",
+                str(tmp_path / "o.safetensors"),
+                "--dynamic_method",
+                "sv_fro",
+            ],
+            "--dynamic_param",
+        ),
+        (
+            resize_lora.main,
+            ["--model", str(tmp_path / "missing.safetensors"), "--save_to", str(tmp_path / "o.safetensors")],
+            "missing.safetensors",
+        ),
+        (
+            svd_merge_lora.main,
+            [
+                "--models",
+                str(path),
+                "--ratios",
+                "1",
+                "--save_to",
+                str(tmp_path / "o.safetensors"),
+                "--lbws",
+                "[1,1,1,1,1,1,1,1,1,1,1,1]",
+            ],
+            "--lbws",
+        ),
+        (
+            extract_lora_from_models.main,
+            [
+                "--model_org",
+                "builtin:tiny-sd",
+                "--model_tuned",
+                "builtin:tiny-sd",
+                "--save_to",
+                str(tmp_path / "e.safetensors"),
+                "--device",
+                "cuda:99",
+            ],
+            "--device",
+        ),
     ]
     for main, args, named in cases:
         assert main(args) == 2, args
@@ -172,8 +266,23 @@ def test_sdxl_svd_merge_reads_both_namings_and_writes_sai_names(tmp_path, monkey
     lora_file(model, ours, dim=2, alpha=2.0, conv_dim=None, seed=1)
     lora_file(model, sai, dim=2, alpha=2.0, conv_dim=None, seed=1, sai_names=True)  # the same weights
     out = tmp_path / "merged.safetensors"
-    assert svd_merge_lora.main(["--models", str(ours), str(sai), "--ratios", "0.5", "0.5", "--new_rank", "2",
-                                "--save_to", str(out)]) == 0
+    assert (
+        svd_merge_lora.main(
+            [
+                "--models",
+                str(ours),
+                str(sai),
+                "--ratios",
+                "0.5",
+                "0.5",
+                "--new_rank",
+                "2",
+                "--save_to",
+                str(out),
+            ]
+        )
+        == 0
+    )
     (merged, meta), (original, _) = read_lora(out), read_lora(ours)
     assert any(n.startswith("lora_unet_input_blocks_") for n in merged)
     assert not any(n.startswith("lora_unet_down_blocks_") for n in merged)

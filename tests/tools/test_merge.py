@@ -1,4 +1,5 @@
-"""merge_lora.py / sdxl_merge_lora.py: merged models equal the base with the LoRA applied; files load in diffusers."""
+"""merge_lora.py / sdxl_merge_lora.py: merged models equal the base with the LoRA applied; files load in
+diffusers."""
 
 from __future__ import annotations
 
@@ -28,8 +29,24 @@ def test_merge_into_single_file_equals_base_with_lora(tmp_path, monkeypatch, kin
 
     out = tmp_path / "merged.safetensors"
     v2 = ["--v2"] if kind == "sd2" else []
-    assert merge_lora.main([*v2, "--sd_model", str(base_path), "--models", str(lora_a), str(lora_b),
-                            "--ratios", "0.7", "-0.4", "--save_to", str(out)]) == 0
+    assert (
+        merge_lora.main(
+            [
+                *v2,
+                "--sd_model",
+                str(base_path),
+                "--models",
+                str(lora_a),
+                str(lora_b),
+                "--ratios",
+                "0.7",
+                "-0.4",
+                "--save_to",
+                str(out),
+            ]
+        )
+        == 0
+    )
     merged = outputs(load(out, kind))
     # the reference: the base with both LoRAs hooked in at their ratios, one after the other
     reference_model = load(base_path, kind)
@@ -37,8 +54,9 @@ def test_merge_into_single_file_equals_base_with_lora(tmp_path, monkeypatch, kin
 
     networks = []
     for path, ratio in ((lora_a, 0.7), (lora_b, -0.4)):
-        net, weights = create_network_from_weights(ratio, path, None, reference_model.text_encoders,
-                                                   reference_model.unet)
+        net, weights = create_network_from_weights(
+            ratio, path, None, reference_model.text_encoders, reference_model.unet
+        )
         net.load_state_dict(weights)
         net.apply_to(reference_model.text_encoders, reference_model.unet)
         networks.append(net)
@@ -62,11 +80,29 @@ def test_sd1_merge_output_loads_in_diffusers_from_single_file(tmp_path, monkeypa
     lora_file(base, lora)
     expected = outputs_with_lora(base, lora, 1.0)
     out = tmp_path / "merged.safetensors"
-    assert merge_lora.main(["--sd_model", str(base_path), "--models", str(lora), "--ratios", "1",
-                            "--save_to", str(out), "--save_precision", "float"]) == 0
-    config = make_tiny("sd1").save_pipeline(tmp_path / "pipeline-config")  # the configs and tokenizer it reads
-    pipe = StableDiffusionPipeline.from_single_file(str(out), config=str(config), local_files_only=True,
-                                                    safety_checker=None)
+    assert (
+        merge_lora.main(
+            [
+                "--sd_model",
+                str(base_path),
+                "--models",
+                str(lora),
+                "--ratios",
+                "1",
+                "--save_to",
+                str(out),
+                "--save_precision",
+                "float",
+            ]
+        )
+        == 0
+    )
+    config = make_tiny("sd1").save_pipeline(
+        tmp_path / "pipeline-config"
+    )  # the configs and tokenizer it reads
+    pipe = StableDiffusionPipeline.from_single_file(
+        str(out), config=str(config), local_files_only=True, safety_checker=None
+    )
 
     class Model:  # diffusers' modules in the shape `outputs` reads
         unet, text_encoders = pipe.unet, [pipe.text_encoder]
@@ -82,8 +118,12 @@ def test_merge_into_builtin_writes_a_diffusers_folder(tmp_path):
     lora_file(base, lora, conv_dim=None)
     expected = outputs_with_lora(base, lora, 0.5)
     out = tmp_path / "merged"
-    assert merge_lora.main(["--sd_model", "builtin:tiny-sd", "--models", str(lora), "--ratios", "0.5",
-                            "--save_to", str(out)]) == 0
+    assert (
+        merge_lora.main(
+            ["--sd_model", "builtin:tiny-sd", "--models", str(lora), "--ratios", "0.5", "--save_to", str(out)]
+        )
+        == 0
+    )
     pipe = StableDiffusionPipeline.from_pretrained(out, local_files_only=True)
 
     class Model:
@@ -104,8 +144,12 @@ def test_sdxl_merge_reads_sai_names_and_equals_base_with_lora(tmp_path, monkeypa
     lora_file(base, diffusers_named)  # same seed: the same weights under our names
     expected = outputs_with_lora(base, diffusers_named, 0.8)
     out = tmp_path / "merged.safetensors"
-    assert sdxl_merge_lora.main(["--sd_model", str(base_path), "--models", str(lora), "--ratios", "0.8",
-                                 "--save_to", str(out)]) == 0
+    assert (
+        sdxl_merge_lora.main(
+            ["--sd_model", str(base_path), "--models", str(lora), "--ratios", "0.8", "--save_to", str(out)]
+        )
+        == 0
+    )
     assert_outputs_close(outputs(load(out, "sdxl")), expected)
 
 
@@ -154,18 +198,34 @@ def test_merge_errors_are_one_line(tmp_path, monkeypatch, capsys):
     a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
     lora_file(sd1, a, dim=4, conv_dim=None)
     lora_file(sd1, b, dim=2, conv_dim=None)
-    msg = run_error(merge_lora.main, ["--models", str(a), str(b), "--ratios", "1", "1", "--save_to",
-                                      str(tmp_path / "o.safetensors")], capsys)
+    msg = run_error(
+        merge_lora.main,
+        ["--models", str(a), str(b), "--ratios", "1", "1", "--save_to", str(tmp_path / "o.safetensors")],
+        capsys,
+    )
     assert "rank 2" in msg and "rank 4" in msg and "--concat" in msg
-    msg = run_error(merge_lora.main, ["--models", str(a), "--ratios", "1", "1", "--save_to", "o.safetensors"],
-                    capsys)
+    msg = run_error(
+        merge_lora.main, ["--models", str(a), "--ratios", "1", "1", "--save_to", "o.safetensors"], capsys
+    )
     assert "--ratios" in msg
 
     sdxl_path = single_file(tmp_path, "sdxl", monkeypatch)
     sdxl_lora = tmp_path / "xl.safetensors"
     lora_file(load(sdxl_path, "sdxl"), sdxl_lora, conv_dim=None)
-    msg = run_error(merge_lora.main, ["--sd_model", "builtin:tiny-sd", "--models", str(sdxl_lora), "--ratios",
-                                      "1", "--save_to", str(tmp_path / "m")], capsys)
+    msg = run_error(
+        merge_lora.main,
+        [
+            "--sd_model",
+            "builtin:tiny-sd",
+            "--models",
+            str(sdxl_lora),
+            "--ratios",
+            "1",
+            "--save_to",
+            str(tmp_path / "m"),
+        ],
+        capsys,
+    )
     assert "another model type" in msg and str(sdxl_lora) in msg
     assert not (tmp_path / "m").exists()
 
@@ -190,16 +250,26 @@ def test_merge_loha_and_lokr_into_a_model_follows_their_definitions(tmp_path):
     for name in (linear, conv, te):
         shape = tuple(layers[name].module.weight.shape)
         out, inp = shape[0], int(torch.Size(shape[1:]).numel())
-        t = {"hada_w1_a": randn(out, 2), "hada_w1_b": randn(2, inp), "hada_w2_a": randn(out, 2),
-             "hada_w2_b": randn(2, inp)}
+        t = {
+            "hada_w1_a": randn(out, 2),
+            "hada_w1_b": randn(2, inp),
+            "hada_w2_a": randn(out, 2),
+            "hada_w2_b": randn(2, inp),
+        }
         loha.update({f"{name}.{k}": v for k, v in t.items()})
         loha[f"{name}.alpha"] = torch.tensor(1.0)
-        product = (t["hada_w1_a"].double() @ t["hada_w1_b"].double()) * (t["hada_w2_a"].double() @ t["hada_w2_b"].double())
+        product = (t["hada_w1_a"].double() @ t["hada_w1_b"].double()) * (
+            t["hada_w2_a"].double() @ t["hada_w2_b"].double()
+        )
         expected[name] = 0.7 * product.reshape(shape) * (1.0 / 2)
     out, inp = layers[linear].module.weight.shape
     w1, w2a, w2b = randn(2, 4), randn(out // 2, 3), randn(3, inp // 4)
-    lokr = {f"{linear}.lokr_w1": w1, f"{linear}.lokr_w2_a": w2a, f"{linear}.lokr_w2_b": w2b,
-            f"{linear}.alpha": torch.tensor(6.0)}
+    lokr = {
+        f"{linear}.lokr_w1": w1,
+        f"{linear}.lokr_w2_a": w2a,
+        f"{linear}.lokr_w2_b": w2b,
+        f"{linear}.alpha": torch.tensor(6.0),
+    }
     w2 = w2a.double() @ w2b.double()
     kron = torch.einsum("ab,cd->acbd", w1.double(), w2).reshape(out, inp)  # block (a, b) is w1[a, b] * w2
     expected[linear] = expected[linear] + 1.0 * kron * (6.0 / 3)
@@ -207,9 +277,23 @@ def test_merge_loha_and_lokr_into_a_model_follows_their_definitions(tmp_path):
     safetensors.torch.save_file(lokr, tmp_path / "lokr.safetensors")
 
     merged_dir = tmp_path / "merged"
-    assert merge_lora.main(["--sd_model", "builtin:tiny-sd", "--models", str(tmp_path / "loha.safetensors"),
-                            str(tmp_path / "lokr.safetensors"), "--ratios", "0.7", "1.0", "--save_to",
-                            str(merged_dir)]) == 0
+    assert (
+        merge_lora.main(
+            [
+                "--sd_model",
+                "builtin:tiny-sd",
+                "--models",
+                str(tmp_path / "loha.safetensors"),
+                str(tmp_path / "lokr.safetensors"),
+                "--ratios",
+                "0.7",
+                "1.0",
+                "--save_to",
+                str(merged_dir),
+            ]
+        )
+        == 0
+    )
     merged_layers = lora_layers(load(merged_dir, "sd1"))
     for name, delta in expected.items():
         got = merged_layers[name].module.weight.double() - layers[name].module.weight.double()

@@ -23,16 +23,42 @@ def test_merge_resize_extract_on_cuda_match_cpu(tmp_path, monkeypatch):
     merged = {}
     for device in ("cpu", "cuda"):
         out = tmp_path / f"merged-{device}.safetensors"
-        assert merge_lora.main(["--sd_model", str(base_path), "--models", str(lora), "--ratios", "1",
-                                "--save_to", str(out), "--device", device]) == 0
+        assert (
+            merge_lora.main(
+                [
+                    "--sd_model",
+                    str(base_path),
+                    "--models",
+                    str(lora),
+                    "--ratios",
+                    "1",
+                    "--save_to",
+                    str(out),
+                    "--device",
+                    device,
+                ]
+            )
+            == 0
+        )
         merged[device] = outputs(load(out, "sd1"))
     for key in merged["cpu"]:
         torch.testing.assert_close(merged["cuda"][key], merged["cpu"][key], atol=1e-4, rtol=1e-3)
 
     for tool, args in (
         (resize_lora.main, ["--model", str(lora), "--new_rank", "3"]),
-        (extract_lora_from_models.main, ["--model_org", str(base_path), "--model_tuned",
-                                         str(tmp_path / "merged-cpu.safetensors"), "--dim", "8", "--conv_dim", "2"]),
+        (
+            extract_lora_from_models.main,
+            [
+                "--model_org",
+                str(base_path),
+                "--model_tuned",
+                str(tmp_path / "merged-cpu.safetensors"),
+                "--dim",
+                "8",
+                "--conv_dim",
+                "2",
+            ],
+        ),
     ):
         files = {}
         for device in ("cpu", "cuda"):
@@ -46,7 +72,21 @@ def test_merge_resize_extract_on_cuda_match_cpu(tmp_path, monkeypatch):
 
 
 def test_generate_on_cuda(tmp_path):
-    assert gen_img.main(["--ckpt", "builtin:tiny-sd", "--prompt", "a cat --s 4 --w 64 --h 64 --d 3",
-                         "--device", "cuda", "--outdir", str(tmp_path), "--sequential_file_name"]) == 0
+    assert (
+        gen_img.main(
+            [
+                "--ckpt",
+                "builtin:tiny-sd",
+                "--prompt",
+                "a cat --s 4 --w 64 --h 64 --d 3",
+                "--device",
+                "cuda",
+                "--outdir",
+                str(tmp_path),
+                "--sequential_file_name",
+            ]
+        )
+        == 0
+    )
     image = Image.open(tmp_path / "im_000001.png")
     assert image.text["prompt"] == "a cat" and np.asarray(image).std() > 0
