@@ -15,6 +15,7 @@ from torch import nn
 from library.errors import ConfigError, ModelError
 from library.models.common import SDModel
 from library.models.ldm_names import text_encoder_key, unet_key
+from library.models.loader import detect_model_type
 from library.models.single_file import CHECKPOINT_SUFFIXES, read_checkpoint
 from library.tools.lora_files import LoraWeights, LycorisWeights
 from library.training.atomic import atomic_dir, atomic_file
@@ -27,6 +28,19 @@ from networks.lora import (
     UNET_TARGET_MODULES,
     _target_layers,
 )
+
+
+def model_flags(name: str, *, v2: bool, sdxl: bool, advice: dict[str, str]) -> tuple[bool, bool]:
+    """(v2, sdxl) for loading `name`: the model's own type when no flag names one (sd-scripts needs `--v2`
+    for SD2 files; the tools read it from the file), a one-line error with the tool's `advice[detected type]`
+    when a flag contradicts it, before the model loads."""
+    detected = detect_model_type(name)
+    if detected is None:  # unreadable: the loader names the problem
+        return v2, sdxl
+    given = "sdxl" if sdxl else "sd2" if v2 else None
+    if given is not None and given != detected:
+        raise ModelError(f"{name}: is an {detected.upper()} model, not {given.upper()}; {advice[detected]}")
+    return detected == "sd2", detected == "sdxl"
 
 
 @dataclass

@@ -12,7 +12,7 @@ import torch
 from library.errors import ConfigError, ModelError
 from library.models import load_sd_model
 from library.models.common import expected_model_type
-from library.tools.checkpoint import lora_layers
+from library.tools.checkpoint import lora_layers, model_flags
 from library.tools.lora_files import check_save_path, join_modules, modelspec, precision, save_lora
 from library.tools.lora_ops import extract
 from library.tools.runner import progress, resolve_device
@@ -20,6 +20,9 @@ from library.tools.sdxl_names import to_file_names
 from library.training.metadata import ARCHITECTURES
 
 logger = logging.getLogger(__name__)
+
+
+ADVICE = {"sd1": "drop --v2/--sdxl", "sd2": "use --v2", "sdxl": "use --sdxl"}
 
 
 def _load(name: str, args: argparse.Namespace, dtype: torch.dtype, device: torch.device):
@@ -70,6 +73,17 @@ def base_model_version(model_type: str, v_parameterization: bool) -> str:
 
 
 def extract_file(args: argparse.Namespace) -> None:
+    expected_model_type(v2=args.v2, sdxl=args.sdxl)  # both flags: one line
+    flags = [
+        model_flags(name, v2=args.v2, sdxl=args.sdxl, advice=ADVICE)
+        for name in (args.model_org, args.model_tuned)
+    ]
+    if flags[0] != flags[1]:
+        raise ModelError(
+            f"--model_org {args.model_org} and --model_tuned {args.model_tuned} are different model "
+            "types; a LoRA is extracted from two models of one type"
+        )
+    args.v2, args.sdxl = flags[0]
     model_type = expected_model_type(v2=args.v2, sdxl=args.sdxl)
     save_to = check_save_path(args.save_to)
     if args.dim < 1 or (args.conv_dim is not None and args.conv_dim < 1):

@@ -243,7 +243,7 @@ def attach_networks(model, networks: list[tuple[str, float]], merge: bool, devic
 @torch.no_grad()
 def generate_images(args: argparse.Namespace) -> list[Path]:
     from library.models import load_sd_model
-    from library.models.loader import detect_model_type
+    from library.tools.checkpoint import model_flags
     from library.tools.runner import progress, resolve_device
     from library.training.sampling import build_pipeline
 
@@ -261,7 +261,9 @@ def generate_images(args: argparse.Namespace) -> list[Path]:
         if getattr(args, flag) < 1:
             raise ConfigError(f"--{flag} {getattr(args, flag)}: must be >= 1")
     networks = check_networks(args)
-    model_type = detect_model_type(args.ckpt) or ("sdxl" if args.sdxl else "sd2" if args.v2 else "sd1")
+    advice = {"sd1": "drop --v2/--sdxl", "sd2": "use --v2", "sdxl": "use --sdxl"}
+    args.v2, args.sdxl = model_flags(args.ckpt, v2=args.v2, sdxl=args.sdxl, advice=advice)
+    model_type = "sdxl" if args.sdxl else "sd2" if args.v2 else "sd1"
     size = default_size(model_type, args.v_parameterization)
     defaults = PromptJob(
         prompt="",

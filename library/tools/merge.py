@@ -15,6 +15,7 @@ from library.tools.checkpoint import (
     is_checkpoint_file,
     lora_layers,
     merge_into,
+    model_flags,
     save_merged_model,
 )
 from library.tools.lora_files import (
@@ -35,6 +36,11 @@ from library.tools.runner import progress, resolve_device
 from library.tools.sdxl_names import to_diffusers_names, to_file_names
 
 logger = logging.getLogger(__name__)
+MERGE_ADVICE = {
+    "sd1": "merge into it with networks/merge_lora.py without --v2",
+    "sd2": "merge into it with networks/merge_lora.py --v2",
+    "sdxl": "merge into it with networks/sdxl_merge_lora.py",
+}
 
 
 def check_models_and_ratios(args: argparse.Namespace) -> None:
@@ -90,9 +96,10 @@ def merge(args: argparse.Namespace, *, sdxl: bool = False) -> None:
             f"--save_to {save_to}: a single-file checkpoint needs a single-file --sd_model "
             f"({args.sd_model} is not one); give a folder name to save a diffusers model"
         )
+    v2, sdxl = model_flags(args.sd_model, v2=getattr(args, "v2", False), sdxl=sdxl, advice=MERGE_ADVICE)
     loras = read_loras(args.models, merge_dtype, sdxl, lycoris=True)
     logger.info("loading %s", args.sd_model)
-    model = load_sd_model(args.sd_model, v2=getattr(args, "v2", False), sdxl=sdxl, dtype=merge_dtype)
+    model = load_sd_model(args.sd_model, v2=v2, sdxl=sdxl, dtype=merge_dtype)
     for part in (*model.text_encoders, model.unet):
         part.to(device)
     layers = lora_layers(model)

@@ -28,11 +28,9 @@ def test_merge_into_single_file_equals_base_with_lora(tmp_path, monkeypatch, kin
     before = outputs(base)
 
     out = tmp_path / "merged.safetensors"
-    v2 = ["--v2"] if kind == "sd2" else []
     assert (
-        merge_lora.main(
+        merge_lora.main(  # an SD2 file needs no --v2 here: the type is read from its keys
             [
-                *v2,
                 "--sd_model",
                 str(base_path),
                 "--models",
@@ -227,6 +225,21 @@ def test_merge_errors_are_one_line(tmp_path, monkeypatch, capsys):
         capsys,
     )
     assert "another model type" in msg and str(sdxl_lora) in msg
+    msg = run_error(
+        sdxl_merge_lora.main,
+        [
+            "--sd_model",
+            "builtin:tiny-sd",
+            "--models",
+            str(a),
+            "--ratios",
+            "1",
+            "--save_to",
+            str(tmp_path / "m"),
+        ],
+        capsys,
+    )
+    assert "is an SD1 model, not SDXL" in msg and "networks/merge_lora.py" in msg
     assert not (tmp_path / "m").exists()
 
 
