@@ -34,15 +34,6 @@ def as_matrix(weight: Tensor) -> Tensor:
     return weight.flatten(1) if weight.ndim > 2 else weight
 
 
-def factorize(matrix: Tensor, rank: int, weight_shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:
-    """(up, down) of the best rank-`rank` approximation `U_r diag(S_r) Vh_r` (Eckart-Young), up carrying S.
-
-    Shapes follow kohya's LoRA: `down` `[r, in]` or `[r, in, kh, kw]`, `up` `[out, r]` or `[out, r, 1, 1]`.
-    """
-    U, S, Vh = torch.linalg.svd(matrix, full_matrices=False)
-    return factors_from_svd(U, S, Vh, rank, weight_shape)
-
-
 def product_svd(up: Tensor, down: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Thin SVD (U, S, Vh) of `up @ down` (`[m, r] @ [r, n]`) from the factors: a QR of each, then the SVD of the
     r x r core. The same decomposition as the SVD of the product, in O((m + n) r^2) instead of

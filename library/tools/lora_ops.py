@@ -21,9 +21,7 @@ from library.tools.lora_math import (
     as_matrix,
     choose_rank,
     clamp_to_quantile,
-    factorize,
     factors_from_svd,
-    lora_delta,
     product_svd,
     retained,
 )
@@ -83,44 +81,79 @@ def shuffle_ranks(modules: dict[str, LoraWeights], generator: torch.Generator | 
         w.down, w.up = w.down[perm], w.up[:, perm]
 
 
+@dataclass
+class StackedUpdate:
+    """A sum of LoRA updates kept as stacked factors: `up @ down` (`[out, R] @ [R, in * kh * kw]`, R the sum of
+    the ranks) in the layer's weight `shape`; its SVD then costs O((out + in) R^2), not a dense SVD."""
+
+    up: Tensor
+    down: Tensor
+    shape: tuple[int, ...]
+
+    def dense(self) -> Tensor:
+        return (self.up @ self.down).reshape(self.shape)
+
+
 def summed_updates(
     loras: list[tuple[str, dict[str, LoraWeights]]],
     ratios: list[float],
     device: torch.device,
     progress: Progress = _identity,
-) -> dict[str, Tensor]:
-    """Sum over files of `ratio * alpha / rank * up @ down` per module (dense, on `device`)."""
-    total: dict[str, Tensor] = {}
+) -> dict[str, StackedUpdate]:
+    """Per module, the sum over files of `ratio * alpha / rank * up @ down`, as stacked factors on `device`."""
+    total: dict[str, StackedUpdate] = {}
     for (source, modules), ratio in zip(loras, ratios, strict=True):
         for name, w in progress(list(modules.items())):
-            delta = lora_delta(w.down.to(device), w.up.to(device), w.scale * ratio)
-            if name in total and total[name].shape != delta.shape:
+            up = w.up.to(device).flatten(1) * (w.scale * ratio)
+            down = w.down.to(device).flatten(1)
+            shape = weight_shape(w)
+            if name not in total:
+                total[name] = StackedUpdate(up, down, shape)
+                continue
+            if total[name].shape != shape:
                 raise ModelError(
-                    f"{source}: {name} adapts a layer of shape {tuple(delta.shape)}, an earlier LoRA one of "
-                    f"{tuple(total[name].shape)}; are they for the same base model?"
+                    f"{source}: {name} adapts a layer of shape {shape}, an earlier LoRA one of "
+                    f"{total[name].shape}; are they for the same base model?"
                 )
-            total[name] = total[name] + delta if name in total else delta
+            before = total[name]
+            total[name] = StackedUpdate(torch.cat([before.up, up], 1), torch.cat([before.down, down]), shape)
     return total
 
 
+def _svd(update: Tensor | StackedUpdate) -> tuple[Tensor, Tensor, Tensor, tuple[int, ...]]:
+    """(U, S, Vh, weight shape) of a dense update or of stacked factors, in float32 at least (no half SVD)."""
+    if isinstance(update, StackedUpdate):
+        up, down = update.up, update.down
+        if up.dtype in (torch.float16, torch.bfloat16):
+            up, down = up.float(), down.float()
+        return (*product_svd(up, down), update.shape)
+    matrix = as_matrix(update)
+    if matrix.dtype in (torch.float16, torch.bfloat16):
+        matrix = matrix.float()
+    return (*torch.linalg.svd(matrix, full_matrices=False), tuple(update.shape))
+
+
 def low_rank(
-    updates: dict[str, Tensor],
+    updates: dict[str, Tensor | StackedUpdate],
     new_rank: int,
     new_conv_rank: int,
     clamp_quantile: float,
     progress: Progress = _identity,
 ) -> dict[str, LoraWeights]:
-    """Each dense update as a LoRA of `new_rank` (`new_conv_rank` for kxk convs), alpha = rank (scale 1),
-    factors clipped at `clamp_quantile` as svd_merge_lora.py / extract_lora_from_models.py do."""
+    """Each update as a LoRA of `new_rank` (`new_conv_rank` for kxk convs, at most the layer's out/in channels),
+    alpha = rank (scale 1), factors clipped at `clamp_quantile` as svd_merge_lora.py / extract_lora_from_models.py
+    do. An update of lower rank than asked gets zero directions, so the file has the rank sd-scripts writes."""
     out = {}
     for name, update in progress(list(updates.items())):
-        shape = tuple(update.shape)
-        is_kxk = update.ndim == 4 and shape[2:] != (1, 1)
+        U, S, Vh, shape = _svd(update)
+        is_kxk = len(shape) == 4 and shape[2:] != (1, 1)
         rank = min(new_conv_rank if is_kxk else new_rank, shape[0], shape[1])
-        matrix = as_matrix(update)
-        if matrix.dtype in (torch.float16, torch.bfloat16):  # no half-precision SVD on most devices
-            matrix = matrix.float()
-        up, down = factorize(matrix, rank, shape)
+        if rank > len(S):  # sd-scripts' full SVD has (near-)zero values here
+            missing = rank - len(S)
+            U = torch.cat([U, U.new_zeros(U.shape[0], missing)], 1)
+            S = torch.cat([S, S.new_zeros(missing)])
+            Vh = torch.cat([Vh, Vh.new_zeros(missing, Vh.shape[1])])
+        up, down = factors_from_svd(U, S, Vh, rank, shape)
         up, down = clamp_to_quantile(up, down, clamp_quantile)
         out[name] = LoraWeights(down.cpu(), up.cpu(), float(rank))
     return out

@@ -110,7 +110,7 @@ def test_svd_merge_sums_updates_then_truncates():
     b = {"m": random_module(9, 7, 2, 1.0, seed=2)}
     total = summed_updates([("a", a), ("b", b)], [0.6, -1.2], torch.device("cpu"))
     expected = 0.6 * dense(a["m"]) - 1.2 * dense(b["m"])
-    torch.testing.assert_close(total["m"], expected)
+    torch.testing.assert_close(total["m"].dense(), expected)
     merged = low_rank(total, 3, 3, 1.0)
     assert merged["m"].alpha == 3.0
     torch.testing.assert_close(dense(merged["m"]), truncation(expected, 3), rtol=1e-10, atol=1e-10)
@@ -145,3 +145,10 @@ def rank_of(S, padded, method, target):
     return choose_rank(S, 8, method, target, length=len(padded)), reference_rank(
         padded.tolist(), method, target, 8
     )
+
+
+def test_svd_merge_to_a_rank_above_the_sum_pads_zero_directions():
+    a = {"m": random_module(9, 7, 2, 2.0, seed=4)}
+    merged = low_rank(summed_updates([("a", a)], [1.0], torch.device("cpu")), 5, 5, 1.0)["m"]
+    assert merged.rank == 5  # the rank asked for, as sd-scripts' full SVD gives
+    torch.testing.assert_close(dense(merged), dense(a["m"]), rtol=1e-10, atol=1e-12)
