@@ -599,6 +599,12 @@ class LoRATrainer:
         self.saving = True
         try:
             return self._save(name, state=state, epoch=epoch)
+        except LoraForgeError:  # a full disk, a diverged run: already one line
+            raise
+        except Exception as exc:  # anything else still stops in one line; atomic writes kept the earlier files
+            reason = " ".join(str(exc).split())[:200]
+            raise ConfigError(f"could not save {name}: {type(exc).__name__}: {reason}; the files saved earlier are "
+                              "kept") from exc
         finally:
             self.saving = False
 

@@ -308,3 +308,24 @@ def test_captions_cut_at_the_token_limit_get_one_warning_per_dataset(tiny_datase
     lines = [r.getMessage() for r in caplog.records if "are cut there" in r.getMessage()]
     assert lines == ["ds.toml dataset 0: 2 of 8 captions are longer than 75 tokens and are cut there (longest: 120)",
                      "w.toml dataset 0: 2 of 8 captions are longer than 75 tokens and are cut there (longest: 120)"]
+
+
+def test_a_save_that_fails_is_one_line_and_keeps_the_earlier_files(tiny_dataset, tmp_path, monkeypatch, capsys):
+    from networks.lora import LoRANetwork
+
+    real = LoRANetwork.save_weights
+    calls = []
+
+    def fail_the_second(self, file, dtype, metadata):
+        calls.append(file)
+        if len(calls) == 2:
+            raise RuntimeError("serializer bug\nsecond line")
+        return real(self, file, dtype, metadata)
+
+    monkeypatch.setattr(LoRANetwork, "save_weights", fail_the_second)
+    out = tmp_path / "out"
+    assert main(train_argv(tiny_dataset, out, "--save_every_n_steps", "1", steps=2)) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line == ("error: could not save t-step00000002: RuntimeError: serializer bug second line; the files saved "
+                    "earlier are kept")
+    assert sorted(p.name for p in out.iterdir() if not p.is_dir()) == ["t-step00000001.safetensors"]
