@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
+import safetensors
 import torch
 from diffusers import (
     AutoencoderKL,
@@ -14,12 +15,11 @@ from diffusers import (
     EulerDiscreteScheduler,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
-    UNet2DConditionModel,
 )
 from transformers import CLIPTokenizer
 
 from networks.lora import LoRANetwork, create_network
-from tests.networks.test_lora import randomize_lora, tiny_text_encoder, tiny_unet, unet_inputs
+from tests.networks.test_lora import randomize_lora, tiny_sdxl_unet, tiny_text_encoder, tiny_unet, unet_inputs
 
 TOKENIZER_DIR = Path(__file__).resolve().parents[2] / "library" / "models" / "tokenizer" / "clip"
 
@@ -100,26 +100,19 @@ def test_diffusers_load_lora_weights_matches_our_network(tmp_path, attention_in_
 
 @torch.no_grad()
 def test_sdxl_two_text_encoders_load_into_text_encoder_and_text_encoder_2(tmp_path):
-    def sdxl_unet() -> UNet2DConditionModel:
-        return tiny_unet(
-            cross_attention_dim=64,
-            attention_head_dim=(2, 4),
-            use_linear_projection=True,
-            transformer_layers_per_block=(1, 2),
-            addition_embed_type="text_time",
-            addition_time_embed_dim=8,
-            projection_class_embeddings_input_dim=80,
-        )
-
     def encoders():
         return tiny_text_encoder(0), tiny_text_encoder(1, with_projection=True)
 
-    unet, (te1, te2) = sdxl_unet(), encoders()
+    unet, (te1, te2) = tiny_sdxl_unet(), encoders()
     network = trained_network([te1, te2], unet, conv_dim=3)
     names = {k.split(".")[0] for k in network.state_dict()}
     assert any(n.startswith("lora_te1_") for n in names) and any(n.startswith("lora_te2_") for n in names)
     path = tmp_path / "sdxl.safetensors"
     network.save_weights(path, torch.float32, {})
+    with safetensors.safe_open(path, "pt") as f:  # sd-scripts' SAI names for the U-Net
+        unet_keys = [k for k in f.keys() if k.startswith("lora_unet_")]
+    assert unet_keys and all(k.startswith(("lora_unet_input_blocks", "lora_unet_middle_block",
+                                           "lora_unet_output_blocks")) for k in unet_keys)
 
     sample, t, enc = unet_inputs()
     enc = torch.cat([enc, enc.flip(-1)], dim=-1)
@@ -131,7 +124,7 @@ def test_sdxl_two_text_encoders_load_into_text_encoder_and_text_encoder_2(tmp_pa
         te2(ids).text_embeds,
     )
 
-    base_unet, (base_te1, base_te2) = sdxl_unet(), encoders()
+    base_unet, (base_te1, base_te2) = tiny_sdxl_unet(), encoders()
     pipe = StableDiffusionXLPipeline(
         vae=tiny_vae(),
         text_encoder=base_te1,
