@@ -231,9 +231,13 @@ def check_cuda_graph_dropout(args: argparse.Namespace, network_kwargs: dict) -> 
                           "recomputed forward would draw other dropout masks; drop the dropout or one of the two flags")
 
 
+# network modules users name as sd-scripts does, served by our wrapper of the same package
+NETWORK_MODULE_ALIASES = {"lycoris.kohya": "networks.lycoris_kohya"}
+
+
 def import_network_module(name: str):
     try:
-        module = importlib.import_module(name)
+        module = importlib.import_module(NETWORK_MODULE_ALIASES.get(name, name))
     except ModuleNotFoundError as exc:
         raise ConfigError(f"--network_module {name}: cannot import ({exc}); e.g. networks.lora") from None
     if not hasattr(module, "create_network"):
@@ -342,12 +346,12 @@ def lora_parameters_from_configs(args: argparse.Namespace) -> int | None:
     """LoRA parameter count of the network this run builds, from the model's configs on the meta device.
 
     No weight is read or allocated, so it takes well under a second even for SDXL. None when the model's
-    configs cannot be read here (the loader will report that properly) or the network module is not ours (a
-    foreign create_network may not accept meta-device modules).
+    configs cannot be read here (the loader will report that properly) or the network module does not declare
+    `BUILDS_ON_META_DEVICE = True` (a create_network may read weights, which meta-device modules do not have).
     """
     module = import_network_module(args.network_module)
     folder = _architecture_dir(args.pretrained_model_name_or_path)
-    if folder is None or not hasattr(module, "check_network_args"):
+    if folder is None or not getattr(module, "BUILDS_ON_META_DEVICE", False):
         return None
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
