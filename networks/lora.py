@@ -246,6 +246,12 @@ class LoRANetwork(nn.Module):
     def enable_gradient_checkpointing(self) -> None:
         """Nothing to do: the adapters run inside the base model's checkpointed blocks."""
 
+    def requires_grad_(self, requires_grad: bool = True) -> LoRANetwork:
+        """Each adapter decides which of its tensors train (LoRA-FA keeps lora_down frozen)."""
+        for lora in self.text_encoder_loras + self.unet_loras:
+            lora.requires_grad_(requires_grad)
+        return self
+
     def prepare_grad_etc(self, text_encoder: Any = None, unet: Any = None) -> None:
         self.requires_grad_(True)
 
@@ -253,7 +259,7 @@ class LoRANetwork(nn.Module):
         self.train()
 
     def get_trainable_params(self) -> Iterator[nn.Parameter]:
-        return self.parameters()
+        return (p for p in self.parameters() if p.requires_grad)
 
     def lora_params_named(self) -> Iterator[tuple[str, nn.Parameter]]:
         """(kohya key, parameter), e.g. `lora_unet_..._to_q.lora_down.weight`: the names optimizers see."""
@@ -265,7 +271,8 @@ class LoRANetwork(nn.Module):
         unet_lr: float | None,
         default_lr: float | None,
     ) -> list[dict[str, Any]]:
-        """Param groups `{"params", "names", "lr", "description"}`; LoRA+ puts `lora_up` in its own group.
+        """Param groups `{"params", "names", "lr", "description"}`; LoRA+ puts `lora_up` (DyLoRA's `lora_B`) in
+        its own group; frozen tensors (LoRA-FA's lora_down) stay out.
 
         A part whose lr is None falls back to `default_lr`; a group whose lr ends up 0 or None is left out
         (that part is frozen), as in sd-scripts. `text_encoder_lr` may be a list, one lr per text encoder.
@@ -277,7 +284,9 @@ class LoRANetwork(nn.Module):
             split: dict[str, tuple[list[str], list[nn.Parameter]]] = {"": ([], []), " plus": ([], [])}
             for lora in loras:
                 for pname, param in lora.named_parameters():
-                    key = " plus" if ratio is not None and pname.startswith("lora_up") else ""
+                    if not param.requires_grad:
+                        continue
+                    key = " plus" if ratio is not None and pname.startswith(("lora_up", "lora_B")) else ""
                     split[key][0].append(f"{lora.lora_name}.{pname}")
                     split[key][1].append(param)
             for key, (names, params) in split.items():

@@ -27,6 +27,7 @@ import fnmatch
 import logging
 import os
 import re
+from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -199,6 +200,10 @@ def create_network_from_weights(
         )
     network.loras = network.text_encoder_loras + network.unet_loras
     check_modules(module_names(weights), {lora.lora_name for lora in network.loras}, source)
+    ranks = Counter((getattr(m, "lora_dim", None), float(m.alpha) if isinstance(m.alpha, Tensor) else m.alpha)
+                    for m in network.loras if hasattr(m, "alpha"))
+    if ranks:  # what most modules have: the run's ss_network_dim / ss_network_alpha
+        network.lora_dim, network.alpha = ranks.most_common(1)[0][0]
     return _adopt(network, unet), weights
 
 

@@ -98,16 +98,24 @@ def parse_key_values(items: list[str] | None, flag: str) -> dict:
 
 
 def build_network(args: argparse.Namespace, network_module, model, train_text_encoder: bool, train_unet: bool):
+    """Create the network, hook it in, and load --network_weights (also with --dim_from_weights, as sd-scripts).
+
+    With --dim_from_weights the file decides the rank: args.network_dim/alpha are set to the dim/alpha most of
+    its modules have, so the log and the ss_network_dim/alpha metadata state what was trained.
+    """
     net_kwargs = parse_key_values(args.network_args, "--network_args")
     text_encoder = model.text_encoders if len(model.text_encoders) > 1 else model.text_encoders[0]
     if args.network_weights and args.dim_from_weights:
         network, _ = network_module.create_network_from_weights(1.0, args.network_weights, model.vae, text_encoder,
                                                                 model.unet, **net_kwargs)
+        file_dim, file_alpha = getattr(network, "lora_dim", None), getattr(network, "alpha", None)
+        if isinstance(file_dim, int) and file_alpha is not None:
+            args.network_dim, args.network_alpha = file_dim, float(file_alpha)
     else:
         network = network_module.create_network(1.0, args.network_dim, args.network_alpha, model.vae, text_encoder,
                                                  model.unet, neuron_dropout=args.network_dropout, **net_kwargs)
     network.apply_to(text_encoder, model.unet, train_text_encoder, train_unet)
-    if args.network_weights and not args.dim_from_weights:
+    if args.network_weights:
         info = network.load_weights(args.network_weights)
         logger.info("loaded network weights %s: %s", args.network_weights, info)
     n = sum(p.numel() for p in network.parameters() if p.requires_grad)

@@ -131,8 +131,10 @@ def _check_network_weights(value: str) -> None:
         keys = _safetensors_keys(path)
         if keys is None:
             raise ConfigError(f"--network_weights {value}: not a readable safetensors file (truncated or another format)")
-        if not any(k.endswith(".lora_down.weight") for k in keys):
-            raise ConfigError(f"--network_weights {value}: no '<name>.lora_down.weight' tensors; not a kohya-format LoRA")
+        network_key = ("lora_", "oft_", "unet.", "text_encoder", "base_model.model.")
+        if not any(k.startswith(network_key) for k in keys):
+            raise ConfigError(f"--network_weights {value}: no lora_*/oft_* (kohya, LyCORIS) or unet./text_encoder. "
+                              "(diffusers) tensors; not a network file")
     elif not _looks_like_torch_file(path):
         raise ConfigError(f"--network_weights {value}: neither a .safetensors file nor a torch.save'd state dict")
 
