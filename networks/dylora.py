@@ -65,6 +65,7 @@ class DyLoRAModule(LoRAModule):
         self.org_forward = None
         self.merged = False
         self._was_applied = False
+        self.register_state_dict_post_hook(self._as_lora_keys)
 
     def down_up(self, trainable: int | None = None) -> tuple[Tensor, Tensor]:
         """(down, up) over all ranks; chunks other than `trainable` detached (None: all live)."""
@@ -96,11 +97,14 @@ class DyLoRAModule(LoRAModule):
         delta = (up.flatten(1) @ down.flatten(1)).view(up.shape[0], *down.shape[1:])
         return delta * (self.multiplier * self.scale)
 
-    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
-        down, up = self.down_up()
-        destination[prefix + "lora_down.weight"] = down if keep_vars else down.detach()
-        destination[prefix + "lora_up.weight"] = up if keep_vars else up.detach()
-        destination[prefix + "alpha"] = self.alpha if keep_vars else self.alpha.detach()
+    @staticmethod
+    def _as_lora_keys(module: DyLoRAModule, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+        """state_dict post-hook: the rank chunks leave the dict as one `lora_down.weight` / `lora_up.weight`."""
+        for key in [k for k in state_dict if k.startswith((prefix + "lora_A.", prefix + "lora_B."))]:
+            del state_dict[key]
+        down, up = module.down_up()
+        state_dict[prefix + "lora_down.weight"] = down.detach()
+        state_dict[prefix + "lora_up.weight"] = up.detach()
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
                               missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
@@ -112,8 +116,6 @@ class DyLoRAModule(LoRAModule):
                 state_dict[f"{prefix}lora_B.{i}"] = up[:, i * self.unit : (i + 1) * self.unit]
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
-        for key in (f"{prefix}lora_A.", f"{prefix}lora_B."):  # the chunk keys are internal, never "missing"
-            missing_keys[:] = [k for k in missing_keys if not k.startswith(key)]
 
     def extra_repr(self) -> str:
         return f"{self.lora_name}, dim={self.lora_dim}, unit={self.unit}, scale={self.scale:g}"
