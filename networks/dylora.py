@@ -29,6 +29,7 @@ from networks import lora
 from networks.lora_modules import LoRAModule
 
 BUILDS_ON_META_DEVICE = True
+CUDA_GRAPHS = "each forward draws its rank on the host (python random), a graph would replay one"
 NETWORK_ARGS = ("conv_dim", "conv_alpha", "unit", "loraplus_lr_ratio", "loraplus_unet_lr_ratio",
                 "loraplus_text_encoder_lr_ratio", "verbose")
 

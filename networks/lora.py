@@ -42,6 +42,7 @@ UNET_CONV_TARGET_MODULES = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
 TEXT_ENCODER_TARGET_MODULES = ("CLIPAttention", "CLIPSdpaAttention", "CLIPFlashAttention2", "CLIPMLP")
 LORA_PREFIX_UNET = "lora_unet"
 BUILDS_ON_META_DEVICE = True  # create_network reads no weight: the trainer may count parameters from configs
+CUDA_GRAPHS = True  # its forward makes no host decision: --cuda_graphs can record it
 LORA_PREFIX_TEXT_ENCODER = "lora_te"
 
 NETWORK_ARGS = (

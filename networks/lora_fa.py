@@ -17,6 +17,7 @@ from networks import lora
 from networks.lora_modules import LoRAModule
 
 BUILDS_ON_META_DEVICE = True
+CUDA_GRAPHS = True  # networks.lora's forward
 
 
 class LoRAFAModule(LoRAModule):

@@ -49,6 +49,7 @@ from networks.files import (
 )
 
 logger = logging.getLogger(__name__)
+CUDA_GRAPHS = "LyCORIS modules decide dropout and rank on the host (torch.rand(1) < p, random ranks)"
 
 _BOOL_ARGS = (
     "use_tucker", "use_conv_cp", "use_cp", "disable_conv_cp", "use_scalar", "train_norm", "rescaled", "dora_wd",

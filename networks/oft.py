@@ -25,6 +25,7 @@ from networks.files import check_modules, is_sdxl_unet, read_lora_file, to_netwo
 from networks.lora_modules import LoRAModule
 
 BUILDS_ON_META_DEVICE = True
+CUDA_GRAPHS = "its per-step batched matrix solve has not been verified inside a recorded CUDA graph"
 OFT_PREFIX_UNET = "oft_unet"
 ATTENTION_TARGETS = ("Attention",)  # diffusers' name for sd-scripts' CrossAttention
 ALL_LINEAR_TARGETS = ("Transformer2DModel",)
@@ -38,7 +39,7 @@ def oft_rotation(blocks: Tensor, constraint: float, multiplier: float) -> Tensor
     norm = torch.linalg.vector_norm(q)
     q = q * ((norm.clamp(max=constraint) + 1e-8) / (norm + 1e-8))
     eye = torch.eye(q.shape[-1], device=q.device, dtype=q.dtype).expand_as(q)
-    r = torch.linalg.solve((eye - q).float(), (eye + q).float(), left=False)  # (I + Q)(I - Q)^-1
+    r = torch.linalg.solve_ex((eye - q).float(), (eye + q).float(), left=False)[0]  # (I + Q)(I - Q)^-1
     return multiplier * (r - eye) + eye
 
 

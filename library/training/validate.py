@@ -198,10 +198,14 @@ def validate_network_args(args: argparse.Namespace) -> None:
     from library.training.setup import parse_key_values
 
     kwargs = parse_key_values(args.network_args, "--network_args")
-    check = getattr(import_network_module(args.network_module), "check_network_args", None)
+    module = import_network_module(args.network_module)
+    check = getattr(module, "check_network_args", None)
     if check is not None:  # a foreign sd-scripts module: its create_network is the only judge
         check(kwargs, args.network_dropout)
     if args.cuda_graphs:
+        if getattr(module, "CUDA_GRAPHS", None) is not True:
+            why = getattr(module, "CUDA_GRAPHS", None) or "it does not declare its forward free of host decisions"
+            raise ConfigError(f"--cuda_graphs cannot record --network_module {args.network_module}: {why}")
         check_cuda_graph_dropout(args, kwargs)
 
 

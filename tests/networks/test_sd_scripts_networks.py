@@ -158,6 +158,26 @@ def test_oft_targets_keys_and_sdxl_names(tmp_path):
     assert {k.rsplit(".", 1)[1] for k in keys} == {"oft_blocks", "alpha"}
 
 
+# --- --cuda_graphs ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("module", "refused"),
+    [("networks.lora", None), ("networks.lora_fa", None), ("networks.dylora", "draws its rank on the host"),
+     ("networks.oft", "not been verified"), ("lycoris.kohya", "decide dropout and rank on the host")],
+)
+def test_cuda_graphs_work_or_are_refused_in_one_line(module, refused):
+    import argparse
+
+    from library.training.validate import validate_network_args
+
+    args = argparse.Namespace(network_module=module, network_args=None, network_dropout=None, cuda_graphs=True,
+                              gradient_checkpointing=False)
+    if refused is None:
+        validate_network_args(args)
+    else:
+        with pytest.raises(ConfigError, match=f"--cuda_graphs cannot record --network_module {module}: .*{refused}"):
+            validate_network_args(args)
+
+
 # --- resume, every type ----------------------------------------------------------------------------------------------
 MODULES = {
     "lora": (lora, {"conv_dim": 2}),
