@@ -87,3 +87,4 @@ def test_sac_units_split_heads_of_output_factors_only():
     assert sac_units("lora_unet_x_attn1_to_q.lora_down.weight", torch.Size([4, 64]), 64, 8) == 1
     assert sac_units("lora_unet_x_attn1_to_q.oft_blocks", torch.Size([4, 16, 16]), 64, 8) == 1
     assert sac_units("lora_unet_x_ff_net_2.lora_up.weight", torch.Size([64, 4]), 64, 8) == 1
+    assert sac_units("lora_unet_x_attn1_to_q.hada_w1_a", torch.Size([64, 4]), 64, 8) == 8
