@@ -37,7 +37,7 @@ from lycoris.config import PRESET
 from lycoris.wrapper import network_module_dict
 from torch import Tensor, nn
 
-from library.errors import ConfigError
+from library.errors import ConfigError, ModelError
 from networks.files import (
     check_modules,
     is_sdxl_unet,
@@ -195,10 +195,17 @@ def create_network_from_weights(
     """LyCORIS' `create_network_from_weights` (each module's algo and shape from the file), any naming read."""
     source = str(file) if file is not None else "weights_sd"
     weights = to_network_keys(read_lora_file(file) if weights_sd is None else weights_sd, is_sdxl_unet(unet))
+    if any(k.endswith(".on_input") for k in weights):  # IA3Module.make_module_from_state_dict takes one tensor
+        raise ConfigError(f"--dim_from_weights {source}: LyCORIS 4.1.3 cannot rebuild an IA3 network from a file; "
+                          "IA3 has no rank, so drop --dim_from_weights and pass --network_args algo=ia3")
     with _without_duplicates(unet):
-        network, _ = kohya.create_network_from_weights(
-            multiplier, None, vae, _kohya_paths(text_encoder), unet, weights_sd=weights
-        )
+        try:
+            network, _ = kohya.create_network_from_weights(
+                multiplier, None, vae, _kohya_paths(text_encoder), unet, weights_sd=weights
+            )
+        except (RuntimeError, TypeError, ValueError) as e:  # a tensor LyCORIS' own loader cannot place
+            raise ModelError(f"{source}: LyCORIS cannot rebuild a network from this file: "
+                             f"{type(e).__name__}: {e}".splitlines()[0]) from e
     network.loras = network.text_encoder_loras + network.unet_loras
     check_modules(module_names(weights), {lora.lora_name for lora in network.loras}, source)
     ranks = Counter((getattr(m, "lora_dim", None), float(m.alpha) if isinstance(m.alpha, Tensor) else m.alpha)
@@ -271,6 +278,15 @@ class LycorisNetwork(kohya.LycorisNetworkKohya):
         ignored = tuple(p for p, kept in (("lora_unet", self.unet_loras), ("lora_te", self.text_encoder_loras))
                         if not kept)
         check_modules(module_names(weights), {lora.lora_name for lora in self.loras}, str(file), ignored)
+        if any(type(lora).__name__ == "DyLoraModule" for lora in self.loras):
+            raise ConfigError(f"--network_weights {file}: LyCORIS' DyLoRA cannot load its own file into its rank "
+                              "blocks; add --dim_from_weights to continue it (LyCORIS rebuilds it as a LoCon)")
+        with torch.no_grad():  # LyCORIS' Full adds the file's diff to the module's current weight: start from W0
+            for lora in self.loras:
+                if type(lora).__name__ == "FullModule" and f"{lora.lora_name}.diff" in weights:
+                    lora.weight.copy_(lora.org_weight.to(lora.weight))
+                    if lora.bias is not None and lora.org_bias is not None:
+                        lora.bias.copy_(lora.org_bias[0].to(lora.bias))
         own = self.state_dict()
         return self.load_state_dict({k: v for k, v in weights.items() if k in own}, strict=False)
 

@@ -138,6 +138,38 @@ def test_algo_trains_saves_lycoris_keys_and_lycoris_rebuilds_the_applied_weights
         compared += 1
     assert compared > 10
 
+    # --network_weights continues bit-exactly, through create_network and create_network_from_weights
+    expected_sd = network.state_dict()
+    network.restore()
+    for from_weights in (False, True):
+        te2, unet2 = copy.deepcopy(base_te), copy.deepcopy(base_unet)
+        if from_weights and args["algo"] == "ia3":
+            with pytest.raises(ConfigError, match="cannot rebuild an IA3 network from a file"):
+                lycoris_kohya.create_network_from_weights(1.0, path, None, te2, unet2)
+            continue
+        if from_weights and args["algo"] == "dylora":  # LyCORIS writes a conv DyLoRA's lora_up unloadably
+            with pytest.raises(ModelError, match="LyCORIS cannot rebuild a network from this file"):
+                lycoris_kohya.create_network_from_weights(1.0, path, None, te2, unet2)
+            continue
+        if not from_weights and args["algo"] == "dylora":
+            dy = lycoris_kohya.create_network(1.0, 4, 2.0, None, te2, unet2, **args)
+            dy.apply_to(te2, unet2, True, True)
+            with pytest.raises(ConfigError, match="add --dim_from_weights to continue it"):
+                dy.load_weights(path)
+            dy.restore()
+            continue
+        again = (lycoris_kohya.create_network_from_weights(1.0, path, None, te2, unet2)[0] if from_weights
+                 else lycoris_kohya.create_network(1.0, 4, 2.0, None, te2, unet2, **args))
+        again.apply_to(te2, unet2, True, True)
+        again.load_weights(path)
+        got = again.state_dict()
+        assert got.keys() == expected_sd.keys()
+        if from_weights and args["algo"] == "full":  # LyCORIS holds W0 + diff and saves (W0 + diff) - W0
+            assert max((got[k] - expected_sd[k]).abs().max().item() for k in expected_sd) < 1e-6
+        else:
+            assert all(torch.equal(got[k], expected_sd[k]) for k in expected_sd), from_weights
+        again.restore()
+
 
 def test_lycoris_alone_builds_time_embedding_twice_ours_once():
     """LyCORIS 4.1.3's preset lists class TimestepEmbedding and the name time_embedding.linear_1; diffusers'
