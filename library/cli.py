@@ -303,5 +303,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         toml_keys = set(values)
     args = parser.parse_args(argv)
     args.optimizer_table = optimizer_table
-    args.config_file_keys = sorted(toml_keys)
+    given = {token.split("=", 1)[0].removeprefix("--").removeprefix("no-") for token in
+             (sys.argv[1:] if argv is None else argv) if token.startswith("--")}
+    args.config_file_keys = sorted(toml_keys - given)  # the values the file set (the command line wins)
     return args

@@ -44,6 +44,7 @@ from library.training.validate import (
     output_files_exist,
     validate_args,
 )
+from library.training.validation_loss import ValidationLoss
 
 logger = logging.getLogger("loraforge")
 
@@ -93,6 +94,7 @@ class LoRATrainer:
         self.network_module = import_network_module(a.network_module)
         self.spec = check_optimizer_settings(a)
         self.dataset = build_dataset(a)
+        self.validation_dataset = build_dataset(a, split="validation")
         check_writable(self.output_dir)  # last check before the expensive part
 
         from accelerate import Accelerator, InitProcessGroupKwargs
@@ -101,8 +103,13 @@ class LoRATrainer:
         log_with = None if a.log_with == "none" else a.log_with or ("tensorboard" if a.logging_dir else None)
         handlers = [] if a.ddp_timeout is None else [InitProcessGroupKwargs(timeout=timedelta(minutes=a.ddp_timeout))]
         self.accelerator = Accelerator(mixed_precision=a.mixed_precision, log_with=log_with, kwargs_handlers=handlers,
-                                       project_dir=a.logging_dir or str(self.output_dir / "logs"))
+                                       project_dir=a.logging_dir or str(self.output_dir / "logs"),
+                                       cpu=launched_on_cpus())
         acc = self.accelerator
+        if acc.is_main_process:
+            batch = "/".join(str(d.batch_size) for d in self.dataset.config.datasets)  # one per dataset
+            logger.info("processes: %d; effective batch: %s per process x %d processes x %d accumulation steps",
+                        acc.num_processes, batch, acc.num_processes, a.gradient_accumulation_steps)
         self.device = acc.device
         check_compile_device(a, self.device)
         self._mark_step = step_marker(a)
@@ -114,6 +121,7 @@ class LoRATrainer:
         self.noise_scheduler = losses.make_noise_scheduler(self.model.scheduler_config,
                                                            v_parameterization=self.model.v_parameterization,
                                                            zero_terminal_snr=a.zero_terminal_snr)
+        self.validation = self._validation_setup()
         self.train_unet = not a.network_train_text_encoder_only
         self.train_text_encoder = not a.network_train_unet_only
         self._cache_inputs()
@@ -167,20 +175,57 @@ class LoRATrainer:
                 pixels = pixels.to(self.device, vae.dtype)
                 return vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
 
-            self.dataset.cache_latents(encode, to_disk=a.cache_latents_to_disk, batch_size=a.train_batch_size,
-                                       cache_tag=a.pretrained_model_name_or_path)
+            for dataset in filter(None, (self.dataset, self.validation_dataset)):
+                dataset.cache_latents(encode, to_disk=a.cache_latents_to_disk, batch_size=a.vae_batch_size,
+                                      cache_tag=a.pretrained_model_name_or_path, skip_cache_check=a.skip_cache_check)
             vae.to("cpu")
             logger.info("cached latents of %d images", len(self.dataset))
         if a.cache_text_encoder_outputs:
-            captions = sorted({self.dataset.caption_for_cache(i) for i in range(len(self.dataset))})
+            captions = sorted({d.caption_for_cache(i) for d in filter(None, (self.dataset, self.validation_dataset))
+                               for i in range(len(d))})
             with torch.no_grad():
                 for c in captions:
-                    self.cached_text[c] = conditioning.encode_prompts(m, [c], a.clip_skip, self.device)
+                    self.cached_text[c] = conditioning.encode_prompts(m, [c], a.clip_skip, self.device,
+                                                                      max_token_length=a.max_token_length,
+                                                                      weighted=a.weighted_captions)
             for te in m.text_encoders:  # not trained (--network_train_unet_only): no reason to hold device memory
                 te.to("cpu")
             logger.info("cached text-encoder outputs of %d captions", len(captions))
         if self.device.type == "cuda":
             torch.cuda.empty_cache()  # hand what the encoders used back before the U-Net arrives
+
+    def _validation_setup(self) -> ValidationLoss | None:
+        a = self.args
+        if self.validation_dataset is None:
+            return None
+        batches = len(self.validation_dataset.batch_sampler(seed=a.seed, shuffle=False))
+        return ValidationLoss(batches, seed=a.seed if a.validation_seed is None else a.validation_seed,
+                              num_train_timesteps=self.noise_scheduler.config.num_train_timesteps,
+                              min_timestep=getattr(a, "min_timestep", None), max_timestep=getattr(a, "max_timestep", None),
+                              every_n_steps=a.validate_every_n_steps, every_n_epochs=a.validate_every_n_epochs,
+                              max_steps=a.max_validation_steps)
+
+    def _validate(self, kind: str) -> None:
+        """A validation pass with the network in eval mode (dropout off, schedule-free's averaged weights)."""
+        if self.validation is None:
+            return
+        self._optimizer_mode("eval")
+        self.network.eval()
+        loader = torch.utils.data.DataLoader(
+            self.validation_dataset, batch_sampler=list(self.validation_dataset.batch_sampler(seed=self.args.seed,
+                                                                                              shuffle=False)),
+            collate_fn=collate, num_workers=self.args.max_data_loader_n_workers)
+        logs = self.validation.run(kind, self.progress.epoch, loader, self._validation_loss, self.device)
+        self.accelerator.log(logs, step=self.progress.global_step)
+        self.network.train()
+        self._optimizer_mode("train")
+
+    def _validation_loss(self, batch: dict, timestep: int) -> torch.Tensor:
+        latents = self._latents(batch)
+        timesteps = torch.full((latents.shape[0],), timestep, device=self.device, dtype=torch.long)
+        loss, _ = self._loss(latents, self._conditioning(batch), self._loss_weights(batch), self.accelerator.autocast(),
+                             timesteps)
+        return loss
 
     def _epoch_batches(self, epoch: int) -> list[list[int]]:
         """This process's batches of an epoch: deterministic from (seed, epoch), split across processes."""
@@ -191,7 +236,11 @@ class LoRATrainer:
         usable = len(batches) // self.world * self.world
         if usable == 0:
             raise ConfigError(f"the dataset gives {len(batches)} batches per epoch, fewer than the {self.world} processes")
-        return batches[self.accelerator.process_index:usable:self.world]
+        mine = batches[self.accelerator.process_index:usable:self.world]
+        if self.dataset.uses_token_warmup():  # token warm-up grows captions with the optimizer step
+            self.dataset.set_sample_steps(sample_steps(mine, epoch, self.args.gradient_accumulation_steps),
+                                          self.args.max_train_steps)
+        return mine
 
     # ------------------------------------------------------------------ step
     def _latents(self, batch: dict) -> torch.Tensor:
@@ -213,7 +262,9 @@ class LoRATrainer:
             cond = conditioning.Conditioning(hidden, extra)
         else:
             with torch.set_grad_enabled(self.train_text_encoder):
-                cond = conditioning.encode_prompts(self.model, captions, self.args.clip_skip, self.device)
+                cond = conditioning.encode_prompts(self.model, captions, self.args.clip_skip, self.device,
+                                                   max_token_length=self.args.max_token_length,
+                                                   weighted=self.args.weighted_captions)
         if cond.added_cond_kwargs is not None:  # SDXL: each image's own original size, crop and bucket
             cond.added_cond_kwargs["time_ids"] = conditioning.sdxl_time_ids(
                 batch["original_size"], batch["crop_top_left"], batch["bucket"], self.device)
@@ -230,11 +281,14 @@ class LoRATrainer:
         return torch.where(is_reg, self.args.prior_loss_weight, 1.0).float().to(self.device, non_blocking=True)
 
     def _loss(self, latents: torch.Tensor, cond: conditioning.Conditioning, weights: torch.Tensor,
-              autocast) -> tuple[torch.Tensor, torch.Tensor]:
-        """Noise, timesteps, the U-Net's prediction and the weighted loss; returns (loss, timesteps)."""
+              autocast, timesteps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Noise, timesteps (random unless given), the U-Net's prediction and the weighted loss; returns (loss,
+        timesteps)."""
         a = self.args
         noise = losses.sample_noise(latents, a.noise_offset)
-        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=self.device)
+        if timesteps is None:
+            timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
+                                      device=self.device)
         with autocast:
             pred = self._unet_forward(latents, noise, timesteps, cond)
         target = losses.training_target(self.noise_scheduler, latents, noise, timesteps)
@@ -326,8 +380,11 @@ class LoRATrainer:
                     num_workers=a.max_data_loader_n_workers, persistent_workers=False,
                     pin_memory=self.device.type == "cuda", generator=torch.Generator())
                 for i, batch in enumerate(loader, start=start):
-                    loss_sum += self.forward_backward(batch)
+                    loss = self.forward_backward(batch)
+                    loss_sum += loss
                     loss_count += 1
+                    if self.validation is not None:
+                        self.validation.train.add(epoch=epoch, step=i, loss=loss.clone())  # graphs reuse `loss`
                     micro_done = i + 1
                     if micro_done % a.gradient_accumulation_steps and micro_done != len(batches):
                         continue
@@ -362,11 +419,15 @@ class LoRATrainer:
                         self.save(f"{a.output_name}-step{step:08d}", state=a.save_state)
                     if a.sample_every_n_steps and step % a.sample_every_n_steps == 0:
                         self.sample_images()
+                    if self.validation is not None and self.validation.due_after_step(step):
+                        self._validate("step")
                     if stop:
                         self._interrupted()
                     if step >= a.max_train_steps:
                         break
                 else:
+                    if self.validation is not None and self.validation.due_after_epoch(epoch + 1):
+                        self._validate("epoch")
                     self.progress.epoch += 1
                     self.progress.batches_done_in_epoch = 0
                     done = self.progress.epoch
@@ -376,6 +437,8 @@ class LoRATrainer:
                     if a.sample_every_n_epochs and done % a.sample_every_n_epochs == 0:
                         self.sample_images()
                     continue
+                if self.validation is not None and self.validation.due_after_epoch(epoch + 1):
+                    self._validate("epoch")  # sd-scripts validates the last, stopped epoch too
                 break
             final = self.save(a.output_name, state=a.save_state)
         except BaseException:  # the error line must not land on the open progress bar's line
@@ -399,7 +462,7 @@ class LoRATrainer:
             dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "float": torch.float32}.get(a.save_precision or "", None)
             metadata = build_metadata(a, model_type=self.model.model_type, v_parameterization=self.model.v_parameterization,
                                       session_id=self.session_id, started_at=self.started_at,
-                                      dataset_summary=self.dataset.summary(), optimizer_desc=self.optimizer_desc,
+                                      dataset_summary=self._dataset_summary(), optimizer_desc=self.optimizer_desc,
                                       steps=self.progress.global_step, epoch=self.progress.epoch)
             with atomic_file(path) as tmp:
                 self.network.save_weights(str(tmp), dtype, metadata)
@@ -413,6 +476,11 @@ class LoRATrainer:
         acc.wait_for_everyone()
         self._optimizer_mode("train")
         return path
+
+    def _dataset_summary(self) -> dict:
+        summary = self.dataset.summary()
+        summary["num_validation_images"] = len(self.validation_dataset) if self.validation_dataset else 0
+        return summary
 
     def sample_images(self) -> None:
         a = self.args
@@ -429,7 +497,8 @@ class LoRATrainer:
                   if m.device.type == "cpu" and self.device.type != "cpu"]
         for module in parked:  # cached latents / text-encoder outputs moved them off the device
             module.to(self.device)
-        images = sampling.generate(self.model, prompts, a.sample_sampler, self.model.scheduler_config, self.device, a.seed)
+        images = sampling.generate(self.model, prompts, a.sample_sampler, self.model.scheduler_config, self.device, a.seed,
+                                   clip_skip=a.clip_skip, max_token_length=a.max_token_length)
         for module in parked:
             module.to("cpu")
         save_samples(self.output_dir, a.output_name, self.progress.global_step, prompts, images, self.accelerator)
@@ -511,6 +580,13 @@ class LoRATrainer:
                               f"state to {state}. Resume with the same command plus --resume {state}", exit_code=code)
 
 
+def sample_steps(batches: list[list[int]], epoch: int, accumulate: int) -> dict[int, int]:
+    """Sample index -> the optimizer steps done before its batch trains (sd-scripts' `current_step`): every epoch
+    has the same ceil(batches / accumulate) steps, and a step follows each `accumulate` batches."""
+    first = epoch * math.ceil(len(batches) / accumulate)
+    return {i: first + j // accumulate for j, batch in enumerate(batches) for i in batch}
+
+
 def average_gradients(params: list[torch.Tensor], world: int) -> None:
     """Average LoRA gradients across processes in ONE flat all-reduce.
 
@@ -528,6 +604,13 @@ def average_gradients(params: list[torch.Tensor], world: int) -> None:
         offset += n
 
 
+def launched_on_cpus() -> bool:
+    """Several processes (torchrun / accelerate launch --multi_gpu) on a machine without CUDA: accelerate joins
+    them through gloo only when told to use the CPU; otherwise each process would train alone, on all the data,
+    into the same files."""
+    return not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def threading_main() -> bool:
     import threading
 
@@ -536,6 +619,12 @@ def threading_main() -> bool:
 
 def train(args: argparse.Namespace) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.debug_dataset:  # sd-scripts: show the samples, train nothing
+        from library.data.debug import print_dataset
+
+        validate_args(args)
+        print_dataset(build_dataset(args), seed=args.seed)
+        return
     trainer = LoRATrainer(args)
     trainer.setup()
     trainer.train()

@@ -165,7 +165,31 @@ def test_caption_shuffle_changes_with_epoch_but_reproduces(tmp_path):
         assert all(c.startswith("zkw, ") for c in caps)
         per_epoch.append(caps)
     assert per_epoch[0] != per_epoch[1]
-    assert ds1.caption_for_cache(0) == "zkw, a, b, c, d, e"
+    assert ds1.random_caption_subsets() == [str(tmp_path / "a")]  # shuffled: no cached encoding
+
+
+def test_wildcards_token_warmup_and_cached_captions_from_the_dataset(tmp_path):
+    _img(tmp_path / "w/x.png", caption="a {red|blue} cat\n\nthe {big|small} dog\n")
+    _img(tmp_path / "t/y.png", caption="zkw, t0, t1, t2, t3, t4, t5")
+    _img(tmp_path / "c/z.png", caption="red;;;dress, blue ||| best")
+    cfg = _config(SubsetConfig(tmp_path / "w", enable_wildcard=True, num_repeats=40, name="wild"),
+                  SubsetConfig(tmp_path / "t", keep_tokens=1, token_warmup_min=1, token_warmup_step=0.5, name="warm"),
+                  SubsetConfig(tmp_path / "c", caption_prefix="zkw,", secondary_separator=";;;",
+                               keep_tokens_separator="|||", name="fixed"))
+    ds = CaptionedImageDataset(cfg, seed=3)
+    assert ds.random_caption_subsets() == ["wild", "warm"]
+    assert set(ds[i]["caption"] for i in range(40)) == {"a red cat", "a blue cat", "the big dog", "the small dog"}
+    warm = 40
+    ds.set_sample_steps({warm: 0}, max_train_steps=10)  # warm-up over floor(0.5 * 10) = 5 steps
+    assert ds[warm]["caption"] == "zkw, t0"
+    ds.set_sample_steps({warm: 3}, max_train_steps=10)
+    assert ds[warm]["caption"] == "zkw, t0, t1, t2, t3"  # floor(3 * (6 - 1) / 5) + 1 tags
+    ds.set_sample_steps({warm: 5}, max_train_steps=10)
+    assert ds[warm]["caption"] == "zkw, t0, t1, t2, t3, t4, t5"
+    assert ds[41]["caption"] == ds.caption_for_cache(41) == "zkw, red,dress, blue ||| best"
+    subsets = ds.summary()["datasets"][0]["subsets"]
+    assert subsets[0]["enable_wildcard"] and subsets[2]["caption_prefix"] == "zkw,"
+    assert (subsets[2]["secondary_separator"], subsets[2]["keep_tokens_separator"]) == (";;;", "|||")
 
 
 def test_bad_files_stop_before_training_with_a_list(tmp_path):
@@ -279,6 +303,9 @@ def test_cache_latents_on_disk_is_reused_and_invalidated(tmp_path):
     bigger.cache_latents(encode, to_disk=True, cache_tag="vae-b")  # other bucket size: stale
     assert calls[-1] == 2 and bigger[0]["latents"].shape == (4, 4, 4)
     assert not list((tmp_path / "a").glob("*.tmp"))
+    unchecked = CaptionedImageDataset(cfg, seed=0)  # --skip_cache_check: any existing file is taken as it is
+    unchecked.cache_latents(encode, to_disk=True, cache_tag="vae-c", skip_cache_check=True)
+    assert len(calls) == 5 and unchecked[0]["latents"].shape == (4, 4, 4)
 
 
 def test_cache_latents_refuses_random_crop(tmp_path):
@@ -293,8 +320,11 @@ def test_random_crop_moves_the_window(tmp_path):
     (tmp_path / "a").mkdir()
     Image.fromarray(arr).save(tmp_path / "a/x.png")
     ds = CaptionedImageDataset(_config(SubsetConfig(tmp_path / "a", num_repeats=16, random_crop=True)), seed=0)
-    lefts = {ds[i]["crop_top_left"][1] for i in range(len(ds))}
+    # pixel value = 2 * x, so a sample's first column tells where its window starts; the SDXL crop conditioning
+    # stays the offset of the whole image fitted in the bucket (64x32 at top 16), as sd-scripts passes it
+    lefts = {int(ds.pixels(i)[0, 0, 0]) // 2 for i in range(len(ds))}
     assert len(lefts) > 4 and min(lefts) >= 0 and max(lefts) <= 64
+    assert {ds[i]["crop_top_left"] for i in range(len(ds))} == {(16, 0)}
 
 
 def test_demo_toml_gives_an_epoch_of_10_to_20_steps(tmp_path, monkeypatch):
@@ -316,5 +346,7 @@ def test_bucket_no_upscale_uses_the_image_size(tmp_path):
     ds = CaptionedImageDataset(cfg, seed=0)
     by_caption = {ds[i]["caption"]: ds[i] for i in range(len(ds))}
     assert by_caption["s"]["bucket"] == (96, 64)  # floored, never enlarged
-    assert by_caption["b"]["bucket"] == (160, 64)  # 400x200 -> 128^2 area: 181x90 -> floored to 32s
-    assert by_caption["b"]["pixel_values"].shape == (3, 64, 160)
+    # 400x200 -> 128^2 area: 181x90; width-first rounding gives 160x64 (aspect 2.5), height-first 128x64 (2.0):
+    # sd-scripts keeps the closer aspect
+    assert by_caption["b"]["bucket"] == (128, 64)
+    assert by_caption["b"]["pixel_values"].shape == (3, 64, 128)
