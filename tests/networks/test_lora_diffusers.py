@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import safetensors
+import safetensors.torch
 import torch
 from diffusers import (
     AutoencoderKL,
@@ -84,6 +85,18 @@ def test_diffusers_load_lora_weights_matches_our_network(tmp_path, attention_in_
     assert (ours_unet - base_unet).abs().max() > 1e-2  # the LoRA does change the output
     torch.testing.assert_close(theirs_unet, ours_unet, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(theirs_te, ours_te, atol=1e-5, rtol=1e-5)
+
+    # a hand merge of the file into fresh weights: W += up @ down * alpha / dim for every module
+    hand = tiny_unet(attention_in_both)
+    layers = {"lora_unet_" + n.replace(".", "_"): m for n, m in hand.named_modules()}
+    sd = safetensors.torch.load_file(path)
+    for key in [k for k in sd if k.startswith("lora_unet_") and k.endswith(".lora_down.weight")]:
+        name = key[: -len(".lora_down.weight")]
+        down, up = sd[key], sd[f"{name}.lora_up.weight"]
+        weight = layers[name].weight
+        delta = (up.flatten(1) @ down.flatten(1)).view(weight.shape) * (float(sd[f"{name}.alpha"]) / down.shape[0])
+        weight.add_(delta)
+    torch.testing.assert_close(hand(sample, t, enc).sample, theirs_unet, atol=1e-5, rtol=1e-5)
 
     # the whole sampling loop, from the same prompt embeddings
     generator = torch.Generator().manual_seed(0)
