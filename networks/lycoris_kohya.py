@@ -60,6 +60,8 @@ _NUMBER_ARGS = (
     "factor", "loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio",
 )
 NETWORK_ARGS = ("algo", "preset", *_BOOL_ARGS, *_NUMBER_ARGS)
+# LyCORIS algos whose forward fails on Stable Diffusion's U-Net (measured with lycoris-lora 4.1.3)
+_NOT_ON_SD_UNETS = {"tlora": "LyCORIS' tlora forward fails on Stable Diffusion U-Net layers (shape mismatch)"}
 
 
 def check_network_args(kwargs: Mapping[str, Any], neuron_dropout: float | None) -> dict[str, Any]:
@@ -71,8 +73,11 @@ def check_network_args(kwargs: Mapping[str, Any], neuron_dropout: float | None) 
             f"--network_args {unknown[0]}: unknown for lycoris.kohya; valid keys: {', '.join(NETWORK_ARGS)}"
         )
     algo = str(kw.get("algo", "lora") or "lora").lower()
+    offered = [a for a in network_module_dict if a not in _NOT_ON_SD_UNETS]
+    if algo in _NOT_ON_SD_UNETS:
+        raise ConfigError(f"--network_args algo={algo}: {_NOT_ON_SD_UNETS[algo]}; valid algos are {', '.join(offered)}")
     if algo not in network_module_dict:
-        raise ConfigError(f"--network_args algo={algo}: valid algos are {', '.join(network_module_dict)}")
+        raise ConfigError(f"--network_args algo={algo}: valid algos are {', '.join(offered)}")
     preset = kw.get("preset", "full")
     if preset not in PRESET and not os.path.isfile(str(preset)):
         raise ConfigError(

@@ -188,6 +188,8 @@ def test_lycoris_alone_builds_time_embedding_twice_ours_once():
 def test_bad_network_args_fail_in_one_line():
     with pytest.raises(ConfigError, match="--network_args algo=lohaa: valid algos are"):
         lycoris_kohya.check_network_args({"algo": "lohaa"}, None)
+    with pytest.raises(ConfigError, match="--network_args algo=tlora: LyCORIS' tlora forward fails"):
+        lycoris_kohya.check_network_args({"algo": "tlora"}, None)
     with pytest.raises(ConfigError, match="--network_args use_tuker: unknown for lycoris.kohya"):
         lycoris_kohya.check_network_args({"use_tuker": True}, None)
     with pytest.raises(ConfigError, match="preset=nope: neither a built-in preset"):
