@@ -23,7 +23,7 @@ from library.errors import ConfigError, ModelError
 from library.tools.lora_math import loha_delta, lokr_delta, lora_delta
 from library.training.atomic import atomic_file
 from library.training.metadata import MODELSPEC_VERSION, architecture
-from networks.lora import read_lora_file, safetensors_hashes
+from networks.files import read_lora_file, safetensors_hashes
 
 LORA_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
 _LYCORIS_MARKERS = {

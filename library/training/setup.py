@@ -167,21 +167,26 @@ def parse_key_values(items: list[str] | None, flag: str) -> dict:
 
 
 def build_network(args: argparse.Namespace, network_module, model, train_text_encoder: bool, train_unet: bool):
+    """Create the network, hook it in, and load --network_weights (also with --dim_from_weights, as sd-scripts).
+
+    With --dim_from_weights the file decides the rank: the log states the network's (the file's) dim/alpha.
+    """
     net_kwargs = parse_key_values(args.network_args, "--network_args")
     text_encoder = model.text_encoders if len(model.text_encoders) > 1 else model.text_encoders[0]
     if args.network_weights and args.dim_from_weights:
         network, _ = network_module.create_network_from_weights(1.0, args.network_weights, model.vae, text_encoder,
                                                                 model.unet, **net_kwargs)
+        dim, alpha = getattr(network, "lora_dim", "?"), getattr(network, "alpha", "?")
     else:
         network = network_module.create_network(1.0, args.network_dim, args.network_alpha, model.vae, text_encoder,
                                                  model.unet, neuron_dropout=args.network_dropout, **net_kwargs)
+        dim, alpha = args.network_dim, args.network_alpha
     network.apply_to(text_encoder, model.unet, train_text_encoder, train_unet)
-    if args.network_weights and not args.dim_from_weights:
+    if args.network_weights:
         info = network.load_weights(args.network_weights)
         logger.info("loaded network weights %s: %s", args.network_weights, info)
     n = sum(p.numel() for p in network.parameters() if p.requires_grad)
-    logger.info("network: %s dim %s alpha %s, %d trainable parameters", args.network_module, args.network_dim,
-                args.network_alpha, n)
+    logger.info("network: %s dim %s alpha %s, %d trainable parameters", args.network_module, dim, alpha, n)
     return network
 
 

@@ -767,9 +767,15 @@ def network_kwargs_metadata(args: argparse.Namespace) -> dict:
 
 def dim_from_weights_metadata(args: argparse.Namespace, network) -> dict:
     """With --dim_from_weights the rank and alpha are the file's, not --network_dim/--network_alpha: record those
-    (one value when every module shares it, as kohya LoRAs do; else the largest rank and its alpha)."""
+    (the network's own lora_dim/alpha where create_network_from_weights set them — the most common pair of the
+    file's modules, OFT's blocks and constraint — else the largest rank and its alpha)."""
+    if not args.dim_from_weights:
+        return {}
+    dim, alpha = getattr(network, "lora_dim", None), getattr(network, "alpha", None)
+    if isinstance(dim, int) and isinstance(alpha, (int, float)):  # create_network_from_weights states the file's
+        return {"network_dim": dim, "network_alpha": float(alpha)}
     modules = list(getattr(network, "text_encoder_loras", [])) + list(getattr(network, "unet_loras", []))
-    if not args.dim_from_weights or not modules:
+    if not modules:
         return {}
     widest = max(modules, key=lambda m: m.lora_dim)
     return {"network_dim": widest.lora_dim, "network_alpha": round(widest.scale * widest.lora_dim, 6)}

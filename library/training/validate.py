@@ -134,8 +134,10 @@ def _check_network_weights(value: str) -> None:
         keys = _safetensors_keys(path)
         if keys is None:
             raise ConfigError(f"--network_weights {value}: not a readable safetensors file (truncated or another format)")
-        if not any(k.endswith(".lora_down.weight") for k in keys):
-            raise ConfigError(f"--network_weights {value}: no '<name>.lora_down.weight' tensors; not a kohya-format LoRA")
+        network_key = ("lora_", "oft_", "unet.", "text_encoder", "base_model.model.")
+        if not any(k.startswith(network_key) for k in keys):
+            raise ConfigError(f"--network_weights {value}: no lora_*/oft_* (kohya, LyCORIS) or unet./text_encoder. "
+                              "(diffusers) tensors; not a network file")
     elif not _looks_like_torch_file(path):
         raise ConfigError(f"--network_weights {value}: neither a .safetensors file nor a torch.save'd state dict")
 
@@ -199,10 +201,14 @@ def validate_network_args(args: argparse.Namespace) -> None:
     from library.training.setup import parse_key_values
 
     kwargs = parse_key_values(args.network_args, "--network_args")
-    check = getattr(import_network_module(args.network_module), "check_network_args", None)
+    module = import_network_module(args.network_module)
+    check = getattr(module, "check_network_args", None)
     if check is not None:  # a foreign sd-scripts module: its create_network is the only judge
         check(kwargs, args.network_dropout)
     if args.cuda_graphs:
+        if getattr(module, "CUDA_GRAPHS", None) is not True:
+            why = getattr(module, "CUDA_GRAPHS", None) or "it does not declare its forward free of host decisions"
+            raise ConfigError(f"--cuda_graphs cannot record --network_module {args.network_module}: {why}")
         check_cuda_graph_dropout(args, kwargs)
 
 
@@ -234,9 +240,13 @@ def check_cuda_graph_dropout(args: argparse.Namespace, network_kwargs: dict) -> 
                           "recomputed forward would draw other dropout masks; drop the dropout or one of the two flags")
 
 
+# network modules users name as sd-scripts does, served by our wrapper of the same package
+NETWORK_MODULE_ALIASES = {"lycoris.kohya": "networks.lycoris_kohya"}
+
+
 def import_network_module(name: str):
     try:
-        module = importlib.import_module(name)
+        module = importlib.import_module(NETWORK_MODULE_ALIASES.get(name, name))
     except ModuleNotFoundError as exc:
         raise ConfigError(f"--network_module {name}: cannot import ({exc}); e.g. networks.lora") from None
     if not hasattr(module, "create_network"):
@@ -360,12 +370,12 @@ def lora_parameters_from_configs(args: argparse.Namespace) -> int | None:
     """LoRA parameter count of the network this run builds, from the model's configs on the meta device.
 
     No weight is read or allocated, so it takes well under a second even for SDXL. None when the model's
-    configs cannot be read here (the loader will report that properly) or the network module is not ours (a
-    foreign create_network may not accept meta-device modules).
+    configs cannot be read here (the loader will report that properly) or the network module does not declare
+    `BUILDS_ON_META_DEVICE = True` (a create_network may read weights, which meta-device modules do not have).
     """
     module = import_network_module(args.network_module)
     folder = _architecture_dir(args.pretrained_model_name_or_path)
-    if folder is None or not hasattr(module, "check_network_args"):
+    if folder is None or not getattr(module, "BUILDS_ON_META_DEVICE", False):
         return None
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
