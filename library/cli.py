@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from library.errors import ConfigError
+from library.flags.run import int_or_float
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -22,7 +23,9 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 DEFAULT_MODEL = "builtin:tiny-sd"
-LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+# sd-scripts' --lr_scheduler names; "adafactor" (also "adafactor:LR") is Adafactor's own relative-step schedule
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                 "adafactor", "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay", "piecewise_constant")
 
 # Optimizer-specific flags: (dest, type, documented default, help). Defaults are shown in --help but the parsed
 # default is None, so the registry knows which values the user set.
@@ -136,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--network_train_unet_only", action="store_true")
     g.add_argument("--network_train_text_encoder_only", action="store_true")
     g.add_argument("--unet_lr", type=float, default=None)
-    g.add_argument("--text_encoder_lr", type=float, default=None)
+    g.add_argument("--text_encoder_lr", type=float, nargs="*", default=None,
+                   help="learning rate of the text encoder(s); SDXL: one value for both, or one per encoder")
     g.add_argument("--dim_from_weights", action="store_true", help="take dim/alpha from --network_weights")
 
     g = p.add_argument_group("training")
@@ -155,7 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--zero_terminal_snr", action="store_true")
     g.add_argument("--max_grad_norm", type=float, default=1.0, help="0 disables clipping")
     g.add_argument("--lr_scheduler", type=str, default="constant", help=f"one of {', '.join(LR_SCHEDULERS)}")
-    g.add_argument("--lr_warmup_steps", type=int, default=0)
+    g.add_argument("--lr_warmup_steps", type=int_or_float, default=0,
+                   help="warm-up steps, or a fraction of the steps (0.1 or 10%%)")
     g.add_argument("--lr_scheduler_num_cycles", type=int, default=1)
     g.add_argument("--lr_scheduler_power", type=float, default=1.0)
     g.add_argument("--sdpa", action="store_true", help="scaled-dot-product attention (PyTorch's, the default)")
@@ -202,7 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("logging")
     g.add_argument("--logging_dir", type=str, default=None)
-    g.add_argument("--log_with", type=str, default=None, choices=[None, "tensorboard", "none"])
+    g.add_argument("--log_with", type=str, default=None, choices=[None, "tensorboard", "wandb", "all", "none"],
+                   help="trackers: tensorboard (under --logging_dir), wandb, all; none turns them off (default: "
+                        "tensorboard when --logging_dir is given)")
     g.add_argument("--log_prefix", type=str, default=None)
     g.add_argument("--log_every_n_steps", type=int, default=10, help="loss read back from the device every N steps")
     g.add_argument("--plot_every_n_steps", type=int, default=None, help="also write the loss/lr plot every N steps")

@@ -177,17 +177,3 @@ def build_optimizer_for(args: argparse.Namespace, network) -> tuple[torch.optim.
     values = optimizer.defaults
     settings = ", ".join(f"{k}={values.get(k, '?')}" for k in sorted(sources))
     return optimizer, desc + (f"({settings})" if settings else "")
-
-
-def build_lr_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer, total_steps: int):
-    from diffusers.optimization import get_scheduler
-
-    if type(optimizer).__name__ == "Adafactor" and optimizer.defaults.get("relative_step"):
-        from transformers.optimization import AdafactorSchedule
-
-        logger.info("Adafactor with relative_step: using its own schedule (--lr_scheduler ignored), as sd-scripts")
-        return AdafactorSchedule(optimizer)
-    warmup = None if args.lr_scheduler == "constant" else args.lr_warmup_steps
-    # diffusers routes num_cycles to cosine_with_restarts and power to polynomial only
-    return get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps,
-                         num_cycles=args.lr_scheduler_num_cycles, power=args.lr_scheduler_power)

@@ -27,11 +27,11 @@ from library.training import conditioning, losses
 from library.training.atomic import atomic_dir, atomic_file, check_writable
 from library.training.compile import check_compile_device, compile_requested, compile_unet, step_marker
 from library.training.graphed_step import GraphedStep, checkpoint_without_rng_state
+from library.training.lr_schedulers import build_lr_scheduler
 from library.training.metadata import build_metadata
 from library.training.progress import Progress
 from library.training.setup import (
     build_dataset,
-    build_lr_scheduler,
     build_network,
     build_optimizer_for,
     check_optimizer_settings,
@@ -144,7 +144,8 @@ class LoRATrainer:
         if a.max_train_epochs:
             a.max_train_steps = a.max_train_epochs * self.steps_per_epoch
         self.num_epochs = math.ceil(a.max_train_steps / self.steps_per_epoch)
-        self.lr_scheduler = build_lr_scheduler(a, self.base_optimizer, a.max_train_steps)
+        # as sd-scripts: the schedule spans steps x processes and advances once per process each step
+        self.lr_scheduler = build_lr_scheduler(a, self.base_optimizer, a.max_train_steps * self.world)
         self.optimizer = acc.prepare(self.optimizer)
         acc.register_for_checkpointing(self.network, self.lr_scheduler, self.progress)
         if a.resume:
@@ -335,7 +336,8 @@ class LoRATrainer:
                     if a.max_grad_norm > 0:
                         acc.clip_grad_norm_(self.trainable, a.max_grad_norm)
                     self.optimizer.step()
-                    self.lr_scheduler.step()
+                    for _ in range(self.world):
+                        self.lr_scheduler.step()
                     self.optimizer.zero_grad(set_to_none=True)
                     self.progress.global_step += 1
                     self.progress.batches_done_in_epoch = micro_done
