@@ -10,17 +10,21 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from library.errors import ConfigError
-from library.flags.run import int_or_float
+from library.flags.kohya_gui import KOHYA_GUI_KEYS
+from library.flags.run import int_or_float, resolve_optimizer_switches
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
+
+logger = logging.getLogger("loraforge")
 
 DEFAULT_MODEL = "builtin:tiny-sd"
 # sd-scripts' --lr_scheduler names; "adafactor" (also "adafactor:LR") is Adafactor's own relative-step schedule
@@ -85,9 +89,26 @@ def _add_flag(group: argparse._ArgumentGroup, dest: str, kind: type, default: An
                            help=f"{text} (default: {default})")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="train_network.py",
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse's errors as one line, `<prog>: error: ...`, exit code 2, without the usage dump; an unknown
+    option comes with the closest known ones."""
+
+    def error(self, message: str) -> NoReturn:
+        if message.startswith("unrecognized arguments:"):
+            known = [s for a in self._actions for s in a.option_strings]
+            hints = []
+            for word in message.split(":", 1)[1].split():
+                close = difflib.get_close_matches(word.split("=", 1)[0], known, n=2) if word.startswith("-") else []
+                if close:
+                    hints.append(f"{word} -> {' or '.join(close)}")
+            if hints:
+                message += f" (did you mean: {'; '.join(hints)}?)"
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser(prog: str = "train_network.py") -> argparse.ArgumentParser:
+    p = OneLineErrorParser(
+        prog=prog,
         description="Train a LoRA for Stable Diffusion 1.x / 2.x / SDXL (sd-scripts compatible options).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -252,12 +273,17 @@ def _coerce(action: argparse.Action, key: str, value: Any, path: Path) -> Any:
     """Check a TOML value against the option's kind, as argparse would check a command-line string."""
     where = f"{path}: key '{key}'"
     if isinstance(action, (argparse._StoreTrueAction, argparse.BooleanOptionalAction)):
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where} must be true or false, got {value!r}")
-        return value
+        if isinstance(value, int) and value in (0, 1):  # the kohya_ss GUI writes some switches as 0 / 1
+            return bool(value)
+        raise ConfigError(f"{where} must be true or false, got {value!r}")
     if action.nargs in ("*", "+"):
         items = value if isinstance(value, list) else [value]
-        return [str(v) for v in items]
+        if action.type in (None, str):
+            return [str(v) for v in items]
+        try:
+            return [action.type(v) for v in items]
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{where}: {value!r} is not a list of {action.type.__name__} ({exc})") from None
     if isinstance(value, (list, dict)):
         if action.type is _resolution and isinstance(value, list):
             value = ",".join(str(v) for v in value)
@@ -289,18 +315,32 @@ def load_config_file(path_str: str, parser: argparse.ArgumentParser) -> tuple[di
     flat, optimizer_table = _flatten_toml(data, path)
     actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config_file")}
     values = {}
+    gui_keys, unknown = [], []
     for key, value in flat.items():
-        if key not in actions:
-            close = difflib.get_close_matches(key, actions.keys(), n=3)
-            hint = f"; did you mean {', '.join(close)}?" if close else "; keys are the command-line option names"
-            raise ConfigError(f"{path}: unknown key '{key}'{hint}")
-        values[key] = _coerce(actions[key], key, value, path)
+        if key in actions:
+            values[key] = _coerce(actions[key], key, value, path)
+        elif key in KOHYA_GUI_KEYS:
+            gui_keys.append(f"{key} ({KOHYA_GUI_KEYS[key]})")
+        else:
+            close = difflib.get_close_matches(key, actions.keys(), n=1)
+            unknown.append(f"{key}" + (f" (did you mean {close[0]}?)" if close else ""))
+    # sd-scripts takes any key into its namespace; a key no option reads is told, never a stop
+    if gui_keys:
+        logger.info("%s: kohya_ss GUI keys that train_network.py does not read either: %s", path, "; ".join(gui_keys))
+    if unknown:
+        logger.warning("%s: keys that are no option, not used: %s", path, ", ".join(unknown))
     return values, optimizer_table
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def _given_on_command_line(parser: argparse.ArgumentParser, argv: list[str] | None, dest: str) -> bool:
+    unset = object()
+    probe, _ = parser.parse_known_args(argv, argparse.Namespace(**{dest: unset}))
+    return getattr(probe, dest) is not unset
+
+
+def parse_args(argv: list[str] | None = None, *, prog: str = "train_network.py") -> argparse.Namespace:
     """Parse the command line, merging `--config_file` underneath it. Raises ConfigError on a bad file."""
-    parser = build_parser()
+    parser = build_parser(prog)
     pre, _ = parser.parse_known_args(argv)
     optimizer_table = None
     toml_keys: set[str] = set()
@@ -311,4 +351,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.optimizer_table = optimizer_table
     args.config_file_keys = sorted(toml_keys)
+    explicit = "optimizer_type" in toml_keys or _given_on_command_line(parser, argv, "optimizer_type")
+    resolve_optimizer_switches(args, optimizer_type_given=explicit)
     return args

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 
+from library.errors import ConfigError
+
 CONSOLE_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
@@ -91,3 +93,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--resume_from_huggingface", action="store_true",
                    help="--resume names a Hub state folder: repo_id/path_in_repo:revision:repo_type")
     g.add_argument("--async_upload", action="store_true", help="upload in the background; training goes on")
+
+
+def resolve_optimizer_switches(args: argparse.Namespace, *, optimizer_type_given: bool) -> None:
+    """--use_8bit_adam / --use_lion_optimizer name the optimizer, as in sd-scripts, which refuses them beside an
+    explicit --optimizer_type or each other."""
+    switches = [f"--{s}" for s in ("use_8bit_adam", "use_lion_optimizer") if getattr(args, s)]
+    if len(switches) == 2:
+        raise ConfigError("--use_8bit_adam and --use_lion_optimizer exclude each other; give one --optimizer_type")
+    if switches and optimizer_type_given:
+        raise ConfigError(f"{switches[0]} and --optimizer_type {args.optimizer_type} exclude each other, as in "
+                          "sd-scripts; keep one")
+    if args.use_8bit_adam:
+        args.optimizer_type = "AdamW8bit"
+    elif args.use_lion_optimizer:
+        args.optimizer_type = "Lion"

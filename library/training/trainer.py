@@ -30,6 +30,7 @@ from library.training.graphed_step import GraphedStep, checkpoint_without_rng_st
 from library.training.lr_schedulers import build_lr_scheduler
 from library.training.metadata import build_metadata
 from library.training.progress import Progress
+from library.training.trackers import lr_logs, start_trackers, tracker_choice
 from library.training.setup import (
     build_dataset,
     build_network,
@@ -97,8 +98,7 @@ class LoRATrainer:
 
         from accelerate import Accelerator, InitProcessGroupKwargs
 
-        # sd-scripts: a --logging_dir alone means tensorboard; "none" turns trackers off
-        log_with = None if a.log_with == "none" else a.log_with or ("tensorboard" if a.logging_dir else None)
+        log_with = tracker_choice(a)
         handlers = [] if a.ddp_timeout is None else [InitProcessGroupKwargs(timeout=timedelta(minutes=a.ddp_timeout))]
         self.accelerator = Accelerator(mixed_precision=a.mixed_precision, log_with=log_with, kwargs_handlers=handlers,
                                        project_dir=a.logging_dir or str(self.output_dir / "logs"))
@@ -153,8 +153,7 @@ class LoRATrainer:
             logger.info("resumed from %s at step %d (epoch %d)", a.resume, self.progress.global_step, self.progress.epoch + 1)
         if acc.is_main_process:  # the exact estimate, now that the network and the epochs are known
             check_free_space_for_network(a, self.network, self.steps_per_epoch, start_step=self.progress.global_step)
-        if acc.is_main_process and log_with:
-            acc.init_trackers((a.log_prefix or "") + "network_train", config={"optimizer": self.optimizer_desc})
+        start_trackers(acc, a, {"optimizer": self.optimizer_desc})
 
     def _cache_inputs(self) -> None:
         """Encode images (and captions) once when asked to; the VAE/text encoders then leave the GPU."""
@@ -320,6 +319,7 @@ class LoRATrainer:
             report_compile, loop_start = compile_requested(a), time.perf_counter()
             while self.progress.global_step < a.max_train_steps and self.progress.epoch < self.num_epochs:
                 epoch = self.progress.epoch
+                logs_in_epoch = 0
                 batches = self._epoch_batches(epoch)
                 start = self.progress.batches_done_in_epoch
                 loader = torch.utils.data.DataLoader(
@@ -356,7 +356,9 @@ class LoRATrainer:
                     if checkpoint_step:
                         good_weights, good_step = self._snapshot(), step
                     if step % a.log_every_n_steps == 0 or step == a.max_train_steps:
-                        bar.log(step, (loss_sum / max(loss_count, 1)).item(), self._lr_logs())
+                        bar.log(step, (loss_sum / max(loss_count, 1)).item(), self._lr_logs(), epoch=epoch,
+                                position=logs_in_epoch)
+                        logs_in_epoch += 1
                         loss_sum.zero_()
                         loss_count = 0
                     bar.update(step)
@@ -372,6 +374,7 @@ class LoRATrainer:
                     self.progress.epoch += 1
                     self.progress.batches_done_in_epoch = 0
                     done = self.progress.epoch
+                    bar.end_epoch(done)
                     if a.save_every_n_epochs and done % a.save_every_n_epochs == 0 and done < self.num_epochs \
                             and self.progress.global_step < a.max_train_steps:
                         self.save(f"{a.output_name}-{done:06d}", state=a.save_state)
@@ -446,11 +449,7 @@ class LoRATrainer:
             fn()
 
     def _lr_logs(self) -> dict[str, float]:
-        logs = {}
-        for i, g in enumerate(self.base_optimizer.param_groups):
-            logs[f"lr/group{i}"] = float(g["lr"])
-            if "d" in g:  # D-Adaptation / Prodigy: the effective step size is d * lr
-                logs[f"lr/d*lr/group{i}"] = float(g["d"]) * float(g["lr"])
+        logs = lr_logs(self.base_optimizer.param_groups, unet_only=not self.train_text_encoder)
         metrics = getattr(self.base_optimizer, "log_metrics", None)
         if callable(metrics):
             for k, v in metrics().items():
