@@ -27,10 +27,16 @@ from library.training import conditioning, losses
 from library.training.atomic import atomic_dir, atomic_file, check_writable
 from library.training.compile import check_compile_device, compile_requested, compile_unet, step_marker
 from library.training.graphed_step import GraphedStep, checkpoint_without_rng_state
+from library.training.hub import HubUploader, download_state
 from library.training.lr_schedulers import build_lr_scheduler
 from library.training.metadata import build_metadata
+from library.training.multiprocess import (
+    EpochBatches,
+    EpochIndexed,
+    GradientAverager,
+    check_persistent_workers,
+)
 from library.training.progress import Progress
-from library.training.trackers import lr_logs, start_trackers, tracker_choice
 from library.training.setup import (
     build_dataset,
     build_network,
@@ -39,6 +45,7 @@ from library.training.setup import (
     load_model,
     weight_dtype_for,
 )
+from library.training.trackers import lr_logs, start_trackers, tracker_choice
 from library.training.validate import (
     check_free_space_for_network,
     import_network_module,
@@ -139,6 +146,11 @@ class LoRATrainer:
         self._added_keys: list[str] = []
         self.base_optimizer = self.optimizer
         self.world = acc.num_processes
+        self.average_gradients = GradientAverager(self.trainable, self.world,
+                                                  gradient_as_bucket_view=a.ddp_gradient_as_bucket_view,
+                                                  static_graph=a.ddp_static_graph)
+        self.epoch_batches = EpochBatches()
+        self.persistent_loader = None
         self.batches = self._epoch_batches(0)
         self.steps_per_epoch = max(1, math.ceil(len(self.batches) / a.gradient_accumulation_steps))
         if a.max_train_epochs:
@@ -148,7 +160,10 @@ class LoRATrainer:
         self.lr_scheduler = build_lr_scheduler(a, self.base_optimizer, a.max_train_steps * self.world)
         self.optimizer = acc.prepare(self.optimizer)
         acc.register_for_checkpointing(self.network, self.lr_scheduler, self.progress)
+        self.hub = HubUploader(a)
         if a.resume:
+            if a.resume_from_huggingface:
+                a.resume = download_state(a)
             acc.load_state(a.resume)
             logger.info("resumed from %s at step %d (epoch %d)", a.resume, self.progress.global_step, self.progress.epoch + 1)
         if acc.is_main_process:  # the exact estimate, now that the network and the epochs are known
@@ -192,6 +207,21 @@ class LoRATrainer:
         if usable == 0:
             raise ConfigError(f"the dataset gives {len(batches)} batches per epoch, fewer than the {self.world} processes")
         return batches[self.accelerator.process_index:usable:self.world]
+
+    def _loader(self, epoch: int, batches: list[list[int]]) -> torch.utils.data.DataLoader:
+        """This epoch's batches; with --persistent_data_loader_workers one loader (and its workers) for all."""
+        a = self.args
+        if not check_persistent_workers(a):
+            return torch.utils.data.DataLoader(
+                self.dataset, batch_sampler=batches, collate_fn=collate, num_workers=a.max_data_loader_n_workers,
+                pin_memory=self.device.type == "cuda", generator=torch.Generator())
+        self.epoch_batches.set(epoch, batches)
+        if self.persistent_loader is None:
+            self.persistent_loader = torch.utils.data.DataLoader(
+                EpochIndexed(self.dataset), batch_sampler=self.epoch_batches, collate_fn=collate,
+                num_workers=a.max_data_loader_n_workers, persistent_workers=True,
+                pin_memory=self.device.type == "cuda", generator=torch.Generator())
+        return self.persistent_loader
 
     # ------------------------------------------------------------------ step
     def _latents(self, batch: dict) -> torch.Tensor:
@@ -278,7 +308,7 @@ class LoRATrainer:
 
     def _sync_gradients(self) -> None:
         if self.world > 1:
-            average_gradients(self.trainable, self.world)
+            self.average_gradients()
 
     def _hessian_update(self) -> None:
         """SophiaG: Gauss-Newton-Bartlett estimate from targets sampled around the model's own prediction."""
@@ -322,10 +352,7 @@ class LoRATrainer:
                 logs_in_epoch = 0
                 batches = self._epoch_batches(epoch)
                 start = self.progress.batches_done_in_epoch
-                loader = torch.utils.data.DataLoader(
-                    self.dataset, batch_sampler=batches[start:], collate_fn=collate,
-                    num_workers=a.max_data_loader_n_workers, persistent_workers=False,
-                    pin_memory=self.device.type == "cuda", generator=torch.Generator())
+                loader = self._loader(epoch, batches[start:])
                 for i, batch in enumerate(loader, start=start):
                     loss_sum += self.forward_backward(batch)
                     loss_count += 1
@@ -382,7 +409,7 @@ class LoRATrainer:
                         self.sample_images()
                     continue
                 break
-            final = self.save(a.output_name, state=a.save_state)
+            final = self.save(a.output_name, state=a.save_state, last=True)
         except BaseException:  # the error line must not land on the open progress bar's line
             bar.bar.close()
             raise
@@ -395,7 +422,7 @@ class LoRATrainer:
                         acc.project_dir)
 
     # ------------------------------------------------------------------ saving and safety
-    def save(self, name: str, *, state: bool) -> Path:
+    def save(self, name: str, *, state: bool, last: bool = False) -> Path:
         a, acc = self.args, self.accelerator
         self._optimizer_mode("eval")
         path = self.output_dir / f"{name}.safetensors"
@@ -415,6 +442,12 @@ class LoRATrainer:
                     acc.save_state(str(tmp))
             else:
                 acc.save_state(str(state_dir.with_name(state_dir.name + f".rank{acc.process_index}")))
+        if acc.is_main_process:  # only once the files are complete on disk
+            self.hub.upload(path, wait=last)
+            if state and a.save_state_to_huggingface:
+                self.hub.upload(state_dir, wait=last)
+            if last:
+                self.hub.wait()
         acc.wait_for_everyone()
         self._optimizer_mode("train")
         return path
@@ -510,23 +543,6 @@ class LoRATrainer:
         code = 130 if self.stop_signal == "SIGINT" else 143
         raise TrainingStopped(f"stopped by {self.stop_signal} at step {self.progress.global_step}; LoRA saved to {path}, "
                               f"state to {state}. Resume with the same command plus --resume {state}", exit_code=code)
-
-
-def average_gradients(params: list[torch.Tensor], world: int) -> None:
-    """Average LoRA gradients across processes in ONE flat all-reduce.
-
-    The network is not wrapped in DDP: its forward is never called (the UNet's patched layers are), so DDP's
-    reducer would never arm its hooks. One flat buffer is also one collective instead of hundreds.
-    """
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1).float() for g in grads])
-    torch.distributed.all_reduce(flat)
-    flat /= world
-    offset = 0
-    for p, g in zip(params, grads, strict=True):
-        n = g.numel()
-        p.grad = flat[offset:offset + n].view_as(p).to(p.dtype)
-        offset += n
 
 
 def threading_main() -> bool:

@@ -14,7 +14,10 @@ import torch
 
 from library.errors import ConfigError
 from library.training.compile import uses_cuda_graphs
+from library.training.hub import check_hub
 from library.training.lr_schedulers import check_lr_scheduler
+from library.training.multiprocess import check_deepspeed
+from library.training.trackers import check_trackers
 
 _TORCH_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
@@ -253,6 +256,9 @@ def validate_args(args: argparse.Namespace) -> None:
     validate_combinations(args)
     validate_paths(args)
     validate_network_args(args)
+    check_trackers(args)
+    check_deepspeed(args)
+    check_hub(args)
     check_free_space_before_load(args)
 
 
