@@ -408,6 +408,7 @@ class LoRATrainer:
                     if a.sample_every_n_epochs and done % a.sample_every_n_epochs == 0:
                         self.sample_images()
                     continue
+                bar.end_epoch(self.progress.epoch + 1)  # the last, maybe partial, epoch: sd-scripts logs it too
                 break
             final = self.save(a.output_name, state=a.save_state, last=True)
         except BaseException:  # the error line must not land on the open progress bar's line

@@ -189,7 +189,7 @@ def validate_paths(args: argparse.Namespace) -> None:
         value = getattr(args, flag)
         if value and not Path(value).is_dir():
             raise ConfigError(f"--{flag} {value}: folder not found")
-    if args.resume:
+    if args.resume and not args.resume_from_huggingface:  # a Hub state is checked by its download
         _check_resume(args.resume)
     _check_model(args.pretrained_model_name_or_path)
 
