@@ -13,6 +13,12 @@ from library.errors import ConfigError
 
 CONSOLE_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
+# options of this area that stop a run in one line before any model loads, and why (docs/cli.md lists them)
+REFUSALS = {
+    "deepspeed": "needs the deepspeed package and a CUDA GPU, and even then the LoRA (trained outside a wrapped "
+                 "module) does not go through DeepSpeed's engine; several GPUs train with accelerate launch alone",
+}
+
 
 def int_or_float(value: str) -> int | float:
     """A step count, or a fraction of the run's steps as sd-scripts reads it: '0.1' and '10%' are fractions,
@@ -68,8 +74,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--ddp_static_graph", action="store_true",
                    help="the same parameters get gradients every step: the all-reduce layout is built once")
     g.add_argument("--deepspeed", action="store_true",
-                   help="train through accelerate's DeepSpeed plugin (needs the deepspeed package and CUDA)")
-    g.add_argument("--zero_stage", type=int, default=2, choices=[0, 1, 2, 3], help="DeepSpeed ZeRO stage")
+                   help="DeepSpeed training: refused in one line (several GPUs train with accelerate launch alone); "
+                        "the other DeepSpeed options warn that they have no effect without it")
+    g.add_argument("--zero_stage", type=int, default=None, choices=[0, 1, 2, 3], help="DeepSpeed ZeRO stage (default: 2)")
     g.add_argument("--offload_optimizer_device", type=str, default=None, choices=[None, "cpu", "nvme"],
                    help="DeepSpeed: where the optimizer state lives")
     g.add_argument("--offload_optimizer_nvme_path", type=str, default=None, help="DeepSpeed: NVMe folder of the state")

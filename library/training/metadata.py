@@ -42,7 +42,9 @@ def build_metadata(args, *, model_type: str, v_parameterization: bool, session_i
         "ss_optimizer": optimizer_desc,
         "ss_learning_rate": args.learning_rate,
         "ss_unet_lr": args.unet_lr,
-        "ss_text_encoder_lr": args.text_encoder_lr,
+        # one value as sd-scripts records it (a number); one per encoder as the list that trained
+        "ss_text_encoder_lr": args.text_encoder_lr[0] if len(args.text_encoder_lr or []) == 1 else args.text_encoder_lr
+        or None,
         "ss_lr_scheduler": args.lr_scheduler,
         "ss_lr_warmup_steps": args.lr_warmup_steps,
         "ss_max_train_steps": args.max_train_steps,

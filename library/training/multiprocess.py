@@ -18,7 +18,7 @@ from library.errors import ConfigError
 
 logger = logging.getLogger("loraforge")
 
-_DEEPSPEED_OPTIONS = ("offload_optimizer_device", "offload_optimizer_nvme_path", "offload_param_device",
+_DEEPSPEED_OPTIONS = ("zero_stage", "offload_optimizer_device", "offload_optimizer_nvme_path", "offload_param_device",
                       "offload_param_nvme_path", "zero3_init_flag", "zero3_save_16bit_model",
                       "fp16_master_weights_and_gradients")
 
@@ -129,10 +129,11 @@ def check_persistent_workers(args: argparse.Namespace) -> bool:
 
 def check_deepspeed(args: argparse.Namespace) -> None:
     """DeepSpeed options: one line before any model loads where they cannot work here."""
-    given = [f"--{o}" for o in _DEEPSPEED_OPTIONS if getattr(args, o)]
+    given = [f"--{o}" for o in _DEEPSPEED_OPTIONS if getattr(args, o) is not None and getattr(args, o) is not False]
     if not args.deepspeed:
         if given:
-            raise ConfigError(f"{given[0]} is a DeepSpeed option: it needs --deepspeed")
+            logger.warning("%s: DeepSpeed options, without effect unless --deepspeed is given (as in sd-scripts)",
+                           ", ".join(given))
         return
     if importlib.util.find_spec("deepspeed") is None:
         raise ConfigError("--deepspeed needs the deepspeed package (DS_BUILD_OPS=0 pip install deepspeed) and a "

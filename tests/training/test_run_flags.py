@@ -202,7 +202,6 @@ def test_text_encoder_lr_per_encoder_from_cli_and_toml(tmp_path):
     "argv, needle",
     [
         (["--deepspeed"], "--deepspeed needs"),
-        (["--zero_stage", "3", "--offload_optimizer_device", "cpu"], "--offload_optimizer_device is a DeepSpeed option"),
         (["--huggingface_path_in_repo", "x"], "needs --huggingface_repo_id"),
         (["--huggingface_repo_id", "a/b", "--huggingface_repo_visibility", "hidden"], "public or private"),
         (["--resume_from_huggingface", "--resume", "justaname"], "expected owner/repo/path_in_repo"),
@@ -214,6 +213,14 @@ def test_run_options_refused_in_one_line_before_the_model(tiny_dataset, tmp_path
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and needle in err[-1], err
     assert not (tmp_path / "out" / "t.safetensors").exists()
+
+
+def test_deepspeed_options_without_deepspeed_are_said(caplog):
+    from library.training.multiprocess import check_deepspeed
+
+    with caplog.at_level(logging.WARNING, logger="loraforge"):
+        check_deepspeed(parse_args(["--zero_stage", "3", "--offload_optimizer_device", "cpu"]))
+    assert "--zero_stage, --offload_optimizer_device: DeepSpeed options, without effect" in caplog.text
 
 
 def test_hub_resume_spec_and_download(monkeypatch, tmp_path):
