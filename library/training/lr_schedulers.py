@@ -17,7 +17,7 @@ import torch
 
 from library.cli import LR_SCHEDULERS
 from library.errors import ConfigError
-from library.training.setup import parse_key_values
+from library.training.setup import optimizer_name, parse_key_values
 
 logger = logging.getLogger("loraforge")
 
@@ -48,6 +48,14 @@ def _scheduler_class(path: str):
         raise ConfigError(f"--lr_scheduler_type {path}: {where} has no scheduler {attr!r} "
                           "(give a torch.optim.lr_scheduler class such as CosineAnnealingLR, or module.Class)")
     return target
+
+
+def is_schedule_free(args: argparse.Namespace) -> bool:
+    """Schedule-free optimizers take no scheduler in sd-scripts (it gives them a dummy one)."""
+    from library.optimizers.registry import resolve
+
+    spec = resolve(optimizer_name(args))
+    return getattr(spec.build, "path", spec.name).lower().endswith("schedulefree")
 
 
 def _base_name(name: str) -> str:
@@ -94,6 +102,10 @@ def build_lr_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimize
     from transformers.optimization import TYPE_TO_SCHEDULER_FUNCTION, AdafactorSchedule, SchedulerType
 
     kwargs = scheduler_kwargs(args)
+    if is_schedule_free(args):
+        logger.info("%s follows its own schedule: the learning rate stays as given (--lr_scheduler is not used, as "
+                    "in sd-scripts)", optimizer_name(args))
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     if args.lr_scheduler_type:
         logger.info("lr scheduler: %s %s", args.lr_scheduler_type, kwargs)
         try:

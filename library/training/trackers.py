@@ -28,8 +28,10 @@ _PATH_OPTIONS = ("pretrained_model_name_or_path", "vae", "tokenizer_cache_dir", 
 
 
 def configure_console(args: argparse.Namespace) -> None:
-    """--console_log_level / --console_log_file / --console_log_simple, replacing the start-up console handler."""
-    level = getattr(logging, args.console_log_level or "INFO")
+    """--console_log_level / --console_log_file / --console_log_simple: replaces the start-up console handler
+    (only the plain stream/file handlers: others, such as a test runner's, stay)."""
+    if not (args.console_log_level or args.console_log_file or args.console_log_simple):
+        return
     if args.console_log_file:
         try:
             handler: logging.Handler = logging.FileHandler(args.console_log_file, mode="w", encoding="utf-8")
@@ -39,13 +41,12 @@ def configure_console(args: argparse.Namespace) -> None:
         handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s" if args.console_log_simple else "%(levelname)s %(message)s"))
     root = logging.getLogger()
-    for old in root.handlers[:]:
+    for old in [h for h in root.handlers if type(h) in (logging.StreamHandler, logging.FileHandler)]:
         root.removeHandler(old)
-        if isinstance(old, logging.FileHandler):
-            old.close()
+        old.close()
     root.addHandler(handler)
-    if os.environ.get("RANK", "0") == "0" or args.console_log_level:
-        root.setLevel(level)
+    if args.console_log_level:
+        root.setLevel(getattr(logging, args.console_log_level))
 
 
 def tracker_choice(args: argparse.Namespace) -> str | None:

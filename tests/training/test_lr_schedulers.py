@@ -180,3 +180,13 @@ def test_scheduler_args_are_literals_never_code():
     args = parse_args(["--lr_scheduler_type", "StepLR", "--lr_scheduler_args", "step_size=__import__('os')",
                        "gamma=0.5", "milestones=[1,2]"])
     assert scheduler_kwargs(args) == {"step_size": "__import__('os')", "gamma": 0.5, "milestones": [1, 2]}
+
+
+def test_schedule_free_optimizers_keep_their_lr_as_sd_scripts():
+    args = parse_args(["--optimizer_type", "AdamWScheduleFree", "--lr_scheduler", "cosine"])
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=LR)
+    scheduler = build_lr_scheduler(args, optimizer, TOTAL)
+    for _ in range(TOTAL):
+        optimizer.step()
+        scheduler.step()
+    assert scheduler.get_last_lr() == [LR]
