@@ -304,6 +304,8 @@ def _coerce(action: argparse.Action, key: str, value: Any, path: Path) -> Any:
 
 def load_config_file(path_str: str, parser: argparse.ArgumentParser) -> tuple[dict, dict | None]:
     path = Path(path_str)
+    if not path_str.endswith(".toml") and Path(path_str + ".toml").is_file():
+        path = Path(path_str + ".toml")  # sd-scripts adds the extension: --config_file my_run reads my_run.toml
     if not path.is_file():
         raise ConfigError(f"--config_file {path_str}: file not found")
     try:

@@ -116,6 +116,9 @@ def build_lr_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimize
     name = args.lr_scheduler
     is_adafactor = type(optimizer).__name__ == "Adafactor"
     if is_adafactor and optimizer.defaults.get("relative_step") and not name.startswith("adafactor"):
+        if args.lr_warmup_steps:
+            raise ConfigError(f"Adafactor with relative_step uses its own schedule, which does not take "
+                              f"--lr_warmup_steps ({args.lr_warmup_steps}); set it to 0, as sd-scripts requires")
         logger.info("Adafactor with relative_step: its own schedule replaces --lr_scheduler %s, as in sd-scripts", name)
         name = f"adafactor:{args.learning_rate or 0.0}"
     if name.startswith("adafactor"):

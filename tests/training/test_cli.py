@@ -159,3 +159,8 @@ def test_sdxl_script_names_itself_in_errors():
     lines = [line for line in done.stderr.splitlines() if "error" in line]
     assert done.returncode == 2 and lines == [
         "sdxl_train_network.py: error: argument --network_dim: invalid int value: 'four'"]
+
+
+def test_config_file_name_without_extension_as_sd_scripts(tmp_path):
+    write(tmp_path, "network_dim = 12\n", name="my_run.toml")
+    assert parse_args(["--config_file", str(tmp_path / "my_run")]).network_dim == 12

@@ -267,3 +267,26 @@ def test_lr_names_as_sd_scripts():
         "lr/textencoder": 1e-4, "lr/unet": 1e-3, "lr/unet plus": 4e-3, "lr/d*lr/unet plus": 8e-3,
         "lr/group1": 1e-3, "lr/group2": 4e-3, "lr/d*lr/group2": 8e-3}
     assert lr_logs([{"lr": 1e-3}], unet_only=True) == {"lr/unet": 1e-3, "lr/group0": 1e-3}
+
+
+def test_wandb_login_run_folder_and_run_name(tmp_path, monkeypatch):
+    import wandb
+
+    from library.training.trackers import start_trackers
+
+    class FakeAccelerator:
+        is_main_process = True
+
+        def init_trackers(self, name, config, init_kwargs):
+            self.started = (name, config, init_kwargs)
+
+    logins = []
+    monkeypatch.setattr(wandb, "login", lambda key: logins.append(key))
+    monkeypatch.setenv("WANDB_DIR", "unset")
+    acc = FakeAccelerator()
+    start_trackers(acc, parse_args(["--log_with", "wandb", "--wandb_api_key", "k123", "--logging_dir",
+                                    str(tmp_path / "logs"), "--wandb_run_name", "night"]), {"optimizer": "AdamW"})
+    import os
+
+    assert logins == ["k123"] and os.environ["WANDB_DIR"] == str(tmp_path / "logs")
+    assert acc.started == ("network_train", {"optimizer": "AdamW"}, {"wandb": {"name": "night"}})
