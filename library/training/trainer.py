@@ -149,6 +149,7 @@ class LoRATrainer:
         self.average_gradients = GradientAverager(self.trainable, self.world,
                                                   gradient_as_bucket_view=a.ddp_gradient_as_bucket_view,
                                                   static_graph=a.ddp_static_graph)
+        self.keep_workers = check_persistent_workers(a)
         self.epoch_batches = EpochBatches()
         self.persistent_loader = None
         self.batches = self._epoch_batches(0)
@@ -211,7 +212,7 @@ class LoRATrainer:
     def _loader(self, epoch: int, batches: list[list[int]]) -> torch.utils.data.DataLoader:
         """This epoch's batches; with --persistent_data_loader_workers one loader (and its workers) for all."""
         a = self.args
-        if not check_persistent_workers(a):
+        if not self.keep_workers:
             return torch.utils.data.DataLoader(
                 self.dataset, batch_sampler=batches, collate_fn=collate, num_workers=a.max_data_loader_n_workers,
                 pin_memory=self.device.type == "cuda", generator=torch.Generator())
