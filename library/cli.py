@@ -334,12 +334,6 @@ def load_config_file(path_str: str, parser: argparse.ArgumentParser) -> tuple[di
     return values, optimizer_table
 
 
-def _given_on_command_line(parser: argparse.ArgumentParser, argv: list[str] | None, dest: str) -> bool:
-    unset = object()
-    probe, _ = parser.parse_known_args(argv, argparse.Namespace(**{dest: unset}))
-    return getattr(probe, dest) is not unset
-
-
 def parse_args(argv: list[str] | None = None, *, prog: str = "train_network.py") -> argparse.Namespace:
     """Parse the command line, merging `--config_file` underneath it. Raises ConfigError on a bad file."""
     parser = build_parser(prog)
@@ -352,7 +346,8 @@ def parse_args(argv: list[str] | None = None, *, prog: str = "train_network.py")
         toml_keys = set(values)
     args = parser.parse_args(argv)
     args.optimizer_table = optimizer_table
-    args.config_file_keys = sorted(toml_keys)
-    explicit = "optimizer_type" in toml_keys or _given_on_command_line(parser, argv, "optimizer_type")
-    resolve_optimizer_switches(args, optimizer_type_given=explicit)
+    given = {token.split("=", 1)[0].removeprefix("--").removeprefix("no-") for token in
+             (sys.argv[1:] if argv is None else argv) if token.startswith("--")}
+    args.config_file_keys = sorted(toml_keys - given)  # the values the file set (the command line wins)
+    resolve_optimizer_switches(args, optimizer_type_given="optimizer_type" in toml_keys | given)
     return args

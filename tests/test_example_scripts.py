@@ -23,7 +23,7 @@ TRAINING_SCRIPTS = {
     "customadamw_preset.sh": ("customadamw", {"DIM": "4", "WD_TRANSITION": "1"}),
     "automagic.sh": ("automagic", {"DIM": "4", "WARMUP": "2"}),
     "opentome_sgg.sh": ("opentome_sgg", {"SGG_N_CLUSTERS": "3"}),
-    "accelerate_multi_gpu.sh": ("multi_gpu", {"NUM_PROCESSES": "1", "ACCELERATE_ARGS": "--cpu", "PRECISION": "no"}),
+    "accelerate_multi_gpu.sh": ("multi_gpu", {"NUM_PROCESSES": "2", "PRECISION": "no"}),
 }
 
 
@@ -73,6 +73,8 @@ def test_example_script_trains_a_lora(script: str, dataset_toml: Path, tmp_path:
         assert f.metadata()["ss_max_train_steps"] == "2"
     assert any(k.startswith("lora_unet_") and k.endswith(".lora_down.weight") for k in keys)
     assert (tmp_path / "out" / f"{name}-state").is_dir()  # every script saves state for --resume
+    if script == "accelerate_multi_gpu.sh":  # really NUM_PROCESSES processes, also without a GPU
+        assert "processes: 2; effective batch: 2 per process x 2 processes" in result.stderr
 
 
 def test_sdxl_script_flags_parse_and_it_refuses_an_sd1_model(dataset_toml: Path, tmp_path: Path) -> None:
@@ -82,7 +84,7 @@ def test_sdxl_script_flags_parse_and_it_refuses_an_sd1_model(dataset_toml: Path,
     assert result.returncode == 2, result.stderr[-3000:]
     assert "unrecognized arguments" not in result.stderr and "usage:" not in result.stderr
     assert "error: builtin:tiny-sd: is an SD1 model" in result.stderr
-    assert "select SDXL" in result.stderr
+    assert "select SDXL; train it with train_network.py and neither --v2 nor --sdxl" in result.stderr
 
 
 def test_sdxl_script_adds_cuda_graphs_with_bf16_which_a_cpu_refuses_in_one_line(dataset_toml: Path,

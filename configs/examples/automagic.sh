@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Automagic_Sinkgd: per-element learning-rate mask between MIN_LR and MAX_LR, SinkGD direction.
 # Run from the repository root:  STEPS=2000 WARMUP=500 bash configs/examples/automagic.sh
-# OPTIMIZER=Automagic_CameAMP selects the CAME-based sibling (its max_lr default is 1e-3).
+# OPTIMIZER=Automagic_CameAMP selects the CAME-based sibling, whose max_lr default (1e-3) MAX_LR then follows.
 set -euo pipefail
 
 PYTHON=${PYTHON:-python}
@@ -13,7 +13,7 @@ NAME=${NAME:-automagic}
 OPTIMIZER=${OPTIMIZER:-Automagic_Sinkgd}
 LR=${LR:-1e-5}                         # starting value of every element of the lr mask
 MIN_LR=${MIN_LR:-1e-6}
-MAX_LR=${MAX_LR:-1e-2}
+if [ "$OPTIMIZER" = Automagic_CameAMP ]; then MAX_LR=${MAX_LR:-1e-3}; else MAX_LR=${MAX_LR:-1e-2}; fi
 WARMUP=${WARMUP:-50}                   # decay in the first half, OrthoGrad (if on) after it
 DIM=${DIM:-16}
 ALPHA=${ALPHA:-16}

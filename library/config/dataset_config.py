@@ -46,6 +46,10 @@ class SubsetConfig:
     secondary_separator: str = ""
     caption_prefix: str | None = None
     caption_suffix: str | None = None
+    caption_separator: str = ","
+    enable_wildcard: bool = False
+    token_warmup_min: int = 1
+    token_warmup_step: float = 0.0
     random_crop: bool = False
     name: str = ""  # where it came from, for messages: "datasets[0].subsets[1]" or "--train_data_dir 10_cat"
 
@@ -92,6 +96,10 @@ class DatasetDefaults:
     secondary_separator: str = ""
     caption_prefix: str | None = None
     caption_suffix: str | None = None
+    caption_separator: str = ","
+    enable_wildcard: bool = False
+    token_warmup_min: int = 1
+    token_warmup_step: float = 0.0
     flip_aug: bool = False
     random_crop: bool = False
 
@@ -146,6 +154,18 @@ def _str(v: Any) -> str:
     return v
 
 
+def _separator(v: Any) -> str:
+    if not isinstance(v, str) or not v:
+        raise _Invalid
+    return v
+
+
+def _non_negative(v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float) or v < 0:
+        raise _Invalid
+    return float(v) if isinstance(v, float) else v
+
+
 def _extension(v: Any) -> str:
     if not isinstance(v, str) or not v.strip(".") or "/" in v or "\\" in v:
         raise _Invalid
@@ -189,6 +209,10 @@ _SUBSET_KEYS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "secondary_separator": (_str, 'a string such as ";;;"'),
     "caption_prefix": (_str, "a string"),
     "caption_suffix": (_str, "a string"),
+    "caption_separator": (_separator, 'a non-empty string such as ","'),
+    "enable_wildcard": (_bool, "true or false"),
+    "token_warmup_min": (_int_at_least(0), "an integer >= 0"),
+    "token_warmup_step": (_non_negative, "a number >= 0 (below 1: that fraction of max_train_steps)"),
     "flip_aug": (_bool, "true or false"),
     "random_crop": (_bool, "true or false"),
 }
@@ -211,10 +235,6 @@ _DATASET_KEYS: dict[str, tuple[Callable[[Any], Any], str]] = {
 _UNSUPPORTED_SUBSET_KEYS = {
     "color_aug": "hue augmentation is not implemented",
     "face_crop_aug_range": "face crop augmentation is not implemented",
-    "token_warmup_min": "token warm-up is not implemented",
-    "token_warmup_step": "token warm-up is not implemented",
-    "enable_wildcard": "wildcard captions are not implemented (the first non-empty line is used)",
-    "caption_separator": "tags are always separated by ','",
     "custom_attributes": "custom attributes are not used",
     "cache_info": "image sizes are cached in memory per run",
     "alpha_mask": "alpha masks are not implemented (transparent pixels are composited on white)",

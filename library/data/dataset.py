@@ -17,7 +17,7 @@ import os
 import tempfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -32,11 +32,11 @@ from library.data.captions import (
     STREAM_CROP,
     STREAM_FLIP,
     CaptionOptions,
+    CaptionStep,
     find_caption_file,
     process_caption,
     read_caption,
     sample_rng,
-    static_caption,
     tag_frequency,
 )
 from library.data.images import IMAGE_EXTENSIONS, MIN_IMAGE_SIDE, load_image, probe_image
@@ -106,6 +106,8 @@ class CaptionedImageDataset(Dataset):
         self.config = config
         self.seed = seed
         self.epoch = 0
+        self._sample_steps: dict[int, int] = {}  # sample index -> optimizer step it trains at (token warm-up)
+        self._max_train_steps = 0
         self._subsets: list[_Subset] = []
         self._images: list[_Image] = []
         self._samples: list[int] = []  # sample index -> image index (repeats expanded)
@@ -198,13 +200,27 @@ class CaptionedImageDataset(Dataset):
         """Caption shuffle/dropout, flips and random crops of sample i depend on (seed, epoch, i)."""
         self.epoch = epoch
 
+    def set_sample_steps(self, steps: dict[int, int], max_train_steps: int) -> None:
+        """The optimizer step at which each sample of this epoch trains: token warm-up depends on it (set before
+        the epoch's DataLoader starts, so worker processes get it too)."""
+        self._sample_steps = dict(steps)
+        self._max_train_steps = max_train_steps
+
+    def uses_token_warmup(self) -> bool:
+        return any(s.options.token_warmup_step > 0 for s in self._subsets)
+
+    def random_caption_subsets(self) -> list[str]:
+        """Subsets whose caption changes between steps (shuffle, dropout, warm-up, wildcards): their text-encoder
+        outputs cannot be cached."""
+        return [s.config.name or str(s.config.image_dir) for s in self._subsets if s.options.random]
+
     def __getitem__(self, index: int) -> dict:
         image_index = self._samples[index]
         img = self._images[image_index]
         sub = self._subsets[img.subset]
         cfg = sub.config
-        caption = process_caption(img.caption, sub.options, sample_rng(self.seed, self.epoch, index, STREAM_CAPTION),
-                                  self.epoch)
+        at = CaptionStep(self.epoch + 1, self._sample_steps.get(index, 0), self._max_train_steps)
+        caption = process_caption(img.caption, sub.options, sample_rng(self.seed, self.epoch, index, STREAM_CAPTION), at)
         flip = cfg.flip_aug and bool(sample_rng(self.seed, self.epoch, index, STREAM_FLIP).random() < 0.5)
         item = {"caption": caption, "is_reg": cfg.is_reg, "bucket": img.bucket, "index": index,
                 "original_size": img.size}
@@ -227,9 +243,11 @@ class CaptionedImageDataset(Dataset):
         return load_image(img.path, min_side=1, cover=img.bucket)
 
     def caption_for_cache(self, index: int) -> str:
-        """Sample `index`'s caption without shuffle/dropout (what cached text-encoder outputs are built from)."""
+        """Sample `index`'s caption as training sees it when nothing in it is random (`random_caption_subsets` is
+        empty): what cached text-encoder outputs are built from."""
         img = self._images[self._samples[index]]
-        return static_caption(img.caption, self._subsets[img.subset].options)
+        return process_caption(img.caption, self._subsets[img.subset].options, sample_rng(self.seed, 0, index, 0),
+                               CaptionStep())
 
     def batch_sampler(self, *, seed: int, shuffle: bool = True) -> BucketBatchSampler:
         return BucketBatchSampler(self._groups, seed=seed, shuffle=shuffle)
@@ -299,6 +317,10 @@ class CaptionedImageDataset(Dataset):
                     "class_tokens": s.config.class_tokens, "caption_extension": dict(s.extensions),
                     "shuffle_caption": s.config.shuffle_caption, "keep_tokens": s.config.keep_tokens,
                     "flip_aug": s.config.flip_aug,
+                    "keep_tokens_separator": s.config.keep_tokens_separator,
+                    "secondary_separator": s.config.secondary_separator or None,
+                    "enable_wildcard": s.config.enable_wildcard,
+                    "caption_prefix": s.config.caption_prefix, "caption_suffix": s.config.caption_suffix,
                 })
             datasets.append({
                 "resolution": list(bp.resolution), "batch_size": batch_size, "enable_bucket": bp.enable_bucket,
@@ -314,7 +336,7 @@ class CaptionedImageDataset(Dataset):
             name = Path(s.config.image_dir).name
             dirs[name] = {"n_repeats": s.config.num_repeats, "img_count": len(s.images)}
             captions = (self._images[i].caption for i in s.images)
-            tags[name] = tag_frequency(captions, s.config.secondary_separator)
+            tags[name] = tag_frequency(captions)
         return {
             "source": self.config.source,
             "num_train_images": sum(len(s.images) for s in self._subsets if not s.config.is_reg),
@@ -400,7 +422,7 @@ def _inspect(path: Path, sub: SubsetConfig, bp: DatasetBlueprint, buckets: list[
     try:
         size = probe_image(path, min_side)
         caption_file = find_caption_file(path, sub.caption_extension)
-        caption = read_caption(caption_file) if caption_file else ""
+        caption = read_caption(caption_file, sub.enable_wildcard) if caption_file else ""
         if not caption and sub.class_tokens:
             caption = sub.class_tokens
         if bp.enable_bucket and bp.bucket_no_upscale:
@@ -415,13 +437,7 @@ def _inspect(path: Path, sub: SubsetConfig, bp: DatasetBlueprint, buckets: list[
 
 
 def _caption_options(sub: SubsetConfig) -> CaptionOptions:
-    return CaptionOptions(
-        shuffle_caption=sub.shuffle_caption, keep_tokens=sub.keep_tokens,
-        keep_tokens_separator=sub.keep_tokens_separator, secondary_separator=sub.secondary_separator,
-        caption_dropout_rate=sub.caption_dropout_rate,
-        caption_dropout_every_n_epochs=sub.caption_dropout_every_n_epochs,
-        caption_tag_dropout_rate=sub.caption_tag_dropout_rate,
-        caption_prefix=sub.caption_prefix, caption_suffix=sub.caption_suffix)
+    return CaptionOptions(**{f.name: getattr(sub, f.name) for f in fields(CaptionOptions)})
 
 
 def _center_crop_top_left(size: tuple[int, int], bucket: tuple[int, int]) -> tuple[int, int]:

@@ -1,7 +1,8 @@
 """The bundled CLIP BPE tokenizer (derived from open_clip's MIT-licensed vocabulary; see tokenizer/clip/LICENSE).
 
 Every SD text encoder (CLIP ViT-L, OpenCLIP ViT-H and ViT-bigG) uses this same 49,408-token vocabulary, so one
-copy serves SD1, SD2 and both SDXL tokenizers; SDXL's second tokenizer differs only in padding with `!` (id 0).
+copy serves SD1, SD2 and both SDXL tokenizers. The OpenCLIP encoders (SD2's, SDXL's second) pad with `!` (id 0),
+as sd-scripts' SD2 and SDXL tokenizers do; CLIP ViT-L (SD1, SDXL's first) pads with the end token.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from pathlib import Path
 from transformers import CLIPTokenizer
 
 TOKENIZER_DIR = Path(__file__).resolve().parent / "tokenizer" / "clip"
-SDXL_TOKENIZER_2_PAD = "!"
+OPEN_CLIP_PAD = "!"
+SDXL_TOKENIZER_2_PAD = OPEN_CLIP_PAD
 
 
 def load_clip_tokenizer(pad_token: str = "<|endoftext|>") -> CLIPTokenizer:

@@ -12,10 +12,11 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTokenizer
 
 from library.errors import ModelError
-from library.models.clip_tokenizer import SDXL_TOKENIZER_2_PAD, load_clip_tokenizer
+from library.models.clip_tokenizer import OPEN_CLIP_PAD, SDXL_TOKENIZER_2_PAD, load_clip_tokenizer
 
-_TYPE_FLAGS = {"sd1": "no --v2/--sdxl", "sd2": "--v2", "sdxl": "--sdxl"}
-_TYPE_ADVICE = {"sd1": "drop --v2/--sdxl", "sd2": "use --v2", "sdxl": "use --sdxl (sdxl_train_network.py)"}
+_TYPE_FLAGS = {"sd1": "no --v2/--sdxl", "sd2": "--v2", "sdxl": "--sdxl or sdxl_train_network.py"}
+_TYPE_ADVICE = {"sd1": "train it with train_network.py and neither --v2 nor --sdxl", "sd2": "use --v2",
+                "sdxl": "use sdxl_train_network.py (or --sdxl)"}
 _DDPM_KEYS = tuple(p for p in inspect.signature(DDPMScheduler.__init__).parameters if p != "self")
 
 
@@ -58,6 +59,8 @@ def ddpm_scheduler_config(raw: dict, *, v_parameterization: bool) -> dict:
 def sd_tokenizers(model_type: str) -> list[CLIPTokenizer]:
     if model_type == "sdxl":
         return [load_clip_tokenizer(), load_clip_tokenizer(pad_token=SDXL_TOKENIZER_2_PAD)]
+    if model_type == "sd2":  # OpenCLIP ViT-H, as stable-diffusion-2's own tokenizer
+        return [load_clip_tokenizer(pad_token=OPEN_CLIP_PAD)]
     return [load_clip_tokenizer()]
 
 

@@ -9,7 +9,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from library.errors import ModelError
-from library.models.clip_tokenizer import SDXL_TOKENIZER_2_PAD, load_clip_tokenizer
+from library.models.clip_tokenizer import OPEN_CLIP_PAD, SDXL_TOKENIZER_2_PAD, load_clip_tokenizer
 from library.models.common import (
     SDModel,
     assemble,
@@ -75,7 +75,7 @@ def load_diffusers_folder(
     is_v = v_parameterization or raw_scheduler.get("prediction_type") == "v_prediction"
     scheduler_config = ddpm_scheduler_config(raw_scheduler, v_parameterization=is_v)
 
-    tokenizers = [_tokenizer(path, "tokenizer")]
+    tokenizers = [_tokenizer(path, "tokenizer", OPEN_CLIP_PAD if model_type == "sd2" else None)]
     text_encoders = [_component(path, "text_encoder", CLIPTextModel.from_pretrained)]
     if model_type == "sdxl":
         if not (path / "text_encoder_2").is_dir():

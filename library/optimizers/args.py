@@ -13,7 +13,7 @@ import ast
 import difflib
 import inspect
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 from library.errors import ConfigError, OptimizerError
@@ -21,6 +21,7 @@ from library.errors import ConfigError, OptimizerError
 EMPTY = inspect.Parameter.empty
 
 SOURCE_CLI = "CLI flag"
+SOURCE_CONFIG_FILE = "--config_file"
 SOURCE_ARGS = "--optimizer_args"
 SOURCE_TOML = "[optimizer] TOML"
 SOURCE_DEFAULT = "registry default"
@@ -166,6 +167,7 @@ def resolve_settings(
     optimizer_args: Sequence[str] | Mapping[str, Any] | None = None,
     toml_table: Mapping[str, Any] | None = None,
     environ: Mapping[str, str] | None = None,
+    from_config_file: Collection[str] = (),
 ) -> tuple[dict[str, Any], dict[str, str]]:
     """Merge the sources into constructor kwargs; returns (kwargs, {kwarg: source}) for every value set.
 
@@ -173,6 +175,8 @@ def resolve_settings(
     ``--learning_rate`` (None when not given); ``cli_kwargs`` holds the other explicit CLI flags (None values
     are ignored so argparse namespaces can be passed through). ``env_vars`` maps kwarg -> variable name; only
     variables whose kwarg the optimizer accepts are read. The returned kwargs always contain ``lr``.
+    ``from_config_file`` names the CLI values that came from ``--config_file`` (``lr`` for ``learning_rate``):
+    they rank as CLI flags, and are labelled as coming from the file.
     """
     if isinstance(optimizer_args, Mapping):
         args_values = dict(optimizer_args)
@@ -206,7 +210,8 @@ def resolve_settings(
     for where, values in ((SOURCE_TOML, toml_values), (SOURCE_ARGS, args_values), (SOURCE_CLI, cli_values)):
         for key, value in values.items():
             default = kwargs.get(key, names[key]) if names[key] is EMPTY or names[key] is None else names[key]
-            kwargs[key], sources[key] = coerce_value(optimizer, key, value, default, where), where
+            label = SOURCE_CONFIG_FILE if where == SOURCE_CLI and key in from_config_file else where
+            kwargs[key], sources[key] = coerce_value(optimizer, key, value, default, label), label
     kwargs.setdefault("lr", None if names["lr"] is EMPTY else names["lr"])
     return kwargs, sources
 

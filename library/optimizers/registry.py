@@ -17,8 +17,9 @@ import importlib.util
 import logging
 import re
 import shutil
+import sys
 import textwrap
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -812,7 +813,8 @@ def resolve(name: str) -> OptimizerSpec:
             description=f"{attr} from {module}",
         )
     close = difflib.get_close_matches(_key(name), list(_INDEX), n=3, cutoff=0.6)
-    hint = f"; did you mean {', '.join(_INDEX[c].name for c in close)}?" if close else ""
+    names = dict.fromkeys(_INDEX[c].name for c in close)  # an alias and its name point at one optimizer
+    hint = f"; did you mean {', '.join(names)}?" if names else ""
     raise OptimizerError(
         f"--optimizer_type: unknown optimizer {name!r}{hint} (see `--optimizer_type list`, or give module.path.Class)"
     )
@@ -856,6 +858,7 @@ def build_optimizer(
     optimizer_args: Sequence[str] | Mapping[str, Any] | None = None,
     toml_table: Mapping[str, Any] | None = None,
     environ: Mapping[str, str] | None = None,
+    from_config_file: Collection[str] = (),
 ) -> tuple[torch.optim.Optimizer, dict[str, str]]:
     """Build the optimizer ``name`` over ``param_groups``; returns it and {kwarg: source} of every value set.
 
@@ -882,6 +885,7 @@ def build_optimizer(
         optimizer_args=optimizer_args,
         toml_table=toml_table,
         environ=environ,
+        from_config_file=from_config_file,
     )
     try:
         optimizer = spec.build(param_groups, name=spec.name, **kwargs)
@@ -907,9 +911,11 @@ def _log_loaded_once() -> None:
     if _loaded_logged or not logger.isEnabledFor(logging.INFO):  # a silenced probe build does not use it up
         return
     _loaded_logged = True
-    for family, label in (("SGG", "SGG"), ("SAC", "SAC"), ("standard", "Standard")):
+    for family in ("SGG", "SAC"):  # the OpenToMe guide documents these two lines
         names = [s.name for s in _SPECS if s.family == family and unavailable_reason(s) is None]
-        logger.info("%s optimizers loaded: %s", label, names)
+        logger.info("%s optimizers loaded: %s", family, names)
+    available = sum(unavailable_reason(s) is None for s in _SPECS if s.family not in ("SGG", "SAC"))
+    logger.info("%d other optimizers available (--optimizer_type list names them)", available)
 
 
 def short_status(spec: OptimizerSpec) -> str:
@@ -927,7 +933,11 @@ def short_status(spec: OptimizerSpec) -> str:
 
 
 def format_optimizer_table(width: int | None = None) -> str:
-    """Terminal listing for ``--optimizer_type list``: name, aliases, package, status, description."""
+    """Terminal listing for ``--optimizer_type list``: name, aliases, package, status, description.
+
+    Descriptions are cut to the terminal's width only on a terminal: piped into `less` or a file, they are whole."""
+    if width is None and not sys.stdout.isatty():
+        width = 10**6
     width = width or shutil.get_terminal_size((120, 24)).columns
     rows = [(s.name, ", ".join(s.aliases), package_of(s), short_status(s), s.description) for s in _SPECS]
     head = ("name", "aliases", "package", "status", "description")

@@ -6,6 +6,7 @@ import logging
 import sys
 
 from library.errors import LoraForgeError
+from library.quiet import silence_library_noise
 
 
 def _setup_logging() -> None:
@@ -14,8 +15,16 @@ def _setup_logging() -> None:
     main_process = os.environ.get("RANK", "0") == "0"  # under torchrun/accelerate only rank 0 reports progress
     logging.basicConfig(level=logging.INFO if main_process else logging.WARNING, format="%(levelname)s %(message)s",
                         stream=sys.stderr)
-    for noisy in ("diffusers", "transformers", "accelerate", "PIL", "matplotlib", "torch"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    silence_library_noise()
+
+
+def _announce(args) -> None:
+    """The run's first line, printed before torch and diffusers load (several seconds on a cold start)."""
+    steps = f"{args.max_train_epochs} epochs" if args.max_train_epochs else f"{args.max_train_steps} steps"
+    where = f"{args.output_dir}/{args.output_name}" if args.output_dir else args.output_name
+    logging.getLogger("loraforge").info("loraforge: a %s LoRA on %s, %s, %s -> %s; loading libraries",
+                                        args.network_module, args.pretrained_model_name_or_path, steps,
+                                        args.optimizer_type, where)
 
 
 def main(argv: list[str] | None = None, *, force_sdxl: bool = False) -> int:
@@ -38,6 +47,7 @@ def main(argv: list[str] | None = None, *, force_sdxl: bool = False) -> int:
 
             print(write_config(args))
             return 0
+        _announce(args)
         from library.training.trainer import TrainingStopped, train
 
         try:

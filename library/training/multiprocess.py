@@ -83,38 +83,43 @@ class GradientAverager:
 
 
 class EpochBatches:
-    """A batch sampler whose batches are swapped each epoch, tagged with the epoch: one DataLoader, and so one
-    set of --persistent_data_loader_workers, serves every epoch while each worker's dataset copy follows the
-    epoch (captions, flips and crops depend on it)."""
+    """A batch sampler whose batches are swapped each epoch, each index tagged with the epoch (and, with token
+    warm-up, the optimizer step it trains at): one DataLoader, and so one set of --persistent_data_loader_workers,
+    serves every epoch while each worker's dataset copy follows what the item depends on."""
 
     def __init__(self) -> None:
         self.epoch = 0
         self.batches: list[list[int]] = []
+        self.steps: dict[int, int] | None = None
 
-    def set(self, epoch: int, batches: list[list[int]]) -> None:
-        self.epoch, self.batches = epoch, batches
+    def set(self, epoch: int, batches: list[list[int]], steps: dict[int, int] | None = None) -> None:
+        self.epoch, self.batches, self.steps = epoch, batches, steps
 
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+    def __iter__(self) -> Iterator[list[tuple[int, int, int | None]]]:
         for batch in self.batches:
-            yield [(self.epoch, i) for i in batch]
+            yield [(self.epoch, i, None if self.steps is None else self.steps.get(i, 0)) for i in batch]
 
     def __len__(self) -> int:
         return len(self.batches)
 
 
 class EpochIndexed(torch.utils.data.Dataset):
-    """dataset[(epoch, i)] = the dataset's item i in that epoch (set in the worker that loads it)."""
+    """dataset[(epoch, i, step)] = the dataset's item i in that epoch (set in the worker that loads it), at that
+    optimizer step when the captions depend on it."""
 
-    def __init__(self, dataset) -> None:
+    def __init__(self, dataset, max_train_steps: int) -> None:
         self.dataset = dataset
+        self.max_train_steps = max_train_steps
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, key: tuple[int, int]):
-        epoch, index = key
+    def __getitem__(self, key: tuple[int, int, int | None]):
+        epoch, index, step = key
         if self.dataset.epoch != epoch:
             self.dataset.set_epoch(epoch)
+        if step is not None:
+            self.dataset.set_sample_steps({index: step}, self.max_train_steps)
         return self.dataset[index]
 
 

@@ -84,14 +84,20 @@ def build_pipeline(model, scheduler):
 
 
 @torch.no_grad()
-def generate(model, prompts: list[SamplePrompt], sampler: str, scheduler_config: dict, device, base_seed: int):
-    """Return one PIL image per prompt."""
+def generate(model, prompts: list[SamplePrompt], sampler: str, scheduler_config: dict, device, base_seed: int,
+             clip_skip: int | None = None, max_token_length: int | None = None):
+    """Return one PIL image per prompt. Prompts are encoded as sd-scripts' sampling does (long prompts and
+    `(word:1.3)` emphasis, `sample_embeddings`)."""
+    from library.training.sample_embeddings import pipeline_embeddings
+
     pipe = build_pipeline(model, make_scheduler(sampler, scheduler_config))
     pipe.set_progress_bar_config(disable=True)
     images = []
     for i, sp in enumerate(prompts):
         gen = torch.Generator(device="cpu").manual_seed(sp.seed if sp.seed is not None else base_seed + i)
-        out = pipe(sp.prompt, negative_prompt=sp.negative or None, width=sp.width, height=sp.height,
-                   num_inference_steps=sp.steps, guidance_scale=sp.scale, generator=gen, output_type="pil")
+        embeds = pipeline_embeddings(model, sp.prompt, sp.negative, guidance=sp.scale > 1, clip_skip=clip_skip,
+                                     max_token_length=max_token_length, device=device)
+        out = pipe(**embeds, width=sp.width, height=sp.height, num_inference_steps=sp.steps,
+                   guidance_scale=sp.scale, generator=gen, output_type="pil")
         images.append(out.images[0])
     return images

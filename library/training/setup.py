@@ -24,6 +24,7 @@ def weight_dtype_for(args: argparse.Namespace) -> torch.dtype:
 # ----------------------------------------------------------------------------------------------- data
 def dataset_defaults(args: argparse.Namespace):
     from library.config.dataset_config import DatasetDefaults
+    from library.flags.captions import caption_defaults
 
     return DatasetDefaults(
         resolution=tuple(args.resolution), batch_size=args.train_batch_size, enable_bucket=args.enable_bucket,
@@ -31,6 +32,7 @@ def dataset_defaults(args: argparse.Namespace):
         bucket_reso_steps=args.bucket_reso_steps, bucket_no_upscale=args.bucket_no_upscale,
         caption_extension=args.caption_extension, shuffle_caption=args.shuffle_caption, keep_tokens=args.keep_tokens,
         caption_dropout_rate=args.caption_dropout_rate, flip_aug=args.flip_aug,
+        **caption_defaults(args),
     )
 
 
@@ -45,6 +47,11 @@ def build_dataset(args: argparse.Namespace):
     else:
         config = config_from_train_data_dir(args.train_data_dir, args.reg_data_dir, defaults)
     dataset = CaptionedImageDataset(config, seed=args.seed, skip_bad_images=args.skip_bad_images)
+    varying = dataset.random_caption_subsets() if args.cache_text_encoder_outputs else []
+    if varying:
+        raise ConfigError(f"--cache_text_encoder_outputs: the captions of {varying[0]} change between steps (shuffle, "
+                          "caption or tag dropout, token warm-up or wildcards), so their encoding cannot be cached; "
+                          "turn those off or drop --cache_text_encoder_outputs")
     s = dataset.summary()
     logger.info("dataset %s: %d images (%d regularisation), %d samples with repeats, %d batches per epoch%s", s["source"],
                 s["num_train_images"], s["num_reg_images"], s["num_samples"], s["num_batches"],
@@ -122,8 +129,10 @@ def _optimizer_inputs(args: argparse.Namespace) -> dict:
     from library.optimizers.args import parse_optimizer_args
 
     cli_kwargs = {k: getattr(args, k) for k in OPTIMIZER_FLAG_DESTS if getattr(args, k, None) is not None}
+    from_file = {"lr" if k == "learning_rate" else k for k in getattr(args, "config_file_keys", [])}
     return dict(cli_kwargs=cli_kwargs, optimizer_args=parse_optimizer_args(args.optimizer_args or []),
-                toml_table=getattr(args, "optimizer_table", None), environ=dict(os.environ))
+                toml_table=getattr(args, "optimizer_table", None), environ=dict(os.environ),
+                from_config_file=from_file)
 
 
 def optimizer_name(args: argparse.Namespace) -> str:

@@ -108,8 +108,13 @@ class LoRATrainer:
         log_with = tracker_choice(a)
         handlers = [] if a.ddp_timeout is None else [InitProcessGroupKwargs(timeout=timedelta(minutes=a.ddp_timeout))]
         self.accelerator = Accelerator(mixed_precision=a.mixed_precision, log_with=log_with, kwargs_handlers=handlers,
-                                       project_dir=a.logging_dir or str(self.output_dir / "logs"))
+                                       project_dir=a.logging_dir or str(self.output_dir / "logs"),
+                                       cpu=launched_on_cpus())
         acc = self.accelerator
+        if acc.is_main_process:
+            batch = "/".join(str(d.batch_size) for d in self.dataset.config.datasets)  # one per dataset
+            logger.info("processes: %d; effective batch: %s per process x %d processes x %d accumulation steps",
+                        acc.num_processes, batch, acc.num_processes, a.gradient_accumulation_steps)
         self.device = acc.device
         check_compile_device(a, self.device)
         self._mark_step = step_marker(a)
@@ -191,7 +196,9 @@ class LoRATrainer:
             captions = sorted({self.dataset.caption_for_cache(i) for i in range(len(self.dataset))})
             with torch.no_grad():
                 for c in captions:
-                    self.cached_text[c] = conditioning.encode_prompts(m, [c], a.clip_skip, self.device)
+                    self.cached_text[c] = conditioning.encode_prompts(m, [c], a.clip_skip, self.device,
+                                                                      max_token_length=a.max_token_length,
+                                                                      weighted=a.weighted_captions)
             for te in m.text_encoders:  # not trained (--network_train_unet_only): no reason to hold device memory
                 te.to("cpu")
             logger.info("cached text-encoder outputs of %d captions", len(captions))
@@ -207,7 +214,12 @@ class LoRATrainer:
         usable = len(batches) // self.world * self.world
         if usable == 0:
             raise ConfigError(f"the dataset gives {len(batches)} batches per epoch, fewer than the {self.world} processes")
-        return batches[self.accelerator.process_index:usable:self.world]
+        mine = batches[self.accelerator.process_index:usable:self.world]
+        self.epoch_sample_steps = None
+        if self.dataset.uses_token_warmup():  # token warm-up grows captions with the optimizer step
+            self.epoch_sample_steps = sample_steps(mine, epoch, self.args.gradient_accumulation_steps)
+            self.dataset.set_sample_steps(self.epoch_sample_steps, self.args.max_train_steps)
+        return mine
 
     def _loader(self, epoch: int, batches: list[list[int]]) -> torch.utils.data.DataLoader:
         """This epoch's batches; with --persistent_data_loader_workers one loader (and its workers) for all."""
@@ -216,10 +228,10 @@ class LoRATrainer:
             return torch.utils.data.DataLoader(
                 self.dataset, batch_sampler=batches, collate_fn=collate, num_workers=a.max_data_loader_n_workers,
                 pin_memory=self.device.type == "cuda", generator=torch.Generator())
-        self.epoch_batches.set(epoch, batches)
+        self.epoch_batches.set(epoch, batches, self.epoch_sample_steps)
         if self.persistent_loader is None:
             self.persistent_loader = torch.utils.data.DataLoader(
-                EpochIndexed(self.dataset), batch_sampler=self.epoch_batches, collate_fn=collate,
+                EpochIndexed(self.dataset, a.max_train_steps), batch_sampler=self.epoch_batches, collate_fn=collate,
                 num_workers=a.max_data_loader_n_workers, persistent_workers=True,
                 pin_memory=self.device.type == "cuda", generator=torch.Generator())
         return self.persistent_loader
@@ -244,7 +256,9 @@ class LoRATrainer:
             cond = conditioning.Conditioning(hidden, extra)
         else:
             with torch.set_grad_enabled(self.train_text_encoder):
-                cond = conditioning.encode_prompts(self.model, captions, self.args.clip_skip, self.device)
+                cond = conditioning.encode_prompts(self.model, captions, self.args.clip_skip, self.device,
+                                                   max_token_length=self.args.max_token_length,
+                                                   weighted=self.args.weighted_captions)
         if cond.added_cond_kwargs is not None:  # SDXL: each image's own original size, crop and bucket
             cond.added_cond_kwargs["time_ids"] = conditioning.sdxl_time_ids(
                 batch["original_size"], batch["crop_top_left"], batch["bucket"], self.device)
@@ -469,7 +483,8 @@ class LoRATrainer:
                   if m.device.type == "cpu" and self.device.type != "cpu"]
         for module in parked:  # cached latents / text-encoder outputs moved them off the device
             module.to(self.device)
-        images = sampling.generate(self.model, prompts, a.sample_sampler, self.model.scheduler_config, self.device, a.seed)
+        images = sampling.generate(self.model, prompts, a.sample_sampler, self.model.scheduler_config, self.device, a.seed,
+                                   clip_skip=a.clip_skip, max_token_length=a.max_token_length)
         for module in parked:
             module.to("cpu")
         save_samples(self.output_dir, a.output_name, self.progress.global_step, prompts, images, self.accelerator)
@@ -545,6 +560,20 @@ class LoRATrainer:
         code = 130 if self.stop_signal == "SIGINT" else 143
         raise TrainingStopped(f"stopped by {self.stop_signal} at step {self.progress.global_step}; LoRA saved to {path}, "
                               f"state to {state}. Resume with the same command plus --resume {state}", exit_code=code)
+
+
+def sample_steps(batches: list[list[int]], epoch: int, accumulate: int) -> dict[int, int]:
+    """Sample index -> the optimizer steps done before its batch trains (sd-scripts' `current_step`): every epoch
+    has the same ceil(batches / accumulate) steps, and a step follows each `accumulate` batches."""
+    first = epoch * math.ceil(len(batches) / accumulate)
+    return {i: first + j // accumulate for j, batch in enumerate(batches) for i in batch}
+
+
+def launched_on_cpus() -> bool:
+    """Several processes (torchrun / accelerate launch --multi_gpu) on a machine without CUDA: accelerate joins
+    them through gloo only when told to use the CPU; otherwise each process would train alone, on all the data,
+    into the same files."""
+    return not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def threading_main() -> bool:

@@ -165,7 +165,31 @@ def test_caption_shuffle_changes_with_epoch_but_reproduces(tmp_path):
         assert all(c.startswith("zkw, ") for c in caps)
         per_epoch.append(caps)
     assert per_epoch[0] != per_epoch[1]
-    assert ds1.caption_for_cache(0) == "zkw, a, b, c, d, e"
+    assert ds1.random_caption_subsets() == [str(tmp_path / "a")]  # shuffled: no cached encoding
+
+
+def test_wildcards_token_warmup_and_cached_captions_from_the_dataset(tmp_path):
+    _img(tmp_path / "w/x.png", caption="a {red|blue} cat\n\nthe {big|small} dog\n")
+    _img(tmp_path / "t/y.png", caption="zkw, t0, t1, t2, t3, t4, t5")
+    _img(tmp_path / "c/z.png", caption="red;;;dress, blue ||| best")
+    cfg = _config(SubsetConfig(tmp_path / "w", enable_wildcard=True, num_repeats=40, name="wild"),
+                  SubsetConfig(tmp_path / "t", keep_tokens=1, token_warmup_min=1, token_warmup_step=0.5, name="warm"),
+                  SubsetConfig(tmp_path / "c", caption_prefix="zkw,", secondary_separator=";;;",
+                               keep_tokens_separator="|||", name="fixed"))
+    ds = CaptionedImageDataset(cfg, seed=3)
+    assert ds.random_caption_subsets() == ["wild", "warm"]
+    assert set(ds[i]["caption"] for i in range(40)) == {"a red cat", "a blue cat", "the big dog", "the small dog"}
+    warm = 40
+    ds.set_sample_steps({warm: 0}, max_train_steps=10)  # warm-up over floor(0.5 * 10) = 5 steps
+    assert ds[warm]["caption"] == "zkw, t0"
+    ds.set_sample_steps({warm: 3}, max_train_steps=10)
+    assert ds[warm]["caption"] == "zkw, t0, t1, t2, t3"  # floor(3 * (6 - 1) / 5) + 1 tags
+    ds.set_sample_steps({warm: 5}, max_train_steps=10)
+    assert ds[warm]["caption"] == "zkw, t0, t1, t2, t3, t4, t5"
+    assert ds[41]["caption"] == ds.caption_for_cache(41) == "zkw, red,dress, blue ||| best"
+    subsets = ds.summary()["datasets"][0]["subsets"]
+    assert subsets[0]["enable_wildcard"] and subsets[2]["caption_prefix"] == "zkw,"
+    assert (subsets[2]["secondary_separator"], subsets[2]["keep_tokens_separator"]) == (";;;", "|||")
 
 
 def test_bad_files_stop_before_training_with_a_list(tmp_path):

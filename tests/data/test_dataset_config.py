@@ -165,11 +165,11 @@ def test_bucket_cross_checks(dirs):
 
 def test_unsupported_keys_are_accepted_with_one_warning(dirs, caplog):
     path = _write(dirs, '[general]\ncolor_aug = true\n[[datasets]]\nvalidation_split = 0.1\n'
-                        '[[datasets.subsets]]\nimage_dir = "a"\ntoken_warmup_step = 5\n')
+                        '[[datasets.subsets]]\nimage_dir = "a"\ncustom_attributes = 5\n')
     with caplog.at_level(logging.WARNING):
         cfg = load_dataset_config(path)
     assert [u.split(" ")[0] for u in cfg.unsupported] == ["general.color_aug", "datasets[0].validation_split",
-                                                          "datasets[0].subsets[0].token_warmup_step"]
+                                                          "datasets[0].subsets[0].custom_attributes"]
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "color_aug" in warnings[0].getMessage()
 
@@ -229,3 +229,17 @@ def test_bundled_bucket_example_parses(tmp_path, monkeypatch):
     train, reg = bp.subsets
     assert (train.num_repeats, train.keep_tokens, train.shuffle_caption, train.is_reg) == (10, 1, True, False)
     assert (reg.is_reg, reg.shuffle_caption, reg.class_tokens) == (True, False, "girl")
+
+
+def test_caption_keys_of_sd_scripts_load_and_validate(dirs):
+    path = _write(dirs, '[general]\ncaption_separator = ";"\ntoken_warmup_step = 0.25\n[[datasets]]\n'
+                        'enable_wildcard = true\n[[datasets.subsets]]\nimage_dir = "a"\ntoken_warmup_min = 3\n'
+                        'keep_tokens_separator = "|||"\ncaption_dropout_every_n_epochs = 2\n')
+    sub = load_dataset_config(path, DatasetDefaults(caption_tag_dropout_rate=0.1)).datasets[0].subsets[0]
+    assert (sub.caption_separator, sub.token_warmup_step, sub.enable_wildcard, sub.token_warmup_min) == (";", 0.25, True, 3)
+    assert (sub.keep_tokens_separator, sub.caption_dropout_every_n_epochs, sub.caption_tag_dropout_rate) == ("|||", 2, 0.1)
+    for line, valid in (('caption_separator = ""', "non-empty"), ("token_warmup_step = -1", "a number >= 0"),
+                        ('enable_wildcard = "yes"', "true or false"), ("token_warmup_min = 1.5", "an integer >= 0")):
+        bad = _write(dirs, f'[[datasets]]\n[[datasets.subsets]]\nimage_dir = "a"\n{line}\n', name="bad.toml")
+        with pytest.raises(ConfigError, match=rf"datasets\[0\]\.subsets\[0\]\.{line.split()[0]}: bad value .*{valid}"):
+            load_dataset_config(bad)

@@ -87,8 +87,9 @@ def test_type_is_detected_from_keys(files):
     ("kind", "flags", "message"),
     [
         ("sd2", {}, r"is an SD2 model \(OpenCLIP .*\) but the flags \(no --v2/--sdxl\) select SD1; use --v2"),
-        ("sd1", {"sdxl": True}, r"is an SD1 model .* select SDXL; drop --v2/--sdxl"),
-        ("sdxl", {"v2": True}, r"is an SDXL model .* use --sdxl"),
+        ("sd1", {"sdxl": True},
+         r"is an SD1 model .* select SDXL; train it with train_network.py and neither --v2 nor --sdxl"),
+        ("sdxl", {"v2": True}, r"is an SDXL model .* use sdxl_train_network.py \(or --sdxl\)"),
     ],
 )
 def test_contradicting_flags_are_errors(files, kind, flags, message):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import logging
 import re
+import sys
 
 import pytest
 import torch
@@ -303,8 +304,10 @@ def test_logs_selected_optimizer_type_and_sources(caplog: pytest.LogCaptureFixtu
     assert "Selected optimizer: AdamW (Type: standard)" in text
     assert "weight_decay = 0.0 (--optimizer_args)" in text
     assert "betas = (0.9, 0.99) (registry default)" in text
-    for label in ("SGG", "SAC", "Standard"):
+    for label in ("SGG", "SAC"):
         assert text.count(f"{label} optimizers loaded: [") == 1
+    others = sum(unavailable_reason(s) is None for s in list_optimizers() if s.family not in ("SGG", "SAC"))
+    assert text.count(f"{others} other optimizers available (--optimizer_type list names them)") == 1
     assert "'AdamWSAC'" in text.split("SAC optimizers loaded:")[1].splitlines()[0]
 
 
@@ -325,3 +328,17 @@ def test_listing_shows_every_name_with_its_status_within_the_width() -> None:
     assert all(len(line) <= 140 for line in lines)
     assert re.search(r"^lomo\s.*refused", table, re.MULTILINE)
     assert re.search(r"^adamw_torch_xla\s.*needs torch_xla", table, re.MULTILINE)
+
+
+def test_piped_listing_keeps_every_description_whole(monkeypatch) -> None:
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: False)
+    table = format_optimizer_table()
+    for spec in list_optimizers():
+        assert spec.description in table
+
+
+def test_did_you_mean_names_each_optimizer_once() -> None:
+    with pytest.raises(OptimizerError, match="did you mean") as raised:
+        resolve("AdamW8bitt")
+    names = str(raised.value).split("did you mean ", 1)[1].rstrip("?").split(", ")
+    assert len(names) == len(set(names)) and "AdamW8bit" in names

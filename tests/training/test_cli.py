@@ -164,3 +164,23 @@ def test_sdxl_script_names_itself_in_errors():
 def test_config_file_name_without_extension_as_sd_scripts(tmp_path):
     write(tmp_path, "network_dim = 12\n", name="my_run.toml")
     assert parse_args(["--config_file", str(tmp_path / "my_run")]).network_dim == 12
+
+
+def test_optimizer_settings_from_a_config_file_are_labelled_with_their_source(tmp_path, caplog):
+    import logging
+
+    import torch
+
+    from library.optimizers.registry import build_optimizer
+    from library.training.setup import _optimizer_inputs
+
+    cfg = write(tmp_path, 'optimizer_type = "CustomAdamW"\nlearning_rate = 3e-4\nspd_lambda = 0.05\nuse_tam = false\n')
+    args = parse_args(["--config_file", cfg, "--use_tam"])  # the command line wins over the file's use_tam
+    assert args.config_file_keys == ["learning_rate", "optimizer_type", "spd_lambda"]
+    param = torch.nn.Parameter(torch.zeros(4, 4))
+    with caplog.at_level(logging.INFO, logger="library.optimizers.registry"):
+        _, sources = build_optimizer("CustomAdamW", [{"params": [param], "names": ["lora_unet_x.lora_down.weight"]}],
+                                     lr=args.learning_rate, **_optimizer_inputs(args))
+    assert sources["lr"] == sources["spd_lambda"] == "--config_file"
+    assert sources["use_tam"] == "CLI flag"
+    assert "spd_lambda = 0.05 (--config_file)" in caplog.text

@@ -105,7 +105,9 @@ def test_every_rank_takes_the_same_stop_and_divergence_decision(tmp_path):
 @pytest.mark.skipif(shutil.which("torchrun", path=os.path.dirname(sys.executable)) is None, reason="torchrun not installed")
 def test_two_process_training_runs_with_gloo(tiny_dataset, tmp_path):
     out = tmp_path / "out"
-    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    # no ACCELERATE_USE_CPU: on a machine without CUDA the trainer itself joins the ranks through gloo
+    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     # its own session, so a timeout kills torchrun's ranks too (they hold the pipes; killing torchrun alone
     # would leave them running)
@@ -121,5 +123,6 @@ def test_two_process_training_runs_with_gloo(tiny_dataset, tmp_path):
         pytest.fail(f"2-process training still running after 240 s:\n{stderr[-3000:]}")
     assert proc.returncode == 0, stderr[-3000:]
     assert "4 steps, 2 per epoch" in stderr  # 8 images, batch 2, split over 2 processes
+    assert "processes: 2; effective batch: 2 per process x 2 processes x 1 accumulation steps" in stderr
     lora = load_file(str(out / "t.safetensors"))
     assert any(k.endswith("lora_up.weight") and lora[k].abs().sum() > 0 for k in lora)

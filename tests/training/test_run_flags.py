@@ -55,6 +55,9 @@ def scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
 def test_trackers_hub_and_schedule_in_a_run(tiny_dataset, tmp_path, monkeypatch, caplog):
     import huggingface_hub
 
+    root = logging.getLogger()  # the console options replace the root's handlers: give them back afterwards
+    monkeypatch.setattr(root, "handlers", root.handlers[:])
+    monkeypatch.setattr(root, "level", root.level)
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeHub)
@@ -65,7 +68,8 @@ def test_trackers_hub_and_schedule_in_a_run(tiny_dataset, tmp_path, monkeypatch,
         "--wandb_run_name", "run-a", "--log_config", "--lr_scheduler", "linear", "--lr_warmup_steps", "0.5",
         "--unet_lr", "1e-3", "--text_encoder_lr", "5e-4", "--save_every_n_steps", "2", "--save_state",
         "--huggingface_repo_id", "me/lora", "--huggingface_path_in_repo", "runs", "--save_state_to_huggingface",
-        "--console_log_file", str(tmp_path / "console.log"), "--console_log_simple", steps=4))
+        "--console_log_file", str(tmp_path / "console.log"), "--console_log_simple", "--console_log_level", "INFO",
+        steps=4))
     assert code == 0
 
     # TensorBoard: sd-scripts' names, the linear schedule with warm-up 0.5 x 4 = 2 steps
@@ -120,12 +124,16 @@ def test_persistent_workers_serve_every_epoch_and_train_the_same(tiny_dataset, t
 
 
 class EpochEcho(torch.utils.data.Dataset):
-    """Returns (epoch the item was made in, index, worker pid)."""
+    """Returns (epoch the item was made in, index, worker pid, the optimizer step it was told)."""
 
     epoch = 0
+    steps: dict = {}
 
     def set_epoch(self, epoch):
         self.epoch = epoch
+
+    def set_sample_steps(self, steps, max_train_steps):
+        self.steps = steps
 
     def __len__(self):
         return 4
@@ -133,19 +141,20 @@ class EpochEcho(torch.utils.data.Dataset):
     def __getitem__(self, i):
         import os
 
-        return torch.tensor([self.epoch, i, os.getpid()])
+        return torch.tensor([self.epoch, i, os.getpid(), self.steps.get(i, -1)])
 
 
 def test_kept_workers_follow_the_epoch():
     from library.training.multiprocess import EpochBatches, EpochIndexed
 
     batches = EpochBatches()
-    loader = torch.utils.data.DataLoader(EpochIndexed(EpochEcho()), batch_sampler=batches, num_workers=1,
+    loader = torch.utils.data.DataLoader(EpochIndexed(EpochEcho(), 10), batch_sampler=batches, num_workers=1,
                                          persistent_workers=True)
     seen = []
     for epoch in range(3):
-        batches.set(epoch, [[0, 1], [3]])
+        batches.set(epoch, [[0, 1], [3]], {0: 2 * epoch, 1: 2 * epoch, 3: 2 * epoch + 1} if epoch == 2 else None)
         seen.append(torch.cat(list(loader)))
+    assert [s[:, 3].tolist() for s in seen] == [[-1, -1, -1]] * 2 + [[4, 4, 5]]  # token warm-up's steps
     assert [s[:, 0].tolist() for s in seen] == [[0, 0, 0], [1, 1, 1], [2, 2, 2]]
     assert [s[:, 1].tolist() for s in seen] == [[0, 1, 3]] * 3
     assert len({int(p) for s in seen for p in s[:, 2]}) == 1  # one worker process for all epochs
