@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from library.training.trackers import LossRecorder
+from library.training.trackers import LossRecorder, log_scalars
 
 logger = logging.getLogger("loraforge")
 
@@ -42,14 +42,16 @@ class Progress:
         if self.device.type == "cuda":
             postfix["vram"] = f"{torch.cuda.max_memory_allocated(self.device) / 2**30:.1f}G"
         self.bar.set_postfix(postfix, refresh=False)
-        self.accelerator.log({"loss/current": loss, "loss/average": average, **lr_logs}, step=step)
+        log_scalars(self.accelerator, {"loss/current": loss, "loss/average": average, **lr_logs}, step_value=step,
+                    global_step=step, epoch=epoch + 1)
         every = self.args.plot_every_n_steps
         if every and step % every == 0:
             self.plot()
 
-    def end_epoch(self, epoch: int) -> None:
-        """loss/epoch_average at the epoch's number, as sd-scripts logs it."""
-        self.accelerator.log({"loss/epoch_average": self.losses.moving_average}, step=epoch)
+    def end_epoch(self, epoch: int, global_step: int) -> None:
+        """loss/epoch_average at the epoch's number (1-based), as sd-scripts logs it."""
+        log_scalars(self.accelerator, {"loss/epoch_average": self.losses.moving_average}, step_value=epoch,
+                    global_step=global_step, epoch=epoch)
 
     def plot(self) -> Path | None:
         if not self.enabled or not self.history:

@@ -114,6 +114,18 @@ def start_trackers(accelerator, args: argparse.Namespace, extra_config: dict[str
     accelerator.init_trackers(name, config=config, init_kwargs=tracker_init_kwargs(args))
 
 
+def log_scalars(accelerator, logs: dict[str, float], *, step_value: int, global_step: int, epoch: int) -> None:
+    """As sd-scripts' accelerator_logging: TensorBoard (and other trackers) at `step_value`; wandb at its own
+    growing step with `global_step` and `epoch` beside the values (an epoch log's step would go backwards)."""
+    if not accelerator.is_main_process:
+        return
+    for tracker in accelerator.trackers:
+        if tracker.name == "wandb":
+            tracker.log({**logs, "global_step": global_step, "epoch": epoch})
+        else:
+            tracker.log(logs, step=step_value)
+
+
 def lr_logs(groups: Sequence[dict], *, unet_only: bool) -> dict[str, float]:
     """Learning-rate scalars named as sd-scripts' generate_step_logs names them.
 

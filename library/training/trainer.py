@@ -416,14 +416,14 @@ class LoRATrainer:
                     self.progress.epoch += 1
                     self.progress.batches_done_in_epoch = 0
                     done = self.progress.epoch
-                    bar.end_epoch(done)
+                    bar.end_epoch(done, self.progress.global_step)
                     if a.save_every_n_epochs and done % a.save_every_n_epochs == 0 and done < self.num_epochs \
                             and self.progress.global_step < a.max_train_steps:
                         self.save(f"{a.output_name}-{done:06d}", state=a.save_state)
                     if a.sample_every_n_epochs and done % a.sample_every_n_epochs == 0:
                         self.sample_images()
                     continue
-                bar.end_epoch(self.progress.epoch + 1)  # the last, maybe partial, epoch: sd-scripts logs it too
+                bar.end_epoch(self.progress.epoch + 1, self.progress.global_step)  # the last, maybe partial, epoch
                 break
             final = self.save(a.output_name, state=a.save_state, last=True)
         except BaseException:  # the error line must not land on the open progress bar's line

@@ -87,8 +87,10 @@ def test_trackers_hub_and_schedule_in_a_run(tiny_dataset, tmp_path, monkeypatch,
     runs = list((logs / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1
     record = runs[0].read_bytes()  # protobuf records: their strings are stored as they are
-    for text in (b"run-a", b"mylora", b"lr/unet", b"loss/current", b"lr_scheduler_type"):  # name, project, scalars,
-        assert text in record, text                                                        # --log_config's options
+    # name, project, scalars (the epoch's too, at wandb's own step), sd-scripts' step keys, --log_config's options
+    for text in (b"run-a", b"mylora", b"lr/unet", b"loss/current", b"loss/epoch_average", b"global_step",
+                 b"lr_scheduler_type"):
+        assert text in record, text
     assert b"huggingface_token" not in record and b"wandb_api_key" not in record
 
     # the console log went to the file, in the simple format
