@@ -227,11 +227,13 @@ def build_parser(prog: str = "train_network.py") -> argparse.ArgumentParser:
     g.add_argument("--overwrite", action="store_true", help="allow writing over an earlier run's files")
 
     g = p.add_argument_group("logging")
-    g.add_argument("--logging_dir", type=str, default=None)
+    g.add_argument("--logging_dir", type=str, default=None,
+                   help="tracker logs go to <logging_dir>/<log_prefix><start time>/, as in sd-scripts (default: "
+                        "<output_dir>/logs; TensorBoard needs no --log_with when this is given)")
     g.add_argument("--log_with", type=str, default=None, choices=[None, "tensorboard", "wandb", "all", "none"],
                    help="trackers: tensorboard (under --logging_dir), wandb, all; none turns them off (default: "
                         "tensorboard when --logging_dir is given)")
-    g.add_argument("--log_prefix", type=str, default=None)
+    g.add_argument("--log_prefix", type=str, default=None, help="put in front of the run's log folder name")
     g.add_argument("--log_every_n_steps", type=int, default=10, help="loss read back from the device every N steps")
     g.add_argument("--plot_every_n_steps", type=int, default=None, help="also write the loss/lr plot every N steps")
 

@@ -10,6 +10,7 @@ import argparse
 import logging
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,13 @@ def tracker_choice(args: argparse.Namespace) -> str | None:
     if args.log_with == "none":
         return None
     return args.log_with or ("tensorboard" if args.logging_dir else None)
+
+
+def logging_dir_of_run(args: argparse.Namespace, output_dir: Path | None) -> str:
+    """This run's log folder: <--logging_dir>/<--log_prefix><start time>, as sd-scripts names it, so runs never
+    share one TensorBoard folder (without --logging_dir: <output_dir>/logs/...)."""
+    base = Path(args.logging_dir) if args.logging_dir else Path(output_dir or ".") / "logs"
+    return str(base / f"{args.log_prefix or ''}{time.strftime('%Y%m%d%H%M%S', time.localtime())}")
 
 
 def check_trackers(args: argparse.Namespace) -> None:
@@ -104,13 +112,13 @@ def start_trackers(accelerator, args: argparse.Namespace, extra_config: dict[str
     if choice in ("wandb", "all"):
         import wandb
 
-        if args.logging_dir:
-            os.makedirs(args.logging_dir, exist_ok=True)
-            os.environ["WANDB_DIR"] = args.logging_dir  # the wandb run folder lives with the other logs
+        if args.logging_dir:  # the wandb run folder lives with the run's other logs, as in sd-scripts
+            os.makedirs(accelerator.project_dir, exist_ok=True)
+            os.environ["WANDB_DIR"] = accelerator.project_dir
         if args.wandb_api_key:
             wandb.login(key=args.wandb_api_key)
     config = {**(sanitized_config(args) if args.log_config else {}), **extra_config}
-    name = args.log_tracker_name or (args.log_prefix or "") + "network_train"
+    name = args.log_tracker_name or "network_train"
     accelerator.init_trackers(name, config=config, init_kwargs=tracker_init_kwargs(args))
 
 

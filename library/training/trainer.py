@@ -45,7 +45,7 @@ from library.training.setup import (
     load_model,
     weight_dtype_for,
 )
-from library.training.trackers import lr_logs, start_trackers, tracker_choice
+from library.training.trackers import logging_dir_of_run, lr_logs, start_trackers, tracker_choice
 from library.training.validate import (
     check_free_space_for_network,
     import_network_module,
@@ -108,7 +108,7 @@ class LoRATrainer:
         log_with = tracker_choice(a)
         handlers = [] if a.ddp_timeout is None else [InitProcessGroupKwargs(timeout=timedelta(minutes=a.ddp_timeout))]
         self.accelerator = Accelerator(mixed_precision=a.mixed_precision, log_with=log_with, kwargs_handlers=handlers,
-                                       project_dir=a.logging_dir or str(self.output_dir / "logs"),
+                                       project_dir=logging_dir_of_run(a, self.output_dir),
                                        cpu=launched_on_cpus())
         acc = self.accelerator
         if acc.is_main_process:

@@ -64,7 +64,7 @@ def test_trackers_hub_and_schedule_in_a_run(tiny_dataset, tmp_path, monkeypatch,
     FakeHub.calls = []
     out, logs = tmp_path / "out", tmp_path / "logs"
     code = main(train_argv(
-        tiny_dataset, out, "--log_with", "all", "--logging_dir", str(logs), "--log_tracker_name", "mylora",
+        tiny_dataset, out, "--log_with", "all", "--logging_dir", str(logs), "--log_tracker_name", "mylora", "--log_prefix", "pre-",
         "--wandb_run_name", "run-a", "--log_config", "--lr_scheduler", "linear", "--lr_warmup_steps", "0.5",
         "--unet_lr", "1e-3", "--text_encoder_lr", "5e-4", "--save_every_n_steps", "2", "--save_state",
         "--huggingface_repo_id", "me/lora", "--huggingface_path_in_repo", "runs", "--save_state_to_huggingface",
@@ -73,7 +73,9 @@ def test_trackers_hub_and_schedule_in_a_run(tiny_dataset, tmp_path, monkeypatch,
     assert code == 0
 
     # TensorBoard: sd-scripts' names, the linear schedule with warm-up 0.5 x 4 = 2 steps
-    tb = scalars(logs / "mylora")
+    runs = list(logs.glob("pre-2*"))  # <--logging_dir>/<--log_prefix><start time>, as sd-scripts
+    assert len(runs) == 1 and len(runs[0].name) == len("pre-") + 14
+    tb = scalars(runs[0] / "mylora")
     for tag in ("loss/current", "loss/average", "lr/unet", "lr/textencoder", "lr/group1", "loss/epoch_average"):
         assert tag in tb, sorted(tb)
     want = {s: (s / 2 if s < 2 else (4 - s) / 2) for s in range(1, 5)}  # the lr in force after step s
@@ -84,7 +86,7 @@ def test_trackers_hub_and_schedule_in_a_run(tiny_dataset, tmp_path, monkeypatch,
     assert averages[-1] == pytest.approx(sum(losses) / len(losses), rel=1e-5)  # one epoch: the plain mean
 
     # wandb offline: the run's files under --logging_dir, with the run name and the sanitised config
-    runs = list((logs / "wandb").glob("offline-run-*/run-*.wandb"))
+    runs = list(runs[0].glob("wandb/offline-run-*/run-*.wandb"))
     assert len(runs) == 1
     record = runs[0].read_bytes()  # protobuf records: their strings are stored as they are
     # name, project, scalars (the epoch's too, at wandb's own step), sd-scripts' step keys, --log_config's options
@@ -287,6 +289,7 @@ def test_wandb_login_run_folder_and_run_name(tmp_path, monkeypatch):
 
     class FakeAccelerator:
         is_main_process = True
+        project_dir = str(tmp_path / "logs" / "20260101000000")
 
         def init_trackers(self, name, config, init_kwargs):
             self.started = (name, config, init_kwargs)
@@ -299,5 +302,5 @@ def test_wandb_login_run_folder_and_run_name(tmp_path, monkeypatch):
                                     str(tmp_path / "logs"), "--wandb_run_name", "night"]), {"optimizer": "AdamW"})
     import os
 
-    assert logins == ["k123"] and os.environ["WANDB_DIR"] == str(tmp_path / "logs")
+    assert logins == ["k123"] and os.environ["WANDB_DIR"] == acc.project_dir
     assert acc.started == ("network_train", {"optimizer": "AdamW"}, {"wandb": {"name": "night"}})
