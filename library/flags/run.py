@@ -31,6 +31,8 @@ def int_or_float(value: str) -> int | float:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected steps (e.g. 100) or a fraction of the steps (0.1 or 10%), "
                                          f"got {value!r}") from None
+    if number >= 1 and not number.is_integer():
+        raise argparse.ArgumentTypeError(f"{value!r}: steps are a whole number; a fraction of the steps is below 1")
     return int(number) if number >= 1 else number
 
 

@@ -142,6 +142,12 @@ def test_warmup_steps_int_or_fraction(text, expected):
     assert value.lr_decay_steps == value.lr_warmup_steps
 
 
+def test_steps_above_one_must_be_whole(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--lr_warmup_steps", "1.5"])
+    assert "steps are a whole number" in capsys.readouterr().err
+
+
 def test_fraction_from_config_file(tmp_path):
     cfg = tmp_path / "run.toml"
     cfg.write_text("lr_scheduler = 'linear'\nlr_warmup_steps = 0.25\n", encoding="utf-8")
