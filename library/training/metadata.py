@@ -66,6 +66,7 @@ def build_metadata(args, *, model_type: str, v_parameterization: bool, session_i
         "ss_num_reg_images": dataset_summary.get("num_reg_images"),
         "ss_tag_frequency": json.dumps(dataset_summary.get("tag_frequency", {}), ensure_ascii=False),
         "ss_dataset_dirs": json.dumps(dataset_summary.get("dataset_dirs", {}), ensure_ascii=False),
+        **image_metadata(args, dataset_summary),
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": f"{arch}/lora",
         "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if model_type == "sdxl" else "diffusers",
@@ -75,3 +76,28 @@ def build_metadata(args, *, model_type: str, v_parameterization: bool, session_i
         "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     return {k: sanitize(v) for k, v in md.items() if v is not None}
+
+
+def image_metadata(args, dataset_summary: dict) -> dict[str, Any]:
+    """sd-scripts' image, bucket and validation keys (ss_bucket_info: the first dataset's buckets)."""
+    datasets = dataset_summary.get("datasets") or [{}]
+    first = datasets[0]
+    face = getattr(args, "face_crop_aug_range", None)
+    return {
+        "ss_color_aug": bool(getattr(args, "color_aug", False)),
+        "ss_random_crop": bool(getattr(args, "random_crop", False)),
+        "ss_face_crop_aug_range": f"{face[0]},{face[1]}" if face else None,
+        "ss_resize_interpolation": getattr(args, "resize_interpolation", None),
+        "ss_cache_latents": bool(getattr(args, "cache_latents", False)),
+        "ss_enable_bucket": first.get("enable_bucket"),
+        "ss_bucket_no_upscale": first.get("bucket_no_upscale"),
+        "ss_min_bucket_reso": first.get("min_bucket_reso"),
+        "ss_max_bucket_reso": first.get("max_bucket_reso"),
+        "ss_bucket_info": json.dumps(first["bucket_info"]) if first.get("bucket_info") else None,
+        "ss_num_validation_images": dataset_summary.get("num_validation_images", 0),
+        "ss_validation_seed": getattr(args, "validation_seed", None),
+        "ss_validation_split": getattr(args, "validation_split", None),
+        "ss_max_validation_steps": getattr(args, "max_validation_steps", None),
+        "ss_validate_every_n_epochs": getattr(args, "validate_every_n_epochs", None),
+        "ss_validate_every_n_steps": getattr(args, "validate_every_n_steps", None),
+    }

@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from library.training.trackers import LossRecorder, log_scalars
+from library.training.trackers import log_scalars
+from library.training.validation_loss import LossRecorder
 
 logger = logging.getLogger("loraforge")
 

@@ -32,21 +32,39 @@ def dataset_defaults(args: argparse.Namespace):
         bucket_reso_steps=args.bucket_reso_steps, bucket_no_upscale=args.bucket_no_upscale,
         caption_extension=args.caption_extension, shuffle_caption=args.shuffle_caption, keep_tokens=args.keep_tokens,
         caption_dropout_rate=args.caption_dropout_rate, flip_aug=args.flip_aug,
+        random_crop=args.random_crop, color_aug=args.color_aug, face_crop_aug_range=args.face_crop_aug_range,
+        resize_interpolation=args.resize_interpolation, cache_info=args.cache_info, num_repeats=args.dataset_repeats,
+        validation_split=args.validation_split, validation_seed=args.validation_seed,
         **caption_defaults(args),
     )
 
 
-def build_dataset(args: argparse.Namespace):
-    """Load and validate the dataset (every image decoded once) before any model is loaded."""
-    from library.config.dataset_config import config_from_train_data_dir, load_dataset_config
+def build_dataset(args: argparse.Namespace, split: str = "train"):
+    """Load and validate the dataset (every image decoded once) before any model is loaded. `split="validation"`:
+    the images held out by validation_split, or None when no dataset holds any out."""
+    from library.config.dataset_config import (
+        config_from_in_json,
+        config_from_train_data_dir,
+        load_dataset_config,
+    )
     from library.data.dataset import CaptionedImageDataset
 
     defaults = dataset_defaults(args)
     if args.dataset_config:
         config = load_dataset_config(args.dataset_config, defaults)
+    elif args.in_json:
+        config = config_from_in_json(args.in_json, args.train_data_dir, defaults)
     else:
         config = config_from_train_data_dir(args.train_data_dir, args.reg_data_dir, defaults)
-    dataset = CaptionedImageDataset(config, seed=args.seed, skip_bad_images=args.skip_bad_images)
+    if split == "validation":
+        if not any(bp.validation_split > 0 for bp in config.datasets):
+            return None
+        dataset = CaptionedImageDataset(config, seed=args.seed, skip_bad_images=args.skip_bad_images,
+                                        split="validation", fast_decode=args.fast_image_decode)
+        logger.info("validation dataset: %d images", len(dataset))
+        return dataset
+    dataset = CaptionedImageDataset(config, seed=args.seed, skip_bad_images=args.skip_bad_images,
+                                    fast_decode=args.fast_image_decode)
     varying = dataset.random_caption_subsets() if args.cache_text_encoder_outputs else []
     if varying:
         raise ConfigError(f"--cache_text_encoder_outputs: the captions of {varying[0]} change between steps (shuffle, "

@@ -167,21 +167,3 @@ def _fallback_description(i: int, count: int, unet_only: bool) -> str:
     if idx == -1:
         return "textencoder"
     return f"group{idx}" if count > 2 else "unet"
-
-
-class LossRecorder:
-    """loss/average as sd-scripts computes it: the mean of the latest loss at each step position of an epoch."""
-
-    def __init__(self) -> None:
-        self.losses: list[float] = []
-        self.total = 0.0
-
-    def add(self, *, epoch: int, step: int, loss: float) -> None:
-        if epoch == 0 or step >= len(self.losses):
-            self.losses.extend([0.0] * (step + 1 - len(self.losses)))
-        self.total += loss - self.losses[step]
-        self.losses[step] = loss
-
-    @property
-    def moving_average(self) -> float:
-        return self.total / len(self.losses) if self.losses else 0.0

@@ -45,13 +45,14 @@ from library.training.setup import (
     load_model,
     weight_dtype_for,
 )
-from library.training.trackers import logging_dir_of_run, lr_logs, start_trackers, tracker_choice
+from library.training.trackers import log_scalars, logging_dir_of_run, lr_logs, start_trackers, tracker_choice
 from library.training.validate import (
     check_free_space_for_network,
     import_network_module,
     output_files_exist,
     validate_args,
 )
+from library.training.validation_loss import ValidationLoss
 
 logger = logging.getLogger("loraforge")
 
@@ -101,6 +102,7 @@ class LoRATrainer:
         self.network_module = import_network_module(a.network_module)
         self.spec = check_optimizer_settings(a)
         self.dataset = build_dataset(a)
+        self.validation_dataset = build_dataset(a, split="validation")
         check_writable(self.output_dir)  # last check before the expensive part
 
         from accelerate import Accelerator, InitProcessGroupKwargs
@@ -126,6 +128,7 @@ class LoRATrainer:
         self.noise_scheduler = losses.make_noise_scheduler(self.model.scheduler_config,
                                                            v_parameterization=self.model.v_parameterization,
                                                            zero_terminal_snr=a.zero_terminal_snr)
+        self.validation = self._validation_setup()
         self.train_unet = not a.network_train_text_encoder_only
         self.train_text_encoder = not a.network_train_unet_only
         self._cache_inputs()
@@ -188,12 +191,14 @@ class LoRATrainer:
                 pixels = pixels.to(self.device, vae.dtype)
                 return vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
 
-            self.dataset.cache_latents(encode, to_disk=a.cache_latents_to_disk, batch_size=a.train_batch_size,
-                                       cache_tag=a.pretrained_model_name_or_path)
+            for dataset in filter(None, (self.dataset, self.validation_dataset)):
+                dataset.cache_latents(encode, to_disk=a.cache_latents_to_disk, batch_size=a.vae_batch_size,
+                                      cache_tag=a.pretrained_model_name_or_path, skip_cache_check=a.skip_cache_check)
             vae.to("cpu")
             logger.info("cached latents of %d images", len(self.dataset))
         if a.cache_text_encoder_outputs:
-            captions = sorted({self.dataset.caption_for_cache(i) for i in range(len(self.dataset))})
+            captions = sorted({d.caption_for_cache(i) for d in filter(None, (self.dataset, self.validation_dataset))
+                               for i in range(len(d))})
             with torch.no_grad():
                 for c in captions:
                     self.cached_text[c] = conditioning.encode_prompts(m, [c], a.clip_skip, self.device,
@@ -204,6 +209,40 @@ class LoRATrainer:
             logger.info("cached text-encoder outputs of %d captions", len(captions))
         if self.device.type == "cuda":
             torch.cuda.empty_cache()  # hand what the encoders used back before the U-Net arrives
+
+    def _validation_setup(self) -> ValidationLoss | None:
+        a = self.args
+        if self.validation_dataset is None:
+            return None
+        batches = len(self.validation_dataset.batch_sampler(seed=a.seed, shuffle=False))
+        return ValidationLoss(batches, seed=a.seed if a.validation_seed is None else a.validation_seed,
+                              num_train_timesteps=self.noise_scheduler.config.num_train_timesteps,
+                              min_timestep=getattr(a, "min_timestep", None), max_timestep=getattr(a, "max_timestep", None),
+                              every_n_steps=a.validate_every_n_steps, every_n_epochs=a.validate_every_n_epochs,
+                              max_steps=a.max_validation_steps)
+
+    def _validate(self, kind: str) -> None:
+        """A validation pass with the network in eval mode (dropout off, schedule-free's averaged weights)."""
+        if self.validation is None:
+            return
+        self._optimizer_mode("eval")
+        self.network.eval()
+        loader = torch.utils.data.DataLoader(
+            self.validation_dataset, batch_sampler=list(self.validation_dataset.batch_sampler(seed=self.args.seed,
+                                                                                              shuffle=False)),
+            collate_fn=collate, num_workers=self.args.max_data_loader_n_workers)
+        logs = self.validation.run(kind, self.progress.epoch, loader, self._validation_loss, self.device)
+        log_scalars(self.accelerator, logs, step_value=self.progress.global_step, global_step=self.progress.global_step,
+                    epoch=self.progress.epoch + 1)
+        self.network.train()
+        self._optimizer_mode("train")
+
+    def _validation_loss(self, batch: dict, timestep: int) -> torch.Tensor:
+        latents = self._latents(batch)
+        timesteps = torch.full((latents.shape[0],), timestep, device=self.device, dtype=torch.long)
+        loss, _ = self._loss(latents, self._conditioning(batch), self._loss_weights(batch), self.accelerator.autocast(),
+                             timesteps)
+        return loss
 
     def _epoch_batches(self, epoch: int) -> list[list[int]]:
         """This process's batches of an epoch: deterministic from (seed, epoch), split across processes."""
@@ -275,11 +314,14 @@ class LoRATrainer:
         return torch.where(is_reg, self.args.prior_loss_weight, 1.0).float().to(self.device, non_blocking=True)
 
     def _loss(self, latents: torch.Tensor, cond: conditioning.Conditioning, weights: torch.Tensor,
-              autocast) -> tuple[torch.Tensor, torch.Tensor]:
-        """Noise, timesteps, the U-Net's prediction and the weighted loss; returns (loss, timesteps)."""
+              autocast, timesteps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Noise, timesteps (random unless given), the U-Net's prediction and the weighted loss; returns (loss,
+        timesteps)."""
         a = self.args
         noise = losses.sample_noise(latents, a.noise_offset)
-        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=self.device)
+        if timesteps is None:
+            timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
+                                      device=self.device)
         with autocast:
             pred = self._unet_forward(latents, noise, timesteps, cond)
         target = losses.training_target(self.noise_scheduler, latents, noise, timesteps)
@@ -369,8 +411,11 @@ class LoRATrainer:
                 start = self.progress.batches_done_in_epoch
                 loader = self._loader(epoch, batches[start:])
                 for i, batch in enumerate(loader, start=start):
-                    loss_sum += self.forward_backward(batch)
+                    loss = self.forward_backward(batch)
+                    loss_sum += loss
                     loss_count += 1
+                    if self.validation is not None:
+                        self.validation.train.add(epoch=epoch, step=i, loss=loss.clone())  # graphs reuse `loss`
                     micro_done = i + 1
                     if micro_done % a.gradient_accumulation_steps and micro_done != len(batches):
                         continue
@@ -408,11 +453,15 @@ class LoRATrainer:
                         self.save(f"{a.output_name}-step{step:08d}", state=a.save_state)
                     if a.sample_every_n_steps and step % a.sample_every_n_steps == 0:
                         self.sample_images()
+                    if self.validation is not None and self.validation.due_after_step(step):
+                        self._validate("step")
                     if stop:
                         self._interrupted()
                     if step >= a.max_train_steps:
                         break
                 else:
+                    if self.validation is not None and self.validation.due_after_epoch(epoch + 1):
+                        self._validate("epoch")
                     self.progress.epoch += 1
                     self.progress.batches_done_in_epoch = 0
                     done = self.progress.epoch
@@ -423,6 +472,8 @@ class LoRATrainer:
                     if a.sample_every_n_epochs and done % a.sample_every_n_epochs == 0:
                         self.sample_images()
                     continue
+                if self.validation is not None and self.validation.due_after_epoch(epoch + 1):
+                    self._validate("epoch")  # sd-scripts validates the last, stopped epoch too
                 bar.end_epoch(self.progress.epoch + 1, self.progress.global_step)  # the last, maybe partial, epoch
                 break
             final = self.save(a.output_name, state=a.save_state, last=True)
@@ -447,7 +498,7 @@ class LoRATrainer:
             dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "float": torch.float32}.get(a.save_precision or "", None)
             metadata = build_metadata(a, model_type=self.model.model_type, v_parameterization=self.model.v_parameterization,
                                       session_id=self.session_id, started_at=self.started_at,
-                                      dataset_summary=self.dataset.summary(), optimizer_desc=self.optimizer_desc,
+                                      dataset_summary=self._dataset_summary(), optimizer_desc=self.optimizer_desc,
                                       steps=self.progress.global_step, epoch=self.progress.epoch)
             with atomic_file(path) as tmp:
                 self.network.save_weights(str(tmp), dtype, metadata)
@@ -467,6 +518,11 @@ class LoRATrainer:
         acc.wait_for_everyone()
         self._optimizer_mode("train")
         return path
+
+    def _dataset_summary(self) -> dict:
+        summary = self.dataset.summary()
+        summary["num_validation_images"] = len(self.validation_dataset) if self.validation_dataset else 0
+        return summary
 
     def sample_images(self) -> None:
         a = self.args
@@ -584,6 +640,12 @@ def threading_main() -> bool:
 
 def train(args: argparse.Namespace) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.debug_dataset:  # sd-scripts: show the samples, train nothing
+        from library.data.debug import print_dataset
+
+        validate_args(args)
+        print_dataset(build_dataset(args), seed=args.seed)
+        return
     trainer = LoRATrainer(args)
     trainer.setup()
     trainer.train()

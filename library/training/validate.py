@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from library.errors import ConfigError
+from library.flags.images import check_args as check_image_args
 from library.training.compile import uses_cuda_graphs
 from library.training.hub import check_hub
 from library.training.lr_schedulers import check_lr_scheduler
@@ -75,8 +76,9 @@ def validate_combinations(args: argparse.Namespace) -> None:
         raise ConfigError("--network_train_unet_only and --network_train_text_encoder_only exclude each other")
     if args.dataset_config and args.train_data_dir:
         raise ConfigError("--dataset_config and --train_data_dir exclude each other: put the folders in the TOML")
-    if not args.dataset_config and not args.train_data_dir:
+    if not args.dataset_config and not args.train_data_dir and not args.in_json:
         raise ConfigError("no training data: give --dataset_config FILE.toml or --train_data_dir DIR")
+    check_image_args(args)
     if args.full_fp16 and args.full_bf16:
         raise ConfigError("--full_fp16 and --full_bf16 exclude each other")
     if args.full_fp16 and args.mixed_precision != "fp16":

@@ -24,9 +24,7 @@ NOT_YET_MERGED = {
     "--tokenizer_cache_dir", "--metadata_title", "--metadata_author", "--metadata_description",
     "--metadata_license", "--metadata_tags", "--metadata_usage_hint", "--metadata_thumbnail",
     "--metadata_merged_from", "--metadata_trigger_phrase", "--metadata_preprocessor",
-    "--metadata_is_negative_embedding", "--cache_info", "--caption_extention", "--color_aug",
-    "--face_crop_aug_range", "--random_crop", "--debug_dataset", "--vae_batch_size", "--skip_cache_check",
-    "--resize_interpolation", "--alpha_mask", "--dataset_class", "--in_json", "--dataset_repeats",
+    "--metadata_is_negative_embedding", "--caption_extention", "--alpha_mask", "--dataset_class",
     "--save_n_epoch_ratio", "--save_last_n_epochs", "--save_last_n_epochs_state", "--save_last_n_steps",
     "--save_last_n_steps_state", "--save_state_on_train_end", "--mem_eff_attn", "--vae", "--fp8_base",
     "--noise_offset_random_strength", "--multires_noise_iterations", "--ip_noise_gamma",
@@ -35,14 +33,14 @@ NOT_YET_MERGED = {
     "--conditioning_data_dir", "--masked_loss", "--fused_backward_pass", "--v_pred_like_loss",
     "--debiased_estimation_loss", "--cpu_offload_checkpointing", "--no_metadata", "--fp8_base_unet",
     "--training_comment", "--scale_weight_norms", "--base_weights", "--base_weights_multiplier", "--no_half_vae",
-    "--skip_until_initial_step", "--initial_epoch", "--initial_step", "--validation_seed", "--validation_split",
-    "--validate_every_n_steps", "--validate_every_n_epochs", "--max_validation_steps",
-    "--cache_text_encoder_outputs_to_disk", "--disable_mmap_load_safetensors",
+    "--skip_until_initial_step", "--initial_epoch", "--initial_step", "--cache_text_encoder_outputs_to_disk",
+    "--disable_mmap_load_safetensors",
 }
 
 # values that must be of a particular form (the rest take a sample of their sd-scripts type)
 SAMPLES = {"--resolution": "512,768", "--lr_scheduler": "cosine", "--optimizer_type": "Lion",
-           "--save_model_as": "safetensors", "--lr_scheduler_type": "StepLR", "--pretrained_model_name_or_path": "m"}
+           "--save_model_as": "safetensors", "--face_crop_aug_range": "2.0,4.0", "--lr_scheduler_type": "StepLR",
+           "--pretrained_model_name_or_path": "m"}
 TYPE_SAMPLES = {"int": 2, "float": 0.5, "int_or_float": 0.25, "str": "x", "Path": "x"}
 
 WALKED = [r for r in ROWS if r["flag"] not in NOT_YET_MERGED]

@@ -96,7 +96,8 @@ def test_trainer_batches_carry_each_images_own_time_ids_cached_or_not(sdxl, tmp_
     batch, fresh = conditioning_of("--network_train_unet_only")
     _, cached = conditioning_of("--cache_text_encoder_outputs", "--network_train_unet_only")
     rows = {tuple(r) for r in fresh.added_cond_kwargs["time_ids"].tolist()}
-    assert rows == {(64.0, 96.0, 0.0, 16.0, 64.0, 64.0), (96.0, 96.0, 0.0, 0.0, 64.0, 64.0)}
+    # crop (top, left) as sd-scripts passes it: the 96x64 image fitted inside 64x64 is 64x42.7 at top (64-42.7)//2
+    assert rows == {(64.0, 96.0, 10.0, 0.0, 64.0, 64.0), (96.0, 96.0, 0.0, 0.0, 64.0, 64.0)}
     assert sorted(batch["original_size"]) == [(96, 64), (96, 64), (96, 64), (96, 64), (96, 96), (96, 96), (96, 96),
                                               (96, 96)]  # 2 repeats
     for key in ("time_ids", "text_embeds"):
@@ -152,11 +153,13 @@ def test_sdxl_train_network_script_trains_both_encoders_and_diffusers_loads_the_
 @torch.no_grad()
 def fixed_noise_loss(model, network, multiplier: float, data: Path) -> float:
     """Epsilon MSE on the training images at fixed noise and timesteps, with the LoRA at `multiplier`."""
-    from library.data.buckets import resize_and_crop
+    from library.data.buckets import crop_top_left, fit_predefined
+    from library.data.transforms import fit_to_bucket
 
     network.set_multiplier(multiplier)
     images = [Image.open(p).convert("RGB") for p in sorted(data.rglob("*.png"))]
-    crops = [resize_and_crop(img, (64, 64)) for img in images]  # as the dataset feeds them
+    crops = [(fit_to_bucket(np.asarray(img), fit_predefined(img.size, [(64, 64)])),  # as the dataset feeds them
+              crop_top_left((64, 64), img.size, False)) for img in images]
     pixels = torch.stack([torch.from_numpy(np.asarray(c, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
                           for c, _ in crops])
     latents = model.vae.encode(pixels).latent_dist.mean * model.vae.config.scaling_factor
