@@ -99,8 +99,8 @@ def parity_section(parser: argparse.ArgumentParser) -> list[str]:
         table.append(f"| `{flag}` | {scripts} | {status} | {_cell(note)} |")
     return ["## sd-scripts parity", "",
             f"Of the {len(rows)} options of sd-scripts' `train_network.py` + `sdxl_train_network.py`, "
-            f"{counts['honoured']} are honoured with sd-scripts' meaning, {counts['refused']} stop a run in one line "
-            f"(exit 2) before any model loads where they cannot work, {counts['not accepted']} are not accepted. "
+            f"{counts['honoured']} are honoured with sd-scripts' meaning, {counts['refused']} refused (one line, exit 2, "
+            f"before any model loads) where they cannot work, {counts['not accepted']} not accepted. "
             "A `--config_file` key that is no option is one warning line, never a stop, as sd-scripts reads any key; "
             "the kohya_ss GUI's own keys (`epoch`, `noise_offset_type`, ...) are accepted and named in the log.",
             "", "| sd-scripts option | script | here | note |", "|---|---|---|---|", *table, ""]
