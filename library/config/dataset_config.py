@@ -56,6 +56,8 @@ class SubsetConfig:
     resize_interpolation: str | None = None  # None: area to shrink, Lanczos to enlarge (sd-scripts)
     cache_info: bool = False
     metadata_file: Path | None = None  # sd-scripts' fine-tuning metadata JSON: images and captions listed there
+    alpha_mask: bool = False  # the alpha channel is the loss mask
+    conditioning_data_dir: Path | None = None  # loss-mask images named as the images (with --masked_loss)
     name: str = ""  # where it came from, for messages: "datasets[0].subsets[1]" or "--train_data_dir 10_cat"
 
 
@@ -116,6 +118,8 @@ class DatasetDefaults:
     num_repeats: int = 1  # --dataset_repeats, as sd-scripts maps it
     validation_split: float = 0.0
     validation_seed: int | None = None
+    alpha_mask: bool = False
+    conditioning_data_dir: str | None = None  # --conditioning_data_dir, for --train_data_dir folders
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> DatasetDefaults:
@@ -261,12 +265,14 @@ _SUBSET_KEYS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "face_crop_aug_range": (_face_range, "a [min, max] pair of numbers with 0 < min <= max, e.g. [2.0, 4.0]"),
     "resize_interpolation": (_interpolation, "one of lanczos, nearest, bilinear, linear, bicubic, cubic, area, box"),
     "cache_info": (_bool, "true or false"),
+    "alpha_mask": (_bool, "true or false (the alpha channel is the loss mask)"),
 }
 # Keys only valid inside [[datasets.subsets]].
 _SUBSET_ONLY_KEYS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "image_dir": (_str, "a folder path (relative paths resolve against the current directory)"),
     "is_reg": (_bool, "true or false"),
     "metadata_file": (_str, "a fine-tuning metadata JSON file (relative paths resolve against the current directory)"),
+    "conditioning_data_dir": (_str, "a folder of mask images named as the subset's images (with --masked_loss)"),
 }
 # Keys that live on a dataset (settable in [general] and [[datasets]]).
 _DATASET_KEYS: dict[str, tuple[Callable[[Any], Any], str]] = {
@@ -283,13 +289,9 @@ _DATASET_KEYS: dict[str, tuple[Callable[[Any], Any], str]] = {
 # sd-scripts keys we accept so its configs load, but do not implement: each one logs a warning.
 _UNSUPPORTED_SUBSET_KEYS = {
     "custom_attributes": "custom attributes are not used",
-    "alpha_mask": "alpha masks are not implemented (transparent pixels are composited on white)",
 }
 _UNSUPPORTED_DATASET_KEYS = {
     "network_multiplier": "per-dataset network multipliers are not implemented",
-}
-_REJECTED_KEYS = {
-    "conditioning_data_dir": "ControlNet datasets are not supported",
 }
 
 _GENERAL_VALID = {**_DATASET_KEYS, **_SUBSET_KEYS}
@@ -351,8 +353,6 @@ class _Ctx:
             elif key in _UNSUPPORTED_SUBSET_KEYS or (key in _UNSUPPORTED_DATASET_KEYS and level != "subset"):
                 reason = _UNSUPPORTED_SUBSET_KEYS.get(key) or _UNSUPPORTED_DATASET_KEYS[key]
                 self.unsupported.append(f"{here} ({reason})")
-            elif key in _REJECTED_KEYS:
-                raise self.fail(here, _REJECTED_KEYS[key])
             else:
                 raise self.fail(here, self._unknown(key, value, valid, level))
         return out
@@ -410,6 +410,9 @@ def _build(data: dict, path: Path, defaults: DatasetDefaults) -> DatasetConfig:
                                                     f"{sub_where}.metadata_file", "file")
                 if merged.pop("is_reg", False):
                     raise ctx.fail(f"{sub_where}.is_reg", "a fine-tuning (metadata_file) subset cannot be is_reg")
+            if "conditioning_data_dir" in sub_values:
+                merged["conditioning_data_dir"] = _existing(sub_values["conditioning_data_dir"], Path.is_dir, ctx,
+                                                            f"{sub_where}.conditioning_data_dir", "folder")
             subsets.append(SubsetConfig(image_dir=resolved, name=sub_where, **merged))
         merged_ds = _merge(_DATASET_KEYS.keys(), ds_values, general, defaults)
         blueprint = DatasetBlueprint(subsets=subsets, **merged_ds)
@@ -431,6 +434,18 @@ def _existing(value: str, exists, ctx: _Ctx, where: str, kind: str) -> Path:
         raise ctx.fail(where, f"{kind} {str(path)!r} not found (relative paths resolve against the current "
                        f"directory {Path.cwd()})")
     return resolved
+
+
+def check_mask_sources(config: DatasetConfig, masked_loss: bool) -> None:
+    """--masked_loss needs a mask (alpha_mask or conditioning_data_dir); mask folders need --masked_loss."""
+    subsets = [s for d in config.datasets for s in d.subsets]
+    with_dir = [s for s in subsets if s.conditioning_data_dir is not None]
+    if with_dir and not masked_loss:
+        raise ConfigError(f"{config.source}: {with_dir[0].name} has conditioning_data_dir (loss masks): add "
+                          "--masked_loss to train with them")
+    if masked_loss and not with_dir and not any(s.alpha_mask for s in subsets):
+        raise ConfigError(f"--masked_loss: no mask in {config.source}; add --alpha_mask (alpha channel) or "
+                          "conditioning_data_dir (mask images) to the subsets")
 
 
 def _subset_field_names() -> list[str]:
@@ -504,6 +519,17 @@ def config_from_train_data_dir(train_data_dir: str | Path, reg_data_dir: str | P
     return DatasetConfig(datasets=[blueprint], source="--train_data_dir")
 
 
+def _mask_folder(root: str | None, subfolder: str) -> Path | None:
+    """--conditioning_data_dir: masks in <root>/<N_concept>/ when that folder exists, else in <root> itself
+    (training folders only: regularisation images count everywhere)."""
+    if root is None:
+        return None
+    base = Path(root).expanduser().resolve()
+    if not base.is_dir():
+        raise DatasetError(f"--conditioning_data_dir {root}: folder not found")
+    return base / subfolder if (base / subfolder).is_dir() else base
+
+
 def _folder_subsets(root: Path, flag: str, defaults: DatasetDefaults, is_reg: bool) -> list[SubsetConfig]:
     from library.data.images import IMAGE_EXTENSIONS
 
@@ -527,6 +553,7 @@ def _folder_subsets(root: Path, flag: str, defaults: DatasetDefaults, is_reg: bo
         m = _FOLDER.match(folder.name)
         concept = m.group(2).strip()
         values = _merge(_subset_field_names(), defaults)
+        values["conditioning_data_dir"] = None if is_reg else _mask_folder(defaults.conditioning_data_dir, folder.name)
         values["num_repeats"] = int(m.group(1))
         values["is_reg"] = is_reg
         values["class_tokens"] = concept or None

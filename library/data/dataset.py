@@ -48,6 +48,13 @@ from library.data.captions import (
     tag_frequency,
 )
 from library.data.images import IMAGE_EXTENSIONS, MIN_IMAGE_SIDE, load_image, probe_image
+from library.data.masks import (
+    check_mask_file,
+    find_mask_file,
+    load_mask_image,
+    mask_tensor,
+    split_alpha,
+)
 from library.data.sources import SubsetEntry, list_entries, split_for_validation, write_info_cache
 from library.data.transforms import color_aug, face_crop, face_from_name, fit_to_bucket
 from library.errors import DatasetError
@@ -77,6 +84,7 @@ class _Image:
     caption: str  # as read (class_tokens when there is no caption file)
     fit: BucketFit
     face: tuple[int, int, int, int] | None = None  # from the file name, only with face_crop_aug_range
+    mask_file: Path | None = None  # its loss mask in the subset's conditioning_data_dir
 
     @property
     def bucket(self) -> tuple[int, int]:
@@ -88,6 +96,7 @@ class _Cached:
     latents: torch.Tensor | None  # None: on disk, load from `npz`
     flipped: torch.Tensor | None
     npz: Path | None
+    mask: torch.Tensor | None = None  # uint8 [H, W] at the bucket, unflipped (in memory caching only)
 
 
 def collate(items: list[dict]) -> dict:
@@ -103,6 +112,9 @@ def collate(items: list[dict]) -> dict:
     for key in ("pixel_values", "latents"):
         if key in items[0]:
             batch[key] = torch.stack([it[key] for it in items])
+    if any("mask" in it for it in items):  # an image without a mask counts everywhere (sd-scripts: ones)
+        w, h = items[0]["bucket"]
+        batch["mask"] = torch.stack([it.get("mask", torch.ones(1, h, w)) for it in items])
     return batch
 
 
@@ -191,7 +203,7 @@ class CaptionedImageDataset(Dataset):
                     bad.append(str(result))
                     info.skipped += 1
                     continue
-                size, caption, caption_file, fit = result
+                size, caption, caption_file, fit, mask_file = result
                 path = entry.path
                 ext = "metadata" if sub.metadata_file else caption_file.name[len(path.stem):] if caption_file else "none"
                 info.extensions[ext] = info.extensions.get(ext, 0) + 1
@@ -199,7 +211,7 @@ class CaptionedImageDataset(Dataset):
                 face = face_from_name(path.stem) if face_crop_on else None
                 if face is not None and (size[0] < fit.bucket[0] or size[1] < fit.bucket[1]):
                     face = None  # smaller than the resolution: a face crop would need enlarging; resize instead
-                self._images.append(_Image(path, len(self._subsets) - 1, size, caption, fit, face))
+                self._images.append(_Image(path, len(self._subsets) - 1, size, caption, fit, face, mask_file))
                 rows.append((path, caption, size))
             complete = not info.skipped and not (bp.validation_split > 0 and not sub.is_reg)  # the whole folder
             if sub.cache_info and sub.metadata_file is None and entries[0].size is None and complete:
@@ -269,8 +281,14 @@ class CaptionedImageDataset(Dataset):
         cached = self._cache.get(image_index)
         if cached is not None:
             item["latents"] = self._cached_latents(cached, flip)
+            mask = _npz_mask(cached.npz) if cached.npz is not None and self._has_mask(img) else cached.mask
+            if mask is not None:
+                item["mask"] = mask_tensor(mask, flip)
             return item
-        item["pixel_values"] = to_tensor(self.pixels(index))
+        pixels, mask = self.pixels_and_mask(index)
+        item["pixel_values"] = to_tensor(pixels)
+        if mask is not None:
+            item["mask"] = mask_tensor(torch.from_numpy(mask.copy()))
         return item
 
     def _caption(self, index: int) -> str:
@@ -293,22 +311,32 @@ class CaptionedImageDataset(Dataset):
         return img.fit, crop_offsets(img.fit.resized, img.bucket, rng if random_crop else None)
 
     def pixels(self, index: int) -> np.ndarray:
+        """Sample `index` as trained this epoch, HxWx3 uint8 (see `pixels_and_mask`)."""
+        return self.pixels_and_mask(index)[0]
+
+    def pixels_and_mask(self, index: int) -> tuple[np.ndarray, np.ndarray | None]:
         """Sample `index` as trained this epoch, HxWx3 uint8: resized and cropped to its bucket (or cut around
-        its face), colour-augmented and flipped, in sd-scripts' order."""
+        its face), colour-augmented and flipped, in sd-scripts' order; and its loss mask (HxW uint8, or None),
+        cut and flipped exactly as the image (colour augmentation leaves it alone)."""
         img = self._images[self._samples[index]]
         cfg = self._subsets[img.subset].config
-        pixels = np.asarray(self._load_pixels(self._samples[index]))
-        if img.face is not None:
-            rng = sample_rng(self.seed, self.epoch, index, STREAM_FACE)
-            pixels = face_crop(pixels, img.face, img.bucket, cfg.face_crop_aug_range, cfg.random_crop, rng,
-                               cfg.resize_interpolation)
-        else:
-            pixels = fit_to_bucket(pixels, *self.crop_window(index), cfg.resize_interpolation)
-        if cfg.color_aug:
-            pixels = color_aug(pixels, sample_rng(self.seed, self.epoch, index, STREAM_COLOR))
-        if self._flipped(index):
-            pixels = pixels[:, ::-1]
-        return np.ascontiguousarray(pixels)
+        pixels, mask = self._load_pixels_and_mask(self._samples[index])
+        planes = [np.asarray(pixels), None if mask is None else np.asarray(mask)]
+        for k, plane in enumerate(planes):
+            if plane is None:
+                continue
+            if img.face is not None:  # the same random stream gives the mask the image's face crop
+                rng = sample_rng(self.seed, self.epoch, index, STREAM_FACE)
+                plane = face_crop(plane, img.face, img.bucket, cfg.face_crop_aug_range, cfg.random_crop, rng,
+                                  cfg.resize_interpolation)
+            else:
+                plane = fit_to_bucket(plane, *self.crop_window(index), cfg.resize_interpolation)
+            if k == 0 and cfg.color_aug:
+                plane = color_aug(plane, sample_rng(self.seed, self.epoch, index, STREAM_COLOR))
+            if self._flipped(index):
+                plane = plane[:, ::-1]
+            planes[k] = np.ascontiguousarray(plane)
+        return planes[0], planes[1]
 
     def describe(self, index: int) -> dict:
         """What sample `index` trains on this epoch, without decoding it (for --debug_dataset)."""
@@ -322,10 +350,16 @@ class CaptionedImageDataset(Dataset):
                 "crop_left_top": None if img.face is not None else crop, "face_crop": img.face is not None,
                 "flipped": flip, "crop_top_left": crop_top_left(img.bucket, img.size, flip)}
 
-    def _load_pixels(self, image_index: int) -> Image.Image:
+    def _load_pixels_and_mask(self, image_index: int) -> tuple[Image.Image, Image.Image | None]:
+        """The decoded RGB image and its loss mask ("L", same size) when its subset has one."""
         img = self._images[image_index]
         cover = img.fit.resized if self.fast_decode and img.face is None else None
-        return load_image(img.path, min_side=1, cover=cover)
+        if img.mask_file is not None:
+            pixels = load_image(img.path, min_side=1, cover=cover)
+            return pixels, load_mask_image(img.mask_file, pixels.size)
+        if self._subsets[img.subset].config.alpha_mask:
+            return split_alpha(load_image(img.path, min_side=1, cover=cover, keep_alpha=True))
+        return load_image(img.path, min_side=1, cover=cover), None
 
     def caption_for_cache(self, index: int) -> str:
         """Sample `index`'s caption as training sees it when nothing in it is random (`random_caption_subsets` is
@@ -360,7 +394,9 @@ class CaptionedImageDataset(Dataset):
         for i, img in enumerate(self._images):
             flip = self._subsets[img.subset].config.flip_aug
             npz = _npz_path(img.path) if to_disk else None
-            if npz is not None and (npz.is_file() if skip_cache_check else _npz_valid(npz, img, flip, cache_tag)):
+            valid = npz is not None and (npz.is_file() if skip_cache_check else
+                                         _npz_valid(npz, img, flip, cache_tag, self._has_mask(img)))
+            if valid:
                 self._cache[i] = _Cached(None, None, npz)
                 reused += 1
             else:
@@ -368,7 +404,9 @@ class CaptionedImageDataset(Dataset):
         for indices in todo.values():
             for start in range(0, len(indices), batch_size):
                 chunk = indices[start:start + batch_size]
-                pixels = torch.stack([to_tensor(self._fitted(i)) for i in chunk])
+                fitted = [self._fitted(i) for i in chunk]
+                pixels = torch.stack([to_tensor(rgb) for rgb, _ in fitted])
+                masks = [None if m is None else torch.from_numpy(m) for _, m in fitted]
                 latents = _encode(encode, pixels)
                 needs_flip = [self._subsets[self._images[i].subset].config.flip_aug for i in chunk]
                 flipped = _encode(encode, pixels.flip(-1)) if any(needs_flip) else None
@@ -377,16 +415,23 @@ class CaptionedImageDataset(Dataset):
                     lat_f = flipped[k].clone() if flipped is not None and needs_flip[k] else None
                     if to_disk:
                         npz = _npz_path(self._images[i].path)
-                        _write_npz(npz, self._images[i], lat, lat_f, cache_tag)
+                        _write_npz(npz, self._images[i], lat, lat_f, cache_tag, masks[k])
                         self._cache[i] = _Cached(None, None, npz)
                     else:
-                        self._cache[i] = _Cached(lat, lat_f, None)
+                        self._cache[i] = _Cached(lat, lat_f, None, masks[k])
         logger.info("latents: %d image(s) encoded, %d reused from disk cache", sum(map(len, todo.values())), reused)
 
-    def _fitted(self, image_index: int) -> np.ndarray:
+    def _fitted(self, image_index: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """The image (and its mask) resized and centre-cropped to the bucket, as a cached latent is made."""
         img = self._images[image_index]
         interpolation = self._subsets[img.subset].config.resize_interpolation
-        return fit_to_bucket(np.asarray(self._load_pixels(image_index)), img.fit, None, interpolation)
+        pixels, mask = self._load_pixels_and_mask(image_index)
+        fit = [None if a is None else fit_to_bucket(np.asarray(a), img.fit, None, interpolation)
+               for a in (pixels, mask)]
+        return fit[0], None if fit[1] is None else fit[1].copy()  # a writable array torch can own
+
+    def _has_mask(self, img: _Image) -> bool:
+        return img.mask_file is not None or self._subsets[img.subset].config.alpha_mask
 
     @staticmethod
     def _cached_latents(cached: _Cached, flip: bool) -> torch.Tensor:
@@ -546,12 +591,16 @@ def _inspect(entry: SubsetEntry, sub: SubsetConfig, choose: Callable[[tuple[int,
             if not caption and sub.class_tokens:
                 caption = sub.class_tokens
         fit = choose(size)
+        mask_file = None
+        if sub.conditioning_data_dir is not None:
+            mask_file = find_mask_file(sub.conditioning_data_dir, path)
+            check_mask_file(mask_file, path, size)
         if min(fit.bucket) < 1:
             raise DatasetError(f"image {path} is {size[0]}x{size[1]} px: with bucket_no_upscale each side must be at "
                                "least bucket_reso_steps px")
     except DatasetError as exc:
         return exc
-    return size, caption, caption_file, fit
+    return size, caption, caption_file, fit, mask_file
 
 
 def _caption_options(sub: SubsetConfig) -> CaptionOptions:
@@ -567,24 +616,34 @@ def _npz_path(image: Path) -> Path:
     return image.parent / (image.stem + ".npz")
 
 
-def _npz_valid(npz: Path, img: _Image, flip: bool, tag: str) -> bool:
-    """A cache file is reused only if it was made for this bucket, image size, flip setting and encoder tag."""
+def _npz_valid(npz: Path, img: _Image, flip: bool, tag: str, mask: bool = False) -> bool:
+    """A cache file is reused only if it was made for this bucket, image size, flip setting and encoder tag (and
+    holds the loss mask when one is wanted)."""
     if not npz.is_file():
         return False
     try:
         with np.load(npz, allow_pickle=False) as data:
             return ("latents" in data and tuple(data["bucket"].tolist()) == img.bucket
                     and tuple(data["original_size"].tolist()) == img.size
-                    and (not flip or "latents_flipped" in data) and str(data["cache_tag"]) == tag)
+                    and (not flip or "latents_flipped" in data) and str(data["cache_tag"]) == tag
+                    and (not mask or "mask" in data))
     except (OSError, ValueError, KeyError, EOFError):
         return False  # unreadable or from another tool: recompute
 
 
-def _write_npz(npz: Path, img: _Image, latents: torch.Tensor, flipped: torch.Tensor | None, tag: str) -> None:
+def _npz_mask(npz: Path) -> torch.Tensor | None:
+    with np.load(npz, allow_pickle=False) as data:
+        return torch.from_numpy(np.array(data["mask"])) if "mask" in data else None
+
+
+def _write_npz(npz: Path, img: _Image, latents: torch.Tensor, flipped: torch.Tensor | None, tag: str,
+               mask: torch.Tensor | None = None) -> None:
     arrays = {"latents": latents.numpy(), "bucket": np.array(img.bucket, dtype=np.int32),
               "original_size": np.array(img.size, dtype=np.int32), "cache_tag": np.array(tag)}
     if flipped is not None:
         arrays["latents_flipped"] = flipped.numpy()
+    if mask is not None:
+        arrays["mask"] = mask.numpy()
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(dir=npz.parent, prefix=f".{npz.stem}.", suffix=".npz.tmp")

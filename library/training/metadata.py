@@ -61,6 +61,19 @@ def build_metadata(args, *, model_type: str, v_parameterization: bool, session_i
         "ss_caption_tag_dropout_rate": args.caption_tag_dropout_rate,
         "ss_noise_offset": args.noise_offset,
         "ss_min_snr_gamma": args.min_snr_gamma,
+        "ss_zero_terminal_snr": args.zero_terminal_snr,
+        "ss_multires_noise_iterations": args.multires_noise_iterations,
+        "ss_multires_noise_discount": args.multires_noise_discount,
+        "ss_adaptive_noise_scale": args.adaptive_noise_scale,
+        "ss_scale_weight_norms": args.scale_weight_norms,
+        "ss_ip_noise_gamma": args.ip_noise_gamma,
+        "ss_debiased_estimation": bool(args.debiased_estimation_loss),
+        "ss_noise_offset_random_strength": args.noise_offset_random_strength,
+        "ss_ip_noise_gamma_random_strength": args.ip_noise_gamma_random_strength,
+        "ss_loss_type": args.loss_type,
+        "ss_huber_schedule": args.huber_schedule,
+        "ss_huber_scale": args.huber_scale,
+        "ss_huber_c": args.huber_c,
         "ss_resolution": f"({w}, {h})",
         "ss_num_train_images": dataset_summary.get("num_train_images"),
         "ss_num_reg_images": dataset_summary.get("num_reg_images"),
@@ -73,6 +86,7 @@ def build_metadata(args, *, model_type: str, v_parameterization: bool, session_i
         "modelspec.title": args.output_name,
         "modelspec.resolution": f"{w}x{h}",
         "modelspec.prediction_type": "v" if v_parameterization else "epsilon",
+        "modelspec.timestep_range": timestep_range(args),
         "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     return {k: sanitize(v) for k, v in md.items() if v is not None}
@@ -101,3 +115,11 @@ def image_metadata(args, dataset_summary: dict) -> dict[str, Any]:
         "ss_validate_every_n_epochs": getattr(args, "validate_every_n_epochs", None),
         "ss_validate_every_n_steps": getattr(args, "validate_every_n_steps", None),
     }
+
+
+def timestep_range(args) -> str | None:
+    """sd-scripts' "min,max" of --min_timestep / --max_timestep (0 and 1000 filling the one not given)."""
+    if args.min_timestep is None and args.max_timestep is None:
+        return None
+    lo = 0 if args.min_timestep is None else args.min_timestep
+    return f"{lo},{1000 if args.max_timestep is None else args.max_timestep}"

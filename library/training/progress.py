@@ -33,13 +33,14 @@ class Progress:
         self.bar.update(step - self.last_step)
         self.last_step = step
 
-    def log(self, step: int, loss: float, lr_logs: dict[str, float], *, epoch: int, position: int) -> None:
+    def log(self, step: int, loss: float, lr_logs: dict[str, float], *, epoch: int, position: int,
+            postfix: dict[str, str] | None = None) -> None:
         """`position`: the how-many-th log of this epoch, where sd-scripts' loss average keeps its slot."""
         self.losses.add(epoch=epoch, step=position, loss=loss)
         average = self.losses.moving_average
         lr0 = next(iter(lr_logs.values()), 0.0)
         self.history.append((step, loss, lr0))
-        postfix = {"loss": f"{average:.4f}", "lr": f"{lr0:.2e}"}
+        postfix = {"loss": f"{average:.4f}", "lr": f"{lr0:.2e}", **(postfix or {})}
         if self.device.type == "cuda":
             postfix["vram"] = f"{torch.cuda.max_memory_allocated(self.device) / 2**30:.1f}G"
         self.bar.set_postfix(postfix, refresh=False)

@@ -35,6 +35,7 @@ def dataset_defaults(args: argparse.Namespace):
         random_crop=args.random_crop, color_aug=args.color_aug, face_crop_aug_range=args.face_crop_aug_range,
         resize_interpolation=args.resize_interpolation, cache_info=args.cache_info, num_repeats=args.dataset_repeats,
         validation_split=args.validation_split, validation_seed=args.validation_seed,
+        alpha_mask=args.alpha_mask, conditioning_data_dir=args.conditioning_data_dir,
         **caption_defaults(args),
     )
 
@@ -43,6 +44,7 @@ def build_dataset(args: argparse.Namespace, split: str = "train"):
     """Load and validate the dataset (every image decoded once) before any model is loaded. `split="validation"`:
     the images held out by validation_split, or None when no dataset holds any out."""
     from library.config.dataset_config import (
+        check_mask_sources,
         config_from_in_json,
         config_from_train_data_dir,
         load_dataset_config,
@@ -56,6 +58,7 @@ def build_dataset(args: argparse.Namespace, split: str = "train"):
         config = config_from_in_json(args.in_json, args.train_data_dir, defaults)
     else:
         config = config_from_train_data_dir(args.train_data_dir, args.reg_data_dir, defaults)
+    check_mask_sources(config, args.masked_loss)
     if split == "validation":
         if not any(bp.validation_split > 0 for bp in config.datasets):
             return None

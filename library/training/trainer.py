@@ -128,6 +128,11 @@ class LoRATrainer:
         self.noise_scheduler = losses.make_noise_scheduler(self.model.scheduler_config,
                                                            v_parameterization=self.model.v_parameterization,
                                                            zero_terminal_snr=a.zero_terminal_snr)
+        # schedule and SNR table on the device: a recorded (--cuda_graphs) step never copies from the host
+        self.noise_scheduler.alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(self.device)
+        self.snr = losses.snr_table(self.model.scheduler_config).to(self.device)
+        self.noise_options = losses.NoiseOptions.from_args(a)
+        self.loss_options = losses.LossOptions.from_args(a, v_prediction=self.model.v_parameterization)
         self.validation = self._validation_setup()
         self.train_unet = not a.network_train_text_encoder_only
         self.train_text_encoder = not a.network_train_unet_only
@@ -149,6 +154,10 @@ class LoRATrainer:
             self.model.unet = compile_unet(self.model.unet, a)
         self.model.unet.train()
 
+        if a.scale_weight_norms and not hasattr(self.network, "apply_max_norm_regularization"):
+            raise ConfigError(f"--scale_weight_norms: the network of --network_module {a.network_module} has no "
+                              "apply_max_norm_regularization(); use networks.lora or drop the flag")
+        self.max_norm_stats: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.optimizer, self.optimizer_desc = build_optimizer_for(a, self.network)
         self.graphed = GraphedStep(self._graph_body, self.trainable, self.device) if a.cuda_graphs else None
         self._added_keys: list[str] = []
@@ -240,8 +249,8 @@ class LoRATrainer:
     def _validation_loss(self, batch: dict, timestep: int) -> torch.Tensor:
         latents = self._latents(batch)
         timesteps = torch.full((latents.shape[0],), timestep, device=self.device, dtype=torch.long)
-        loss, _ = self._loss(latents, self._conditioning(batch), self._loss_weights(batch), self.accelerator.autocast(),
-                             timesteps)
+        loss, _ = self._loss(latents, self._conditioning(batch), self._loss_weights(batch), self._mask(batch),
+                             self.accelerator.autocast(), timesteps)
         return loss
 
     def _epoch_batches(self, epoch: int) -> list[list[int]]:
@@ -313,27 +322,35 @@ class LoRATrainer:
         is_reg = torch.as_tensor(batch["is_reg"])
         return torch.where(is_reg, self.args.prior_loss_weight, 1.0).float().to(self.device, non_blocking=True)
 
+    def _mask(self, batch: dict) -> torch.Tensor | None:
+        """The batch's loss masks [B, 1, H, W] in [0, 1] (alpha channel or conditioning image), if any."""
+        mask = batch.get("mask")
+        return None if mask is None else mask.to(self.device, non_blocking=True)
+
     def _loss(self, latents: torch.Tensor, cond: conditioning.Conditioning, weights: torch.Tensor,
-              autocast, timesteps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+              mask: torch.Tensor | None, autocast, timesteps: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
         """Noise, timesteps (random unless given), the U-Net's prediction and the weighted loss; returns (loss,
         timesteps)."""
-        a = self.args
-        noise = losses.sample_noise(latents, a.noise_offset)
+        schedule, noise_opts, loss_opts = self.noise_scheduler, self.noise_options, self.loss_options
+        steps = schedule.config.num_train_timesteps
+        noise = losses.sample_noise(latents, noise_opts)
         if timesteps is None:
-            timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
-                                      device=self.device)
+            timesteps = losses.sample_timesteps(latents.shape[0], noise_opts, steps, self.device)
         with autocast:
-            pred = self._unet_forward(latents, noise, timesteps, cond)
-        target = losses.training_target(self.noise_scheduler, latents, noise, timesteps)
-        loss = losses.diffusion_loss(pred, target, timesteps, self.noise_scheduler, loss_weights=weights,
-                                     min_snr_gamma=a.min_snr_gamma,
-                                     scale_v_pred_loss_like_noise_pred=a.scale_v_pred_loss_like_noise_pred)
+            pred = self._unet_forward(latents, losses.perturbed_noise(noise, noise_opts), timesteps, cond)
+        target = losses.training_target(schedule, latents, noise, timesteps)
+        loss = losses.diffusion_loss(
+            pred, target, sample_weights=weights, mask=mask, loss_type=loss_opts.loss_type,
+            huber_c=losses.huber_threshold(timesteps, schedule.alphas_cumprod, loss_opts, steps),
+            weights=losses.timestep_weights(timesteps, self.snr, loss_opts))
         return loss, timesteps
 
     def compute_loss(self, batch: dict) -> torch.Tensor:
         latents = self._latents(batch)
         cond = self._conditioning(batch)
-        loss, timesteps = self._loss(latents, cond, self._loss_weights(batch), self.accelerator.autocast())
+        loss, timesteps = self._loss(latents, cond, self._loss_weights(batch), self._mask(batch),
+                                     self.accelerator.autocast())
         self._last_inputs = (latents, timesteps, cond)
         return loss
 
@@ -346,20 +363,22 @@ class LoRATrainer:
         latents, cond = self._latents(batch), self._conditioning(batch)
         added = cond.added_cond_kwargs or {}
         self._added_keys = sorted(added)
+        mask = self._mask(batch)
         loss, timesteps = self.graphed(latents, cond.encoder_hidden_states, self._loss_weights(batch),
+                                       torch.empty(0, device=self.device) if mask is None else mask,
                                        *(added[k] for k in self._added_keys))
         self._last_inputs = (latents, timesteps, cond)
         return loss
 
-    def _graph_body(self, latents: torch.Tensor, hidden: torch.Tensor, weights: torch.Tensor,
+    def _graph_body(self, latents: torch.Tensor, hidden: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor,
                     *added: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """What --cuda_graphs records: loss and backward from static inputs (autocast without its weight cache,
-        whose casts would outlive the recording)."""
+        whose casts would outlive the recording). An empty `mask` means no loss mask (its shape is the signature)."""
         from accelerate.utils import AutocastKwargs
 
         cond = conditioning.Conditioning(hidden, dict(zip(self._added_keys, added, strict=True)) if added else None)
         autocast = self.accelerator.autocast(AutocastKwargs(cache_enabled=False))
-        loss, timesteps = self._loss(latents, cond, weights, autocast)
+        loss, timesteps = self._loss(latents, cond, weights, mask if mask.numel() else None, autocast)
         (loss / self.args.gradient_accumulation_steps).backward()
         return loss.detach(), timesteps
 
@@ -426,6 +445,9 @@ class LoRATrainer:
                     for _ in range(self.world):
                         self.lr_scheduler.step()
                     self.optimizer.zero_grad(set_to_none=True)
+                    if a.scale_weight_norms:  # (keys scaled, mean norm, max norm), read on logging steps only
+                        self.max_norm_stats = self.network.apply_max_norm_regularization(a.scale_weight_norms,
+                                                                                         self.device)
                     self.progress.global_step += 1
                     self.progress.batches_done_in_epoch = micro_done
                     self._hessian_update()
@@ -443,8 +465,8 @@ class LoRATrainer:
                     if checkpoint_step:
                         good_weights, good_step = self._snapshot(), step
                     if step % a.log_every_n_steps == 0 or step == a.max_train_steps:
-                        bar.log(step, (loss_sum / max(loss_count, 1)).item(), self._lr_logs(), epoch=epoch,
-                                position=logs_in_epoch)
+                        bar.log(step, (loss_sum / max(loss_count, 1)).item(), {**self._lr_logs(), **self._norm_logs()},
+                                epoch=epoch, position=logs_in_epoch, postfix=self._norm_postfix())
                         logs_in_epoch += 1
                         loss_sum.zero_()
                         loss_count = 0
@@ -561,6 +583,20 @@ class LoRATrainer:
             for k, v in metrics().items():
                 logs[f"optimizer/{k}"] = float(v)
         return logs
+
+    def _norm_logs(self) -> dict[str, float]:
+        """--scale_weight_norms under sd-scripts' tracker names."""
+        if self.max_norm_stats is None:
+            return {}
+        keys_scaled, mean_norm, max_norm = (float(x) for x in self.max_norm_stats)
+        return {"max_norm/keys_scaled": keys_scaled, "max_norm/max_key_norm": max_norm, "norm/avg_key_norm": mean_norm}
+
+    def _norm_postfix(self) -> dict[str, str]:
+        """sd-scripts' progress-bar fields for --scale_weight_norms."""
+        logs = self._norm_logs()
+        if not logs:
+            return {}
+        return {"Keys Scaled": f"{logs['max_norm/keys_scaled']:.0f}", "Average key norm": f"{logs['norm/avg_key_norm']:.4f}"}
 
     def _snapshot(self) -> list[torch.Tensor]:
         return [p.detach().clone() for p in self.trainable]

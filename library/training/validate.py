@@ -254,7 +254,10 @@ def output_files_exist(output_dir: Path, output_name: str) -> list[Path]:
 
 
 def validate_args(args: argparse.Namespace) -> None:
+    from library.flags import objective
+
     validate_numbers(args)
+    objective.validate(args)
     validate_combinations(args)
     validate_paths(args)
     validate_network_args(args)

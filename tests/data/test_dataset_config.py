@@ -164,11 +164,11 @@ def test_bucket_cross_checks(dirs):
 
 
 def test_unsupported_keys_are_accepted_with_one_warning(dirs, caplog):
-    path = _write(dirs, '[general]\nalpha_mask = true\n[[datasets]]\nnetwork_multiplier = 0.5\n'
+    path = _write(dirs, '[[datasets]]\nnetwork_multiplier = 0.5\n'
                         '[[datasets.subsets]]\nimage_dir = "a"\ncustom_attributes = 5\n')
     with caplog.at_level(logging.WARNING):
         cfg = load_dataset_config(path)
-    assert [u.split(" ")[0] for u in cfg.unsupported] == ["general.alpha_mask", "datasets[0].network_multiplier",
+    assert [u.split(" ")[0] for u in cfg.unsupported] == ["datasets[0].network_multiplier",
                                                           "datasets[0].subsets[0].custom_attributes"]
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "custom_attributes" in warnings[0].getMessage()
