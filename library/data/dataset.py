@@ -368,6 +368,10 @@ class CaptionedImageDataset(Dataset):
         return process_caption(img.caption, self._subsets[img.subset].options, sample_rng(self.seed, 0, index, 0),
                                CaptionStep())
 
+    def image_path(self, index: int) -> Path:
+        """The image file of sample `index` (caches written next to it are named after it)."""
+        return self._images[self._samples[index]].path
+
     def batch_sampler(self, *, seed: int, shuffle: bool = True) -> BucketBatchSampler:
         return BucketBatchSampler(self._groups, seed=seed, shuffle=shuffle)
 
@@ -442,35 +446,24 @@ class CaptionedImageDataset(Dataset):
 
     # ------------------------------------------------------------------------------------------ summary
     def summary(self) -> dict:
-        """Counts, buckets, per-subset caption extensions and tag frequency (feeds ss_* LoRA metadata)."""
+        """Counts, buckets, per-subset settings and tag frequency; the ss_* LoRA metadata is written from it with
+        sd-scripts' meanings (`*_x_repeats` count an image once per repeat, as its num_train_images does)."""
         sampler = self.batch_sampler(seed=self.seed)
         datasets = []
         for d, (batch_size, groups) in zip(self._group_datasets, self._groups, strict=True):
             bp = self.config.datasets[d]
-            subsets = []
-            for s in (s for s in self._subsets if s.dataset == d):
-                subsets.append({
-                    "image_dir": str(s.config.image_dir), "num_repeats": s.config.num_repeats,
-                    "is_reg": s.config.is_reg, "img_count": len(s.images), "skipped": s.skipped,
-                    "class_tokens": s.config.class_tokens, "caption_extension": dict(s.extensions),
-                    "shuffle_caption": s.config.shuffle_caption, "keep_tokens": s.config.keep_tokens,
-                    "flip_aug": s.config.flip_aug, "color_aug": s.config.color_aug,
-                    "random_crop": s.config.random_crop, "face_crop_aug_range": s.config.face_crop_aug_range,
-                    "resize_interpolation": s.config.resize_interpolation,
-                    "metadata_file": str(s.config.metadata_file) if s.config.metadata_file else None,
-                    "keep_tokens_separator": s.config.keep_tokens_separator,
-                    "secondary_separator": s.config.secondary_separator or None,
-                    "enable_wildcard": s.config.enable_wildcard,
-                    "caption_prefix": s.config.caption_prefix, "caption_suffix": s.config.caption_suffix,
-                })
-            images = [self._images[i] for s in self._subsets if s.dataset == d for i in s.images]
+            members = [s for s in self._subsets if s.dataset == d]
+            subsets = [self._subset_summary(s) for s in members]
             datasets.append({
                 "resolution": list(bp.resolution), "batch_size": batch_size, "enable_bucket": bp.enable_bucket,
                 "min_bucket_reso": bp.min_bucket_reso, "max_bucket_reso": bp.max_bucket_reso,
                 "bucket_reso_steps": bp.bucket_reso_steps, "bucket_no_upscale": bp.bucket_no_upscale,
                 "buckets": {f"{w}x{h}": len(v) for (w, h), v in groups.items()},
-                "bucket_info": _bucket_info(groups, images) if bp.enable_bucket else None,
+                "bucket_info": self._bucket_info(bp, groups, members),
                 "num_batches": sum(math.ceil(len(v) / batch_size) for v in groups.values()),
+                "num_train_images_x_repeats": _repeated(members, reg=False),
+                "num_reg_images_x_repeats": _repeated(members, reg=True),
+                "tag_frequency": {Path(s.config.image_dir).name: self._tags(s) for s in members},
                 "subsets": subsets,
             })
         dirs: dict[str, dict] = {}
@@ -478,12 +471,13 @@ class CaptionedImageDataset(Dataset):
         for s in self._subsets:
             name = Path(s.config.metadata_file or s.config.image_dir).name
             dirs[name] = {"n_repeats": s.config.num_repeats, "img_count": len(s.images)}
-            captions = (self._images[i].caption for i in s.images)
-            tags[name] = tag_frequency(captions)
+            tags[name] = self._tags(s)
         return {
             "source": self.config.source,
             "num_train_images": sum(len(s.images) for s in self._subsets if not s.config.is_reg),
             "num_reg_images": sum(len(s.images) for s in self._subsets if s.config.is_reg),
+            "num_train_images_x_repeats": _repeated(self._subsets, reg=False),
+            "num_reg_images_x_repeats": _repeated(self._subsets, reg=True),
             "num_samples": len(self._samples),
             "num_batches": len(sampler),
             "skipped": list(self.skipped),
@@ -491,6 +485,43 @@ class CaptionedImageDataset(Dataset):
             "dataset_dirs": dirs,
             "tag_frequency": tags,
         }
+
+    def _subset_summary(self, s: _Subset) -> dict:
+        c = s.config
+        return {
+            "image_dir": str(c.image_dir), "num_repeats": c.num_repeats, "is_reg": c.is_reg, "img_count": len(s.images),
+            "skipped": s.skipped, "class_tokens": c.class_tokens, "caption_extension": dict(s.extensions),
+            "shuffle_caption": c.shuffle_caption, "keep_tokens": c.keep_tokens, "flip_aug": c.flip_aug,
+            "color_aug": c.color_aug, "random_crop": c.random_crop, "face_crop_aug_range": c.face_crop_aug_range,
+            "resize_interpolation": c.resize_interpolation,
+            "metadata_file": str(c.metadata_file) if c.metadata_file else None,
+            "keep_tokens_separator": c.keep_tokens_separator, "secondary_separator": c.secondary_separator or None,
+            "enable_wildcard": c.enable_wildcard, "caption_prefix": c.caption_prefix, "caption_suffix": c.caption_suffix,
+        }
+
+    def _tags(self, s: _Subset) -> dict[str, int]:
+        return tag_frequency(self._images[i].caption for i in s.images)
+
+    def _bucket_info(self, bp: DatasetBlueprint, groups: dict[tuple[int, int], list[int]],
+                     members: list[_Subset]) -> dict | None:
+        """sd-scripts' bucket_info: {"buckets": {index: {"resolution": (w, h), "count": samples}},
+        "mean_img_ar_error": mean |bucket w/h - image w/h| over images}; None without buckets. The index is the
+        bucket's place in sd-scripts' sorted list (every predefined bucket, or the no-upscale buckets in use)."""
+        if not bp.enable_bucket:
+            return None
+        if bp.bucket_no_upscale:
+            resos = sorted(groups)
+        else:
+            lo, hi = adjust_bucket_limits(bp.min_bucket_reso, bp.max_bucket_reso, bp.bucket_reso_steps)
+            resos = sorted(make_bucket_resolutions(bp.resolution, lo, hi, bp.bucket_reso_steps))
+        buckets = {i: {"resolution": list(r), "count": len(groups[r])} for i, r in enumerate(resos) if groups.get(r)}
+        images = [self._images[i] for s in members for i in s.images]
+        errors = [abs(im.bucket[0] / im.bucket[1] - im.size[0] / im.size[1]) for im in images]
+        return {"buckets": buckets, "mean_img_ar_error": float(np.mean(errors)) if errors else 0.0}
+
+
+def _repeated(subsets: list[_Subset], *, reg: bool) -> int:
+    return sum(len(s.images) * s.config.num_repeats for s in subsets if s.config.is_reg == reg)
 
 
 def balance_reg_repeats(reg_repeats: list[int], train_total: int) -> list[int]:
@@ -569,13 +600,6 @@ def _bucket_chooser(bp: DatasetBlueprint) -> Callable[[tuple[int, int]], BucketF
     lo, hi = adjust_bucket_limits(bp.min_bucket_reso, bp.max_bucket_reso, bp.bucket_reso_steps)
     return functools.partial(fit_predefined, buckets=make_bucket_resolutions(bp.resolution, lo, hi,
                                                                              bp.bucket_reso_steps))
-
-
-def _bucket_info(groups: dict[tuple[int, int], list[int]], images: list[_Image]) -> dict:
-    """sd-scripts' ss_bucket_info: sample counts per bucket and the mean |aspect error| of the images."""
-    errors = [abs(im.bucket[0] / im.bucket[1] - im.size[0] / im.size[1]) for im in images]
-    return {"buckets": {i: {"resolution": list(reso), "count": len(v)} for i, (reso, v) in enumerate(groups.items())},
-            "mean_img_ar_error": float(np.mean(errors)) if errors else 0.0}
 
 
 def _inspect(entry: SubsetEntry, sub: SubsetConfig, choose: Callable[[tuple[int, int]], BucketFit], min_side: int):

@@ -84,7 +84,8 @@ def test_training_logs_validation_loss_and_records_metadata(tmp_path, monkeypatc
         md = f.metadata()
     assert md["ss_num_validation_images"] == "2" and md["ss_validation_split"] == "0.25"
     assert md["ss_validation_seed"] == "5" and md["ss_validate_every_n_steps"] == "2"
-    assert md["ss_color_aug"] == "True" and md["ss_random_crop"] == "False"
+    subset = json.loads(md["ss_datasets"])[0]["subsets"][0]  # a --dataset_config run: per subset, as sd-scripts
+    assert subset["color_aug"] is True and subset["random_crop"] is False
     assert json.loads(md["ss_dataset_dirs"]) == {"images": {"n_repeats": 1, "img_count": 6}}
 
 

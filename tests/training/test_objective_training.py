@@ -124,7 +124,7 @@ def test_metadata_uses_sd_scripts_names_and_values(runs):
         "l2", "snr", "0.1", "1.0")
     assert base["ss_multires_noise_discount"] == "0.3" and base["ss_debiased_estimation"] == "False"
     assert base["ss_zero_terminal_snr"] == "False" and base["ss_noise_offset_random_strength"] == "False"
-    assert "modelspec.timestep_range" not in base and "ss_scale_weight_norms" not in base
+    assert "modelspec.timestep_range" not in base and base["ss_scale_weight_norms"] == "None"  # str(None), as sd-scripts
     loss = _metadata(runs["loss"])
     assert (loss["ss_loss_type"], loss["ss_huber_schedule"], loss["ss_huber_c"]) == ("huber", "exponential", "0.2")
     noise = _metadata(runs["noise"])

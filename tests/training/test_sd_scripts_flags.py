@@ -20,18 +20,7 @@ ROWS = list(csv.DictReader(FLAGS_CSV.open(encoding="utf-8")))
 
 # Options that other parts of the sd-scripts parity work add on their own branches (loss/noise, captions, images,
 # models, saving, metadata, sampling). This set must be empty once all parts are merged.
-NOT_YET_MERGED = {
-    "--tokenizer_cache_dir", "--metadata_title", "--metadata_author", "--metadata_description",
-    "--metadata_license", "--metadata_tags", "--metadata_usage_hint", "--metadata_thumbnail",
-    "--metadata_merged_from", "--metadata_trigger_phrase", "--metadata_preprocessor",
-    "--metadata_is_negative_embedding", "--caption_extention", "--dataset_class", "--save_n_epoch_ratio",
-    "--save_last_n_epochs", "--save_last_n_epochs_state", "--save_last_n_steps", "--save_last_n_steps_state",
-    "--save_state_on_train_end", "--mem_eff_attn", "--vae", "--fp8_base", "--lowram", "--highvram",
-    "--fused_backward_pass", "--cpu_offload_checkpointing", "--no_metadata", "--fp8_base_unet",
-    "--training_comment", "--base_weights", "--base_weights_multiplier", "--no_half_vae",
-    "--skip_until_initial_step", "--initial_epoch", "--initial_step", "--cache_text_encoder_outputs_to_disk",
-    "--disable_mmap_load_safetensors",
-}
+NOT_YET_MERGED = {"--caption_extention", "--dataset_class"}
 
 # values that must be of a particular form (the rest take a sample of their sd-scripts type)
 SAMPLES = {"--resolution": "512,768", "--lr_scheduler": "cosine", "--optimizer_type": "Lion",
