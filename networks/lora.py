@@ -85,6 +85,8 @@ def _text_encoder_list(text_encoder: nn.Module | Sequence[nn.Module] | None) -> 
 class LoRANetwork(nn.Module):
     """All adapters of one LoRA, registered under their kohya names so `state_dict()` is the file's content."""
 
+    accepts_text_encoder_lr_list = True  # prepare_optimizer_params takes one lr per text encoder (SDXL)
+
     def __init__(
         self,
         text_encoder: nn.Module | Sequence[nn.Module] | None,
@@ -304,8 +306,10 @@ class LoRANetwork(nn.Module):
         if self.text_encoder_loras:
             ratio = self.loraplus_text_encoder_lr_ratio or self.loraplus_lr_ratio
             by_te: dict[str, list[LoRAModule]] = {}
+            per_encoder = isinstance(text_encoder_lr, Sequence) and len(text_encoder_lr) > 1
             for lora in self.text_encoder_loras:
-                by_te.setdefault(lora.lora_name.split("_")[1], []).append(lora)
+                # one "textencoder" group as sd-scripts, unless each encoder has its own lr
+                by_te.setdefault(lora.lora_name.split("_")[1] if per_encoder else "te", []).append(lora)
             for i, (te, loras) in enumerate(by_te.items()):
                 lr = text_encoder_lr
                 if isinstance(lr, Sequence):

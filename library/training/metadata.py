@@ -241,6 +241,8 @@ def build_metadata(args: argparse.Namespace, facts: RunFacts) -> dict[str, str]:
     md: dict[str, Any] = {"ss_session_id": facts.session_id, "ss_training_started_at": facts.started_at}
     md.update({k: getattr(args, o) for k, o in OPTION_KEYS.items()})
     md.update({k: bool(getattr(args, o)) for k, o in SWITCH_KEYS.items()})
+    te_lr = args.text_encoder_lr  # one value: the number sd-scripts records; one per encoder: the list that trained
+    md["ss_text_encoder_lr"] = te_lr[0] if isinstance(te_lr, list) and len(te_lr) == 1 else te_lr or None
     md.update({
         "ss_v2": facts.model_type == "sd2",
         "ss_num_train_images": s["num_train_images_x_repeats"],

@@ -12,10 +12,13 @@ from pathlib import Path
 
 import torch
 
-from library.cli import LR_SCHEDULERS
 from library.errors import ConfigError
 from library.flags.images import check_args as check_image_args
 from library.training.compile import uses_cuda_graphs
+from library.training.hub import check_hub
+from library.training.lr_schedulers import check_lr_scheduler
+from library.training.multiprocess import check_deepspeed
+from library.training.trackers import check_trackers
 
 _TORCH_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 LORA_SUFFIXES = (".safetensors", ".ckpt", ".pt")  # --save_model_as
@@ -33,10 +36,13 @@ def _fail(flag: str, value, valid: str) -> None:
 
 
 def validate_numbers(args: argparse.Namespace) -> None:
-    for name in ("learning_rate", "unet_lr", "text_encoder_lr"):
-        v = getattr(args, name)
-        if v is not None and not v > 0:
-            _fail(name, v, "must be > 0")
+    if args.learning_rate is not None and not args.learning_rate > 0:
+        _fail("learning_rate", args.learning_rate, "must be > 0")
+    # 0 leaves that part untrained, as in sd-scripts
+    for name, values in (("unet_lr", [args.unet_lr]), ("text_encoder_lr", args.text_encoder_lr or [])):
+        for v in values:
+            if v is not None and not v >= 0:
+                _fail(name, v, "must be >= 0 (0: that part is not trained)")
     if not args.network_alpha > 0:
         _fail("network_alpha", args.network_alpha, "must be > 0")
     for name in _AT_LEAST_ONE:
@@ -57,16 +63,13 @@ def validate_numbers(args: argparse.Namespace) -> None:
         _fail("weight_decay", args.weight_decay, "must be >= 0")
     if args.max_grad_norm < 0:
         _fail("max_grad_norm", args.max_grad_norm, "must be >= 0 (0 disables clipping)")
-    if args.lr_warmup_steps < 0:
-        _fail("lr_warmup_steps", args.lr_warmup_steps, "must be >= 0")
     if args.noise_offset is not None and not 0 <= args.noise_offset <= 1:
         _fail("noise_offset", args.noise_offset, "must be in [0, 1] (typical: 0.05-0.1)")
     if args.min_snr_gamma is not None and not args.min_snr_gamma > 0:
         _fail("min_snr_gamma", args.min_snr_gamma, "must be > 0 (typical: 5)")
     if args.min_bucket_reso > args.max_bucket_reso:
         raise ConfigError(f"--min_bucket_reso {args.min_bucket_reso} is larger than --max_bucket_reso {args.max_bucket_reso}")
-    if args.lr_scheduler not in LR_SCHEDULERS:
-        _fail("lr_scheduler", args.lr_scheduler, f"choose one of: {', '.join(LR_SCHEDULERS)}")
+    check_lr_scheduler(args)
 
 
 def validate_combinations(args: argparse.Namespace) -> None:
@@ -191,7 +194,7 @@ def validate_paths(args: argparse.Namespace) -> None:
         value = getattr(args, flag)
         if value and not Path(value).is_dir():
             raise ConfigError(f"--{flag} {value}: folder not found")
-    if args.resume:
+    if args.resume and not args.resume_from_huggingface:  # a Hub state is checked by its download
         _check_resume(args.resume)
     _check_model(args.pretrained_model_name_or_path)
 
@@ -271,6 +274,9 @@ def validate_args(args: argparse.Namespace) -> None:
     validate_combinations(args)
     validate_paths(args)
     validate_network_args(args)
+    check_trackers(args)
+    check_deepspeed(args)
+    check_hub(args)
     check_free_space_before_load(args)
 
 

@@ -191,6 +191,9 @@ def test_two_text_encoders_get_te1_te2_prefixes_and_own_lr():
     groups = network.prepare_optimizer_params([1e-4, 2e-4], None, 1e-3)
     assert [(g["description"], g["lr"]) for g in groups] == [("textencoder1", 1e-4), ("textencoder2", 2e-4)]
     assert all(n.startswith("lora_te2_") for n in groups[1]["names"])
+    for one_lr in (1e-4, [1e-4]):  # one lr for both encoders: one group, named as sd-scripts names it
+        single = network.prepare_optimizer_params(one_lr, None, 1e-3)
+        assert [(g["description"], g["lr"], len(g["params"])) for g in single] == [("textencoder", 1e-4, 48)]
 
 
 # --- forward math --------------------------------------------------------------------------------------------
