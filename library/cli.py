@@ -347,6 +347,8 @@ def parse_args(argv: list[str] | None = None, *, prog: str = "train_network.py")
         parser.set_defaults(**values)
         toml_keys = set(values)
     args = parser.parse_args(argv)
+    if args.caption_extention is not None and args.caption_extension is None:  # sd-scripts' old spelling
+        args.caption_extension = args.caption_extention
     args.optimizer_table = optimizer_table
     given = {token.split("=", 1)[0].removeprefix("--").removeprefix("no-") for token in
              (sys.argv[1:] if argv is None else argv) if token.startswith("--")}

@@ -89,18 +89,18 @@ def parity_section(parser: argparse.ArgumentParser) -> list[str]:
     rows = list(csv.DictReader(SD_SCRIPTS_FLAGS.open(encoding="utf-8")))
     helps = {s: _DOC_DEFAULT.sub("", (a.help or "").replace("%%", "%")) for a in parser._actions for s in a.option_strings}
     refused = {f"--{k}": v for k, v in refusals().items()}
-    table, counts = [], {"honoured": 0, "refused": 0, "not accepted": 0}
+    table, counts = [], {"honoured": 0, "refused": 0}
     for row in rows:
-        flag = row["flag"]
-        status = "refused" if flag in refused else "honoured" if flag in helps else "not accepted"
+        flag = row["flag"]  # every one is an option here (tests/training/test_sd_scripts_flags.py)
+        status = "refused" if flag in refused else "honoured"
         counts[status] += 1
-        note = refused.get(flag) or helps.get(flag) or ("unrecognized argument" if status == "not accepted" else "")
+        note = refused.get(flag) or helps[flag]
         scripts = "sdxl_train_network.py" if row["script"] == "sdxl only" else "both"
         table.append(f"| `{flag}` | {scripts} | {status} | {_cell(note)} |")
     return ["## sd-scripts parity", "",
             f"Of the {len(rows)} options of sd-scripts' `train_network.py` + `sdxl_train_network.py`, "
             f"{counts['honoured']} are honoured with sd-scripts' meaning, {counts['refused']} refused (one line, exit 2, "
-            f"before any model loads) where they cannot work, {counts['not accepted']} not accepted. "
+            "before any model loads) where they cannot work. "
             "A `--config_file` key that is no option is one warning line, never a stop, as sd-scripts reads any key; "
             "the kohya_ss GUI's own keys (`epoch`, `noise_offset_type`, ...) are accepted and named in the log.",
             "", "| sd-scripts option | script | here | note |", "|---|---|---|---|", *table, ""]

@@ -73,6 +73,10 @@ def validate_numbers(args: argparse.Namespace) -> None:
 
 
 def validate_combinations(args: argparse.Namespace) -> None:
+    if args.dataset_class:
+        from library.flags.images import REFUSALS
+
+        raise ConfigError(f"--dataset_class {args.dataset_class}: {REFUSALS['dataset_class']}")
     if args.network_train_unet_only and args.network_train_text_encoder_only:
         raise ConfigError("--network_train_unet_only and --network_train_text_encoder_only exclude each other")
     if args.dataset_config and args.train_data_dir:

@@ -184,3 +184,8 @@ def test_optimizer_settings_from_a_config_file_are_labelled_with_their_source(tm
     assert sources["lr"] == sources["spd_lambda"] == "--config_file"
     assert sources["use_tam"] == "CLI flag"
     assert "spd_lambda = 0.05 (--config_file)" in caplog.text
+
+
+def test_sd_scripts_old_caption_extention_spelling_is_read_as_caption_extension():
+    assert parse_args(["--caption_extention", ".txt"]).caption_extension == ".txt"
+    assert parse_args(["--caption_extention", ".txt", "--caption_extension", ".cap"]).caption_extension == ".cap"

@@ -18,18 +18,12 @@ from tests.training.conftest import train_argv
 FLAGS_CSV = Path(__file__).resolve().parents[1] / "data" / "sd_scripts_flags.csv"
 ROWS = list(csv.DictReader(FLAGS_CSV.open(encoding="utf-8")))
 
-# Options that other parts of the sd-scripts parity work add on their own branches (loss/noise, captions, images,
-# models, saving, metadata, sampling). This set must be empty once all parts are merged.
-NOT_YET_MERGED = {"--caption_extention", "--dataset_class"}
 
 # values that must be of a particular form (the rest take a sample of their sd-scripts type)
 SAMPLES = {"--resolution": "512,768", "--lr_scheduler": "cosine", "--optimizer_type": "Lion",
            "--save_model_as": "safetensors", "--face_crop_aug_range": "2.0,4.0", "--lr_scheduler_type": "StepLR",
            "--pretrained_model_name_or_path": "m"}
 TYPE_SAMPLES = {"int": 2, "float": 0.5, "int_or_float": 0.25, "str": "x", "Path": "x"}
-
-WALKED = [r for r in ROWS if r["flag"] not in NOT_YET_MERGED]
-
 
 def sample(row: dict) -> object:
     """A valid value of the option as sd-scripts declares it (True for a switch)."""
@@ -49,14 +43,13 @@ def command_line(row: dict) -> list[str]:
     return [row["flag"]] if value is True else [row["flag"], str(value)]
 
 
-def test_the_flag_list_is_complete_and_the_pending_set_is_exact():
+def test_every_sd_scripts_flag_is_an_option_here():
     assert len(ROWS) == 196 and len({r["flag"] for r in ROWS}) == 196
     known = {s for a in build_parser()._actions for s in a.option_strings}
-    assert NOT_YET_MERGED <= {r["flag"] for r in ROWS}
-    assert not NOT_YET_MERGED & known, "merged options must leave NOT_YET_MERGED"
+    assert [r["flag"] for r in ROWS if r["flag"] not in known] == []
 
 
-@pytest.mark.parametrize("row", WALKED, ids=[r["flag"] for r in WALKED])
+@pytest.mark.parametrize("row", ROWS, ids=[r["flag"] for r in ROWS])
 def test_every_flag_parses_from_the_command_line_and_the_config_file(row, tmp_path, caplog):
     dest = row["flag"][2:]
     value = sample(row)
@@ -91,7 +84,6 @@ def test_refused_flags_stop_in_one_line_before_the_model(flag, tiny_dataset, tmp
 def test_docs_cli_lists_every_sd_scripts_flag_and_what_happens_to_it():
     page = (Path(__file__).resolve().parents[2] / "docs" / "cli.md").read_text(encoding="utf-8")
     for row in ROWS:
-        status = "not accepted" if row["flag"] in NOT_YET_MERGED else "refused" if row["flag"] in REFUSED \
-            else "honoured"
+        status = "refused" if row["flag"] in REFUSED else "honoured"
         assert f"| `{row['flag']}` | " in page and f"| {status} |" in page.split(f"| `{row['flag']}` | ", 1)[1] \
             .split("\n", 1)[0], row["flag"]
