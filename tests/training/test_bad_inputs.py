@@ -332,12 +332,6 @@ def config_bad_syntax(tmp, ds, mp):
     return train_argv(ds, tmp / "out", "--config_file", str(cfg)), "options.toml"
 
 
-def config_unknown_key(tmp, ds, mp):
-    """--config_file with the key learning_rat"""
-    cfg = _config_file(tmp, "learning_rat = 1e-3\n")
-    return train_argv(ds, tmp / "out", "--config_file", str(cfg)), "'learning_rat'; did you mean learning_rate"
-
-
 def config_wrong_type(tmp, ds, mp):
     """--config_file with network_alpha = 'four'"""
     cfg = _config_file(tmp, "[network]\nnetwork_alpha = 'four'\n")
@@ -493,7 +487,7 @@ CASES_BY_KIND: dict[str, dict[str, Case]] = {"files": {
     "lr_scheduler_power nan": flag("--lr_scheduler_power", "nan"),
     "network_alpha inf": flag("--network_alpha", "inf"),
     "loraplus_lr_ratio=1e999": flags("--network_args", "loraplus_lr_ratio=1e999", needle="loraplus_lr_ratio"),
-    "optimizer weight_decay=nan": flags("--optimizer_args", "weight_decay=float('nan')", needle="weight_decay"),
+    "optimizer weight_decay=1e999": flags("--optimizer_args", "weight_decay=1e999", needle="must be finite"),
     "100,000-character --network_args value": flags("--network_args", "conv_dim=" + "4" * 100_000,
                                                     needle="100000 characters"),
     "network_dim 100000 on a 16 GiB machine": network_dim_beyond_memory,
@@ -520,7 +514,6 @@ CASES_BY_KIND: dict[str, dict[str, Case]] = {"files": {
                                                 "reduce-overhead", needle="--dynamo_mode"),
 }, "TOML": {
     "config TOML bad syntax": config_bad_syntax,
-    "config TOML unknown key": config_unknown_key,
     "config TOML wrong type": config_wrong_type,
     "missing --config_file": config_missing,
     "dataset TOML bad syntax": dataset_bad_syntax,
