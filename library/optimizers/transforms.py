@@ -11,6 +11,9 @@ function (summarised in docs/optimizers.md).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor
 
@@ -26,16 +29,27 @@ class Segments:
     """Per-tensor reductions and broadcasts over the flat buffers of one :class:`FlatLayout`, a kernel each.
 
     ``sum``/``max`` are the layout's (``segment_reduce`` without its host-syncing length check). ``expand`` gathers
-    with a cached int32 index (which tensor each element belongs to, 4 bytes per element) instead of
-    ``repeat_interleave``, which rebuilds an int64 index of the same length every call.
+    with an int32 index (which tensor each element belongs to, 4 bytes per element) instead of
+    ``repeat_interleave``, which builds an int64 index of the same length on every call. The index lives only
+    inside ``with segments.indexed():`` (one step): between steps it would cost 4 bytes per parameter.
     """
 
     def __init__(self, layout: FlatLayout) -> None:
         self.lengths = layout.lengths
-        self.index = layout.element_ids
+        self.numel = layout.numel
+        self.index: Tensor | None = None
         self._stacked_lengths: dict[int, Tensor] = {1: layout.lengths}
         self.sum = layout.sum
         self.max = layout.max
+
+    @contextlib.contextmanager
+    def indexed(self) -> Iterator[Segments]:
+        """Build the element index for the block (one kernel) and drop it after."""
+        self.index = segment_ids(self.lengths, self.numel)
+        try:
+            yield self
+        finally:
+            self.index = None
 
     def sums(self, *products: tuple[Tensor, Tensor]) -> Tensor:
         """Per-tensor sums of several products a⊙b as a [len(products), count] tensor: one reduction for all.
@@ -54,7 +68,10 @@ class Segments:
         return torch.segment_reduce(buf.view(-1), "sum", lengths=lengths, unsafe=True).view(k, -1)
 
     def expand(self, values: Tensor) -> Tensor:
-        """Per-tensor values (layout order) spread over each tensor's elements."""
+        """Per-tensor values (layout order) spread over each tensor's elements (outside ``indexed()``, through
+        ``repeat_interleave``: the same values, one more temporary)."""
+        if self.index is None:
+            return torch.repeat_interleave(values, self.lengths, output_size=self.numel)
         return values.index_select(0, self.index)
 
 

@@ -439,7 +439,8 @@ def test_state_dict_round_trip_resumes_bitwise(bits, dtype):
         assert state["exp_avg_codes"].dtype == torch.uint8
     else:
         assert state["exp_avg"].dtype == torch.float32
-    assert state["theta0"].dtype == dtype
+    # θ₀ keeps the weights' dtype, except bf16 next to 8-bit moments of fp32 weights
+    assert state["theta0"].dtype == (torch.bfloat16 if bits == 8 else dtype)
 
 
 @pytest.mark.parametrize(
@@ -518,7 +519,8 @@ def test_op_count_per_step_does_not_grow_with_tensor_count(name):
     large = _third_step(48, hp, lambda: OpLog(skip=())).counts
     assert small == large
     buckets = 2 if name == "eight_bit" else 1  # 8-bit and fp32-state tensors (under min_8bit_size) step apart
-    assert sum(small.values()) < 120 * buckets
+    # the element and row indices are rebuilt inside each step (a few ops) rather than kept (bytes per parameter)
+    assert sum(small.values()) < 140 * buckets
 
 
 @pytest.mark.parametrize("name", sorted(FLAT_CONFIGS))
