@@ -835,6 +835,15 @@ class HinaAdamWOptimizer(ExactStateLoad, torch.optim.Optimizer):
             "spd_lambda_current": group["spd_lambda"] * ratio if group["use_spd"] else 0.0,
         }
 
+    def setup_warnings(self, network_args: Iterable[str]) -> list[str]:
+        """ALLoRA's LoRA+ ratio and a network's loraplus_lr_ratio both scale lora_up's lr: say so once."""
+        if any(g["use_alora"] for g in self.param_groups) and any(str(a).startswith("loraplus") for a in network_args):
+            return [
+                "CustomAdamW's use_alora already scales lora_up's lr by alora_ratio; with a network LoRA+ ratio too, "
+                "lora_up gets both. Pass --no-use_alora or drop loraplus_lr_ratio"
+            ]
+        return []
+
     def get_optimization_info(self) -> dict[str, Any]:
         """What is on, live counters, LoRA pairing and state memory (measured, plus 32/8-bit estimates)."""
         roles = self._roles()

@@ -13,6 +13,7 @@ import os
 import torch
 
 from library.errors import ConfigError
+from library.optimizers.loop import LoopNeeds
 
 logger = logging.getLogger("loraforge")
 
@@ -177,11 +178,9 @@ def build_optimizer_for(args: argparse.Namespace, network) -> tuple[torch.optim.
     groups = network.prepare_optimizer_params(args.text_encoder_lr, args.unet_lr, effective_lr(args, inputs, spec))
     if isinstance(groups, tuple):  # sd-scripts modules may return (params, descriptions)
         groups = groups[0]
-    if spec.family == "Hina" and inputs["cli_kwargs"].get("use_alora", True) is not False and any(
-            str(a).startswith("loraplus") for a in args.network_args or []):
-        logger.warning("CustomAdamW's use_alora already scales lora_up's lr by alora_ratio; with a network LoRA+ ratio "
-                       "too, lora_up gets both. Pass --no-use_alora or drop loraplus_lr_ratio")
     optimizer, sources = build_optimizer(name, groups, lr=args.learning_rate, **inputs)
+    for warning in LoopNeeds(optimizer).setup_warnings(args.network_args or []):
+        logger.warning(warning)
     desc = f"{type(optimizer).__module__}.{type(optimizer).__name__}"
     values = optimizer.defaults
     settings = ", ".join(f"{k}={values.get(k, '?')}" for k in sorted(sources))
@@ -191,11 +190,10 @@ def build_optimizer_for(args: argparse.Namespace, network) -> tuple[torch.optim.
 def build_lr_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer, total_steps: int):
     from diffusers.optimization import get_scheduler
 
-    if type(optimizer).__name__ == "Adafactor" and optimizer.defaults.get("relative_step"):
-        from transformers.optimization import AdafactorSchedule
-
-        logger.info("Adafactor with relative_step: using its own schedule (--lr_scheduler ignored), as sd-scripts")
-        return AdafactorSchedule(optimizer)
+    own = LoopNeeds(optimizer).lr_scheduler()
+    if own is not None:
+        logger.info("%s brings its own lr schedule (--lr_scheduler ignored), as sd-scripts", type(optimizer).__name__)
+        return own
     warmup = None if args.lr_scheduler == "constant" else args.lr_warmup_steps
     # diffusers routes num_cycles to cosine_with_restarts and power to polynomial only
     return get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps,

@@ -23,6 +23,7 @@ import torch
 
 from library.data.dataset import collate
 from library.errors import ConfigError, LoraForgeError
+from library.optimizers.loop import LoopNeeds
 from library.training import conditioning, losses
 from library.training.atomic import atomic_dir, atomic_file, check_writable
 from library.training.compile import check_compile_device, compile_requested, compile_unet, step_marker
@@ -143,6 +144,7 @@ class LoRATrainer:
         self.graphed = GraphedStep(self._graph_body, self.trainable, self.device) if a.cuda_graphs else None
         self._added_keys: list[str] = []
         self.base_optimizer = self.optimizer
+        self.optimizer_needs = LoopNeeds(self.base_optimizer)  # Hessian passes, metrics: asked through one object
         self.world = acc.num_processes
         self.batches = self._epoch_batches(0)
         self.steps_per_epoch = max(1, math.ceil(len(self.batches) / a.gradient_accumulation_steps))
@@ -294,10 +296,10 @@ class LoRATrainer:
             average_gradients(self.trainable, self.world)
 
     def _hessian_update(self) -> None:
-        """SophiaG: Gauss-Newton-Bartlett estimate from targets sampled around the model's own prediction."""
-        opt = self.base_optimizer
-        interval = getattr(opt, "hessian_update_interval", None)
-        if not interval or not hasattr(opt, "update_hessian") or self.progress.global_step % interval:
+        """Gauss-Newton-Bartlett Hessian estimate (SophiaG) from targets sampled around the model's own
+        prediction, on the steps the optimizer asks for it."""
+        needs = self.optimizer_needs
+        if not needs.hessian_due(self.progress.global_step):
             return
         latents, timesteps, cond = self._last_inputs
         noise = torch.randn_like(latents)
@@ -306,7 +308,7 @@ class LoRATrainer:
         sampled = pred.detach() + torch.randn_like(pred)
         gnb_loss = 0.5 * ((pred - sampled) ** 2).sum() / pred.shape[0]
         gnb_loss.backward()
-        opt.update_hessian(batch_size=pred.shape[0])
+        needs.update_hessian(batch_size=pred.shape[0])
         self.optimizer.zero_grad(set_to_none=True)
 
     # ------------------------------------------------------------------ loop
@@ -458,16 +460,7 @@ class LoRATrainer:
             fn()
 
     def _lr_logs(self) -> dict[str, float]:
-        logs = {}
-        for i, g in enumerate(self.base_optimizer.param_groups):
-            logs[f"lr/group{i}"] = float(g["lr"])
-            if "d" in g:  # D-Adaptation / Prodigy: the effective step size is d * lr
-                logs[f"lr/d*lr/group{i}"] = float(g["d"]) * float(g["lr"])
-        metrics = getattr(self.base_optimizer, "log_metrics", None)
-        if callable(metrics):
-            for k, v in metrics().items():
-                logs[f"optimizer/{k}"] = float(v)
-        return logs
+        return self.optimizer_needs.metrics()
 
     def _snapshot(self) -> list[torch.Tensor]:
         return [p.detach().clone() for p in self.trainable]
