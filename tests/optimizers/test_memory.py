@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from bench.optimizer_step import state_bytes
+from bench.storage_ledger import StorageLedger, optimizer_bytes
 from library.optimizers.registry import build_optimizer
-from tests.optimizers.memory_counting import StorageLedger, optimizer_bytes
 
 # (out, in) of the adapted layers; (out, in, 1, 1) is a 1x1 conv
 LAYERS = [(640, 640), (1280, 1280), (640, 2048), (1280, 2048), (5120, 1280), (1280, 5120), (640, 640, 1, 1),

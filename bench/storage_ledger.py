@@ -1,5 +1,7 @@
 """Bytes an optimizer holds on the CPU, counted exactly: every storage created while it is built and stepped.
 
+Used by bench/optimizer_step.py (its CPU memory columns) and tests/optimizers/test_memory.py.
+
 torch's CPU allocator keeps no statistics, so :class:`StorageLedger` watches from the dispatcher instead. Every
 ATen op's outputs (factory functions included: ``empty``, ``zeros``, ``torch.tensor``'s ``lift_fresh``, custom ops
 such as bitsandbytes') pass through a ``TorchDispatchMode``; each new storage is recorded with its size and a
