@@ -41,8 +41,10 @@ plans and resolved state buffers are cached until the set of parameters with gra
 loaded, and ``state["step"]`` is written lazily from one counter per run (before ``state_dict()``). Row and column
 math runs on ``[rows, cols]`` / ``[k, rows, cols]`` views, one kernel per distinct row length or shape (a
 ``segment_reduce`` over ~10⁵ rows of a few elements is slow on CUDA); per-tensor reductions are one
-``segment_reduce`` and per-tensor broadcasts one gather through a cached int32 element → tensor index (4 bytes
-per element; above ``_INDEX_MAX_NUMEL`` elements ``repeat_interleave`` instead). The factored CAME moments and
+``segment_reduce`` and per-tensor broadcasts one gather through an int32 element → tensor index built at the
+start of each step (kept between steps only for a captured CUDA graph; above ``_INDEX_MAX_NUMEL`` elements
+``repeat_interleave`` instead). Gradients and weights are gathered into fresh flat buffers each step, so between
+steps the optimizer keeps its state and nothing per element besides it. The factored CAME moments and
 the per-tensor statistics are flat buffers too, with the per-parameter tensors in ``state`` as their views, so
 ``state_dict()`` keeps its per-parameter format. 8-bit first moments are dequantised and requantised in one call
 each (codes padded per tensor to whole blocks, bit-identical to quantising each tensor alone). The number of ops
@@ -51,13 +53,14 @@ per step does not depend on the number of tensors, only on the number of distinc
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import logging
 import math
 import operator
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -91,12 +94,13 @@ class _Segments:
 
     Segments here are whole tensors or their rows of factored moments: hundreds of segments, each long enough for
     ``segment_reduce``. It gets precomputed offsets and ``unsafe=True``: with lengths and the default checks it
-    validates them with two ``.item()`` calls, a host sync per reduction on CUDA. With ``cache_index`` the
-    element → segment index is kept (4 bytes per element), so a broadcast is one gather instead of a
-    ``repeat_interleave`` (which rebuilds that index, in several kernels, on every call).
+    validates them with two ``.item()`` calls, a host sync per reduction on CUDA. A broadcast is one gather with
+    an element → segment index (4 bytes per element) instead of a ``repeat_interleave`` (which rebuilds that
+    index, in several kernels, on every call). With ``keep_index`` (a captured CUDA graph reads it at a fixed
+    address) the index is built once and kept; otherwise only inside ``with segments.indexed():`` (one step).
     """
 
-    def __init__(self, lengths: Sequence[int], device: torch.device, cache_index: bool) -> None:
+    def __init__(self, lengths: Sequence[int], device: torch.device, keep_index: bool) -> None:
         self.count = len(lengths)
         self.total = sum(lengths)
         self.lengths = torch.tensor(list(lengths), dtype=torch.int64, device=device)
@@ -105,8 +109,21 @@ class _Segments:
             offsets.append(offsets[-1] + n)
         self.offsets = torch.tensor(offsets, dtype=torch.int64, device=device)
         self.index = None
-        if cache_index:
+        self.kept = keep_index and self.total <= _INDEX_MAX_NUMEL
+        if self.kept:
             self.index = segment_ids(self.lengths, self.total)
+
+    @contextlib.contextmanager
+    def indexed(self) -> Iterator[None]:
+        """The element index for the block, unless it is kept or too large (then ``repeat_interleave``)."""
+        if self.kept or self.total > _INDEX_MAX_NUMEL:
+            yield
+            return
+        self.index = segment_ids(self.lengths, self.total)
+        try:
+            yield
+        finally:
+            self.index = None
 
     def sum(self, x: Tensor) -> Tensor:
         return torch.segment_reduce(x, "sum", offsets=self.offsets, unsafe=True)
@@ -264,19 +281,18 @@ class _Plan:
     """Everything the flat step needs for one fixed list of parameters: layout, segment tables, state buffers."""
 
     def __init__(self, shapes: Sequence[torch.Size], device: torch.device, dtype: torch.dtype,
-                 lora: Sequence[bool] | None = None) -> None:  # fmt: skip
+                 lora: Sequence[bool] | None = None, keep_index: bool = False) -> None:  # fmt: skip
         self.layout = layout = FlatLayout(shapes, device)
         self.store = FlatState(layout)
         self.dtype = dtype
         arranged = [layout.shapes[i] for i in layout.order]
         self.mats = mats = [matrix_shape(s) for s in arranged]
         self.is_matrix = [len(s) >= 2 for s in arranged]
-        cache = layout.numel <= _INDEX_MAX_NUMEL
-        self.tensors = _Segments(layout.sizes, device, cache)
+        self.tensors = _Segments(layout.sizes, device, keep_index)
         self.numel = torch.tensor(layout.sizes, dtype=dtype, device=device)
         # matrix rows (ALLoRA, CAME: a tensor with < 2 dims is a column, rows of one element)
         self.rows = _Rows(layout)
-        self.row_tensors = _Segments([n for n, _ in mats], device, cache)
+        self.row_tensors = _Segments([n for n, _ in mats], device, keep_index)
         self.cols = _Columns(layout)
         self.col_tensors = [m for _, m in mats]
         vector_cols = [
@@ -309,11 +325,6 @@ class _Plan:
         self.scratch: dict[str, Any] = {}  # optimizer-specific structures built on first use
         # resolved state buffers: looked up once, since load_state_dict drops every plan
         self.resolved: dict[str, Any] = {}
-        # persistent gradient and weight buffers, with views shaped like the parameters (caller's order)
-        self.g = torch.empty(layout.numel, dtype=dtype, device=device)
-        self.theta = torch.empty(layout.numel, dtype=dtype, device=device)
-        self.g_views = layout.views(self.g)
-        self.theta_views = layout.views(self.theta)
 
     def cached(self, key: str, make: Callable[[], Any]) -> Any:
         """``make()`` on first use, then its result (a state buffer of this plan's parameters)."""
@@ -614,14 +625,16 @@ class _AutomagicBase(ExactStateLoad, torch.optim.Optimizer):
     def _plan(self, group: dict, members: list[tuple[int, Tensor]], dtype: torch.dtype) -> _Plan:
         """The cached flat plan of these parameters (built on first use or when the member list changes)."""
         ids = tuple(id(p) for _, p in members)
-        key = (ids, tuple(p.shape for _, p in members), members[0][1].device, dtype)
+        device = members[0][1].device
+        keep_index = group["cuda_graph"] and can_capture(device)  # a captured graph reads it at a fixed address
+        key = (ids, tuple(p.shape for _, p in members), device, dtype, keep_index)
         plan = self._plans.get(key)
         if plan is None:
             covered = set(ids)
             for other in [k for k in self._plans if covered.intersection(k[0])]:
                 del self._plans[other]  # its buffers would hold stale copies of these parameters' states
             lora = [self._uses_allora(group, index, p) for index, p in members]
-            plan = _Plan([p.shape for _, p in members], members[0][1].device, dtype, lora)
+            plan = _Plan([p.shape for _, p in members], device, dtype, lora, keep_index)
             self._plans[key] = plan
         return plan
 
@@ -706,11 +719,15 @@ class _AutomagicBase(ExactStateLoad, torch.optim.Optimizer):
 
     def _step_run(self, group: dict, run: _Run, grads: list[Tensor | None]) -> None:
         """One step of a run's tensors, on flat buffers: a fixed number of kernels for any tensor count."""
+        plan = run.plan
+        with plan.tensors.indexed(), plan.row_tensors.indexed():
+            self._step_indexed(group, run, grads if run.indices is None else [grads[i] for i in run.indices])
+
+    def _step_indexed(self, group: dict, run: _Run, grads: list[Tensor]) -> None:
         plan, t, params, states = run.plan, run.t, run.params, run.states
         dtype = plan.dtype
-        torch._foreach_copy_(plan.g_views, grads if run.indices is None else [grads[i] for i in run.indices])
-        torch._foreach_copy_(plan.theta_views, params)
-        g, theta = plan.g, plan.theta
+        # fresh flat copies: kept between steps they would cost 8 bytes per parameter
+        g, theta = plan.layout.gather(grads, dtype), plan.layout.gather(params, dtype)
         warmup = group["warmup_steps"]
         if t == 1:
             plan.state(states, "sign", torch.int8).copy_(g.sign())
@@ -776,7 +793,7 @@ class _AutomagicBase(ExactStateLoad, torch.optim.Optimizer):
             update.mul_(ratio)
 
         theta.sub_(update)
-        torch._foreach_copy_(params, plan.theta_views)
+        plan.layout.scatter_(plan.cached("param_rows", lambda: plan.layout.rows(params)), theta)
 
     # -- checkpointing and logging -----------------------------------------------------------------------------
 
@@ -877,9 +894,11 @@ class Automagic_Sinkgd(_AutomagicBase):  # noqa: N801 - user-facing name from th
         momentum = plan.state(states, "exp_avg", plan.dtype)
         momentum.lerp_(g, 1.0 - group["beta1"])
         iters = 5 if group["full_finetune"] else 4
-        update = plan.cached("sinkgd_update", lambda: torch.empty_like(momentum))  # stays put: the graph's input
-        torch.abs(momentum, out=update).mul_(sign)  # Grams: |m| with the sign of g
-        if group["cuda_graph"] and can_capture(plan.layout.device):  # ~40 kernels an iteration: one launch
+        graphed = group["cuda_graph"] and can_capture(plan.layout.device)  # ~40 kernels an iteration: one launch
+        # the graph's input stays put; eagerly, a temporary
+        update = plan.cached("sinkgd_update", lambda: torch.empty_like(momentum)) if graphed else None
+        update = torch.abs(momentum, out=update).mul_(sign)  # Grams: |m| with the sign of g
+        if graphed:
             slot = plan.cached("graph", GraphSlot)
             slot((iters,), lambda: StepGraph(lambda: _sinkgd_flat_(update, plan, iters), plan.layout.device))
         else:
@@ -1101,13 +1120,11 @@ class Automagic_CameAMP(_AutomagicBase):  # noqa: N801 - user-facing name from t
         bias = math.sqrt(1.0 - beta3 ** (step - 1))  # R's bias correction (step 1 only seeded v)
         if not (group["cuda_graph"] and can_capture(plan.layout.device)):
             return self._came(group, plan, g, states, bias), None
-        # the graph reads fixed addresses: g's own buffer, or a copy of OrthoGrad's new one; the correction
-        # through a device scalar
-        own = g is plan.g
-        g_in = g if own else plan.cached("came_g", lambda: torch.empty_like(plan.g)).copy_(g)
+        # the graph reads fixed addresses: a copy of this step's gradient; the correction through a device scalar
+        g_in = plan.cached("came_g", lambda: torch.empty_like(g)).copy_(g)
         scalar = plan.cached("came_bias", lambda: torch.empty((), dtype=plan.dtype, device=plan.layout.device))
         scalar.fill_(bias)
-        baked = (*group["betas"], *group["eps"], group["clip_threshold"], own)
+        baked = (*group["betas"], *group["eps"], group["clip_threshold"])
         slot = plan.cached("graph", GraphSlot)
         return slot(baked, lambda: StepGraph(lambda: self._came(group, plan, g_in, states, scalar),
                                               plan.layout.device)), None

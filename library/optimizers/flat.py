@@ -17,12 +17,16 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
+
+
+_DTYPE = operator.attrgetter("dtype")
 
 
 def matrix_shape(shape: Sequence[int]) -> tuple[int, int]:
@@ -99,6 +103,40 @@ class FlatLayout:
         """One new buffer holding the tensors (caller's order) end to end, in `dtype` (one cat, maybe one cast)."""
         flat = torch.cat([tensors[i].reshape(-1) for i in self.order])
         return flat if dtype is None or flat.dtype == dtype else flat.to(dtype)
+
+    @functools.cached_property
+    def _arrange(self):
+        """``arrange`` as one C-level call (an itemgetter), for per-step use."""
+        if self.count == 1:
+            return lambda items: (items[0],)
+        return operator.itemgetter(*self.order)
+
+    @functools.cached_property
+    def _any_scalar(self) -> bool:
+        return any(len(shape) == 0 for shape in self.shapes)
+
+    def gather(self, tensors: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
+        """A new flat buffer of ``dtype`` holding the tensors (caller's order), never a view of them.
+
+        ``_chunk_cat`` with one chunk is ``cat`` of the flattened tensors in one op (no per-tensor view to
+        dispatch); it needs at least one dim and one dtype, hence a plain ``cat`` when a 0-d tensor is among
+        them or dtypes are mixed. A step gathers its gradients and weights this way instead of keeping flat copies
+        between steps.
+        """
+        ordered = list(self._arrange(tensors))
+        if self._any_scalar or len(set(map(_DTYPE, ordered))) > 1:
+            flat = torch.cat([t.reshape(-1).to(dtype) for t in ordered])
+        else:
+            flat = torch._chunk_cat(ordered, 0, 1).view(-1)
+        return flat if flat.dtype == dtype else flat.to(dtype)
+
+    def rows(self, tensors: Sequence[Tensor]) -> list[Tensor]:
+        """1-D views of the tensors (caller's order) in layout order: targets for :meth:`scatter_`."""
+        return [t.detach().view(-1) for t in self._arrange(tensors)]
+
+    def scatter_(self, rows: list[Tensor], flat: Tensor) -> None:
+        """Write `flat` into :meth:`rows` views (one split, one foreach copy; casts to their dtype)."""
+        torch._foreach_copy_(rows, torch.split_with_sizes(flat, self.sizes))
 
     def views(self, flat: Tensor) -> list[Tensor]:
         """Views of `flat` shaped like the tensors, in the caller's order."""

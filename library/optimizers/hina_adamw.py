@@ -144,19 +144,6 @@ def _anchor_bytes(p: Tensor, group: dict[str, Any], quantised: bool) -> int:
     return p.numel() * torch.empty((), dtype=_anchor_dtype(p, quantised)).element_size()
 
 
-def _flat_copy(tensors: list[Tensor], dtype: torch.dtype, any_scalar: bool) -> Tensor:
-    """The tensors end to end in one new buffer of ``dtype``, never a view of them (the step writes into it).
-
-    ``_chunk_cat`` with one chunk is ``cat`` of the flattened tensors in one op: no per-tensor view to dispatch.
-    It needs at least one dim, hence the plain ``cat`` when a 0-d tensor is among them.
-    """
-    if any_scalar:
-        flat = torch.cat([t.reshape(-1) for t in tensors])
-    else:
-        flat = torch._chunk_cat(tensors, 0, 1).view(-1)
-    return flat if flat.dtype == dtype else flat.to(dtype)
-
-
 class _Bucket:
     """Cached per-tensor constants and state buffers of one group's tensors sharing (device, dtype, 8-bit or not).
 
@@ -174,11 +161,8 @@ class _Bucket:
         self.dtype = _work_dtype(first)
         self.layout = layout = FlatLayout([p.shape for p in params], first.device)
         self.seg = T.Segments(layout)
-        self.ordered_params = layout.arrange(params)
-        self.any_scalar = any(len(shape) == 0 for shape in layout.shapes)
         # 1-D views of the parameters (their own storage, no memory): the step's weights go back in one op
-        self.param_rows = [p.detach().view(-1) for p in self.ordered_params]
-        self.ordered = operator.itemgetter(*layout.order) if layout.count > 1 else lambda items: [items[0]]
+        self.param_rows = layout.rows(params)
         self.graph_grad: Tensor | None = None  # the gradients' fixed address when the step is a CUDA graph
         self._graph_grad_views: list[Tensor] = []
         self.moments: FlatState | quant8.FlatQuantState = (
@@ -219,22 +203,21 @@ class _Bucket:
     def gather_grads(self, grads: list[Tensor], into_fixed: bool) -> Tensor:
         """The gradients as one flat buffer in the working dtype: a fresh one (eager), or copied into the fixed
         buffer a captured step reads (``into_fixed``)."""
-        ordered = list(self.ordered(grads))
         if not into_fixed:
-            return _flat_copy(ordered, self.dtype, self.any_scalar)
+            return self.layout.gather(grads, self.dtype)
         if self.graph_grad is None:
             self.graph_grad = torch.empty(self.layout.numel, dtype=self.dtype, device=self.layout.device)
-            self._graph_grad_views = self.layout.arrange(self.layout.views(self.graph_grad))
-        torch._foreach_copy_(self._graph_grad_views, ordered)
+            self._graph_grad_views = self.layout.views(self.graph_grad)
+        torch._foreach_copy_(self._graph_grad_views, grads)
         return self.graph_grad
 
     def gather_weights(self) -> Tensor:
         """The weights as one new flat buffer in the working dtype (layout order)."""
-        return _flat_copy(self.ordered_params, self.dtype, self.any_scalar)
+        return self.layout.gather(self.params, self.dtype)
 
     def scatter_weights_(self, flat: Tensor) -> None:
         """Write the flat weights back into the parameters (one split and one foreach copy, cast to their dtype)."""
-        torch._foreach_copy_(self.param_rows, torch.split_with_sizes(flat, self.layout.sizes))
+        self.layout.scatter_(self.param_rows, flat)
 
     def state_buffer(
         self, store: FlatState, states: list[dict[str, Any]], key: str, dtype: torch.dtype

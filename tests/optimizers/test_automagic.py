@@ -793,5 +793,5 @@ def test_cameamp_graph_mode_matches_float64_reference(monkeypatch):
     for t, (g_step, w_step) in enumerate(zip(got, want, strict=True), start=1):
         for g, w in zip(g_step, w_step, strict=True):
             torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12, msg=f"step {t}")
-    # one capture while g is the plan's own buffer, one after warm-up, when OrthoGrad returns a new one
-    assert stand_in.built == 2
+    # one capture: g reaches the graph through the same fixed copy before and after OrthoGrad starts
+    assert stand_in.built == 1
