@@ -25,7 +25,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-
 _DTYPE = operator.attrgetter("dtype")
 
 
