@@ -30,7 +30,8 @@ CUSTOM_ADAMW_FLAGS: list[tuple[str, type, Any, str]] = [
     ("use_spd", bool, True, "Selective Projection Decay: pull parameters back towards their start when a step moves them away"),
     ("spd_lambda", float, 0.1, "SPD strength"),
     ("use_cautious", bool, True, "Cautious update: mask coordinates whose update disagrees with the gradient"),
-    ("use_orthogonal_grad", bool, False, "OrthoGrad: remove the gradient component parallel to the weights"),
+    ("use_orthogonal_grad", bool, False,
+     "OrthoGrad: remove the gradient component parallel to the weights (Automagic: after warm-up)"),
     ("use_adopt_stability", bool, True, "ADOPT: normalise by the previous step's second moment, clip by t^(1/4)"),
     ("use_grams", bool, True, "Grams: update direction from the gradient sign, magnitude from Adam"),
     ("use_agr", bool, True, "Adaptive Gradient Regularisation: damp coordinates with a large share of |g|"),
@@ -38,6 +39,7 @@ CUSTOM_ADAMW_FLAGS: list[tuple[str, type, Any, str]] = [
     ("tam_beta", float, 0.999, "TAM smoothing of the gradient/momentum cosine"),
     ("use_alora", bool, True, "ALLoRA row scaling + LoRA+ learning-rate ratio for lora_up/lora_B"),
     ("alora_ratio", float, 21.0, "LoRA+ ratio lr(lora_up)/lr(lora_down) (the docs' ηB/ηA)"),
+    ("alora_eta", float, 2.0, "ALLoRA row scaling 1/sqrt(|row|^2 + 1/eta^2) (CustomAdamW, Automagic)"),
     ("dynamic_weight_decay", bool, True, "Decay the weight decay after --wd_transition_steps"),
     ("wd_transition_steps", int, 1000, "steps at full weight decay before it starts to fall"),
     ("wd_decay_factor", float, 0.7, "weight decay multiplier per --wd_transition_steps after the transition"),
@@ -47,14 +49,15 @@ AUTOMAGIC_FLAGS: list[tuple[str, type, Any, str]] = [
     ("min_lr", float, 1e-6, "lower bound of the per-element learning-rate mask"),
     ("max_lr", float, 1e-2, "upper bound of the per-element learning-rate mask"),
     ("lr_bump", float, 1e-5, "step by which the learning-rate mask moves each step"),
-    ("eta", float, 2.0, "ALLoRA row-scaling parameter"),
     ("beta1", float, 0.9, "momentum decay"),
     ("d_coef", float, 2.0, "Prodigy-style coefficient on upward lr bumps"),
     ("warmup_steps", int, 500, "optimizer warm-up steps (decay in the first half, OrthoGrad after)"),
     ("full_finetune", bool, False, "full fine-tune mode (5 SinkGD iterations; all tensor shapes)"),
-    ("orthograd", bool, False, "OrthoGrad after warm-up"),
     ("stats_update_freq", int, 5, "refresh optimizer statistics every N steps"),
 ]
+# earlier spellings, still accepted as second option strings of the same flag
+FLAG_ALIASES = {"use_orthogonal_grad": "orthograd", "alora_eta": "eta"}
+_EARLIER_NAMES = {earlier: dest for dest, earlier in FLAG_ALIASES.items()}
 OPTIMIZER_FLAG_DESTS = tuple(d for d, *_ in CUSTOM_ADAMW_FLAGS + AUTOMAGIC_FLAGS) + ("weight_decay", "optim_bits")
 
 
@@ -74,11 +77,14 @@ def _resolution(value: str) -> tuple[int, int]:
 
 
 def _add_flag(group: argparse._ArgumentGroup, dest: str, kind: type, default: Any, text: str) -> None:
+    names = [f"--{dest}"] + ([f"--{FLAG_ALIASES[dest]}"] if dest in FLAG_ALIASES else [])
+    if dest in FLAG_ALIASES:
+        text += f"; --{FLAG_ALIASES[dest]} is its earlier name"
     if kind is bool:
-        group.add_argument(f"--{dest}", action=argparse.BooleanOptionalAction, default=None,
+        group.add_argument(*names, dest=dest, action=argparse.BooleanOptionalAction, default=None,
                            help=f"{text} (default: {default})")
     else:
-        group.add_argument(f"--{dest}", type=kind, default=None, metavar=kind.__name__.upper(),
+        group.add_argument(*names, dest=dest, type=kind, default=None, metavar=kind.__name__.upper(),
                            help=f"{text} (default: {default})")
 
 
@@ -283,6 +289,7 @@ def load_config_file(path_str: str, parser: argparse.ArgumentParser) -> tuple[di
     actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config_file")}
     values = {}
     for key, value in flat.items():
+        key = _EARLIER_NAMES.get(key, key)
         if key not in actions:
             close = difflib.get_close_matches(key, actions.keys(), n=3)
             hint = f"; did you mean {', '.join(close)}?" if close else "; keys are the command-line option names"
@@ -305,5 +312,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.optimizer_table = optimizer_table
     given = {token.split("=", 1)[0].removeprefix("--").removeprefix("no-") for token in
              (sys.argv[1:] if argv is None else argv) if token.startswith("--")}
+    given = {_EARLIER_NAMES.get(key, key) for key in given}
     args.config_file_keys = sorted(toml_keys - given)  # the values the file set (the command line wins)
     return args

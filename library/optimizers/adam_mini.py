@@ -333,7 +333,7 @@ def adam_mini_update(
     return out.div_(denom.index_select(0, block_ids))
 
 
-class Adam_mini(ExactStateLoad, torch.optim.Optimizer):  # noqa: N801 - the name users type (seed doc 000)
+class Adam_mini(ExactStateLoad, torch.optim.Optimizer):  # noqa: N801 - the name users type (OpenToMe's)
     """Adam-mini: full first moment, one second moment per head/row/tensor block (module docstring).
 
     Args:

@@ -1,4 +1,4 @@
-"""Automagic optimizers: ``Automagic_Sinkgd`` (seed 001) and its CAME-based sibling ``Automagic_CameAMP`` (seed 004).
+"""Automagic optimizers: ``Automagic_Sinkgd`` and its CAME-based sibling ``Automagic_CameAMP`` (Hina's).
 
 Both share the "automagic" machinery: a per-element learning-rate mask adapted Prodigy-style from sign agreement
 between consecutive steps, ALLoRA row scaling for LoRA matrices, an ADOPT-style seed step, adaptive weight decay
@@ -12,11 +12,11 @@ One step of parameter θ (t = the parameter's own step count, starting at 1; W =
 
 * t = 1 (seed, ADOPT's "no update at step 0"): momentum/second moment are seeded from g, the sign of g is
   recorded, θ₀ = θ is kept if the d_coef condition will need it; θ does not move.
-* t > W and ``orthograd``: g ← OrthoGrad(θ, g).
+* t > W and ``use_orthogonal_grad``: g ← OrthoGrad(θ, g).
 * direction u (see the classes).
 * lr mask (per element, in fp32 or fp64, never fp16/bf16): s = sign(g); where s·s_prev > 0 the mask grows by
   ``lr_bump``, where s·s_prev < 0 it shrinks by ``lr_bump``, where either is 0 it stays; clamp to
-  [``min_lr``, ``max_lr``]. The "condition" of the seed doc is Prodigy's distance signal c = ⟨g, θ₀ − θ⟩ of the
+  [``min_lr``, ``max_lr``]. The "condition" of Hina's usage guide is Prodigy's distance signal c = ⟨g, θ₀ − θ⟩ of the
   tensor: while t ≤ W/2, c > 0 (still descending away from the start) multiplies growth by ``d_coef`` and c < 0
   (the gradient points back to the start: overshoot) multiplies shrinkage by ``d_coef``. After W/2 θ₀ is freed.
   The mask keeps adapting after warm-up; there is no post-warm-up cut or decay (the original cut lr to 10%).
@@ -562,7 +562,7 @@ class _AutomagicBase(ExactStateLoad, torch.optim.Optimizer):
         _require(name, "min_lr", min_lr, min_lr >= 0, "must be >= 0")
         _require(name, "max_lr", max_lr, max_lr >= min_lr, f"must be >= min_lr ({min_lr})")
         _require(name, "lr_bump", defaults["lr_bump"], defaults["lr_bump"] >= 0, "must be >= 0")
-        _require(name, "eta", defaults["eta"], defaults["eta"] > 0, "must be > 0")
+        _require(name, "alora_eta", defaults["alora_eta"], defaults["alora_eta"] > 0, "must be > 0")
         _require(name, "d_coef", defaults["d_coef"], defaults["d_coef"] > 0, "must be > 0")
         _require(
             name, "weight_decay", defaults["weight_decay"], defaults["weight_decay"] >= 0, "must be >= 0"
@@ -626,7 +626,7 @@ class _AutomagicBase(ExactStateLoad, torch.optim.Optimizer):
         """The cached flat plan of these parameters (built on first use or when the member list changes)."""
         ids = tuple(id(p) for _, p in members)
         device = members[0][1].device
-        keep_index = group["cuda_graph"] and can_capture(device)  # a captured graph reads it at a fixed address
+        keep_index = group["cuda_graphs"] and can_capture(device)  # a captured graph reads it at a fixed address
         key = (ids, tuple(p.shape for _, p in members), device, dtype, keep_index)
         plan = self._plans.get(key)
         if plan is None:
@@ -738,7 +738,7 @@ class _AutomagicBase(ExactStateLoad, torch.optim.Optimizer):
             self._seed_direction(group, plan, g, states)
             return
         early = t <= warmup / 2
-        if group["orthograd"] and t > warmup:
+        if group["use_orthogonal_grad"] and t > warmup:
             g = _orthograd(theta, g, plan)
 
         sign = g.sign()
@@ -779,7 +779,7 @@ class _AutomagicBase(ExactStateLoad, torch.optim.Optimizer):
         if lr_factor is not None and ratio != 1.0:
             lr_factor = lr_factor * ratio
         if plan.lora is not None and any(plan.lora):
-            rows = plan.rows.sum(theta * theta).add_(1.0 / (group["eta"] * group["eta"])).rsqrt_()
+            rows = plan.rows.sum(theta * theta).add_(1.0 / (group["alora_eta"] * group["alora_eta"])).rsqrt_()
             if plan.plain_rows is not None:
                 rows.masked_fill_(plan.plain_rows, 1.0)
             if lr_factor is not None:
@@ -828,8 +828,8 @@ class _AutomagicBase(ExactStateLoad, torch.optim.Optimizer):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-class Automagic_Sinkgd(_AutomagicBase):  # noqa: N801 - user-facing name from the seed docs
-    """Automagic with a SinkGD-normalised Grams update (seed 001).
+class Automagic_Sinkgd(_AutomagicBase):  # noqa: N801 - the name users type (Hina's)
+    """Automagic with a SinkGD-normalised Grams update.
 
     Direction: m ← β₁m + (1−β₁)g (m seeded with g at step 1, no update then: ADOPT's rule, which also means a
     zero first gradient, as for lora_down under a zero lora_up, cannot blow up step 2); u = sign(g)·|m| (Grams);
@@ -840,9 +840,9 @@ class Automagic_Sinkgd(_AutomagicBase):  # noqa: N801 - user-facing name from th
     ALLoRA applies to parameters whose group ``names`` mark them as LoRA matrices (``lora_down``/``lora_up``),
     or, without names, to every tensor with 2+ dims unless ``full_finetune``.
 
-    ``cuda_graph=True`` (the default; CUDA only) replays SinkGD's row/column passes, one kernel per distinct shape
+    ``cuda_graphs=True`` (the default; CUDA only) replays SinkGD's row/column passes, one kernel per distinct shape
     and pass, as one CUDA graph (:mod:`library.optimizers.graphs`): same kernels, one launch. On an H100 it took the
-    SD1.5 LoRA step from 3.2x to 1.2x fused AdamW (bench/optimizer_step.py, same run); ``cuda_graph=False`` runs
+    SD1.5 LoRA step from 3.2x to 1.2x fused AdamW (bench/optimizer_step.py, same run); ``cuda_graphs=False`` runs
     the passes eagerly.
     """
 
@@ -853,15 +853,15 @@ class Automagic_Sinkgd(_AutomagicBase):  # noqa: N801 - user-facing name from th
         min_lr: float = 1e-6,
         max_lr: float = 1e-2,
         lr_bump: float = 1e-5,
-        eta: float = 2.0,
+        alora_eta: float = 2.0,
         beta1: float = 0.9,
         d_coef: float = 2.0,
         weight_decay: float = 5e-4,
         warmup_steps: int = 500,
         full_finetune: bool = False,
-        orthograd: bool = False,
+        use_orthogonal_grad: bool = False,
         stats_update_freq: int = 5,
-        cuda_graph: bool = True,
+        cuda_graphs: bool = True,
     ) -> None:
         _require(type(self).__name__, "beta1", beta1, 0.0 <= beta1 < 1.0, "must be in [0, 1)")
         defaults = dict(
@@ -869,15 +869,15 @@ class Automagic_Sinkgd(_AutomagicBase):  # noqa: N801 - user-facing name from th
             min_lr=min_lr,
             max_lr=max_lr,
             lr_bump=lr_bump,
-            eta=eta,
+            alora_eta=alora_eta,
             beta1=beta1,
             d_coef=d_coef,
             weight_decay=weight_decay,
             warmup_steps=warmup_steps,
             full_finetune=full_finetune,
-            orthograd=orthograd,
+            use_orthogonal_grad=use_orthogonal_grad,
             stats_update_freq=stats_update_freq,
-            cuda_graph=cuda_graph,
+            cuda_graphs=cuda_graphs,
         )
         super().__init__(params, defaults)
 
@@ -894,7 +894,7 @@ class Automagic_Sinkgd(_AutomagicBase):  # noqa: N801 - user-facing name from th
         momentum = plan.state(states, "exp_avg", plan.dtype)
         momentum.lerp_(g, 1.0 - group["beta1"])
         iters = 5 if group["full_finetune"] else 4
-        graphed = group["cuda_graph"] and can_capture(plan.layout.device)  # ~40 kernels an iteration: one launch
+        graphed = group["cuda_graphs"] and can_capture(plan.layout.device)  # ~40 kernels an iteration: one launch
         # the graph's input stays put; eagerly, a temporary
         update = plan.cached("sinkgd_update", lambda: torch.empty_like(momentum)) if graphed else None
         update = torch.abs(momentum, out=update).mul_(sign)  # Grams: |m| with the sign of g
@@ -992,8 +992,8 @@ class _Moment8:
         quant8.quantize_into_(source, codes, absmax, signed=True)
 
 
-class Automagic_CameAMP(_AutomagicBase):  # noqa: N801 - user-facing name from the seed docs
-    """Automagic with a CAME update (seed 004's "Automagic CameAMP"), optionally with an 8-bit first moment.
+class Automagic_CameAMP(_AutomagicBase):  # noqa: N801 - the name users type (Hina's)
+    """Automagic with a CAME update (Hina's "Automagic CameAMP"), optionally with an 8-bit first moment.
 
     CAME (Luo et al. 2023): v (factored into row/column means for matrices, full for < 2 dims) tracks g² + ε₁;
     u = g/√v, clipped to RMS ≤ ``clip_threshold``; m ← β₁m + (1−β₁)u; the instability U = (u − m)² + ε₂ is
@@ -1008,7 +1008,7 @@ class Automagic_CameAMP(_AutomagicBase):  # noqa: N801 - user-facing name from t
     codes + fp32 absmax per 256 elements) for tensors of ≥ 4096 elements; the factored moments are already tiny
     and the lr mask stays fp32 (8-bit or 16-bit masks cannot represent ``lr_bump`` steps).
 
-    ``cuda_graph=True`` (the default; CUDA only) replays the CAME direction (factored moments, clipping, first
+    ``cuda_graphs=True`` (the default; CUDA only) replays the CAME direction (factored moments, clipping, first
     moment and confidence: one kernel per distinct shape and reduction) as one CUDA graph: 2.6x -> 1.3x fused AdamW
     on the SD1.5 LoRA set (H100, same run).
     """
@@ -1020,18 +1020,18 @@ class Automagic_CameAMP(_AutomagicBase):  # noqa: N801 - user-facing name from t
         min_lr: float = 1e-6,
         max_lr: float = 1e-3,
         lr_bump: float = 1e-5,
-        eta: float = 2.0,
+        alora_eta: float = 2.0,
         d_coef: float = 2.0,
         weight_decay: float = 5e-4,
         warmup_steps: int = 500,
         full_finetune: bool = False,
-        orthograd: bool = False,
+        use_orthogonal_grad: bool = False,
         stats_update_freq: int = 5,
         betas: tuple[float, float, float] = (0.9, 0.999, 0.9999),
         eps: tuple[float, float] = (1e-30, 1e-16),
         clip_threshold: float = 1.0,
         optim_bits: int = 32,
-        cuda_graph: bool = True,
+        cuda_graphs: bool = True,
     ) -> None:
         name = type(self).__name__
         _require(
@@ -1049,18 +1049,18 @@ class Automagic_CameAMP(_AutomagicBase):  # noqa: N801 - user-facing name from t
             min_lr=min_lr,
             max_lr=max_lr,
             lr_bump=lr_bump,
-            eta=eta,
+            alora_eta=alora_eta,
             d_coef=d_coef,
             weight_decay=weight_decay,
             warmup_steps=warmup_steps,
             full_finetune=full_finetune,
-            orthograd=orthograd,
+            use_orthogonal_grad=use_orthogonal_grad,
             stats_update_freq=stats_update_freq,
             betas=tuple(betas),
             eps=tuple(eps),
             clip_threshold=clip_threshold,
             optim_bits=optim_bits,
-            cuda_graph=cuda_graph,
+            cuda_graphs=cuda_graphs,
         )
         super().__init__(params, defaults)
 
@@ -1118,7 +1118,7 @@ class Automagic_CameAMP(_AutomagicBase):  # noqa: N801 - user-facing name from t
     ) -> tuple[Tensor, Tensor | None]:
         beta3 = group["betas"][2]
         bias = math.sqrt(1.0 - beta3 ** (step - 1))  # R's bias correction (step 1 only seeded v)
-        if not (group["cuda_graph"] and can_capture(plan.layout.device)):
+        if not (group["cuda_graphs"] and can_capture(plan.layout.device)):
             return self._came(group, plan, g, states, bias), None
         # the graph reads fixed addresses: a copy of this step's gradient; the correction through a device scalar
         g_in = plan.cached("came_g", lambda: torch.empty_like(g)).copy_(g)

@@ -1,6 +1,6 @@
 """CustomAdamW (Hina's AdamW): AdamW with nine switchable techniques and an optional 8-bit state.
 
-Definitions: the papers cited per technique (summarised in docs/optimizers.md); flag names and defaults from the seed
+Definitions: the papers cited per technique (summarised in docs/optimizers.md); flag names and defaults from Hina's
 usage guide. Per parameter tensor, one step composes the techniques in this order (g = gradient, θ = weight):
 
  1. g ← grad (working copy, fp32 for half-precision weights)
@@ -61,7 +61,7 @@ Design decisions:
   parameter; 8-bit: codes, absmax and a bf16 θ₀ = 4.03), plus a few values per tensor. The flat copies of
   gradients and weights and both indices live only inside a step (in eager mode; a captured CUDA graph keeps
   its gradient buffer and its private pool).
-- ``cuda_graph=True`` (the default) goes one further on a GPU: after the gradient gather, a bucket's whole step
+- ``cuda_graphs=True`` (the default) goes one further on a GPU: after the gradient gather, a bucket's whole step
   replays as one CUDA graph (:mod:`library.optimizers.graphs`). What changes between steps reaches it through persistent 0-d
   device tensors (the lr-scaled step, ADOPT's clip, bias corrections, ρ(t) terms: one asynchronous ``fill_``
   each); settings compiled into the kernels (flags, betas, ε, TAM β, ALLoRA η and ratio) and the identity of the
@@ -189,7 +189,7 @@ class _Bucket:
         self._adopt_coefs: tuple[tuple[float, float], Tensor, Tensor] | None = None
         self._seen: dict[tuple[int, str], tuple[Tensor, list[Tensor]]] = {}
         self._device_scalars: dict[str, Tensor] = {}
-        self.graph = GraphSlot()  # the captured step (cuda_graph=True)
+        self.graph = GraphSlot()  # the captured step (cuda_graphs=True)
 
     def row_index(self) -> Tensor:
         """Row (flat row order) of every flat element, int32: a temporary built from per-tensor values, since a
@@ -357,7 +357,7 @@ class HinaAdamWOptimizer(ExactStateLoad, torch.optim.Optimizer):
         use_alora, alora_ratio, alora_eta: ALLoRA row scaling (η = alora_eta) and LoRA+ lr ratio ηB/ηA.
         dynamic_weight_decay, wd_transition_steps, wd_decay_factor, wd_min_ratio: the ρ(t) schedule above.
         optim_bits: 32 or 8 (block-wise quantised m and v); min_8bit_size: smaller tensors keep fp32 state.
-        cuda_graph: on CUDA, replay each bucket's step (all but the gradient gather) as one CUDA graph; the
+        cuda_graphs: on CUDA, replay each bucket's step (all but the gradient gather) as one CUDA graph; the
             learning rate and step-dependent scalars reach it through device scalars. On by default: on an H100
             it took the SD1.5 LoRA step from 1.3x to 0.9x fused AdamW (8-bit: 1.8x to 1.0x); False runs eagerly.
     """
@@ -387,7 +387,7 @@ class HinaAdamWOptimizer(ExactStateLoad, torch.optim.Optimizer):
         wd_min_ratio: float = 0.1,
         optim_bits: int = 32,
         min_8bit_size: int = 4096,
-        cuda_graph: bool = True,
+        cuda_graphs: bool = True,
     ) -> None:
         flags = dict(
             use_spd=use_spd,
@@ -450,7 +450,7 @@ class HinaAdamWOptimizer(ExactStateLoad, torch.optim.Optimizer):
             wd_min_ratio=wd_min_ratio,
             optim_bits=optim_bits,
             min_8bit_size=int(min_8bit_size),
-            cuda_graph=bool(cuda_graph),
+            cuda_graphs=bool(cuda_graphs),
             **flags,
         )
         self._lora_roles: dict[Tensor, str] | None = None
@@ -585,7 +585,7 @@ class HinaAdamWOptimizer(ExactStateLoad, torch.optim.Optimizer):
         """Gather the gradients, then steps 2-12 of the module docstring, eagerly or as the bucket's CUDA graph."""
         if isinstance(steps, list) and min(steps) == max(steps):
             steps = steps[0]
-        graphed = group["cuda_graph"] and isinstance(steps, int) and can_capture(b.layout.device)
+        graphed = group["cuda_graphs"] and isinstance(steps, int) and can_capture(b.layout.device)
         g = b.gather_grads(grads, into_fixed=graphed)  # gradients move every step: never inside the graph
         values = self._step_values(group, b, steps)
         if not graphed:

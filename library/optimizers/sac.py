@@ -263,7 +263,7 @@ class AdamWSAC(_SACMixin, ExactStateLoad, torch.optim.Optimizer):
 
     Args:
         params: tensors or param groups; groups may carry ``names`` parallel to ``params`` (finds q/k/v heads).
-        lr, betas, eps, weight_decay: AdamW's (decoupled decay). betas default to (0.9, 0.99) as the seed doc says.
+        lr, betas, eps, weight_decay: AdamW's (decoupled decay). betas default to (0.9, 0.99), OpenToMe's defaults.
         scale_update_freq: steps between scale refreshes (``SAC_SCALE_UPDATE_FREQ``).
         scale_bound: (min, max) of the unit scales (``SAC_SCALE_BOUND``).
         dim, n_heads: model width and head count used to split q/k/v projections into heads.
@@ -315,11 +315,11 @@ class AdamWSAC(_SACMixin, ExactStateLoad, torch.optim.Optimizer):
         return loss
 
 
-class Adam_miniSAC(_SACMixin, Adam_mini):  # noqa: N801 - the name users type (seed doc 000)
+class Adam_miniSAC(_SACMixin, Adam_mini):  # noqa: N801 - the name users type (OpenToMe's)
     """Adam-mini with SAC unit scaling: Adam-mini's block second moments, SAC's per-head/per-tensor step scales.
 
     Args: as :class:`Adam_mini` (``dim``/``n_heads`` from ``SAC_DIM``/``SAC_N_HEADS``) plus ``scale_update_freq``
-    and ``scale_bound`` as :class:`AdamWSAC`. betas default to (0.9, 0.99) and eps to 1e-8 as the seed doc says.
+    and ``scale_bound`` as :class:`AdamWSAC`. betas default to (0.9, 0.99) and eps to 1e-8, OpenToMe's defaults.
     """
 
     def __init__(

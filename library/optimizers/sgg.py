@@ -357,7 +357,7 @@ class AdamWSGG(_SGGOptimizer):
         return _adam_directions(group, plan, grad, states, ordered)
 
 
-class AdamWSGG_v2(AdamWSGG):  # noqa: N801 - the name users type (seed doc 000)
+class AdamWSGG_v2(AdamWSGG):  # noqa: N801 - the name users type (OpenToMe's)
     """AdamW + SGG with separate decays: ``beta3`` (layer mean), ``ema_decay_clusters``, ``ema_decay_scale``."""
 
     def __init__(
@@ -545,7 +545,7 @@ def lamb_recluster_interval(step: int, base: int, t_total: int) -> int:
     return max(base, round(t_total / 10 * (1.0 + min(1.0, step / t_total))))
 
 
-class LambSGG_v2(_SGGOptimizer):  # noqa: N801 - the name users type (seed doc 000)
+class LambSGG_v2(_SGGOptimizer):  # noqa: N801 - the name users type (OpenToMe's)
     """LAMB (You et al. 2020) + SGG: r = s⊙m̂/(√v̂+ε) + wd·θ, θ ← θ − lr·(‖θ‖/‖r‖)·r (trust ratio 1 if a norm is 0).
 
     Args: as AdamWSGG_v2 plus ``t_total`` (``SGG_T_TOTAL``): expected training length; the tensor is re-clustered
@@ -631,7 +631,7 @@ def _per_matrix(values: list[float], like: Tensor) -> float | Tensor:
     return column.view(-1, *([1] * (like.dim() - 1)))
 
 
-class ShampooSGG_v2(_SGGOptimizer):  # noqa: N801 - the name users type (seed doc 000)
+class ShampooSGG_v2(_SGGOptimizer):  # noqa: N801 - the name users type (OpenToMe's)
     """Shampoo (Gupta et al. 2018) + SGG.
 
     A tensor is viewed as G = shape[0] × rest (vectors as 1 × n). L ← β₂L + (1−β₂)GGᵀ, R ← β₂R + (1−β₂)GᵀG

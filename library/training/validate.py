@@ -14,7 +14,7 @@ import torch
 
 from library.cli import LR_SCHEDULERS
 from library.errors import ConfigError
-from library.training.compile import uses_cuda_graphs
+from library.training.compile import dynamo_records_cuda_graphs
 
 _TORCH_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
@@ -213,7 +213,7 @@ def check_cuda_graph_args(args: argparse.Namespace) -> None:
     if args.mixed_precision == "fp16":
         raise ConfigError("--cuda_graphs works with --mixed_precision bf16 or no, not fp16 (its loss scaler "
                           "decides on the host each step)")
-    if uses_cuda_graphs(args):
+    if dynamo_records_cuda_graphs(args):
         raise ConfigError(f"--cuda_graphs and --dynamo_mode {args.dynamo_mode} both record CUDA graphs: use one "
                           "(--dynamo_mode default or max-autotune-no-cudagraphs combine with --cuda_graphs)")
 

@@ -140,7 +140,7 @@ def reference_run(thetas, grad_seq, lrs, allora, hp, direction):
             traj.append([x.clone() for x in thetas])
             continue
         early, post = t <= warm / 2, t > warm
-        if hp["orthograd"] and post:
+        if hp["use_orthogonal_grad"] and post:
             grads = [ref_orthograd(thetas[i], grads[i]) for i in range(n)]
         if (t - 2) % hp["stats_update_freq"] == 0 and early:
             flat = torch.cat([g.abs().reshape(-1) for g in grads])
@@ -167,7 +167,7 @@ def reference_run(thetas, grad_seq, lrs, allora, hp, direction):
                 avg_lr[i] = float(mask[i].mean())
             eta = mask[i] * (lrs[t] / hp["lr"]) * vr
             if allora[i]:
-                eta = eta * ref_allora(theta, hp["eta"])
+                eta = eta * ref_allora(theta, hp["alora_eta"])
             step = u + (hp["weight_decay"] * decay[i] * theta if early else 0.0)
             new.append(theta - eta * step)
         thetas = new
@@ -219,8 +219,8 @@ def run_optimizer(cls, thetas, grad_seq, lrs, names, **hp):
 
 
 BASE_HP = dict(
-    lr=1e-2, min_lr=2e-3, max_lr=2.2e-2, lr_bump=2e-3, eta=2.0, d_coef=2.0, weight_decay=0.2,
-    warmup_steps=8, orthograd=True, stats_update_freq=3,
+    lr=1e-2, min_lr=2e-3, max_lr=2.2e-2, lr_bump=2e-3, alora_eta=2.0, d_coef=2.0, weight_decay=0.2,
+    warmup_steps=8, use_orthogonal_grad=True, stats_update_freq=3,
 )  # fmt: skip
 
 
@@ -354,8 +354,8 @@ def test_orthograd_only_after_warmup(cls):
     thetas, grads = make_problem(seed=2, steps=12)
     lrs = dict.fromkeys(range(1, 13), 1e-2)
     base = dict(lr=1e-2, warmup_steps=6, weight_decay=0.0)
-    with_ortho, _ = run_optimizer(cls, thetas, grads, lrs, True, orthograd=True, **base)
-    without, _ = run_optimizer(cls, thetas, grads, lrs, True, orthograd=False, **base)
+    with_ortho, _ = run_optimizer(cls, thetas, grads, lrs, True, use_orthogonal_grad=True, **base)
+    without, _ = run_optimizer(cls, thetas, grads, lrs, True, use_orthogonal_grad=False, **base)
     for t in range(6):  # steps 1..6: identical
         for a, b in zip(with_ortho[t], without[t], strict=True):
             assert torch.equal(a, b)
@@ -364,7 +364,7 @@ def test_orthograd_only_after_warmup(cls):
 
 def test_gradient_along_weights_stops_moving_after_warmup_with_orthograd():
     p = torch.nn.Parameter(torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
-    opt = Automagic_Sinkgd([p], lr=1e-2, warmup_steps=4, weight_decay=0.0, orthograd=True)
+    opt = Automagic_Sinkgd([p], lr=1e-2, warmup_steps=4, weight_decay=0.0, use_orthogonal_grad=True)
     history = []
     for _ in range(7):
         p.grad = p.detach().clone()  # g ∥ θ: OrthoGrad removes all of it
@@ -419,7 +419,7 @@ def test_full_finetune_updates_every_tensor_shape(cls, extra):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     assert {p.dim() for p in before.values()} == {0, 1, 2, 4}
     idx, target = torch.randint(0, 10, (4, 4, 4)), torch.randn(4, 3)
-    opt = cls(model.parameters(), lr=1e-3, warmup_steps=4, full_finetune=True, orthograd=True, **extra)
+    opt = cls(model.parameters(), lr=1e-3, warmup_steps=4, full_finetune=True, use_orthogonal_grad=True, **extra)
     for _ in range(6):
         opt.zero_grad()
         torch.nn.functional.mse_loss(model(idx), target).backward()
@@ -461,7 +461,7 @@ def test_full_finetune_of_tiny_unet_lowers_loss(cls):
         lr_bump=1e-4,
         warmup_steps=8,
         full_finetune=True,
-        orthograd=True,
+        use_orthogonal_grad=True,
     )
     losses = []
     for _ in range(14):
@@ -550,8 +550,8 @@ def train(opt, params, x, steps, start, lr):
 
 RESUME_CASES = [
     (Automagic_Sinkgd, {}),
-    (Automagic_Sinkgd, {"orthograd": True, "full_finetune": True}),
-    (Automagic_CameAMP, {"orthograd": True}),
+    (Automagic_Sinkgd, {"use_orthogonal_grad": True, "full_finetune": True}),
+    (Automagic_CameAMP, {"use_orthogonal_grad": True}),
     (Automagic_CameAMP, {"optim_bits": 8}),
 ]
 
@@ -644,7 +644,7 @@ def test_log_metrics_refresh_every_stats_update_freq_steps():
 @pytest.mark.parametrize("cls", CLASSES)
 def test_step_makes_no_host_syncs(cls, monkeypatch):
     params = lora_model()
-    opt = make_opt(cls, params, warmup_steps=4, orthograd=True, stats_update_freq=1)
+    opt = make_opt(cls, params, warmup_steps=4, use_orthogonal_grad=True, stats_update_freq=1)
     x = torch.randn(8, 1024)
 
     def refuse(*args, **kwargs):
@@ -712,7 +712,7 @@ def flat_params(copies, seed=0):
 
 def ops_per_step(cls, copies, steps=7, **kw):
     params, names = flat_params(copies)
-    opt = cls([{"params": params, "names": names}], warmup_steps=4, orthograd=True, stats_update_freq=1, **kw)
+    opt = cls([{"params": params, "names": names}], warmup_steps=4, use_orthogonal_grad=True, stats_update_freq=1, **kw)
     counts = []
     for log in observed_steps(opt, params, steps, seed=1):
         assert HOST_SYNC not in log.counts
@@ -782,12 +782,12 @@ def test_cameamp_8bit_flat_moments_equal_per_tensor_quantisation():
 
 
 def test_cameamp_graph_mode_matches_float64_reference(monkeypatch):
-    """cuda_graph=True's path on the CPU: g through a fixed buffer, R's bias correction through a device scalar."""
+    """cuda_graphs=True's path on the CPU: g through a fixed buffer, R's bias correction through a device scalar."""
     stand_in = eager_graph_mode(monkeypatch, automagic)
     thetas, grads = make_problem(seed=1)
     lrs = schedule(len(grads))
     hp = dict(BASE_HP, full_finetune=False, betas=(0.8, 0.99, 0.999), eps=(1e-30, 1e-16), clip_threshold=1.0)
-    got, _ = run_optimizer(Automagic_CameAMP, thetas, grads, lrs, True, cuda_graph=True, **hp)
+    got, _ = run_optimizer(Automagic_CameAMP, thetas, grads, lrs, True, cuda_graphs=True, **hp)
     want, _ = reference_run(thetas, grads, lrs, [True, True, False, False], hp,
                             RefCameDirection(hp["betas"], hp["eps"], 1.0))
     for t, (g_step, w_step) in enumerate(zip(got, want, strict=True), start=1):

@@ -601,8 +601,8 @@ def graph_mode_on_cpu(monkeypatch):
 def test_graph_mode_scalars_match_the_eager_step(name, graph_mode_on_cpu):
     """The step a CUDA graph replays reads lr and the step-dependent values from device scalars."""
     hp = {**DEFAULTS, **CONFIGS[name]}
-    eager, _ = _run(hp, cuda_graph=False)
-    graphed, opt = _run(hp)  # cuda_graph=True is the default
+    eager, _ = _run(hp, cuda_graphs=False)
+    graphed, opt = _run(hp)  # cuda_graphs=True is the default
     for a, b in zip(graphed, eager, strict=True):
         torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-13, atol=1e-15)
     assert graph_mode_on_cpu.built == 1  # one capture for ten steps: lr and step changes need none
@@ -610,7 +610,7 @@ def test_graph_mode_scalars_match_the_eager_step(name, graph_mode_on_cpu):
 
 def test_graph_mode_captures_again_when_buffers_or_baked_settings_change(graph_mode_on_cpu):
     params = _params()
-    opt = HinaAdamWOptimizer([{"params": params, "names": NAMES}], **DEFAULTS, cuda_graph=True)
+    opt = HinaAdamWOptimizer([{"params": params, "names": NAMES}], **DEFAULTS, cuda_graphs=True)
     grads = _grad_sequence(8)
 
     def step(k):
