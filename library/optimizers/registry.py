@@ -51,8 +51,8 @@ PIP_NAMES = {
 }
 
 FAMILY_TYPES = {
-    "SGG": "SGG (Smart Gradient Gradient)",
-    "SAC": "SAC (Structured Adaptive Computation)",
+    "SGG": "SGG (scaling with gradient grouping)",
+    "SAC": "SAC (scaling with architectural constraints)",
 }
 
 
