@@ -99,7 +99,7 @@ def lora_shapes(rank: int, params: str = "sd15") -> list[tuple[str, tuple[int, .
 
 def parse_row(label: str) -> tuple[str, list[str]]:
     """``Name`` or ``Name:key=value,key=value`` (as --optimizer_args, which parses the values), e.g.
-    ``Automagic_Sinkgd:cuda_graph=False`` or ``Lion:betas=(0.9,0.99),weight_decay=0.1``."""
+    ``Automagic_Sinkgd:cuda_graphs=False`` or ``Lion:betas=(0.9,0.99),weight_decay=0.1``."""
     name, _, options = label.partition(":")
     items = [item.strip() for item in re.split(r",(?=\s*\w+\s*=)", options) if item.strip()]
     for item in items:
