@@ -46,6 +46,7 @@ from library.optimizers.adam_mini import (
     init_missing_,
     is_head_structured,
     pick,
+    release_plans,
     segment_sort,
     state_dtype,
     validate_common,
@@ -158,12 +159,12 @@ class _SACMixin:
                 lengths([n // u for n, u in zip(layout.sizes, units, strict=True) for _ in range(u)]),
                 lengths([r // u for r, u in zip(rows, units, strict=True) for _ in range(u)]),
                 lengths(units),
-                segment_ids(
-                    lengths([n // r for n, r in zip(layout.sizes, rows, strict=True) for _ in range(r)]),
-                    layout.numel,
-                ),
+                lengths([n // r for n, r in zip(layout.sizes, rows, strict=True) for _ in range(r)]),
             )
-        _, scale_state, unit_lengths, unit_rows, unit_counts, row_ids = cache
+        _, scale_state, unit_lengths, unit_rows, unit_counts, row_lengths = cache
+        row_ids = plan.transient.get("sac_rows")
+        if row_ids is None:  # per element: built for the step, not kept
+            row_ids = plan.transient["sac_rows"] = segment_ids(row_lengths, layout.numel)
         scale = scale_state.buffer(ordered, "sac_scale", plan.dtype)
         due = [(s["step"] - 1) % group["scale_update_freq"] == 0 for s in ordered]
         if any(due):
@@ -312,6 +313,7 @@ class AdamWSAC(_SACMixin, ExactStateLoad, torch.optim.Optimizer):
                 update, _ = plan_adamw_update(group, plan, grad, sts, plan.layout.arrange(sts))
                 self._sac_scale_(group, plan, ps, pick(names, idx), sts, update)
                 apply_decoupled_(plan, ps, update, group["lr"], group["weight_decay"])
+        release_plans(self)
         return loss
 
 
@@ -353,4 +355,5 @@ class Adam_miniSAC(_SACMixin, Adam_mini):  # noqa: N801 - the name users type (O
             for plan, params, names, states, update in self._adam_mini_updates(group_index, group):
                 self._sac_scale_(group, plan, params, names, states, update)
                 apply_decoupled_(plan, params, update, group["lr"], group["weight_decay"])
+        release_plans(self)
         return loss

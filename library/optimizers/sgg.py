@@ -54,6 +54,7 @@ from library.optimizers.adam_mini import (
     flat_plans,
     init_missing_,
     pick,
+    release_plans,
     segment_sort,
     state_dtype,
     validate_common,
@@ -241,12 +242,14 @@ class _SGGOptimizer(ExactStateLoad, torch.optim.Optimizer):
         cache = plan.cache.get(("sgg", k))
         if cache is None:
             cache = plan.cache[("sgg", k)] = (
-                Segmentation(layout.sizes, k, layout.device, dtype),
                 FlatState(Segments([(k,)] * n)),
                 FlatState(Segments([()] * n)),
                 FlatState(Segments([(s,) for s in layout.sizes])),
             )
-        seg, tables_state, layer_state, label_state = cache
+        tables_state, layer_state, label_state = cache
+        seg = plan.transient.get(("sgg", k))
+        if seg is None:  # per-element indices: built for the step, not kept
+            seg = plan.transient[("sgg", k)] = Segmentation(layout.sizes, k, layout.device, dtype)
         centers, cluster_stat, scale, counts = (
             tables_state.buffer(ordered, key, dtype).view(n, k)
             for key in ("sgg_centers", "sgg_cluster_stat", "sgg_scale", "sgg_counts")
@@ -263,10 +266,7 @@ class _SGGOptimizer(ExactStateLoad, torch.optim.Optimizer):
             centers.copy_(fresh_centers)
             labels.copy_(fresh_labels)
             counts.copy_(fresh_counts)
-        cached = plan.cache.get(("sgg_index", k))
-        if cached is None or cached[0] is not labels or any(resets):  # labels change only here or on reload
-            cached = plan.cache[("sgg_index", k)] = (labels, seg.base + labels)
-        index = cached[1]
+        index = seg.base + labels
         sums = z.new_zeros(n * k).index_add_(0, index, z).view(n, k)
         layer_mean = sums.sum(dim=1) / seg.numel
         cluster_mean = torch.where(counts > 0, sums / counts.clamp_min(1.0), layer_mean[:, None])
@@ -291,6 +291,7 @@ class _SGGOptimizer(ExactStateLoad, torch.optim.Optimizer):
                 update, z = self._directions(group, plan, plan.gather("grad", pick(grads, idx)), sts, ordered)
                 self._sgg_scale_(group, plan, ordered, update, z)
                 self._apply(group, plan, pick(params, idx), update)
+        release_plans(self)
         return loss
 
     def log_metrics(self) -> dict[str, Tensor | float]:

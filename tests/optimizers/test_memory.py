@@ -86,7 +86,10 @@ def test_custom_adamw_keeps_only_its_state(name, settings, kept_max):
     assert kept == pytest.approx(state, abs=0.01)  # nothing besides the state survives a step
 
 
-@pytest.mark.parametrize("name", ["Automagic_Sinkgd", "Automagic_CameAMP"])
-def test_automagic_keeps_no_more_than_its_state(name):
+@pytest.mark.parametrize("name", [
+    "Automagic_Sinkgd", "Automagic_CameAMP", "AdamWSGG", "AdamWSGG_v2", "AdafactorSGG", "LambSGG_v2",
+    "ShampooSGG_v2", "AdamWSAC", "Adam_miniSAC", "Adam_mini", "SophiaG",
+])  # fmt: skip
+def test_in_house_optimizers_keep_nothing_per_parameter_besides_their_state(name):
     kept, _, state = measure(name)
     assert kept == pytest.approx(state, abs=0.01)
