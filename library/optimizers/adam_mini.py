@@ -33,7 +33,7 @@ from torch import Tensor
 
 from library.errors import OptimizerError
 from library.optimizers.flat import FlatLayout, FlatState, segment_ids
-from library.optimizers.state import ExactStateLoad
+from library.optimizers.state import ExactStateLoad, closure_loss
 
 _QK_NAME = re.compile(r"(?:^|[._])(?:to_q|to_k|q_proj|k_proj|query|key|wq|wk)(?:[._]|$)")
 _QKV_NAME = re.compile(
@@ -451,10 +451,7 @@ class Adam_mini(ExactStateLoad, torch.optim.Optimizer):  # noqa: N801 - the name
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group_index, group in enumerate(self.param_groups):
             for plan, params, _, _, update in self._adam_mini_updates(group_index, group):
                 apply_decoupled_(plan, params, update, group["lr"], group["weight_decay"])

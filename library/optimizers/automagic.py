@@ -70,7 +70,7 @@ from library.errors import OptimizerError
 from library.optimizers import quant8
 from library.optimizers.flat import FlatLayout, FlatState, matrix_shape, segment_ids
 from library.optimizers.graphs import GraphSlot, StepGraph, can_capture
-from library.optimizers.state import ExactStateLoad
+from library.optimizers.state import ExactStateLoad, closure_loss
 
 logger = logging.getLogger(__name__)
 
@@ -661,10 +661,7 @@ class _AutomagicBase(ExactStateLoad, torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for index, group in enumerate(self.param_groups):
             grads = [p.grad for p in group["params"]]
             for run in self._runs(index, group, grads):

@@ -89,7 +89,7 @@ from library.optimizers import quant8
 from library.optimizers import transforms as T
 from library.optimizers.flat import FlatLayout, FlatState, segment_ids
 from library.optimizers.graphs import GraphSlot, StepGraph, can_capture
-from library.optimizers.state import ExactStateLoad
+from library.optimizers.state import ExactStateLoad, closure_loss
 
 logger = logging.getLogger(__name__)
 
@@ -526,10 +526,7 @@ class HinaAdamWOptimizer(ExactStateLoad, torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for index, group in enumerate(self.param_groups):
             group_params = group["params"]
             grads = list(map(_GRAD, group_params))

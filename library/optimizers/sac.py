@@ -55,7 +55,7 @@ from library.optimizers.adam_mini import (
     validate_positive_int,
 )
 from library.optimizers.flat import FlatState, segment_ids
-from library.optimizers.state import ExactStateLoad
+from library.optimizers.state import ExactStateLoad, closure_loss
 
 
 def validate_scale_bound(cls: str, scale_bound: Any) -> tuple[float, float]:
@@ -301,10 +301,7 @@ class AdamWSAC(_SACMixin, ExactStateLoad, torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group_index, group in enumerate(self.param_groups):
             params, names, grads, states = advance_group(self, group, _init_adam_state)
             for plan, idx in flat_plans(self.__dict__.setdefault("_flat_plans", {}), group_index, params):
@@ -347,10 +344,7 @@ class Adam_miniSAC(_SACMixin, Adam_mini):  # noqa: N801 - the name users type (O
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group_index, group in enumerate(self.param_groups):
             for plan, params, names, states, update in self._adam_mini_updates(group_index, group):
                 self._sac_scale_(group, plan, params, names, states, update)

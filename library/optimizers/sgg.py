@@ -63,7 +63,7 @@ from library.optimizers.adam_mini import (
 )
 from library.optimizers.flat import FlatState, segment_ids
 from library.optimizers.sac import init_adam_state, plan_adamw_update, validate_scale_bound
-from library.optimizers.state import ExactStateLoad
+from library.optimizers.state import ExactStateLoad, closure_loss
 
 # Lloyd iterations per re-clustering: 1-D k-means from quantile starts settles in a handful.
 KMEANS_ITERS = 8
@@ -279,10 +279,7 @@ class _SGGOptimizer(ExactStateLoad, torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group_index, group in enumerate(self.param_groups):
             params, _, grads, states = advance_group(self, group, self._init_new_state)
             for plan, idx in flat_plans(self.__dict__.setdefault("_flat_plans", {}), group_index, params):
