@@ -198,7 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("saving")
     g.add_argument("--output_dir", type=str, default=None)
     g.add_argument("--output_name", type=str, default="last")
-    g.add_argument("--save_model_as", type=str, default="safetensors", choices=["safetensors"])
+    g.add_argument("--save_model_as", type=str, default="safetensors", choices=["ckpt", "pt", "safetensors"],
+                   help="LoRA file format: safetensors (with metadata), or ckpt/pt (torch.save of the tensors only)")
     g.add_argument("--save_precision", type=str, default=None, choices=[None, "float", "fp16", "bf16"])
     g.add_argument("--save_every_n_epochs", type=int, default=None)
     g.add_argument("--save_every_n_steps", type=int, default=None)
@@ -256,6 +257,10 @@ def _coerce(action: argparse.Action, key: str, value: Any, path: Path) -> Any:
         return value
     if action.nargs in ("*", "+"):
         items = value if isinstance(value, list) else [value]
+        if action.type in (int, float):  # e.g. base_weights_multiplier = [0.5, 1]
+            if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in items):
+                raise ConfigError(f"{where} must be a list of numbers, got {value!r}")
+            return [action.type(v) for v in items]
         return [str(v) for v in items]
     if isinstance(value, (list, dict)):
         if action.type is _resolution and isinstance(value, list):

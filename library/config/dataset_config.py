@@ -51,6 +51,13 @@ class SubsetConfig:
     token_warmup_min: int = 1
     token_warmup_step: float = 0.0
     random_crop: bool = False
+    color_aug: bool = False
+    face_crop_aug_range: tuple[float, float] | None = None
+    resize_interpolation: str | None = None  # None: area to shrink, Lanczos to enlarge (sd-scripts)
+    cache_info: bool = False
+    metadata_file: Path | None = None  # sd-scripts' fine-tuning metadata JSON: images and captions listed there
+    alpha_mask: bool = False  # the alpha channel is the loss mask
+    conditioning_data_dir: Path | None = None  # loss-mask images named as the images (with --masked_loss)
     name: str = ""  # where it came from, for messages: "datasets[0].subsets[1]" or "--train_data_dir 10_cat"
 
 
@@ -66,6 +73,8 @@ class DatasetBlueprint:
     bucket_reso_steps: int = 64
     subsets: list[SubsetConfig] = field(default_factory=list)
     bucket_no_upscale: bool = False
+    validation_split: float = 0.0
+    validation_seed: int | None = None  # None: --seed
 
 
 @dataclass
@@ -102,13 +111,22 @@ class DatasetDefaults:
     token_warmup_step: float = 0.0
     flip_aug: bool = False
     random_crop: bool = False
+    color_aug: bool = False
+    face_crop_aug_range: tuple[float, float] | None = None
+    resize_interpolation: str | None = None
+    cache_info: bool = False
+    num_repeats: int = 1  # --dataset_repeats, as sd-scripts maps it
+    validation_split: float = 0.0
+    validation_seed: int | None = None
+    alpha_mask: bool = False
+    conditioning_data_dir: str | None = None  # --conditioning_data_dir, for --train_data_dir folders
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> DatasetDefaults:
         """Pick the dataset flags from parsed CLI options (`--train_batch_size` -> batch_size); absent ones keep defaults."""
         values: dict[str, Any] = {}
         for f in fields(cls):
-            flag = "train_batch_size" if f.name == "batch_size" else f.name
+            flag = {"batch_size": "train_batch_size", "num_repeats": "dataset_repeats"}.get(f.name, f.name)
             value = getattr(args, flag, None)
             if value is not None:
                 values[f.name] = value
@@ -177,6 +195,34 @@ def _normalise_extension(ext: str) -> str:
     return ext if ext.startswith(".") else "." + ext
 
 
+def _face_range(v: Any) -> tuple[float, float]:
+    if not isinstance(v, list) or len(v) != 2 or any(isinstance(x, bool) or not isinstance(x, int | float) for x in v):
+        raise _Invalid
+    if not 0 < v[0] <= v[1]:
+        raise _Invalid
+    return float(v[0]), float(v[1])
+
+
+def _interpolation(v: Any) -> str:
+    from library.data.transforms import INTERPOLATIONS
+
+    if v not in INTERPOLATIONS:
+        raise _Invalid
+    return v
+
+
+def _split(v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float) or not 0.0 <= v < 1.0:
+        raise _Invalid
+    return float(v)
+
+
+def _seed(v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise _Invalid
+    return v
+
+
 def _resolution(v: Any) -> tuple[int, int]:
     if isinstance(v, int) and not isinstance(v, bool):
         v = [v, v]
@@ -215,11 +261,18 @@ _SUBSET_KEYS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "token_warmup_step": (_non_negative, "a number >= 0 (below 1: that fraction of max_train_steps)"),
     "flip_aug": (_bool, "true or false"),
     "random_crop": (_bool, "true or false"),
+    "color_aug": (_bool, "true or false"),
+    "face_crop_aug_range": (_face_range, "a [min, max] pair of numbers with 0 < min <= max, e.g. [2.0, 4.0]"),
+    "resize_interpolation": (_interpolation, "one of lanczos, nearest, bilinear, linear, bicubic, cubic, area, box"),
+    "cache_info": (_bool, "true or false"),
+    "alpha_mask": (_bool, "true or false (the alpha channel is the loss mask)"),
 }
 # Keys only valid inside [[datasets.subsets]].
 _SUBSET_ONLY_KEYS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "image_dir": (_str, "a folder path (relative paths resolve against the current directory)"),
     "is_reg": (_bool, "true or false"),
+    "metadata_file": (_str, "a fine-tuning metadata JSON file (relative paths resolve against the current directory)"),
+    "conditioning_data_dir": (_str, "a folder of mask images named as the subset's images (with --masked_loss)"),
 }
 # Keys that live on a dataset (settable in [general] and [[datasets]]).
 _DATASET_KEYS: dict[str, tuple[Callable[[Any], Any], str]] = {
@@ -230,23 +283,15 @@ _DATASET_KEYS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "max_bucket_reso": (_reso, "a positive multiple of 8"),
     "bucket_reso_steps": (_reso, "a positive multiple of 8 (64 is usual)"),
     "bucket_no_upscale": (_bool, "true or false"),
+    "validation_split": (_split, "a number in [0, 1): the share of each subset's images held out for validation"),
+    "validation_seed": (_seed, "an integer (the split's shuffle seed; default --seed)"),
 }
 # sd-scripts keys we accept so its configs load, but do not implement: each one logs a warning.
 _UNSUPPORTED_SUBSET_KEYS = {
-    "color_aug": "hue augmentation is not implemented",
-    "face_crop_aug_range": "face crop augmentation is not implemented",
     "custom_attributes": "custom attributes are not used",
-    "cache_info": "image sizes are cached in memory per run",
-    "alpha_mask": "alpha masks are not implemented (transparent pixels are composited on white)",
 }
 _UNSUPPORTED_DATASET_KEYS = {
     "network_multiplier": "per-dataset network multipliers are not implemented",
-    "validation_seed": "validation splits are not implemented",
-    "validation_split": "validation splits are not implemented",
-}
-_REJECTED_KEYS = {
-    "metadata_file": "fine-tuning datasets (metadata JSON) are not supported; use image_dir with caption files",
-    "conditioning_data_dir": "ControlNet datasets are not supported",
 }
 
 _GENERAL_VALID = {**_DATASET_KEYS, **_SUBSET_KEYS}
@@ -308,8 +353,6 @@ class _Ctx:
             elif key in _UNSUPPORTED_SUBSET_KEYS or (key in _UNSUPPORTED_DATASET_KEYS and level != "subset"):
                 reason = _UNSUPPORTED_SUBSET_KEYS.get(key) or _UNSUPPORTED_DATASET_KEYS[key]
                 self.unsupported.append(f"{here} ({reason})")
-            elif key in _REJECTED_KEYS:
-                raise self.fail(here, _REJECTED_KEYS[key])
             else:
                 raise self.fail(here, self._unknown(key, value, valid, level))
         return out
@@ -355,14 +398,21 @@ def _build(data: dict, path: Path, defaults: DatasetDefaults) -> DatasetConfig:
         for j, sub_table in enumerate(subsets_raw):
             sub_where = f"{where}.subsets[{j}]"
             sub_values = ctx.check_keys(sub_table, sub_where, _SUBSET_VALID, "subset")
-            if "image_dir" not in sub_values:
-                raise ctx.fail(f"{sub_where}.image_dir", "missing: every subset needs image_dir = \"path/to/images\"")
+            if "image_dir" not in sub_values and "metadata_file" not in sub_values:
+                raise ctx.fail(f"{sub_where}.image_dir", "missing: every subset needs image_dir = \"path/to/images\" "
+                               "(or metadata_file = \"meta.json\" for a fine-tuning subset)")
             merged = _merge(_subset_field_names(), sub_values, ds_values, general, defaults)
-            image_dir = Path(sub_values["image_dir"]).expanduser()
-            resolved = image_dir if image_dir.is_absolute() else Path.cwd() / image_dir
-            if not resolved.is_dir():
-                raise ctx.fail(f"{sub_where}.image_dir", f"folder {str(image_dir)!r} not found (relative paths "
-                               f"resolve against the current directory {Path.cwd()})")
+            resolved = None
+            if "image_dir" in sub_values:
+                resolved = _existing(sub_values["image_dir"], Path.is_dir, ctx, f"{sub_where}.image_dir", "folder")
+            if "metadata_file" in sub_values:
+                merged["metadata_file"] = _existing(sub_values["metadata_file"], Path.is_file, ctx,
+                                                    f"{sub_where}.metadata_file", "file")
+                if merged.pop("is_reg", False):
+                    raise ctx.fail(f"{sub_where}.is_reg", "a fine-tuning (metadata_file) subset cannot be is_reg")
+            if "conditioning_data_dir" in sub_values:
+                merged["conditioning_data_dir"] = _existing(sub_values["conditioning_data_dir"], Path.is_dir, ctx,
+                                                            f"{sub_where}.conditioning_data_dir", "folder")
             subsets.append(SubsetConfig(image_dir=resolved, name=sub_where, **merged))
         merged_ds = _merge(_DATASET_KEYS.keys(), ds_values, general, defaults)
         blueprint = DatasetBlueprint(subsets=subsets, **merged_ds)
@@ -375,6 +425,27 @@ def _build(data: dict, path: Path, defaults: DatasetDefaults) -> DatasetConfig:
     if ctx.unsupported:
         logger.warning("dataset config %s: accepted but not implemented (ignored): %s", path, "; ".join(ctx.unsupported))
     return DatasetConfig(datasets=datasets, source=str(path), unsupported=ctx.unsupported)
+
+
+def _existing(value: str, exists, ctx: _Ctx, where: str, kind: str) -> Path:
+    path = Path(value).expanduser()
+    resolved = path if path.is_absolute() else Path.cwd() / path
+    if not exists(resolved):
+        raise ctx.fail(where, f"{kind} {str(path)!r} not found (relative paths resolve against the current "
+                       f"directory {Path.cwd()})")
+    return resolved
+
+
+def check_mask_sources(config: DatasetConfig, masked_loss: bool) -> None:
+    """--masked_loss needs a mask (alpha_mask or conditioning_data_dir); mask folders need --masked_loss."""
+    subsets = [s for d in config.datasets for s in d.subsets]
+    with_dir = [s for s in subsets if s.conditioning_data_dir is not None]
+    if with_dir and not masked_loss:
+        raise ConfigError(f"{config.source}: {with_dir[0].name} has conditioning_data_dir (loss masks): add "
+                          "--masked_loss to train with them")
+    if masked_loss and not with_dir and not any(s.alpha_mask for s in subsets):
+        raise ConfigError(f"--masked_loss: no mask in {config.source}; add --alpha_mask (alpha channel) or "
+                          "conditioning_data_dir (mask images) to the subsets")
 
 
 def _subset_field_names() -> list[str]:
@@ -403,18 +474,21 @@ def check_blueprint(bp: DatasetBlueprint) -> None:
         raise DatasetError(f"batch_size {bp.batch_size}: must be >= 1")
     if not bp.enable_bucket:
         return
+    from library.data.buckets import adjust_bucket_limits
+
     if bp.min_bucket_reso > bp.max_bucket_reso:
         raise DatasetError(f"min_bucket_reso {bp.min_bucket_reso} is larger than max_bucket_reso {bp.max_bucket_reso}")
-    if not bp.bucket_no_upscale and min(w, h) < bp.min_bucket_reso:
+    lo, hi = adjust_bucket_limits(bp.min_bucket_reso, bp.max_bucket_reso, bp.bucket_reso_steps)
+    if not bp.bucket_no_upscale and min(w, h) < lo:
         raise DatasetError(f"min_bucket_reso {bp.min_bucket_reso} is larger than the resolution {w}x{h}: "
                            f"set min_bucket_reso <= {min(w, h)}")
-    if not bp.bucket_no_upscale and max(w, h) > bp.max_bucket_reso:
+    if not bp.bucket_no_upscale and max(w, h) > hi:
         raise DatasetError(f"max_bucket_reso {bp.max_bucket_reso} is smaller than the resolution {w}x{h}: "
                            f"set max_bucket_reso >= {max(w, h)}")
-    if bp.min_bucket_reso % bp.bucket_reso_steps or bp.max_bucket_reso % bp.bucket_reso_steps:
-        logger.warning("min_bucket_reso %d / max_bucket_reso %d are not multiples of bucket_reso_steps %d; "
-                       "bucket sides are rounded to multiples of it", bp.min_bucket_reso, bp.max_bucket_reso,
-                       bp.bucket_reso_steps)
+    if (lo, hi) != (bp.min_bucket_reso, bp.max_bucket_reso):
+        logger.warning("min_bucket_reso %d / max_bucket_reso %d are not multiples of bucket_reso_steps %d: using "
+                       "%d / %d, as sd-scripts does", bp.min_bucket_reso, bp.max_bucket_reso, bp.bucket_reso_steps,
+                       lo, hi)
 
 
 def _check_resolution(value: Any, where: str, source: str) -> tuple[int, int]:
@@ -445,6 +519,17 @@ def config_from_train_data_dir(train_data_dir: str | Path, reg_data_dir: str | P
     return DatasetConfig(datasets=[blueprint], source="--train_data_dir")
 
 
+def _mask_folder(root: str | None, subfolder: str) -> Path | None:
+    """--conditioning_data_dir: masks in <root>/<N_concept>/ when that folder exists, else in <root> itself
+    (training folders only: regularisation images count everywhere)."""
+    if root is None:
+        return None
+    base = Path(root).expanduser().resolve()
+    if not base.is_dir():
+        raise DatasetError(f"--conditioning_data_dir {root}: folder not found")
+    return base / subfolder if (base / subfolder).is_dir() else base
+
+
 def _folder_subsets(root: Path, flag: str, defaults: DatasetDefaults, is_reg: bool) -> list[SubsetConfig]:
     from library.data.images import IMAGE_EXTENSIONS
 
@@ -468,8 +553,24 @@ def _folder_subsets(root: Path, flag: str, defaults: DatasetDefaults, is_reg: bo
         m = _FOLDER.match(folder.name)
         concept = m.group(2).strip()
         values = _merge(_subset_field_names(), defaults)
+        values["conditioning_data_dir"] = None if is_reg else _mask_folder(defaults.conditioning_data_dir, folder.name)
         values["num_repeats"] = int(m.group(1))
         values["is_reg"] = is_reg
         values["class_tokens"] = concept or None
         subsets.append(SubsetConfig(image_dir=folder.resolve(), name=f"{flag} {folder.name}", **values))
     return subsets
+
+
+def config_from_in_json(in_json: str | Path, train_data_dir: str | Path | None = None,
+                        defaults: DatasetDefaults | None = None) -> DatasetConfig:
+    """sd-scripts' fine-tuning dataset: one subset listed by a metadata JSON (`--in_json`), images relative to
+    `--train_data_dir`, repeated `--dataset_repeats` times."""
+    defaults = defaults or DatasetDefaults()
+    values = _merge(_subset_field_names(), defaults)
+    values["is_reg"] = False
+    image_dir = Path(train_data_dir).resolve() if train_data_dir else None
+    subset = SubsetConfig(image_dir=image_dir, metadata_file=Path(in_json).resolve(), name=f"--in_json {in_json}",
+                          **values)
+    blueprint = DatasetBlueprint(subsets=[subset], **{name: getattr(defaults, name) for name in _DATASET_KEYS})
+    check_blueprint(blueprint)
+    return DatasetConfig(datasets=[blueprint], source=f"--in_json {in_json}")

@@ -1,73 +1,120 @@
-"""Aspect-ratio buckets (sd-scripts style): train each image at the bucket closest to its aspect ratio instead of
-cropping everything square, so tall and wide images keep their composition.
+"""Aspect-ratio buckets as sd-scripts makes and picks them, so a dataset trains at the same sizes and crops.
 
-Buckets have an area at most the training resolution's, sides that are multiples of `bucket_reso_steps`, and
-sides within [min_bucket_reso, max_bucket_reso]. An image is resized so it covers its bucket, then cropped.
+Each image gets a bucket (the size it trains at) and a resized size (what it is scaled to before the crop):
+- buckets from a list (`make_bucket_resolutions`): the bucket whose aspect ratio is closest, the image scaled so
+  it covers the bucket, then trimmed; without `enable_bucket` the list is the one training resolution;
+- `bucket_no_upscale`: images larger than the resolution's area are scaled down to it (rounded to the sides'
+  steps the way that keeps the aspect closest), smaller ones keep their size; the bucket is that size floored to
+  the steps, so the image is only ever cropped, never enlarged.
+Every function is plain arithmetic on sizes, so images, latents and masks share the same crop.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
-from PIL import Image
+import numpy as np
 
-from library.errors import DatasetError
+Size = tuple[int, int]  # (width, height)
 
 
-def make_buckets(resolution: tuple[int, int], min_reso: int, max_reso: int, steps: int) -> list[tuple[int, int]]:
-    """Sorted (width, height) buckets: the square one plus, for every width, the tallest height that fits."""
+def adjust_bucket_limits(min_reso: int, max_reso: int, steps: int) -> tuple[int, int]:
+    """sd-scripts rounds min_bucket_reso down and max_bucket_reso up to multiples of bucket_reso_steps."""
+    return min_reso - min_reso % steps, max_reso + (-max_reso) % steps
+
+
+def make_bucket_resolutions(resolution: Size, min_size: int, max_size: int, steps: int) -> list[Size]:
+    """sd-scripts' bucket list: the square of the resolution's area (floored to steps), plus for every width
+    from min_size in steps up to max_size the tallest height (floored to steps, capped at max_size) within the
+    area, and its transpose; sorted."""
     max_area = resolution[0] * resolution[1]
-    side = int(math.sqrt(max_area)) // steps * steps
-    buckets = {(side, side)} if min_reso <= side <= max_reso else set()
-    width = math.ceil(min_reso / steps) * steps
-    while width <= max_reso:
-        height = min(max_reso, max_area // width // steps * steps)
-        if height >= min_reso:
-            buckets.add((width, height))
-            buckets.add((height, width))
+    side = int(math.sqrt(max_area) // steps) * steps
+    resos = {(side, side)}
+    width = min_size
+    while width <= max_size:
+        height = min(max_size, int((max_area // width) // steps) * steps)
+        if height >= min_size:
+            resos.add((width, height))
+            resos.add((height, width))
         width += steps
-    return sorted(buckets)
+    return sorted(resos)
 
 
-def closest_bucket(size: tuple[int, int], buckets: list[tuple[int, int]]) -> tuple[int, int]:
-    """The bucket whose aspect ratio (w/h) is closest to the image's; ties go to the first (smallest) bucket."""
-    ratio = size[0] / size[1]
-    return min(buckets, key=lambda b: abs(b[0] / b[1] - ratio))
+@dataclass(frozen=True)
+class BucketFit:
+    bucket: Size  # the size trained at
+    resized: Size  # the size the image is scaled to before it is trimmed to the bucket
 
 
-def no_upscale_bucket(size: tuple[int, int], resolution: tuple[int, int], max_reso: int, steps: int,
-                      name: str = "image") -> tuple[int, int]:
-    """`bucket_no_upscale`: the image's own size (scaled down to the resolution's area if larger), each side
-    floored to a multiple of `steps` and capped at `max_reso`, so images are never enlarged."""
+def fit_predefined(size: Size, buckets: list[Size]) -> BucketFit:
+    """A bucket from the list: the image's own size if listed, else the closest aspect ratio (first on ties);
+    the image is scaled so that its side that is short relative to the bucket matches (round half up)."""
+    w, h = size
+    aspect = w / h
+    if size in buckets:
+        bucket = size
+    else:
+        errors = np.abs(np.array([bw / bh for bw, bh in buckets]) - aspect)
+        bucket = buckets[int(errors.argmin())]
+    scale = bucket[1] / h if aspect > bucket[0] / bucket[1] else bucket[0] / w
+    return BucketFit(bucket, (int(w * scale + 0.5), int(h * scale + 0.5)))
+
+
+def fit_no_upscale(size: Size, resolution: Size, steps: int) -> BucketFit:
+    """`bucket_no_upscale`: shrink to the resolution's area if larger (rounding width-first or height-first,
+    whichever keeps the aspect closer), then floor each side to `steps` for the bucket."""
     w, h = size
     max_area = resolution[0] * resolution[1]
-    scale = min(1.0, math.sqrt(max_area / (w * h)))
-    bw = min(max_reso, int(w * scale) // steps * steps)
-    bh = min(max_reso, int(h * scale) // steps * steps)
-    if bw == 0 or bh == 0:
-        raise DatasetError(f"{name} is {w}x{h} px: with bucket_no_upscale each side must be at least "
-                           f"bucket_reso_steps = {steps} px")
-    return bw, bh
-
-
-def resize_and_crop(img: Image.Image, bucket: tuple[int, int],
-                    crop_fraction: tuple[float, float] = (0.5, 0.5)) -> tuple[Image.Image, tuple[int, int]]:
-    """Resize so the image covers `bucket` (keeping its aspect ratio), then crop to it.
-
-    `crop_fraction` (x, y) in [0, 1] places the crop window: (0.5, 0.5) is a centre crop, random values give
-    random_crop. Returns the image and the crop's (top, left) in resized pixels (SDXL's crop conditioning).
-    """
-    bw, bh = bucket
-    w, h = img.size
-    scale = max(bw / w, bh / h)
-    rw, rh = max(bw, round(w * scale)), max(bh, round(h * scale))
-    if (rw, rh) != (w, h):
-        if scale < 1:
-            img = img.resize((rw, rh), Image.Resampling.LANCZOS, reducing_gap=3.0)
+    if w * h > max_area:
+        aspect = w / h
+        rw = math.sqrt(max_area * aspect)
+        rh = max_area / rw
+        width_first = _round_to_steps(rw, steps)
+        height_in_wr = _round_to_steps(width_first / aspect, steps)
+        height_first = _round_to_steps(rh, steps)
+        width_in_hr = _round_to_steps(height_first * aspect, steps)
+        ar_w = width_first / height_in_wr if height_in_wr else math.inf
+        ar_h = width_in_hr / height_first if height_first else math.inf
+        if abs(ar_w - aspect) < abs(ar_h - aspect):
+            resized = (width_first, int(width_first / aspect + 0.5))
         else:
-            img = img.resize((rw, rh), Image.Resampling.BICUBIC)
-    left = round((rw - bw) * crop_fraction[0])
-    top = round((rh - bh) * crop_fraction[1])
-    if (rw, rh) != (bw, bh):
-        img = img.crop((left, top, left + bw, top + bh))
-    return img, (top, left)
+            resized = (int(height_first * aspect + 0.5), height_first)
+    else:
+        resized = (w, h)
+    return BucketFit((resized[0] - resized[0] % steps, resized[1] - resized[1] % steps), resized)
+
+
+def _round_to_steps(x: float, steps: int) -> int:
+    x = int(x + 0.5)
+    return x - x % steps
+
+
+def crop_offsets(resized: Size, bucket: Size, rng: np.random.Generator | None = None) -> tuple[int, int]:
+    """(left, top) of the bucket-sized window in the resized image: centred (`trim // 2`), or uniform over every
+    position when `rng` is given (random_crop)."""
+    trim_w, trim_h = max(0, resized[0] - bucket[0]), max(0, resized[1] - bucket[1])
+    if rng is None:
+        return trim_w // 2, trim_h // 2
+    return int(rng.integers(0, trim_w + 1)), int(rng.integers(0, trim_h + 1))
+
+
+def crop_ltrb(bucket: Size, original: Size) -> tuple[float, float, float, float]:
+    """sd-scripts' SDXL crop box: where the whole image, fitted inside the bucket, would lie (left, top, right,
+    bottom); the same for random crops, as sd-scripts does."""
+    bucket_ar = bucket[0] / bucket[1]
+    image_ar = original[0] / original[1]
+    if bucket_ar > image_ar:
+        width, height = bucket[1] * image_ar, bucket[1]
+    else:
+        width, height = bucket[0], bucket[0] / image_ar
+    left = (bucket[0] - width) // 2
+    top = (bucket[1] - height) // 2
+    return left, top, left + width, top + height
+
+
+def crop_top_left(bucket: Size, original: Size, flipped: bool) -> tuple[int, int]:
+    """SDXL's crop conditioning (top, left) as sd-scripts passes it: from `crop_ltrb`, the left edge mirrored
+    (bucket width - right) for a flipped image, truncated to integers."""
+    left, top, right, _ = crop_ltrb(bucket, original)
+    return int(top), int(bucket[0] - right if flipped else left)

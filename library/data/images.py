@@ -40,13 +40,14 @@ _EXIF_ORIENTATION = 0x0112
 
 
 def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int = MIN_IMAGE_SIDE,
-               cover: tuple[int, int] | None = None) -> Image.Image:
+               cover: tuple[int, int] | None = None, keep_alpha: bool = False) -> Image.Image:
     """RGB image, upright, at most `max_pixels` pixels; DatasetError naming the file if it cannot be used.
 
     `cover=(w, h)`: the image will be resized to cover this size, so decode it only as large as needed for that
     (JPEG draft + integer reduce), never smaller: a 24 MP photo for a 512 bucket costs a fraction of a full decode.
+    `keep_alpha`: RGBA with the colours as stored (opaque where the file has no alpha), for alpha loss masks.
     """
-    return _decode(Path(path), max_pixels, min_side, cover)[0]
+    return _decode(Path(path), max_pixels, min_side, cover, keep_alpha)[0]
 
 
 def probe_image(path: str | Path, min_side: int = MIN_IMAGE_SIDE) -> tuple[int, int]:
@@ -54,8 +55,8 @@ def probe_image(path: str | Path, min_side: int = MIN_IMAGE_SIDE) -> tuple[int, 
     return _decode(Path(path), PROBE_PIXELS, min_side, None)[1]
 
 
-def _decode(path: Path, max_pixels: int, min_side: int,
-            cover: tuple[int, int] | None) -> tuple[Image.Image, tuple[int, int]]:
+def _decode(path: Path, max_pixels: int, min_side: int, cover: tuple[int, int] | None,
+            keep_alpha: bool = False) -> tuple[Image.Image, tuple[int, int]]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -78,7 +79,7 @@ def _decode(path: Path, max_pixels: int, min_side: int,
                     factor = max(factor, min(img.width // need[0], img.height // need[1]))
                 if factor > 1:
                     img = img.reduce(factor)
-                out = _to_rgb(img)
+                out = img.convert("RGBA") if keep_alpha else _to_rgb(img)
     except DatasetError:
         raise
     except Image.DecompressionBombError:

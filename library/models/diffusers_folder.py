@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -54,7 +55,7 @@ def _tokenizer(path: Path, subfolder: str, pad_token: str | None = None) -> CLIP
 
 
 def load_diffusers_folder(
-    path: Path, *, v2: bool, sdxl: bool, v_parameterization: bool, dtype: torch.dtype
+    path: Path, *, v2: bool, sdxl: bool, v_parameterization: bool, dtype: torch.dtype, mmap: bool = True
 ) -> SDModel:
     index_file = path / "model_index.json"
     if not index_file.is_file():
@@ -82,6 +83,6 @@ def load_diffusers_folder(
             raise ModelError(f"{path}: SDXL diffusers folder lacks the 'text_encoder_2/' subfolder")
         tokenizers.append(_tokenizer(path, "tokenizer_2", SDXL_TOKENIZER_2_PAD))
         text_encoders.append(_component(path, "text_encoder_2", CLIPTextModelWithProjection.from_pretrained))
-    vae = _component(path, "vae", AutoencoderKL.from_pretrained)
-    unet = _component(path, "unet", UNet2DConditionModel.from_pretrained)
+    vae = _component(path, "vae", functools.partial(AutoencoderKL.from_pretrained, disable_mmap=not mmap))
+    unet = _component(path, "unet", functools.partial(UNet2DConditionModel.from_pretrained, disable_mmap=not mmap))
     return assemble(model_type, tokenizers, text_encoders, vae, unet, scheduler_config, str(path), dtype)

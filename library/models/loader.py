@@ -35,11 +35,13 @@ def load_sd_model(
     sdxl: bool = False,
     dtype: torch.dtype = torch.float32,
     config_dir: str | Path | None = None,
+    mmap: bool = True,
 ) -> SDModel:
     """Load tokenizers, text encoders, VAE, UNet and the DDPM config of a base model.
 
     `v_parameterization` forces v-prediction (needed for SD 2.x 768-v single files: their keys are identical to
     the 512 epsilon model's). `config_dir` replaces the bundled configs of a single file (tests, custom models).
+    `mmap=False` reads .safetensors weights into memory at once (--disable_mmap_load_safetensors).
     """
     name = str(name_or_path)
     expected_model_type(v2=v2, sdxl=sdxl)
@@ -59,7 +61,7 @@ def load_sd_model(
         )
     if path.is_dir():
         return load_diffusers_folder(
-            path, v2=v2, sdxl=sdxl, v_parameterization=v_parameterization, dtype=dtype
+            path, v2=v2, sdxl=sdxl, v_parameterization=v_parameterization, dtype=dtype, mmap=mmap
         )
     return load_single_file(
         path,
@@ -68,6 +70,7 @@ def load_sd_model(
         v_parameterization=v_parameterization,
         dtype=dtype,
         config_dir=Path(config_dir) if config_dir is not None else None,
+        mmap=mmap,
     )
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import safetensors.torch
 import torch
 from accelerate import init_empty_weights
 from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -58,8 +59,12 @@ def bundled_config_dir(model_type: str, v_parameterization: bool) -> Path:
     return CONFIGS_DIR / name
 
 
-def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
-    """Read a state dict of tensors; every way a file can be wrong becomes a ModelError naming it."""
+def read_checkpoint(path: Path, *, mmap: bool = True) -> dict[str, torch.Tensor]:
+    """Read a state dict of tensors; every way a file can be wrong becomes a ModelError naming it.
+
+    `mmap=False` (--disable_mmap_load_safetensors) reads a .safetensors file into memory in one go instead of
+    memory-mapping it, which is much faster where mapped reads are slow (WSL's file systems).
+    """
     suffix = path.suffix.lower()
     if suffix not in CHECKPOINT_SUFFIXES:
         raise ModelError(
@@ -68,8 +73,11 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
         )
     if suffix == ".safetensors":
         try:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                state = {key: f.get_tensor(key) for key in f.keys()}
+            if mmap:
+                with safe_open(str(path), framework="pt", device="cpu") as f:
+                    state = {key: f.get_tensor(key) for key in f.keys()}
+            else:
+                state = safetensors.torch.load(path.read_bytes())
         except Exception as exc:  # SafetensorError / OSError: bad header, truncated data, not safetensors
             raise ModelError(
                 f"{path}: not a readable safetensors file ({first_line(exc)}); the file may be truncated or "
@@ -188,8 +196,9 @@ def load_single_file(
     v_parameterization: bool,
     dtype: torch.dtype,
     config_dir: Path | None = None,
+    mmap: bool = True,
 ) -> SDModel:
-    state = read_checkpoint(path)
+    state = read_checkpoint(path, mmap=mmap)
     model_type, evidence = detect_checkpoint_type(set(state), path)
     check_model_type(model_type, v2=v2, sdxl=sdxl, source=str(path), evidence=evidence)
     config_dir = config_dir or bundled_config_dir(model_type, v_parameterization)

@@ -30,11 +30,11 @@ class Progress:
         self.bar.update(step - self.last_step)
         self.last_step = step
 
-    def log(self, step: int, loss: float, lr_logs: dict[str, float]) -> None:
+    def log(self, step: int, loss: float, lr_logs: dict[str, float], postfix: dict[str, str] | None = None) -> None:
         self.smoothed = loss if self.smoothed is None else 0.9 * self.smoothed + 0.1 * loss
         lr0 = next(iter(lr_logs.values()), 0.0)
         self.history.append((step, loss, lr0))
-        postfix = {"loss": f"{self.smoothed:.4f}", "lr": f"{lr0:.2e}"}
+        postfix = {"loss": f"{self.smoothed:.4f}", "lr": f"{lr0:.2e}", **(postfix or {})}
         if self.device.type == "cuda":
             postfix["vram"] = f"{torch.cuda.max_memory_allocated(self.device) / 2**30:.1f}G"
         self.bar.set_postfix(postfix, refresh=False)

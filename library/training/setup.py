@@ -33,21 +33,42 @@ def dataset_defaults(args: argparse.Namespace):
         bucket_reso_steps=args.bucket_reso_steps, bucket_no_upscale=args.bucket_no_upscale,
         caption_extension=args.caption_extension, shuffle_caption=args.shuffle_caption, keep_tokens=args.keep_tokens,
         caption_dropout_rate=args.caption_dropout_rate, flip_aug=args.flip_aug,
+        random_crop=args.random_crop, color_aug=args.color_aug, face_crop_aug_range=args.face_crop_aug_range,
+        resize_interpolation=args.resize_interpolation, cache_info=args.cache_info, num_repeats=args.dataset_repeats,
+        validation_split=args.validation_split, validation_seed=args.validation_seed,
+        alpha_mask=args.alpha_mask, conditioning_data_dir=args.conditioning_data_dir,
         **caption_defaults(args),
     )
 
 
-def build_dataset(args: argparse.Namespace):
-    """Load and validate the dataset (every image decoded once) before any model is loaded."""
-    from library.config.dataset_config import config_from_train_data_dir, load_dataset_config
+def build_dataset(args: argparse.Namespace, split: str = "train"):
+    """Load and validate the dataset (every image decoded once) before any model is loaded. `split="validation"`:
+    the images held out by validation_split, or None when no dataset holds any out."""
+    from library.config.dataset_config import (
+        check_mask_sources,
+        config_from_in_json,
+        config_from_train_data_dir,
+        load_dataset_config,
+    )
     from library.data.dataset import CaptionedImageDataset
 
     defaults = dataset_defaults(args)
     if args.dataset_config:
         config = load_dataset_config(args.dataset_config, defaults)
+    elif args.in_json:
+        config = config_from_in_json(args.in_json, args.train_data_dir, defaults)
     else:
         config = config_from_train_data_dir(args.train_data_dir, args.reg_data_dir, defaults)
-    dataset = CaptionedImageDataset(config, seed=args.seed, skip_bad_images=args.skip_bad_images)
+    check_mask_sources(config, args.masked_loss)
+    if split == "validation":
+        if not any(bp.validation_split > 0 for bp in config.datasets):
+            return None
+        dataset = CaptionedImageDataset(config, seed=args.seed, skip_bad_images=args.skip_bad_images,
+                                        split="validation", fast_decode=args.fast_image_decode)
+        logger.info("validation dataset: %d images", len(dataset))
+        return dataset
+    dataset = CaptionedImageDataset(config, seed=args.seed, skip_bad_images=args.skip_bad_images,
+                                    fast_decode=args.fast_image_decode)
     varying = dataset.random_caption_subsets() if args.cache_text_encoder_outputs else []
     if varying:
         raise ConfigError(f"--cache_text_encoder_outputs: the captions of {varying[0]} change between steps (shuffle, "
@@ -72,21 +93,62 @@ def load_model(args: argparse.Namespace, device: torch.device, weight_dtype: tor
     if not args.v2 and not args.sdxl and detect_model_type(source) == "sdxl":
         logger.info("%s is an SDXL model: training it as SDXL (as sdxl_train_network.py / --sdxl would)", source)
         args.sdxl = True
-    model = load_sd_model(source, v2=args.v2, v_parameterization=args.v_parameterization, sdxl=args.sdxl)
+    mmap = not args.disable_mmap_load_safetensors
+    model = load_sd_model(source, v2=args.v2, v_parameterization=args.v_parameterization, sdxl=args.sdxl, mmap=mmap)
+    if args.vae:
+        from library.models.vae import load_vae
+
+        model.vae = load_vae(args.vae, model.vae, mmap=mmap)
+        logger.info("VAE replaced by %s", args.vae)
+    if args.tokenizer_cache_dir:
+        from library.models.tokenizer_cache import use_tokenizer_cache
+
+        model.tokenizers = use_tokenizer_cache(model.model_type, model.tokenizers, args.tokenizer_cache_dir)
     for module in (model.unet, model.vae, *model.text_encoders):
         module.requires_grad_(False)
         module.eval()
-    vae_dtype = torch.float32 if model.model_type == "sdxl" else weight_dtype  # SDXL's VAE overflows in fp16
-    model.vae.to(device, dtype=vae_dtype)
+    model.vae.to(device, dtype=vae_dtype_for(args, model.model_type, weight_dtype))
     # the U-Net reaches the device after the latent / text-encoder caches are built (LoRATrainer.setup), so the
-    # caching passes never hold it there too: the low-VRAM recipe's peak is the training step's
-    model.unet.to(dtype=weight_dtype)
+    # caching passes never hold it there too: the low-VRAM recipe's peak is the training step's. --lowram moves
+    # it at once instead, as sd-scripts loads to VRAM, so host memory never holds it beside the next part
+    model.unet.to(device if args.lowram else "cpu", dtype=weight_dtype)
     for te in model.text_encoders:
         te.to(device, dtype=weight_dtype)
-    if args.xformers:
-        logger.info("--xformers: using PyTorch scaled-dot-product attention (same kernels family, no extra package)")
+    if args.xformers or args.mem_eff_attn:
+        flag = "--xformers" if args.xformers else "--mem_eff_attn"
+        logger.info("%s: using PyTorch scaled-dot-product attention (memory-efficient kernels, no extra package)", flag)
     logger.info("model: %s (%s%s)", model.source, model.model_type, ", v-prediction" if model.v_parameterization else "")
     return model
+
+
+def vae_dtype_for(args: argparse.Namespace, model_type: str, weight_dtype: torch.dtype) -> torch.dtype:
+    """float32 with --no_half_vae, and for SDXL's VAE, which overflows in fp16; else the mixed-precision dtype."""
+    return torch.float32 if args.no_half_vae or model_type == "sdxl" else weight_dtype
+
+
+def merge_base_weights(args: argparse.Namespace, network_module, model, device: torch.device) -> None:
+    """--base_weights: each LoRA file merged into the base model with its --base_weights_multiplier (1.0 when
+    missing), as sd-scripts does before the trained network is created; on the GPU with --lowram."""
+    text_encoder = model.text_encoders if len(model.text_encoders) > 1 else model.text_encoders[0]
+    multipliers = args.base_weights_multiplier or []
+    for i, path in enumerate(args.base_weights or []):
+        multiplier = multipliers[i] if i < len(multipliers) else 1.0
+        module, weights = network_module.create_network_from_weights(multiplier, path, model.vae, text_encoder,
+                                                                     model.unet, for_inference=True)
+        module.merge_to(text_encoder, model.unet, weights, model.unet.dtype, device if args.lowram else "cpu")
+        logger.info("merged %s into the base model with multiplier %s", path, multiplier)
+
+
+def store_base_in_fp8(args: argparse.Namespace, model, weight_dtype: torch.dtype) -> None:
+    """--fp8_base (U-Net and text encoders) / --fp8_base_unet (U-Net only): frozen weights held in float8."""
+    from library.models.fp8 import store_in_fp8
+
+    if not (args.fp8_base or args.fp8_base_unet):
+        return
+    parts = [model.unet] + (model.text_encoders if args.fp8_base and not args.fp8_base_unet else [])
+    layers = sum(store_in_fp8(part, weight_dtype) for part in parts)
+    logger.info("base weights in float8 (e4m3), computed in %s: %d layers of the %s", str(weight_dtype)[6:], layers,
+                "U-Net and text encoders" if len(parts) > 1 else "U-Net")
 
 
 # ----------------------------------------------------------------------------------------------- network

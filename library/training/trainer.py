@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import signal
 import time
 from dataclasses import dataclass
@@ -24,11 +25,10 @@ import torch
 from library.data.dataset import collate
 from library.errors import ConfigError, LoraForgeError
 from library.optimizers.loop import LoopNeeds
-from library.training import conditioning, losses
+from library.training import checkpoints, conditioning, losses, metadata
 from library.training.atomic import atomic_dir, atomic_file, check_writable
 from library.training.compile import check_compile_device, compile_requested, compile_unet, step_marker
 from library.training.graphed_step import GraphedStep, checkpoint_without_rng_state
-from library.training.metadata import build_metadata
 from library.training.progress import Progress
 from library.training.setup import (
     build_dataset,
@@ -37,6 +37,8 @@ from library.training.setup import (
     build_optimizer_for,
     check_optimizer_settings,
     load_model,
+    merge_base_weights,
+    store_base_in_fp8,
     weight_dtype_for,
 )
 from library.training.validate import (
@@ -45,6 +47,7 @@ from library.training.validate import (
     output_files_exist,
     validate_args,
 )
+from library.training.validation_loss import ValidationLoss
 
 logger = logging.getLogger("loraforge")
 
@@ -94,6 +97,7 @@ class LoRATrainer:
         self.network_module = import_network_module(a.network_module)
         self.spec = check_optimizer_settings(a)
         self.dataset = build_dataset(a)
+        self.validation_dataset = build_dataset(a, split="validation")
         check_writable(self.output_dir)  # last check before the expensive part
 
         from accelerate import Accelerator, InitProcessGroupKwargs
@@ -117,13 +121,24 @@ class LoRATrainer:
 
         self.weight_dtype = weight_dtype_for(a)
         self.model = load_model(a, self.device, self.weight_dtype)
+        merge_base_weights(a, self.network_module, self.model, self.device)  # before caching: encoders included
         self.noise_scheduler = losses.make_noise_scheduler(self.model.scheduler_config,
                                                            v_parameterization=self.model.v_parameterization,
                                                            zero_terminal_snr=a.zero_terminal_snr)
+        # schedule and SNR table on the device: a recorded (--cuda_graphs) step never copies from the host
+        self.noise_scheduler.alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(self.device)
+        self.snr = losses.snr_table(self.model.scheduler_config).to(self.device)
+        self.noise_options = losses.NoiseOptions.from_args(a)
+        self.loss_options = losses.LossOptions.from_args(a, v_prediction=self.model.v_parameterization)
+        self.validation = self._validation_setup()
         self.train_unet = not a.network_train_text_encoder_only
         self.train_text_encoder = not a.network_train_unet_only
         self._cache_inputs()
+        store_base_in_fp8(a, self.model, self.weight_dtype)  # before the LoRA wraps the layers
         self.model.unet.to(self.device)
+        if a.fused_backward_pass:
+            logger.info("--fused_backward_pass: as in sd-scripts' train_network.py, a LoRA trains with the ordinary "
+                        "backward and optimizer step (the fused pass exists for full fine-tuning)")
 
         self.network = build_network(a, self.network_module, self.model, self.train_text_encoder, self.train_unet)
         self.network.to(self.device, dtype=self.weight_dtype if (a.full_fp16 or a.full_bf16) else torch.float32)
@@ -140,6 +155,10 @@ class LoRATrainer:
             self.model.unet = compile_unet(self.model.unet, a)
         self.model.unet.train()
 
+        if a.scale_weight_norms and not hasattr(self.network, "apply_max_norm_regularization"):
+            raise ConfigError(f"--scale_weight_norms: the network of --network_module {a.network_module} has no "
+                              "apply_max_norm_regularization(); use networks.lora or drop the flag")
+        self.max_norm_stats: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.optimizer, self.optimizer_desc = build_optimizer_for(a, self.network)
         self.graphed = GraphedStep(self._graph_body, self.trainable, self.device) if a.cuda_graphs else None
         self._added_keys: list[str] = []
@@ -151,16 +170,49 @@ class LoRATrainer:
         if a.max_train_epochs:
             a.max_train_steps = a.max_train_epochs * self.steps_per_epoch
         self.num_epochs = math.ceil(a.max_train_steps / self.steps_per_epoch)
+        a.save_every_n_epochs = checkpoints.save_every_n_epochs(a, self.num_epochs)
         self.lr_scheduler = build_lr_scheduler(a, self.base_optimizer, a.max_train_steps)
         self.optimizer = acc.prepare(self.optimizer)
         acc.register_for_checkpointing(self.network, self.lr_scheduler, self.progress)
         if a.resume:
             acc.load_state(a.resume)
             logger.info("resumed from %s at step %d (epoch %d)", a.resume, self.progress.global_step, self.progress.epoch + 1)
+        self._start_at_initial_step()
+        self.metadata = metadata.build_metadata(a, metadata.RunFacts(
+            model_type=self.model.model_type, v_parameterization=self.model.v_parameterization,
+            session_id=self.session_id, started_at=self.started_at, dataset_summary=self._dataset_summary(),
+            from_dataset_config=bool(a.dataset_config), num_batches_per_epoch=len(self.batches),
+            num_epochs=self.num_epochs, num_processes=self.world,
+            optimizer_class=f"{type(self.base_optimizer).__module__}.{type(self.base_optimizer).__name__}",
+            network_kwargs=network_kwargs_metadata(a), **dim_from_weights_metadata(a, self.network)))
         if acc.is_main_process:  # the exact estimate, now that the network and the epochs are known
             check_free_space_for_network(a, self.network, self.steps_per_epoch, start_step=self.progress.global_step)
         if acc.is_main_process and log_with:
             acc.init_trackers((a.log_prefix or "") + "network_train", config={"optimizer": self.optimizer_desc})
+
+    def _start_at_initial_step(self) -> None:
+        """--initial_step / --initial_epoch, as sd-scripts: with --skip_until_initial_step the run continues from
+        that step (the batches before it are drawn and discarded); without it only the epoch count starts there,
+        and the run stops at the last epoch. They override the step of a --resume state."""
+        a = self.args
+        start = checkpoints.initial_step(a, self.steps_per_epoch)
+        if not start:
+            return
+        if start >= a.max_train_steps:
+            flag = "--initial_step" if a.initial_step is not None else "--initial_epoch"
+            raise ConfigError(f"{flag}: the run would start at step {start}, not below --max_train_steps "
+                              f"{a.max_train_steps}")
+        if a.resume:
+            logger.warning("--initial_step/--initial_epoch given: the step saved in %s is not used", a.resume)
+        epoch, into_epoch = divmod(start, self.steps_per_epoch)
+        if a.skip_until_initial_step:
+            skipped = min(into_epoch * a.gradient_accumulation_steps, len(self.batches))
+            self.progress.load_state_dict({"global_step": start, "epoch": epoch, "batches_done_in_epoch": skipped})
+            logger.info("skipping %d steps: starting at step %d, epoch %d", start, start, epoch + 1)
+        else:
+            self.progress.load_state_dict({"global_step": 0, "epoch": epoch, "batches_done_in_epoch": 0})
+            logger.info("starting at epoch %d (--initial_step without --skip_until_initial_step skips no data)",
+                        epoch + 1)
 
     def _cache_inputs(self) -> None:
         """Encode images (and captions) once when asked to; the VAE/text encoders then leave the GPU."""
@@ -174,22 +226,69 @@ class LoRATrainer:
                 pixels = pixels.to(self.device, vae.dtype)
                 return vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
 
-            self.dataset.cache_latents(encode, to_disk=a.cache_latents_to_disk, batch_size=a.train_batch_size,
-                                       cache_tag=a.pretrained_model_name_or_path)
+            cache_tag = a.pretrained_model_name_or_path + (f"|vae={a.vae}" if a.vae else "")
+            for dataset in filter(None, (self.dataset, self.validation_dataset)):
+                dataset.cache_latents(encode, to_disk=a.cache_latents_to_disk, batch_size=a.vae_batch_size,
+                                      cache_tag=cache_tag, skip_cache_check=a.skip_cache_check)
             vae.to("cpu")
             logger.info("cached latents of %d images", len(self.dataset))
         if a.cache_text_encoder_outputs:
-            captions = sorted({self.dataset.caption_for_cache(i) for i in range(len(self.dataset))})
-            with torch.no_grad():
-                for c in captions:
-                    self.cached_text[c] = conditioning.encode_prompts(m, [c], a.clip_skip, self.device,
-                                                                      max_token_length=a.max_token_length,
-                                                                      weighted=a.weighted_captions)
+            @torch.no_grad()
+            def encode_caption(caption: str) -> conditioning.Conditioning:
+                return conditioning.encode_prompts(m, [caption], a.clip_skip, self.device,
+                                                   max_token_length=a.max_token_length, weighted=a.weighted_captions)
+
+            datasets = list(filter(None, (self.dataset, self.validation_dataset)))
+            if a.cache_text_encoder_outputs_to_disk:
+                from library.training.text_cache import cached_outputs
+
+                tag = (f"{a.pretrained_model_name_or_path}|clip_skip={a.clip_skip}|base_weights={a.base_weights}"
+                       f"|max_token_length={a.max_token_length}|weighted={a.weighted_captions}")
+                items = sorted({(d.image_path(i), d.caption_for_cache(i)) for d in datasets for i in range(len(d))})
+                cached, encoded = cached_outputs(items, encode_caption, tag)
+                self.cached_text = {c: v.to(self.device) for c, v in cached.items()}
+                logger.info("text-encoder outputs of %d captions: %d read from *_te_outputs.npz, %d encoded",
+                            len(cached), len(cached) - encoded, encoded)
+            else:
+                captions = sorted({d.caption_for_cache(i) for d in datasets for i in range(len(d))})
+                self.cached_text = {c: encode_caption(c) for c in captions}
+                logger.info("cached text-encoder outputs of %d captions", len(captions))
             for te in m.text_encoders:  # not trained (--network_train_unet_only): no reason to hold device memory
                 te.to("cpu")
-            logger.info("cached text-encoder outputs of %d captions", len(captions))
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()  # hand what the encoders used back before the U-Net arrives
+        release_cached_memory(self.device, highvram=a.highvram)
+
+    def _validation_setup(self) -> ValidationLoss | None:
+        a = self.args
+        if self.validation_dataset is None:
+            return None
+        batches = len(self.validation_dataset.batch_sampler(seed=a.seed, shuffle=False))
+        return ValidationLoss(batches, seed=a.seed if a.validation_seed is None else a.validation_seed,
+                              num_train_timesteps=self.noise_scheduler.config.num_train_timesteps,
+                              min_timestep=getattr(a, "min_timestep", None), max_timestep=getattr(a, "max_timestep", None),
+                              every_n_steps=a.validate_every_n_steps, every_n_epochs=a.validate_every_n_epochs,
+                              max_steps=a.max_validation_steps)
+
+    def _validate(self, kind: str) -> None:
+        """A validation pass with the network in eval mode (dropout off, schedule-free's averaged weights)."""
+        if self.validation is None:
+            return
+        self._optimizer_mode("eval")
+        self.network.eval()
+        loader = torch.utils.data.DataLoader(
+            self.validation_dataset, batch_sampler=list(self.validation_dataset.batch_sampler(seed=self.args.seed,
+                                                                                              shuffle=False)),
+            collate_fn=collate, num_workers=self.args.max_data_loader_n_workers)
+        logs = self.validation.run(kind, self.progress.epoch, loader, self._validation_loss, self.device)
+        self.accelerator.log(logs, step=self.progress.global_step)
+        self.network.train()
+        self._optimizer_mode("train")
+
+    def _validation_loss(self, batch: dict, timestep: int) -> torch.Tensor:
+        latents = self._latents(batch)
+        timesteps = torch.full((latents.shape[0],), timestep, device=self.device, dtype=torch.long)
+        loss, _ = self._loss(latents, self._conditioning(batch), self._loss_weights(batch), self._mask(batch),
+                             self.accelerator.autocast(), timesteps)
+        return loss
 
     def _epoch_batches(self, epoch: int) -> list[list[int]]:
         """This process's batches of an epoch: deterministic from (seed, epoch), split across processes."""
@@ -237,31 +336,52 @@ class LoRATrainer:
     def _unet_forward(self, latents, noise, timesteps, cond):
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         self._mark_step()
-        return self.model.unet(noisy, timesteps, cond.encoder_hidden_states, added_cond_kwargs=cond.added_cond_kwargs).sample
+        with self._offload_saved_activations():
+            return self.model.unet(noisy, timesteps, cond.encoder_hidden_states,
+                                   added_cond_kwargs=cond.added_cond_kwargs).sample
+
+    def _offload_saved_activations(self):
+        """--cpu_offload_checkpointing: what autograd keeps for backward (with --gradient_checkpointing, the
+        blocks' inputs) waits in pinned host memory instead of VRAM."""
+        a = self.args
+        if a.cpu_offload_checkpointing and a.gradient_checkpointing and self.model.unet.training:
+            return torch.autograd.graph.save_on_cpu(pin_memory=self.device.type == "cuda")
+        return contextlib.nullcontext()
 
     def _loss_weights(self, batch: dict) -> torch.Tensor:
         # built on the host and copied without blocking: no host sync in the step
         is_reg = torch.as_tensor(batch["is_reg"])
         return torch.where(is_reg, self.args.prior_loss_weight, 1.0).float().to(self.device, non_blocking=True)
 
+    def _mask(self, batch: dict) -> torch.Tensor | None:
+        """The batch's loss masks [B, 1, H, W] in [0, 1] (alpha channel or conditioning image), if any."""
+        mask = batch.get("mask")
+        return None if mask is None else mask.to(self.device, non_blocking=True)
+
     def _loss(self, latents: torch.Tensor, cond: conditioning.Conditioning, weights: torch.Tensor,
-              autocast) -> tuple[torch.Tensor, torch.Tensor]:
-        """Noise, timesteps, the U-Net's prediction and the weighted loss; returns (loss, timesteps)."""
-        a = self.args
-        noise = losses.sample_noise(latents, a.noise_offset)
-        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=self.device)
+              mask: torch.Tensor | None, autocast, timesteps: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Noise, timesteps (random unless given), the U-Net's prediction and the weighted loss; returns (loss,
+        timesteps)."""
+        schedule, noise_opts, loss_opts = self.noise_scheduler, self.noise_options, self.loss_options
+        steps = schedule.config.num_train_timesteps
+        noise = losses.sample_noise(latents, noise_opts)
+        if timesteps is None:
+            timesteps = losses.sample_timesteps(latents.shape[0], noise_opts, steps, self.device)
         with autocast:
-            pred = self._unet_forward(latents, noise, timesteps, cond)
-        target = losses.training_target(self.noise_scheduler, latents, noise, timesteps)
-        loss = losses.diffusion_loss(pred, target, timesteps, self.noise_scheduler, loss_weights=weights,
-                                     min_snr_gamma=a.min_snr_gamma,
-                                     scale_v_pred_loss_like_noise_pred=a.scale_v_pred_loss_like_noise_pred)
+            pred = self._unet_forward(latents, losses.perturbed_noise(noise, noise_opts), timesteps, cond)
+        target = losses.training_target(schedule, latents, noise, timesteps)
+        loss = losses.diffusion_loss(
+            pred, target, sample_weights=weights, mask=mask, loss_type=loss_opts.loss_type,
+            huber_c=losses.huber_threshold(timesteps, schedule.alphas_cumprod, loss_opts, steps),
+            weights=losses.timestep_weights(timesteps, self.snr, loss_opts))
         return loss, timesteps
 
     def compute_loss(self, batch: dict) -> torch.Tensor:
         latents = self._latents(batch)
         cond = self._conditioning(batch)
-        loss, timesteps = self._loss(latents, cond, self._loss_weights(batch), self.accelerator.autocast())
+        loss, timesteps = self._loss(latents, cond, self._loss_weights(batch), self._mask(batch),
+                                     self.accelerator.autocast())
         self._last_inputs = (latents, timesteps, cond)
         return loss
 
@@ -274,20 +394,22 @@ class LoRATrainer:
         latents, cond = self._latents(batch), self._conditioning(batch)
         added = cond.added_cond_kwargs or {}
         self._added_keys = sorted(added)
+        mask = self._mask(batch)
         loss, timesteps = self.graphed(latents, cond.encoder_hidden_states, self._loss_weights(batch),
+                                       torch.empty(0, device=self.device) if mask is None else mask,
                                        *(added[k] for k in self._added_keys))
         self._last_inputs = (latents, timesteps, cond)
         return loss
 
-    def _graph_body(self, latents: torch.Tensor, hidden: torch.Tensor, weights: torch.Tensor,
+    def _graph_body(self, latents: torch.Tensor, hidden: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor,
                     *added: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """What --cuda_graphs records: loss and backward from static inputs (autocast without its weight cache,
-        whose casts would outlive the recording)."""
+        whose casts would outlive the recording). An empty `mask` means no loss mask (its shape is the signature)."""
         from accelerate.utils import AutocastKwargs
 
         cond = conditioning.Conditioning(hidden, dict(zip(self._added_keys, added, strict=True)) if added else None)
         autocast = self.accelerator.autocast(AutocastKwargs(cache_enabled=False))
-        loss, timesteps = self._loss(latents, cond, weights, autocast)
+        loss, timesteps = self._loss(latents, cond, weights, mask if mask.numel() else None, autocast)
         (loss / self.args.gradient_accumulation_steps).backward()
         return loss.detach(), timesteps
 
@@ -341,8 +463,11 @@ class LoRATrainer:
                     num_workers=a.max_data_loader_n_workers, persistent_workers=False,
                     pin_memory=self.device.type == "cuda", generator=torch.Generator())
                 for i, batch in enumerate(loader, start=start):
-                    loss_sum += self.forward_backward(batch)
+                    loss = self.forward_backward(batch)
+                    loss_sum += loss
                     loss_count += 1
+                    if self.validation is not None:
+                        self.validation.train.add(epoch=epoch, step=i, loss=loss.clone())  # graphs reuse `loss`
                     micro_done = i + 1
                     if micro_done % a.gradient_accumulation_steps and micro_done != len(batches):
                         continue
@@ -352,6 +477,9 @@ class LoRATrainer:
                     self.optimizer.step()
                     self.lr_scheduler.step()
                     self.optimizer.zero_grad(set_to_none=True)
+                    if a.scale_weight_norms:  # (keys scaled, mean norm, max norm), read on logging steps only
+                        self.max_norm_stats = self.network.apply_max_norm_regularization(a.scale_weight_norms,
+                                                                                         self.device)
                     self.progress.global_step += 1
                     self.progress.batches_done_in_epoch = micro_done
                     self._hessian_update()
@@ -369,30 +497,37 @@ class LoRATrainer:
                     if checkpoint_step:
                         good_weights, good_step = self._snapshot(), step
                     if step % a.log_every_n_steps == 0 or step == a.max_train_steps:
-                        bar.log(step, (loss_sum / max(loss_count, 1)).item(), self._lr_logs())
+                        bar.log(step, (loss_sum / max(loss_count, 1)).item(), {**self._lr_logs(), **self._norm_logs()},
+                                postfix=self._norm_postfix())
                         loss_sum.zero_()
                         loss_count = 0
                     bar.update(step)
-                    if a.save_every_n_steps and step % a.save_every_n_steps == 0 and step < a.max_train_steps:
-                        self.save(f"{a.output_name}-step{step:08d}", state=a.save_state)
+                    if a.save_every_n_steps and step % a.save_every_n_steps == 0:  # the last step too, as sd-scripts
+                        self._save_checkpoint(step, every=a.save_every_n_steps, by_step=True)
                     if a.sample_every_n_steps and step % a.sample_every_n_steps == 0:
                         self.sample_images()
+                    if self.validation is not None and self.validation.due_after_step(step):
+                        self._validate("step")
                     if stop:
                         self._interrupted()
                     if step >= a.max_train_steps:
                         break
                 else:
+                    if self.validation is not None and self.validation.due_after_epoch(epoch + 1):
+                        self._validate("epoch")
                     self.progress.epoch += 1
                     self.progress.batches_done_in_epoch = 0
                     done = self.progress.epoch
                     if a.save_every_n_epochs and done % a.save_every_n_epochs == 0 and done < self.num_epochs \
                             and self.progress.global_step < a.max_train_steps:
-                        self.save(f"{a.output_name}-{done:06d}", state=a.save_state)
+                        self._save_checkpoint(done, every=a.save_every_n_epochs, by_step=False)
                     if a.sample_every_n_epochs and done % a.sample_every_n_epochs == 0:
                         self.sample_images()
                     continue
+                if self.validation is not None and self.validation.due_after_epoch(epoch + 1):
+                    self._validate("epoch")  # sd-scripts validates the last, stopped epoch too
                 break
-            final = self.save(a.output_name, state=a.save_state)
+            final = self.save(a.output_name, state=a.save_state or a.save_state_on_train_end, epoch=self.num_epochs)
         except BaseException:  # the error line must not land on the open progress bar's line
             bar.bar.close()
             raise
@@ -401,33 +536,74 @@ class LoRATrainer:
         acc.end_training()
         if acc.is_main_process:
             logger.info("done: %d steps; LoRA -> %s%s; logs -> %s", self.progress.global_step, final,
-                        f"; state -> {self.output_dir / (a.output_name + '-state')}" if a.save_state else "",
+                        f"; state -> {self.output_dir / checkpoints.state_name(a.output_name)}"
+                        if a.save_state or a.save_state_on_train_end else "",
                         acc.project_dir)
 
     # ------------------------------------------------------------------ saving and safety
-    def save(self, name: str, *, state: bool) -> Path:
+    def _save_checkpoint(self, number: int, *, every: int, by_step: bool) -> None:
+        """A step or epoch checkpoint (LoRA, and state with --save_state), then retire the one that falls out of
+        --save_last_n_steps/epochs (--save_last_n_*_state for the state folders), as sd-scripts."""
+        a = self.args
+        if by_step:
+            namer, remove = checkpoints.step_name, checkpoints.step_to_remove
+            keep, keep_state = a.save_last_n_steps, a.save_last_n_steps_state
+        else:
+            namer, remove = checkpoints.epoch_name, checkpoints.epoch_to_remove
+            keep, keep_state = a.save_last_n_epochs, a.save_last_n_epochs_state
+        epoch = self.progress.epoch + 1 if by_step else number  # 1-based: the epoch in progress, or the one done
+        self.save(namer(a.output_name, number), state=a.save_state, epoch=epoch)
+        old = remove(number, every, keep)
+        if old is not None and self.accelerator.is_main_process:
+            retire(self.output_dir / f"{namer(a.output_name, old)}.{a.save_model_as}")
+        old_state = remove(number, every, checkpoints.state_last_n(keep_state, keep))
+        if a.save_state and old_state:
+            retire(self._state_dir(namer(a.output_name, old_state)))
+
+    def save(self, name: str, *, state: bool, epoch: int | None = None) -> Path:
+        """The LoRA file `<name>.<--save_model_as>` (and the state folder `<name>-state`), each written atomically.
+        `epoch` is the 1-based epoch recorded as ss_epoch (default: the one in progress)."""
         a, acc = self.args, self.accelerator
         self._optimizer_mode("eval")
-        path = self.output_dir / f"{name}.safetensors"
+        path = self.output_dir / f"{name}.{a.save_model_as}"
         acc.wait_for_everyone()
         if acc.is_main_process:
             dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "float": torch.float32}.get(a.save_precision or "", None)
-            metadata = build_metadata(a, model_type=self.model.model_type, v_parameterization=self.model.v_parameterization,
-                                      session_id=self.session_id, started_at=self.started_at,
-                                      dataset_summary=self.dataset.summary(), optimizer_desc=self.optimizer_desc,
-                                      steps=self.progress.global_step, epoch=self.progress.epoch)
+            md = metadata.stamp(self.metadata, steps=self.progress.global_step,
+                                epoch=self.progress.epoch + 1 if epoch is None else epoch, no_metadata=a.no_metadata)
+            md.update(metadata.modelspec(a, model_type=self.model.model_type,
+                                         v_parameterization=self.model.v_parameterization,
+                                         resolution=self.trained_resolution(),
+                                         implementation_version=f"loraforge/{self.metadata['ss_sd_scripts_commit_hash']}"))
             with atomic_file(path) as tmp:
-                self.network.save_weights(str(tmp), dtype, metadata)
+                self.network.save_weights(str(tmp), dtype, md)
         if state:
-            state_dir = self.output_dir / f"{a.output_name}-state"
+            state_dir = self._state_dir(name)
             if acc.is_main_process:
                 with atomic_dir(state_dir) as tmp:
                     acc.save_state(str(tmp))
             else:
-                acc.save_state(str(state_dir.with_name(state_dir.name + f".rank{acc.process_index}")))
+                acc.save_state(str(state_dir))
         acc.wait_for_everyone()
         self._optimizer_mode("train")
         return path
+
+    def _dataset_summary(self) -> dict:
+        summary = self.dataset.summary()
+        summary["num_validation_images"] = len(self.validation_dataset) if self.validation_dataset else 0
+        return summary
+
+    def _state_dir(self, name: str) -> Path:
+        """This process's state folder of checkpoint `name` (other processes write `<folder>.rank<i>` beside it)."""
+        folder = self.output_dir / checkpoints.state_name(name)
+        acc = self.accelerator
+        return folder if acc.is_main_process else folder.with_name(f"{folder.name}.rank{acc.process_index}")
+
+    def trained_resolution(self) -> tuple[int, int]:
+        """--resolution, or with --dataset_config the first dataset's (what the run trained, not the CLI default)."""
+        if self.args.dataset_config:
+            return tuple(self.dataset.config.datasets[0].resolution)
+        return tuple(self.args.resolution)
 
     def sample_images(self) -> None:
         a = self.args
@@ -461,6 +637,20 @@ class LoRATrainer:
 
     def _lr_logs(self) -> dict[str, float]:
         return self.optimizer_needs.metrics()
+
+    def _norm_logs(self) -> dict[str, float]:
+        """--scale_weight_norms under sd-scripts' tracker names."""
+        if self.max_norm_stats is None:
+            return {}
+        keys_scaled, mean_norm, max_norm = (float(x) for x in self.max_norm_stats)
+        return {"max_norm/keys_scaled": keys_scaled, "max_norm/max_key_norm": max_norm, "norm/avg_key_norm": mean_norm}
+
+    def _norm_postfix(self) -> dict[str, str]:
+        """sd-scripts' progress-bar fields for --scale_weight_norms."""
+        logs = self._norm_logs()
+        if not logs:
+            return {}
+        return {"Keys Scaled": f"{logs['max_norm/keys_scaled']:.0f}", "Average key norm": f"{logs['norm/avg_key_norm']:.4f}"}
 
     def _snapshot(self) -> list[torch.Tensor]:
         return [p.detach().clone() for p in self.trainable]
@@ -512,7 +702,7 @@ class LoRATrainer:
     def _interrupted(self) -> None:
         a = self.args
         path = self.save(a.output_name, state=True)
-        state = self.output_dir / f"{a.output_name}-state"
+        state = self.output_dir / checkpoints.state_name(a.output_name)
         code = 130 if self.stop_signal == "SIGINT" else 143
         raise TrainingStopped(f"stopped by {self.stop_signal} at step {self.progress.global_step}; LoRA saved to {path}, "
                               f"state to {state}. Resume with the same command plus --resume {state}", exit_code=code)
@@ -542,6 +732,42 @@ def average_gradients(params: list[torch.Tensor], world: int) -> None:
         offset += n
 
 
+def release_cached_memory(device: torch.device, *, highvram: bool) -> None:
+    """After the caches are built, hand the memory the encoders used back to the driver before the U-Net arrives,
+    as sd-scripts does; --highvram keeps PyTorch's cache for the next allocation instead."""
+    if device.type == "cuda" and not highvram:
+        torch.cuda.empty_cache()
+
+
+def retire(path: Path) -> None:
+    """Remove a checkpoint file or state folder that a newer one replaced (--save_last_n_*)."""
+    if path.is_dir():
+        logger.info("removing old state: %s", path)
+        shutil.rmtree(path)
+    elif path.exists():
+        logger.info("removing old checkpoint: %s", path)
+        path.unlink()
+
+
+def network_kwargs_metadata(args: argparse.Namespace) -> dict:
+    """--network_args as sd-scripts records them: values as given (strings), plus `dropout` (its --network_dropout,
+    which sd-scripts passes to every network module) when --dim_from_weights is not used."""
+    kwargs = dict(item.split("=", 1) for item in args.network_args or [] if "=" in item)
+    if not args.dim_from_weights:
+        kwargs.setdefault("dropout", args.network_dropout)
+    return kwargs
+
+
+def dim_from_weights_metadata(args: argparse.Namespace, network) -> dict:
+    """With --dim_from_weights the rank and alpha are the file's, not --network_dim/--network_alpha: record those
+    (one value when every module shares it, as kohya LoRAs do; else the largest rank and its alpha)."""
+    modules = list(getattr(network, "text_encoder_loras", [])) + list(getattr(network, "unet_loras", []))
+    if not args.dim_from_weights or not modules:
+        return {}
+    widest = max(modules, key=lambda m: m.lora_dim)
+    return {"network_dim": widest.lora_dim, "network_alpha": round(widest.scale * widest.lora_dim, 6)}
+
+
 def launched_on_cpus() -> bool:
     """Several processes (torchrun / accelerate launch --multi_gpu) on a machine without CUDA: accelerate joins
     them through gloo only when told to use the CPU; otherwise each process would train alone, on all the data,
@@ -557,6 +783,12 @@ def threading_main() -> bool:
 
 def train(args: argparse.Namespace) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.debug_dataset:  # sd-scripts: show the samples, train nothing
+        from library.data.debug import print_dataset
+
+        validate_args(args)
+        print_dataset(build_dataset(args), seed=args.seed)
+        return
     trainer = LoRATrainer(args)
     trainer.setup()
     trainer.train()

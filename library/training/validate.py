@@ -14,9 +14,11 @@ import torch
 
 from library.cli import LR_SCHEDULERS
 from library.errors import ConfigError
+from library.flags.images import check_args as check_image_args
 from library.training.compile import dynamo_records_cuda_graphs
 
 _TORCH_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+LORA_SUFFIXES = (".safetensors", ".ckpt", ".pt")  # --save_model_as
 
 
 _AT_LEAST_ONE = ("network_dim", "train_batch_size", "max_train_steps", "gradient_accumulation_steps",
@@ -72,8 +74,9 @@ def validate_combinations(args: argparse.Namespace) -> None:
         raise ConfigError("--network_train_unet_only and --network_train_text_encoder_only exclude each other")
     if args.dataset_config and args.train_data_dir:
         raise ConfigError("--dataset_config and --train_data_dir exclude each other: put the folders in the TOML")
-    if not args.dataset_config and not args.train_data_dir:
+    if not args.dataset_config and not args.train_data_dir and not args.in_json:
         raise ConfigError("no training data: give --dataset_config FILE.toml or --train_data_dir DIR")
+    check_image_args(args)
     if args.full_fp16 and args.full_bf16:
         raise ConfigError("--full_fp16 and --full_bf16 exclude each other")
     if args.full_fp16 and args.mixed_precision != "fp16":
@@ -242,14 +245,19 @@ def import_network_module(name: str):
 
 
 def output_files_exist(output_dir: Path, output_name: str) -> list[Path]:
-    candidates = [output_dir / f"{output_name}.safetensors", output_dir / f"{output_name}-state"]
+    candidates = [output_dir / f"{output_name}{ext}" for ext in LORA_SUFFIXES] + [output_dir / f"{output_name}-state"]
     found = [p for p in candidates if p.exists()]
-    found += sorted(output_dir.glob(f"{output_name}-*.safetensors"))
+    for ext in LORA_SUFFIXES:
+        found += sorted(output_dir.glob(f"{output_name}-*{ext}"))
     return found
 
 
 def validate_args(args: argparse.Namespace) -> None:
+    from library.flags import models_saving, objective
+
     validate_numbers(args)
+    objective.validate(args)
+    models_saving.check_arguments(args)
     validate_combinations(args)
     validate_paths(args)
     validate_network_args(args)
@@ -264,7 +272,7 @@ _FILE_OVERHEAD = _MiB  # per file: safetensors header, ss_* metadata (tag freque
 
 @dataclass(frozen=True)
 class OutputEstimate:
-    """What a run writes into --output_dir: every kept LoRA file, and the state folder (twice while replaced)."""
+    """What a run writes into --output_dir: every kept LoRA file and state folder (a replaced one counts twice)."""
 
     lora_bytes: int
     lora_files: int
@@ -278,7 +286,7 @@ class OutputEstimate:
     def describe(self) -> str:
         text = f"{self.lora_files} LoRA file{'s' if self.lora_files != 1 else ''} of {_size(self.lora_bytes)}"
         if self.state_copies:
-            text += f" + state folder {_size(self.state_bytes)}" + (" x2 while it is replaced" if self.state_copies > 1 else "")
+            text += f" + {self.state_copies} state folder{'s' if self.state_copies != 1 else ''} of {_size(self.state_bytes)}"
         return text
 
 
@@ -286,11 +294,19 @@ def _size(n: int) -> str:
     return f"{n / _MiB:.1f} MiB" if n < 1 << 30 else f"{n / (1 << 30):.2f} GiB"
 
 
-def planned_lora_files(args: argparse.Namespace, steps_per_epoch: int | None = None, start_step: int = 0) -> int:
-    """The final LoRA plus every checkpoint the run keeps (none is deleted), counted from `start_step`.
+def planned_lora_files(args: argparse.Namespace, steps_per_epoch: int | None = None, start_step: int = 0, *,
+                       state: bool = False) -> int:
+    """The final LoRA plus the checkpoints the run holds at its fullest, counted from `start_step`; with
+    `state`, the state folders instead (their own --save_last_n_*_state).
 
-    Before the dataset is batched (`steps_per_epoch` None) only what the flags fix is counted: a lower bound.
+    --save_last_n_steps/epochs cap the count (one more while a save precedes its removal). Before the dataset
+    is batched (`steps_per_epoch` None) only what the flags fix is counted: a lower bound.
     """
+    keep_steps = getattr(args, "save_last_n_steps", None)
+    keep_epochs = getattr(args, "save_last_n_epochs", None)
+    if state:
+        keep_steps = getattr(args, "save_last_n_steps_state", None) or keep_steps
+        keep_epochs = getattr(args, "save_last_n_epochs_state", None) or keep_epochs
     steps = args.max_train_steps
     if args.max_train_epochs and steps_per_epoch:
         steps = args.max_train_epochs * steps_per_epoch
@@ -298,11 +314,13 @@ def planned_lora_files(args: argparse.Namespace, steps_per_epoch: int | None = N
         steps = None
     files = 1
     if args.save_every_n_steps and steps:
-        files += max(0, (steps - 1) // args.save_every_n_steps - start_step // args.save_every_n_steps)
+        saves = max(0, steps // args.save_every_n_steps - start_step // args.save_every_n_steps)
+        files += saves if keep_steps is None else min(saves, keep_steps // args.save_every_n_steps + 2)
     epochs = args.max_train_epochs or (math.ceil(steps / steps_per_epoch) if steps and steps_per_epoch else None)
     if args.save_every_n_epochs and epochs:
         done = start_step // steps_per_epoch if steps_per_epoch else 0
-        files += max(0, (epochs - 1) // args.save_every_n_epochs - done // args.save_every_n_epochs)
+        saves = max(0, (epochs - 1) // args.save_every_n_epochs - done // args.save_every_n_epochs)
+        files += saves if keep_epochs is None else min(saves, keep_epochs + 1)
     return files
 
 
@@ -377,15 +395,16 @@ def estimate_outputs(args: argparse.Namespace, *, lora_parameters: int, trainabl
     """Bytes the run will write; the state is the network in fp32 plus Adam-sized optimizer moments."""
     files = planned_lora_files(args, steps_per_epoch, start_step)
     lora_bytes = lora_parameters * _saved_element_size(args, param_dtype) + _FILE_OVERHEAD
-    if not args.save_state:
+    if not (args.save_state or getattr(args, "save_state_on_train_end", False)):
         return OutputEstimate(lora_bytes, files)
     trainable = lora_parameters if trainable_parameters is None else trainable_parameters
     state_bytes = lora_parameters * (param_dtype.itemsize if param_dtype else 4) + _ADAM_MOMENTS * 4 * trainable \
         + _FILE_OVERHEAD
     if args.resume:  # the folder we resume from has the real sizes of this optimizer's state
         state_bytes = max(state_bytes, _folder_bytes(Path(args.resume)))
-    existing = Path(args.output_dir) / f"{args.output_name}-state"
-    return OutputEstimate(lora_bytes, files, state_bytes, 2 if files > 1 or existing.exists() else 1)
+    folders = planned_lora_files(args, steps_per_epoch, start_step, state=True) if args.save_state else 1
+    existing = Path(args.output_dir) / f"{args.output_name}-state"  # replaced at the end: both exist a moment
+    return OutputEstimate(lora_bytes, files, state_bytes, folders + existing.exists())
 
 
 def check_free_space(output_dir: Path, estimate: OutputEstimate) -> None:

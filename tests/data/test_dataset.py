@@ -303,6 +303,9 @@ def test_cache_latents_on_disk_is_reused_and_invalidated(tmp_path):
     bigger.cache_latents(encode, to_disk=True, cache_tag="vae-b")  # other bucket size: stale
     assert calls[-1] == 2 and bigger[0]["latents"].shape == (4, 4, 4)
     assert not list((tmp_path / "a").glob("*.tmp"))
+    unchecked = CaptionedImageDataset(cfg, seed=0)  # --skip_cache_check: any existing file is taken as it is
+    unchecked.cache_latents(encode, to_disk=True, cache_tag="vae-c", skip_cache_check=True)
+    assert len(calls) == 5 and unchecked[0]["latents"].shape == (4, 4, 4)
 
 
 def test_cache_latents_refuses_random_crop(tmp_path):
@@ -317,8 +320,11 @@ def test_random_crop_moves_the_window(tmp_path):
     (tmp_path / "a").mkdir()
     Image.fromarray(arr).save(tmp_path / "a/x.png")
     ds = CaptionedImageDataset(_config(SubsetConfig(tmp_path / "a", num_repeats=16, random_crop=True)), seed=0)
-    lefts = {ds[i]["crop_top_left"][1] for i in range(len(ds))}
+    # pixel value = 2 * x, so a sample's first column tells where its window starts; the SDXL crop conditioning
+    # stays the offset of the whole image fitted in the bucket (64x32 at top 16), as sd-scripts passes it
+    lefts = {int(ds.pixels(i)[0, 0, 0]) // 2 for i in range(len(ds))}
     assert len(lefts) > 4 and min(lefts) >= 0 and max(lefts) <= 64
+    assert {ds[i]["crop_top_left"] for i in range(len(ds))} == {(16, 0)}
 
 
 def test_demo_toml_gives_an_epoch_of_10_to_20_steps(tmp_path, monkeypatch):
@@ -340,5 +346,7 @@ def test_bucket_no_upscale_uses_the_image_size(tmp_path):
     ds = CaptionedImageDataset(cfg, seed=0)
     by_caption = {ds[i]["caption"]: ds[i] for i in range(len(ds))}
     assert by_caption["s"]["bucket"] == (96, 64)  # floored, never enlarged
-    assert by_caption["b"]["bucket"] == (160, 64)  # 400x200 -> 128^2 area: 181x90 -> floored to 32s
-    assert by_caption["b"]["pixel_values"].shape == (3, 64, 160)
+    # 400x200 -> 128^2 area: 181x90; width-first rounding gives 160x64 (aspect 2.5), height-first 128x64 (2.0):
+    # sd-scripts keeps the closer aspect
+    assert by_caption["b"]["bucket"] == (128, 64)
+    assert by_caption["b"]["pixel_values"].shape == (3, 64, 128)

@@ -129,7 +129,7 @@ def test_structure_errors(dirs):
         load_dataset_config(_write(dirs, "[[datasets]]\nbatch_size = 2\n"))
     with pytest.raises(ConfigError, match=r"datasets\[0\]\.subsets\[0\]\.image_dir: missing"):
         load_dataset_config(_write(dirs, "[[datasets]]\n[[datasets.subsets]]\nnum_repeats = 2\n"))
-    with pytest.raises(ConfigError, match=r"metadata_file: fine-tuning datasets .* not supported"):
+    with pytest.raises(ConfigError, match=r"subsets\[0\]\.metadata_file: file 'm.json' not found"):
         load_dataset_config(_write(dirs, '[[datasets]]\n[[datasets.subsets]]\nmetadata_file = "m.json"\n'))
 
 
@@ -164,14 +164,14 @@ def test_bucket_cross_checks(dirs):
 
 
 def test_unsupported_keys_are_accepted_with_one_warning(dirs, caplog):
-    path = _write(dirs, '[general]\ncolor_aug = true\n[[datasets]]\nvalidation_split = 0.1\n'
+    path = _write(dirs, '[[datasets]]\nnetwork_multiplier = 0.5\n'
                         '[[datasets.subsets]]\nimage_dir = "a"\ncustom_attributes = 5\n')
     with caplog.at_level(logging.WARNING):
         cfg = load_dataset_config(path)
-    assert [u.split(" ")[0] for u in cfg.unsupported] == ["general.color_aug", "datasets[0].validation_split",
+    assert [u.split(" ")[0] for u in cfg.unsupported] == ["datasets[0].network_multiplier",
                                                           "datasets[0].subsets[0].custom_attributes"]
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and "color_aug" in warnings[0].getMessage()
+    assert len(warnings) == 1 and "custom_attributes" in warnings[0].getMessage()
 
 
 def test_defaults_from_cli_namespace():

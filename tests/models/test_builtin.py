@@ -107,7 +107,7 @@ def test_pretrained_weights_of_another_shape_are_refused(tmp_path):
     ("kwargs", "message"),
     [
         ({"v2": True}, r"flags \(--v2\) select SD2"),
-        ({"sdxl": True}, r"flags \(--sdxl\) select SDXL"),
+        ({"sdxl": True}, r"flags \(--sdxl or sdxl_train_network.py\) select SDXL"),
         ({"v2": True, "sdxl": True}, "both"),
     ],
 )

@@ -62,7 +62,7 @@ def test_folder_without_model_index_is_refused(saved, tmp_path):
 
 def test_flags_must_match_the_folder_family(saved):
     _, folders = saved
-    with pytest.raises(ModelError, match=r"is an SDXL model .* use --sdxl"):
+    with pytest.raises(ModelError, match=r"is an SDXL model .* use sdxl_train_network.py \(or --sdxl\)"):
         load_sd_model(folders["sdxl"])
     with pytest.raises(ModelError, match=r"is an SD1 model .* select SD2"):
         load_sd_model(folders["sd1"], v2=True)

@@ -466,7 +466,8 @@ def test_max_norm_regularization_caps_the_dense_update_norm():
         return torch.stack([lora.delta_weight().double().norm() for lora in network.text_encoder_loras])
 
     before = dense_norms()
-    cap = float(before.median())
+    middle = before.sort().values[len(before) // 2 - 1:len(before) // 2 + 1]
+    cap = float(middle.mean())  # between two modules' norms: no module sits on the cap, where float32 could tip it
     scaled, mean, biggest = network.apply_max_norm_regularization(cap, "cpu")
     after = dense_norms()
     assert int(scaled) == int((before > cap).sum()) > 0

@@ -449,5 +449,5 @@ def test_too_little_free_space_names_the_estimate_before_the_model_loads(tiny_da
     line = err.getvalue().strip().splitlines()[-1]
     assert code == 2
     assert line.startswith(f"error: --output_dir {out}: 0.3 MiB free, this run writes about "), line
-    assert "3 LoRA files of" in line and "state folder" in line and "x2 while it is replaced" in line
+    assert "4 LoRA files of" in line and "4 state folders of" in line  # steps 2, 4, 6 and the final
     assert not out.exists()

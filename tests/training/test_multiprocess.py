@@ -85,6 +85,11 @@ def test_every_rank_takes_the_same_stop_and_divergence_decision(tmp_path):
     assert got[1]["signal"] == "SIGTERM" and got[0]["signal"] == "a signal to another process"
 
 
+# objective options that draw per process or change the weights after each step (the ranks must stay in step)
+OBJECTIVE = ("--loss_type", "smooth_l1", "--noise_offset", "0.05", "--multires_noise_iterations", "2",
+             "--debiased_estimation_loss", "--scale_weight_norms", "0.01")
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("torchrun", path=os.path.dirname(sys.executable)) is None, reason="torchrun not installed")
 def test_two_process_training_runs_with_gloo(tiny_dataset, tmp_path):
@@ -96,7 +101,7 @@ def test_two_process_training_runs_with_gloo(tiny_dataset, tmp_path):
     # its own session, so a timeout kills torchrun's ranks too (they hold the pipes; killing torchrun alone
     # would leave them running)
     proc = subprocess.Popen([torchrun, "--nproc_per_node", "2", "--master_port", str(_free_port()),
-                             str(ROOT / "train_network.py"), *train_argv(tiny_dataset, out, "--ddp_timeout", "2", steps=4)],
+                             str(ROOT / "train_network.py"), *train_argv(tiny_dataset, out, "--ddp_timeout", "2", *OBJECTIVE, steps=4)],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:

@@ -151,8 +151,8 @@ def test_disk_filling_up_between_checkpoints_stops_naming_the_file_and_keeps_the
         from library.training import trainer
         from library.training.entry import main
         real_save = trainer.LoRATrainer.save
-        def save_then_fill_the_disk(self, name, *, state):
-            path = real_save(self, name, state=state)
+        def save_then_fill_the_disk(self, name, **kwargs):
+            path = real_save(self, name, **kwargs)
             resource.setrlimit(resource.RLIMIT_FSIZE, (path.stat().st_size // 2, resource.RLIM_INFINITY))
             return path
         trainer.LoRATrainer.save = save_then_fill_the_disk
@@ -167,10 +167,11 @@ def test_disk_filling_up_between_checkpoints_stops_naming_the_file_and_keeps_the
     first = load_file(out / "t-step00000001.safetensors")
     assert any(k.endswith(".lora_down.weight") for k in first)
     # the state folder of that save is still whole: its network (custom object 0) is the step-1 LoRA
-    network = torch.load(out / "t-state" / "custom_checkpoint_0.pkl", weights_only=True)
+    state = out / "t-step00000001-state"
+    network = torch.load(state / "custom_checkpoint_0.pkl", weights_only=True)
     assert network.keys() == first.keys() and all(torch.equal(network[k], first[k]) for k in first)
-    assert torch.load(out / "t-state" / "custom_checkpoint_2.pkl", weights_only=True)["global_step"] == 1
-    assert sorted(p.name for p in out.iterdir()) == ["t-state", "t-step00000001.safetensors"]
+    assert torch.load(state / "custom_checkpoint_2.pkl", weights_only=True)["global_step"] == 1
+    assert sorted(p.name for p in out.iterdir()) == ["t-step00000001-state", "t-step00000001.safetensors"]
     assert _leftovers(out) == []
 
 
@@ -187,21 +188,21 @@ def test_free_space_estimate_covers_what_a_real_run_writes(tiny_dataset, tmp_pat
     assert main(train_argv(tiny_dataset, out, "--save_every_n_steps", "2", "--save_state", steps=5)) == 0
     loras = sorted(out.glob("*.safetensors"))
     assert [p.name for p in loras] == ["t-step00000002.safetensors", "t-step00000004.safetensors", "t.safetensors"]
-    state = sum(f.stat().st_size for f in (out / "t-state").rglob("*") if f.is_file())
+    state = sum(f.stat().st_size for f in (out / "t-step00000002-state").rglob("*") if f.is_file())
     assert len(estimates) == 2
     for estimate in estimates:
-        assert estimate.lora_files == 3 and estimate.state_copies == 2
+        assert estimate.lora_files == 3 and estimate.state_copies == 3  # t-step2-state, t-step4-state, t-state
         assert max(p.stat().st_size for p in loras) <= estimate.lora_bytes <= loras[0].stat().st_size + (1 << 20)
         assert state <= estimate.state_bytes <= state + (1 << 20)
 
 
 @pytest.mark.parametrize(("flags", "steps_per_epoch", "start_step", "files"), [
-    ({"max_train_steps": 100, "save_every_n_steps": 10}, None, 0, 10),  # steps 10..90 and the final file
-    ({"max_train_steps": 100, "save_every_n_steps": 10}, None, 45, 6),  # resumed at 45: 50..90 and the final
+    ({"max_train_steps": 100, "save_every_n_steps": 10}, None, 0, 11),  # steps 10..100 and the final file
+    ({"max_train_steps": 100, "save_every_n_steps": 10}, None, 45, 7),  # resumed at 45: 50..100 and the final
     ({"max_train_epochs": 4, "save_every_n_epochs": 1}, 10, 0, 4),  # after epochs 1, 2, 3 and the final
     ({"max_train_epochs": 4, "save_every_n_epochs": 2}, None, 0, 2),  # epochs are known before batching
     ({"max_train_epochs": 4, "save_every_n_steps": 5}, None, 0, 1),  # steps are not: a lower bound
-    ({"max_train_epochs": 4, "save_every_n_steps": 5}, 10, 0, 8),  # 5, 10, ..., 35 and the final
+    ({"max_train_epochs": 4, "save_every_n_steps": 5}, 10, 0, 9),  # 5, 10, ..., 40 and the final
 ])
 def test_planned_lora_files_match_the_trainers_save_points(flags, steps_per_epoch, start_step, files):
     import argparse

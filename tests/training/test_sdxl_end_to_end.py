@@ -96,7 +96,8 @@ def test_trainer_batches_carry_each_images_own_time_ids_cached_or_not(sdxl, tmp_
     batch, fresh = conditioning_of("--network_train_unet_only")
     _, cached = conditioning_of("--cache_text_encoder_outputs", "--network_train_unet_only")
     rows = {tuple(r) for r in fresh.added_cond_kwargs["time_ids"].tolist()}
-    assert rows == {(64.0, 96.0, 0.0, 16.0, 64.0, 64.0), (96.0, 96.0, 0.0, 0.0, 64.0, 64.0)}
+    # crop (top, left) as sd-scripts passes it: the 96x64 image fitted inside 64x64 is 64x42.7 at top (64-42.7)//2
+    assert rows == {(64.0, 96.0, 10.0, 0.0, 64.0, 64.0), (96.0, 96.0, 0.0, 0.0, 64.0, 64.0)}
     assert sorted(batch["original_size"]) == [(96, 64), (96, 64), (96, 64), (96, 64), (96, 96), (96, 96), (96, 96),
                                               (96, 96)]  # 2 repeats
     for key in ("time_ids", "text_embeds"):
@@ -152,11 +153,13 @@ def test_sdxl_train_network_script_trains_both_encoders_and_diffusers_loads_the_
 @torch.no_grad()
 def fixed_noise_loss(model, network, multiplier: float, data: Path) -> float:
     """Epsilon MSE on the training images at fixed noise and timesteps, with the LoRA at `multiplier`."""
-    from library.data.buckets import resize_and_crop
+    from library.data.buckets import crop_top_left, fit_predefined
+    from library.data.transforms import fit_to_bucket
 
     network.set_multiplier(multiplier)
     images = [Image.open(p).convert("RGB") for p in sorted(data.rglob("*.png"))]
-    crops = [resize_and_crop(img, (64, 64)) for img in images]  # as the dataset feeds them
+    crops = [(fit_to_bucket(np.asarray(img), fit_predefined(img.size, [(64, 64)])),  # as the dataset feeds them
+              crop_top_left((64, 64), img.size, False)) for img in images]
     pixels = torch.stack([torch.from_numpy(np.asarray(c, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
                           for c, _ in crops])
     latents = model.vae.encode(pixels).latent_dist.mean * model.vae.config.scaling_factor
@@ -247,32 +250,6 @@ def test_sd2_v_prediction_with_zero_terminal_snr_trains(sdxl, tmp_path, monkeypa
     assert prefixes(out / "lora.safetensors") == {"lora_unet", "lora_te"}
 
 
-@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
-def test_loss_weights_match_min_snr_and_v_scaling_definitions_in_float64(prediction):
-    """Min-SNR-gamma (Hang et al. 2023): min(snr, g) / snr for eps, min(snr, g) / (snr + 1) for v; sd-scripts'
-    v-loss scaling: snr / (snr + 1). Zero terminal SNR makes snr(T) = 0: the weights must stay finite there."""
-    config = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
-    scheduler = losses.make_noise_scheduler(config, v_parameterization=prediction == "v_prediction",
-                                            zero_terminal_snr=True)
-    timesteps = torch.tensor([0, 10, 250, 600, 999])
-    gen = torch.Generator().manual_seed(0)
-    pred, target = torch.randn(5, 4, 8, 8, generator=gen), torch.randn(5, 4, 8, 8, generator=gen)
-    weights = torch.tensor([1.0, 1.0, 0.5, 1.0, 1.0])
-    gamma = 5.0
-    got = losses.diffusion_loss(pred, target, timesteps, scheduler, loss_weights=weights, min_snr_gamma=gamma,
-                                scale_v_pred_loss_like_noise_pred=True)
-
-    ac = scheduler.alphas_cumprod.double()[timesteps]
-    snr = ac / (1 - ac)
-    mse = ((pred.double() - target.double()) ** 2).mean(dim=(1, 2, 3)) * weights.double()
-    if prediction == "epsilon":
-        w = torch.where(snr > 0, torch.minimum(snr, torch.tensor(gamma, dtype=torch.float64)) / snr, 1.0)
-    else:
-        w = torch.minimum(snr, torch.tensor(gamma, dtype=torch.float64)) / (snr + 1) * snr / (snr + 1)
-    assert snr[-1] == 0 and torch.isfinite(got)
-    torch.testing.assert_close(got.double(), (mse * w).mean(), rtol=1e-5, atol=1e-7)
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="--cuda_graphs records CUDA graphs")
 def test_sdxl_with_cuda_graphs_trains_the_lora_that_eager_trains(sdxl, tmp_path):
@@ -288,3 +265,26 @@ def test_sdxl_with_cuda_graphs_trains_the_lora_that_eager_trains(sdxl, tmp_path)
     eager, graphs = (torch.cat([trained[run][k].float().flatten() for k in ups]) for run in ("eager", "graphs"))
     assert graphs.abs().sum() > 0
     assert torch.nn.functional.cosine_similarity(eager, graphs, dim=0) > 0.999
+
+
+def test_sdxl_trains_with_masks_and_the_objective_options(sdxl, tmp_path):
+    """SDXL with conditioning_data_dir masks (cropped as the 96x64 images are), Huber loss, noise and timestep
+    options, debiased weights and max-norm, from cached latents: a LoRA other than the plain run's."""
+    masks = tmp_path / "masks" / "2_shapes"
+    masks.mkdir(parents=True)
+    for path in sorted((sdxl["data"] / "2_shapes").glob("*.png")):
+        size = Image.open(path).size
+        half = Image.new("RGB", size, (0, 0, 0))
+        half.paste((255, 255, 255), (0, 0, size[0] // 2, size[1]))
+        half.save(masks / path.name)
+    common = ("--network_train_unet_only", "--cache_text_encoder_outputs", "--cache_latents", "--sdxl")
+    options = ("--masked_loss", "--conditioning_data_dir", str(tmp_path / "masks"), "--loss_type", "huber",
+               "--noise_offset", "0.05", "--adaptive_noise_scale", "0.01", "--ip_noise_gamma", "0.1",
+               "--min_timestep", "50", "--max_timestep", "950", "--debiased_estimation_loss",
+               "--scale_weight_norms", "1")
+    for name, flags in (("plain", ()), ("options", options)):
+        assert main(argv(sdxl["folder"], sdxl["data"], tmp_path / name, *common, *flags, steps=3)) == 0
+    plain, trained = (load_file(str(tmp_path / name / "lora.safetensors")) for name in ("plain", "options"))
+    assert max((plain[k] - trained[k]).abs().max().item() for k in plain) > 1e-6
+    meta = metadata(tmp_path / "options" / "lora.safetensors")
+    assert meta["ss_loss_type"] == "huber" and meta["modelspec.timestep_range"] == "50,950"
