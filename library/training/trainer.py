@@ -382,7 +382,7 @@ class LoRATrainer:
         cond = self._conditioning(batch)
         loss, timesteps = self._loss(latents, cond, self._loss_weights(batch), self._mask(batch),
                                      self.accelerator.autocast())
-        self._last_inputs = (latents, timesteps, cond)
+        self._last_inputs = (latents, timesteps, batch)
         return loss
 
     def forward_backward(self, batch: dict) -> torch.Tensor:
@@ -398,7 +398,7 @@ class LoRATrainer:
         loss, timesteps = self.graphed(latents, cond.encoder_hidden_states, self._loss_weights(batch),
                                        torch.empty(0, device=self.device) if mask is None else mask,
                                        *(added[k] for k in self._added_keys))
-        self._last_inputs = (latents, timesteps, cond)
+        self._last_inputs = (latents, timesteps, batch)
         return loss
 
     def _graph_body(self, latents: torch.Tensor, hidden: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor,
@@ -423,7 +423,8 @@ class LoRATrainer:
         needs = self.optimizer_needs
         if not needs.hessian_due(self.progress.global_step):
             return
-        latents, timesteps, cond = self._last_inputs
+        latents, timesteps, batch = self._last_inputs
+        cond = self._conditioning(batch)  # encoded again: the step's backward freed the text encoders' graph
         noise = torch.randn_like(latents)
         with self.accelerator.autocast():
             pred = self._unet_forward(latents, noise, timesteps, cond).float()
