@@ -68,6 +68,7 @@ from torch import Tensor
 
 from library.errors import OptimizerError
 from library.optimizers import quant8
+from library.optimizers import transforms as T
 from library.optimizers.flat import FlatLayout, FlatState, matrix_shape, segment_ids
 from library.optimizers.graphs import GraphSlot, StepGraph, can_capture
 from library.optimizers.state import ExactStateLoad, closure_loss
@@ -471,19 +472,6 @@ def prodigy_bumps(
     )
 
 
-def _orthograd(theta: Tensor, g: Tensor, plan: _Plan) -> Tensor:
-    """OrthoGrad per tensor on flat buffers (same definition as ``transforms.orthograd_``); returns a new buffer."""
-    tensors = plan.tensors
-    # ⟨θ,θ⟩ and ⟨θ,g⟩ by the same reduction, so g = θ gives coef = 1 and g⊥ = 0 exactly
-    theta_sq = tensors.sum(theta * theta)
-    coef = (tensors.sum(theta * g) / theta_sq.clamp_min(_TINY)).masked_fill_(theta_sq <= _TINY, 0.0)
-    g_norm = tensors.sum(g * g).sqrt_()
-    perp = torch.addcmul(g, theta, tensors.expand(coef), value=-1.0)
-    perp_norm = tensors.sum(perp * perp).sqrt_()
-    scale = (g_norm / perp_norm.clamp_min(_TINY)).masked_fill_(perp_norm <= 0, 1.0)
-    return perp.mul_(tensors.expand(scale))
-
-
 def _adaptive_decay(g: Tensor, plan: _Plan) -> Tensor:
     """Per-tensor a_p = 2·sigmoid(4·(mean|g_p| − μ)/σ) (layout order), μ/σ = mean/std of |g| over the buffer.
 
@@ -736,7 +724,7 @@ class _AutomagicBase(ExactStateLoad, torch.optim.Optimizer):
             return
         early = t <= warmup / 2
         if group["use_orthogonal_grad"] and t > warmup:
-            g = _orthograd(theta, g, plan)
+            T.orthograd_(plan.tensors, theta, g)  # g is this step's own gathered copy
 
         sign = g.sign()
         update, lr_factor = self._direction(group, plan, t, g, sign, states)
