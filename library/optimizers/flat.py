@@ -160,11 +160,6 @@ class FlatLayout:
         """Per-tensor L2 norms of a flat buffer, in layout order."""
         return self.sum(x * x).sqrt()
 
-    @functools.cached_property
-    def element_ids(self) -> Tensor:
-        """Layout position of every flat element (int32, 4 bytes per element, built on first use)."""
-        return segment_ids(self.lengths, self.numel)
-
     def expand(self, values: Tensor) -> Tensor:
         """Per-tensor values (layout order) repeated over each tensor's elements: a flat buffer to multiply by."""
         return torch.repeat_interleave(values, self.lengths, output_size=self.numel)

@@ -145,16 +145,6 @@ def tam_damping_(seg: Segments, momentum: Tensor, inputs: Tensor, smoothed: Tens
     return (smoothed + 1.0) * 0.5
 
 
-def row_index(layout: FlatLayout) -> Tensor:
-    """For every flat element, the index of its row among all rows of the layout (int32, built once per layout).
-
-    Rows are numbered in flat order (bucket by bucket, tensor by tensor), the order :func:`allora_row_scale`
-    returns them in, so ``rows.index_select(0, row_index(layout))`` spreads per-row values over the elements.
-    """
-    cols = [b.cols for b in layout.buckets for _ in range(b.count * b.rows)]
-    return segment_ids(torch.tensor(cols, dtype=torch.int64, device=layout.device), layout.numel)
-
-
 def allora_row_scale(stacks: list[Tensor], eta: float, out: Tensor | None = None) -> Tensor:
     """ALLoRA (Huang et al. 2024) per-row factor 1/√(‖θ_r‖² + 1/η²) for every row, in flat order.
 
@@ -162,7 +152,7 @@ def allora_row_scale(stacks: list[Tensor], eta: float, out: Tensor | None = None
     [count, rows, cols] shape-bucket views (``FlatLayout.bucket_view``) or, fewer, [rows, cols] views of
     consecutive buckets sharing ``cols`` (:func:`row_stacks`). A row is a slice along dim 0 (for lora_down: one rank direction; for lora_up: one output feature).
     Rows at zero get the largest factor η, so zero-initialised LoRA up learns without waiting for its own norm to
-    grow. One batched norm per stack (written into ``out``, one value per row, when given); spread the result over the elements with :func:`row_index`.
+    grow. One batched norm per stack (written into ``out``, one value per row, when given).
     """
     if out is None:
         norms = [torch.linalg.vector_norm(stack, dim=-1).reshape(-1) for stack in stacks]

@@ -2,7 +2,7 @@
 
 import torch
 
-from library.optimizers.flat import FlatLayout, FlatState, matrix_shape
+from library.optimizers.flat import FlatLayout, FlatState, matrix_shape, segment_ids
 
 SHAPES = [(4, 3), (5,), (4, 3), (2, 3, 1, 1), (), (4, 3), (5,)]
 
@@ -38,7 +38,7 @@ def test_segment_reductions_and_expand_match_per_tensor_math():
     torch.testing.assert_close(layout.max(flat), torch.stack([t.max() for t in arranged]))
     torch.testing.assert_close(layout.norm(flat), torch.stack([t.norm() for t in arranged]))
     values = torch.arange(len(SHAPES), dtype=torch.float64)
-    owner = layout.element_ids
+    owner = segment_ids(layout.lengths, layout.numel)
     assert owner.dtype == torch.int32 and owner.numel() == layout.numel
     torch.testing.assert_close(values.index_select(0, owner), layout.expand(values))
     scaled = layout.views(flat * layout.expand(values))
