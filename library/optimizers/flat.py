@@ -36,8 +36,8 @@ def matrix_shape(shape: Sequence[int]) -> tuple[int, int]:
 
 
 def segment_ids(lengths: Tensor, total: int) -> Tensor:
-    """Index of each element's segment (segments of ``lengths`` end to end), int32: built once, so spreading
-    per-segment values is one ``index_select`` (``repeat_interleave`` rebuilds this index on every call)."""
+    """Index of each element's segment (segments of ``lengths`` end to end), int32: built once per step, so
+    spreading per-segment values is one ``index_select`` (``repeat_interleave`` rebuilds this index per call)."""
     positions = torch.arange(lengths.numel(), dtype=torch.int32, device=lengths.device)
     return torch.repeat_interleave(positions, lengths, output_size=total)
 
@@ -130,12 +130,20 @@ class FlatLayout:
         return flat if flat.dtype == dtype else flat.to(dtype)
 
     def rows(self, tensors: Sequence[Tensor]) -> list[Tensor]:
-        """1-D views of the tensors (caller's order) in layout order: targets for :meth:`scatter_`."""
-        return [t.detach().view(-1) for t in self._arrange(tensors)]
+        """Targets for :meth:`scatter_` in layout order: 1-D views of the tensors (caller's order) when all are
+        contiguous, else the tensors themselves."""
+        ordered = [t.detach() for t in self._arrange(tensors)]
+        if all(t.is_contiguous() for t in ordered):
+            return [t.view(-1) for t in ordered]
+        return ordered
 
     def scatter_(self, rows: list[Tensor], flat: Tensor) -> None:
-        """Write `flat` into :meth:`rows` views (one split, one foreach copy; casts to their dtype)."""
-        torch._foreach_copy_(rows, torch.split_with_sizes(flat, self.sizes))
+        """Write `flat` into :meth:`rows` (one split and one foreach copy, cast to their dtype; per-tensor views
+        of `flat` when the targets are not 1-D views)."""
+        pieces = torch.split_with_sizes(flat, self.sizes)
+        if not all(map((1).__eq__, map(Tensor.dim, rows))):
+            pieces = [piece.view(t.shape) for piece, t in zip(pieces, rows, strict=True)]
+        torch._foreach_copy_(rows, pieces)
 
     def views(self, flat: Tensor) -> list[Tensor]:
         """Views of `flat` shaped like the tensors, in the caller's order."""
