@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -87,3 +88,80 @@ class CustomAdamWReference:
             else:
                 new = theta * (1 - lr * hp["weight_decay"] * rho) - lr * u
             self.p[i] = new
+
+
+def sophia_reference(
+    theta: Tensor, grads: Sequence[Tensor], gnb_grads: dict[int, Tensor], *, lr: float, beta1: float, beta2: float,
+    rho: float, wd: float, eps: float, k: int, batch: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """SophiaG (Liu et al. 2023, arXiv 2305.14342, Algorithm 3) on one tensor: (θ, m, h) after ``grads``.
+
+    h is refreshed with B·ĝ² (``gnb_grads[t]``, the Gauss-Newton-Bartlett gradient) after steps t ≡ 0 (mod k);
+    the step is the clipped preconditioned momentum, after decoupled decay."""
+    theta = theta.clone()
+    m = torch.zeros_like(theta)
+    h = torch.zeros_like(theta)
+    for t, g in enumerate(grads, start=1):
+        m = beta1 * m + (1 - beta1) * g
+        theta = theta - lr * wd * theta
+        step = m / torch.maximum(rho * h, torch.full_like(h, eps))
+        theta = theta - lr * torch.clamp(step, -1.0, 1.0)
+        if t % k == 0:
+            h = beta2 * h + (1 - beta2) * batch * gnb_grads[t] ** 2
+    return theta, m, h
+
+
+def kmeans_reference(x: np.ndarray, k: int, iters: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """Lloyd's algorithm by brute force: quantile start, argmin assignment, empty clusters keep their centre."""
+    centers = np.quantile(x, (np.arange(k) + 0.5) / k)
+    for _ in range(iters):
+        labels = np.argmin(np.abs(x[:, None] - centers[None, :]), axis=1)
+        new = centers.copy()
+        for c in range(k):
+            if np.any(labels == c):
+                new[c] = x[labels == c].mean()
+        centers = np.sort(new)
+    return centers, np.argmin(np.abs(x[:, None] - centers[None, :]), axis=1)
+
+
+class AdamWSGGReference:
+    """AdamW + SGG (Li et al. 2025, arXiv 2506.01049) for one tensor, from the definition in
+    :mod:`library.optimizers.sgg`, in float64 numpy. ``step(g)`` moves ``self.theta``."""
+
+    def __init__(
+        self, theta: np.ndarray, lr: float, betas: tuple[float, float], eps: float, wd: float, k: int, interval: int,
+        bound: tuple[float, float], d_layer: float, d_cluster: float, d_scale: float,
+    ) -> None:
+        self.theta = theta.copy()
+        self.m = np.zeros_like(theta)
+        self.v = np.zeros_like(theta)
+        self.t = 0
+        self.__dict__.update(lr=lr, b1=betas[0], b2=betas[1], eps=eps, wd=wd, k=k, interval=interval)
+        self.lo, self.hi = bound
+        self.d = (d_layer, d_cluster, d_scale)
+        self.scale = np.clip(np.ones(k), self.lo, self.hi)
+
+    def step(self, g: np.ndarray) -> None:
+        self.t += 1
+        t = self.t
+        self.m = self.b1 * self.m + (1 - self.b1) * g
+        self.v = self.b2 * self.v + (1 - self.b2) * g * g
+        mhat = self.m / (1 - self.b1**t)
+        denom = np.sqrt(self.v / (1 - self.b2**t)) + self.eps
+        z = np.clip(-np.log(denom), -80, 80).ravel()
+        recluster = (t - 1) % self.interval == 0
+        if recluster:
+            _, self.labels = kmeans_reference(z, self.k)
+        layer = z.mean()
+        cluster = np.array(
+            [z[self.labels == c].mean() if np.any(self.labels == c) else layer for c in range(self.k)]
+        )
+        d_layer, d_cluster, d_scale = self.d
+        self.layer_stat = layer if t == 1 else d_layer * self.layer_stat + (1 - d_layer) * layer
+        self.cluster_stat = (
+            cluster if recluster else d_cluster * self.cluster_stat + (1 - d_cluster) * cluster
+        )
+        raw = np.exp(self.layer_stat - self.cluster_stat)
+        self.scale = np.clip(d_scale * self.scale + (1 - d_scale) * raw, self.lo, self.hi)
+        u = (mhat / denom).ravel() * self.scale[self.labels]
+        self.theta = self.theta * (1 - self.lr * self.wd) - self.lr * u.reshape(self.theta.shape)
