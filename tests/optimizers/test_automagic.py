@@ -1,4 +1,4 @@
-"""Automagic_Sinkgd / Automagic_CameAMP against float64 references written from the definitions in OPTIMIZERS.md."""
+"""Automagic_Sinkgd / Automagic_CameAMP against their float64 references (library/optimizers/references.py)."""
 
 from __future__ import annotations
 
@@ -20,160 +20,16 @@ from library.optimizers.automagic import (
     sinkgd_many_,
     vradam_factor,
 )
+from library.optimizers.references import (
+    RefCameDirection,
+    RefSinkgdDirection,
+    ref_sinkgd,
+    reference_run,
+)
 from tests.optimizers.graph_mode import eager_graph_mode
 from tests.optimizers.op_counting import HOST_SYNC, observed_steps
 
 F64 = torch.float64
-
-
-# ------------------------------------------------------------------------------------------------ references
-
-
-def ref_sinkgd(x: torch.Tensor, iters: int) -> torch.Tensor:
-    """Row i scaled to norm √m, then column j to norm √n, K times, element by element."""
-    x = x.clone()
-    n, m = x.shape
-    for _ in range(iters):
-        for i in range(n):
-            norm = math.sqrt(sum(float(v) ** 2 for v in x[i]))
-            if norm > 0:
-                x[i] = x[i] * (math.sqrt(m) / norm)
-        for j in range(m):
-            norm = math.sqrt(sum(float(v) ** 2 for v in x[:, j]))
-            if norm > 0:
-                x[:, j] = x[:, j] * (math.sqrt(n) / norm)
-    return x
-
-
-def ref_orthograd(theta: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    w, v = theta.reshape(-1), g.reshape(-1)
-    if float(w @ w) <= 1e-30:
-        return g.clone()
-    perp = v - (w @ v) / (w @ w) * w
-    if float(perp.norm()) == 0:
-        return perp.reshape(g.shape)
-    return (perp * (v.norm() / perp.norm())).reshape(g.shape)
-
-
-def ref_allora(theta: torch.Tensor, eta: float) -> torch.Tensor:
-    rows = theta.reshape(theta.shape[0], -1)
-    scale = torch.tensor([1.0 / math.sqrt(float((r * r).sum()) + 1.0 / eta**2) for r in rows], dtype=F64)
-    return scale.reshape((-1,) + (1,) * (theta.dim() - 1))
-
-
-def ref_factored(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    mat = x.reshape(x.shape[0], -1)
-    return mat.mean(dim=1), mat.mean(dim=0)
-
-
-def ref_factored_estimate(row: torch.Tensor, col: torch.Tensor, shape) -> torch.Tensor:
-    return (row[:, None] / row.mean() * col[None, :]).reshape(shape)
-
-
-class RefSinkgdDirection:
-    """Momentum → Grams → SinkGD (matrices) / unit RMS (vectors); returns (u, VRAdam factor)."""
-
-    def __init__(self, beta1: float, iters: int):
-        self.beta1, self.iters, self.m = beta1, iters, {}
-
-    def seed(self, i, g):
-        self.m[i] = g.clone()
-
-    def __call__(self, i, g, t):
-        self.m[i] = self.beta1 * self.m[i] + (1 - self.beta1) * g
-        u = torch.sign(g) * self.m[i].abs()
-        if g.dim() >= 2:
-            u = ref_sinkgd(u.reshape(u.shape[0], -1), self.iters).reshape(g.shape)
-        else:
-            u = u / math.sqrt(float((u * u).sum()) / u.numel())
-        vr = 1.0 / (1.0 + min(3.0 * float((self.m[i] ** 2).sum()), 10.0))
-        return u, vr
-
-
-class RefCameDirection:
-    """CAME with v seeded at step 1 and the confidence EMA R bias-corrected by 1/(1 − β₃^k)."""
-
-    def __init__(self, betas, eps, clip):
-        self.b1, self.b2, self.b3 = betas
-        self.e1, self.e2 = eps
-        self.clip, self.v, self.m, self.r = clip, {}, {}, {}
-
-    def _ema(self, store, i, x, beta):
-        if x.dim() >= 2:
-            row, col = ref_factored(x)
-            old_row, old_col = store.get(i, (torch.zeros_like(row), torch.zeros_like(col)))
-            store[i] = (beta * old_row + (1 - beta) * row, beta * old_col + (1 - beta) * col)
-            return ref_factored_estimate(*store[i], x.shape)
-        store[i] = beta * store.get(i, torch.zeros_like(x)) + (1 - beta) * x
-        return store[i]
-
-    def seed(self, i, g):
-        sq = g * g + self.e1
-        self.v[i] = ref_factored(sq) if g.dim() >= 2 else sq
-
-    def __call__(self, i, g, t):
-        k = t - 1
-        u = g / torch.sqrt(self._ema(self.v, i, g * g + self.e1, self.b2))
-        rms = math.sqrt(float((u * u).sum()) / u.numel())
-        u = u / max(1.0, rms / self.clip)
-        self.m[i] = self.b1 * self.m.get(i, torch.zeros_like(g)) + (1 - self.b1) * u
-        r_hat = self._ema(self.r, i, (u - self.m[i]) ** 2 + self.e2, self.b3) / (1 - self.b3**k)
-        return self.m[i] / torch.sqrt(r_hat), 1.0
-
-
-def reference_run(thetas, grad_seq, lrs, allora, hp, direction):
-    """Automagic composition, per tensor in float64: returns the parameter trajectory and the final avg_lr."""
-    thetas = [t.clone() for t in thetas]
-    n = len(thetas)
-    mask = [torch.full_like(t, min(max(hp["lr"], hp["min_lr"]), hp["max_lr"])) for t in thetas]
-    prev_sign, start = [None] * n, [None] * n
-    avg_lr = [hp["lr"]] * n
-    decay = [1.0] * n
-    warm = hp["warmup_steps"]
-    traj = []
-    for t, grads in enumerate(grad_seq, start=1):
-        if t == 1:
-            for i in range(n):
-                direction.seed(i, grads[i])
-                prev_sign[i] = torch.sign(grads[i])
-                start[i] = thetas[i].clone()
-            traj.append([x.clone() for x in thetas])
-            continue
-        early, post = t <= warm / 2, t > warm
-        if hp["use_orthogonal_grad"] and post:
-            grads = [ref_orthograd(thetas[i], grads[i]) for i in range(n)]
-        if (t - 2) % hp["stats_update_freq"] == 0 and early:
-            flat = torch.cat([g.abs().reshape(-1) for g in grads])
-            mu, sigma = float(flat.mean()), float(flat.std(unbiased=False))
-            decay = [2.0 / (1.0 + math.exp(-4.0 * (float(g.abs().mean()) - mu) / sigma)) for g in grads]
-        new = []
-        for i in range(n):
-            g, theta = grads[i], thetas[i]
-            u, vr = direction(i, g, t)
-            grow = shrink = hp["lr_bump"]
-            if early and hp["d_coef"] != 1:
-                c = float((g * (start[i] - theta)).sum())
-                grow = hp["lr_bump"] * (hp["d_coef"] if c > 0 else 1.0)
-                shrink = hp["lr_bump"] * (hp["d_coef"] if c < 0 else 1.0)
-            s = torch.sign(g)
-            for idx in range(mask[i].numel()):
-                agree = float(s.reshape(-1)[idx] * prev_sign[i].reshape(-1)[idx])
-                value = float(mask[i].reshape(-1)[idx]) + (
-                    grow if agree > 0 else -shrink if agree < 0 else 0.0
-                )
-                mask[i].reshape(-1)[idx] = min(max(value, hp["min_lr"]), hp["max_lr"])
-            prev_sign[i] = s
-            if (t - 2) % hp["stats_update_freq"] == 0:
-                avg_lr[i] = float(mask[i].mean())
-            eta = mask[i] * (lrs[t] / hp["lr"]) * vr
-            if allora[i]:
-                eta = eta * ref_allora(theta, hp["alora_eta"])
-            step = u + (hp["weight_decay"] * decay[i] * theta if early else 0.0)
-            new.append(theta - eta * step)
-        thetas = new
-        traj.append([x.clone() for x in thetas])
-    numel = [t.numel() for t in thetas]
-    return traj, sum(a * k for a, k in zip(avg_lr, numel, strict=True)) / sum(numel)
 
 
 # ------------------------------------------------------------------------------------------------ helpers

@@ -311,7 +311,7 @@ def test_logs_selected_optimizer_type_and_sources(caplog: pytest.LogCaptureFixtu
     assert "'AdamWSAC'" in text.split("SAC optimizers loaded:")[1].splitlines()[0]
 
 
-def test_family_types_follow_the_seed_docs() -> None:
+def test_family_types_name_the_methods_as_the_modules_do() -> None:
     assert optimizer_family(resolve("AdamWSGG")) == "SGG (scaling with gradient grouping)"
     assert optimizer_family(resolve("Adam_miniSAC")) == "SAC (scaling with architectural constraints)"
     assert optimizer_family(resolve("Lamb")) == "standard"
