@@ -72,6 +72,7 @@ from library.optimizers import transforms as T
 from library.optimizers.flat import FlatLayout, FlatState, matrix_shape, segment_ids
 from library.optimizers.graphs import GraphSlot, StepGraph, can_capture
 from library.optimizers.state import ExactStateLoad, closure_loss
+from library.optimizers.validate import require
 
 logger = logging.getLogger(__name__)
 
@@ -527,11 +528,6 @@ class _Run:
         self.plan = plan
 
 
-def _require(cls_name: str, name: str, value: Any, ok: bool, valid: str) -> None:
-    if not ok:
-        raise OptimizerError(f"{cls_name}: {name}={value!r} is invalid; {valid}")
-
-
 def _work_dtype(p: Tensor) -> torch.dtype:
     return p.dtype if p.dtype in (torch.float32, torch.float64) else torch.float32
 
@@ -546,22 +542,22 @@ class _AutomagicBase(ExactStateLoad, torch.optim.Optimizer):
     def __init__(self, params: Iterable, defaults: dict[str, Any]) -> None:
         name = type(self).__name__
         lr, min_lr, max_lr = defaults["lr"], defaults["min_lr"], defaults["max_lr"]
-        _require(name, "lr", lr, lr > 0, "must be > 0")
-        _require(name, "min_lr", min_lr, min_lr >= 0, "must be >= 0")
-        _require(name, "max_lr", max_lr, max_lr >= min_lr, f"must be >= min_lr ({min_lr})")
-        _require(name, "lr_bump", defaults["lr_bump"], defaults["lr_bump"] >= 0, "must be >= 0")
-        _require(name, "alora_eta", defaults["alora_eta"], defaults["alora_eta"] > 0, "must be > 0")
-        _require(name, "d_coef", defaults["d_coef"], defaults["d_coef"] > 0, "must be > 0")
-        _require(
-            name, "weight_decay", defaults["weight_decay"], defaults["weight_decay"] >= 0, "must be >= 0"
+        require(name, "lr", lr, lr > 0, "> 0")
+        require(name, "min_lr", min_lr, min_lr >= 0, ">= 0")
+        require(name, "max_lr", max_lr, max_lr >= min_lr, f">= min_lr ({min_lr})")
+        require(name, "lr_bump", defaults["lr_bump"], defaults["lr_bump"] >= 0, ">= 0")
+        require(name, "alora_eta", defaults["alora_eta"], defaults["alora_eta"] > 0, "> 0")
+        require(name, "d_coef", defaults["d_coef"], defaults["d_coef"] > 0, "> 0")
+        require(
+            name, "weight_decay", defaults["weight_decay"], defaults["weight_decay"] >= 0, ">= 0"
         )
         warmup = defaults["warmup_steps"]
-        _require(
-            name, "warmup_steps", warmup, isinstance(warmup, int) and warmup >= 0, "must be an integer >= 0"
+        require(
+            name, "warmup_steps", warmup, isinstance(warmup, int) and warmup >= 0, "an integer >= 0"
         )
         freq = defaults["stats_update_freq"]
-        _require(
-            name, "stats_update_freq", freq, isinstance(freq, int) and freq >= 1, "must be an integer >= 1"
+        require(
+            name, "stats_update_freq", freq, isinstance(freq, int) and freq >= 1, "an integer >= 1"
         )
         self._logged_plain_params = False
         # flat plans by the parameter tuple they cover (plans over overlapping parameters never coexist)
@@ -848,7 +844,7 @@ class Automagic_Sinkgd(_AutomagicBase):  # noqa: N801 - the name users type (Hin
         stats_update_freq: int = 5,
         cuda_graphs: bool = True,
     ) -> None:
-        _require(type(self).__name__, "beta1", beta1, 0.0 <= beta1 < 1.0, "must be in [0, 1)")
+        require(type(self).__name__, "beta1", beta1, 0.0 <= beta1 < 1.0, "in [0, 1)")
         defaults = dict(
             lr=lr,
             min_lr=min_lr,
@@ -1019,16 +1015,16 @@ class Automagic_CameAMP(_AutomagicBase):  # noqa: N801 - the name users type (Hi
         cuda_graphs: bool = True,
     ) -> None:
         name = type(self).__name__
-        _require(
+        require(
             name,
             "betas",
             betas,
             len(betas) == 3 and all(0.0 <= b < 1.0 for b in betas),
-            "need 3 values in [0, 1)",
+            "3 values in [0, 1)",
         )
-        _require(name, "eps", eps, len(eps) == 2 and all(e > 0 for e in eps), "need 2 values > 0")
-        _require(name, "clip_threshold", clip_threshold, clip_threshold > 0, "must be > 0")
-        _require(name, "optim_bits", optim_bits, optim_bits in (8, 32), "must be 8 or 32")
+        require(name, "eps", eps, len(eps) == 2 and all(e > 0 for e in eps), "2 values > 0")
+        require(name, "clip_threshold", clip_threshold, clip_threshold > 0, "> 0")
+        require(name, "optim_bits", optim_bits, optim_bits in (8, 32), "8 or 32")
         defaults = dict(
             lr=lr,
             min_lr=min_lr,

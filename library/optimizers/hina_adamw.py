@@ -90,6 +90,7 @@ from library.optimizers import transforms as T
 from library.optimizers.flat import FlatLayout, FlatState, segment_ids
 from library.optimizers.graphs import GraphSlot, StepGraph, can_capture
 from library.optimizers.state import ExactStateLoad, closure_loss
+from library.optimizers.validate import require
 
 logger = logging.getLogger(__name__)
 
@@ -401,8 +402,7 @@ class HinaAdamWOptimizer(ExactStateLoad, torch.optim.Optimizer):
             dynamic_weight_decay=dynamic_weight_decay,
         )
         for name, value in flags.items():
-            if not isinstance(value, bool):
-                raise OptimizerError(f"CustomAdamW {name}={value!r} is invalid; valid: True or False")
+            require("CustomAdamW", name, value, isinstance(value, bool), "True or False")
         betas = tuple(betas)
         checks = [
             ("lr", lr, lr >= 0.0, ">= 0"),
@@ -430,8 +430,7 @@ class HinaAdamWOptimizer(ExactStateLoad, torch.optim.Optimizer):
             ),
         ]
         for name, value, ok, valid in checks:
-            if not ok:
-                raise OptimizerError(f"CustomAdamW {name}={value!r} is invalid; valid: {valid}")
+            require("CustomAdamW", name, value, ok, valid)
         if optim_bits == 8:
             quant8.quant_map(
                 True, torch.device("cpu")

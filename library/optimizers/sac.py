@@ -49,13 +49,10 @@ from library.optimizers.adam_mini import (
     release_plans,
     segment_sort,
     state_dtype,
-    validate_common,
-    validate_heads,
-    validate_names,
-    validate_positive_int,
 )
 from library.optimizers.flat import FlatState, segment_ids
 from library.optimizers.state import ExactStateLoad, closure_loss
+from library.optimizers.validate import validate_common, validate_heads, validate_names, validate_positive_int
 
 
 def validate_scale_bound(cls: str, scale_bound: Any) -> tuple[float, float]:

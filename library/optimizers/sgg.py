@@ -57,13 +57,11 @@ from library.optimizers.adam_mini import (
     release_plans,
     segment_sort,
     state_dtype,
-    validate_common,
-    validate_names,
-    validate_positive_int,
 )
 from library.optimizers.flat import FlatState, segment_ids
 from library.optimizers.sac import init_adam_state, plan_adamw_update, validate_scale_bound
 from library.optimizers.state import ExactStateLoad, closure_loss
+from library.optimizers.validate import validate_common, validate_names, validate_positive_int
 
 # Lloyd iterations per re-clustering: 1-D k-means from quantile starts settles in a handful.
 KMEANS_ITERS = 8
