@@ -10,19 +10,26 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from library.errors import ConfigError
+from library.flags.kohya_gui import KOHYA_GUI_KEYS
+from library.flags.run import int_or_float, resolve_optimizer_switches
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
+logger = logging.getLogger("loraforge")
+
 DEFAULT_MODEL = "builtin:tiny-sd"
-LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+# sd-scripts' --lr_scheduler names; "adafactor" (also "adafactor:LR") is Adafactor's own relative-step schedule
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                 "adafactor", "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay", "piecewise_constant")
 
 # Optimizer-specific flags: (dest, type, documented default, help). Defaults are shown in --help but the parsed
 # default is None, so the registry knows which values the user set.
@@ -88,9 +95,26 @@ def _add_flag(group: argparse._ArgumentGroup, dest: str, kind: type, default: An
                            help=f"{text} (default: {default})")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="train_network.py",
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse's errors as one line, `<prog>: error: ...`, exit code 2, without the usage dump; an unknown
+    option comes with the closest known ones."""
+
+    def error(self, message: str) -> NoReturn:
+        if message.startswith("unrecognized arguments:"):
+            known = [s for a in self._actions for s in a.option_strings]
+            hints = []
+            for word in message.split(":", 1)[1].split():
+                close = difflib.get_close_matches(word.split("=", 1)[0], known, n=2) if word.startswith("-") else []
+                if close:
+                    hints.append(f"{word} -> {' or '.join(close)}")
+            if hints:
+                message += f" (did you mean: {'; '.join(hints)}?)"
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser(prog: str = "train_network.py") -> argparse.ArgumentParser:
+    p = OneLineErrorParser(
+        prog=prog,
         description="Train a LoRA for Stable Diffusion 1.x / 2.x / SDXL (sd-scripts compatible options).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -142,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--network_train_unet_only", action="store_true")
     g.add_argument("--network_train_text_encoder_only", action="store_true")
     g.add_argument("--unet_lr", type=float, default=None)
-    g.add_argument("--text_encoder_lr", type=float, default=None)
+    g.add_argument("--text_encoder_lr", type=float, nargs="*", default=None,
+                   help="learning rate of the text encoder(s); SDXL: one value for both, or one per encoder")
     g.add_argument("--dim_from_weights", action="store_true", help="take dim/alpha from --network_weights")
 
     g = p.add_argument_group("training")
@@ -161,7 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--zero_terminal_snr", action="store_true")
     g.add_argument("--max_grad_norm", type=float, default=1.0, help="0 disables clipping")
     g.add_argument("--lr_scheduler", type=str, default="constant", help=f"one of {', '.join(LR_SCHEDULERS)}")
-    g.add_argument("--lr_warmup_steps", type=int, default=0)
+    g.add_argument("--lr_warmup_steps", type=int_or_float, default=0,
+                   help="warm-up steps, or a fraction of the steps (0.1 or 10%%)")
     g.add_argument("--lr_scheduler_num_cycles", type=int, default=1)
     g.add_argument("--lr_scheduler_power", type=float, default=1.0)
     g.add_argument("--sdpa", action="store_true", help="scaled-dot-product attention (PyTorch's, the default)")
@@ -208,9 +234,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overwrite", action="store_true", help="allow writing over an earlier run's files")
 
     g = p.add_argument_group("logging")
-    g.add_argument("--logging_dir", type=str, default=None)
-    g.add_argument("--log_with", type=str, default=None, choices=[None, "tensorboard", "none"])
-    g.add_argument("--log_prefix", type=str, default=None)
+    g.add_argument("--logging_dir", type=str, default=None,
+                   help="tracker logs go to <logging_dir>/<log_prefix><start time>/, as in sd-scripts (default: "
+                        "<output_dir>/logs; TensorBoard needs no --log_with when this is given)")
+    g.add_argument("--log_with", type=str, default=None, choices=[None, "tensorboard", "wandb", "all", "none"],
+                   help="trackers: tensorboard (under --logging_dir), wandb, all; none turns them off (default: "
+                        "tensorboard when --logging_dir is given)")
+    g.add_argument("--log_prefix", type=str, default=None, help="put in front of the run's log folder name")
     g.add_argument("--log_every_n_steps", type=int, default=10, help="loss read back from the device every N steps")
     g.add_argument("--plot_every_n_steps", type=int, default=None, help="also write the loss/lr plot every N steps")
 
@@ -252,9 +282,9 @@ def _coerce(action: argparse.Action, key: str, value: Any, path: Path) -> Any:
     """Check a TOML value against the option's kind, as argparse would check a command-line string."""
     where = f"{path}: key '{key}'"
     if isinstance(action, (argparse._StoreTrueAction, argparse.BooleanOptionalAction)):
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where} must be true or false, got {value!r}")
-        return value
+        if isinstance(value, int) and value in (0, 1):  # the kohya_ss GUI writes some switches as 0 / 1
+            return bool(value)
+        raise ConfigError(f"{where} must be true or false, got {value!r}")
     if action.nargs in ("*", "+"):
         items = value if isinstance(value, list) else [value]
         if action.type in (int, float):  # e.g. base_weights_multiplier = [0.5, 1]
@@ -282,6 +312,8 @@ def _coerce(action: argparse.Action, key: str, value: Any, path: Path) -> Any:
 
 def load_config_file(path_str: str, parser: argparse.ArgumentParser) -> tuple[dict, dict | None]:
     path = Path(path_str)
+    if not path_str.endswith(".toml") and Path(path_str + ".toml").is_file():
+        path = Path(path_str + ".toml")  # sd-scripts adds the extension: --config_file my_run reads my_run.toml
     if not path.is_file():
         raise ConfigError(f"--config_file {path_str}: file not found")
     try:
@@ -293,19 +325,27 @@ def load_config_file(path_str: str, parser: argparse.ArgumentParser) -> tuple[di
     flat, optimizer_table = _flatten_toml(data, path)
     actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config_file")}
     values = {}
+    gui_keys, unknown = [], []
     for key, value in flat.items():
         key = _EARLIER_NAMES.get(key, key)
-        if key not in actions:
-            close = difflib.get_close_matches(key, actions.keys(), n=3)
-            hint = f"; did you mean {', '.join(close)}?" if close else "; keys are the command-line option names"
-            raise ConfigError(f"{path}: unknown key '{key}'{hint}")
-        values[key] = _coerce(actions[key], key, value, path)
+        if key in actions:
+            values[key] = _coerce(actions[key], key, value, path)
+        elif key in KOHYA_GUI_KEYS:
+            gui_keys.append(f"{key} ({KOHYA_GUI_KEYS[key]})")
+        else:
+            close = difflib.get_close_matches(key, actions.keys(), n=1)
+            unknown.append(f"{key}" + (f" (did you mean {close[0]}?)" if close else ""))
+    # sd-scripts takes any key into its namespace; a key no option reads is told, never a stop
+    if gui_keys:
+        logger.info("%s: kohya_ss GUI keys that train_network.py does not read either: %s", path, "; ".join(gui_keys))
+    if unknown:
+        logger.warning("%s: keys that are no option, not used: %s", path, ", ".join(unknown))
     return values, optimizer_table
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None, *, prog: str = "train_network.py") -> argparse.Namespace:
     """Parse the command line, merging `--config_file` underneath it. Raises ConfigError on a bad file."""
-    parser = build_parser()
+    parser = build_parser(prog)
     pre, _ = parser.parse_known_args(argv)
     optimizer_table = None
     toml_keys: set[str] = set()
@@ -314,9 +354,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.set_defaults(**values)
         toml_keys = set(values)
     args = parser.parse_args(argv)
+    if args.caption_extention is not None and args.caption_extension is None:  # sd-scripts' old spelling
+        args.caption_extension = args.caption_extention
     args.optimizer_table = optimizer_table
     given = {token.split("=", 1)[0].removeprefix("--").removeprefix("no-") for token in
              (sys.argv[1:] if argv is None else argv) if token.startswith("--")}
     given = {_EARLIER_NAMES.get(key, key) for key in given}
     args.config_file_keys = sorted(toml_keys - given)  # the values the file set (the command line wins)
+    resolve_optimizer_switches(args, optimizer_type_given="optimizer_type" in toml_keys | given)
     return args

@@ -6,23 +6,33 @@ saved `.safetensors` uses kohya's key names (`lora_unet_<diffusers module path w
 `lora_te1_`/`lora_te2_` with two text encoders) so diffusers' `load_lora_weights`, ComfyUI and A1111 read it.
 Targets are kohya's: every Linear / 1x1 Conv2d inside the UNet's `Transformer2DModel`s and the text encoders'
 CLIP attention and MLP blocks; with `conv_dim` also every layer of `ResnetBlock2D`/`Downsample2D`/`Upsample2D`
-(3x3 convs at conv_dim/conv_alpha, the others at network_dim/network_alpha).
+(3x3 convs at conv_dim/conv_alpha, the others at network_dim/network_alpha). Block-wise ranks and learning
+rates (`block_dims`, `down_lr_weight`, ...) follow `networks.blocks`. SDXL U-Net modules are saved under
+sd-scripts' SAI names and read in either naming, diffusers/PEFT files too (`networks.files`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
+from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
-import safetensors.torch
 import torch
 from torch import Tensor, nn
 
 from library.errors import ConfigError, ModelError
+from networks import blocks
+from networks.files import (
+    check_modules,
+    is_sdxl_unet,
+    module_names,
+    read_lora_file,
+    to_file_keys,
+    to_network_keys,
+    write_network_file,
+)
 from networks.lora_modules import LoRAModule
 
 logger = logging.getLogger(__name__)
@@ -31,6 +41,8 @@ UNET_TARGET_MODULES = ("Transformer2DModel",)
 UNET_CONV_TARGET_MODULES = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
 TEXT_ENCODER_TARGET_MODULES = ("CLIPAttention", "CLIPSdpaAttention", "CLIPFlashAttention2", "CLIPMLP")
 LORA_PREFIX_UNET = "lora_unet"
+BUILDS_ON_META_DEVICE = True  # create_network reads no weight: the trainer may count parameters from configs
+CUDA_GRAPHS = True  # its forward makes no host decision: --cuda_graphs can record it
 LORA_PREFIX_TEXT_ENCODER = "lora_te"
 
 NETWORK_ARGS = (
@@ -42,6 +54,7 @@ NETWORK_ARGS = (
     "loraplus_unet_lr_ratio",
     "loraplus_text_encoder_lr_ratio",
     "verbose",
+    *blocks.BLOCK_ARGS,
 )
 
 
@@ -72,6 +85,8 @@ def _text_encoder_list(text_encoder: nn.Module | Sequence[nn.Module] | None) -> 
 class LoRANetwork(nn.Module):
     """All adapters of one LoRA, registered under their kohya names so `state_dict()` is the file's content."""
 
+    accepts_text_encoder_lr_list = True  # prepare_optimizer_params takes one lr per text encoder (SDXL)
+
     def __init__(
         self,
         text_encoder: nn.Module | Sequence[nn.Module] | None,
@@ -86,6 +101,13 @@ class LoRANetwork(nn.Module):
         conv_alpha: float | None = None,
         modules_dim: Mapping[str, int] | None = None,
         modules_alpha: Mapping[str, float] | None = None,
+        block_dims: Sequence[int] | None = None,
+        block_alphas: Sequence[float] | None = None,
+        conv_block_dims: Sequence[int] | None = None,
+        conv_block_alphas: Sequence[float] | None = None,
+        block_lr_weight: Sequence[float] | None = None,
+        module_class: type[LoRAModule] = LoRAModule,
+        module_kwargs: Mapping[str, Any] | None = None,
         loraplus_lr_ratio: float | None = None,
         loraplus_unet_lr_ratio: float | None = None,
         loraplus_text_encoder_lr_ratio: float | None = None,
@@ -100,7 +122,10 @@ class LoRANetwork(nn.Module):
         self.loraplus_lr_ratio = loraplus_lr_ratio
         self.loraplus_unet_lr_ratio = loraplus_unet_lr_ratio
         self.loraplus_text_encoder_lr_ratio = loraplus_text_encoder_lr_ratio
+        self.sdxl = is_sdxl_unet(unet)
+        self.block_lr_weight = list(block_lr_weight) if block_lr_weight is not None else None
         dropouts = {"dropout": dropout, "rank_dropout": rank_dropout, "module_dropout": module_dropout}
+        dropouts.update(module_kwargs or {})
 
         def build(prefix: str, root: nn.Module, targets: Sequence[str]) -> list[LoRAModule]:
             loras = []
@@ -110,6 +135,16 @@ class LoRANetwork(nn.Module):
                         continue
                     dim = modules_dim[name]
                     dim_alpha = (modules_alpha or {}).get(name, dim)
+                elif prefix == LORA_PREFIX_UNET and block_dims is not None:
+                    idx = blocks.block_index(name, self.sdxl)
+                    if not _is_conv3x3(layer):
+                        dim, dim_alpha = block_dims[idx], (block_alphas or block_dims)[idx]
+                    elif conv_block_dims is not None:
+                        dim, dim_alpha = conv_block_dims[idx], (conv_block_alphas or conv_block_dims)[idx]
+                    else:
+                        continue
+                    if not dim:
+                        continue
                 elif not _is_conv3x3(layer):
                     dim, dim_alpha = lora_dim, alpha
                 elif self.conv_lora_dim is not None:
@@ -119,7 +154,7 @@ class LoRANetwork(nn.Module):
                 if isinstance(layer, nn.Conv2d) and layer.groups != 1:
                     logger.warning("LoRA: skipping grouped convolution %s", name)
                     continue
-                loras.append(LoRAModule(name, layer, self.multiplier, dim, dim_alpha, **dropouts))
+                loras.append(module_class(name, layer, self.multiplier, dim, dim_alpha, **dropouts))
             return loras
 
         text_encoders = _text_encoder_list(text_encoder)
@@ -133,7 +168,7 @@ class LoRANetwork(nn.Module):
             core = getattr(te, "text_model", te)
             self.text_encoder_loras += build(f"{prefix}.text_model", core, TEXT_ENCODER_TARGET_MODULES)
         unet_targets = UNET_TARGET_MODULES
-        if modules_dim is not None or self.conv_lora_dim is not None:
+        if modules_dim is not None or self.conv_lora_dim is not None or conv_block_dims is not None:
             unet_targets = UNET_TARGET_MODULES + UNET_CONV_TARGET_MODULES
         self.unet_loras: list[LoRAModule] = (
             build(LORA_PREFIX_UNET, unet, unet_targets) if unet is not None else []
@@ -214,6 +249,12 @@ class LoRANetwork(nn.Module):
     def enable_gradient_checkpointing(self) -> None:
         """Nothing to do: the adapters run inside the base model's checkpointed blocks."""
 
+    def requires_grad_(self, requires_grad: bool = True) -> LoRANetwork:
+        """Each adapter decides which of its tensors train (LoRA-FA keeps lora_down frozen)."""
+        for lora in self.text_encoder_loras + self.unet_loras:
+            lora.requires_grad_(requires_grad)
+        return self
+
     def prepare_grad_etc(self, text_encoder: Any = None, unet: Any = None) -> None:
         self.requires_grad_(True)
 
@@ -221,7 +262,7 @@ class LoRANetwork(nn.Module):
         self.train()
 
     def get_trainable_params(self) -> Iterator[nn.Parameter]:
-        return self.parameters()
+        return (p for p in self.parameters() if p.requires_grad)
 
     def lora_params_named(self) -> Iterator[tuple[str, nn.Parameter]]:
         """(kohya key, parameter), e.g. `lora_unet_..._to_q.lora_down.weight`: the names optimizers see."""
@@ -233,7 +274,8 @@ class LoRANetwork(nn.Module):
         unet_lr: float | None,
         default_lr: float | None,
     ) -> list[dict[str, Any]]:
-        """Param groups `{"params", "names", "lr", "description"}`; LoRA+ puts `lora_up` in its own group.
+        """Param groups `{"params", "names", "lr", "description"}`; LoRA+ puts `lora_up` (DyLoRA's `lora_B`) in
+        its own group; frozen tensors (LoRA-FA's lora_down) stay out.
 
         A part whose lr is None falls back to `default_lr`; a group whose lr ends up 0 or None is left out
         (that part is frozen), as in sd-scripts. `text_encoder_lr` may be a list, one lr per text encoder.
@@ -245,7 +287,9 @@ class LoRANetwork(nn.Module):
             split: dict[str, tuple[list[str], list[nn.Parameter]]] = {"": ([], []), " plus": ([], [])}
             for lora in loras:
                 for pname, param in lora.named_parameters():
-                    key = " plus" if ratio is not None and pname.startswith("lora_up") else ""
+                    if not param.requires_grad:
+                        continue
+                    key = " plus" if ratio is not None and pname.startswith(("lora_up", "lora_B")) else ""
                     split[key][0].append(f"{lora.lora_name}.{pname}")
                     split[key][1].append(param)
             for key, (names, params) in split.items():
@@ -262,8 +306,10 @@ class LoRANetwork(nn.Module):
         if self.text_encoder_loras:
             ratio = self.loraplus_text_encoder_lr_ratio or self.loraplus_lr_ratio
             by_te: dict[str, list[LoRAModule]] = {}
+            per_encoder = isinstance(text_encoder_lr, Sequence) and len(text_encoder_lr) > 1
             for lora in self.text_encoder_loras:
-                by_te.setdefault(lora.lora_name.split("_")[1], []).append(lora)
+                # one "textencoder" group as sd-scripts, unless each encoder has its own lr
+                by_te.setdefault(lora.lora_name.split("_")[1] if per_encoder else "te", []).append(lora)
             for i, (te, loras) in enumerate(by_te.items()):
                 lr = text_encoder_lr
                 if isinstance(lr, Sequence):
@@ -276,7 +322,16 @@ class LoRANetwork(nn.Module):
                 )
         if self.unet_loras:
             ratio = self.loraplus_unet_lr_ratio or self.loraplus_lr_ratio
-            add(self.unet_loras, default_lr if unet_lr is None else unet_lr, ratio, "unet")
+            lr = default_lr if unet_lr is None else unet_lr
+            if self.block_lr_weight is None:
+                add(self.unet_loras, lr, ratio, "unet")
+            else:  # one group per block, lr times the block's weight (as sd-scripts)
+                by_block: dict[int, list[LoRAModule]] = {}
+                for lora in self.unet_loras:
+                    by_block.setdefault(blocks.block_index(lora.lora_name, self.sdxl), []).append(lora)
+                for idx, loras in by_block.items():
+                    weight = self.block_lr_weight[idx] if 0 <= idx < len(self.block_lr_weight) else 1.0
+                    add(loras, None if lr is None else lr * weight, ratio, f"unet_block{idx}")
         return groups
 
     @torch.no_grad()
@@ -312,31 +367,19 @@ class LoRANetwork(nn.Module):
         dtype: torch.dtype | None = None,
         metadata: Mapping[str, Any] | None = None,
     ) -> None:
-        """Write the kohya-format file atomically; `.safetensors` gets the metadata and the sshs_* hashes."""
-        state_dict = {
-            k: v.detach().to(device="cpu", dtype=dtype if dtype is not None else v.dtype).contiguous()
-            for k, v in self.state_dict().items()
-        }
-        path = Path(file)
-        tmp = path.with_name(path.name + ".tmp")
-        if path.suffix == ".safetensors":
-            meta = {str(k): str(v) for k, v in (metadata or {}).items()}
-            meta["sshs_model_hash"], meta["sshs_legacy_hash"] = safetensors_hashes(state_dict, meta)
-            safetensors.torch.save_file(state_dict, str(tmp), meta)
-        else:
-            torch.save(state_dict, tmp)
-        with open(tmp, "rb+") as f:  # the bytes reach the disk before the name points at them
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        """Write the kohya-format file atomically (SDXL U-Net keys under sd-scripts' SAI names)."""
+        write_network_file(to_file_keys(self.state_dict(), self.sdxl), file, dtype, metadata)
 
     def load_weights(self, file: str | os.PathLike, strict: bool = False) -> Any:
-        """Load a kohya-format file; returns torch's (missing_keys, unexpected_keys).
+        """Load a LoRA file in any naming `networks.files` reads; returns torch's (missing_keys, unexpected_keys).
 
-        Raises ModelError on a shape mismatch, when no key matches at all, or (strict=True) on any mismatch.
+        Raises ModelError on a shape mismatch, when a module of the file is not in the network (parts this
+        run does not train excepted) or (strict=True) on any mismatch.
         """
         return self._load_state_dict_checked(read_lora_file(file), str(file), strict)
 
     def _load_state_dict_checked(self, state_dict: dict[str, Tensor], source: str, strict: bool) -> Any:
+        state_dict = to_network_keys(state_dict, self.sdxl)
         own = self.state_dict()
         for key, value in state_dict.items():
             if key in own and tuple(own[key].shape) != tuple(value.shape):
@@ -344,25 +387,21 @@ class LoRANetwork(nn.Module):
                     f"{source}: {key} has shape {tuple(value.shape)}, this network expects {tuple(own[key].shape)} "
                     "(different network_dim/conv_dim?)"
                 )
+        ignored = tuple(p for p, kept in ((LORA_PREFIX_UNET, self.unet_loras),
+                                          (LORA_PREFIX_TEXT_ENCODER, self.text_encoder_loras)) if not kept)
+        check_modules(module_names(state_dict), module_names(own), source, ignored)
         missing = sorted(own.keys() - state_dict.keys())
         unexpected = sorted(state_dict.keys() - own.keys())
-        if own and state_dict and len(unexpected) == len(state_dict):
-            raise ModelError(
-                f"{source}: none of its {len(state_dict)} keys (e.g. {unexpected[0]}) belong to this network "
-                f"(e.g. {next(iter(own))}); is it a LoRA for this model type?"
-            )
         if strict and (missing or unexpected):
             raise ModelError(
                 f"{source}: keys do not match the network: missing {_few(missing)}, unexpected {_few(unexpected)}"
             )
-        info = self.load_state_dict(state_dict, strict=False)
+        info = self.load_state_dict({k: v for k, v in state_dict.items() if k in own}, strict=False)
         for lora in self.text_encoder_loras + self.unet_loras:
             if f"{lora.lora_name}.alpha" in state_dict:
                 lora.set_alpha_from_buffer()
-        if missing or unexpected:
-            logger.warning(
-                "LoRA %s: %d missing keys, %d unexpected keys", source, len(missing), len(unexpected)
-            )
+        if missing:
+            logger.info("LoRA %s: %d network keys not in the file start fresh", source, len(missing))
         return info
 
 
@@ -371,34 +410,6 @@ def _few(keys: Sequence[str], n: int = 5) -> str:
         return "none"
     more = f" (+{len(keys) - n} more)" if len(keys) > n else ""
     return ", ".join(keys[:n]) + more
-
-
-def read_lora_file(file: str | os.PathLike) -> dict[str, Tensor]:
-    """State dict of a `.safetensors` or torch-pickled LoRA file (tensors only, no code execution)."""
-    path = Path(file)
-    if not path.is_file():
-        raise ModelError(f"LoRA file not found: {path}")
-    try:
-        if path.suffix == ".safetensors":
-            return safetensors.torch.load_file(str(path))
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt or foreign file: one line naming the file
-        raise ModelError(f"cannot read LoRA file {path}: {type(e).__name__}: {e}".splitlines()[0]) from e
-
-
-def safetensors_hashes(state_dict: Mapping[str, Tensor], metadata: Mapping[str, str]) -> tuple[str, str]:
-    """(sshs_model_hash, sshs_legacy_hash) as sd-scripts precomputes them for A1111's additional-networks index.
-
-    The model hash is the sha256 of the tensor data (everything after the header); the legacy hash is the
-    first 8 hex digits of the sha256 of the 64 KiB at offset 1 MiB. Only `ss_*` metadata enters the bytes
-    hashed, so user metadata does not change the hash.
-    """
-    ss_meta = {k: v for k, v in metadata.items() if k.startswith("ss_")}
-    data = safetensors.torch.save(dict(state_dict), ss_meta)
-    header_len = int.from_bytes(data[:8], "little")
-    model_hash = hashlib.sha256(data[8 + header_len :]).hexdigest()
-    legacy_hash = hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
-    return model_hash, legacy_hash
 
 
 # --- network_args parsing ---------------------------------------------------------------------------------
@@ -436,14 +447,23 @@ def _arg(
     return number
 
 
-def check_network_args(kwargs: Mapping[str, Any], neuron_dropout: float | None) -> dict[str, Any]:
-    """Validate --network_args and return LoRANetwork kwargs (create_network*, and the trainer's early checks)."""
+def check_network_args(
+    kwargs: Mapping[str, Any],
+    neuron_dropout: float | None,
+    module: str = "networks.lora",
+    valid: Sequence[str] = NETWORK_ARGS,
+) -> dict[str, Any]:
+    """Validate --network_args and return LoRANetwork kwargs (create_network*, and the trainer's early checks).
+
+    Block-wise keys come back raw under "block_args" (syntax checked here; their lengths depend on the model,
+    `blocks.block_lr_weights` / `blocks.block_dims_and_alphas` check those).
+    """
     kw = dict(kwargs)
-    unknown = sorted(kw.keys() - set(NETWORK_ARGS))
+    unknown = sorted(kw.keys() - set(valid))
     if unknown:
-        raise ConfigError(
-            f"--network_args {unknown[0]}: unknown for networks.lora; valid keys: {', '.join(NETWORK_ARGS)}"
-        )
+        raise ConfigError(f"--network_args {unknown[0]}: unknown for {module}; valid keys: {', '.join(valid)}")
+    block_args = {k: kw.pop(k) for k in blocks.BLOCK_ARGS if kw.get(k) is not None}
+    blocks.check_syntax(block_args)
     verbose = str(kw.pop("verbose", False)).strip().lower() in ("true", "1", "yes")
     out = {
         "dropout": _arg({"network_dropout": neuron_dropout}, "network_dropout", float, 0, 1, high_open=True),
@@ -458,7 +478,53 @@ def check_network_args(kwargs: Mapping[str, Any], neuron_dropout: float | None) 
         out[key] = ratio
     out["conv_dim"] = _arg(kw, "conv_dim", int, 0)
     out["conv_alpha"] = _arg(kw, "conv_alpha", float, 0)
+    out["block_args"] = block_args
     return out
+
+
+def network_from_args(
+    multiplier: float,
+    network_dim: int | None,
+    network_alpha: float | None,
+    text_encoder: nn.Module | Sequence[nn.Module] | None,
+    unet: nn.Module | None,
+    kw: dict[str, Any],
+    **extra: Any,
+) -> LoRANetwork:
+    """A LoRANetwork from checked args (`check_network_args`), block-wise settings resolved for this U-Net."""
+    dim = 4 if network_dim is None else _arg({"network_dim": network_dim}, "network_dim", int, 1)
+    if dim is None:
+        raise ConfigError(f"--network_dim {network_dim!r}: expected an integer >= 1")
+    alpha = (
+        1.0 if network_alpha is None else _arg({"network_alpha": network_alpha}, "network_alpha", float, 0)
+    )
+    conv_dim, conv_alpha = kw.pop("conv_dim"), kw.pop("conv_alpha")
+    if conv_dim and conv_alpha is None:
+        conv_alpha = 1.0
+    block_args = kw.pop("block_args")
+    sdxl = is_sdxl_unet(unet)
+    lr_weights = blocks.block_lr_weights(block_args, sdxl)
+    if lr_weights is not None or block_args.get("block_dims") is not None:
+        b_dims, b_alphas, c_dims, c_alphas = blocks.block_dims_and_alphas(
+            block_args, sdxl, dim, alpha, conv_dim or None, conv_alpha, lr_weights
+        )
+        extra.update(block_dims=b_dims, block_alphas=b_alphas, conv_block_dims=c_dims, conv_block_alphas=c_alphas)
+    elif set(block_args) - {"block_lr_zero_threshold"}:
+        raise ConfigError(
+            f"--network_args {sorted(block_args)[0]}: needs block_dims or a *_lr_weight to take effect (as sd-scripts)"
+        )
+    return LoRANetwork(
+        text_encoder,
+        unet,
+        multiplier=multiplier,
+        lora_dim=dim,
+        alpha=alpha,
+        conv_lora_dim=conv_dim or None,
+        conv_alpha=conv_alpha,
+        block_lr_weight=lr_weights,
+        **kw,
+        **extra,
+    )
 
 
 def create_network(
@@ -472,26 +538,8 @@ def create_network(
     **kwargs: Any,
 ) -> LoRANetwork:
     """sd-scripts entry point: a fresh LoRA (down kaiming-uniform, up zeros) on kohya's target layers."""
-    dim = 4 if network_dim is None else _arg({"network_dim": network_dim}, "network_dim", int, 1)
-    if dim is None:
-        raise ConfigError(f"--network_dim {network_dim!r}: expected an integer >= 1")
-    alpha = (
-        1.0 if network_alpha is None else _arg({"network_alpha": network_alpha}, "network_alpha", float, 0)
-    )
     kw = check_network_args(kwargs, neuron_dropout)
-    conv_dim, conv_alpha = kw.pop("conv_dim"), kw.pop("conv_alpha")
-    if conv_dim and conv_alpha is None:
-        conv_alpha = 1.0
-    return LoRANetwork(
-        text_encoder,
-        unet,
-        multiplier=multiplier,
-        lora_dim=dim,
-        alpha=alpha,
-        conv_lora_dim=conv_dim or None,
-        conv_alpha=conv_alpha,
-        **kw,
-    )
+    return network_from_args(multiplier, network_dim, network_alpha, text_encoder, unet, kw)
 
 
 def create_network_from_weights(
@@ -510,11 +558,27 @@ def create_network_from_weights(
     `load_state_dict(weights_sd)` does that). Dropout and LoRA+ settings still come from `kwargs`;
     `for_inference` is accepted for sd-scripts callers and changes nothing (the modules are the same).
     """
+    kw = check_network_args(kwargs, None)
+    return network_from_weights(multiplier, file, text_encoder, unet, weights_sd, kw)
+
+
+def network_from_weights(
+    multiplier: float,
+    file: str | os.PathLike | None,
+    text_encoder: nn.Module | Sequence[nn.Module] | None,
+    unet: nn.Module | None,
+    weights_sd: Mapping[str, Tensor] | None,
+    kw: dict[str, Any],
+    **extra: Any,
+) -> tuple[LoRANetwork, dict[str, Tensor]]:
+    """`create_network_from_weights` for every LoRA-shaped module (LoRA, LoRA-FA, DyLoRA): the file's names
+    (any naming `networks.files` reads) and per-module ranks; every module of the file must exist here."""
     if weights_sd is None:
         if file is None:
             raise ModelError("create_network_from_weights: neither a file nor weights_sd was given")
         weights_sd = read_lora_file(file)
     source = str(file) if file is not None else "weights_sd"
+    weights_sd = to_network_keys(weights_sd, is_sdxl_unet(unet))
     modules_dim: dict[str, int] = {}
     modules_alpha: dict[str, float] = {}
     for key, value in weights_sd.items():
@@ -525,8 +589,8 @@ def create_network_from_weights(
             modules_dim[name] = int(value.shape[0])
     if not modules_dim:
         raise ModelError(f"{source}: no '<name>.lora_down.weight' keys, not a kohya-format LoRA")
-    kw = check_network_args(kwargs, None)
-    kw.pop("conv_dim"), kw.pop("conv_alpha")
+    for key in ("conv_dim", "conv_alpha", "block_args"):
+        kw.pop(key, None)
     network = LoRANetwork(
         text_encoder,
         unet,
@@ -534,13 +598,15 @@ def create_network_from_weights(
         modules_dim=modules_dim,
         modules_alpha=modules_alpha,
         **kw,
+        **extra,
     )
     found = {lora.lora_name for lora in network.text_encoder_loras + network.unet_loras}
-    unmatched = sorted(modules_dim.keys() - found)
-    if not found:
-        raise ModelError(
-            f"{source}: none of its {len(modules_dim)} modules (e.g. {unmatched[0]}) exist in this model"
-        )
-    if unmatched:
-        logger.warning("LoRA %s: %d modules not in this model: %s", source, len(unmatched), _few(unmatched))
+    check_modules(set(modules_dim), found, source)
+    network.lora_dim, network.alpha = most_common_dim_alpha(modules_dim, modules_alpha)
     return network, dict(weights_sd)
+
+
+def most_common_dim_alpha(modules_dim: Mapping[str, int], modules_alpha: Mapping[str, float]) -> tuple[int, float]:
+    """The (dim, alpha) most modules of a file have: what its ss_network_dim/alpha would say."""
+    pairs = Counter((dim, modules_alpha.get(name, float(dim))) for name, dim in modules_dim.items())
+    return pairs.most_common(1)[0][0]

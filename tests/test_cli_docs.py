@@ -47,7 +47,7 @@ def test_check_mode_reports_a_stale_page(tmp_path: Path, monkeypatch, capsys) ->
     assert gen.main([]) == 0 and gen.main(["--check"]) == 0
 
 
-HAND_WRITTEN = ["quickstart.md", "dataset-config.md", "formats.md", "troubleshooting.md", "optimizer-guides.md",
+HAND_WRITTEN = ["quickstart.md", "dataset-config.md", "formats.md", "troubleshooting.md", "optimizer-guides.md", "networks.md",
                 "zh-TW/quickstart.md", "zh-TW/optimizer-guides.md"]
 # Flags in those pages that belong to other programs: accelerate launch, sample-prompt lines, the synthetic-data
 # generator, the doc generators, tensorboard, and train.py's spelling of --config_file.

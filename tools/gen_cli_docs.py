@@ -1,6 +1,7 @@
 """Write docs/cli.md, the reference of every command-line option, from `library.cli.build_parser()`.
 
-One table per argument group (option, default, help). The page is generated so it cannot drift from the parser;
+A table of sd-scripts' options and what happens to each here, then one table per argument group (option,
+default, help). The page is generated so it cannot drift from the parser;
 tests/test_cli_docs.py fails when it is stale.
 
     python tools/gen_cli_docs.py          # rewrite docs/cli.md
@@ -22,6 +23,7 @@ from tools.docgen import write_or_check  # noqa: E402
 
 DOC = ROOT / "docs" / "cli.md"
 FIX = "python tools/gen_cli_docs.py"
+SD_SCRIPTS_FLAGS = ROOT / "tests" / "data" / "sd_scripts_flags.csv"  # sd-scripts' option list: name, script, type
 
 INTRO = """\
 # Command-line options
@@ -78,10 +80,36 @@ def _cell(text: str) -> str:
     return text.replace("<", "&lt;").replace(">", "&gt;") or " "
 
 
+def parity_section(parser: argparse.ArgumentParser) -> list[str]:
+    """Every option of sd-scripts' train_network.py / sdxl_train_network.py and what this parser does with it."""
+    import csv
+
+    from library.flags import refusals
+
+    rows = list(csv.DictReader(SD_SCRIPTS_FLAGS.open(encoding="utf-8")))
+    helps = {s: _DOC_DEFAULT.sub("", (a.help or "").replace("%%", "%")) for a in parser._actions for s in a.option_strings}
+    refused = {f"--{k}": v for k, v in refusals().items()}
+    table, counts = [], {"honoured": 0, "refused": 0}
+    for row in rows:
+        flag = row["flag"]  # every one is an option here (tests/training/test_sd_scripts_flags.py)
+        status = "refused" if flag in refused else "honoured"
+        counts[status] += 1
+        note = refused.get(flag) or helps[flag]
+        scripts = "sdxl_train_network.py" if row["script"] == "sdxl only" else "both"
+        table.append(f"| `{flag}` | {scripts} | {status} | {_cell(note)} |")
+    return ["## sd-scripts parity", "",
+            f"Of the {len(rows)} options of sd-scripts' `train_network.py` + `sdxl_train_network.py`, "
+            f"{counts['honoured']} are honoured with sd-scripts' meaning, {counts['refused']} refused (one line, exit 2, "
+            "before any model loads) where they cannot work. "
+            "A `--config_file` key that is no option is one warning line, never a stop, as sd-scripts reads any key; "
+            "the kohya_ss GUI's own keys (`epoch`, `noise_offset_type`, ...) are accepted and named in the log.",
+            "", "| sd-scripts option | script | here | note |", "|---|---|---|---|", *table, ""]
+
+
 def render() -> str:
     """The whole page."""
     parser = build_parser()
-    lines = [INTRO]
+    lines = [INTRO, *parity_section(parser)]
     for group in parser._action_groups:
         actions = [a for a in group._group_actions if not isinstance(a, argparse._HelpAction)]
         if not actions:

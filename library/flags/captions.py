@@ -49,6 +49,8 @@ def _separator(value: str) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("captions and text encoders")
+    g.add_argument("--caption_extention", type=str, default=None,
+                   help="sd-scripts' old spelling of --caption_extension, read as it (the correct spelling wins)")
     g.add_argument("--caption_separator", type=_separator, default=",", help="separator between caption tags")
     g.add_argument("--keep_tokens_separator", type=str, default="",
                    help="tags before this separator stay in place (and after a second one: at the end) when "

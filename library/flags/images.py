@@ -24,8 +24,16 @@ def _face_range(value: str) -> tuple[float, float]:
     return lo, hi
 
 
+REFUSALS = {
+    "dataset_class": "a class written against sd-scripts' internal dataset API cannot run here; describe the data "
+                     "with --dataset_config TOML, --train_data_dir folders or --in_json",
+}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("images, augmentation and validation loss")
+    g.add_argument("--dataset_class", type=str, default=None,
+                   help="sd-scripts' package.module.Class dataset: refused (see docs/cli.md)")
     g.add_argument("--color_aug", action="store_true",
                    help="weak colour augmentation: a third of the samples get a small hue shift or gamma")
     g.add_argument("--random_crop", action="store_true",

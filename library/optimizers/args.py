@@ -2,8 +2,8 @@
 
 Sources, strongest first: explicit CLI flag > ``--optimizer_args k=v`` > ``[optimizer]`` TOML table >
 environment variable (``SGG_*``, ``SAC_*``, ``ADAM_MINI_*``) > the registry's documented default > the
-optimizer class's own default. Values are checked against the type of the default so that a typo fails at
-start-up with a message naming the flag, key or variable instead of deep inside the first step.
+optimizer class's own default. Values are checked against the type of the default (any number for a numeric
+default: Prodigy's integer ``weight_decay=0`` takes 0.5, as in sd-scripts) so that a typo fails at start-up with a message naming the flag, key or variable instead of deep inside the first step.
 User strings are parsed with ``ast.literal_eval`` only, never evaluated.
 """
 
@@ -75,8 +75,12 @@ def parse_env_value(var: str, raw: str, default: Any) -> Any:
         try:
             return int(text)
         except ValueError:
+            pass
+        try:
+            return float(text)  # an integer default does not make the setting integer-only
+        except ValueError:
             raise ConfigError(
-                f"environment variable {var}={raw!r} is not valid: expected an integer, e.g. {var}={default}"
+                f"environment variable {var}={raw!r} is not valid: expected a number, e.g. {var}={default}"
             ) from None
     if isinstance(default, float):
         try:
@@ -131,9 +135,11 @@ def coerce_value(optimizer: str, key: str, value: Any, default: Any, where: str)
             return value in _TRUE
         expected = "True or False"
     elif isinstance(default, int):
-        if _is_number(value) and float(value).is_integer():
-            return int(value)
-        expected = "an integer"
+        # a default of 0 says nothing about the kind (Prodigy's weight_decay=0): a fraction passes as given,
+        # as sd-scripts passes every literal through
+        if _is_number(value):
+            return int(value) if float(value).is_integer() else float(value)
+        expected = "a number"
     elif isinstance(default, float):
         if _is_number(value):
             return float(value)

@@ -586,8 +586,17 @@ _SPECS: tuple[OptimizerSpec, ...] = (
         state_bytes="4 (+factored)",
     ),
     OptimizerSpec(
+        "DAdaptAdamPreprint",
+        ("DAdaptation",),  # sd-scripts' "DAdaptation" is this one, the paper's preprint Adam
+        _cls("dadaptation.experimental:DAdaptAdamPreprint"),
+        ("dadaptation",),
+        defaults={"lr": 1.0},
+        description="D-Adaptation Adam as in the preprint (sd-scripts' DAdaptation); keep lr=1",
+        state_bytes="12",
+    ),
+    OptimizerSpec(
         "DAdaptAdam",
-        ("DAdaptation",),
+        (),
         _cls("dadaptation:DAdaptAdam"),
         ("dadaptation",),
         defaults={"lr": 1.0},
@@ -610,6 +619,15 @@ _SPECS: tuple[OptimizerSpec, ...] = (
         ("dadaptation",),
         defaults={"lr": 1.0},
         description="D-Adaptation Adan; keep lr=1",
+        state_bytes="16",
+    ),
+    OptimizerSpec(
+        "DAdaptAdanIP",
+        (),
+        _cls("dadaptation.experimental:DAdaptAdanIP"),
+        ("dadaptation",),
+        defaults={"lr": 1.0},
+        description="D-Adaptation Adan, inner-product variant (experimental); keep lr=1",
         state_bytes="16",
     ),
     OptimizerSpec(

@@ -7,7 +7,7 @@ import argparse
 
 import torch
 
-from networks.lora import read_lora_file
+from networks.files import read_lora_file
 
 LORA_KEY_MARKERS = ("lora_up", "lora_down", "lora_A", "lora_B", "oft_")
 

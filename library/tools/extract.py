@@ -17,7 +17,7 @@ from library.tools.lora_files import check_save_path, join_modules, modelspec, p
 from library.tools.lora_ops import extract
 from library.tools.runner import progress, resolve_device
 from library.tools.sdxl_names import to_file_names
-from library.training.metadata import ARCHITECTURES
+from library.training.metadata import base_model_version
 
 logger = logging.getLogger(__name__)
 
@@ -64,12 +64,6 @@ def weight_differences(original, tuned, conv: bool, min_diff: float) -> dict[str
     else:
         logger.info("text encoder differs (max difference %g > --min_diff %g)", te_max, min_diff)
     return diffs
-
-
-def base_model_version(model_type: str, v_parameterization: bool) -> str:
-    """sd-scripts' `ss_base_model_version` of an extracted LoRA: sd_v1 / sd_v2 (+ `_v`), sdxl_base_v1-0."""
-    version = ARCHITECTURES[(model_type, False)][1]
-    return version + "_v" if v_parameterization and model_type != "sdxl" else version
 
 
 def extract_file(args: argparse.Namespace) -> None:

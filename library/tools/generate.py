@@ -217,7 +217,8 @@ def attach_networks(model, networks: list[tuple[str, float]], merge: bool, devic
     from library.tools.checkpoint import check_lora_fits, lora_layers
     from library.tools.lora_files import split_modules
     from library.tools.sdxl_names import to_diffusers_names
-    from networks.lora import create_network_from_weights, read_lora_file
+    from networks.files import read_lora_file
+    from networks.lora import create_network_from_weights
 
     layers = lora_layers(model)
     attached = []

@@ -22,8 +22,8 @@ from torch import Tensor
 from library.errors import ConfigError, ModelError
 from library.tools.lora_math import loha_delta, lokr_delta, lora_delta
 from library.training.atomic import atomic_file
-from library.training.metadata import ARCHITECTURES
-from networks.lora import read_lora_file, safetensors_hashes
+from library.training.metadata import MODELSPEC_VERSION, architecture
+from networks.files import read_lora_file, safetensors_hashes
 
 LORA_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
 _LYCORIS_MARKERS = {
@@ -260,12 +260,10 @@ def modelspec(
     model_type: str, v_parameterization: bool, *, lora: bool, title: str, merged_from: str | None = None
 ) -> dict[str, str]:
     """sd-scripts' `modelspec.*` keys (the SAI model spec) for a tool's output."""
-    arch, _ = ARCHITECTURES.get(
-        (model_type, v_parameterization and model_type == "sd2"), ARCHITECTURES[("sd1", False)]
-    )
+    arch = architecture(model_type, v_parameterization)
     size = 1024 if model_type == "sdxl" else 768 if (model_type == "sd2" and v_parameterization) else 512
     md = {
-        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.sai_model_spec": MODELSPEC_VERSION,
         "modelspec.architecture": f"{arch}/lora" if lora else arch,
         "modelspec.implementation": "https://github.com/Stability-AI/generative-models"
         if model_type == "sdxl"

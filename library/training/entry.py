@@ -31,8 +31,10 @@ def main(argv: list[str] | None = None, *, force_sdxl: bool = False) -> int:
     _setup_logging()
     try:
         from library.cli import parse_args
+        from library.training.trackers import configure_console
 
-        args = parse_args(argv)
+        args = parse_args(argv, prog="sdxl_train_network.py" if force_sdxl else "train_network.py")
+        configure_console(args)
         if force_sdxl:
             args.sdxl = True
         if args.optimizer_type.lower() == "list":

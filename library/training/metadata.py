@@ -110,11 +110,11 @@ class RunFacts:
     network_alpha: float | None = None
 
 
-def base_model_version(facts: RunFacts) -> str:
+def base_model_version(model_type: str, v_parameterization: bool) -> str:
     """sd-scripts' model version string: sdxl_base_v1-0, or sd_v1 / sd_v2 with _v for v-prediction."""
-    if facts.model_type == "sdxl":
+    if model_type == "sdxl":
         return "sdxl_base_v1-0"
-    return ("sd_v2" if facts.model_type == "sd2" else "sd_v1") + ("_v" if facts.v_parameterization else "")
+    return ("sd_v2" if model_type == "sd2" else "sd_v1") + ("_v" if v_parameterization else "")
 
 
 def optimizer_metadata(optimizer_class: str, optimizer_args: list[str] | None) -> str:
@@ -241,6 +241,8 @@ def build_metadata(args: argparse.Namespace, facts: RunFacts) -> dict[str, str]:
     md: dict[str, Any] = {"ss_session_id": facts.session_id, "ss_training_started_at": facts.started_at}
     md.update({k: getattr(args, o) for k, o in OPTION_KEYS.items()})
     md.update({k: bool(getattr(args, o)) for k, o in SWITCH_KEYS.items()})
+    te_lr = args.text_encoder_lr  # one value: the number sd-scripts records; one per encoder: the list that trained
+    md["ss_text_encoder_lr"] = te_lr[0] if isinstance(te_lr, list) and len(te_lr) == 1 else te_lr or None
     md.update({
         "ss_v2": facts.model_type == "sd2",
         "ss_num_train_images": s["num_train_images_x_repeats"],
@@ -249,7 +251,7 @@ def build_metadata(args: argparse.Namespace, facts: RunFacts) -> dict[str, str]:
         "ss_num_reg_images": s["num_reg_images_x_repeats"],
         "ss_num_batches_per_epoch": facts.num_batches_per_epoch,
         "ss_num_epochs": facts.num_epochs,
-        "ss_base_model_version": base_model_version(facts),
+        "ss_base_model_version": base_model_version(facts.model_type, facts.v_parameterization),
         "ss_sd_scripts_commit_hash": source_revision(),
         "ss_optimizer": optimizer_metadata(facts.optimizer_class, args.optimizer_args),
     })
@@ -274,6 +276,13 @@ def stamp(metadata: dict[str, str], *, steps: int, epoch: int, no_metadata: bool
 _ARCHITECTURES = {"sdxl": "stable-diffusion-xl-v1-base", "sd2": "stable-diffusion-v2-512", "sd1": "stable-diffusion-v1"}
 
 
+def architecture(model_type: str, v_parameterization: bool) -> str:
+    """The model spec's architecture of the base model (the LoRA's is this + "/lora")."""
+    if model_type == "sd2" and v_parameterization:
+        return "stable-diffusion-v2-768-v"
+    return _ARCHITECTURES[model_type]
+
+
 def file_to_data_url(path: str) -> str:
     mime = mimetypes.guess_type(path)[0] or "application/octet-stream"
     return f"data:{mime};base64,{base64.b64encode(Path(path).read_bytes()).decode('ascii')}"
@@ -283,9 +292,7 @@ def modelspec(args: argparse.Namespace, *, model_type: str, v_parameterization: 
               implementation_version: str, timestamp: float | None = None) -> dict[str, str]:
     """sd-scripts' modelspec.* keys of a LoRA (Stability AI's model spec, version `MODELSPEC_VERSION`)."""
     timestamp = time.time() if timestamp is None else timestamp
-    arch = _ARCHITECTURES[model_type]
-    if model_type == "sd2" and v_parameterization:
-        arch = "stable-diffusion-v2-768-v"
+    arch = architecture(model_type, v_parameterization)
     spec: dict[str, str | None] = {
         "modelspec.sai_model_spec": MODELSPEC_VERSION,
         "modelspec.architecture": f"{arch}/lora",

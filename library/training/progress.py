@@ -1,4 +1,4 @@
-"""What the user watches: one tqdm bar (smoothed loss, lr, it/s, ETA, VRAM), tensorboard scalars, a loss/lr plot.
+"""What the user watches: one tqdm bar (average loss, lr, it/s, ETA, VRAM), tracker scalars, a loss/lr plot.
 
 Everything here receives numbers already read back from the device on logging steps only.
 """
@@ -11,6 +11,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from library.training.trackers import log_scalars
+from library.training.validation_loss import LossRecorder
+
 logger = logging.getLogger("loraforge")
 
 
@@ -22,7 +25,7 @@ class Progress:
         self.output_dir = output_dir
         self.enabled = enabled
         self.bar = tqdm(total=total, initial=initial, disable=not enabled, desc="steps", dynamic_ncols=True)
-        self.smoothed: float | None = None
+        self.losses = LossRecorder()
         self.history: list[tuple[int, float, float]] = []  # (step, loss, lr of group 0)
         self.last_step = initial
 
@@ -30,18 +33,27 @@ class Progress:
         self.bar.update(step - self.last_step)
         self.last_step = step
 
-    def log(self, step: int, loss: float, lr_logs: dict[str, float], postfix: dict[str, str] | None = None) -> None:
-        self.smoothed = loss if self.smoothed is None else 0.9 * self.smoothed + 0.1 * loss
+    def log(self, step: int, loss: float, lr_logs: dict[str, float], *, epoch: int, position: int,
+            postfix: dict[str, str] | None = None) -> None:
+        """`position`: the how-many-th log of this epoch, where sd-scripts' loss average keeps its slot."""
+        self.losses.add(epoch=epoch, step=position, loss=loss)
+        average = self.losses.moving_average
         lr0 = next(iter(lr_logs.values()), 0.0)
         self.history.append((step, loss, lr0))
-        postfix = {"loss": f"{self.smoothed:.4f}", "lr": f"{lr0:.2e}", **(postfix or {})}
+        postfix = {"loss": f"{average:.4f}", "lr": f"{lr0:.2e}", **(postfix or {})}
         if self.device.type == "cuda":
             postfix["vram"] = f"{torch.cuda.max_memory_allocated(self.device) / 2**30:.1f}G"
         self.bar.set_postfix(postfix, refresh=False)
-        self.accelerator.log({"loss/current": loss, "loss/average": self.smoothed, **lr_logs}, step=step)
+        log_scalars(self.accelerator, {"loss/current": loss, "loss/average": average, **lr_logs}, step_value=step,
+                    global_step=step, epoch=epoch + 1)
         every = self.args.plot_every_n_steps
         if every and step % every == 0:
             self.plot()
+
+    def end_epoch(self, epoch: int, global_step: int) -> None:
+        """loss/epoch_average at the epoch's number (1-based), as sd-scripts logs it."""
+        log_scalars(self.accelerator, {"loss/epoch_average": self.losses.moving_average}, step_value=epoch,
+                    global_step=global_step, epoch=epoch)
 
     def plot(self) -> Path | None:
         if not self.enabled or not self.history:

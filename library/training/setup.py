@@ -168,21 +168,26 @@ def parse_key_values(items: list[str] | None, flag: str) -> dict:
 
 
 def build_network(args: argparse.Namespace, network_module, model, train_text_encoder: bool, train_unet: bool):
+    """Create the network, hook it in, and load --network_weights (also with --dim_from_weights, as sd-scripts).
+
+    With --dim_from_weights the file decides the rank: the log states the network's (the file's) dim/alpha.
+    """
     net_kwargs = parse_key_values(args.network_args, "--network_args")
     text_encoder = model.text_encoders if len(model.text_encoders) > 1 else model.text_encoders[0]
     if args.network_weights and args.dim_from_weights:
         network, _ = network_module.create_network_from_weights(1.0, args.network_weights, model.vae, text_encoder,
                                                                 model.unet, **net_kwargs)
+        dim, alpha = getattr(network, "lora_dim", "?"), getattr(network, "alpha", "?")
     else:
         network = network_module.create_network(1.0, args.network_dim, args.network_alpha, model.vae, text_encoder,
                                                  model.unet, neuron_dropout=args.network_dropout, **net_kwargs)
+        dim, alpha = args.network_dim, args.network_alpha
     network.apply_to(text_encoder, model.unet, train_text_encoder, train_unet)
-    if args.network_weights and not args.dim_from_weights:
+    if args.network_weights:
         info = network.load_weights(args.network_weights)
         logger.info("loaded network weights %s: %s", args.network_weights, info)
     n = sum(p.numel() for p in network.parameters() if p.requires_grad)
-    logger.info("network: %s dim %s alpha %s, %d trainable parameters", args.network_module, args.network_dim,
-                args.network_alpha, n)
+    logger.info("network: %s dim %s alpha %s, %d trainable parameters", args.network_module, dim, alpha, n)
     return network
 
 
@@ -237,7 +242,17 @@ def build_optimizer_for(args: argparse.Namespace, network) -> tuple[torch.optim.
     name = optimizer_name(args)
     spec = resolve(name)
     inputs = _optimizer_inputs(args)
-    groups = network.prepare_optimizer_params(args.text_encoder_lr, args.unet_lr, effective_lr(args, inputs, spec))
+    default_lr = effective_lr(args, inputs, spec)
+    te_lr = args.text_encoder_lr or None  # sd-scripts: an empty list is no value
+    if te_lr and len(te_lr) > 1 and hasattr(network, "prepare_optimizer_params_with_multiple_te_lrs"):
+        groups = network.prepare_optimizer_params_with_multiple_te_lrs(te_lr, args.unet_lr, default_lr)
+    else:
+        if te_lr and len(te_lr) > 1 and not getattr(network, "accepts_text_encoder_lr_list", False):
+            logger.warning("--text_encoder_lr %s: %s takes one text-encoder lr; using %s for every encoder, as "
+                           "sd-scripts does", te_lr, args.network_module, te_lr[0])
+        if te_lr and (len(te_lr) == 1 or not getattr(network, "accepts_text_encoder_lr_list", False)):
+            te_lr = te_lr[0]
+        groups = network.prepare_optimizer_params(te_lr, args.unet_lr, default_lr)
     if isinstance(groups, tuple):  # sd-scripts modules may return (params, descriptions)
         groups = groups[0]
     optimizer, sources = build_optimizer(name, groups, lr=args.learning_rate, **inputs)
@@ -247,16 +262,3 @@ def build_optimizer_for(args: argparse.Namespace, network) -> tuple[torch.optim.
     values = optimizer.defaults
     settings = ", ".join(f"{k}={values.get(k, '?')}" for k in sorted(sources))
     return optimizer, desc + (f"({settings})" if settings else "")
-
-
-def build_lr_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer, total_steps: int):
-    from diffusers.optimization import get_scheduler
-
-    own = LoopNeeds(optimizer).lr_scheduler()
-    if own is not None:
-        logger.info("%s brings its own lr schedule (--lr_scheduler ignored), as sd-scripts", type(optimizer).__name__)
-        return own
-    warmup = None if args.lr_scheduler == "constant" else args.lr_warmup_steps
-    # diffusers routes num_cycles to cosine_with_restarts and power to polynomial only
-    return get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps,
-                         num_cycles=args.lr_scheduler_num_cycles, power=args.lr_scheduler_power)

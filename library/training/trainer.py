@@ -29,10 +29,17 @@ from library.training import checkpoints, conditioning, losses, metadata
 from library.training.atomic import atomic_dir, atomic_file, check_writable
 from library.training.compile import check_compile_device, compile_requested, compile_unet, step_marker
 from library.training.graphed_step import GraphedStep, checkpoint_without_rng_state
+from library.training.hub import HubUploader, download_state
+from library.training.lr_schedulers import build_lr_scheduler
+from library.training.multiprocess import (
+    EpochBatches,
+    EpochIndexed,
+    GradientAverager,
+    check_persistent_workers,
+)
 from library.training.progress import Progress
 from library.training.setup import (
     build_dataset,
-    build_lr_scheduler,
     build_network,
     build_optimizer_for,
     check_optimizer_settings,
@@ -41,6 +48,7 @@ from library.training.setup import (
     store_base_in_fp8,
     weight_dtype_for,
 )
+from library.training.trackers import log_scalars, logging_dir_of_run, lr_logs, start_trackers, tracker_choice
 from library.training.validate import (
     check_free_space_for_network,
     import_network_module,
@@ -102,11 +110,10 @@ class LoRATrainer:
 
         from accelerate import Accelerator, InitProcessGroupKwargs
 
-        # sd-scripts: a --logging_dir alone means tensorboard; "none" turns trackers off
-        log_with = None if a.log_with == "none" else a.log_with or ("tensorboard" if a.logging_dir else None)
+        log_with = tracker_choice(a)
         handlers = [] if a.ddp_timeout is None else [InitProcessGroupKwargs(timeout=timedelta(minutes=a.ddp_timeout))]
         self.accelerator = Accelerator(mixed_precision=a.mixed_precision, log_with=log_with, kwargs_handlers=handlers,
-                                       project_dir=a.logging_dir or str(self.output_dir / "logs"),
+                                       project_dir=logging_dir_of_run(a, self.output_dir),
                                        cpu=launched_on_cpus())
         acc = self.accelerator
         if acc.is_main_process:
@@ -165,16 +172,26 @@ class LoRATrainer:
         self.base_optimizer = self.optimizer
         self.optimizer_needs = LoopNeeds(self.base_optimizer)  # Hessian passes, metrics: asked through one object
         self.world = acc.num_processes
+        self.average_gradients = GradientAverager(self.trainable, self.world,
+                                                  gradient_as_bucket_view=a.ddp_gradient_as_bucket_view,
+                                                  static_graph=a.ddp_static_graph)
+        self.keep_workers = check_persistent_workers(a)
+        self.epoch_batches = EpochBatches()
+        self.persistent_loader = None
         self.batches = self._epoch_batches(0)
         self.steps_per_epoch = max(1, math.ceil(len(self.batches) / a.gradient_accumulation_steps))
         if a.max_train_epochs:
             a.max_train_steps = a.max_train_epochs * self.steps_per_epoch
         self.num_epochs = math.ceil(a.max_train_steps / self.steps_per_epoch)
         a.save_every_n_epochs = checkpoints.save_every_n_epochs(a, self.num_epochs)
-        self.lr_scheduler = build_lr_scheduler(a, self.base_optimizer, a.max_train_steps)
+        # as sd-scripts: the schedule spans steps x processes and advances once per process each step
+        self.lr_scheduler = build_lr_scheduler(a, self.base_optimizer, a.max_train_steps * self.world)
         self.optimizer = acc.prepare(self.optimizer)
         acc.register_for_checkpointing(self.network, self.lr_scheduler, self.progress)
+        self.hub = HubUploader(a)
         if a.resume:
+            if a.resume_from_huggingface:
+                a.resume = download_state(a)
             acc.load_state(a.resume)
             logger.info("resumed from %s at step %d (epoch %d)", a.resume, self.progress.global_step, self.progress.epoch + 1)
         self._start_at_initial_step()
@@ -187,8 +204,7 @@ class LoRATrainer:
             network_kwargs=network_kwargs_metadata(a), **dim_from_weights_metadata(a, self.network)))
         if acc.is_main_process:  # the exact estimate, now that the network and the epochs are known
             check_free_space_for_network(a, self.network, self.steps_per_epoch, start_step=self.progress.global_step)
-        if acc.is_main_process and log_with:
-            acc.init_trackers((a.log_prefix or "") + "network_train", config={"optimizer": self.optimizer_desc})
+        start_trackers(acc, a, {"optimizer": self.optimizer_desc})
 
     def _start_at_initial_step(self) -> None:
         """--initial_step / --initial_epoch, as sd-scripts: with --skip_until_initial_step the run continues from
@@ -279,7 +295,8 @@ class LoRATrainer:
                                                                                               shuffle=False)),
             collate_fn=collate, num_workers=self.args.max_data_loader_n_workers)
         logs = self.validation.run(kind, self.progress.epoch, loader, self._validation_loss, self.device)
-        self.accelerator.log(logs, step=self.progress.global_step)
+        log_scalars(self.accelerator, logs, step_value=self.progress.global_step, global_step=self.progress.global_step,
+                    epoch=self.progress.epoch + 1)
         self.network.train()
         self._optimizer_mode("train")
 
@@ -300,10 +317,26 @@ class LoRATrainer:
         if usable == 0:
             raise ConfigError(f"the dataset gives {len(batches)} batches per epoch, fewer than the {self.world} processes")
         mine = batches[self.accelerator.process_index:usable:self.world]
+        self.epoch_sample_steps = None
         if self.dataset.uses_token_warmup():  # token warm-up grows captions with the optimizer step
-            self.dataset.set_sample_steps(sample_steps(mine, epoch, self.args.gradient_accumulation_steps),
-                                          self.args.max_train_steps)
+            self.epoch_sample_steps = sample_steps(mine, epoch, self.args.gradient_accumulation_steps)
+            self.dataset.set_sample_steps(self.epoch_sample_steps, self.args.max_train_steps)
         return mine
+
+    def _loader(self, epoch: int, batches: list[list[int]]) -> torch.utils.data.DataLoader:
+        """This epoch's batches; with --persistent_data_loader_workers one loader (and its workers) for all."""
+        a = self.args
+        if not self.keep_workers:
+            return torch.utils.data.DataLoader(
+                self.dataset, batch_sampler=batches, collate_fn=collate, num_workers=a.max_data_loader_n_workers,
+                pin_memory=self.device.type == "cuda", generator=torch.Generator())
+        self.epoch_batches.set(epoch, batches, self.epoch_sample_steps)
+        if self.persistent_loader is None:
+            self.persistent_loader = torch.utils.data.DataLoader(
+                EpochIndexed(self.dataset, a.max_train_steps), batch_sampler=self.epoch_batches, collate_fn=collate,
+                num_workers=a.max_data_loader_n_workers, persistent_workers=True,
+                pin_memory=self.device.type == "cuda", generator=torch.Generator())
+        return self.persistent_loader
 
     # ------------------------------------------------------------------ step
     def _latents(self, batch: dict) -> torch.Tensor:
@@ -415,7 +448,7 @@ class LoRATrainer:
 
     def _sync_gradients(self) -> None:
         if self.world > 1:
-            average_gradients(self.trainable, self.world)
+            self.average_gradients()
 
     def _hessian_update(self) -> None:
         """Gauss-Newton-Bartlett Hessian estimate (SophiaG) from targets sampled around the model's own
@@ -457,12 +490,10 @@ class LoRATrainer:
             report_compile, loop_start = compile_requested(a), time.perf_counter()
             while self.progress.global_step < a.max_train_steps and self.progress.epoch < self.num_epochs:
                 epoch = self.progress.epoch
+                logs_in_epoch = 0
                 batches = self._epoch_batches(epoch)
                 start = self.progress.batches_done_in_epoch
-                loader = torch.utils.data.DataLoader(
-                    self.dataset, batch_sampler=batches[start:], collate_fn=collate,
-                    num_workers=a.max_data_loader_n_workers, persistent_workers=False,
-                    pin_memory=self.device.type == "cuda", generator=torch.Generator())
+                loader = self._loader(epoch, batches[start:])
                 for i, batch in enumerate(loader, start=start):
                     loss = self.forward_backward(batch)
                     loss_sum += loss
@@ -476,7 +507,8 @@ class LoRATrainer:
                     if a.max_grad_norm > 0:
                         acc.clip_grad_norm_(self.trainable, a.max_grad_norm)
                     self.optimizer.step()
-                    self.lr_scheduler.step()
+                    for _ in range(self.world):
+                        self.lr_scheduler.step()
                     self.optimizer.zero_grad(set_to_none=True)
                     if a.scale_weight_norms:  # (keys scaled, mean norm, max norm), read on logging steps only
                         self.max_norm_stats = self.network.apply_max_norm_regularization(a.scale_weight_norms,
@@ -499,7 +531,8 @@ class LoRATrainer:
                         good_weights, good_step = self._snapshot(), step
                     if step % a.log_every_n_steps == 0 or step == a.max_train_steps:
                         bar.log(step, (loss_sum / max(loss_count, 1)).item(), {**self._lr_logs(), **self._norm_logs()},
-                                postfix=self._norm_postfix())
+                                epoch=epoch, position=logs_in_epoch, postfix=self._norm_postfix())
+                        logs_in_epoch += 1
                         loss_sum.zero_()
                         loss_count = 0
                     bar.update(step)
@@ -519,6 +552,7 @@ class LoRATrainer:
                     self.progress.epoch += 1
                     self.progress.batches_done_in_epoch = 0
                     done = self.progress.epoch
+                    bar.end_epoch(done, self.progress.global_step)
                     if a.save_every_n_epochs and done % a.save_every_n_epochs == 0 and done < self.num_epochs \
                             and self.progress.global_step < a.max_train_steps:
                         self._save_checkpoint(done, every=a.save_every_n_epochs, by_step=False)
@@ -527,8 +561,10 @@ class LoRATrainer:
                     continue
                 if self.validation is not None and self.validation.due_after_epoch(epoch + 1):
                     self._validate("epoch")  # sd-scripts validates the last, stopped epoch too
+                bar.end_epoch(self.progress.epoch + 1, self.progress.global_step)  # the last, maybe partial, epoch
                 break
-            final = self.save(a.output_name, state=a.save_state or a.save_state_on_train_end, epoch=self.num_epochs)
+            final = self.save(a.output_name, state=a.save_state or a.save_state_on_train_end, epoch=self.num_epochs,
+                              last=True)
         except BaseException:  # the error line must not land on the open progress bar's line
             bar.bar.close()
             raise
@@ -561,9 +597,10 @@ class LoRATrainer:
         if a.save_state and old_state:
             retire(self._state_dir(namer(a.output_name, old_state)))
 
-    def save(self, name: str, *, state: bool, epoch: int | None = None) -> Path:
-        """The LoRA file `<name>.<--save_model_as>` (and the state folder `<name>-state`), each written atomically.
-        `epoch` is the 1-based epoch recorded as ss_epoch (default: the one in progress)."""
+    def save(self, name: str, *, state: bool, epoch: int | None = None, last: bool = False) -> Path:
+        """The LoRA file `<name>.<--save_model_as>` (and the state folder `<name>-state`), each written atomically,
+        then uploaded with --huggingface_repo_id (`last`: waited for). `epoch` is the 1-based epoch recorded as
+        ss_epoch (default: the one in progress)."""
         a, acc = self.args, self.accelerator
         self._optimizer_mode("eval")
         path = self.output_dir / f"{name}.{a.save_model_as}"
@@ -585,6 +622,12 @@ class LoRATrainer:
                     acc.save_state(str(tmp))
             else:
                 acc.save_state(str(state_dir))
+        if acc.is_main_process:  # only once the files are complete on disk
+            self.hub.upload(path, wait=last)
+            if state and a.save_state_to_huggingface:
+                self.hub.upload(state_dir, wait=last)
+            if last:
+                self.hub.wait()
         acc.wait_for_everyone()
         self._optimizer_mode("train")
         return path
@@ -637,7 +680,8 @@ class LoRATrainer:
             fn()
 
     def _lr_logs(self) -> dict[str, float]:
-        return self.optimizer_needs.metrics()
+        logs = lr_logs(self.base_optimizer.param_groups, unet_only=not self.train_text_encoder)
+        return {**logs, **self.optimizer_needs.metrics()}
 
     def _norm_logs(self) -> dict[str, float]:
         """--scale_weight_norms under sd-scripts' tracker names."""
@@ -716,23 +760,6 @@ def sample_steps(batches: list[list[int]], epoch: int, accumulate: int) -> dict[
     return {i: first + j // accumulate for j, batch in enumerate(batches) for i in batch}
 
 
-def average_gradients(params: list[torch.Tensor], world: int) -> None:
-    """Average LoRA gradients across processes in ONE flat all-reduce.
-
-    The network is not wrapped in DDP: its forward is never called (the UNet's patched layers are), so DDP's
-    reducer would never arm its hooks. One flat buffer is also one collective instead of hundreds.
-    """
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1).float() for g in grads])
-    torch.distributed.all_reduce(flat)
-    flat /= world
-    offset = 0
-    for p, g in zip(params, grads, strict=True):
-        n = g.numel()
-        p.grad = flat[offset:offset + n].view_as(p).to(p.dtype)
-        offset += n
-
-
 def release_cached_memory(device: torch.device, *, highvram: bool) -> None:
     """After the caches are built, hand the memory the encoders used back to the driver before the U-Net arrives,
     as sd-scripts does; --highvram keeps PyTorch's cache for the next allocation instead."""
@@ -761,9 +788,15 @@ def network_kwargs_metadata(args: argparse.Namespace) -> dict:
 
 def dim_from_weights_metadata(args: argparse.Namespace, network) -> dict:
     """With --dim_from_weights the rank and alpha are the file's, not --network_dim/--network_alpha: record those
-    (one value when every module shares it, as kohya LoRAs do; else the largest rank and its alpha)."""
+    (the network's own lora_dim/alpha where create_network_from_weights set them — the most common pair of the
+    file's modules, OFT's blocks and constraint — else the largest rank and its alpha)."""
+    if not args.dim_from_weights:
+        return {}
+    dim, alpha = getattr(network, "lora_dim", None), getattr(network, "alpha", None)
+    if isinstance(dim, int) and isinstance(alpha, (int, float)):  # create_network_from_weights states the file's
+        return {"network_dim": dim, "network_alpha": float(alpha)}
     modules = list(getattr(network, "text_encoder_loras", [])) + list(getattr(network, "unet_loras", []))
-    if not args.dim_from_weights or not modules:
+    if not modules:
         return {}
     widest = max(modules, key=lambda m: m.lora_dim)
     return {"network_dim": widest.lora_dim, "network_alpha": round(widest.scale * widest.lora_dim, 6)}

@@ -12,10 +12,13 @@ from pathlib import Path
 
 import torch
 
-from library.cli import LR_SCHEDULERS
 from library.errors import ConfigError
 from library.flags.images import check_args as check_image_args
 from library.training.compile import dynamo_records_cuda_graphs
+from library.training.hub import check_hub
+from library.training.lr_schedulers import check_lr_scheduler
+from library.training.multiprocess import check_deepspeed
+from library.training.trackers import check_trackers
 
 _TORCH_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 LORA_SUFFIXES = (".safetensors", ".ckpt", ".pt")  # --save_model_as
@@ -33,10 +36,13 @@ def _fail(flag: str, value, valid: str) -> None:
 
 
 def validate_numbers(args: argparse.Namespace) -> None:
-    for name in ("learning_rate", "unet_lr", "text_encoder_lr"):
-        v = getattr(args, name)
-        if v is not None and not v > 0:
-            _fail(name, v, "must be > 0")
+    if args.learning_rate is not None and not args.learning_rate > 0:
+        _fail("learning_rate", args.learning_rate, "must be > 0")
+    # 0 leaves that part untrained, as in sd-scripts
+    for name, values in (("unet_lr", [args.unet_lr]), ("text_encoder_lr", args.text_encoder_lr or [])):
+        for v in values:
+            if v is not None and not v >= 0:
+                _fail(name, v, "must be >= 0 (0: that part is not trained)")
     if not args.network_alpha > 0:
         _fail("network_alpha", args.network_alpha, "must be > 0")
     for name in _AT_LEAST_ONE:
@@ -57,19 +63,20 @@ def validate_numbers(args: argparse.Namespace) -> None:
         _fail("weight_decay", args.weight_decay, "must be >= 0")
     if args.max_grad_norm < 0:
         _fail("max_grad_norm", args.max_grad_norm, "must be >= 0 (0 disables clipping)")
-    if args.lr_warmup_steps < 0:
-        _fail("lr_warmup_steps", args.lr_warmup_steps, "must be >= 0")
     if args.noise_offset is not None and not 0 <= args.noise_offset <= 1:
         _fail("noise_offset", args.noise_offset, "must be in [0, 1] (typical: 0.05-0.1)")
     if args.min_snr_gamma is not None and not args.min_snr_gamma > 0:
         _fail("min_snr_gamma", args.min_snr_gamma, "must be > 0 (typical: 5)")
     if args.min_bucket_reso > args.max_bucket_reso:
         raise ConfigError(f"--min_bucket_reso {args.min_bucket_reso} is larger than --max_bucket_reso {args.max_bucket_reso}")
-    if args.lr_scheduler not in LR_SCHEDULERS:
-        _fail("lr_scheduler", args.lr_scheduler, f"choose one of: {', '.join(LR_SCHEDULERS)}")
+    check_lr_scheduler(args)
 
 
 def validate_combinations(args: argparse.Namespace) -> None:
+    if args.dataset_class:
+        from library.flags.images import REFUSALS
+
+        raise ConfigError(f"--dataset_class {args.dataset_class}: {REFUSALS['dataset_class']}")
     if args.network_train_unet_only and args.network_train_text_encoder_only:
         raise ConfigError("--network_train_unet_only and --network_train_text_encoder_only exclude each other")
     if args.dataset_config and args.train_data_dir:
@@ -134,8 +141,10 @@ def _check_network_weights(value: str) -> None:
         keys = _safetensors_keys(path)
         if keys is None:
             raise ConfigError(f"--network_weights {value}: not a readable safetensors file (truncated or another format)")
-        if not any(k.endswith(".lora_down.weight") for k in keys):
-            raise ConfigError(f"--network_weights {value}: no '<name>.lora_down.weight' tensors; not a kohya-format LoRA")
+        network_key = ("lora_", "oft_", "unet.", "text_encoder", "base_model.model.")
+        if not any(k.startswith(network_key) for k in keys):
+            raise ConfigError(f"--network_weights {value}: no lora_*/oft_* (kohya, LyCORIS) or unet./text_encoder. "
+                              "(diffusers) tensors; not a network file")
     elif not _looks_like_torch_file(path):
         raise ConfigError(f"--network_weights {value}: neither a .safetensors file nor a torch.save'd state dict")
 
@@ -189,7 +198,7 @@ def validate_paths(args: argparse.Namespace) -> None:
         value = getattr(args, flag)
         if value and not Path(value).is_dir():
             raise ConfigError(f"--{flag} {value}: folder not found")
-    if args.resume:
+    if args.resume and not args.resume_from_huggingface:  # a Hub state is checked by its download
         _check_resume(args.resume)
     _check_model(args.pretrained_model_name_or_path)
 
@@ -199,10 +208,14 @@ def validate_network_args(args: argparse.Namespace) -> None:
     from library.training.setup import parse_key_values
 
     kwargs = parse_key_values(args.network_args, "--network_args")
-    check = getattr(import_network_module(args.network_module), "check_network_args", None)
+    module = import_network_module(args.network_module)
+    check = getattr(module, "check_network_args", None)
     if check is not None:  # a foreign sd-scripts module: its create_network is the only judge
         check(kwargs, args.network_dropout)
     if args.cuda_graphs:
+        if getattr(module, "CUDA_GRAPHS", None) is not True:
+            why = getattr(module, "CUDA_GRAPHS", None) or "it does not declare its forward free of host decisions"
+            raise ConfigError(f"--cuda_graphs cannot record --network_module {args.network_module}: {why}")
         check_cuda_graph_dropout(args, kwargs)
 
 
@@ -234,9 +247,13 @@ def check_cuda_graph_dropout(args: argparse.Namespace, network_kwargs: dict) -> 
                           "recomputed forward would draw other dropout masks; drop the dropout or one of the two flags")
 
 
+# network modules users name as sd-scripts does, served by our wrapper of the same package
+NETWORK_MODULE_ALIASES = {"lycoris.kohya": "networks.lycoris_kohya"}
+
+
 def import_network_module(name: str):
     try:
-        module = importlib.import_module(name)
+        module = importlib.import_module(NETWORK_MODULE_ALIASES.get(name, name))
     except ModuleNotFoundError as exc:
         raise ConfigError(f"--network_module {name}: cannot import ({exc}); e.g. networks.lora") from None
     if not hasattr(module, "create_network"):
@@ -261,6 +278,9 @@ def validate_args(args: argparse.Namespace) -> None:
     validate_combinations(args)
     validate_paths(args)
     validate_network_args(args)
+    check_trackers(args)
+    check_deepspeed(args)
+    check_hub(args)
     check_free_space_before_load(args)
 
 
@@ -360,12 +380,12 @@ def lora_parameters_from_configs(args: argparse.Namespace) -> int | None:
     """LoRA parameter count of the network this run builds, from the model's configs on the meta device.
 
     No weight is read or allocated, so it takes well under a second even for SDXL. None when the model's
-    configs cannot be read here (the loader will report that properly) or the network module is not ours (a
-    foreign create_network may not accept meta-device modules).
+    configs cannot be read here (the loader will report that properly) or the network module does not declare
+    `BUILDS_ON_META_DEVICE = True` (a create_network may read weights, which meta-device modules do not have).
     """
     module = import_network_module(args.network_module)
     folder = _architecture_dir(args.pretrained_model_name_or_path)
-    if folder is None or not hasattr(module, "check_network_args"):
+    if folder is None or not getattr(module, "BUILDS_ON_META_DEVICE", False):
         return None
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection

@@ -52,6 +52,22 @@ def tiny_unet(attention_in_both: bool = False, seed: int = 0, **extra) -> UNet2D
     return UNet2DConditionModel(**config).eval()
 
 
+def tiny_sdxl_unet(seed: int = 0) -> UNet2DConditionModel:
+    """SDXL's layout (text_time conditioning, 2 resnets per down block, 3 per up block) at toy width: the SAI
+    names sd-scripts gives SDXL modules assume that layout."""
+    return tiny_unet(
+        seed=seed,
+        layers_per_block=2,
+        cross_attention_dim=64,
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        transformer_layers_per_block=(1, 2),
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=80,
+    )
+
+
 def tiny_text_encoder(seed: int = 0, with_projection: bool = False) -> nn.Module:
     torch.manual_seed(seed)
     if with_projection:
@@ -175,6 +191,9 @@ def test_two_text_encoders_get_te1_te2_prefixes_and_own_lr():
     groups = network.prepare_optimizer_params([1e-4, 2e-4], None, 1e-3)
     assert [(g["description"], g["lr"]) for g in groups] == [("textencoder1", 1e-4), ("textencoder2", 2e-4)]
     assert all(n.startswith("lora_te2_") for n in groups[1]["names"])
+    for one_lr in (1e-4, [1e-4]):  # one lr for both encoders: one group, named as sd-scripts names it
+        single = network.prepare_optimizer_params(one_lr, None, 1e-3)
+        assert [(g["description"], g["lr"], len(g["params"])) for g in single] == [("textencoder", 1e-4, 48)]
 
 
 # --- forward math --------------------------------------------------------------------------------------------
@@ -567,7 +586,7 @@ def test_load_errors_name_the_file_and_keys(tmp_path):
 
     foreign = {"lora_unet_input_blocks_1_1_proj_in.lora_down.weight": torch.zeros(4, 32)}
     safetensors.torch.save_file(foreign, tmp_path / "foreign.safetensors")
-    with pytest.raises(ModelError, match="foreign.safetensors: none of its 1 keys"):
+    with pytest.raises(ModelError, match="foreign.safetensors: none of its 1 modules"):
         network.load_weights(tmp_path / "foreign.safetensors")
     with pytest.raises(ModelError, match="foreign.safetensors: none of its 1 modules"):
         create_network_from_weights(1.0, tmp_path / "foreign.safetensors", None, te, None)
@@ -591,7 +610,9 @@ def test_network_args_accept_strings_and_reject_bad_values():
         create_network(1.0, 4, 1, None, te, None, conv_dim="3.5")
     with pytest.raises(ConfigError, match=r"rank_dropout=1\.0: out of range"):
         create_network(1.0, 4, 1, None, te, None, rank_dropout=1.0)
-    with pytest.raises(ConfigError, match="block_dims: unknown for networks.lora; valid keys: conv_dim"):
+    with pytest.raises(ConfigError, match="block_dim: unknown for networks.lora; valid keys: conv_dim"):
+        create_network(1.0, 4, 1, None, te, None, block_dim="2,2,2")
+    with pytest.raises(ConfigError, match="block_dims: 3 values, 25 expected"):
         create_network(1.0, 4, 1, None, te, None, block_dims="2,2,2")
     with pytest.raises(ConfigError, match="network_dim"):
         create_network(1.0, 0, 1, None, te, None)

@@ -7,6 +7,8 @@ import re
 from pathlib import Path
 
 import pytest
+import safetensors
+import safetensors.torch
 import torch
 from diffusers import (
     AutoencoderKL,
@@ -14,12 +16,11 @@ from diffusers import (
     EulerDiscreteScheduler,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
-    UNet2DConditionModel,
 )
 from transformers import CLIPTokenizer
 
 from networks.lora import LoRANetwork, create_network
-from tests.networks.test_lora import randomize_lora, tiny_text_encoder, tiny_unet, unet_inputs
+from tests.networks.test_lora import randomize_lora, tiny_sdxl_unet, tiny_text_encoder, tiny_unet, unet_inputs
 
 TOKENIZER_DIR = Path(__file__).resolve().parents[2] / "library" / "models" / "tokenizer" / "clip"
 
@@ -57,7 +58,10 @@ def trained_network(text_encoder, unet, **kwargs) -> LoRANetwork:
     return network
 
 
+# every key used: diffusers' kohya conversion raises on a key it cannot rename, and PEFT warns (RuntimeWarning)
+# about modules of the file it found no layer for
 @torch.no_grad()
+@pytest.mark.filterwarnings("error::RuntimeWarning")
 @pytest.mark.parametrize(
     "attention_in_both, network_args",
     [(False, {}), (False, {"conv_dim": 3, "conv_alpha": 1.5}), (True, {"conv_dim": 2})],
@@ -82,6 +86,18 @@ def test_diffusers_load_lora_weights_matches_our_network(tmp_path, attention_in_
     torch.testing.assert_close(theirs_unet, ours_unet, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(theirs_te, ours_te, atol=1e-5, rtol=1e-5)
 
+    # a hand merge of the file into fresh weights: W += up @ down * alpha / dim for every module
+    hand = tiny_unet(attention_in_both)
+    layers = {"lora_unet_" + n.replace(".", "_"): m for n, m in hand.named_modules()}
+    sd = safetensors.torch.load_file(path)
+    for key in [k for k in sd if k.startswith("lora_unet_") and k.endswith(".lora_down.weight")]:
+        name = key[: -len(".lora_down.weight")]
+        down, up = sd[key], sd[f"{name}.lora_up.weight"]
+        weight = layers[name].weight
+        delta = (up.flatten(1) @ down.flatten(1)).view(weight.shape) * (float(sd[f"{name}.alpha"]) / down.shape[0])
+        weight.add_(delta)
+    torch.testing.assert_close(hand(sample, t, enc).sample, theirs_unet, atol=1e-5, rtol=1e-5)
+
     # the whole sampling loop, from the same prompt embeddings
     generator = torch.Generator().manual_seed(0)
     embeds = torch.randn(1, 5, 32, generator=generator)
@@ -99,27 +115,21 @@ def test_diffusers_load_lora_weights_matches_our_network(tmp_path, attention_in_
 
 
 @torch.no_grad()
+@pytest.mark.filterwarnings("error::RuntimeWarning")
 def test_sdxl_two_text_encoders_load_into_text_encoder_and_text_encoder_2(tmp_path):
-    def sdxl_unet() -> UNet2DConditionModel:
-        return tiny_unet(
-            cross_attention_dim=64,
-            attention_head_dim=(2, 4),
-            use_linear_projection=True,
-            transformer_layers_per_block=(1, 2),
-            addition_embed_type="text_time",
-            addition_time_embed_dim=8,
-            projection_class_embeddings_input_dim=80,
-        )
-
     def encoders():
         return tiny_text_encoder(0), tiny_text_encoder(1, with_projection=True)
 
-    unet, (te1, te2) = sdxl_unet(), encoders()
+    unet, (te1, te2) = tiny_sdxl_unet(), encoders()
     network = trained_network([te1, te2], unet, conv_dim=3)
     names = {k.split(".")[0] for k in network.state_dict()}
     assert any(n.startswith("lora_te1_") for n in names) and any(n.startswith("lora_te2_") for n in names)
     path = tmp_path / "sdxl.safetensors"
     network.save_weights(path, torch.float32, {})
+    with safetensors.safe_open(path, "pt") as f:  # sd-scripts' SAI names for the U-Net
+        unet_keys = [k for k in f.keys() if k.startswith("lora_unet_")]
+    assert unet_keys and all(k.startswith(("lora_unet_input_blocks", "lora_unet_middle_block",
+                                           "lora_unet_output_blocks")) for k in unet_keys)
 
     sample, t, enc = unet_inputs()
     enc = torch.cat([enc, enc.flip(-1)], dim=-1)
@@ -131,7 +141,7 @@ def test_sdxl_two_text_encoders_load_into_text_encoder_and_text_encoder_2(tmp_pa
         te2(ids).text_embeds,
     )
 
-    base_unet, (base_te1, base_te2) = sdxl_unet(), encoders()
+    base_unet, (base_te1, base_te2) = tiny_sdxl_unet(), encoders()
     pipe = StableDiffusionXLPipeline(
         vae=tiny_vae(),
         text_encoder=base_te1,

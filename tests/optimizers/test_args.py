@@ -83,8 +83,7 @@ def test_env_values_are_typed_by_the_default(raw: str, default: object, value: o
 @pytest.mark.parametrize(
     ("raw", "default", "expected"),
     [
-        ("five", 3, "an integer"),
-        ("1.5", 3, "an integer"),
+        ("five", 3, "a number"),
         ("abc", 1.0, "a number"),
         ("yes", False, "True/true/1 or False/false/0"),
         ("10", (1.0, 2.0), "a tuple of numbers"),
@@ -178,7 +177,7 @@ def test_toml_arrays_become_tuples_and_selector_key_is_ignored() -> None:
             "abc",
             r"\[optimizer\] TOML: weight_decay='abc' is not valid for Opt: expected a number",
         ),
-        ("toml_table", "n_clusters", 2.5, "n_clusters=2.5 is not valid for Opt: expected an integer"),
+        ("toml_table", "n_clusters", "x", "n_clusters='x' is not valid for Opt: expected a number"),
         (
             "optimizer_args",
             "flag",

@@ -29,7 +29,7 @@ galore_adamw_8bit galore_adafactor galore_adamw_layerwise galore_adamw_8bit_laye
 apollo_adamw apollo_adamw_layerwise sgd adagrad adafactor rmsprop rmsprop_bnb rmsprop_bnb_8bit rmsprop_bnb_32bit lomo
 adalomo grokadamw stable_adamw schedule_free_radam schedule_free_adamw schedule_free_sgd""".split()
 SD_SCRIPTS_NAMES = """AdamW AdamW8bit PagedAdamW PagedAdamW8bit PagedAdamW32bit Lion Lion8bit PagedLion8bit SGDNesterov
-SGDNesterov8bit DAdaptation DAdaptAdam DAdaptAdaGrad DAdaptAdan DAdaptLion DAdaptSGD Prodigy AdaFactor CAME
+SGDNesterov8bit DAdaptation DAdaptAdamPreprint DAdaptAdam DAdaptAdaGrad DAdaptAdan DAdaptAdanIP DAdaptLion DAdaptSGD Prodigy AdaFactor CAME
 RAdamScheduleFree AdamWScheduleFree SGDScheduleFree""".split()
 OPENTOME_NAMES = """Lion SophiaG Lamb Adan Adam_mini AdamWSGG AdamWSGG_v2 AdafactorSGG LambSGG_v2 ShampooSGG_v2 AdamWSAC
 Adam_miniSAC""".split()
@@ -153,7 +153,7 @@ def test_documented_names_resolve(name: str) -> None:
         ("custom-hina-adamw", "CustomAdamW"),
         ("HinaAdamW", "CustomAdamW"),
         ("adamw_sgg", "AdamWSGG"),
-        ("DAdaptation", "DAdaptAdam"),
+        ("DAdaptation", "DAdaptAdamPreprint"),
         ("PagedAdamW", "PagedAdamW32bit"),
         ("adaFactor", "adafactor"),
         ("schedule_free_adamw", "AdamWScheduleFree"),

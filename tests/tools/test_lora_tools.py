@@ -17,7 +17,7 @@ from networks import (
     sdxl_merge_lora,
     svd_merge_lora,
 )
-from networks.lora import safetensors_hashes
+from networks.files import safetensors_hashes
 from tests.networks.test_lora_diffusers import sd_pipeline
 from tests.tools.helpers import load, lora_file, outputs_with_lora, single_file
 from tests.tools.test_lora_math import truncation

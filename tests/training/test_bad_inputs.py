@@ -230,12 +230,6 @@ def config_bad_syntax(tmp, ds, mp):
     return train_argv(ds, tmp / "out", "--config_file", str(cfg)), "options.toml"
 
 
-def config_unknown_key(tmp, ds, mp):
-    """--config_file with the key learning_rat"""
-    cfg = _config_file(tmp, "learning_rat = 1e-3\n")
-    return train_argv(ds, tmp / "out", "--config_file", str(cfg)), "'learning_rat'; did you mean learning_rate"
-
-
 def config_wrong_type(tmp, ds, mp):
     """--config_file with network_alpha = 'four'"""
     cfg = _config_file(tmp, "[network]\nnetwork_alpha = 'four'\n")
@@ -348,7 +342,6 @@ CASES_BY_KIND: dict[str, dict[str, Case]] = {"files": {
                                                 "reduce-overhead", needle="--dynamo_mode"),
 }, "TOML": {
     "config TOML bad syntax": config_bad_syntax,
-    "config TOML unknown key": config_unknown_key,
     "config TOML wrong type": config_wrong_type,
     "missing --config_file": config_missing,
     "dataset TOML bad syntax": dataset_bad_syntax,

@@ -18,7 +18,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-from library.training.trainer import LoRATrainer, average_gradients
+from library.training.multiprocess import GradientAverager
+from library.training.trainer import LoRATrainer
 from tests.training.conftest import train_argv
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -52,8 +53,19 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     b = torch.nn.Parameter(torch.zeros(4, dtype=torch.float64))
     a.grad = torch.full((3, 2), float(rank + 1))
     b.grad = torch.arange(4, dtype=torch.float64) * (rank + 1)
-    average_gradients([a, b], world)
-    torch.save({"a": a.grad, "b": b.grad}, f"{out}/rank{rank}.pt")
+    GradientAverager([a, b], world)()
+    # --ddp_gradient_as_bucket_view --ddp_static_graph: gradients become views of one persistent buffer, whose
+    # layout is built on the first step only
+    c, d = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2, 2))
+    averager = GradientAverager([c, d], world, gradient_as_bucket_view=True, static_graph=True)
+    steps = []
+    for step in range(2):
+        c.grad, d.grad = torch.full((3,), float(rank + step)), torch.full((2, 2), float(10 * rank))
+        averager()
+        steps.append((c.grad.clone(), d.grad.clone(), c.grad.data_ptr() == averager.buffer.data_ptr(),
+                      d.grad.data_ptr() == averager.buffer[3:].data_ptr()))
+    torch.save({"a": a.grad, "b": b.grad, "steps": steps, "layouts": averager.layouts_built},
+               f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
 
 
@@ -63,6 +75,10 @@ def test_average_gradients_matches_the_mean_over_ranks(tmp_path):
         got = torch.load(tmp_path / f"rank{rank}.pt")
         assert torch.equal(got["a"], torch.full((3, 2), 1.5))
         assert got["b"].dtype == torch.float64 and torch.equal(got["b"], torch.arange(4, dtype=torch.float64) * 1.5)
+        for step, (c, d, c_is_view, d_is_view) in enumerate(got["steps"]):
+            assert torch.equal(c, torch.full((3,), 0.5 + step)) and torch.equal(d, torch.full((2, 2), 5.0))
+            assert c_is_view and d_is_view
+        assert got["layouts"] == 1
 
 
 def _health_worker(rank: int, world: int, port: int, out: str) -> None:

@@ -62,7 +62,7 @@ def runs(tmp_path_factory):
     out = {}
     logged: list[tuple[dict, dict]] = []  # (tracker logs, progress-bar fields) of the max-norm run
 
-    def log(self, step, loss, lr_logs, postfix=None):
+    def log(self, step, loss, lr_logs, postfix=None, **where):  # where: the epoch and position of the log
         logged.append((dict(lr_logs), dict(postfix or {})))
 
     for name, (dataset, flags) in families.items():
