@@ -584,12 +584,17 @@ class HinaAdamWOptimizer(ExactStateLoad, torch.optim.Optimizer):
         graphed = group["cuda_graphs"] and isinstance(steps, int) and can_capture(b.layout.device)
         g = b.gather_grads(grads, into_fixed=graphed)  # gradients move every step: never inside the graph
         values = self._step_values(group, b, steps)
+
+        def update(v: dict[str, float | Tensor]) -> None:
+            with b.seg.indexed():
+                self._update(group, b, states, g, v)
+
         if not graphed:
-            self._update(group, b, states, g, values)
+            update(values)
             return
         scalars = b.device_scalars(values)  # the graph reads this step's scalars from fixed device tensors
         key = (*self._baked(group), *self._state_buffers(group, b, states))
-        b.graph(key, lambda: StepGraph(lambda: self._update(group, b, states, g, scalars), b.layout.device))
+        b.graph(key, lambda: StepGraph(lambda: update(scalars), b.layout.device))
 
     @staticmethod
     def _baked(group: dict[str, Any]) -> tuple:
@@ -664,22 +669,11 @@ class HinaAdamWOptimizer(ExactStateLoad, torch.optim.Optimizer):
         v: dict[str, float | Tensor],
     ) -> None:
         """Steps 2-12 on the bucket's flat buffers (a fixed number of ops, no host sync), ``g`` the flat gradient
-        (modified in place).
+        (modified in place), inside ``b.seg.indexed()``.
 
         ``v`` holds :meth:`_step_values`, each a Python float, a 0-d device tensor (inside a CUDA graph) or a
         per-tensor vector.
         """
-        with b.seg.indexed():
-            self._update_indexed(group, b, states, g, v)
-
-    def _update_indexed(
-        self,
-        group: dict[str, Any],
-        b: _Bucket,
-        states: list[dict[str, Any]],
-        g: Tensor,
-        v: dict[str, float | Tensor],
-    ) -> None:
         S, dtype = b.seg, b.dtype
         beta1, beta2 = group["betas"]
         eps = group["eps"]
