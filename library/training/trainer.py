@@ -490,6 +490,7 @@ class LoRATrainer:
             report_compile, loop_start = compile_requested(a), time.perf_counter()
             while self.progress.global_step < a.max_train_steps and self.progress.epoch < self.num_epochs:
                 epoch = self.progress.epoch
+                bar.set_epoch(epoch + 1, self.num_epochs)
                 logs_in_epoch = 0
                 batches = self._epoch_batches(epoch)
                 start = self.progress.batches_done_in_epoch
@@ -565,10 +566,8 @@ class LoRATrainer:
                 break
             final = self.save(a.output_name, state=a.save_state or a.save_state_on_train_end, epoch=self.num_epochs,
                               last=True)
-        except BaseException:  # the error line must not land on the open progress bar's line
-            bar.bar.close()
-            raise
-        bar.close()
+        finally:
+            bar.close()
         acc.wait_for_everyone()
         acc.end_training()
         if acc.is_main_process:
