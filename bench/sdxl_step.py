@@ -206,15 +206,14 @@ def setup_ours(bench: SDXLBench, row: Row) -> ts.Setup:
 
     def body(latents: torch.Tensor, text: torch.Tensor, text_embeds: torch.Tensor,
              time_ids: torch.Tensor) -> tuple[torch.Tensor]:
-        noise = losses.sample_noise(latents, None)
+        noise = losses.sample_noise(latents, losses.NoiseOptions())
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=device)
         noisy = scheduler.add_noise(latents, noise, timesteps)
         with amp():
             pred = model(noisy, timesteps, text, added_cond_kwargs={"text_embeds": text_embeds,
                                                                     "time_ids": time_ids}).sample
         target = losses.training_target(scheduler, latents, noise, timesteps)
-        loss = losses.diffusion_loss(pred, target, timesteps, scheduler, loss_weights=weights, min_snr_gamma=None,
-                                     scale_v_pred_loss_like_noise_pred=False)
+        loss = losses.diffusion_loss(pred, target, sample_weights=weights)
         loss.backward()
         return (loss.detach(),)
 

@@ -309,14 +309,13 @@ def setup_ours(bench: Bench, variant: Variant, optimizer_name: str = "AdamW") ->
     inputs = cached_inputs(bench, variant)
 
     def body(latents: torch.Tensor, text: torch.Tensor, loss_weights: torch.Tensor) -> tuple[torch.Tensor]:
-        noise = losses.sample_noise(latents, None)
+        noise = losses.sample_noise(latents, losses.NoiseOptions())
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=device)
         noisy = scheduler.add_noise(latents, noise, timesteps)
         with amp():
             pred = model(noisy, timesteps, text).sample
         target = losses.training_target(scheduler, latents, noise, timesteps)
-        loss = losses.diffusion_loss(pred, target, timesteps, scheduler, loss_weights=loss_weights,
-                                     min_snr_gamma=None, scale_v_pred_loss_like_noise_pred=False)
+        loss = losses.diffusion_loss(pred, target, sample_weights=loss_weights)
         loss.backward()
         return (loss.detach(),)
 

@@ -1,4 +1,4 @@
-"""Compat import path of the seed docs: ``from library.automagic_sinkgd import Automagic_Sinkgd``."""
+"""Compat import path of Hina's original code and guides: ``from library.automagic_sinkgd import Automagic_Sinkgd``."""
 
 from library.optimizers.automagic import Automagic_CameAMP, Automagic_Sinkgd
 

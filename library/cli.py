@@ -38,7 +38,8 @@ CUSTOM_ADAMW_FLAGS: list[tuple[str, type, Any, str]] = [
     ("use_spd", bool, True, "Selective Projection Decay: pull parameters back towards their start when a step moves them away"),
     ("spd_lambda", float, 0.1, "SPD strength"),
     ("use_cautious", bool, True, "Cautious update: mask coordinates whose update disagrees with the gradient"),
-    ("use_orthogonal_grad", bool, False, "OrthoGrad: remove the gradient component parallel to the weights"),
+    ("use_orthogonal_grad", bool, False,
+     "OrthoGrad: remove the gradient component parallel to the weights (Automagic: after warm-up)"),
     ("use_adopt_stability", bool, True, "ADOPT: normalise by the previous step's second moment, clip by t^(1/4)"),
     ("use_grams", bool, True, "Grams: update direction from the gradient sign, magnitude from Adam"),
     ("use_agr", bool, True, "Adaptive Gradient Regularisation: damp coordinates with a large share of |g|"),
@@ -46,6 +47,7 @@ CUSTOM_ADAMW_FLAGS: list[tuple[str, type, Any, str]] = [
     ("tam_beta", float, 0.999, "TAM smoothing of the gradient/momentum cosine"),
     ("use_alora", bool, True, "ALLoRA row scaling + LoRA+ learning-rate ratio for lora_up/lora_B"),
     ("alora_ratio", float, 21.0, "LoRA+ ratio lr(lora_up)/lr(lora_down) (the docs' ηB/ηA)"),
+    ("alora_eta", float, 2.0, "ALLoRA row scaling 1/sqrt(|row|^2 + 1/eta^2) (CustomAdamW, Automagic)"),
     ("dynamic_weight_decay", bool, True, "Decay the weight decay after --wd_transition_steps"),
     ("wd_transition_steps", int, 1000, "steps at full weight decay before it starts to fall"),
     ("wd_decay_factor", float, 0.7, "weight decay multiplier per --wd_transition_steps after the transition"),
@@ -55,14 +57,15 @@ AUTOMAGIC_FLAGS: list[tuple[str, type, Any, str]] = [
     ("min_lr", float, 1e-6, "lower bound of the per-element learning-rate mask"),
     ("max_lr", float, 1e-2, "upper bound of the per-element learning-rate mask"),
     ("lr_bump", float, 1e-5, "step by which the learning-rate mask moves each step"),
-    ("eta", float, 2.0, "ALLoRA row-scaling parameter"),
     ("beta1", float, 0.9, "momentum decay"),
     ("d_coef", float, 2.0, "Prodigy-style coefficient on upward lr bumps"),
     ("warmup_steps", int, 500, "optimizer warm-up steps (decay in the first half, OrthoGrad after)"),
     ("full_finetune", bool, False, "full fine-tune mode (5 SinkGD iterations; all tensor shapes)"),
-    ("orthograd", bool, False, "OrthoGrad after warm-up"),
     ("stats_update_freq", int, 5, "refresh optimizer statistics every N steps"),
 ]
+# earlier spellings, still accepted as second option strings of the same flag
+FLAG_ALIASES = {"use_orthogonal_grad": "orthograd", "alora_eta": "eta"}
+_EARLIER_NAMES = {earlier: dest for dest, earlier in FLAG_ALIASES.items()}
 OPTIMIZER_FLAG_DESTS = tuple(d for d, *_ in CUSTOM_ADAMW_FLAGS + AUTOMAGIC_FLAGS) + ("weight_decay", "optim_bits")
 
 
@@ -84,11 +87,14 @@ def _resolution(value: str) -> tuple[int, int]:
 
 
 def _add_flag(group: argparse._ArgumentGroup, dest: str, kind: type, default: Any, text: str) -> None:
+    names = [f"--{dest}"] + ([f"--{FLAG_ALIASES[dest]}"] if dest in FLAG_ALIASES else [])
+    if dest in FLAG_ALIASES:
+        text += f"; --{FLAG_ALIASES[dest]} is its earlier name"
     if kind is bool:
-        group.add_argument(f"--{dest}", action=argparse.BooleanOptionalAction, default=None,
+        group.add_argument(*names, dest=dest, action=argparse.BooleanOptionalAction, default=None,
                            help=f"{text} (default: {default})")
     else:
-        group.add_argument(f"--{dest}", type=kind, default=None, metavar=kind.__name__.upper(),
+        group.add_argument(*names, dest=dest, type=kind, default=None, metavar=kind.__name__.upper(),
                            help=f"{text} (default: {default})")
 
 
@@ -109,11 +115,21 @@ class OneLineErrorParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+class DefaultsOnceFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default once: not where its help already states it, nor for unset (None) values."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "(default:" in text or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
+
+
 def build_parser(prog: str = "train_network.py") -> argparse.ArgumentParser:
     p = OneLineErrorParser(
         prog=prog,
         description="Train a LoRA for Stable Diffusion 1.x / 2.x / SDXL (sd-scripts compatible options).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsOnceFormatter,
     )
     p.add_argument("--config_file", type=str, default=None,
                    help="TOML file with any of these options as keys; command-line values win")
@@ -133,10 +149,12 @@ def build_parser(prog: str = "train_network.py") -> argparse.ArgumentParser:
     g.add_argument("--reg_data_dir", type=str, default=None, help="folder of <repeats>_<class> regularisation image folders")
     g.add_argument("--resolution", type=_resolution, default=(512, 512), help="training resolution N or W,H")
     g.add_argument("--enable_bucket", action="store_true", help="aspect-ratio buckets")
-    g.add_argument("--min_bucket_reso", type=int, default=256)
-    g.add_argument("--max_bucket_reso", type=int, default=1024)
-    g.add_argument("--bucket_reso_steps", type=int, default=64)
-    g.add_argument("--bucket_no_upscale", action="store_true")
+    g.add_argument("--min_bucket_reso", type=int, default=256, help="smallest bucket side in px")
+    g.add_argument("--max_bucket_reso", type=int, default=1024, help="largest bucket side in px")
+    g.add_argument("--bucket_reso_steps", type=int, default=64,
+                   help="bucket sides are multiples of this many px")
+    g.add_argument("--bucket_no_upscale", action="store_true",
+                   help="never enlarge an image: small images get buckets of their own size")
     g.add_argument("--caption_extension", type=str, default=None,
                    help="caption file extension; default: .caption, then .txt (the log says which was used)")
     g.add_argument("--shuffle_caption", action="store_true", help="shuffle comma-separated tags")
@@ -147,46 +165,59 @@ def build_parser(prog: str = "train_network.py") -> argparse.ArgumentParser:
     g.add_argument("--cache_latents_to_disk", action="store_true", help="cache latents as .npz next to the images")
     g.add_argument("--cache_text_encoder_outputs", action="store_true",
                    help="encode captions once (text encoders not trained; no caption shuffle/dropout)")
-    g.add_argument("--max_data_loader_n_workers", type=int, default=0)
-    g.add_argument("--persistent_data_loader_workers", action="store_true")
+    g.add_argument("--max_data_loader_n_workers", type=int, default=0,
+                   help="data-loading worker processes (0: load in the training process)")
+    g.add_argument("--persistent_data_loader_workers", action="store_true",
+                   help="keep the data-loading workers alive across epochs")
     g.add_argument("--skip_bad_images", action="store_true", help="skip unreadable images (listed in the log) instead of stopping")
     g.add_argument("--prior_loss_weight", type=float, default=1.0, help="loss weight of regularisation images")
 
     g = p.add_argument_group("network")
-    g.add_argument("--network_module", type=str, default="networks.lora")
+    g.add_argument("--network_module", type=str, default="networks.lora",
+                   help="network to train: networks.lora, networks.dylora, networks.lora_fa, networks.oft, "
+                        "lycoris.kohya (docs/networks.md)")
     g.add_argument("--network_dim", type=int, default=4, help="LoRA rank")
     g.add_argument("--network_alpha", type=float, default=1.0, help="LoRA alpha (scale = alpha / dim)")
     g.add_argument("--network_dropout", type=float, default=None, help="dropout on the LoRA down output")
     g.add_argument("--network_args", type=str, nargs="*", default=None,
                    help="key=value extras, e.g. conv_dim=4 conv_alpha=1 loraplus_lr_ratio=16")
     g.add_argument("--network_weights", type=str, default=None, help="start from these LoRA weights")
-    g.add_argument("--network_train_unet_only", action="store_true")
-    g.add_argument("--network_train_text_encoder_only", action="store_true")
-    g.add_argument("--unet_lr", type=float, default=None)
+    g.add_argument("--network_train_unet_only", action="store_true", help="train the U-Net's LoRA only")
+    g.add_argument("--network_train_text_encoder_only", action="store_true",
+                   help="train the text encoders' LoRA only")
+    g.add_argument("--unet_lr", type=float, default=None, help="learning rate of the U-Net's LoRA (default: --learning_rate)")
     g.add_argument("--text_encoder_lr", type=float, nargs="*", default=None,
                    help="learning rate of the text encoder(s); SDXL: one value for both, or one per encoder")
     g.add_argument("--dim_from_weights", action="store_true", help="take dim/alpha from --network_weights")
 
     g = p.add_argument_group("training")
-    g.add_argument("--train_batch_size", type=int, default=1)
-    g.add_argument("--max_train_steps", type=int, default=1600)
+    g.add_argument("--train_batch_size", type=int, default=1,
+                   help="images per step and process (a dataset TOML's batch_size wins)")
+    g.add_argument("--max_train_steps", type=int, default=1600, help="optimizer steps to train")
     g.add_argument("--max_train_epochs", type=int, default=None, help="overrides --max_train_steps")
-    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    g.add_argument("--gradient_checkpointing", action="store_true")
-    g.add_argument("--mixed_precision", type=str, default="no", choices=["no", "fp16", "bf16"])
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1,
+                   help="micro-batches summed into one optimizer step")
+    g.add_argument("--gradient_checkpointing", action="store_true",
+                   help="recompute activations in the backward pass: less memory, slower steps")
+    g.add_argument("--mixed_precision", type=str, default="no", choices=["no", "fp16", "bf16"],
+                   help="precision of the frozen model and the forward pass (bf16 on recent GPUs; no on CPUs)")
     g.add_argument("--full_fp16", action="store_true", help="fp16 LoRA weights too (loss scaling)")
     g.add_argument("--full_bf16", action="store_true", help="bf16 LoRA weights too")
-    g.add_argument("--seed", type=int, default=42)
-    g.add_argument("--noise_offset", type=float, default=None)
-    g.add_argument("--min_snr_gamma", type=float, default=None)
-    g.add_argument("--scale_v_pred_loss_like_noise_pred", action="store_true")
-    g.add_argument("--zero_terminal_snr", action="store_true")
+    g.add_argument("--seed", type=int, default=42, help="seed of every random draw of the run")
+    g.add_argument("--noise_offset", type=float, default=None,
+                   help="offset noise strength (typical 0.05-0.1): lets the model learn very dark / bright images")
+    g.add_argument("--min_snr_gamma", type=float, default=None,
+                   help="Min-SNR loss weighting gamma (typical 5)")
+    g.add_argument("--scale_v_pred_loss_like_noise_pred", action="store_true",
+                   help="v-prediction: weight the loss by SNR/(SNR+1), like an eps-prediction loss")
+    g.add_argument("--zero_terminal_snr", action="store_true",
+                   help="rescale the noise schedule to zero SNR at the last timestep")
     g.add_argument("--max_grad_norm", type=float, default=1.0, help="0 disables clipping")
     g.add_argument("--lr_scheduler", type=str, default="constant", help=f"one of {', '.join(LR_SCHEDULERS)}")
     g.add_argument("--lr_warmup_steps", type=int_or_float, default=0,
                    help="warm-up steps, or a fraction of the steps (0.1 or 10%%)")
-    g.add_argument("--lr_scheduler_num_cycles", type=int, default=1)
-    g.add_argument("--lr_scheduler_power", type=float, default=1.0)
+    g.add_argument("--lr_scheduler_num_cycles", type=int, default=1, help="restarts of cosine_with_restarts")
+    g.add_argument("--lr_scheduler_power", type=float, default=1.0, help="power of the polynomial schedule")
     g.add_argument("--sdpa", action="store_true", help="scaled-dot-product attention (PyTorch's, the default)")
     g.add_argument("--xformers", action="store_true", help="accepted for sd-scripts scripts; uses PyTorch SDPA")
     g.add_argument("--torch_compile", action="store_true", help="torch.compile the UNet (reports compile time)")
@@ -198,8 +229,9 @@ def build_parser(prog: str = "train_network.py") -> argparse.ArgumentParser:
                    help="record the U-Net's forward + loss + backward once per resolution bucket as a CUDA graph and "
                         "replay it: removes the host's launch cost without compiling (SDXL: several times faster); "
                         "CUDA, bf16 or fp32, U-Net-only training (--network_train_unet_only)")
-    g.add_argument("--channels_last", action="store_true")
-    g.add_argument("--detect_anomaly", action="store_true")
+    g.add_argument("--channels_last", action="store_true", help="channels-last memory format for the U-Net")
+    g.add_argument("--detect_anomaly", action="store_true",
+                   help="torch autograd anomaly detection (slow; finds where a NaN starts)")
     g.add_argument("--ddp_timeout", type=int, default=None,
                    help="minutes a process waits in a collective for the others before failing (accelerate's "
                         "default: 30)")
@@ -219,13 +251,14 @@ def build_parser(prog: str = "train_network.py") -> argparse.ArgumentParser:
         _add_flag(g, *flag)
 
     g = p.add_argument_group("saving")
-    g.add_argument("--output_dir", type=str, default=None)
-    g.add_argument("--output_name", type=str, default="last")
+    g.add_argument("--output_dir", type=str, default=None, help="folder for the LoRA files, state and samples")
+    g.add_argument("--output_name", type=str, default="last", help="file name of the LoRA, without extension")
     g.add_argument("--save_model_as", type=str, default="safetensors", choices=["ckpt", "pt", "safetensors"],
                    help="LoRA file format: safetensors (with metadata), or ckpt/pt (torch.save of the tensors only)")
-    g.add_argument("--save_precision", type=str, default=None, choices=[None, "float", "fp16", "bf16"])
-    g.add_argument("--save_every_n_epochs", type=int, default=None)
-    g.add_argument("--save_every_n_steps", type=int, default=None)
+    g.add_argument("--save_precision", type=str, default=None, choices=["float", "fp16", "bf16"],
+                   help="dtype of the saved LoRA (default: the trained weights' dtype)")
+    g.add_argument("--save_every_n_epochs", type=int, default=None, help="save a LoRA every N epochs")
+    g.add_argument("--save_every_n_steps", type=int, default=None, help="save a LoRA every N steps")
     g.add_argument("--save_state", action="store_true", help="also save optimizer/scheduler/RNG state for --resume")
     g.add_argument("--resume", type=str, default=None, help="state folder written by --save_state")
     g.add_argument("--overwrite", action="store_true", help="allow writing over an earlier run's files")
@@ -234,7 +267,7 @@ def build_parser(prog: str = "train_network.py") -> argparse.ArgumentParser:
     g.add_argument("--logging_dir", type=str, default=None,
                    help="tracker logs go to <logging_dir>/<log_prefix><start time>/, as in sd-scripts (default: "
                         "<output_dir>/logs; TensorBoard needs no --log_with when this is given)")
-    g.add_argument("--log_with", type=str, default=None, choices=[None, "tensorboard", "wandb", "all", "none"],
+    g.add_argument("--log_with", type=str, default=None, choices=["tensorboard", "wandb", "all", "none"],
                    help="trackers: tensorboard (under --logging_dir), wandb, all; none turns them off (default: "
                         "tensorboard when --logging_dir is given)")
     g.add_argument("--log_prefix", type=str, default=None, help="put in front of the run's log folder name")
@@ -242,14 +275,15 @@ def build_parser(prog: str = "train_network.py") -> argparse.ArgumentParser:
     g.add_argument("--plot_every_n_steps", type=int, default=None, help="also write the loss/lr plot every N steps")
 
     g = p.add_argument_group("sampling")
-    g.add_argument("--sample_every_n_steps", type=int, default=None)
-    g.add_argument("--sample_every_n_epochs", type=int, default=None)
+    g.add_argument("--sample_every_n_steps", type=int, default=None, help="draw the sample prompts every N steps")
+    g.add_argument("--sample_every_n_epochs", type=int, default=None,
+                   help="draw the sample prompts every N epochs (replaces --sample_every_n_steps, as sd-scripts)")
     g.add_argument("--sample_prompts", type=str, default=None,
                    help="prompt file (.txt: one prompt per line with --n --w --h --d --s --l --ss ...; .toml; .json), "
                         "read and checked before training")
     g.add_argument("--sample_sampler", type=str, default="ddim", choices=list(SAMPLERS),
-                   help="sampler (diffusers scheduler) for sample images, as sd-scripts maps the names")
-    g.add_argument("--sample_at_first", action="store_true")
+                   help="sampler (diffusers scheduler) of the sample images, as sd-scripts maps the names")
+    g.add_argument("--sample_at_first", action="store_true", help="also draw the samples before the first step")
 
     from library.flags import captions, images, models_saving, objective, run, sampling
 
@@ -330,6 +364,7 @@ def load_config_file(path_str: str, parser: argparse.ArgumentParser) -> tuple[di
     values = {}
     gui_keys, unknown = [], []
     for key, value in flat.items():
+        key = _EARLIER_NAMES.get(key, key)
         if key in actions:
             values[key] = _coerce(actions[key], key, value, path)
         elif key in KOHYA_GUI_KEYS:
@@ -361,6 +396,7 @@ def parse_args(argv: list[str] | None = None, *, prog: str = "train_network.py")
     args.optimizer_table = optimizer_table
     given = {token.split("=", 1)[0].removeprefix("--").removeprefix("no-") for token in
              (sys.argv[1:] if argv is None else argv) if token.startswith("--")}
+    given = {_EARLIER_NAMES.get(key, key) for key in given}
     args.config_file_keys = sorted(toml_keys - given)  # the values the file set (the command line wins)
     resolve_optimizer_switches(args, optimizer_type_given="optimizer_type" in toml_keys | given)
     return args

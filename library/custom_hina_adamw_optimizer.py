@@ -1,4 +1,4 @@
-"""Compat import path of the seed docs: ``from library.custom_hina_adamw_optimizer import HinaAdamWOptimizer``."""
+"""Compat import path of Hina's original code and guides: ``from library.custom_hina_adamw_optimizer import HinaAdamWOptimizer``."""
 
 from library.optimizers.hina_adamw import HinaAdamWOptimizer
 

@@ -178,11 +178,6 @@ class LoRANetwork(nn.Module):
             if lora.lora_name in self._modules:
                 raise ModelError(f"LoRA: duplicate module name {lora.lora_name}")
             self.add_module(lora.lora_name, lora)
-        logger.info(
-            "LoRA: %d text encoder modules, %d U-Net modules",
-            len(self.text_encoder_loras),
-            len(self.unet_loras),
-        )
         if verbose:
             for lora in self.text_encoder_loras + self.unet_loras:
                 logger.info("  %s", lora.extra_repr())
@@ -205,6 +200,10 @@ class LoRANetwork(nn.Module):
             self.unet_loras = []
         for lora in self.text_encoder_loras + self.unet_loras:
             lora.apply_to()
+        # here, not when built: a network built only to count parameters says nothing, and a part not trained
+        # is not counted
+        logger.info("LoRA: %d text encoder modules, %d U-Net modules", len(self.text_encoder_loras),
+                    len(self.unet_loras))
 
     def _drop(self, loras: list[LoRAModule]) -> None:
         for lora in loras:

@@ -19,6 +19,9 @@ def test_rows_with_settings_are_built_with_them_and_a_bad_row_is_reported(tmp_pa
     assert rows["Automagic_Sinkgd:cuda_graph=True"]["ratio_to_fused_adamw"] > 0
     # SPD keeps θ₀: 4 more bytes per parameter than with it off (12)
     assert rows["CustomAdamW:use_spd=False"]["state_bytes_per_param"] == pytest.approx(8.0, abs=0.1)
+    # on the CPU the ledger counts what stays allocated: the state and per-tensor values only
+    assert rows["CustomAdamW:use_spd=False"]["kept_bytes_per_param"] == pytest.approx(8.0, abs=0.2)
+    assert rows["CustomAdamW:use_spd=False"]["peak_bytes_per_param"] > 8.0
     assert rows["NoSuchOptimizer"]["ms"] is None and "NoSuchOptimizer" in rows["NoSuchOptimizer"]["error"]
 
 

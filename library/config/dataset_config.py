@@ -204,7 +204,7 @@ def _face_range(v: Any) -> tuple[float, float]:
 
 
 def _interpolation(v: Any) -> str:
-    from library.data.transforms import INTERPOLATIONS
+    from library.data.buckets import INTERPOLATIONS
 
     if v not in INTERPOLATIONS:
         raise _Invalid

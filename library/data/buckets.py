@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 
 Size = tuple[int, int]  # (width, height)
+# the resize filters sd-scripts' resize_interpolation accepts (library/data/transforms.py applies them)
+INTERPOLATIONS = ("lanczos", "nearest", "bilinear", "linear", "bicubic", "cubic", "area", "box")
 
 
 def adjust_bucket_limits(min_reso: int, max_reso: int, steps: int) -> tuple[int, int]:

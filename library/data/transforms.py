@@ -14,7 +14,6 @@ from PIL import Image
 
 from library.data.buckets import BucketFit, crop_offsets
 
-INTERPOLATIONS = ("lanczos", "nearest", "bilinear", "linear", "bicubic", "cubic", "area", "box")
 _PIL = {"lanczos": Image.Resampling.LANCZOS, "box": Image.Resampling.BOX}
 _CV2 = {"nearest": cv2.INTER_NEAREST_EXACT, "bilinear": cv2.INTER_LINEAR, "linear": cv2.INTER_LINEAR,
         "bicubic": cv2.INTER_CUBIC, "cubic": cv2.INTER_CUBIC, "area": cv2.INTER_AREA}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-MAX_TOKEN_LENGTHS = (None, 150, 225)
+MAX_TOKEN_LENGTHS = (150, 225)
 
 
 def _rate(value: str) -> float:

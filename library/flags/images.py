@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from library.data.transforms import INTERPOLATIONS
+from library.data.buckets import INTERPOLATIONS
 from library.errors import ConfigError
 
 

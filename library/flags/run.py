@@ -79,10 +79,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="DeepSpeed training: refused in one line (several GPUs train with accelerate launch alone); "
                         "the other DeepSpeed options warn that they have no effect without it")
     g.add_argument("--zero_stage", type=int, default=None, choices=[0, 1, 2, 3], help="DeepSpeed ZeRO stage (default: 2)")
-    g.add_argument("--offload_optimizer_device", type=str, default=None, choices=[None, "cpu", "nvme"],
+    g.add_argument("--offload_optimizer_device", type=str, default=None, choices=["cpu", "nvme"],
                    help="DeepSpeed: where the optimizer state lives")
     g.add_argument("--offload_optimizer_nvme_path", type=str, default=None, help="DeepSpeed: NVMe folder of the state")
-    g.add_argument("--offload_param_device", type=str, default=None, choices=[None, "cpu", "nvme"],
+    g.add_argument("--offload_param_device", type=str, default=None, choices=["cpu", "nvme"],
                    help="DeepSpeed: where parameters live (ZeRO-3)")
     g.add_argument("--offload_param_nvme_path", type=str, default=None, help="DeepSpeed: NVMe folder of parameters")
     g.add_argument("--zero3_init_flag", action="store_true", help="DeepSpeed: build large models partitioned (ZeRO-3)")

@@ -33,7 +33,8 @@ from torch import Tensor
 
 from library.errors import OptimizerError
 from library.optimizers.flat import FlatLayout, FlatState, segment_ids
-from library.optimizers.state import ExactStateLoad
+from library.optimizers.state import ExactStateLoad, closure_loss
+from library.optimizers.validate import validate_common, validate_heads, validate_names
 
 _QK_NAME = re.compile(r"(?:^|[._])(?:to_q|to_k|q_proj|k_proj|query|key|wq|wk)(?:[._]|$)")
 _QKV_NAME = re.compile(
@@ -102,42 +103,6 @@ def advance_group(
     return params, names, grads, states
 
 
-def validate_names(cls: str, params: Iterable[Any]) -> None:
-    """Reject param groups whose ``names`` list does not line up with ``params``."""
-    for group in params:
-        if isinstance(group, dict) and "names" in group:
-            if len(group["names"]) != len(list(group["params"])):
-                raise OptimizerError(
-                    f"{cls} param group 'names' has {len(group['names'])} entries for {len(group['params'])} params; "
-                    "valid: one name per parameter"
-                )
-
-
-def validate_common(cls: str, lr: float, betas: Sequence[float], eps: float, weight_decay: float) -> None:
-    """Checks shared by every Adam-style optimizer here; messages name the class, key and bad value."""
-    if not (isinstance(lr, (int, float)) and lr >= 0.0):
-        raise OptimizerError(f"{cls} lr={lr!r} is invalid; valid: a number >= 0")
-    if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in betas):
-        raise OptimizerError(f"{cls} betas={tuple(betas)!r} is invalid; valid: two numbers in [0, 1)")
-    if not (isinstance(eps, (int, float)) and eps >= 0.0):
-        raise OptimizerError(f"{cls} eps={eps!r} is invalid; valid: a number >= 0")
-    if not (isinstance(weight_decay, (int, float)) and weight_decay >= 0.0):
-        raise OptimizerError(f"{cls} weight_decay={weight_decay!r} is invalid; valid: a number >= 0")
-
-
-def validate_positive_int(cls: str, key: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise OptimizerError(f"{cls} {key}={value!r} is invalid; valid: an integer >= 1")
-
-
-def validate_heads(cls: str, dim: int, n_heads: int) -> None:
-    """The model width and head count that split q/k(/v) projections into heads."""
-    validate_positive_int(cls, "dim", dim)
-    validate_positive_int(cls, "n_heads", n_heads)
-    if n_heads > dim:
-        raise OptimizerError(f"{cls} n_heads={n_heads} is invalid for dim={dim}; valid: n_heads <= dim")
-
-
 def dense_grad(p: Tensor) -> Tensor:
     """``p.grad``, rejected when sparse (the flat gather casts it to the working precision)."""
     if p.grad.is_sparse:
@@ -199,9 +164,10 @@ def init_missing_(
 class FlatPlan:
     """One (param group, device, working dtype) bucket of parameters laid out flat, cached across steps.
 
-    Holds the :class:`FlatLayout`, the param-shaped :class:`FlatState`, persistent scratch buffers whose
-    per-parameter views are built once (so a step does not slice hundreds of views), and ``cache`` for derived
-    per-layout tensors an optimizer needs (segment lengths, index maps).
+    Holds the :class:`FlatLayout`, the param-shaped :class:`FlatState`, ``cache`` for derived per-tensor values an
+    optimizer needs (segment lengths, small index maps), and for the step in progress its scratch buffers (flat
+    gradients, updates) and per-element indices in ``transient``. :meth:`release` drops those after the step:
+    between steps a plan holds the state and nothing per element besides it.
     """
 
     def __init__(self, params: Sequence[Tensor], dtype: torch.dtype) -> None:
@@ -210,7 +176,10 @@ class FlatPlan:
         self.layout = FlatLayout([p.shape for p in params], params[0].device)
         self.state = FlatState(self.layout)
         self.cache: dict[Any, Any] = {}
-        self._scratch: dict[Any, tuple[Tensor, list[Tensor]]] = {}
+        self._scratch: dict[Any, tuple[Tensor, list[Tensor] | None]] = {}
+        self.transient: dict[Any, Any] = {}
+        # 1-D views of the parameters (their own storage): updates go back with one split, no per-tensor views
+        self.param_rows = self.layout.rows(self.params)
         by_dtype: dict[torch.dtype, list[int]] = {}
         for i, p in enumerate(params):
             by_dtype.setdefault(p.dtype, []).append(i)
@@ -222,19 +191,30 @@ class FlatPlan:
         )
 
     def scratch(self, key: Any, dtype: torch.dtype | None = None) -> tuple[Tensor, list[Tensor]]:
-        """A persistent flat buffer (reused every step) and its per-parameter views in the caller's order."""
+        """A flat buffer for this step (the same one for every use of ``key`` until :meth:`release`) and its
+        per-parameter views in the caller's order."""
         dtype = dtype or self.dtype
-        cached = self._scratch.get((key, dtype))
-        if cached is None:
+        flat, views = self._scratch.get((key, dtype), (None, None))
+        if flat is None:
             flat = torch.empty(self.layout.numel, dtype=dtype, device=self.layout.device)
-            cached = self._scratch[(key, dtype)] = (flat, self.layout.views(flat))
-        return cached
+        if views is None:
+            views = self.layout.views(flat)
+        self._scratch[(key, dtype)] = (flat, views)
+        return flat, views
 
     def gather(self, key: str, tensors: Sequence[Tensor]) -> Tensor:
-        """``tensors`` (the caller's order) copied into scratch ``key`` in the working dtype: one foreach copy."""
-        flat, views = self.scratch(key)
-        torch._foreach_copy_(views, list(tensors))
+        """``tensors`` (the caller's order) as scratch ``key`` in the working dtype: one gather op."""
+        flat = self.layout.gather(tensors, self.dtype)
+        self._scratch[(key, self.dtype)] = (flat, None)
         return flat
+
+    def release(self) -> None:
+        """Drop the step's scratch buffers and per-element indices (also of plans in ``cache``)."""
+        self._scratch.clear()
+        self.transient.clear()
+        for value in self.cache.values():
+            if isinstance(value, FlatPlan):
+                value.release()
 
     def per_tensor(self, values: Sequence[float]) -> float | Tensor:
         """Per-tensor numbers (layout order): a Python float when all agree, else a (count,) device tensor."""
@@ -248,8 +228,12 @@ class FlatPlan:
         return value if isinstance(value, float) else self.spread(value)
 
     def spread(self, values: Tensor) -> Tensor:
-        """Per-tensor values (layout order) repeated over each tensor's elements: one gather by a cached index."""
-        return values.index_select(0, self.layout.element_ids)
+        """Per-tensor values (layout order) repeated over each tensor's elements: one gather by an index built
+        once per step."""
+        index = self.transient.get("element_ids")
+        if index is None:
+            index = self.transient["element_ids"] = segment_ids(self.layout.lengths, self.layout.numel)
+        return values.index_select(0, index)
 
 
 def flat_plans(
@@ -273,6 +257,12 @@ def flat_plans(
     return plans
 
 
+def release_plans(optimizer: torch.optim.Optimizer) -> None:
+    """End of a step: every flat plan of ``optimizer`` drops its scratch buffers (see :meth:`FlatPlan.release`)."""
+    for plan in optimizer.__dict__.get("_flat_plans", {}).values():
+        plan.release()
+
+
 def pick(items: list[Any], idx: list[int]) -> list[Any]:
     return items if len(idx) == len(items) else [items[i] for i in idx]
 
@@ -282,15 +272,19 @@ def apply_decoupled_(
 ) -> None:
     """θ ← θ·(1 − lr·wd) − lr·u, the AdamW way (decay not scaled by the adaptive step), from a flat u.
 
-    Two foreach launches with uniform scalars over the parameters, whose views of u are cached: u goes through
-    the plan's "update" scratch (a copy only when it is not already there), cast once per weight dtype.
+    Two foreach launches with uniform scalars over the parameters: when they all have the working dtype, their
+    1-D views take u's split directly; otherwise u goes through the plan's "update" scratch, cast once per weight
+    dtype.
     """
-    flat, views = plan.scratch("update")
-    if update is not flat:
-        flat.copy_(update)
     params = list(params)
     if weight_decay != 0.0:
         torch._foreach_mul_(params, 1.0 - lr * weight_decay)
+    if list(plan.param_dtypes) == [plan.dtype]:  # one dtype: the parameters' 1-D views take u's split directly
+        torch._foreach_add_(plan.param_rows, torch.split_with_sizes(update, plan.layout.sizes), alpha=-lr)
+        return
+    flat, views = plan.scratch("update")
+    if update is not flat:
+        flat.copy_(update)
     for dtype, idx in plan.param_dtypes.items():
         if dtype == plan.dtype:
             torch._foreach_add_(pick(params, idx), pick(views, idx), alpha=-lr)
@@ -333,7 +327,7 @@ def adam_mini_update(
     return out.div_(denom.index_select(0, block_ids))
 
 
-class Adam_mini(ExactStateLoad, torch.optim.Optimizer):  # noqa: N801 - the name users type (seed doc 000)
+class Adam_mini(ExactStateLoad, torch.optim.Optimizer):  # noqa: N801 - the name users type (OpenToMe's)
     """Adam-mini: full first moment, one second moment per head/row/tensor block (module docstring).
 
     Args:
@@ -395,9 +389,11 @@ class Adam_mini(ExactStateLoad, torch.optim.Optimizer):  # noqa: N801 - the name
                     FlatState(Segments([(b, 1) for b in blocks])),
                     block_lengths,
                     torch.tensor(blocks, dtype=torch.int64, device=device),
-                    segment_ids(block_lengths, plan.layout.numel),
                 )
-            _, block_state, block_lengths, block_counts, block_ids = cache
+            _, block_state, block_lengths, block_counts = cache
+            block_ids = plan.transient.get("block_ids")
+            if block_ids is None:  # per element: built for the step, not kept
+                block_ids = plan.transient["block_ids"] = segment_ids(block_lengths, plan.layout.numel)
             steps = [s["step"] for s in ordered]
             bc2 = plan.per_tensor([1.0 - beta2**t for t in steps])
             if isinstance(bc2, Tensor):
@@ -420,13 +416,11 @@ class Adam_mini(ExactStateLoad, torch.optim.Optimizer):  # noqa: N801 - the name
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group_index, group in enumerate(self.param_groups):
             for plan, params, _, _, update in self._adam_mini_updates(group_index, group):
                 apply_decoupled_(plan, params, update, group["lr"], group["weight_decay"])
+        release_plans(self)
         return loss
 
     def log_metrics(self) -> dict[str, Tensor | float]:

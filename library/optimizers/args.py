@@ -33,6 +33,9 @@ _TRUE = {"True", "true", "1"}
 _FALSE = {"False", "false", "0"}
 # Keys of the [optimizer] table that select the optimizer rather than configure it.
 TOML_SELECTOR_KEYS = ("name",)
+# Earlier spellings of in-house settings, still accepted everywhere a setting is (documented in docs/optimizers.md):
+# one name per setting across optimizers, without breaking users' commands.
+SETTING_ALIASES = {"orthograd": "use_orthogonal_grad", "eta": "alora_eta", "cuda_graph": "cuda_graphs"}
 
 
 def parse_optimizer_args(args: Sequence[str] | None) -> dict[str, Any]:
@@ -189,6 +192,9 @@ def resolve_settings(
         cli_values["lr"] = lr
     names = dict(accepted)
     names.setdefault("lr", None)
+    cli_values, args_values, toml_values = (
+        _canonical_keys(values, names) for values in (cli_values, args_values, toml_values)
+    )
 
     for where, values in ((SOURCE_CLI, cli_values), (SOURCE_ARGS, args_values), (SOURCE_TOML, toml_values)):
         for key in values:
@@ -226,6 +232,20 @@ def _all_finite(value: Any) -> bool:
     if isinstance(value, tuple | list):
         return all(_all_finite(v) for v in value)
     return not (_is_number(value) and not isinstance(value, bool) and not math.isfinite(value))
+
+
+def _canonical_keys(values: dict[str, Any], names: Mapping[str, Any]) -> dict[str, Any]:
+    """Settings under their current names: an earlier spelling becomes the name the optimizer accepts (only when
+    it does not accept the earlier one itself, as a third-party optimizer with its own ``eta`` may)."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        target = SETTING_ALIASES.get(key)
+        if target is not None and key not in names and target in names:
+            if target in values:
+                raise OptimizerError(f"{key} and {target} are one setting ({key} is its earlier name); give one")
+            key = target
+        out[key] = value
+    return out
 
 
 def _unknown_message(optimizer: str, key: str, where: str, names: Mapping[str, Any]) -> str:

@@ -1,4 +1,4 @@
-"""Automagic optimizers: ``Automagic_Sinkgd`` (seed 001) and its CAME-based sibling ``Automagic_CameAMP`` (seed 004).
+"""Automagic optimizers: ``Automagic_Sinkgd`` and its CAME-based sibling ``Automagic_CameAMP`` (Hina's).
 
 Both share the "automagic" machinery: a per-element learning-rate mask adapted Prodigy-style from sign agreement
 between consecutive steps, ALLoRA row scaling for LoRA matrices, an ADOPT-style seed step, adaptive weight decay
@@ -12,11 +12,11 @@ One step of parameter θ (t = the parameter's own step count, starting at 1; W =
 
 * t = 1 (seed, ADOPT's "no update at step 0"): momentum/second moment are seeded from g, the sign of g is
   recorded, θ₀ = θ is kept if the d_coef condition will need it; θ does not move.
-* t > W and ``orthograd``: g ← OrthoGrad(θ, g).
+* t > W and ``use_orthogonal_grad``: g ← OrthoGrad(θ, g).
 * direction u (see the classes).
 * lr mask (per element, in fp32 or fp64, never fp16/bf16): s = sign(g); where s·s_prev > 0 the mask grows by
   ``lr_bump``, where s·s_prev < 0 it shrinks by ``lr_bump``, where either is 0 it stays; clamp to
-  [``min_lr``, ``max_lr``]. The "condition" of the seed doc is Prodigy's distance signal c = ⟨g, θ₀ − θ⟩ of the
+  [``min_lr``, ``max_lr``]. The "condition" of Hina's usage guide is Prodigy's distance signal c = ⟨g, θ₀ − θ⟩ of the
   tensor: while t ≤ W/2, c > 0 (still descending away from the start) multiplies growth by ``d_coef`` and c < 0
   (the gradient points back to the start: overshoot) multiplies shrinkage by ``d_coef``. After W/2 θ₀ is freed.
   The mask keeps adapting after warm-up; there is no post-warm-up cut or decay (the original cut lr to 10%).
@@ -41,8 +41,10 @@ plans and resolved state buffers are cached until the set of parameters with gra
 loaded, and ``state["step"]`` is written lazily from one counter per run (before ``state_dict()``). Row and column
 math runs on ``[rows, cols]`` / ``[k, rows, cols]`` views, one kernel per distinct row length or shape (a
 ``segment_reduce`` over ~10⁵ rows of a few elements is slow on CUDA); per-tensor reductions are one
-``segment_reduce`` and per-tensor broadcasts one gather through a cached int32 element → tensor index (4 bytes
-per element; above ``_INDEX_MAX_NUMEL`` elements ``repeat_interleave`` instead). The factored CAME moments and
+``segment_reduce`` and per-tensor broadcasts one gather through an int32 element → tensor index built at the
+start of each step (kept between steps only for a captured CUDA graph; above ``_INDEX_MAX_NUMEL`` elements
+``repeat_interleave`` instead). Gradients and weights are gathered into fresh flat buffers each step, so between
+steps the optimizer keeps its state and nothing per element besides it. The factored CAME moments and
 the per-tensor statistics are flat buffers too, with the per-parameter tensors in ``state`` as their views, so
 ``state_dict()`` keeps its per-parameter format. 8-bit first moments are dequantised and requantised in one call
 each (codes padded per tensor to whole blocks, bit-identical to quantising each tensor alone). The number of ops
@@ -51,13 +53,14 @@ per step does not depend on the number of tensors, only on the number of distinc
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import logging
 import math
 import operator
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -65,9 +68,11 @@ from torch import Tensor
 
 from library.errors import OptimizerError
 from library.optimizers import quant8
+from library.optimizers import transforms as T
 from library.optimizers.flat import FlatLayout, FlatState, matrix_shape, segment_ids
 from library.optimizers.graphs import GraphSlot, StepGraph, can_capture
-from library.optimizers.state import ExactStateLoad
+from library.optimizers.state import ExactStateLoad, closure_loss
+from library.optimizers.validate import require
 
 logger = logging.getLogger(__name__)
 
@@ -91,12 +96,13 @@ class _Segments:
 
     Segments here are whole tensors or their rows of factored moments: hundreds of segments, each long enough for
     ``segment_reduce``. It gets precomputed offsets and ``unsafe=True``: with lengths and the default checks it
-    validates them with two ``.item()`` calls, a host sync per reduction on CUDA. With ``cache_index`` the
-    element → segment index is kept (4 bytes per element), so a broadcast is one gather instead of a
-    ``repeat_interleave`` (which rebuilds that index, in several kernels, on every call).
+    validates them with two ``.item()`` calls, a host sync per reduction on CUDA. A broadcast is one gather with
+    an element → segment index (4 bytes per element) instead of a ``repeat_interleave`` (which rebuilds that
+    index, in several kernels, on every call). With ``keep_index`` (a captured CUDA graph reads it at a fixed
+    address) the index is built once and kept; otherwise only inside ``with segments.indexed():`` (one step).
     """
 
-    def __init__(self, lengths: Sequence[int], device: torch.device, cache_index: bool) -> None:
+    def __init__(self, lengths: Sequence[int], device: torch.device, keep_index: bool) -> None:
         self.count = len(lengths)
         self.total = sum(lengths)
         self.lengths = torch.tensor(list(lengths), dtype=torch.int64, device=device)
@@ -105,8 +111,21 @@ class _Segments:
             offsets.append(offsets[-1] + n)
         self.offsets = torch.tensor(offsets, dtype=torch.int64, device=device)
         self.index = None
-        if cache_index:
+        self.kept = keep_index and self.total <= _INDEX_MAX_NUMEL
+        if self.kept:
             self.index = segment_ids(self.lengths, self.total)
+
+    @contextlib.contextmanager
+    def indexed(self) -> Iterator[None]:
+        """The element index for the block, unless it is kept or too large (then ``repeat_interleave``)."""
+        if self.kept or self.total > _INDEX_MAX_NUMEL:
+            yield
+            return
+        self.index = segment_ids(self.lengths, self.total)
+        try:
+            yield
+        finally:
+            self.index = None
 
     def sum(self, x: Tensor) -> Tensor:
         return torch.segment_reduce(x, "sum", offsets=self.offsets, unsafe=True)
@@ -264,19 +283,18 @@ class _Plan:
     """Everything the flat step needs for one fixed list of parameters: layout, segment tables, state buffers."""
 
     def __init__(self, shapes: Sequence[torch.Size], device: torch.device, dtype: torch.dtype,
-                 lora: Sequence[bool] | None = None) -> None:  # fmt: skip
+                 lora: Sequence[bool] | None = None, keep_index: bool = False) -> None:  # fmt: skip
         self.layout = layout = FlatLayout(shapes, device)
         self.store = FlatState(layout)
         self.dtype = dtype
         arranged = [layout.shapes[i] for i in layout.order]
         self.mats = mats = [matrix_shape(s) for s in arranged]
         self.is_matrix = [len(s) >= 2 for s in arranged]
-        cache = layout.numel <= _INDEX_MAX_NUMEL
-        self.tensors = _Segments(layout.sizes, device, cache)
+        self.tensors = _Segments(layout.sizes, device, keep_index)
         self.numel = torch.tensor(layout.sizes, dtype=dtype, device=device)
         # matrix rows (ALLoRA, CAME: a tensor with < 2 dims is a column, rows of one element)
         self.rows = _Rows(layout)
-        self.row_tensors = _Segments([n for n, _ in mats], device, cache)
+        self.row_tensors = _Segments([n for n, _ in mats], device, keep_index)
         self.cols = _Columns(layout)
         self.col_tensors = [m for _, m in mats]
         vector_cols = [
@@ -309,11 +327,6 @@ class _Plan:
         self.scratch: dict[str, Any] = {}  # optimizer-specific structures built on first use
         # resolved state buffers: looked up once, since load_state_dict drops every plan
         self.resolved: dict[str, Any] = {}
-        # persistent gradient and weight buffers, with views shaped like the parameters (caller's order)
-        self.g = torch.empty(layout.numel, dtype=dtype, device=device)
-        self.theta = torch.empty(layout.numel, dtype=dtype, device=device)
-        self.g_views = layout.views(self.g)
-        self.theta_views = layout.views(self.theta)
 
     def cached(self, key: str, make: Callable[[], Any]) -> Any:
         """``make()`` on first use, then its result (a state buffer of this plan's parameters)."""
@@ -460,19 +473,6 @@ def prodigy_bumps(
     )
 
 
-def _orthograd(theta: Tensor, g: Tensor, plan: _Plan) -> Tensor:
-    """OrthoGrad per tensor on flat buffers (same definition as ``transforms.orthograd_``); returns a new buffer."""
-    tensors = plan.tensors
-    # ⟨θ,θ⟩ and ⟨θ,g⟩ by the same reduction, so g = θ gives coef = 1 and g⊥ = 0 exactly
-    theta_sq = tensors.sum(theta * theta)
-    coef = (tensors.sum(theta * g) / theta_sq.clamp_min(_TINY)).masked_fill_(theta_sq <= _TINY, 0.0)
-    g_norm = tensors.sum(g * g).sqrt_()
-    perp = torch.addcmul(g, theta, tensors.expand(coef), value=-1.0)
-    perp_norm = tensors.sum(perp * perp).sqrt_()
-    scale = (g_norm / perp_norm.clamp_min(_TINY)).masked_fill_(perp_norm <= 0, 1.0)
-    return perp.mul_(tensors.expand(scale))
-
-
 def _adaptive_decay(g: Tensor, plan: _Plan) -> Tensor:
     """Per-tensor a_p = 2·sigmoid(4·(mean|g_p| − μ)/σ) (layout order), μ/σ = mean/std of |g| over the buffer.
 
@@ -528,11 +528,6 @@ class _Run:
         self.plan = plan
 
 
-def _require(cls_name: str, name: str, value: Any, ok: bool, valid: str) -> None:
-    if not ok:
-        raise OptimizerError(f"{cls_name}: {name}={value!r} is invalid; {valid}")
-
-
 def _work_dtype(p: Tensor) -> torch.dtype:
     return p.dtype if p.dtype in (torch.float32, torch.float64) else torch.float32
 
@@ -547,22 +542,22 @@ class _AutomagicBase(ExactStateLoad, torch.optim.Optimizer):
     def __init__(self, params: Iterable, defaults: dict[str, Any]) -> None:
         name = type(self).__name__
         lr, min_lr, max_lr = defaults["lr"], defaults["min_lr"], defaults["max_lr"]
-        _require(name, "lr", lr, lr > 0, "must be > 0")
-        _require(name, "min_lr", min_lr, min_lr >= 0, "must be >= 0")
-        _require(name, "max_lr", max_lr, max_lr >= min_lr, f"must be >= min_lr ({min_lr})")
-        _require(name, "lr_bump", defaults["lr_bump"], defaults["lr_bump"] >= 0, "must be >= 0")
-        _require(name, "eta", defaults["eta"], defaults["eta"] > 0, "must be > 0")
-        _require(name, "d_coef", defaults["d_coef"], defaults["d_coef"] > 0, "must be > 0")
-        _require(
-            name, "weight_decay", defaults["weight_decay"], defaults["weight_decay"] >= 0, "must be >= 0"
+        require(name, "lr", lr, lr > 0, "> 0")
+        require(name, "min_lr", min_lr, min_lr >= 0, ">= 0")
+        require(name, "max_lr", max_lr, max_lr >= min_lr, f">= min_lr ({min_lr})")
+        require(name, "lr_bump", defaults["lr_bump"], defaults["lr_bump"] >= 0, ">= 0")
+        require(name, "alora_eta", defaults["alora_eta"], defaults["alora_eta"] > 0, "> 0")
+        require(name, "d_coef", defaults["d_coef"], defaults["d_coef"] > 0, "> 0")
+        require(
+            name, "weight_decay", defaults["weight_decay"], defaults["weight_decay"] >= 0, ">= 0"
         )
         warmup = defaults["warmup_steps"]
-        _require(
-            name, "warmup_steps", warmup, isinstance(warmup, int) and warmup >= 0, "must be an integer >= 0"
+        require(
+            name, "warmup_steps", warmup, isinstance(warmup, int) and warmup >= 0, "an integer >= 0"
         )
         freq = defaults["stats_update_freq"]
-        _require(
-            name, "stats_update_freq", freq, isinstance(freq, int) and freq >= 1, "must be an integer >= 1"
+        require(
+            name, "stats_update_freq", freq, isinstance(freq, int) and freq >= 1, "an integer >= 1"
         )
         self._logged_plain_params = False
         # flat plans by the parameter tuple they cover (plans over overlapping parameters never coexist)
@@ -614,14 +609,16 @@ class _AutomagicBase(ExactStateLoad, torch.optim.Optimizer):
     def _plan(self, group: dict, members: list[tuple[int, Tensor]], dtype: torch.dtype) -> _Plan:
         """The cached flat plan of these parameters (built on first use or when the member list changes)."""
         ids = tuple(id(p) for _, p in members)
-        key = (ids, tuple(p.shape for _, p in members), members[0][1].device, dtype)
+        device = members[0][1].device
+        keep_index = group["cuda_graphs"] and can_capture(device)  # a captured graph reads it at a fixed address
+        key = (ids, tuple(p.shape for _, p in members), device, dtype, keep_index)
         plan = self._plans.get(key)
         if plan is None:
             covered = set(ids)
             for other in [k for k in self._plans if covered.intersection(k[0])]:
                 del self._plans[other]  # its buffers would hold stale copies of these parameters' states
             lora = [self._uses_allora(group, index, p) for index, p in members]
-            plan = _Plan([p.shape for _, p in members], members[0][1].device, dtype, lora)
+            plan = _Plan([p.shape for _, p in members], device, dtype, lora, keep_index)
             self._plans[key] = plan
         return plan
 
@@ -648,10 +645,7 @@ class _AutomagicBase(ExactStateLoad, torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for index, group in enumerate(self.param_groups):
             grads = [p.grad for p in group["params"]]
             for run in self._runs(index, group, grads):
@@ -706,11 +700,15 @@ class _AutomagicBase(ExactStateLoad, torch.optim.Optimizer):
 
     def _step_run(self, group: dict, run: _Run, grads: list[Tensor | None]) -> None:
         """One step of a run's tensors, on flat buffers: a fixed number of kernels for any tensor count."""
+        plan = run.plan
+        with plan.tensors.indexed(), plan.row_tensors.indexed():
+            self._step_indexed(group, run, grads if run.indices is None else [grads[i] for i in run.indices])
+
+    def _step_indexed(self, group: dict, run: _Run, grads: list[Tensor]) -> None:
         plan, t, params, states = run.plan, run.t, run.params, run.states
         dtype = plan.dtype
-        torch._foreach_copy_(plan.g_views, grads if run.indices is None else [grads[i] for i in run.indices])
-        torch._foreach_copy_(plan.theta_views, params)
-        g, theta = plan.g, plan.theta
+        # fresh flat copies: kept between steps they would cost 8 bytes per parameter
+        g, theta = plan.layout.gather(grads, dtype), plan.layout.gather(params, dtype)
         warmup = group["warmup_steps"]
         if t == 1:
             plan.state(states, "sign", torch.int8).copy_(g.sign())
@@ -721,8 +719,8 @@ class _AutomagicBase(ExactStateLoad, torch.optim.Optimizer):
             self._seed_direction(group, plan, g, states)
             return
         early = t <= warmup / 2
-        if group["orthograd"] and t > warmup:
-            g = _orthograd(theta, g, plan)
+        if group["use_orthogonal_grad"] and t > warmup:
+            T.orthograd_(plan.tensors, theta, g)  # g is this step's own gathered copy
 
         sign = g.sign()
         update, lr_factor = self._direction(group, plan, t, g, sign, states)
@@ -762,7 +760,7 @@ class _AutomagicBase(ExactStateLoad, torch.optim.Optimizer):
         if lr_factor is not None and ratio != 1.0:
             lr_factor = lr_factor * ratio
         if plan.lora is not None and any(plan.lora):
-            rows = plan.rows.sum(theta * theta).add_(1.0 / (group["eta"] * group["eta"])).rsqrt_()
+            rows = plan.rows.sum(theta * theta).add_(1.0 / (group["alora_eta"] * group["alora_eta"])).rsqrt_()
             if plan.plain_rows is not None:
                 rows.masked_fill_(plan.plain_rows, 1.0)
             if lr_factor is not None:
@@ -776,7 +774,7 @@ class _AutomagicBase(ExactStateLoad, torch.optim.Optimizer):
             update.mul_(ratio)
 
         theta.sub_(update)
-        torch._foreach_copy_(params, plan.theta_views)
+        plan.layout.scatter_(plan.cached("param_rows", lambda: plan.layout.rows(params)), theta)
 
     # -- checkpointing and logging -----------------------------------------------------------------------------
 
@@ -811,8 +809,8 @@ class _AutomagicBase(ExactStateLoad, torch.optim.Optimizer):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-class Automagic_Sinkgd(_AutomagicBase):  # noqa: N801 - user-facing name from the seed docs
-    """Automagic with a SinkGD-normalised Grams update (seed 001).
+class Automagic_Sinkgd(_AutomagicBase):  # noqa: N801 - the name users type (Hina's)
+    """Automagic with a SinkGD-normalised Grams update.
 
     Direction: m ← β₁m + (1−β₁)g (m seeded with g at step 1, no update then: ADOPT's rule, which also means a
     zero first gradient, as for lora_down under a zero lora_up, cannot blow up step 2); u = sign(g)·|m| (Grams);
@@ -823,9 +821,9 @@ class Automagic_Sinkgd(_AutomagicBase):  # noqa: N801 - user-facing name from th
     ALLoRA applies to parameters whose group ``names`` mark them as LoRA matrices (``lora_down``/``lora_up``),
     or, without names, to every tensor with 2+ dims unless ``full_finetune``.
 
-    ``cuda_graph=True`` (the default; CUDA only) replays SinkGD's row/column passes, one kernel per distinct shape
+    ``cuda_graphs=True`` (the default; CUDA only) replays SinkGD's row/column passes, one kernel per distinct shape
     and pass, as one CUDA graph (:mod:`library.optimizers.graphs`): same kernels, one launch. On an H100 it took the
-    SD1.5 LoRA step from 3.2x to 1.2x fused AdamW (bench/optimizer_step.py, same run); ``cuda_graph=False`` runs
+    SD1.5 LoRA step from 3.2x to 1.2x fused AdamW (bench/optimizer_step.py, same run); ``cuda_graphs=False`` runs
     the passes eagerly.
     """
 
@@ -836,31 +834,31 @@ class Automagic_Sinkgd(_AutomagicBase):  # noqa: N801 - user-facing name from th
         min_lr: float = 1e-6,
         max_lr: float = 1e-2,
         lr_bump: float = 1e-5,
-        eta: float = 2.0,
+        alora_eta: float = 2.0,
         beta1: float = 0.9,
         d_coef: float = 2.0,
         weight_decay: float = 5e-4,
         warmup_steps: int = 500,
         full_finetune: bool = False,
-        orthograd: bool = False,
+        use_orthogonal_grad: bool = False,
         stats_update_freq: int = 5,
-        cuda_graph: bool = True,
+        cuda_graphs: bool = True,
     ) -> None:
-        _require(type(self).__name__, "beta1", beta1, 0.0 <= beta1 < 1.0, "must be in [0, 1)")
+        require(type(self).__name__, "beta1", beta1, 0.0 <= beta1 < 1.0, "in [0, 1)")
         defaults = dict(
             lr=lr,
             min_lr=min_lr,
             max_lr=max_lr,
             lr_bump=lr_bump,
-            eta=eta,
+            alora_eta=alora_eta,
             beta1=beta1,
             d_coef=d_coef,
             weight_decay=weight_decay,
             warmup_steps=warmup_steps,
             full_finetune=full_finetune,
-            orthograd=orthograd,
+            use_orthogonal_grad=use_orthogonal_grad,
             stats_update_freq=stats_update_freq,
-            cuda_graph=cuda_graph,
+            cuda_graphs=cuda_graphs,
         )
         super().__init__(params, defaults)
 
@@ -877,9 +875,11 @@ class Automagic_Sinkgd(_AutomagicBase):  # noqa: N801 - user-facing name from th
         momentum = plan.state(states, "exp_avg", plan.dtype)
         momentum.lerp_(g, 1.0 - group["beta1"])
         iters = 5 if group["full_finetune"] else 4
-        update = plan.cached("sinkgd_update", lambda: torch.empty_like(momentum))  # stays put: the graph's input
-        torch.abs(momentum, out=update).mul_(sign)  # Grams: |m| with the sign of g
-        if group["cuda_graph"] and can_capture(plan.layout.device):  # ~40 kernels an iteration: one launch
+        graphed = group["cuda_graphs"] and can_capture(plan.layout.device)  # ~40 kernels an iteration: one launch
+        # the graph's input stays put; eagerly, a temporary
+        update = plan.cached("sinkgd_update", lambda: torch.empty_like(momentum)) if graphed else None
+        update = torch.abs(momentum, out=update).mul_(sign)  # Grams: |m| with the sign of g
+        if graphed:
             slot = plan.cached("graph", GraphSlot)
             slot((iters,), lambda: StepGraph(lambda: _sinkgd_flat_(update, plan, iters), plan.layout.device))
         else:
@@ -973,8 +973,8 @@ class _Moment8:
         quant8.quantize_into_(source, codes, absmax, signed=True)
 
 
-class Automagic_CameAMP(_AutomagicBase):  # noqa: N801 - user-facing name from the seed docs
-    """Automagic with a CAME update (seed 004's "Automagic CameAMP"), optionally with an 8-bit first moment.
+class Automagic_CameAMP(_AutomagicBase):  # noqa: N801 - the name users type (Hina's)
+    """Automagic with a CAME update (Hina's "Automagic CameAMP"), optionally with an 8-bit first moment.
 
     CAME (Luo et al. 2023): v (factored into row/column means for matrices, full for < 2 dims) tracks g² + ε₁;
     u = g/√v, clipped to RMS ≤ ``clip_threshold``; m ← β₁m + (1−β₁)u; the instability U = (u − m)² + ε₂ is
@@ -989,7 +989,7 @@ class Automagic_CameAMP(_AutomagicBase):  # noqa: N801 - user-facing name from t
     codes + fp32 absmax per 256 elements) for tensors of ≥ 4096 elements; the factored moments are already tiny
     and the lr mask stays fp32 (8-bit or 16-bit masks cannot represent ``lr_bump`` steps).
 
-    ``cuda_graph=True`` (the default; CUDA only) replays the CAME direction (factored moments, clipping, first
+    ``cuda_graphs=True`` (the default; CUDA only) replays the CAME direction (factored moments, clipping, first
     moment and confidence: one kernel per distinct shape and reduction) as one CUDA graph: 2.6x -> 1.3x fused AdamW
     on the SD1.5 LoRA set (H100, same run).
     """
@@ -1001,47 +1001,47 @@ class Automagic_CameAMP(_AutomagicBase):  # noqa: N801 - user-facing name from t
         min_lr: float = 1e-6,
         max_lr: float = 1e-3,
         lr_bump: float = 1e-5,
-        eta: float = 2.0,
+        alora_eta: float = 2.0,
         d_coef: float = 2.0,
         weight_decay: float = 5e-4,
         warmup_steps: int = 500,
         full_finetune: bool = False,
-        orthograd: bool = False,
+        use_orthogonal_grad: bool = False,
         stats_update_freq: int = 5,
         betas: tuple[float, float, float] = (0.9, 0.999, 0.9999),
         eps: tuple[float, float] = (1e-30, 1e-16),
         clip_threshold: float = 1.0,
         optim_bits: int = 32,
-        cuda_graph: bool = True,
+        cuda_graphs: bool = True,
     ) -> None:
         name = type(self).__name__
-        _require(
+        require(
             name,
             "betas",
             betas,
             len(betas) == 3 and all(0.0 <= b < 1.0 for b in betas),
-            "need 3 values in [0, 1)",
+            "3 values in [0, 1)",
         )
-        _require(name, "eps", eps, len(eps) == 2 and all(e > 0 for e in eps), "need 2 values > 0")
-        _require(name, "clip_threshold", clip_threshold, clip_threshold > 0, "must be > 0")
-        _require(name, "optim_bits", optim_bits, optim_bits in (8, 32), "must be 8 or 32")
+        require(name, "eps", eps, len(eps) == 2 and all(e > 0 for e in eps), "2 values > 0")
+        require(name, "clip_threshold", clip_threshold, clip_threshold > 0, "> 0")
+        require(name, "optim_bits", optim_bits, optim_bits in (8, 32), "8 or 32")
         defaults = dict(
             lr=lr,
             min_lr=min_lr,
             max_lr=max_lr,
             lr_bump=lr_bump,
-            eta=eta,
+            alora_eta=alora_eta,
             d_coef=d_coef,
             weight_decay=weight_decay,
             warmup_steps=warmup_steps,
             full_finetune=full_finetune,
-            orthograd=orthograd,
+            use_orthogonal_grad=use_orthogonal_grad,
             stats_update_freq=stats_update_freq,
             betas=tuple(betas),
             eps=tuple(eps),
             clip_threshold=clip_threshold,
             optim_bits=optim_bits,
-            cuda_graph=cuda_graph,
+            cuda_graphs=cuda_graphs,
         )
         super().__init__(params, defaults)
 
@@ -1099,15 +1099,13 @@ class Automagic_CameAMP(_AutomagicBase):  # noqa: N801 - user-facing name from t
     ) -> tuple[Tensor, Tensor | None]:
         beta3 = group["betas"][2]
         bias = math.sqrt(1.0 - beta3 ** (step - 1))  # R's bias correction (step 1 only seeded v)
-        if not (group["cuda_graph"] and can_capture(plan.layout.device)):
+        if not (group["cuda_graphs"] and can_capture(plan.layout.device)):
             return self._came(group, plan, g, states, bias), None
-        # the graph reads fixed addresses: g's own buffer, or a copy of OrthoGrad's new one; the correction
-        # through a device scalar
-        own = g is plan.g
-        g_in = g if own else plan.cached("came_g", lambda: torch.empty_like(plan.g)).copy_(g)
+        # the graph reads fixed addresses: a copy of this step's gradient; the correction through a device scalar
+        g_in = plan.cached("came_g", lambda: torch.empty_like(g)).copy_(g)
         scalar = plan.cached("came_bias", lambda: torch.empty((), dtype=plan.dtype, device=plan.layout.device))
         scalar.fill_(bias)
-        baked = (*group["betas"], *group["eps"], group["clip_threshold"], own)
+        baked = (*group["betas"], *group["eps"], group["clip_threshold"])
         slot = plan.cached("graph", GraphSlot)
         return slot(baked, lambda: StepGraph(lambda: self._came(group, plan, g_in, states, scalar),
                                               plan.layout.device)), None

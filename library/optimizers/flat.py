@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
+
+_DTYPE = operator.attrgetter("dtype")
 
 
 def matrix_shape(shape: Sequence[int]) -> tuple[int, int]:
@@ -33,8 +36,8 @@ def matrix_shape(shape: Sequence[int]) -> tuple[int, int]:
 
 
 def segment_ids(lengths: Tensor, total: int) -> Tensor:
-    """Index of each element's segment (segments of ``lengths`` end to end), int32: built once, so spreading
-    per-segment values is one ``index_select`` (``repeat_interleave`` rebuilds this index on every call)."""
+    """Index of each element's segment (segments of ``lengths`` end to end), int32: built once per step, so
+    spreading per-segment values is one ``index_select`` (``repeat_interleave`` rebuilds this index per call)."""
     positions = torch.arange(lengths.numel(), dtype=torch.int32, device=lengths.device)
     return torch.repeat_interleave(positions, lengths, output_size=total)
 
@@ -100,6 +103,48 @@ class FlatLayout:
         flat = torch.cat([tensors[i].reshape(-1) for i in self.order])
         return flat if dtype is None or flat.dtype == dtype else flat.to(dtype)
 
+    @functools.cached_property
+    def _arrange(self):
+        """``arrange`` as one C-level call (an itemgetter), for per-step use."""
+        if self.count == 1:
+            return lambda items: (items[0],)
+        return operator.itemgetter(*self.order)
+
+    @functools.cached_property
+    def _any_scalar(self) -> bool:
+        return any(len(shape) == 0 for shape in self.shapes)
+
+    def gather(self, tensors: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
+        """A new flat buffer of ``dtype`` holding the tensors (caller's order), never a view of them.
+
+        ``_chunk_cat`` with one chunk is ``cat`` of the flattened tensors in one op (no per-tensor view to
+        dispatch); it needs at least one dim and one dtype, hence a plain ``cat`` when a 0-d tensor is among
+        them or dtypes are mixed. A step gathers its gradients and weights this way instead of keeping flat copies
+        between steps.
+        """
+        ordered = list(self._arrange(tensors))
+        if self._any_scalar or len(set(map(_DTYPE, ordered))) > 1:
+            flat = torch.cat([t.reshape(-1).to(dtype) for t in ordered])
+        else:
+            flat = torch._chunk_cat(ordered, 0, 1).view(-1)
+        return flat if flat.dtype == dtype else flat.to(dtype)
+
+    def rows(self, tensors: Sequence[Tensor]) -> list[Tensor]:
+        """Targets for :meth:`scatter_` in layout order: 1-D views of the tensors (caller's order) when all are
+        contiguous, else the tensors themselves."""
+        ordered = [t.detach() for t in self._arrange(tensors)]
+        if all(t.is_contiguous() for t in ordered):
+            return [t.view(-1) for t in ordered]
+        return ordered
+
+    def scatter_(self, rows: list[Tensor], flat: Tensor) -> None:
+        """Write `flat` into :meth:`rows` (one split and one foreach copy, cast to their dtype; per-tensor views
+        of `flat` when the targets are not 1-D views)."""
+        pieces = torch.split_with_sizes(flat, self.sizes)
+        if not all(map((1).__eq__, map(Tensor.dim, rows))):
+            pieces = [piece.view(t.shape) for piece, t in zip(pieces, rows, strict=True)]
+        torch._foreach_copy_(rows, pieces)
+
     def views(self, flat: Tensor) -> list[Tensor]:
         """Views of `flat` shaped like the tensors, in the caller's order."""
         views: list[Tensor] = [flat] * self.count
@@ -122,11 +167,6 @@ class FlatLayout:
     def norm(self, x: Tensor) -> Tensor:
         """Per-tensor L2 norms of a flat buffer, in layout order."""
         return self.sum(x * x).sqrt()
-
-    @functools.cached_property
-    def element_ids(self) -> Tensor:
-        """Layout position of every flat element (int32, 4 bytes per element, built on first use)."""
-        return segment_ids(self.lengths, self.numel)
 
     def expand(self, values: Tensor) -> Tensor:
         """Per-tensor values (layout order) repeated over each tensor's elements: a flat buffer to multiply by."""

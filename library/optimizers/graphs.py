@@ -83,7 +83,7 @@ class StepGraph:
             # capture"; seen on an H100)
             raise OptimizerError(f"recording the optimizer step as a CUDA graph failed ({type(exc).__name__}: "
                                  f"{str(exc).splitlines()[0]}); run it eagerly with --optimizer_args "
-                                 "cuda_graph=False") from exc
+                                 "cuda_graphs=False") from exc
         self.graph, self.output = graph, output
         release_warmup_cache()
         graph.replay()  # capture records the kernels without running them: this call's work

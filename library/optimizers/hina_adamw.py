@@ -1,6 +1,6 @@
 """CustomAdamW (Hina's AdamW): AdamW with nine switchable techniques and an optional 8-bit state.
 
-Definitions: the papers cited per technique (summarised in docs/optimizers.md); flag names and defaults from the seed
+Definitions: the papers cited per technique (summarised in docs/optimizers.md); flag names and defaults from Hina's
 usage guide. Per parameter tensor, one step composes the techniques in this order (g = gradient, θ = weight):
 
  1. g ← grad (working copy, fp32 for half-precision weights)
@@ -43,22 +43,25 @@ Design decisions:
   C-level passes), so a step runs no per-tensor Python: the plan owns the step counters (one Python int when all
   tensors step together) and writes every ``state["step"]`` in one C-level pass, so state_dict and direct reads
   stay current. Per bucket of (device, dtype, 8-bit or not) the tensors are laid end to end in flat buffers
-  (:mod:`library.optimizers.flat`). Gradients and weights are copied into persistent flat fp32 (working dtype)
-  buffers with one foreach copy each and the weights copied back with one more; m, v, θ₀ and TAM's s̄ are flat
+  (:mod:`library.optimizers.flat`). Gradients and weights are gathered into fresh flat buffers of the working
+  dtype (one ``_chunk_cat`` each) and the weights written back with one split and one foreach copy; m, v, θ₀ and TAM's s̄ are flat
   buffers whose per-parameter views are what ``self.state[p]`` holds, so state_dict keeps its per-parameter
   format and a loaded state is gathered again. Every elementwise op is one kernel over the bucket, fused where a
   form exists (both ADOPT lerp weights from one op, the step applied by one ``addcmul_`` without a δ buffer,
   a uniform bias correction or SPD strength folded into a scalar); per-tensor sums/maxima are one
   ``segment_reduce`` (``unsafe=True``: its default length check reads values back to the host), several sums of
   products share one (TAM's cosine, SPD's inner product and norm); per-tensor factors are one ``index_select``
-  with a cached int32 element→tensor index; ALLoRA's row norms are one norm per run of shape buckets with equal
-  row length (all LoRA ups share cols = rank) written into one buffer, its row factors one ``index_select``.
+  with an int32 element→tensor index built at the start of the step; ALLoRA's row norms are one norm per run of
+  shape buckets with equal row length (all LoRA ups share cols = rank), its row factors one ``index_select`` with
+  an element→row index built the same way.
   Step-dependent values (ADOPT clip, bias corrections, ρ(t)) are Python scalars when all tensors of a bucket are
   at the same step, else one small host-built tensor copied once. So a step dispatches a fixed number of ops
-  (about 66 with the defaults) whatever the tensor count and never reads a value back from the device. The
-  price is memory outside the optimizer state: the two flat working buffers and the two indices, about 16 bytes
-  per parameter.
-- ``cuda_graph=True`` (the default) goes one further on a GPU: after the gradient gather, a bucket's whole step
+  (about 70 kernels with the defaults) whatever the tensor count and never reads a value back from the device.
+- Memory: between steps the optimizer keeps its state and nothing else (fp32: m, v, θ₀ = 12 bytes per
+  parameter; 8-bit: codes, absmax and a bf16 θ₀ = 4.03), plus a few values per tensor. The flat copies of
+  gradients and weights and both indices live only inside a step (in eager mode; a captured CUDA graph keeps
+  its gradient buffer and its private pool).
+- ``cuda_graphs=True`` (the default) goes one further on a GPU: after the gradient gather, a bucket's whole step
   replays as one CUDA graph (:mod:`library.optimizers.graphs`). What changes between steps reaches it through persistent 0-d
   device tensors (the lr-scaled step, ADOPT's clip, bias corrections, ρ(t) terms: one asynchronous ``fill_``
   each); settings compiled into the kernels (flags, betas, ε, TAM β, ALLoRA η and ratio) and the identity of the
@@ -84,9 +87,10 @@ from torch import Tensor
 from library.errors import OptimizerError
 from library.optimizers import quant8
 from library.optimizers import transforms as T
-from library.optimizers.flat import FlatLayout, FlatState
+from library.optimizers.flat import FlatLayout, FlatState, segment_ids
 from library.optimizers.graphs import GraphSlot, StepGraph, can_capture
-from library.optimizers.state import ExactStateLoad
+from library.optimizers.state import ExactStateLoad, closure_loss
+from library.optimizers.validate import require
 
 logger = logging.getLogger(__name__)
 
@@ -129,11 +133,25 @@ def _work_dtype(p: Tensor) -> torch.dtype:
     return torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype
 
 
+def _anchor_dtype(p: Tensor, quantised: bool) -> torch.dtype:
+    """SPD's θ₀ dtype: the weights', except bf16 next to 8-bit moments of fp32 weights, so the 8-bit state
+    (1 + 1 + 2 bytes) stays near half of AdamW's 8. bf16 rounds θ₀ by at most 2⁻⁹ of its value."""
+    return torch.bfloat16 if quantised and p.dtype == torch.float32 else p.dtype
+
+
+def _anchor_bytes(p: Tensor, group: dict[str, Any], quantised: bool) -> int:
+    if not group["use_spd"]:
+        return 0
+    return p.numel() * torch.empty((), dtype=_anchor_dtype(p, quantised)).element_size()
+
+
 class _Bucket:
-    """Flat buffers and cached per-tensor constants of one group's tensors sharing (device, dtype, 8-bit or not).
+    """Cached per-tensor constants and state buffers of one group's tensors sharing (device, dtype, 8-bit or not).
 
     Everything here depends only on which tensors the bucket holds and their LoRA roles, so it is built once and
     reused every step; hyper-parameters are read from the group at each step (they may change between steps).
+    Only state and per-tensor values stay allocated between steps: the flat gradient and weight copies, the
+    element index and every per-row value are rebuilt inside the step (kept memory is the optimizer state).
     """
 
     def __init__(
@@ -144,32 +162,63 @@ class _Bucket:
         self.dtype = _work_dtype(first)
         self.layout = layout = FlatLayout([p.shape for p in params], first.device)
         self.seg = T.Segments(layout)
-        self.grad = torch.empty(layout.numel, dtype=self.dtype, device=first.device)
-        self.weight = torch.empty_like(self.grad)
-        self.grad_views = layout.views(self.grad)
-        self.weight_views = layout.views(self.weight)
+        # 1-D views of the parameters (their own storage, no memory): the step's weights go back in one op
+        self.param_rows = layout.rows(params)
+        self.graph_grad: Tensor | None = None  # the gradients' fixed address when the step is a CUDA graph
+        self._graph_grad_views: list[Tensor] = []
         self.moments: FlatState | quant8.FlatQuantState = (
             quant8.FlatQuantState(layout) if quantised else FlatState(layout)
         )
         self.theta0 = FlatState(layout)
+        self.theta0_dtype = _anchor_dtype(first, quantised)
         # TAM's s̄: one value per tensor; this layout keeps the order it is given, so pass states in layout order
         self.scalars = FlatState(FlatLayout([()] * layout.count, first.device))
         self.roles = layout.arrange([roles.get(p) for p in params])
         self.any_lora = any(r is not None for r in self.roles)
         self.all_lora = all(r is not None for r in self.roles)
         self.any_up = "up" in self.roles
-        self._row_roles = [
-            self.roles[j] for b in layout.buckets for j in range(b.first, b.last) for _ in range(b.rows)
-        ]
-        self.row_lora = torch.tensor([r is not None for r in self._row_roles], device=first.device)
-        self.row_index = T.row_index(layout) if self.any_lora else None
-        self._ratios: tuple[float, Tensor, Tensor] | None = None
-        self.weight_stacks = T.row_stacks(layout, self.weight)
-        self.row_norms = self.weight.new_empty(sum(stack.shape[0] for stack in self.weight_stacks))
+        device = first.device
+        self.tensor_lora = torch.tensor([r is not None for r in self.roles], device=device)
+        self.tensor_rows = torch.tensor(
+            [b.rows for b in layout.buckets for _ in range(b.count)], dtype=torch.int64, device=device
+        )
+        self.tensor_cols = torch.tensor(
+            [b.cols for b in layout.buckets for _ in range(b.count)], dtype=torch.int64, device=device
+        )
+        self.total_rows = sum(b.rows * b.count for b in layout.buckets)
+        self._ratios: tuple[float, Tensor] | None = None
         self._adopt_coefs: tuple[tuple[float, float], Tensor, Tensor] | None = None
         self._seen: dict[tuple[int, str], tuple[Tensor, list[Tensor]]] = {}
         self._device_scalars: dict[str, Tensor] = {}
-        self.graph = GraphSlot()  # the captured step (cuda_graph=True)
+        self.graph = GraphSlot()  # the captured step (cuda_graphs=True)
+
+    def row_index(self) -> Tensor:
+        """Row (flat row order) of every flat element, int32: a temporary built from per-tensor values, since a
+        kept index would cost 4 bytes per parameter between steps."""
+        return segment_ids(self.per_row(self.tensor_cols), self.layout.numel)
+
+    def per_row(self, per_tensor: Tensor) -> Tensor:
+        """Per-tensor values (layout order) repeated over each tensor's rows, in flat row order (a temporary)."""
+        return torch.repeat_interleave(per_tensor, self.tensor_rows, output_size=self.total_rows)
+
+    def gather_grads(self, grads: list[Tensor], into_fixed: bool) -> Tensor:
+        """The gradients as one flat buffer in the working dtype: a fresh one (eager), or copied into the fixed
+        buffer a captured step reads (``into_fixed``)."""
+        if not into_fixed:
+            return self.layout.gather(grads, self.dtype)
+        if self.graph_grad is None:
+            self.graph_grad = torch.empty(self.layout.numel, dtype=self.dtype, device=self.layout.device)
+            self._graph_grad_views = self.layout.views(self.graph_grad)
+        torch._foreach_copy_(self._graph_grad_views, grads)
+        return self.graph_grad
+
+    def gather_weights(self) -> Tensor:
+        """The weights as one new flat buffer in the working dtype (layout order)."""
+        return self.layout.gather(self.params, self.dtype)
+
+    def scatter_weights_(self, flat: Tensor) -> None:
+        """Write the flat weights back into the parameters (one split and one foreach copy, cast to their dtype)."""
+        self.layout.scatter_(self.param_rows, flat)
 
     def state_buffer(
         self, store: FlatState, states: list[dict[str, Any]], key: str, dtype: torch.dtype
@@ -190,18 +239,12 @@ class _Bucket:
         self._seen[(id(store), key)] = (flat, [s[key] for s in states])
         return flat
 
-    def lr_ratios(self, ratio: float) -> tuple[Tensor, Tensor]:
-        """(per tensor, per row) lr multipliers in layout order: ``ratio`` on lora_up, 1 elsewhere (LoRA+)."""
+    def lr_ratios(self, ratio: float) -> Tensor:
+        """Per-tensor lr multipliers in layout order: ``ratio`` on lora_up, 1 elsewhere (LoRA+)."""
         if self._ratios is None or self._ratios[0] != ratio:
             per_tensor = [ratio if r == "up" else 1.0 for r in self.roles]
-            per_row = [ratio if r == "up" else 1.0 for r in self._row_roles]
-            device = self.layout.device
-            self._ratios = (
-                ratio,
-                torch.tensor(per_tensor, dtype=self.dtype, device=device),
-                torch.tensor(per_row, dtype=self.dtype, device=device),
-            )
-        return self._ratios[1], self._ratios[2]
+            self._ratios = (ratio, torch.tensor(per_tensor, dtype=self.dtype, device=self.layout.device))
+        return self._ratios[1]
 
     def adopt_coefs(self, beta1: float, beta2: float) -> tuple[Tensor, Tensor]:
         """[2, 1] (scale, base): base + scale·ready = rows [ready·(1−β₁), 1 − ready·β₂], both moment lerp weights."""
@@ -315,7 +358,7 @@ class HinaAdamWOptimizer(ExactStateLoad, torch.optim.Optimizer):
         use_alora, alora_ratio, alora_eta: ALLoRA row scaling (η = alora_eta) and LoRA+ lr ratio ηB/ηA.
         dynamic_weight_decay, wd_transition_steps, wd_decay_factor, wd_min_ratio: the ρ(t) schedule above.
         optim_bits: 32 or 8 (block-wise quantised m and v); min_8bit_size: smaller tensors keep fp32 state.
-        cuda_graph: on CUDA, replay each bucket's step (all but the gradient gather) as one CUDA graph; the
+        cuda_graphs: on CUDA, replay each bucket's step (all but the gradient gather) as one CUDA graph; the
             learning rate and step-dependent scalars reach it through device scalars. On by default: on an H100
             it took the SD1.5 LoRA step from 1.3x to 0.9x fused AdamW (8-bit: 1.8x to 1.0x); False runs eagerly.
     """
@@ -345,7 +388,7 @@ class HinaAdamWOptimizer(ExactStateLoad, torch.optim.Optimizer):
         wd_min_ratio: float = 0.1,
         optim_bits: int = 32,
         min_8bit_size: int = 4096,
-        cuda_graph: bool = True,
+        cuda_graphs: bool = True,
     ) -> None:
         flags = dict(
             use_spd=use_spd,
@@ -359,8 +402,7 @@ class HinaAdamWOptimizer(ExactStateLoad, torch.optim.Optimizer):
             dynamic_weight_decay=dynamic_weight_decay,
         )
         for name, value in flags.items():
-            if not isinstance(value, bool):
-                raise OptimizerError(f"CustomAdamW {name}={value!r} is invalid; valid: True or False")
+            require("CustomAdamW", name, value, isinstance(value, bool), "True or False")
         betas = tuple(betas)
         checks = [
             ("lr", lr, lr >= 0.0, ">= 0"),
@@ -388,8 +430,7 @@ class HinaAdamWOptimizer(ExactStateLoad, torch.optim.Optimizer):
             ),
         ]
         for name, value, ok, valid in checks:
-            if not ok:
-                raise OptimizerError(f"CustomAdamW {name}={value!r} is invalid; valid: {valid}")
+            require("CustomAdamW", name, value, ok, valid)
         if optim_bits == 8:
             quant8.quant_map(
                 True, torch.device("cpu")
@@ -408,7 +449,7 @@ class HinaAdamWOptimizer(ExactStateLoad, torch.optim.Optimizer):
             wd_min_ratio=wd_min_ratio,
             optim_bits=optim_bits,
             min_8bit_size=int(min_8bit_size),
-            cuda_graph=bool(cuda_graph),
+            cuda_graphs=bool(cuda_graphs),
             **flags,
         )
         self._lora_roles: dict[Tensor, str] | None = None
@@ -472,7 +513,7 @@ class HinaAdamWOptimizer(ExactStateLoad, torch.optim.Optimizer):
         if group["use_tam"] and "tam_s" not in state:
             state["tam_s"] = torch.zeros((), dtype=_work_dtype(p), device=p.device)
         if group["use_spd"] and "theta0" not in state:
-            state["theta0"] = p.detach().clone(memory_format=torch.preserve_format)
+            state["theta0"] = p.detach().to(_anchor_dtype(p, quant8.has_state(state, "exp_avg")), copy=True)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load exactly (uint8 codes, fp32 moments of half weights and θ₀ bit-for-bit); re-derive the LoRA roles."""
@@ -484,10 +525,7 @@ class HinaAdamWOptimizer(ExactStateLoad, torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for index, group in enumerate(self.param_groups):
             group_params = group["params"]
             grads = list(map(_GRAD, group_params))
@@ -543,14 +581,20 @@ class HinaAdamWOptimizer(ExactStateLoad, torch.optim.Optimizer):
         """Gather the gradients, then steps 2-12 of the module docstring, eagerly or as the bucket's CUDA graph."""
         if isinstance(steps, list) and min(steps) == max(steps):
             steps = steps[0]
-        torch._foreach_copy_(b.grad_views, grads)  # gradients move every step: never inside the graph
+        graphed = group["cuda_graphs"] and isinstance(steps, int) and can_capture(b.layout.device)
+        g = b.gather_grads(grads, into_fixed=graphed)  # gradients move every step: never inside the graph
         values = self._step_values(group, b, steps)
-        if not (group["cuda_graph"] and isinstance(steps, int) and can_capture(b.layout.device)):
-            self._update(group, b, states, values)
+
+        def update(v: dict[str, float | Tensor]) -> None:
+            with b.seg.indexed():
+                self._update(group, b, states, g, v)
+
+        if not graphed:
+            update(values)
             return
         scalars = b.device_scalars(values)  # the graph reads this step's scalars from fixed device tensors
         key = (*self._baked(group), *self._state_buffers(group, b, states))
-        b.graph(key, lambda: StepGraph(lambda: self._update(group, b, states, scalars), b.layout.device))
+        b.graph(key, lambda: StepGraph(lambda: update(scalars), b.layout.device))
 
     @staticmethod
     def _baked(group: dict[str, Any]) -> tuple:
@@ -575,7 +619,7 @@ class HinaAdamWOptimizer(ExactStateLoad, torch.optim.Optimizer):
         if group["use_tam"]:
             buffers.append(b.state_buffer(b.scalars, b.arranged_states, "tam_s", b.dtype))
         if group["use_spd"]:
-            buffers.append(b.state_buffer(b.theta0, states, "theta0", b.params[0].dtype))
+            buffers.append(b.state_buffer(b.theta0, states, "theta0", b.theta0_dtype))
         return tuple(buffers)
 
     @staticmethod
@@ -617,9 +661,15 @@ class HinaAdamWOptimizer(ExactStateLoad, torch.optim.Optimizer):
         return values
 
     def _update(
-        self, group: dict[str, Any], b: _Bucket, states: list[dict[str, Any]], v: dict[str, float | Tensor]
+        self,
+        group: dict[str, Any],
+        b: _Bucket,
+        states: list[dict[str, Any]],
+        g: Tensor,
+        v: dict[str, float | Tensor],
     ) -> None:
-        """Steps 2-12 on the bucket's flat buffers (a fixed number of ops, no host sync).
+        """Steps 2-12 on the bucket's flat buffers (a fixed number of ops, no host sync), ``g`` the flat gradient
+        (modified in place), inside ``b.seg.indexed()``.
 
         ``v`` holds :meth:`_step_values`, each a Python float, a 0-d device tensor (inside a CUDA graph) or a
         per-tensor vector.
@@ -630,8 +680,7 @@ class HinaAdamWOptimizer(ExactStateLoad, torch.optim.Optimizer):
         adopt = group["use_adopt_stability"]
 
         # 1. working copy of the weights
-        torch._foreach_copy_(b.weight_views, b.params)
-        g, theta = b.grad, b.weight
+        theta = b.gather_weights()
         if b.quantised:
             m = b.moments.load(states, "exp_avg", signed=True, dtype=dtype)
             v2 = b.moments.load(states, "exp_avg_sq", signed=False, dtype=dtype)
@@ -688,14 +737,14 @@ class HinaAdamWOptimizer(ExactStateLoad, torch.optim.Optimizer):
         alora = group["use_alora"] and b.any_lora
         row_scale: Tensor | None = None
         if alora:
-            rows = T.allora_row_scale(b.weight_stacks, group["alora_eta"], out=b.row_norms)
+            rows = T.allora_row_scale(T.row_stacks(b.layout, theta), group["alora_eta"])
             if not b.all_lora:
-                rows = torch.where(b.row_lora, rows, 1.0)
+                rows = torch.where(b.per_row(b.tensor_lora), rows, 1.0)
             if b.any_up:
-                rows.mul_(b.lr_ratios(group["alora_ratio"])[1])
+                rows.mul_(b.per_row(b.lr_ratios(group["alora_ratio"])))
             if not isinstance(neg_lr, float):
                 rows.mul_(neg_lr)  # a device scalar is folded into the row factors (alpha/value take numbers)
-            row_scale = rows.index_select(0, b.row_index)
+            row_scale = rows.index_select(0, b.row_index())
 
         def apply_step_(target: Tensor) -> None:
             """target ← target − lr'·u, one fused kernel (no δ buffer)."""
@@ -711,10 +760,9 @@ class HinaAdamWOptimizer(ExactStateLoad, torch.optim.Optimizer):
 
         # 12. SPD or decoupled decay, and the step
         if group["use_spd"]:
-            deviation = theta - b.state_buffer(
-                b.theta0, states, "theta0", b.params[0].dtype
-            )  # θ₀ in the weights' dtype
-            inner, dev_sq = S.sums((g, deviation), (deviation, deviation))
+            deviation = theta - b.state_buffer(b.theta0, states, "theta0", b.theta0_dtype)
+            # two reductions, not one over a [2, numel] product buffer: 4 bytes per parameter less at the peak
+            inner, dev_sq = T.dot(S, g, deviation), T.sq_norm(S, deviation)
             pushes_away = inner < 0
             dev_before = dev_sq.sqrt_()
             apply_step_(theta)
@@ -731,12 +779,12 @@ class HinaAdamWOptimizer(ExactStateLoad, torch.optim.Optimizer):
             if "lr_decay" in v:
                 lr_decay = v["lr_decay"]
                 if alora and b.any_up:
-                    lr_decay = b.lr_ratios(group["alora_ratio"])[0] * lr_decay
+                    lr_decay = b.lr_ratios(group["alora_ratio"]) * lr_decay
                 theta.mul_(b.expand(1.0 - lr_decay))
             apply_step_(theta)
 
         # write back
-        torch._foreach_copy_(b.params, b.weight_views)
+        b.scatter_weights_(theta)
         if b.quantised:
             b.moments.store_("exp_avg", m, signed=True)
             b.moments.store_("exp_avg_sq", v2, signed=False)
@@ -761,6 +809,15 @@ class HinaAdamWOptimizer(ExactStateLoad, torch.optim.Optimizer):
             "spd_lambda_current": group["spd_lambda"] * ratio if group["use_spd"] else 0.0,
         }
 
+    def setup_warnings(self, network_args: Iterable[str]) -> list[str]:
+        """ALLoRA's LoRA+ ratio and a network's loraplus_lr_ratio both scale lora_up's lr: say so once."""
+        if any(g["use_alora"] for g in self.param_groups) and any(str(a).startswith("loraplus") for a in network_args):
+            return [
+                "CustomAdamW's use_alora already scales lora_up's lr by alora_ratio; with a network LoRA+ ratio too, "
+                "lora_up gets both. Pass --no-use_alora or drop loraplus_lr_ratio"
+            ]
+        return []
+
     def get_optimization_info(self) -> dict[str, Any]:
         """What is on, live counters, LoRA pairing and state memory (measured, plus 32/8-bit estimates)."""
         roles = self._roles()
@@ -773,13 +830,14 @@ class HinaAdamWOptimizer(ExactStateLoad, torch.optim.Optimizer):
         est32 = est8 = 0
         for g in self.param_groups:
             for p in g["params"]:
-                extra = (p.numel() * p.element_size() if g["use_spd"] else 0) + (4 if g["use_tam"] else 0)
+                tam = 4 if g["use_tam"] else 0
                 moments32 = 2 * p.numel() * torch.empty((), dtype=_work_dtype(p)).element_size()
-                est32 += moments32 + extra
+                est32 += moments32 + tam + _anchor_bytes(p, g, quantised=False)
                 if p.numel() >= g["min_8bit_size"]:
-                    est8 += 2 * (p.numel() + 4 * quant8.num_blocks(p.numel())) + extra
+                    est8 += 2 * (p.numel() + 4 * quant8.num_blocks(p.numel())) + tam
+                    est8 += _anchor_bytes(p, g, quantised=True)
                 else:
-                    est8 += moments32 + extra
+                    est8 += moments32 + tam + _anchor_bytes(p, g, quantised=False)
         return {
             "optimizer": "CustomAdamW",
             "techniques": techniques,

@@ -5,7 +5,7 @@ A state tensor is stored as uint8 codes (same shape as the tensor) plus one fp32
 first moments, the unsigned one for non-negative second moments, as bitsandbytes' own 8-bit optimizers do.
 Decoding is bitsandbytes' ``dequantize_blockwise`` kernel. Encoding is ours, five torch ops per buffer
 (block absmax, scale, ``bucketize`` against the map's midpoints): bitsandbytes' CUDA quantize kernel launches on
-the legacy default stream, so it is silently left out of a captured CUDA graph (the optimizers' ``cuda_graph``
+the legacy default stream, so it is silently left out of a captured CUDA graph (the optimizers' ``cuda_graphs``
 mode), and its binary search is not always the nearest code (0.2-0.3% of codes, one step off, measured on its CPU
 kernel); ours is exactly the nearest code, ties to the lower one, on every device. The state is two plain
 tensors, so ``state_dict()`` needs nothing special; an optimizer keeps them under ``<name>_codes`` /
@@ -166,20 +166,18 @@ class FlatQuantState:
         self.total_blocks = sum(blocks)
         self.padded = self.total_blocks * BLOCKSIZE
         self.aligned = all(n % BLOCKSIZE == 0 for n in layout.sizes)
-        self._index: Tensor | None = None
         self._buffers: dict[str, tuple[Tensor, Tensor, list[Tensor], list[Tensor]]] = {}
 
     def _slot_index(self) -> Tensor:
-        """Padded position of every flat element (layout order), for layouts with unaligned sizes."""
-        if self._index is None:
-            shift = torch.tensor(
-                [s * BLOCKSIZE - o for s, o in zip(self.block_starts, self.layout.offsets, strict=True)],
-                dtype=torch.int64,
-                device=self.layout.device,
-            )
-            positions = torch.arange(self.layout.numel, dtype=torch.int64, device=self.layout.device)
-            self._index = positions.add_(self.layout.expand(shift))
-        return self._index
+        """Padded position of every flat element (layout order), for layouts with unaligned sizes: built when
+        used (kept, it would cost 8 bytes per parameter between steps)."""
+        shift = torch.tensor(
+            [s * BLOCKSIZE - o for s, o in zip(self.block_starts, self.layout.offsets, strict=True)],
+            dtype=torch.int64,
+            device=self.layout.device,
+        )
+        positions = torch.arange(self.layout.numel, dtype=torch.int64, device=self.layout.device)
+        return positions.add_(self.layout.expand(shift))
 
     def _views(self, codes: Tensor, absmax: Tensor) -> tuple[list[Tensor], list[Tensor]]:
         """Per-tensor views of the two buffers, in the caller's order."""

@@ -51,8 +51,8 @@ PIP_NAMES = {
 }
 
 FAMILY_TYPES = {
-    "SGG": "SGG (Smart Gradient Gradient)",
-    "SAC": "SAC (Structured Adaptive Computation)",
+    "SGG": "SGG (scaling with gradient grouping)",
+    "SAC": "SAC (scaling with architectural constraints)",
 }
 
 
@@ -708,7 +708,7 @@ _SPECS: tuple[OptimizerSpec, ...] = (
         _cls("library.optimizers.hina_adamw:HinaAdamWOptimizer"),
         family="Hina",
         description="Hina's AdamW: ADOPT, Grams, Cautious, TAM, AGR, OrthoGrad, SPD, ALLoRA, dynamic WD",
-        state_bytes="8-16 (m, v, v_prev/θ0 when ADOPT/SPD on)",
+        state_bytes="8, 12 with SPD (m, v, θ₀)",
     ),
     OptimizerSpec(
         "CustomAdamW8bit",
@@ -716,7 +716,7 @@ _SPECS: tuple[OptimizerSpec, ...] = (
         _cls("library.optimizers.hina_adamw:HinaAdamWOptimizer", fixed={"optim_bits": 8}),
         family="Hina",
         description="CustomAdamW with block-wise 8-bit states",
-        state_bytes="~2-6",
+        state_bytes="~2, ~4 with SPD (8-bit m, v; bf16 θ₀)",
     ),
     OptimizerSpec(
         "Automagic_Sinkgd",
@@ -724,7 +724,7 @@ _SPECS: tuple[OptimizerSpec, ...] = (
         _cls("library.optimizers.automagic:Automagic_Sinkgd"),
         family="Automagic",
         description="Automagic: per-element lr mask, ADOPT momentum, Grams, SinkGD, ALLoRA",
-        state_bytes="~8",
+        state_bytes="~13 (lr mask, momentum, sign)",
     ),
     OptimizerSpec(
         "Automagic_CameAMP",
@@ -732,7 +732,7 @@ _SPECS: tuple[OptimizerSpec, ...] = (
         _cls("library.optimizers.automagic:Automagic_CameAMP"),
         family="Automagic",
         description="Automagic on CAME with 8-bit states",
-        state_bytes="~4",
+        state_bytes="~13.5 (lr mask, first moment, factored moments, sign)",
     ),
     *(
         OptimizerSpec(

@@ -46,15 +46,13 @@ from library.optimizers.adam_mini import (
     init_missing_,
     is_head_structured,
     pick,
+    release_plans,
     segment_sort,
     state_dtype,
-    validate_common,
-    validate_heads,
-    validate_names,
-    validate_positive_int,
 )
 from library.optimizers.flat import FlatState, segment_ids
-from library.optimizers.state import ExactStateLoad
+from library.optimizers.state import ExactStateLoad, closure_loss
+from library.optimizers.validate import validate_common, validate_heads, validate_names, validate_positive_int
 
 
 def validate_scale_bound(cls: str, scale_bound: Any) -> tuple[float, float]:
@@ -158,12 +156,12 @@ class _SACMixin:
                 lengths([n // u for n, u in zip(layout.sizes, units, strict=True) for _ in range(u)]),
                 lengths([r // u for r, u in zip(rows, units, strict=True) for _ in range(u)]),
                 lengths(units),
-                segment_ids(
-                    lengths([n // r for n, r in zip(layout.sizes, rows, strict=True) for _ in range(r)]),
-                    layout.numel,
-                ),
+                lengths([n // r for n, r in zip(layout.sizes, rows, strict=True) for _ in range(r)]),
             )
-        _, scale_state, unit_lengths, unit_rows, unit_counts, row_ids = cache
+        _, scale_state, unit_lengths, unit_rows, unit_counts, row_lengths = cache
+        row_ids = plan.transient.get("sac_rows")
+        if row_ids is None:  # per element: built for the step, not kept
+            row_ids = plan.transient["sac_rows"] = segment_ids(row_lengths, layout.numel)
         scale = scale_state.buffer(ordered, "sac_scale", plan.dtype)
         due = [(s["step"] - 1) % group["scale_update_freq"] == 0 for s in ordered]
         if any(due):
@@ -263,7 +261,7 @@ class AdamWSAC(_SACMixin, ExactStateLoad, torch.optim.Optimizer):
 
     Args:
         params: tensors or param groups; groups may carry ``names`` parallel to ``params`` (finds q/k/v heads).
-        lr, betas, eps, weight_decay: AdamW's (decoupled decay). betas default to (0.9, 0.99) as the seed doc says.
+        lr, betas, eps, weight_decay: AdamW's (decoupled decay). betas default to (0.9, 0.99), OpenToMe's defaults.
         scale_update_freq: steps between scale refreshes (``SAC_SCALE_UPDATE_FREQ``).
         scale_bound: (min, max) of the unit scales (``SAC_SCALE_BOUND``).
         dim, n_heads: model width and head count used to split q/k/v projections into heads.
@@ -300,10 +298,7 @@ class AdamWSAC(_SACMixin, ExactStateLoad, torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group_index, group in enumerate(self.param_groups):
             params, names, grads, states = advance_group(self, group, _init_adam_state)
             for plan, idx in flat_plans(self.__dict__.setdefault("_flat_plans", {}), group_index, params):
@@ -312,14 +307,15 @@ class AdamWSAC(_SACMixin, ExactStateLoad, torch.optim.Optimizer):
                 update, _ = plan_adamw_update(group, plan, grad, sts, plan.layout.arrange(sts))
                 self._sac_scale_(group, plan, ps, pick(names, idx), sts, update)
                 apply_decoupled_(plan, ps, update, group["lr"], group["weight_decay"])
+        release_plans(self)
         return loss
 
 
-class Adam_miniSAC(_SACMixin, Adam_mini):  # noqa: N801 - the name users type (seed doc 000)
+class Adam_miniSAC(_SACMixin, Adam_mini):  # noqa: N801 - the name users type (OpenToMe's)
     """Adam-mini with SAC unit scaling: Adam-mini's block second moments, SAC's per-head/per-tensor step scales.
 
     Args: as :class:`Adam_mini` (``dim``/``n_heads`` from ``SAC_DIM``/``SAC_N_HEADS``) plus ``scale_update_freq``
-    and ``scale_bound`` as :class:`AdamWSAC`. betas default to (0.9, 0.99) and eps to 1e-8 as the seed doc says.
+    and ``scale_bound`` as :class:`AdamWSAC`. betas default to (0.9, 0.99) and eps to 1e-8, OpenToMe's defaults.
     """
 
     def __init__(
@@ -345,12 +341,10 @@ class Adam_miniSAC(_SACMixin, Adam_mini):  # noqa: N801 - the name users type (s
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group_index, group in enumerate(self.param_groups):
             for plan, params, names, states, update in self._adam_mini_updates(group_index, group):
                 self._sac_scale_(group, plan, params, names, states, update)
                 apply_decoupled_(plan, params, update, group["lr"], group["weight_decay"])
+        release_plans(self)
         return loss

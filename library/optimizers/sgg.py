@@ -54,15 +54,14 @@ from library.optimizers.adam_mini import (
     flat_plans,
     init_missing_,
     pick,
+    release_plans,
     segment_sort,
     state_dtype,
-    validate_common,
-    validate_names,
-    validate_positive_int,
 )
 from library.optimizers.flat import FlatState, segment_ids
 from library.optimizers.sac import init_adam_state, plan_adamw_update, validate_scale_bound
-from library.optimizers.state import ExactStateLoad
+from library.optimizers.state import ExactStateLoad, closure_loss
+from library.optimizers.validate import validate_common, validate_names, validate_positive_int
 
 # Lloyd iterations per re-clustering: 1-D k-means from quantile starts settles in a handful.
 KMEANS_ITERS = 8
@@ -241,12 +240,14 @@ class _SGGOptimizer(ExactStateLoad, torch.optim.Optimizer):
         cache = plan.cache.get(("sgg", k))
         if cache is None:
             cache = plan.cache[("sgg", k)] = (
-                Segmentation(layout.sizes, k, layout.device, dtype),
                 FlatState(Segments([(k,)] * n)),
                 FlatState(Segments([()] * n)),
                 FlatState(Segments([(s,) for s in layout.sizes])),
             )
-        seg, tables_state, layer_state, label_state = cache
+        tables_state, layer_state, label_state = cache
+        seg = plan.transient.get(("sgg", k))
+        if seg is None:  # per-element indices: built for the step, not kept
+            seg = plan.transient[("sgg", k)] = Segmentation(layout.sizes, k, layout.device, dtype)
         centers, cluster_stat, scale, counts = (
             tables_state.buffer(ordered, key, dtype).view(n, k)
             for key in ("sgg_centers", "sgg_cluster_stat", "sgg_scale", "sgg_counts")
@@ -263,10 +264,7 @@ class _SGGOptimizer(ExactStateLoad, torch.optim.Optimizer):
             centers.copy_(fresh_centers)
             labels.copy_(fresh_labels)
             counts.copy_(fresh_counts)
-        cached = plan.cache.get(("sgg_index", k))
-        if cached is None or cached[0] is not labels or any(resets):  # labels change only here or on reload
-            cached = plan.cache[("sgg_index", k)] = (labels, seg.base + labels)
-        index = cached[1]
+        index = seg.base + labels
         sums = z.new_zeros(n * k).index_add_(0, index, z).view(n, k)
         layer_mean = sums.sum(dim=1) / seg.numel
         cluster_mean = torch.where(counts > 0, sums / counts.clamp_min(1.0), layer_mean[:, None])
@@ -279,10 +277,7 @@ class _SGGOptimizer(ExactStateLoad, torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group_index, group in enumerate(self.param_groups):
             params, _, grads, states = advance_group(self, group, self._init_new_state)
             for plan, idx in flat_plans(self.__dict__.setdefault("_flat_plans", {}), group_index, params):
@@ -291,6 +286,7 @@ class _SGGOptimizer(ExactStateLoad, torch.optim.Optimizer):
                 update, z = self._directions(group, plan, plan.gather("grad", pick(grads, idx)), sts, ordered)
                 self._sgg_scale_(group, plan, ordered, update, z)
                 self._apply(group, plan, pick(params, idx), update)
+        release_plans(self)
         return loss
 
     def log_metrics(self) -> dict[str, Tensor | float]:
@@ -357,7 +353,7 @@ class AdamWSGG(_SGGOptimizer):
         return _adam_directions(group, plan, grad, states, ordered)
 
 
-class AdamWSGG_v2(AdamWSGG):  # noqa: N801 - the name users type (seed doc 000)
+class AdamWSGG_v2(AdamWSGG):  # noqa: N801 - the name users type (OpenToMe's)
     """AdamW + SGG with separate decays: ``beta3`` (layer mean), ``ema_decay_clusters``, ``ema_decay_scale``."""
 
     def __init__(
@@ -545,7 +541,7 @@ def lamb_recluster_interval(step: int, base: int, t_total: int) -> int:
     return max(base, round(t_total / 10 * (1.0 + min(1.0, step / t_total))))
 
 
-class LambSGG_v2(_SGGOptimizer):  # noqa: N801 - the name users type (seed doc 000)
+class LambSGG_v2(_SGGOptimizer):  # noqa: N801 - the name users type (OpenToMe's)
     """LAMB (You et al. 2020) + SGG: r = s⊙m̂/(√v̂+ε) + wd·θ, θ ← θ − lr·(‖θ‖/‖r‖)·r (trust ratio 1 if a norm is 0).
 
     Args: as AdamWSGG_v2 plus ``t_total`` (``SGG_T_TOTAL``): expected training length; the tensor is re-clustered
@@ -631,7 +627,7 @@ def _per_matrix(values: list[float], like: Tensor) -> float | Tensor:
     return column.view(-1, *([1] * (like.dim() - 1)))
 
 
-class ShampooSGG_v2(_SGGOptimizer):  # noqa: N801 - the name users type (seed doc 000)
+class ShampooSGG_v2(_SGGOptimizer):  # noqa: N801 - the name users type (OpenToMe's)
     """Shampoo (Gupta et al. 2018) + SGG.
 
     A tensor is viewed as G = shape[0] × rest (vectors as 1 × n). L ← β₂L + (1−β₂)GGᵀ, R ← β₂R + (1−β₂)GᵀG

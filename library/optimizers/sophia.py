@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from library.optimizers.state import closure_loss
+
 
 class SophiaG(torch.optim.Optimizer):
     """Sophia with the Gauss-Newton-Bartlett Hessian estimator.
@@ -92,10 +94,7 @@ class SophiaG(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Tensor | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group in self.param_groups:
             params, grads, exp_avgs, hessians = self._state_lists(group)
             if not params:

@@ -1,11 +1,21 @@
-"""Exact optimizer-state reload, shared by the in-house optimizers."""
+"""What every in-house optimizer shares with torch.optim's conventions: the closure of ``step`` and exact state reload."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from itertools import chain
 from typing import Any
 
+import torch
 from torch import Tensor
+
+
+def closure_loss(closure: Callable[[], Any] | None) -> Any:
+    """The loss of torch.optim's optional ``step(closure)``, evaluated with gradients on (steps run under no_grad)."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
 
 
 class ExactStateLoad:

@@ -11,6 +11,9 @@ function (summarised in docs/optimizers.md).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor
 
@@ -26,16 +29,27 @@ class Segments:
     """Per-tensor reductions and broadcasts over the flat buffers of one :class:`FlatLayout`, a kernel each.
 
     ``sum``/``max`` are the layout's (``segment_reduce`` without its host-syncing length check). ``expand`` gathers
-    with a cached int32 index (which tensor each element belongs to, 4 bytes per element) instead of
-    ``repeat_interleave``, which rebuilds an int64 index of the same length every call.
+    with an int32 index (which tensor each element belongs to, 4 bytes per element) instead of
+    ``repeat_interleave``, which builds an int64 index of the same length on every call. The index lives only
+    inside ``with segments.indexed():`` (one step): between steps it would cost 4 bytes per parameter.
     """
 
     def __init__(self, layout: FlatLayout) -> None:
         self.lengths = layout.lengths
-        self.index = layout.element_ids
+        self.numel = layout.numel
+        self.index: Tensor | None = None
         self._stacked_lengths: dict[int, Tensor] = {1: layout.lengths}
         self.sum = layout.sum
         self.max = layout.max
+
+    @contextlib.contextmanager
+    def indexed(self) -> Iterator[Segments]:
+        """Build the element index for the block (one kernel) and drop it after."""
+        self.index = segment_ids(self.lengths, self.numel)
+        try:
+            yield self
+        finally:
+            self.index = None
 
     def sums(self, *products: tuple[Tensor, Tensor]) -> Tensor:
         """Per-tensor sums of several products a⊙b as a [len(products), count] tensor: one reduction for all.
@@ -54,7 +68,10 @@ class Segments:
         return torch.segment_reduce(buf.view(-1), "sum", lengths=lengths, unsafe=True).view(k, -1)
 
     def expand(self, values: Tensor) -> Tensor:
-        """Per-tensor values (layout order) spread over each tensor's elements."""
+        """Per-tensor values (layout order) spread over each tensor's elements (outside ``indexed()``, through
+        ``repeat_interleave``: the same values, one more temporary)."""
+        if self.index is None:
+            return torch.repeat_interleave(values, self.lengths, output_size=self.numel)
         return values.index_select(0, self.index)
 
 
@@ -128,16 +145,6 @@ def tam_damping_(seg: Segments, momentum: Tensor, inputs: Tensor, smoothed: Tens
     return (smoothed + 1.0) * 0.5
 
 
-def row_index(layout: FlatLayout) -> Tensor:
-    """For every flat element, the index of its row among all rows of the layout (int32, built once per layout).
-
-    Rows are numbered in flat order (bucket by bucket, tensor by tensor), the order :func:`allora_row_scale`
-    returns them in, so ``rows.index_select(0, row_index(layout))`` spreads per-row values over the elements.
-    """
-    cols = [b.cols for b in layout.buckets for _ in range(b.count * b.rows)]
-    return segment_ids(torch.tensor(cols, dtype=torch.int64, device=layout.device), layout.numel)
-
-
 def allora_row_scale(stacks: list[Tensor], eta: float, out: Tensor | None = None) -> Tensor:
     """ALLoRA (Huang et al. 2024) per-row factor 1/√(‖θ_r‖² + 1/η²) for every row, in flat order.
 
@@ -145,7 +152,7 @@ def allora_row_scale(stacks: list[Tensor], eta: float, out: Tensor | None = None
     [count, rows, cols] shape-bucket views (``FlatLayout.bucket_view``) or, fewer, [rows, cols] views of
     consecutive buckets sharing ``cols`` (:func:`row_stacks`). A row is a slice along dim 0 (for lora_down: one rank direction; for lora_up: one output feature).
     Rows at zero get the largest factor η, so zero-initialised LoRA up learns without waiting for its own norm to
-    grow. One batched norm per stack (written into ``out``, one value per row, when given); spread the result over the elements with :func:`row_index`.
+    grow. One batched norm per stack (written into ``out``, one value per row, when given).
     """
     if out is None:
         norms = [torch.linalg.vector_norm(stack, dim=-1).reshape(-1) for stack in stacks]

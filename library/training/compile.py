@@ -23,13 +23,15 @@ def compile_requested(args: argparse.Namespace) -> bool:
     return bool(args.torch_compile or args.dynamo_mode)
 
 
-def uses_cuda_graphs(args: argparse.Namespace) -> bool:
+def dynamo_records_cuda_graphs(args: argparse.Namespace) -> bool:
+    """Whether torch.compile's --dynamo_mode records CUDA graphs itself (reduce-overhead modes); not to be confused
+    with --cuda_graphs, where the trainer records the step."""
     return compile_requested(args) and args.dynamo_mode in _CUDA_GRAPH_MODES
 
 
 def check_compile_device(args: argparse.Namespace, device: torch.device) -> None:
     """CUDA-graph modes and --cuda_graphs need a CUDA device: say so before any model is loaded."""
-    if uses_cuda_graphs(args) and device.type != "cuda":
+    if dynamo_records_cuda_graphs(args) and device.type != "cuda":
         raise ConfigError(f"--dynamo_mode {args.dynamo_mode} records CUDA graphs and needs a CUDA device (this run is "
                           f"on {device.type}); valid here: --dynamo_mode default or max-autotune-no-cudagraphs")
     if args.cuda_graphs and device.type != "cuda":
@@ -46,6 +48,6 @@ def compile_unet(unet: torch.nn.Module, args: argparse.Namespace) -> torch.nn.Mo
 
 def step_marker(args: argparse.Namespace) -> Callable[[], None]:
     """Called before each U-Net forward: CUDA-graph trees must know where an iteration starts."""
-    if uses_cuda_graphs(args):
+    if dynamo_records_cuda_graphs(args):
         return torch.compiler.cudagraph_mark_step_begin
     return lambda: None

@@ -14,6 +14,7 @@ import os
 import torch
 
 from library.errors import ConfigError
+from library.optimizers.loop import LoopNeeds
 
 logger = logging.getLogger("loraforge")
 
@@ -289,11 +290,9 @@ def build_optimizer_for(args: argparse.Namespace, network) -> tuple[torch.optim.
         groups = network.prepare_optimizer_params(te_lr, args.unet_lr, default_lr)
     if isinstance(groups, tuple):  # sd-scripts modules may return (params, descriptions)
         groups = groups[0]
-    if spec.family == "Hina" and inputs["cli_kwargs"].get("use_alora", True) is not False and any(
-            str(a).startswith("loraplus") for a in args.network_args or []):
-        logger.warning("CustomAdamW's use_alora already scales lora_up's lr by alora_ratio; with a network LoRA+ ratio "
-                       "too, lora_up gets both. Pass --no-use_alora or drop loraplus_lr_ratio")
     optimizer, sources = build_optimizer(name, groups, lr=args.learning_rate, **inputs)
+    for warning in LoopNeeds(optimizer).setup_warnings(args.network_args or []):
+        logger.warning(warning)
     desc = f"{type(optimizer).__module__}.{type(optimizer).__name__}"
     values = optimizer.defaults
     settings = ", ".join(f"{k}={values.get(k, '?')}" for k in sorted(sources))

@@ -25,6 +25,7 @@ import torch
 from library.data.dataset import collate
 from library.data.latent_cache_key import vae_fingerprint
 from library.errors import ConfigError, LoraForgeError
+from library.optimizers.loop import LoopNeeds
 from library.training import checkpoints, conditioning, losses, metadata, resume, state_io
 from library.training.atomic import atomic_dir, atomic_file, check_output_names, check_writable
 from library.training.compile import check_compile_device, compile_requested, compile_unet, step_marker
@@ -201,6 +202,7 @@ class LoRATrainer:
         self.graphed = GraphedStep(self._graph_body, self.trainable, self.device) if a.cuda_graphs else None
         self._added_keys: list[str] = []
         self.base_optimizer = self.optimizer
+        self.optimizer_needs = LoopNeeds(self.base_optimizer)  # Hessian passes, metrics: asked through one object
         self.world = acc.num_processes
         self.average_gradients = GradientAverager(self.trainable, self.world,
                                                   gradient_as_bucket_view=a.ddp_gradient_as_bucket_view,
@@ -446,7 +448,7 @@ class LoRATrainer:
         cond = self._conditioning(batch)
         loss, timesteps = self._loss(latents, cond, self._loss_weights(batch), self._mask(batch),
                                      self.accelerator.autocast())
-        self._last_inputs = (latents, timesteps, cond)
+        self._last_inputs = (latents, timesteps, batch)
         return loss
 
     def forward_backward(self, batch: dict) -> torch.Tensor:
@@ -462,7 +464,7 @@ class LoRATrainer:
         loss, timesteps = self.graphed(latents, cond.encoder_hidden_states, self._loss_weights(batch),
                                        torch.empty(0, device=self.device) if mask is None else mask,
                                        *(added[k] for k in self._added_keys))
-        self._last_inputs = (latents, timesteps, cond)
+        self._last_inputs = (latents, timesteps, batch)
         return loss
 
     def _graph_body(self, latents: torch.Tensor, hidden: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor,
@@ -482,19 +484,20 @@ class LoRATrainer:
             self.average_gradients()
 
     def _hessian_update(self) -> None:
-        """SophiaG: Gauss-Newton-Bartlett estimate from targets sampled around the model's own prediction."""
-        opt = self.base_optimizer
-        interval = getattr(opt, "hessian_update_interval", None)
-        if not interval or not hasattr(opt, "update_hessian") or self.progress.global_step % interval:
+        """Gauss-Newton-Bartlett Hessian estimate (SophiaG) from targets sampled around the model's own
+        prediction, on the steps the optimizer asks for it."""
+        needs = self.optimizer_needs
+        if not needs.hessian_due(self.progress.global_step):
             return
-        latents, timesteps, cond = self._last_inputs
+        latents, timesteps, batch = self._last_inputs
+        cond = self._conditioning(batch)  # encoded again: the step's backward freed the text encoders' graph
         noise = torch.randn_like(latents)
         with self.accelerator.autocast():
             pred = self._unet_forward(latents, noise, timesteps, cond).float()
         sampled = pred.detach() + torch.randn_like(pred)
         gnb_loss = 0.5 * ((pred - sampled) ** 2).sum() / pred.shape[0]
         gnb_loss.backward()
-        opt.update_hessian(batch_size=pred.shape[0])
+        needs.update_hessian(batch_size=pred.shape[0])
         self.optimizer.zero_grad(set_to_none=True)
 
     # ------------------------------------------------------------------ loop
@@ -522,6 +525,7 @@ class LoRATrainer:
             report_compile, loop_start = compile_requested(a), time.perf_counter()
             while self.progress.global_step < a.max_train_steps and self.progress.epoch < self.num_epochs:
                 epoch = self.progress.epoch
+                bar.set_epoch(epoch + 1, self.num_epochs)
                 logs_in_epoch = 0
                 batches = self._epoch_batches(epoch)
                 start = self.progress.batches_done_in_epoch
@@ -598,10 +602,8 @@ class LoRATrainer:
                 break
             final = self.save(a.output_name, state=a.save_state or a.save_state_on_train_end, epoch=self.num_epochs,
                               last=True)
-        except BaseException:  # the error line must not land on the open progress bar's line
-            bar.bar.close()
-            raise
-        bar.close()
+        finally:
+            bar.close()
         acc.wait_for_everyone()
         acc.end_training()
         if acc.is_main_process:
@@ -778,11 +780,7 @@ class LoRATrainer:
 
     def _lr_logs(self) -> dict[str, float]:
         logs = lr_logs(self.base_optimizer.param_groups, unet_only=not self.train_text_encoder)
-        metrics = getattr(self.base_optimizer, "log_metrics", None)
-        if callable(metrics):
-            for k, v in metrics().items():
-                logs[f"optimizer/{k}"] = float(v)
-        return logs
+        return {**logs, **self.optimizer_needs.metrics()}
 
     def _norm_logs(self) -> dict[str, float]:
         """--scale_weight_norms under sd-scripts' tracker names."""

@@ -15,7 +15,7 @@ import torch
 
 from library.errors import ConfigError
 from library.flags.images import check_args as check_image_args
-from library.training.compile import uses_cuda_graphs
+from library.training.compile import dynamo_records_cuda_graphs
 from library.training.hub import check_hub
 from library.training.lr_schedulers import check_lr_scheduler
 from library.training.multiprocess import check_deepspeed
@@ -248,7 +248,7 @@ def check_cuda_graph_args(args: argparse.Namespace) -> None:
     if args.mixed_precision == "fp16":
         raise ConfigError("--cuda_graphs works with --mixed_precision bf16 or no, not fp16 (its loss scaler "
                           "decides on the host each step)")
-    if uses_cuda_graphs(args):
+    if dynamo_records_cuda_graphs(args):
         raise ConfigError(f"--cuda_graphs and --dynamo_mode {args.dynamo_mode} both record CUDA graphs: use one "
                           "(--dynamo_mode default or max-autotune-no-cudagraphs combine with --cuda_graphs)")
 

@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from library.data.buckets import (
+    INTERPOLATIONS,
     adjust_bucket_limits,
     crop_offsets,
     crop_top_left,
@@ -21,7 +22,7 @@ from library.data.buckets import (
     fit_predefined,
     make_bucket_resolutions,
 )
-from library.data.transforms import INTERPOLATIONS, fit_to_bucket, resize
+from library.data.transforms import fit_to_bucket, resize
 
 _rng = np.random.default_rng(2024)
 SIZES = [(int(w), int(h)) for w, h in zip(_rng.integers(100, 2000, 60), _rng.integers(100, 2000, 60), strict=True)]

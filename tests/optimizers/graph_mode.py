@@ -1,4 +1,4 @@
-"""The optimizers' cuda_graph=True path on the CPU: device scalars, captured closures and capture keys, run eagerly."""
+"""The optimizers' cuda_graphs=True path on the CPU: device scalars, captured closures and capture keys, run eagerly."""
 
 from __future__ import annotations
 

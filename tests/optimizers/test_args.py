@@ -211,3 +211,35 @@ def test_unknown_kwargs_list_the_accepted_ones(source: str) -> None:
     assert (
         "accepted: betas, flag, lr, maybe, n_clusters, proj, required, scale_bound, weight_decay" in message
     )
+
+
+def test_earlier_setting_names_still_work_from_every_source() -> None:
+    from library.optimizers.registry import build_optimizer
+
+    torch = pytest.importorskip("torch")
+    p = torch.nn.Parameter(torch.zeros(4, 4))
+    opt, sources = build_optimizer("Automagic_Sinkgd", [p], lr=1e-3, cli_kwargs={"alora_eta": 3.0},
+                                   optimizer_args=["orthograd=True", "cuda_graph=False"], toml_table={"eta": 5.0})
+    assert opt.defaults["use_orthogonal_grad"] is True and opt.defaults["cuda_graphs"] is False
+    assert opt.defaults["alora_eta"] == 3.0 and sources["alora_eta"] == "CLI flag"
+    assert sources["use_orthogonal_grad"] == "--optimizer_args"
+    with pytest.raises(OptimizerError, match="orthograd and use_orthogonal_grad are one setting"):
+        build_optimizer("Automagic_Sinkgd", [p], optimizer_args=["orthograd=True", "use_orthogonal_grad=False"])
+
+
+def test_an_optimizer_that_accepts_an_earlier_name_itself_keeps_it() -> None:
+    kwargs, _ = resolve_settings("X", {"lr": 1e-3, "eta": 0.5}, optimizer_args=["eta=0.7"])
+    assert kwargs["eta"] == 0.7
+
+
+def test_earlier_flag_spellings_parse_to_the_current_settings(tmp_path) -> None:
+    from library.cli import parse_args
+
+    args = parse_args(["--orthograd", "--eta", "4"])
+    assert args.use_orthogonal_grad is True and args.alora_eta == 4.0
+    assert parse_args(["--no-orthograd"]).use_orthogonal_grad is False
+    config = tmp_path / "run.toml"
+    config.write_text("orthograd = true\neta = 3.0\n", encoding="utf-8")
+    args = parse_args(["--config_file", str(config)])
+    assert args.use_orthogonal_grad is True and args.alora_eta == 3.0
+    assert set(args.config_file_keys) >= {"use_orthogonal_grad", "alora_eta"}

@@ -2,7 +2,7 @@
 
 import torch
 
-from library.optimizers.flat import FlatLayout, FlatState, matrix_shape
+from library.optimizers.flat import FlatLayout, FlatState, matrix_shape, segment_ids
 
 SHAPES = [(4, 3), (5,), (4, 3), (2, 3, 1, 1), (), (4, 3), (5,)]
 
@@ -38,7 +38,7 @@ def test_segment_reductions_and_expand_match_per_tensor_math():
     torch.testing.assert_close(layout.max(flat), torch.stack([t.max() for t in arranged]))
     torch.testing.assert_close(layout.norm(flat), torch.stack([t.norm() for t in arranged]))
     values = torch.arange(len(SHAPES), dtype=torch.float64)
-    owner = layout.element_ids
+    owner = segment_ids(layout.lengths, layout.numel)
     assert owner.dtype == torch.int32 and owner.numel() == layout.numel
     torch.testing.assert_close(values.index_select(0, owner), layout.expand(values))
     scaled = layout.views(flat * layout.expand(values))
@@ -68,3 +68,12 @@ def test_flat_state_keeps_views_and_regathers_replaced_tensors():
     again = store.buffer(states, "m", torch.float32)
     assert again is not flat and torch.all(states[2]["m"] == 7.0) and states[2]["m"]._base is again
     assert torch.all(states[0]["m"] == 1.0)
+
+
+def test_gather_and_scatter_round_trip_contiguous_or_not():
+    for tensors in ([torch.zeros(5), torch.zeros(2, 3)], [torch.zeros(5), torch.zeros(3, 4).t()]):
+        layout = FlatLayout([t.shape for t in tensors], "cpu")
+        flat = torch.arange(layout.numel, dtype=torch.float64)
+        layout.scatter_(layout.rows(tensors), flat)
+        assert torch.equal(layout.gather(tensors, torch.float64), flat)  # fp32 targets, values cast back exactly
+        assert torch.equal(torch.cat([t.reshape(-1) for t in layout.arrange(tensors)]).double(), flat)

@@ -50,7 +50,7 @@ def _train(cuda_graph: bool, steps: int, reload_at: int, cls=Automagic_Sinkgd, l
     params, names = lora_set(6, seed=0)
     params = [torch.nn.Parameter(p.detach().cuda()) for p in params]
     gen = torch.Generator(device="cuda").manual_seed(1)
-    opt = cls([{"params": params, "names": names}], lr=1e-3, cuda_graph=cuda_graph, **extra)
+    opt = cls([{"params": params, "names": names}], lr=1e-3, cuda_graphs=cuda_graph, **extra)
     for step in range(steps):
         for p in params:
             p.grad = torch.randn(p.shape, device="cuda", generator=gen)
@@ -78,7 +78,7 @@ def test_graphed_sinkgd_matches_eager_through_a_state_dict_reload():
 @pytest.mark.parametrize("bits", [32, 8])
 def test_graphed_cameamp_matches_eager_across_warmup_and_a_reload(bits):
     """OrthoGrad turns on after warm-up (step 5): g then reaches the graph through a copy."""
-    extra = dict(orthograd=True, optim_bits=bits, warmup_steps=4)
+    extra = dict(use_orthogonal_grad=True, optim_bits=bits, warmup_steps=4)
     eager, _ = _train(False, 14, reload_at=7, cls=Automagic_CameAMP, **extra)
     graphed, opt = _train(True, 14, reload_at=7, cls=Automagic_CameAMP, **extra)
     graphs = [plan.resolved["graph"].graph for plan in opt._plans.values()]
@@ -121,5 +121,5 @@ def test_a_failed_capture_is_one_line_that_names_cuda_graph_false(monkeypatch):
     block.enabled, block.calls = True, WARMUP_CALLS  # as on a GPU after the warm-ups
     with pytest.raises(OptimizerError, match=r"^recording the optimizer step as a CUDA graph failed \(RuntimeError: "
                                              r"operation not permitted when stream is capturing\); run it eagerly "
-                                             r"with --optimizer_args cuda_graph=False$"):
+                                             r"with --optimizer_args cuda_graphs=False$"):
         block()

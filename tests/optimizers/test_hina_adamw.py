@@ -11,6 +11,7 @@ import torch
 from library.custom_hina_adamw_optimizer import HinaAdamWOptimizer as CompatImport
 from library.errors import OptimizerError
 from library.optimizers.hina_adamw import HinaAdamWOptimizer, find_lora_pairs, weight_decay_ratio
+from library.optimizers.references import CustomAdamWReference
 from tests.optimizers.graph_mode import eager_graph_mode
 from tests.optimizers.op_counting import OpLog, lora_set, observed_steps
 
@@ -51,80 +52,6 @@ DEFAULTS = dict(
 NAMES = ["lora_unet_blk.lora_down.weight", "lora_unet_blk.lora_up.weight", "conv_in.weight"]
 
 
-class ReferenceHina:
-    """Plain per-tensor float64 transcription of the documented step (one tensor at a time, no foreach)."""
-
-    def __init__(self, params, roles, hp):
-        self.p = [p.detach().clone().to(F64) for p in params]
-        self.roles, self.hp = roles, hp
-        self.m = [torch.zeros_like(p) for p in self.p]
-        self.v = [torch.zeros_like(p) for p in self.p]
-        self.s = [0.0 for _ in self.p]
-        self.theta0 = [p.clone() for p in self.p]
-        self.t = 0
-
-    def step(self, grads):
-        hp = self.hp
-        b1, b2 = hp["betas"]
-        self.t += 1
-        t = self.t
-        rho = 1.0
-        if hp["dynamic_weight_decay"] and t > hp["wd_transition_steps"]:
-            T = hp["wd_transition_steps"]
-            rho = max(hp["wd_min_ratio"], hp["wd_decay_factor"] ** ((t - T) / T))
-        for i, g_raw in enumerate(grads):
-            theta, g = self.p[i], g_raw.clone().to(F64)
-            role = self.roles[i] if hp["use_alora"] else None
-            if hp["use_orthogonal_grad"] and float((theta * theta).sum()) > 1e-30:
-                perp = g - (theta * g).sum() / (theta * theta).sum() * theta
-                if float(perp.norm()) > 0:
-                    g = perp * (g.norm() / perp.norm())
-            if hp["use_agr"] and float(g.abs().sum()) > 0:
-                g = g - g.abs() / g.abs().sum() * g
-            if hp["use_adopt_stability"]:
-                ready = float(self.v[i].max()) > 0
-                x = (g / torch.clamp(self.v[i].sqrt(), min=hp["eps"])).clamp(-(t**0.25), t**0.25)
-            else:
-                x = g
-            if hp["use_tam"]:
-                nm, nx = float(self.m[i].norm()), float(x.norm())
-                cos = float((self.m[i] * x).sum()) / (nm * nx) if nm > 0 and nx > 0 else 0.0
-                self.s[i] = hp["tam_beta"] * self.s[i] + (1 - hp["tam_beta"]) * cos
-                x = (1 + self.s[i]) / 2 * x
-            if hp["use_adopt_stability"]:
-                if ready:
-                    self.m[i] = b1 * self.m[i] + (1 - b1) * x
-                    self.v[i] = b2 * self.v[i] + (1 - b2) * g * g
-                else:
-                    self.v[i] = g * g
-                u = self.m[i].clone()
-            else:
-                self.m[i] = b1 * self.m[i] + (1 - b1) * x
-                self.v[i] = b2 * self.v[i] + (1 - b2) * g * g
-                u = (self.m[i] / (1 - b1**t)) / ((self.v[i] / (1 - b2**t)).sqrt() + hp["eps"])
-            if hp["use_grams"]:
-                u = torch.sign(g) * u.abs()
-            elif hp["use_cautious"]:
-                mask = (u * g > 0).to(F64)
-                u = u * mask / max(float(mask.mean()), 1e-3)
-            if role is not None:
-                rows = theta.reshape(theta.shape[0], -1)
-                scale = 1 / torch.sqrt((rows * rows).sum(1) + 1 / hp["alora_eta"] ** 2)
-                u = u * scale.reshape(-1, *([1] * (theta.dim() - 1)))
-            lr = hp["lr"] * (hp["alora_ratio"] if role == "up" else 1.0)
-            if hp["use_spd"]:
-                new = theta - lr * u
-                c = float((g * (theta - self.theta0[i])).sum())
-                if c < 0:
-                    before = float((theta - self.theta0[i]).norm())
-                    after = float((new - self.theta0[i]).norm())
-                    r = max(0.0, after - before) / after if after > 0 else 0.0
-                    new = new - hp["spd_lambda"] * rho * r * (new - self.theta0[i])
-            else:
-                new = theta * (1 - lr * hp["weight_decay"] * rho) - lr * u
-            self.p[i] = new
-
-
 def _params(dtype=F64, seed=0):
     gen = torch.Generator().manual_seed(seed)
     down = torch.randn(3, 6, generator=gen, dtype=F64) * 0.5
@@ -160,7 +87,7 @@ def _run(hp, steps=10, names=True, dtype=F64, **extra):
 
 
 def _reference(hp, steps=10):
-    ref = ReferenceHina(_params(), ["down", "up", None], hp)
+    ref = CustomAdamWReference(_params(), ["down", "up", None], hp)
     for grads in _grad_sequence(steps):
         ref.step(grads)
     return ref.p
@@ -439,7 +366,8 @@ def test_state_dict_round_trip_resumes_bitwise(bits, dtype):
         assert state["exp_avg_codes"].dtype == torch.uint8
     else:
         assert state["exp_avg"].dtype == torch.float32
-    assert state["theta0"].dtype == dtype
+    # θ₀ keeps the weights' dtype, except bf16 next to 8-bit moments of fp32 weights
+    assert state["theta0"].dtype == (torch.bfloat16 if bits == 8 else dtype)
 
 
 @pytest.mark.parametrize(
@@ -518,7 +446,8 @@ def test_op_count_per_step_does_not_grow_with_tensor_count(name):
     large = _third_step(48, hp, lambda: OpLog(skip=())).counts
     assert small == large
     buckets = 2 if name == "eight_bit" else 1  # 8-bit and fp32-state tensors (under min_8bit_size) step apart
-    assert sum(small.values()) < 120 * buckets
+    # the element and row indices are rebuilt inside each step (a few ops) rather than kept (bytes per parameter)
+    assert sum(small.values()) < 140 * buckets
 
 
 @pytest.mark.parametrize("name", sorted(FLAT_CONFIGS))
@@ -599,8 +528,8 @@ def graph_mode_on_cpu(monkeypatch):
 def test_graph_mode_scalars_match_the_eager_step(name, graph_mode_on_cpu):
     """The step a CUDA graph replays reads lr and the step-dependent values from device scalars."""
     hp = {**DEFAULTS, **CONFIGS[name]}
-    eager, _ = _run(hp, cuda_graph=False)
-    graphed, opt = _run(hp)  # cuda_graph=True is the default
+    eager, _ = _run(hp, cuda_graphs=False)
+    graphed, opt = _run(hp)  # cuda_graphs=True is the default
     for a, b in zip(graphed, eager, strict=True):
         torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-13, atol=1e-15)
     assert graph_mode_on_cpu.built == 1  # one capture for ten steps: lr and step changes need none
@@ -608,7 +537,7 @@ def test_graph_mode_scalars_match_the_eager_step(name, graph_mode_on_cpu):
 
 def test_graph_mode_captures_again_when_buffers_or_baked_settings_change(graph_mode_on_cpu):
     params = _params()
-    opt = HinaAdamWOptimizer([{"params": params, "names": NAMES}], **DEFAULTS, cuda_graph=True)
+    opt = HinaAdamWOptimizer([{"params": params, "names": NAMES}], **DEFAULTS, cuda_graphs=True)
     grads = _grad_sequence(8)
 
     def step(k):

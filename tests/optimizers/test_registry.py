@@ -300,7 +300,7 @@ def test_logs_selected_optimizer_type_and_sources(caplog: pytest.LogCaptureFixtu
         )
         build_optimizer("AdamW", [param])
     text = caplog.text
-    assert "Selected optimizer: AdamWSAC (Type: SAC (Structured Adaptive Computation))" in text
+    assert "Selected optimizer: AdamWSAC (Type: SAC (scaling with architectural constraints))" in text
     assert "Selected optimizer: AdamW (Type: standard)" in text
     assert "weight_decay = 0.0 (--optimizer_args)" in text
     assert "betas = (0.9, 0.99) (registry default)" in text
@@ -311,9 +311,9 @@ def test_logs_selected_optimizer_type_and_sources(caplog: pytest.LogCaptureFixtu
     assert "'AdamWSAC'" in text.split("SAC optimizers loaded:")[1].splitlines()[0]
 
 
-def test_family_types_follow_the_seed_docs() -> None:
-    assert optimizer_family(resolve("AdamWSGG")) == "SGG (Smart Gradient Gradient)"
-    assert optimizer_family(resolve("Adam_miniSAC")) == "SAC (Structured Adaptive Computation)"
+def test_family_types_name_the_methods_as_the_modules_do() -> None:
+    assert optimizer_family(resolve("AdamWSGG")) == "SGG (scaling with gradient grouping)"
+    assert optimizer_family(resolve("Adam_miniSAC")) == "SAC (scaling with architectural constraints)"
     assert optimizer_family(resolve("Lamb")) == "standard"
     assert optimizer_family(resolve("HinaAdamW")) == "Hina"
 

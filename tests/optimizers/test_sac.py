@@ -163,7 +163,7 @@ def test_adamw_sac_is_adamw_times_the_unit_scale():
     assert scale.shape == (16, 1) and len(set(scale.reshape(-1).tolist())) > 1
 
 
-def test_seed_doc_defaults_and_explicit_values_win():
+def test_opentome_defaults_and_explicit_values_win():
     p = [torch.nn.Parameter(torch.zeros(2))]
     assert AdamWSAC(p).defaults["betas"] == (0.9, 0.99)
     mini = Adam_miniSAC(p)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from library.errors import OptimizerError
+from library.optimizers.references import AdamWSGGReference, kmeans_reference
 from library.optimizers.sgg import (
     AdafactorSGG,
     AdamWSGG,
@@ -22,59 +23,6 @@ from library.optimizers.sgg import (
 from tests.optimizers.op_counting import HOST_SYNC, step_ops
 
 ALL = [AdamWSGG, AdamWSGG_v2, AdafactorSGG, LambSGG_v2, ShampooSGG_v2]
-
-
-# ------------------------------------------------------------------------------------------ float64 references
-def ref_kmeans(x: np.ndarray, k: int, iters: int = 8) -> tuple[np.ndarray, np.ndarray]:
-    """Lloyd's algorithm by brute force: quantile start, argmin assignment, empty clusters keep their centre."""
-    centers = np.quantile(x, (np.arange(k) + 0.5) / k)
-    for _ in range(iters):
-        labels = np.argmin(np.abs(x[:, None] - centers[None, :]), axis=1)
-        new = centers.copy()
-        for c in range(k):
-            if np.any(labels == c):
-                new[c] = x[labels == c].mean()
-        centers = np.sort(new)
-    return centers, np.argmin(np.abs(x[:, None] - centers[None, :]), axis=1)
-
-
-class RefAdamWSGG:
-    """AdamW + SGG for one tensor, written from the definition in float64 numpy."""
-
-    def __init__(self, theta, lr, betas, eps, wd, k, interval, bound, d_layer, d_cluster, d_scale):
-        self.theta = theta.copy()
-        self.m = np.zeros_like(theta)
-        self.v = np.zeros_like(theta)
-        self.t = 0
-        self.__dict__.update(lr=lr, b1=betas[0], b2=betas[1], eps=eps, wd=wd, k=k, interval=interval)
-        self.lo, self.hi = bound
-        self.d = (d_layer, d_cluster, d_scale)
-        self.scale = np.clip(np.ones(k), self.lo, self.hi)
-
-    def step(self, g):
-        self.t += 1
-        t = self.t
-        self.m = self.b1 * self.m + (1 - self.b1) * g
-        self.v = self.b2 * self.v + (1 - self.b2) * g * g
-        mhat = self.m / (1 - self.b1**t)
-        denom = np.sqrt(self.v / (1 - self.b2**t)) + self.eps
-        z = np.clip(-np.log(denom), -80, 80).ravel()
-        recluster = (t - 1) % self.interval == 0
-        if recluster:
-            _, self.labels = ref_kmeans(z, self.k)
-        layer = z.mean()
-        cluster = np.array(
-            [z[self.labels == c].mean() if np.any(self.labels == c) else layer for c in range(self.k)]
-        )
-        d_layer, d_cluster, d_scale = self.d
-        self.layer_stat = layer if t == 1 else d_layer * self.layer_stat + (1 - d_layer) * layer
-        self.cluster_stat = (
-            cluster if recluster else d_cluster * self.cluster_stat + (1 - d_cluster) * cluster
-        )
-        raw = np.exp(self.layer_stat - self.cluster_stat)
-        self.scale = np.clip(d_scale * self.scale + (1 - d_scale) * raw, self.lo, self.hi)
-        u = (mhat / denom).ravel() * self.scale[self.labels]
-        self.theta = self.theta * (1 - self.lr * self.wd) - self.lr * u.reshape(self.theta.shape)
 
 
 # ------------------------------------------------------------------------------------------------- helpers
@@ -113,7 +61,7 @@ def test_kmeans_1d_matches_bruteforce_float64_lloyd():
     x = np.concatenate([rng.normal(mu, 0.3, n) for mu, n in ((-9.0, 40), (-6.0, 90), (-2.0, 25), (1.0, 60))])
     rng.shuffle(x)
     centers, labels = kmeans_1d(torch.from_numpy(x), 4)
-    ref_centers, ref_labels = ref_kmeans(x, 4)
+    ref_centers, ref_labels = kmeans_reference(x, 4)
     np.testing.assert_allclose(centers.numpy(), ref_centers, rtol=1e-12)
     np.testing.assert_array_equal(labels.numpy(), ref_labels)
     assert np.all(np.diff(centers.numpy()) > 0)
@@ -137,7 +85,7 @@ def test_adamw_sgg_matches_float64_reference_across_reclusterings(cls):
     kw = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1, n_clusters=3, recluster_interval=3)
     p = torch.nn.Parameter(torch.from_numpy(theta0.copy()))
     opt = cls([p], scale_bound=(0.5, 4.0), **kw, **decays)
-    ref = RefAdamWSGG(theta0, kw["lr"], kw["betas"], kw["eps"], kw["weight_decay"], 3, 3, (0.5, 4.0), *d)
+    ref = AdamWSGGReference(theta0, kw["lr"], kw["betas"], kw["eps"], kw["weight_decay"], 3, 3, (0.5, 4.0), *d)
     for _ in range(8):
         # per-element gradient magnitudes over four decades, so the clusters and scales differ
         g = rng.normal(size=theta0.shape) * 10.0 ** rng.integers(-4, 0, size=theta0.shape)

@@ -7,22 +7,8 @@ import copy
 import pytest
 import torch
 
+from library.optimizers.references import sophia_reference
 from library.optimizers.sophia import SophiaG
-
-
-def _reference(theta, grads, gnb_grads, *, lr, beta1, beta2, rho, wd, eps, k, batch):
-    """θ, m, h per the paper: h refreshed with B·ĝ² after steps t ≡ 0 (mod k); clipped preconditioned step."""
-    theta = theta.clone()
-    m = torch.zeros_like(theta)
-    h = torch.zeros_like(theta)
-    for t, g in enumerate(grads, start=1):
-        m = beta1 * m + (1 - beta1) * g
-        theta = theta - lr * wd * theta
-        step = m / torch.maximum(rho * h, torch.full_like(h, eps))
-        theta = theta - lr * torch.clamp(step, -1.0, 1.0)
-        if t % k == 0:
-            h = beta2 * h + (1 - beta2) * batch * gnb_grads[t] ** 2
-    return theta, m, h
 
 
 def test_matches_float64_reference_with_hessian_refresh_every_k_steps() -> None:
@@ -49,7 +35,7 @@ def test_matches_float64_reference_with_hessian_refresh_every_k_steps() -> None:
             param.grad = gnb[t].clone()
             opt.update_hessian(batch_size=hp["batch"])
 
-    theta, m, h = _reference(theta0, grads, gnb, **hp)
+    theta, m, h = sophia_reference(theta0, grads, gnb, **hp)
     torch.testing.assert_close(param.detach(), theta, rtol=0, atol=1e-13)
     torch.testing.assert_close(opt.state[param]["exp_avg"], m, rtol=0, atol=1e-15)
     torch.testing.assert_close(opt.state[param]["hessian"], h, rtol=0, atol=1e-15)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from library.optimizers import transforms as T
-from library.optimizers.flat import FlatLayout
+from library.optimizers.flat import FlatLayout, segment_ids
 
 F64 = torch.float64
 
@@ -126,13 +126,19 @@ def test_tam_damps_a_gradient_opposing_the_momentum_more():
     assert d_with.item() == pytest.approx(0.75) and d_against.item() == pytest.approx(0.25)
 
 
+def row_index(layout):
+    """For every flat element, the index of its row among all rows of the layout (rows in flat order)."""
+    cols = [b.cols for b in layout.buckets for _ in range(b.count * b.rows)]
+    return segment_ids(torch.tensor(cols, dtype=torch.int64), layout.numel)
+
+
 def _row_factors(tensors, eta):
     """ALLoRA factors spread over the elements, back in the caller's tensor shapes."""
     f = Flat(tensors)
     flat = f.flat(tensors)
     stacks = [f.layout.bucket_view(flat, b) for b in f.layout.buckets]
     rows = T.allora_row_scale(stacks, eta)
-    return f.split(rows.index_select(0, T.row_index(f.layout)))
+    return f.split(rows.index_select(0, row_index(f.layout)))
 
 
 def test_allora_row_scale_matches_definition():
@@ -183,7 +189,7 @@ def test_transforms_keep_dtype_and_stay_finite(dtype):
     T.agr_(f.seg, g)
     u = T.cautious(f.seg, T.grams(g, g), g)
     stacks = [f.layout.bucket_view(flat_theta, b) for b in f.layout.buckets]
-    u = u * T.allora_row_scale(stacks, 2.0).index_select(0, T.row_index(f.layout))
+    u = u * T.allora_row_scale(stacks, 2.0).index_select(0, row_index(f.layout))
     for x in (g, u):
         assert x.dtype == dtype and torch.isfinite(x.float()).all()
 

@@ -189,3 +189,13 @@ def test_optimizer_settings_from_a_config_file_are_labelled_with_their_source(tm
 def test_sd_scripts_old_caption_extention_spelling_is_read_as_caption_extension():
     assert parse_args(["--caption_extention", ".txt"]).caption_extension == ".txt"
     assert parse_args(["--caption_extention", ".txt", "--caption_extension", ".cap"]).caption_extension == ".cap"
+
+
+def test_help_gives_every_option_a_text_and_its_default_once(capsys):
+    parser = build_parser()
+    missing = [a.option_strings[0] for a in parser._actions if a.option_strings and not a.help]
+    assert missing == []
+    text = parser.format_help()
+    assert "{None" not in text and "(default: None)" not in text
+    flat = " ".join(text.split())
+    assert "(default: True) (default:" not in flat and flat.count("--network_dim NETWORK_DIM LoRA rank (default: 4)") == 1

@@ -50,3 +50,5 @@ def test_first_line_comes_before_heavy_imports_and_no_library_noise(tiny_dataset
     assert console.lstrip().startswith("INFO loraforge: a networks.lora LoRA"), console[:500]
     noisy = [line for line in console.splitlines() if any(n in line for n in _NOISE)]
     assert not noisy, noisy
+    lora_lines = [line for line in console.splitlines() if "LoRA: " in line]  # once, counting what trains
+    assert lora_lines == ["INFO LoRA: 0 text encoder modules, 84 U-Net modules"], lora_lines

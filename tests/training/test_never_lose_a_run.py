@@ -63,6 +63,7 @@ def test_sigint_saves_lora_and_state_then_says_how_to_resume(tiny_dataset, tmp_p
     assert "--resume" in rest and str(out / "t-state") in rest
     assert (out / "t.safetensors").stat().st_size > 0
     assert (out / "t-state").is_dir()
+    assert (out / "t_loss.png").stat().st_size > 0  # the plot is written on Ctrl-C too
 
 
 def test_training_in_process_gives_the_callers_signal_handlers_back(tiny_dataset, tmp_path):
