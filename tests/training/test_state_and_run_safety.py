@@ -328,4 +328,5 @@ def test_a_save_that_fails_is_one_line_and_keeps_the_earlier_files(tiny_dataset,
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert line == ("error: could not save t-step00000002: RuntimeError: serializer bug second line; the files saved "
                     "earlier are kept")
-    assert sorted(p.name for p in out.iterdir() if not p.is_dir()) == ["t-step00000001.safetensors"]
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["t-step00000001.safetensors"]
+    assert not [p for p in out.iterdir() if ".tmp" in p.name]
