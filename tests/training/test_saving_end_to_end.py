@@ -27,7 +27,7 @@ def test_step_checkpoints_keep_the_last_n_steps_and_record_what_was_trained(tiny
                            "--save_last_n_steps_state", "1", "--training_comment", "first try", "--metadata_title",
                            "Cat", "--lowram", "--network_args", "conv_dim=2", steps=4)) == 0
     # steps 1..4 saved (the last step too, as sd-scripts); each save retires the one older than the last step
-    assert sorted(p.name for p in out.iterdir() if not p.name.endswith((".png", "logs"))) == [
+    assert sorted(p.name for p in out.iterdir() if not p.name.endswith(("_loss.png", "_loss.csv", "logs"))) == [
         "t-state", "t-step00000003-state", "t-step00000003.safetensors", "t-step00000004-state",
         "t-step00000004.safetensors", "t.safetensors"]
     md = _metadata(out / "t.safetensors")
@@ -55,7 +55,7 @@ def test_ckpt_epoch_files_with_save_n_epoch_ratio_and_the_state_at_the_end_only(
             "--save_model_as", "ckpt", "--save_state_on_train_end", "--seed", "1"]
     assert main(argv) == 0
     # ratio 4 of 4 epochs: a file every epoch (1, 2, 3); keep the last one; the state only at the end
-    assert sorted(p.name for p in out.iterdir() if not p.name.endswith((".png", "logs"))) == [
+    assert sorted(p.name for p in out.iterdir() if not p.name.endswith(("_loss.png", "_loss.csv", "logs"))) == [
         "t-000003.ckpt", "t-state", "t.ckpt"]
     state = torch.load(out / "t.ckpt", weights_only=True)  # sd-scripts' ckpt LoRA: torch.save of the tensors
     assert any(k.startswith("lora_unet_") and k.endswith(".lora_down.weight") for k in state)
