@@ -261,7 +261,9 @@ def build_parser(prog: str = "train_network.py") -> argparse.ArgumentParser:
     g.add_argument("--save_every_n_steps", type=int, default=None, help="save a LoRA every N steps")
     g.add_argument("--save_state", action="store_true", help="also save optimizer/scheduler/RNG state for --resume")
     g.add_argument("--resume", type=str, default=None, help="state folder written by --save_state")
-    g.add_argument("--overwrite", action="store_true", help="allow writing over an earlier run's files")
+    g.add_argument("--overwrite", action="store_true",
+                   help="run again under an earlier run's --output_name: its files (LoRA, checkpoints, states, "
+                        "samples, loss plot) are first moved to earlier-<name>-<time>/")
 
     g = p.add_argument_group("logging")
     g.add_argument("--logging_dir", type=str, default=None,

@@ -29,6 +29,7 @@ from library.optimizers.loop import LoopNeeds
 from library.training import checkpoints, conditioning, losses, metadata, resume, state_io
 from library.training.atomic import atomic_dir, atomic_file, check_output_names, check_writable
 from library.training.compile import check_compile_device, compile_requested, compile_unet, step_marker
+from library.training.earlier_run import set_aside
 from library.training.graphed_step import GraphedStep, checkpoint_without_rng_state
 from library.training.hub import HubUploader, download_state
 from library.training.lr_schedulers import build_lr_scheduler
@@ -122,6 +123,8 @@ class LoRATrainer:
         self.output_lock = OutputLock(self.output_dir, a.output_name)
         if os.environ.get("RANK", "0") == "0":  # one lock per run: the main process holds it
             self.output_lock.acquire()
+            if a.overwrite and not a.resume:  # never mixed with this run's files
+                set_aside(self.output_dir, a.output_name)
         try:
             self._build()
         except BaseException:
@@ -144,6 +147,9 @@ class LoRATrainer:
             logger.info("processes: %d; effective batch: %s per process x %d processes x %d accumulation steps",
                         acc.num_processes, batch, acc.num_processes, a.gradient_accumulation_steps)
         self.device = acc.device
+        if self.device.type == "cpu" and a.mixed_precision != "no":
+            logger.warning("--mixed_precision %s on a CPU runs several times slower than fp32 (CPUs lack fast %s "
+                           "matrix kernels): use --mixed_precision no here", a.mixed_precision, a.mixed_precision)
         self.resume_parts = None
         if a.resume:  # read and checked against this run before the model loads
             if a.resume_from_huggingface:
@@ -274,6 +280,8 @@ class LoRATrainer:
                 return vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
 
             tag = vae_fingerprint(vae) if a.cache_latents_to_disk else ""  # the weights decide, not the path
+            logger.info("caching latents of %d images%s", len(self.dataset),
+                        " (reusing the .npz files that still match)" if a.cache_latents_to_disk else "")
             for dataset in filter(None, (self.dataset, self.validation_dataset)):
                 dataset.cache_latents(encode, to_disk=a.cache_latents_to_disk, batch_size=a.vae_batch_size,
                                       cache_tag=tag, skip_cache_check=a.skip_cache_check,
@@ -502,8 +510,10 @@ class LoRATrainer:
 
     # ------------------------------------------------------------------ loop
     def train(self) -> None:
-        try:
-            with self._stop_signals_save():
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        try:  # log lines go above the progress bar instead of through it
+            with self._stop_signals_save(), logging_redirect_tqdm():
                 self._train()
         finally:
             self.output_lock.release()
@@ -607,10 +617,10 @@ class LoRATrainer:
         acc.wait_for_everyone()
         acc.end_training()
         if acc.is_main_process:
-            logger.info("done: %d steps; LoRA -> %s%s; logs -> %s", self.progress.global_step, final,
+            logger.info("done: %d steps; LoRA -> %s%s%s", self.progress.global_step, final,
                         f"; state -> {self.output_dir / checkpoints.state_name(a.output_name)}"
                         if a.save_state or a.save_state_on_train_end else "",
-                        acc.project_dir)
+                        f"; logs -> {acc.project_dir}" if acc.trackers else "")
 
     # ------------------------------------------------------------------ saving and safety
     def _save_checkpoint(self, number: int, *, every: int, by_step: bool) -> None:
@@ -665,6 +675,7 @@ class LoRATrainer:
                                          implementation_version=f"loraforge/{self.metadata['ss_sd_scripts_commit_hash']}"))
             with atomic_file(path) as tmp:
                 self.network.save_weights(str(tmp), dtype, md)
+            logger.info("saved %s", path)
         if state:
             state_dir = self._state_dir(name)
             if acc.is_main_process:
@@ -748,8 +759,11 @@ class LoRATrainer:
         self.network.eval()  # LoRA dropout follows the network's mode
         parked = [m for m in (self.model.vae, *self.model.text_encoders)
                   if m.device.type == "cpu" and self.device.type != "cpu"]
+        started = time.perf_counter()
+        logger.info("sampling %d prompt(s) at step %d", len(self.prompts), self.progress.global_step)
         try:
             self._sample(parked)
+            logger.info("samples -> %s (%.1f s)", self.output_dir / "sample", time.perf_counter() - started)
         except Exception as exc:  # out of memory, a scheduler's refusal, a full disk: training goes on
             reason = " ".join(str(exc).split())[:200]
             logger.warning("sampling at step %d failed, training goes on: %s: %s", self.progress.global_step,
