@@ -134,6 +134,9 @@ def build_parser(prog: str = "train_network.py") -> argparse.ArgumentParser:
     p.add_argument("--config_file", type=str, default=None,
                    help="TOML file with any of these options as keys; command-line values win")
     p.add_argument("--output_config", action="store_true", help="write the merged options to <output_dir>/<output_name>.toml and exit")
+    p.add_argument("--dry_run", action="store_true",
+                   help="check everything the run would touch (options, dataset, prompts, output names, free space) "
+                        "and print its plan (steps, epochs, batch, buckets, a peak-VRAM estimate) without training")
 
     g = p.add_argument_group("model")
     g.add_argument("--pretrained_model_name_or_path", type=str, default=DEFAULT_MODEL,

@@ -48,6 +48,14 @@ def main(argv: list[str] | None = None, *, force_sdxl: bool = False) -> int:
             print(write_config(args))
             return 0
         _announce(args)
+        if args.dry_run:
+            from library.training.dry_run import plan
+            from library.training.trainer import LoRATrainer
+
+            trainer = LoRATrainer(args)
+            trainer.check()
+            print(plan(trainer))
+            return 0
         from library.training.trainer import TrainingStopped, train
 
         try:

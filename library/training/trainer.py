@@ -101,7 +101,10 @@ class LoRATrainer:
         self.saving = False  # a signal during a save lets it finish
 
     # ------------------------------------------------------------------ setup
-    def setup(self) -> None:
+    def check(self) -> None:
+        """Everything that needs no model: the options, the state to resume, the prompts, the dataset (every image
+        decoded once) and the output files. Run first, so a mistake never costs a model load; --dry_run stops
+        after it."""
         a = self.args
         validate_args(a)
         local_state = a.resume and not a.resume_from_huggingface  # a Hub state is found once downloaded
@@ -120,6 +123,10 @@ class LoRATrainer:
         self.validation_dataset = build_dataset(a, split="validation")
         check_writable(self.output_dir)  # last checks before the expensive part
         check_output_names(self.output_dir, a.output_name)
+
+    def setup(self) -> None:
+        a = self.args
+        self.check()
         self.output_lock = OutputLock(self.output_dir, a.output_name)
         if os.environ.get("RANK", "0") == "0":  # one lock per run: the main process holds it
             self.output_lock.acquire()

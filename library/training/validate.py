@@ -395,6 +395,29 @@ def _architecture_dir(model: str) -> Path | None:
     return None  # .ckpt: its keys need the whole pickle; the check after the network is built covers it
 
 
+def model_on_meta_device(model: str):
+    """(U-Net, [text encoders], VAE) of the base model built from its configs on the meta device: shapes and
+    parameter counts without reading or allocating a weight; None when its configs cannot be read here."""
+    folder = _architecture_dir(model)
+    if folder is None:
+        return None
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    try:
+        unet_config = UNet2DConditionModel.load_config(folder / "unet")
+        vae_config = AutoencoderKL.load_config(folder / "vae")
+        te_configs = [CLIPTextConfig.from_pretrained(folder / sub) for sub in ("text_encoder", "text_encoder_2")
+                      if (folder / sub).is_dir()]
+    except (OSError, ValueError):
+        return None
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(unet_config)
+        encoders = [CLIPTextModel(te_configs[0]), *(CLIPTextModelWithProjection(c) for c in te_configs[1:])]
+        vae = AutoencoderKL.from_config(vae_config)
+    return unet, encoders, vae
+
+
 def lora_parameters_from_configs(args: argparse.Namespace) -> int | None:
     """LoRA parameter count of the network this run builds, from the model's configs on the meta device.
 
@@ -403,23 +426,15 @@ def lora_parameters_from_configs(args: argparse.Namespace) -> int | None:
     `BUILDS_ON_META_DEVICE = True` (a create_network may read weights, which meta-device modules do not have).
     """
     module = import_network_module(args.network_module)
-    folder = _architecture_dir(args.pretrained_model_name_or_path)
-    if folder is None or not getattr(module, "BUILDS_ON_META_DEVICE", False):
+    if not getattr(module, "BUILDS_ON_META_DEVICE", False):
         return None
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
+    model = model_on_meta_device(args.pretrained_model_name_or_path)
+    if model is None:
+        return None
     from library.training.setup import parse_key_values
 
-    try:
-        unet_config = UNet2DConditionModel.load_config(folder / "unet")
-        te_configs = [CLIPTextConfig.from_pretrained(folder / sub) for sub in ("text_encoder", "text_encoder_2")
-                      if (folder / sub).is_dir()]
-    except (OSError, ValueError):
-        return None
+    unet, encoders, _ = model
     with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(unet_config)
-        encoders = [CLIPTextModel(te_configs[0]), *(CLIPTextModelWithProjection(c) for c in te_configs[1:])]
         network = module.create_network(1.0, args.network_dim, args.network_alpha, None,
                                         encoders if len(encoders) > 1 else encoders[0], unet,
                                         neuron_dropout=args.network_dropout,
