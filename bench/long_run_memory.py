@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=None, help="default 5000 (200 with --quick)")
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true", help="CPU, 32x32 images, cached inputs, 200 steps (smoke test)")
+    parser.add_argument("--quick", action="store_true", help="CPU, 64x64 images, cached inputs, 200 steps (smoke test)")
     parser.add_argument("--every", type=int, default=None, help="sample memory every N steps (default steps/100)")
     parser.add_argument("--warmup", type=int, default=None, help="steps left out of the fit (default steps/10)")
     parser.add_argument("--resolution", type=int, default=64)
@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="write the result (with every sample) here")
     args = parser.parse_args(argv)
     if args.quick:
-        args.device, args.resolution, args.batch, args.images = "cpu", 32, 1, 8
+        args.device, args.resolution, args.batch, args.images = "cpu", 64, 1, 8
     args.steps = args.steps or (200 if args.quick else 5000)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device here; use --device cpu")
