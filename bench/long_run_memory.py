@@ -1,4 +1,4 @@
-"""Long-run memory benchmark (issue 10): is memory flat over thousands of training steps?
+"""Long-run memory benchmark: is memory flat over thousands of training steps?
 
 Runs the real trainer in-process (`LoRATrainer.setup()` + `train()`) on builtin:tiny-sd with the synthetic shapes
 dataset (library/data/synthetic.py, written to a temporary folder), LoRA dim 4, AdamW, no intermediate saves.

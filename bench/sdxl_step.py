@@ -1,4 +1,4 @@
-"""SDXL training-step benchmark (issue 9): a plain diffusers + peft LoRA step against loraforge's SDXL step.
+"""SDXL training-step benchmark: a plain diffusers + peft LoRA step against loraforge's SDXL step.
 
 SDXL-architecture U-Net from the bundled config (library/models/configs/sdxl-base/unet, 2.6B parameters, random
 seeded weights, no download), 1024x1024 (128x128 latents), batch 1, bf16, gradient checkpointing, cached
@@ -51,7 +51,7 @@ QUICK_UNET: dict[str, Any] = {
     "projection_class_embeddings_input_dim": 32 + 6 * 8,  # pooled text embedding (32) + 6 time ids x 8
 }
 LOW_VRAM_LIMIT_GIB = 8.0
-SPEED_TARGET = 2.0  # issue 9: >= 2x the baseline's speed at <= its peak memory
+SPEED_TARGET = 2.0  # >= 2x the baseline's speed at <= its peak memory
 
 
 @dataclass(frozen=True)

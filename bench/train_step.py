@@ -1,4 +1,4 @@
-"""Training-step benchmark (issue 8): a plain diffusers + peft LoRA step against loraforge's step.
+"""Training-step benchmark: a plain diffusers + peft LoRA step against loraforge's step.
 
 SD1.5-architecture U-Net with random weights (no downloads), bf16, cached latents and text-encoder outputs
 (batch 4 at 512x512 by default), DDPMScheduler with SD's settings. Rows:
@@ -71,7 +71,7 @@ SD_SCHEDULER: dict[str, Any] = {
 # kohya's U-Net LoRA targets (every Linear / 1x1 Conv2d inside Transformer2DModel) spelled for peft.
 PEFT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
 DEFAULT_OPTIMIZERS = "CustomAdamW,Automagic_Sinkgd,AdamWSGG"
-ISSUE_TFLOP_PER_STEP = 7.2  # issue 8's estimate for SD1.5, batch 4, 512x512
+ESTIMATED_TFLOP_PER_STEP = 7.2  # hand estimate for SD1.5, batch 4, 512x512, used when counting fails
 
 
 @dataclass(frozen=True)
@@ -633,7 +633,7 @@ def print_table(results: dict[str, Any]) -> None:
     meta = results["meta"]
     flops = meta.get("flops_per_step")
     print(f"\nFLOPs/step: {fmt(flops and flops / 1e12, '.3g')} TFLOP ({meta.get('flops_method')}); "
-          f"issue 8 estimate {ISSUE_TFLOP_PER_STEP} TFLOP")
+          f"hand estimate {ESTIMATED_TFLOP_PER_STEP} TFLOP")
     for key, label in (("best", "best of ours"), ("best_fp32_lora", "best with fp32 LoRA weights")):
         b = results.get(key)
         if b:
@@ -757,7 +757,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         meta["flops_per_step"], meta["attention_processor"] = count_step_flops(bench)
         meta["flops_method"] = "FlopCounterMode, fwd+bwd of U-Net+LoRA on a meta-device copy"
     except Exception as exc:
-        meta["flops_per_step"] = ISSUE_TFLOP_PER_STEP * 1e12 if not args.quick else None
+        meta["flops_per_step"] = ESTIMATED_TFLOP_PER_STEP * 1e12 if not args.quick else None
         meta["flops_method"] = f"issue 8 estimate (counting failed: {type(exc).__name__}: {exc})"[:300]
     flops = meta["flops_per_step"]
     print(f"train-step bench on {meta.get('gpu', device)}: batch {bench.batch} at "

@@ -2,7 +2,8 @@
 
 Each entry names a library logger or warning whose message says nothing a user can act on: optional native
 kernels a CPU build lacks (bitsandbytes, torchao), torch's notice about a registration torchao makes, diffusers'
-note on an empty keep-in-float32 list, transformers' image-processor fallbacks. Our own loggers are never touched.
+note on an empty keep-in-float32 list and its scheduler-config fix-ups when sampling, transformers' image-processor
+fallbacks. Our own loggers are never touched.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ _LIBRARY_LOGGERS = {
 _WARNING_MESSAGES = (
     r".*requires torchvision.*",
     r".*should be kept in float32.*",
+    # diffusers' pipeline rewrites a scheduler config's steps_offset / clip_sample and warns each time it samples
+    r"(?s)The configuration file of this scheduler.*",
 )
 
 

@@ -3,7 +3,7 @@
 Replacing `forward` instead of wrapping the layer in a new module keeps the base model's module tree and
 state_dict keys unchanged (so the base model saves, loads and compiles as before) and keeps the adapter's own
 state_dict down to `lora_down.weight`, `lora_up.weight` and `alpha`. The step is bound by Python and kernel
-launches (DESIGN.md), so the common path is two kernels on top of the base layer — `linear(x, down)` and one
+launches, so the common path is two kernels on top of the base layer — `linear(x, down)` and one
 `addmm` that adds `scale * lx @ up.T` to the base output — with no dropout objects and no host syncs.
 """
 

@@ -31,12 +31,16 @@ sys.exit(code)
 
 # Lines that libraries print on import or first use, and that mean nothing to a user (see library/quiet.py)
 _NOISE = ("gemm_4bit_forward", "Failed to load", "Detected no triton", "register_constant", "Unable to import `torchao`",
+          "FutureWarning", "deprecate(",
           "kept in float32", "requires torchvision", "_pytree")
 
 
 def test_first_line_comes_before_heavy_imports_and_no_library_noise(tiny_dataset, tmp_path):
     first = tmp_path / "first.json"
-    argv = train_argv(tiny_dataset, tmp_path / "out", "--network_train_unet_only", steps=2)
+    prompts = tmp_path / "prompts.txt"  # sampling too: diffusers' pipeline warns there
+    prompts.write_text("a red circle --w 64 --h 64 --s 2\n", encoding="utf-8")
+    argv = train_argv(tiny_dataset, tmp_path / "out", "--network_train_unet_only", "--sample_prompts", str(prompts),
+                      "--sample_every_n_steps", "2", steps=2)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("DIFFUSERS_VERBOSITY", None)
     env.pop("TRANSFORMERS_VERBOSITY", None)
