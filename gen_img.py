@@ -4,7 +4,7 @@ loraforge supports); each PNG carries its prompt, seed and settings in its metad
 import argparse
 import sys
 
-from library.tools.runner import run_tool
+from library.tools.runner import tool_main
 
 
 def setup_parser() -> argparse.ArgumentParser:
@@ -51,13 +51,7 @@ def setup_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    def body(args: argparse.Namespace) -> None:
-        from library.tools.generate import generate_images  # after run_tool has quieted the import noise
-
-        generate_images(args)
-
-    return run_tool(setup_parser(), body, argv)
+main = tool_main(setup_parser, "library.tools.generate:generate_images")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as `python networks/<tool>.py`
 
-from library.tools.runner import run_tool  # noqa: E402
+from library.tools.runner import tool_main  # noqa: E402
 
 
 def setup_parser() -> argparse.ArgumentParser:
@@ -16,13 +16,7 @@ def setup_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    def body(args: argparse.Namespace) -> None:
-        from library.tools.check import check_file  # after run_tool quiets the import noise
-
-        check_file(args)
-
-    return run_tool(setup_parser(), body, argv)
+main = tool_main(setup_parser, "library.tools.check:check_file")
 
 
 if __name__ == "__main__":

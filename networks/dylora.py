@@ -60,12 +60,7 @@ class DyLoRAModule(LoRAModule):
         alpha = float(lora_dim) if not alpha else float(alpha)
         self.register_buffer("alpha", torch.tensor(alpha))
         self.scale = alpha / lora_dim
-        self.multiplier = float(multiplier)
-        self.dropout = self.rank_dropout = self.module_dropout = None
-        self._org = [org_module]
-        self.org_forward = None
-        self.merged = False
-        self._was_applied = False
+        self._init_hook_state(org_module, multiplier)
         self.register_state_dict_post_hook(self._as_lora_keys)
 
     def down_up(self, trainable: int | None = None) -> tuple[Tensor, Tensor]:

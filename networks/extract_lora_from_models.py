@@ -6,12 +6,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as `python networks/<tool>.py`
 
-from library.tools.runner import run_tool  # noqa: E402
+from library.tools import tool_args  # noqa: E402
+from library.tools.runner import tool_main  # noqa: E402
 
 
 def setup_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--v2", action="store_true", help="load Stable Diffusion 2.x models")
+    tool_args.add_v2(parser, "Stable Diffusion 2.x models")
     parser.add_argument(
         "--v_parameterization",
         action="store_true",
@@ -23,16 +24,10 @@ def setup_parser() -> argparse.ArgumentParser:
         "--load_precision",
         type=str,
         default=None,
-        choices=[None, "float", "fp16", "bf16"],
+        choices=[None, *tool_args.PRECISIONS],
         help="precision to load the models in; float if omitted",
     )
-    parser.add_argument(
-        "--save_precision",
-        type=str,
-        default=None,
-        choices=[None, "float", "fp16", "bf16"],
-        help="precision of the saved file; float if omitted",
-    )
+    tool_args.add_save_precision(parser, "float")
     parser.add_argument(
         "--model_org", type=str, required=True, help="original model (file, folder or builtin:)"
     )
@@ -44,7 +39,7 @@ def setup_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--conv_dim", type=int, default=None, help="rank for Conv2d 3x3 layers (default: no conv layers)"
     )
-    parser.add_argument("--device", type=str, default=None, help="device for the SVD (cuda for GPU)")
+    tool_args.add_device(parser, "device for the SVD (cuda for GPU)")
     parser.add_argument(
         "--clamp_quantile",
         type=float,
@@ -57,29 +52,13 @@ def setup_parser() -> argparse.ArgumentParser:
         default=0.01,
         help="text encoders differing by at most this are left out of the LoRA",
     )
-    parser.add_argument(
-        "--no_metadata",
-        action="store_true",
-        help="do not save modelspec metadata (the minimum ss_* metadata is kept)",
-    )
-    parser.add_argument(
-        "--load_original_model_to", type=str, default=None, help="device to load the original model on"
-    )
-    parser.add_argument(
-        "--load_tuned_model_to", type=str, default=None, help="device to load the tuned model on"
-    )
+    tool_args.add_no_metadata(parser)
+    for model, flag in (("original", "load_original_model_to"), ("tuned", "load_tuned_model_to")):
+        parser.add_argument(f"--{flag}", type=str, default=None, help=f"device to load the {model} model on")
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    def body(args: argparse.Namespace) -> None:
-        from library.tools.extract import (
-            extract_file,  # after run_tool quiets the import noise
-        )
-
-        extract_file(args)
-
-    return run_tool(setup_parser(), body, argv)
+main = tool_main(setup_parser, "library.tools.extract:extract_file")
 
 
 if __name__ == "__main__":

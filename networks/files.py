@@ -86,6 +86,24 @@ def write_network_file(
     os.replace(tmp, path)
 
 
+def save_network(
+    network: nn.Module,
+    file: str | os.PathLike,
+    dtype: torch.dtype | None = None,
+    metadata: Mapping[str, object] | None = None,
+) -> None:
+    """Every network kind's save_weights: its state in the file naming (`to_file_keys`), written atomically.
+
+    The network carries `sdxl` (set from its U-Net when built)."""
+    write_network_file(to_file_keys(network.state_dict(), network.sdxl), file, dtype, metadata)
+
+
+def untrained_prefixes(network: nn.Module) -> tuple[str, ...]:
+    """Key prefixes of the parts a network has no adapters on: a file's modules there are not checked on load."""
+    parts = (("lora_unet", network.unet_loras), ("lora_te", network.text_encoder_loras))
+    return tuple(prefix for prefix, adapters in parts if not adapters)
+
+
 def is_sdxl_unet(unet: nn.Module | None) -> bool:
     """SDXL's U-Net is the one conditioned on pooled text and size ids (`addition_embed_type="text_time"`)."""
     config = getattr(unet, "config", None)

@@ -29,9 +29,9 @@ from networks.files import (
     is_sdxl_unet,
     module_names,
     read_lora_file,
-    to_file_keys,
+    save_network,
     to_network_keys,
-    write_network_file,
+    untrained_prefixes,
 )
 from networks.lora_modules import LoRAModule
 
@@ -367,7 +367,7 @@ class LoRANetwork(nn.Module):
         metadata: Mapping[str, Any] | None = None,
     ) -> None:
         """Write the kohya-format file atomically (SDXL U-Net keys under sd-scripts' SAI names)."""
-        write_network_file(to_file_keys(self.state_dict(), self.sdxl), file, dtype, metadata)
+        save_network(self, file, dtype, metadata)
 
     def load_weights(self, file: str | os.PathLike, strict: bool = False) -> Any:
         """Load a LoRA file in any naming `networks.files` reads; returns torch's (missing_keys, unexpected_keys).
@@ -386,9 +386,7 @@ class LoRANetwork(nn.Module):
                     f"{source}: {key} has shape {tuple(value.shape)}, this network expects {tuple(own[key].shape)} "
                     "(different network_dim/conv_dim?)"
                 )
-        ignored = tuple(p for p, kept in ((LORA_PREFIX_UNET, self.unet_loras),
-                                          (LORA_PREFIX_TEXT_ENCODER, self.text_encoder_loras)) if not kept)
-        check_modules(module_names(state_dict), module_names(own), source, ignored)
+        check_modules(module_names(state_dict), module_names(own), source, untrained_prefixes(self))
         missing = sorted(own.keys() - state_dict.keys())
         unexpected = sorted(state_dict.keys() - own.keys())
         if strict and (missing or unexpected):

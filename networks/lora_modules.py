@@ -59,11 +59,21 @@ class LoRAModule(nn.Module):
         alpha = float(lora_dim) if not alpha else float(alpha)
         self.register_buffer("alpha", torch.tensor(alpha))
         self.scale = alpha / lora_dim  # a Python float: reading the buffer in forward would sync the device
+        self._init_hook_state(org_module, multiplier, dropout, rank_dropout, module_dropout)
+
+    def _init_hook_state(
+        self,
+        org_module: nn.Module,
+        multiplier: float,
+        dropout: float | None = None,
+        rank_dropout: float | None = None,
+        module_dropout: float | None = None,
+    ) -> None:
+        """The state the hook/merge machinery reads, set alike by every adapter kind built on this class."""
         self.multiplier = float(multiplier)
         self.dropout = dropout or None
         self.rank_dropout = rank_dropout or None
         self.module_dropout = module_dropout or None
-
         # A list hides the wrapped layer from nn.Module registration: it must not enter this state_dict.
         self._org = [org_module]
         self.org_forward = None

@@ -38,15 +38,7 @@ from lycoris.wrapper import network_module_dict
 from torch import Tensor, nn
 
 from library.errors import ConfigError, ModelError
-from networks.files import (
-    check_modules,
-    is_sdxl_unet,
-    module_names,
-    read_lora_file,
-    to_file_keys,
-    to_network_keys,
-    write_network_file,
-)
+from networks import files
 
 logger = logging.getLogger(__name__)
 CUDA_GRAPHS = "LyCORIS modules decide dropout and rank on the host (torch.rand(1) < p, random ranks)"
@@ -156,7 +148,7 @@ def _without_duplicates(unet: nn.Module | None) -> Iterator[None]:
 
 def _adopt(network: nn.Module, unet: nn.Module | None) -> nn.Module:
     network.__class__ = LycorisNetwork
-    network.sdxl = is_sdxl_unet(unet)
+    network.sdxl = files.is_sdxl_unet(unet)
     for lora in network.loras:  # registered now, so the network has a state_dict before apply_to
         network.add_module(lora.lora_name, lora)
     return network
@@ -199,7 +191,8 @@ def create_network_from_weights(
 ) -> tuple[nn.Module, dict[str, Tensor]]:
     """LyCORIS' `create_network_from_weights` (each module's algo and shape from the file), any naming read."""
     source = str(file) if file is not None else "weights_sd"
-    weights = to_network_keys(read_lora_file(file) if weights_sd is None else weights_sd, is_sdxl_unet(unet))
+    weights = files.read_lora_file(file) if weights_sd is None else weights_sd
+    weights = files.to_network_keys(weights, files.is_sdxl_unet(unet))
     if any(k.endswith(".on_input") for k in weights):  # IA3Module.make_module_from_state_dict takes one tensor
         raise ConfigError(f"--dim_from_weights {source}: LyCORIS 4.1.3 cannot rebuild an IA3 network from a file; "
                           "IA3 has no rank, so drop --dim_from_weights and pass --network_args algo=ia3")
@@ -212,7 +205,7 @@ def create_network_from_weights(
             raise ModelError(f"{source}: LyCORIS cannot rebuild a network from this file: "
                              f"{type(e).__name__}: {e}".splitlines()[0]) from e
     network.loras = network.text_encoder_loras + network.unet_loras
-    check_modules(module_names(weights), {lora.lora_name for lora in network.loras}, source)
+    files.check_modules(files.module_names(weights), {lora.lora_name for lora in network.loras}, source)
     ranks = Counter((getattr(m, "lora_dim", None), float(m.alpha) if isinstance(m.alpha, Tensor) else m.alpha)
                     for m in network.loras if hasattr(m, "alpha"))
     if ranks:  # what most modules have: the run's ss_network_dim / ss_network_alpha
@@ -275,14 +268,13 @@ class LycorisNetwork(kohya.LycorisNetworkKohya):
     def save_weights(self, file: str | os.PathLike, dtype: torch.dtype | None = None,
                      metadata: Mapping[str, Any] | None = None) -> None:
         """LyCORIS' keys, written atomically with sd-scripts' hashes (SDXL U-Net keys under SAI names)."""
-        write_network_file(to_file_keys(self.state_dict(), self.sdxl), file, dtype, metadata)
+        files.save_network(self, file, dtype, metadata)
 
     def load_weights(self, file: str | os.PathLike) -> Any:
         """Load a LyCORIS file (either SDXL naming); every module of the file must exist in this network."""
-        weights = to_network_keys(read_lora_file(file), self.sdxl)
-        ignored = tuple(p for p, kept in (("lora_unet", self.unet_loras), ("lora_te", self.text_encoder_loras))
-                        if not kept)
-        check_modules(module_names(weights), {lora.lora_name for lora in self.loras}, str(file), ignored)
+        weights = files.to_network_keys(files.read_lora_file(file), self.sdxl)
+        own_modules = {lora.lora_name for lora in self.loras}
+        files.check_modules(files.module_names(weights), own_modules, str(file), files.untrained_prefixes(self))
         if any(type(lora).__name__ == "DyLoraModule" for lora in self.loras):
             raise ConfigError(f"--network_weights {file}: LyCORIS' DyLoRA cannot load its own file into its rank "
                               "blocks; add --dim_from_weights to continue it (LyCORIS rebuilds it as a LoCon)")

@@ -68,12 +68,7 @@ class OFTModule(LoRAModule):
         self.constraint = alpha * out_dim
         self.oft_blocks = nn.Parameter(torch.zeros(lora_dim, self.block_size, self.block_size))
         self.scale = 1.0
-        self.multiplier = float(multiplier)
-        self.dropout = self.rank_dropout = self.module_dropout = None
-        self._org = [org_module]
-        self.org_forward = None
-        self.merged = False
-        self._was_applied = False
+        self._init_hook_state(org_module, multiplier)
 
     def set_alpha_from_buffer(self) -> None:
         self.constraint = float(self.alpha) * self.org_module.weight.shape[0]

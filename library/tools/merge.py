@@ -61,6 +61,39 @@ def check_models_and_ratios(args: argparse.Namespace) -> None:
             raise ModelError(f"--models: LoRA file not found: {path}")
 
 
+def merge_precisions(args: argparse.Namespace) -> tuple[torch.dtype, torch.dtype]:
+    """(--precision, --save_precision): as in sd-scripts' merge scripts, the file keeps the merging precision
+    unless --save_precision is given."""
+    merge_dtype = precision(args.precision, "--precision")
+    return merge_dtype, precision(args.save_precision, "--save_precision") or merge_dtype
+
+
+def merged_lora_metadata(
+    args: argparse.Namespace,
+    sources: list[dict[str, str]],
+    dims: str,
+    alphas: str,
+    *,
+    sdxl: bool,
+    save_to: str | Path,
+    network_args: dict | None = None,
+) -> dict[str, str]:
+    """A merged LoRA's ss_* keys, its model version taken from the first source file that has metadata,
+    and modelspec keys unless --no_metadata."""
+    first = next((md for md in sources if md), {})
+    metadata = minimum_network_metadata(
+        first.get("ss_v2"), first.get("ss_base_model_version"), dims, alphas, network_args
+    )
+    if not args.no_metadata:
+        model_type, v_param = ("sdxl", False) if sdxl else model_type_of(first)
+        metadata.update(
+            modelspec(
+                model_type, v_param, lora=True, title=Path(save_to).stem, merged_from=merged_from(args.models)
+            )
+        )
+    return metadata
+
+
 def read_loras(
     paths: list[str], dtype: torch.dtype, sdxl: bool, lycoris: bool = False
 ) -> list[tuple[str, dict, dict]]:
@@ -81,8 +114,7 @@ def read_loras(
 
 def merge(args: argparse.Namespace, *, sdxl: bool = False) -> None:
     check_models_and_ratios(args)
-    merge_dtype = precision(args.precision, "--precision")
-    save_dtype = precision(args.save_precision, "--save_precision") or merge_dtype
+    merge_dtype, save_dtype = merge_precisions(args)
     if not args.save_to:
         raise ConfigError("--save_to is required: the merged model file or folder (or the merged LoRA file)")
     save_to = Path(args.save_to)
@@ -130,22 +162,16 @@ def _merge_loras(
     merged = merge_weighted([(p, m) for p, m, _ in loras], args.ratios, concat=args.concat)
     if args.shuffle:
         shuffle_ranks(merged)
-    first = next((md for _, _, md in loras if md), {})
     ranks = {w.rank for w in merged.values()}
     alphas = {w.alpha for w in merged.values()}
-    metadata = minimum_network_metadata(
-        first.get("ss_v2"),
-        first.get("ss_base_model_version"),
+    metadata = merged_lora_metadata(
+        args,
+        [md for _, _, md in loras],
         str(ranks.pop()) if len(ranks) == 1 else "Dynamic",
         str(alphas.pop()) if len(alphas) == 1 else "Dynamic",
+        sdxl=sdxl,
+        save_to=save_to,
     )
-    if not args.no_metadata:
-        model_type, v_param = ("sdxl", False) if sdxl else model_type_of(first)
-        metadata.update(
-            modelspec(
-                model_type, v_param, lora=True, title=save_to.stem, merged_from=merged_from(args.models)
-            )
-        )
     state = join_modules(to_file_names(merged) if sdxl else merged)
     logger.info("saving %s", save_to)
     save_lora(save_to, state, metadata, save_dtype)

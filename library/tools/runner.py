@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 from collections.abc import Callable, Iterable, Sequence
@@ -51,3 +52,21 @@ def run_tool(
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def tool_main(
+    setup_parser: Callable[[], argparse.ArgumentParser], target: str, **kwargs
+) -> Callable[[Sequence[str] | None], int]:
+    """A tool script's `main(argv)`: run_tool on `module:function(args, **kwargs)`.
+
+    The module is imported inside run_tool, after the library import noise is quieted.
+    """
+    module_name, function_name = target.split(":")
+
+    def body(args: argparse.Namespace) -> None:
+        getattr(importlib.import_module(module_name), function_name)(args, **kwargs)
+
+    def main(argv: Sequence[str] | None = None) -> int:
+        return run_tool(setup_parser(), body, argv)
+
+    return main

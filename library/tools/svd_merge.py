@@ -4,21 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-from pathlib import Path
 
-from library.tools.lora_files import (
-    check_save_path,
-    join_modules,
-    merged_from,
-    minimum_network_metadata,
-    model_type_of,
-    modelspec,
-    precision,
-    read_lora,
-    save_lora,
-)
+from library.tools.lora_files import check_save_path, join_modules, read_lora, save_lora
 from library.tools.lora_ops import low_rank, summed_updates
-from library.tools.merge import check_models_and_ratios
+from library.tools.merge import check_models_and_ratios, merge_precisions, merged_lora_metadata
 from library.tools.runner import progress, resolve_device
 from library.tools.sdxl_names import to_diffusers_names, to_file_names
 
@@ -39,8 +28,7 @@ def is_sdxl_lora(metadata: dict[str, str], names) -> bool:
 def svd_merge(args: argparse.Namespace) -> None:
     check_models_and_ratios(args)
     save_to = check_save_path(args.save_to)
-    merge_dtype = precision(args.precision, "--precision")
-    save_dtype = precision(args.save_precision, "--save_precision") or merge_dtype
+    merge_dtype, save_dtype = merge_precisions(args)
     device = resolve_device(args.device)
     new_conv_rank = args.new_conv_rank if args.new_conv_rank is not None else args.new_rank
     loras = [(path, *read_lora(path, merge_dtype)) for path in args.models]
@@ -52,20 +40,14 @@ def svd_merge(args: argparse.Namespace) -> None:
     merged = low_rank(updates, args.new_rank, new_conv_rank, CLAMP_QUANTILE, progress("SVD"))
     if sdxl:
         merged = to_file_names(merged)
-    first = next((md for _, _, md in loras if md), {})
-    metadata = minimum_network_metadata(
-        first.get("ss_v2"),
-        first.get("ss_base_model_version"),
+    metadata = merged_lora_metadata(
+        args,
+        [md for _, _, md in loras],
         str(args.new_rank),
         str(args.new_rank),
-        {"conv_dim": new_conv_rank, "conv_alpha": new_conv_rank},
+        sdxl=sdxl,
+        save_to=save_to,
+        network_args={"conv_dim": new_conv_rank, "conv_alpha": new_conv_rank},
     )
-    if not args.no_metadata:
-        model_type, v_param = ("sdxl", False) if sdxl else model_type_of(first)
-        metadata.update(
-            modelspec(
-                model_type, v_param, lora=True, title=Path(save_to).stem, merged_from=merged_from(args.models)
-            )
-        )
     logger.info("saving %s", save_to)
     save_lora(save_to, join_modules(merged), metadata, save_dtype)

@@ -84,3 +84,18 @@ def outputs_with_lora(model, network_file: Path, multiplier: float = 1.0) -> dic
         return outputs(model)
     finally:
         network.remove_from()
+
+
+def merge_argv(base, loras: list, ratios: list[str], out, *extra: str) -> list[str]:
+    """merge_lora.py's command line merging `loras` (one ratio each) into the model `base`, saved to `out`."""
+    return [
+        "--sd_model",
+        str(base),
+        "--models",
+        *map(str, loras),
+        "--ratios",
+        *ratios,
+        "--save_to",
+        str(out),
+        *extra,
+    ]

@@ -9,7 +9,7 @@ import torch
 
 from networks import merge_lora, sdxl_merge_lora
 from tests.models.tiny import make_tiny
-from tests.tools.helpers import load, lora_file, outputs, outputs_with_lora, single_file
+from tests.tools.helpers import load, lora_file, merge_argv, outputs, outputs_with_lora, single_file
 
 
 def assert_outputs_close(actual: dict, expected: dict) -> None:
@@ -30,18 +30,7 @@ def test_merge_into_single_file_equals_base_with_lora(tmp_path, monkeypatch, kin
     out = tmp_path / "merged.safetensors"
     assert (
         merge_lora.main(  # an SD2 file needs no --v2 here: the type is read from its keys
-            [
-                "--sd_model",
-                str(base_path),
-                "--models",
-                str(lora_a),
-                str(lora_b),
-                "--ratios",
-                "0.7",
-                "-0.4",
-                "--save_to",
-                str(out),
-            ]
+            merge_argv(base_path, [lora_a, lora_b], ["0.7", "-0.4"], out)
         )
         == 0
     )
@@ -78,23 +67,7 @@ def test_sd1_merge_output_loads_in_diffusers_from_single_file(tmp_path, monkeypa
     lora_file(base, lora)
     expected = outputs_with_lora(base, lora, 1.0)
     out = tmp_path / "merged.safetensors"
-    assert (
-        merge_lora.main(
-            [
-                "--sd_model",
-                str(base_path),
-                "--models",
-                str(lora),
-                "--ratios",
-                "1",
-                "--save_to",
-                str(out),
-                "--save_precision",
-                "float",
-            ]
-        )
-        == 0
-    )
+    assert merge_lora.main(merge_argv(base_path, [lora], ["1"], out, "--save_precision", "float")) == 0
     config = make_tiny("sd1").save_pipeline(
         tmp_path / "pipeline-config"
     )  # the configs and tokenizer it reads

@@ -10,7 +10,7 @@ from PIL import Image
 import gen_img
 from library.tools.lora_files import read_lora
 from networks import extract_lora_from_models, merge_lora, resize_lora
-from tests.tools.helpers import load, lora_file, outputs, single_file
+from tests.tools.helpers import load, lora_file, merge_argv, outputs, single_file
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -23,23 +23,7 @@ def test_merge_resize_extract_on_cuda_match_cpu(tmp_path, monkeypatch):
     merged = {}
     for device in ("cpu", "cuda"):
         out = tmp_path / f"merged-{device}.safetensors"
-        assert (
-            merge_lora.main(
-                [
-                    "--sd_model",
-                    str(base_path),
-                    "--models",
-                    str(lora),
-                    "--ratios",
-                    "1",
-                    "--save_to",
-                    str(out),
-                    "--device",
-                    device,
-                ]
-            )
-            == 0
-        )
+        assert merge_lora.main(merge_argv(base_path, [lora], ["1"], out, "--device", device)) == 0
         merged[device] = outputs(load(out, "sd1"))
     for key in merged["cpu"]:
         torch.testing.assert_close(merged["cuda"][key], merged["cpu"][key], atol=1e-4, rtol=1e-3)
