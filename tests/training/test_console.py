@@ -56,3 +56,13 @@ def test_first_line_comes_before_heavy_imports_and_no_library_noise(tiny_dataset
     assert not noisy, noisy
     lora_lines = [line for line in console.splitlines() if "LoRA: " in line]  # once, counting what trains
     assert lora_lines == ["INFO LoRA: 0 text encoder modules, 84 U-Net modules"], lora_lines
+
+
+def test_mixed_precision_on_a_cpu_is_named_as_the_slow_choice(tiny_dataset, tmp_path, caplog):
+    import logging
+
+    from library.training.entry import main
+
+    with caplog.at_level(logging.WARNING, logger="loraforge"):
+        assert main(train_argv(tiny_dataset, tmp_path / "out", "--mixed_precision", "bf16", steps=1)) == 0
+    assert "--mixed_precision bf16 on a CPU runs several times slower than fp32" in caplog.text
