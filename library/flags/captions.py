@@ -11,34 +11,25 @@ import argparse
 MAX_TOKEN_LENGTHS = (150, 225)
 
 
-def _rate(value: str) -> float:
-    try:
-        rate = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {value!r}") from None
-    if not 0.0 <= rate <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {value!r}")
-    return rate
+def _number(name: str, kind: type, low: float, high: float | None = None):
+    """An argparse type named `name` (the help's metavar): `kind` within [low, high], errors naming the range."""
+    valid = f"a number in [{low}, {high}]" if high is not None else \
+        f"{'an integer' if kind is int else 'a number'} >= {low}"
+
+    def parse(value: str):
+        try:
+            number = kind(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {valid}, got {value!r}") from None
+        if number < low or (high is not None and number > high):
+            raise argparse.ArgumentTypeError(f"expected {valid}, got {value!r}")
+        return number
+
+    parse.__name__ = name
+    return parse
 
 
-def _count(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}")
-    return n
-
-
-def _steps(value: str) -> float:
-    try:
-        steps = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value!r}") from None
-    if steps < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value!r}")
-    return steps
+_rate, _count, _steps = _number("rate", float, 0, 1), _number("count", int, 0), _number("steps", float, 0)
 
 
 def _separator(value: str) -> str:
