@@ -42,6 +42,26 @@ def segment_ids(lengths: Tensor, total: int) -> Tensor:
     return torch.repeat_interleave(positions, lengths, output_size=total)
 
 
+def chunk_positions(shapes: Sequence[Sequence[int]], bound: int) -> list[list[int]]:
+    """Positions of ``shapes`` split into runs of whole tensors of at most ``bound`` elements each (a tensor larger
+    than ``bound`` alone), cut from the tensors sorted by matrix shape as :class:`FlatLayout` sorts them (so each
+    run holds few shapes), each run in ascending position; balanced: the fewest runs the bound allows, of
+    near-equal size. A step over one run at a time keeps its full-size temporaries at the
+    size of a run instead of the whole set; the runs are fixed when laid out, so a captured step stays valid."""
+    order = sorted(range(len(shapes)), key=lambda i: matrix_shape(shapes[i]))
+    sizes = [math.prod(shapes[i]) for i in order]
+    target = math.ceil(sum(sizes) / max(1, math.ceil(sum(sizes) / bound))) if sizes else bound
+    runs: list[list[int]] = []
+    filled = 0
+    for i, size in zip(order, sizes, strict=True):
+        if not runs or (filled and filled + size > target):
+            runs.append([])
+            filled = 0
+        runs[-1].append(i)
+        filled += size
+    return [sorted(run) for run in runs]
+
+
 @dataclass(frozen=True)
 class ShapeBucket:
     """Layout positions [first, last) share the matrix shape (rows, cols); flat elements [start, stop)."""

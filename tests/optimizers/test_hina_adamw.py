@@ -1,5 +1,6 @@
 """CustomAdamW against a slow float64 reference written from the definitions (docs/optimizers.md), plus the issue's behaviours."""
 
+import contextlib
 import copy
 import io
 import logging
@@ -107,6 +108,15 @@ CONFIGS = {
 def test_matches_float64_reference(name):
     hp = {**DEFAULTS, **CONFIGS[name]}
     params, _ = _run(hp)
+    for got, want in zip(params, _reference(hp), strict=True):
+        torch.testing.assert_close(got.detach(), want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["defaults", "all_on", "adamw_cautious", "all_off"])
+def test_a_step_in_chunks_of_one_tensor_matches_float64_reference(name):
+    hp = {**DEFAULTS, **CONFIGS[name]}
+    params, opt = _run(hp, step_chunk_size=1)
+    assert len(next(iter(opt._plans.values())).buckets) == len(params)  # one bucket per tensor
     for got, want in zip(params, _reference(hp), strict=True):
         torch.testing.assert_close(got.detach(), want, rtol=1e-10, atol=1e-12)
 
@@ -558,3 +568,22 @@ def test_graph_mode_captures_again_when_buffers_or_baked_settings_change(graph_m
     opt.param_groups[0]["spd_lambda"] = 0.5  # reaches the step as a device scalar
     step(5)
     assert graph_mode_on_cpu.built == 3
+
+
+@pytest.mark.parametrize("name", sorted(FLAT_CONFIGS))
+def test_chunked_step_is_bit_identical_to_one_bucket(name):
+    """Chunks change only which kernels run over which tensors: every weight and state value is the same."""
+    hp = {**DEFAULTS, **FLAT_CONFIGS[name]}
+    results = []
+    for chunk in (2**22, 100):
+        params, names = lora_set(6, LORA_SHAPES, "lora_unet_m{}", seed=0)
+        opt = HinaAdamWOptimizer([{"params": params, "names": names}], step_chunk_size=chunk, **hp)
+        observed_steps(opt, params, 4, contextlib.nullcontext, seed=1)
+        buckets = len(next(iter(opt._plans.values())).buckets)
+        results.append((buckets, [p.detach().clone() for p in params], copy.deepcopy(opt.state_dict()["state"])))
+    (one, params_a, state_a), (many, params_b, state_b) = results
+    assert many > one
+    assert all(torch.equal(a, b) for a, b in zip(params_a, params_b, strict=True))
+    for i, s in state_a.items():
+        for key, value in s.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(state_b[i][key])), key
