@@ -52,8 +52,8 @@ Design decisions:
   ``segment_reduce`` (``unsafe=True``: its default length check reads values back to the host), several sums of
   products share one (TAM's cosine, SPD's inner product and norm); per-tensor factors are one ``index_select``
   with an int32 element→tensor index built at the start of the step; ALLoRA's row norms are one norm per run of
-  shape buckets with equal row length (all LoRA ups share cols = rank), its row factors one ``index_select`` with
-  an element→row index built the same way.
+  shape buckets with equal row length (all LoRA ups share cols = rank), its row factors multiply the update in
+  place, one broadcast per run.
   Step-dependent values (ADOPT clip, bias corrections, ρ(t)) are Python scalars when all tensors of a bucket are
   at the same step, else one small host-built tensor copied once. So a step dispatches a fixed number of ops
   (about 70 kernels with the defaults) whatever the tensor count and never reads a value back from the device.
@@ -87,7 +87,7 @@ from torch import Tensor
 from library.errors import OptimizerError
 from library.optimizers import quant8
 from library.optimizers import transforms as T
-from library.optimizers.flat import FlatLayout, FlatState, chunk_positions, segment_ids
+from library.optimizers.flat import FlatLayout, FlatState, chunk_positions
 from library.optimizers.graphs import GraphSlot, StepGraph, can_capture
 from library.optimizers.state import ExactStateLoad, closure_loss
 from library.optimizers.validate import require
@@ -182,20 +182,12 @@ class _Bucket:
         self.tensor_rows = torch.tensor(
             [b.rows for b in layout.buckets for _ in range(b.count)], dtype=torch.int64, device=device
         )
-        self.tensor_cols = torch.tensor(
-            [b.cols for b in layout.buckets for _ in range(b.count)], dtype=torch.int64, device=device
-        )
         self.total_rows = sum(b.rows * b.count for b in layout.buckets)
         self._ratios: tuple[float, Tensor] | None = None
         self._adopt_coefs: tuple[tuple[float, float], Tensor, Tensor] | None = None
         self._seen: dict[tuple[int, str], tuple[Tensor, list[Tensor]]] = {}
         self._device_scalars: dict[str, Tensor] = {}
         self.graph = GraphSlot()  # the captured step (cuda_graphs=True)
-
-    def row_index(self) -> Tensor:
-        """Row (flat row order) of every flat element, int32: a temporary built from per-tensor values, since a
-        kept index would cost 4 bytes per parameter between steps."""
-        return segment_ids(self.per_row(self.tensor_cols), self.layout.numel)
 
     def per_row(self, per_tensor: Tensor) -> Tensor:
         """Per-tensor values (layout order) repeated over each tensor's rows, in flat row order (a temporary)."""
@@ -711,8 +703,8 @@ class HinaAdamWOptimizer(ExactStateLoad, torch.optim.Optimizer):
         if adopt:
             # A tensor whose v is still all zero has never seen a gradient: this step is its ADOPT init step.
             ready = S.max(v2).gt_(0.0)  # 1.0 / 0.0 in the working dtype
-            denom = v2.sqrt().clamp_min_(eps)
-            x = torch.div(g, denom, out=denom)
+            x = v2.sqrt().clamp_min_(eps)
+            torch.div(g, x, out=x)
             x.clamp_(min=b.expand(v["neg_clip"]), max=b.expand(v["clip"]))
         else:
             x = g
@@ -722,6 +714,7 @@ class HinaAdamWOptimizer(ExactStateLoad, torch.optim.Optimizer):
             smoothed = b.state_buffer(b.scalars, b.arranged_states, "tam_s", dtype)
             damping = S.expand(T.tam_damping_(S, m, x, smoothed, group["tam_beta"]))
             x = x * damping if x is g else x.mul_(damping)
+            del damping  # every full-size temporary is dropped as soon as it is used: they set the peak
 
         # 6-7. moments and update
         if adopt:
@@ -729,10 +722,12 @@ class HinaAdamWOptimizer(ExactStateLoad, torch.optim.Optimizer):
             scale, base = b.adopt_coefs(beta1, beta2)
             weights = torch.addcmul(base, scale, ready)
             m.lerp_(x, S.expand(weights[0]))
+            del x
             v2.lerp_(g * g, S.expand(weights[1]))
             update = m
         else:
             m.lerp_(x, 1.0 - beta1)
+            del x
             v2.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
             denom = v2.sqrt().div_(b.expand(v["bias2"])).add_(eps)
             update = torch.div(m, denom, out=denom)
@@ -748,28 +743,22 @@ class HinaAdamWOptimizer(ExactStateLoad, torch.optim.Optimizer):
         # 10-11. −lr'·u, with ALLoRA's row factor on LoRA tensors (lr' = alora_ratio·lr on lora_up)
         neg_lr = v["neg_step_lr"]
         alora = group["use_alora"] and b.any_lora
-        row_scale: Tensor | None = None
         if alora:
             rows = T.allora_row_scale(T.row_stacks(b.layout, theta), group["alora_eta"])
             if not b.all_lora:
                 rows = torch.where(b.per_row(b.tensor_lora), rows, 1.0)
             if b.any_up:
                 rows.mul_(b.per_row(b.lr_ratios(group["alora_ratio"])))
-            if not isinstance(neg_lr, float):
-                rows.mul_(neg_lr)  # a device scalar is folded into the row factors (alpha/value take numbers)
-            row_scale = rows.index_select(0, b.row_index())
+            if update is m:
+                update = m.clone()
+            T.scale_rows_(T.row_stacks(b.layout, update), rows)  # in place: no element→row index
 
         def apply_step_(target: Tensor) -> None:
             """target ← target − lr'·u, one fused kernel (no δ buffer)."""
-            if row_scale is None:
-                if isinstance(neg_lr, float):
-                    target.add_(update, alpha=neg_lr)
-                else:
-                    target.addcmul_(update, neg_lr)
-            elif isinstance(neg_lr, float):
-                target.addcmul_(update, row_scale, value=neg_lr)
+            if isinstance(neg_lr, float):
+                target.add_(update, alpha=neg_lr)
             else:
-                target.addcmul_(update, row_scale)
+                target.addcmul_(update, neg_lr)
 
         # 12. SPD or decoupled decay, and the step
         if group["use_spd"]:

@@ -166,6 +166,13 @@ def allora_row_scale(stacks: list[Tensor], eta: float, out: Tensor | None = None
     return rows.mul_(rows).add_(1.0 / (eta * eta)).rsqrt_()
 
 
+def scale_rows_(stacks: list[Tensor], rows: Tensor) -> None:
+    """Multiply every row of ``stacks`` (:func:`row_stacks` views) by its factor in ``rows`` (flat row order), in
+    place: one kernel per stack and no per-element index or factor buffer."""
+    factors = rows.unsqueeze(1).split_with_sizes([stack.shape[0] for stack in stacks])
+    torch._foreach_mul_(stacks, factors)
+
+
 def row_stacks(layout: FlatLayout, flat: Tensor) -> list[Tensor]:
     """[rows, cols] views of `flat` for :func:`allora_row_scale`, one per run of consecutive shape buckets with
     the same ``cols`` (LoRA up tensors all have cols = rank): fewer norm kernels than one per distinct shape."""
