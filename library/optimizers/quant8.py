@@ -76,18 +76,24 @@ def code_midpoints(signed: bool, device: torch.device) -> Tensor:
     return _midpoints[key]
 
 
-def quantize_into_(x: Tensor, codes: Tensor, absmax: Tensor, *, signed: bool) -> None:
+def quantize_into_(x: Tensor, codes: Tensor, absmax: Tensor, *, signed: bool, overwrite: bool = False) -> None:
     """Requantise ``x`` into existing buffers: per block of ``BLOCKSIZE``, absmax and the nearest map code of
-    x / absmax. A fixed sequence of kernels with no host sync, so it can be captured in a CUDA graph."""
-    src = x.detach().reshape(-1).to(torch.float32)
+    x / absmax. A fixed sequence of kernels with no host sync, so it can be captured in a CUDA graph.
+    ``overwrite``: ``x`` is not needed afterwards and may hold the scaled values (one temporary less)."""
+    src = x.detach().reshape(-1)
+    owned = overwrite and src.dtype == torch.float32 and src.data_ptr() == x.data_ptr()
+    src = src.to(torch.float32)
     n = src.numel()
     tail = -n % BLOCKSIZE
     if tail:  # zeros neither raise a block's absmax nor need a code of their own
         src = torch.nn.functional.pad(src, (0, tail))
+        owned = True
     blocks = src.view(-1, BLOCKSIZE)
-    torch.amax(blocks.abs(), dim=1, out=absmax)
+    low, high = torch.aminmax(blocks, dim=1)  # |x| at its largest, per block, without a |x| buffer
+    torch.maximum(high, low.neg_(), out=absmax)
     # an all-zero block keeps absmax 0 and gets the map's exact zero (0 / tiny = 0)
-    scaled = blocks / absmax.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(1)
+    divisor = absmax.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(1)
+    scaled = blocks.div_(divisor) if owned else blocks / divisor
     nearest = torch.bucketize(scaled, code_midpoints(signed, x.device), out_int32=True)
     codes.view(-1).copy_(nearest.view(-1)[:n])
 
@@ -166,18 +172,15 @@ class FlatQuantState:
         self.total_blocks = sum(blocks)
         self.padded = self.total_blocks * BLOCKSIZE
         self.aligned = all(n % BLOCKSIZE == 0 for n in layout.sizes)
+        # value and padding lengths, alternating, in layout order
+        self._slot_sizes = [k for n, b in zip(layout.sizes, blocks, strict=True) for k in (n, b * BLOCKSIZE - n)]
         self._buffers: dict[str, tuple[Tensor, Tensor, list[Tensor], list[Tensor]]] = {}
 
-    def _slot_index(self) -> Tensor:
-        """Padded position of every flat element (layout order), for layouts with unaligned sizes: built when
-        used (kept, it would cost 8 bytes per parameter between steps)."""
-        shift = torch.tensor(
-            [s * BLOCKSIZE - o for s, o in zip(self.block_starts, self.layout.offsets, strict=True)],
-            dtype=torch.int64,
-            device=self.layout.device,
-        )
-        positions = torch.arange(self.layout.numel, dtype=torch.int64, device=self.layout.device)
-        return positions.add_(self.layout.expand(shift))
+    def _slots(self, padded: Tensor) -> list[Tensor]:
+        """Each tensor's values inside a padded buffer (layout order), one split: for layouts with unaligned
+        sizes, values move between the flat and the padded buffer by one foreach copy (no position index)."""
+        pieces = padded.split_with_sizes(self._slot_sizes)
+        return pieces[::2]
 
     def _views(self, codes: Tensor, absmax: Tensor) -> tuple[list[Tensor], list[Tensor]]:
         """Per-tensor views of the two buffers, in the caller's order."""
@@ -222,12 +225,17 @@ class FlatQuantState:
             codes, absmax, quant_map(signed, codes.device), BLOCKSIZE, torch.float32
         )
         if not self.aligned:
-            flat = flat.index_select(0, self._slot_index())
+            padded, flat = flat, flat.new_empty(self.layout.numel)
+            torch._foreach_copy_(list(flat.split_with_sizes(self.layout.sizes)), self._slots(padded))
+            del padded
         return flat if flat.dtype == dtype else flat.to(dtype)
 
     def store_(self, name: str, flat: Tensor, *, signed: bool) -> None:
-        """Requantise a flat buffer (layout order) into the state buffers of ``name`` (after :meth:`load`)."""
+        """Requantise a flat buffer (layout order) into the state buffers of ``name`` (after :meth:`load`);
+        ``flat`` is used as scratch: its values are gone afterwards."""
         codes, absmax, _, _ = self._buffers[name]
         if not self.aligned:
-            flat = flat.new_zeros(self.padded).index_copy_(0, self._slot_index(), flat)
-        quantize_into_(flat, codes, absmax, signed=signed)
+            padded = flat.new_zeros(self.padded)
+            torch._foreach_copy_(self._slots(padded), list(flat.split_with_sizes(self.layout.sizes)))
+            flat = padded
+        quantize_into_(flat, codes, absmax, signed=signed, overwrite=True)

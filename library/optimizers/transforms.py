@@ -38,7 +38,6 @@ class Segments:
         self.lengths = layout.lengths
         self.numel = layout.numel
         self.index: Tensor | None = None
-        self._stacked_lengths: dict[int, Tensor] = {1: layout.lengths}
         self.sum = layout.sum
         self.max = layout.max
 
@@ -52,20 +51,14 @@ class Segments:
             self.index = None
 
     def sums(self, *products: tuple[Tensor, Tensor]) -> Tensor:
-        """Per-tensor sums of several products a⊙b as a [len(products), count] tensor: one reduction for all.
+        """Per-tensor sums of several products a⊙b as a [len(products), count] tensor.
 
-        The products are written side by side into one [k, numel] buffer reduced as k·count segments; each
-        segment is summed on its own, so every result equals ``sum(a * b)`` for that pair.
+        Each product is written into one shared scratch buffer and reduced before the next, so the step holds one
+        product's worth of memory, not one per product; every result equals ``sum(a * b)`` for that pair.
         """
-        k = len(products)
-        lengths = self._stacked_lengths.get(k)
-        if lengths is None:
-            lengths = self._stacked_lengths[k] = self.lengths.repeat(k)
         a0 = products[0][0]
-        buf = torch.empty((k, a0.numel()), dtype=a0.dtype, device=a0.device)
-        for row, (a, b) in enumerate(products):
-            torch.mul(a, b, out=buf[row])
-        return torch.segment_reduce(buf.view(-1), "sum", lengths=lengths, unsafe=True).view(k, -1)
+        scratch = torch.empty_like(a0)
+        return torch.stack([self.sum(torch.mul(a, b, out=scratch)) for a, b in products])
 
     def expand(self, values: Tensor) -> Tensor:
         """Per-tensor values (layout order) spread over each tensor's elements (outside ``indexed()``, through
