@@ -733,6 +733,9 @@ class HinaAdamWOptimizer(ExactStateLoad, torch.optim.Optimizer):
             update = torch.div(m, denom, out=denom)
             if "correction" in v:
                 update.div_(S.expand(v["correction"]))
+        if b.quantised:  # a decoded moment is requantised as soon as it is final (its buffer is scratch after)
+            b.moments.store_("exp_avg_sq", v2, signed=False)
+            del v2
 
         # 8-9. sign agreement with the gradient
         if group["use_grams"]:
@@ -752,6 +755,10 @@ class HinaAdamWOptimizer(ExactStateLoad, torch.optim.Optimizer):
             if update is m:
                 update = m.clone()
             T.scale_rows_(T.row_stacks(b.layout, update), rows)  # in place: no element→row index
+        m_stored = b.quantised and update is not m
+        if m_stored:
+            b.moments.store_("exp_avg", m, signed=True)
+            del m
 
         def apply_step_(target: Tensor) -> None:
             """target ← target − lr'·u, one fused kernel (no δ buffer)."""
@@ -763,13 +770,13 @@ class HinaAdamWOptimizer(ExactStateLoad, torch.optim.Optimizer):
         # 12. SPD or decoupled decay, and the step
         if group["use_spd"]:
             deviation = theta - b.state_buffer(b.theta0, states, "theta0", b.theta0_dtype)
-            # two reductions, not one over a [2, numel] product buffer: 4 bytes per parameter less at the peak
-            inner, dev_sq = T.dot(S, g, deviation), T.sq_norm(S, deviation)
-            pushes_away = inner < 0
-            dev_before = dev_sq.sqrt_()
+            # this is g's last use: its buffer then holds the products whose per-tensor sums SPD needs
+            pushes_away = S.sum(g.mul_(deviation)) < 0
+            dev_before = S.sum(torch.mul(deviation, deviation, out=g)).sqrt_()
             apply_step_(theta)
             apply_step_(deviation)  # now θ̃ − θ₀
-            dev_after = T.sq_norm(S, deviation).sqrt_()
+            del update
+            dev_after = S.sum(torch.mul(deviation, deviation, out=g)).sqrt_()
             coef = (dev_after - dev_before).clamp_min_(0.0).div_(dev_after.clamp_min(1e-30))
             coef.mul_(pushes_away)
             neg_strength = v["neg_strength"]
@@ -787,9 +794,8 @@ class HinaAdamWOptimizer(ExactStateLoad, torch.optim.Optimizer):
 
         # write back
         b.scatter_weights_(theta)
-        if b.quantised:
+        if b.quantised and not m_stored:
             b.moments.store_("exp_avg", m, signed=True)
-            b.moments.store_("exp_avg_sq", v2, signed=False)
 
     # ----- reporting ------------------------------------------------------------------------------------------
 
