@@ -86,6 +86,36 @@ def test_custom_adamw_keeps_only_its_state(name, settings, kept_max):
     assert kept == pytest.approx(state, abs=0.01)  # nothing besides the state survives a step
 
 
+# a sixth of this set per step run: about what the default run (4M elements) is on SDXL's 42.6M-parameter set
+CHUNKED = "step_chunk_size=65536"
+
+
+@pytest.mark.parametrize(
+    "name,settings,peak_max",
+    [
+        ("CustomAdamW", (CHUNKED,), 20.0),  # measured 16.3
+        ("CustomAdamW", ("use_spd=False", "use_tam=False", CHUNKED), 12.5),  # measured 12.3
+        ("CustomAdamW8bit", (CHUNKED,), 12.0),  # measured 9.95
+    ],
+)
+def test_custom_adamw_peak_in_a_step_stays_near_its_state(name, settings, peak_max):
+    kept, peak, _ = measure(name, *settings)
+    assert kept <= peak <= per_element_limit(peak_max)
+
+
+@pytest.mark.parametrize(
+    "name,temporaries_max",
+    [
+        ("CustomAdamW", 20.2),  # measured 20.1: g, θ, the element index and two working buffers, fp32
+        ("CustomAdamW8bit", 28.1),  # measured 28.1: the same plus both decoded moments
+    ],
+)
+def test_custom_adamw_temporaries_per_element_of_a_run(name, temporaries_max):
+    """One run over the whole set (the default size exceeds it): what a step adds per element of a run."""
+    kept, peak, _ = measure(name)
+    assert peak - kept <= temporaries_max
+
+
 @pytest.mark.parametrize("name", [
     "Automagic_Sinkgd", "Automagic_CameAMP", "AdamWSGG", "AdamWSGG_v2", "AdafactorSGG", "LambSGG_v2",
     "ShampooSGG_v2", "AdamWSAC", "Adam_miniSAC", "Adam_mini", "SophiaG",
