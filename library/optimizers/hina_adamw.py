@@ -43,8 +43,9 @@ Design decisions:
   C-level passes), so a step runs no per-tensor Python: the plan owns the step counters (one Python int when all
   tensors step together) and writes every ``state["step"]`` in one C-level pass, so state_dict and direct reads
   stay current. Per bucket of (device, dtype, 8-bit or not) the tensors are laid end to end in flat buffers
-  (:mod:`library.optimizers.flat`). Gradients and weights are gathered into fresh flat buffers of the working
-  dtype (one ``_chunk_cat`` each) and the weights written back with one split and one foreach copy; m, v, θ₀ and TAM's s̄ are flat
+  (:mod:`library.optimizers.flat`), split into runs of at most ``step_chunk_size`` elements (the bound on a
+  step's temporaries; more runs mean more kernels). Gradients and weights are gathered into fresh flat
+  buffers of the working dtype (one ``_chunk_cat`` each) and the weights written back with one split and one foreach copy; m, v, θ₀ and TAM's s̄ are flat
   buffers whose per-parameter views are what ``self.state[p]`` holds, so state_dict keeps its per-parameter
   format and a loaded state is gathered again. Every elementwise op is one kernel over the bucket, fused where a
   form exists (both ADOPT lerp weights from one op, the step applied by one ``addcmul_`` without a δ buffer,
@@ -59,8 +60,11 @@ Design decisions:
   (about 70 kernels with the defaults) whatever the tensor count and never reads a value back from the device.
 - Memory: between steps the optimizer keeps its state and nothing else (fp32: m, v, θ₀ = 12 bytes per
   parameter; 8-bit: codes, absmax and a bf16 θ₀ = 4.03), plus a few values per tensor. The flat copies of
-  gradients and weights and both indices live only inside a step (in eager mode; a captured CUDA graph keeps
-  its gradient buffer and its private pool).
+  gradients and weights and the element index live only inside a step (in eager mode; a captured CUDA graph
+  keeps its gradient buffer and its private pool). Inside a step the temporaries are about 5 fp32 values per
+  element (7 with 8-bit state: both decoded moments), each dropped or reused as soon as it is spent, and they
+  are per bucket: a bucket holds whole tensors of at most ``step_chunk_size`` elements (runs fixed when the
+  tensors are laid out), so the peak is the state plus one run's temporaries, not the parameter set's.
 - ``cuda_graphs=True`` (the default) goes one further on a GPU: after the gradient gather, a bucket's whole step
   replays as one CUDA graph (:mod:`library.optimizers.graphs`). What changes between steps reaches it through persistent 0-d
   device tensors (the lr-scaled step, ADOPT's clip, bias corrections, ρ(t) terms: one asynchronous ``fill_``
