@@ -587,3 +587,36 @@ def test_chunked_step_is_bit_identical_to_one_bucket(name):
     for i, s in state_a.items():
         for key, value in s.items():
             assert torch.equal(torch.as_tensor(value), torch.as_tensor(state_b[i][key])), key
+
+
+def test_state_saved_with_one_run_size_resumes_exactly_with_another():
+    hp = {**DEFAULTS, **FLAT_CONFIGS["eight_bit"]}
+
+    def build(chunk, params, names):
+        return HinaAdamWOptimizer([{"params": params, "names": names}], step_chunk_size=chunk, **hp)
+
+    params, names = lora_set(6, LORA_SHAPES, "lora_unet_m{}", seed=0)
+    straight = build(100, params, names)
+    observed_steps(straight, params, 4, contextlib.nullcontext, seed=1)
+
+    resumed_params, _ = lora_set(6, LORA_SHAPES, "lora_unet_m{}", seed=0)
+    first = build(100, resumed_params, names)
+    gen_steps = observed_steps(first, resumed_params, 2, contextlib.nullcontext, seed=1)
+    saved = copy.deepcopy(first.state_dict())
+    second = build(2**22, resumed_params, names)
+    second.load_state_dict(saved)
+    # the two remaining steps on the same gradients the straight run saw (seeded sequence, steps 3-4)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(len(gen_steps)):
+        for p in resumed_params:
+            torch.randn(p.shape, generator=gen)
+    for _ in range(2):
+        for p in resumed_params:
+            p.grad = torch.randn(p.shape, generator=gen)
+        second.step()
+    assert all(torch.equal(a, b) for a, b in zip(params, resumed_params, strict=True))
+
+
+def test_step_chunk_size_must_be_a_positive_integer():
+    with pytest.raises(OptimizerError, match="step_chunk_size"):
+        HinaAdamWOptimizer([torch.nn.Parameter(torch.zeros(2))], step_chunk_size=0)
