@@ -56,8 +56,9 @@ Design decisions:
   shape buckets with equal row length (all LoRA ups share cols = rank), its row factors multiply the update in
   place, one broadcast per run.
   Step-dependent values (ADOPT clip, bias corrections, ρ(t)) are Python scalars when all tensors of a bucket are
-  at the same step, else one small host-built tensor copied once. So a step dispatches a fixed number of ops
-  (about 70 kernels with the defaults) whatever the tensor count and never reads a value back from the device.
+  at the same step, else one small host-built tensor copied once. So a bucket's step dispatches a fixed number
+  of ops (about 70 kernels with the defaults) whatever its tensor count, and never reads a value back from the
+  device; the number of buckets grows only with the elements over ``step_chunk_size``.
 - Memory: between steps the optimizer keeps its state and nothing else (fp32: m, v, θ₀ = 12 bytes per
   parameter; 8-bit: codes, absmax and a bf16 θ₀ = 4.03), plus a few values per tensor. The flat copies of
   gradients and weights and the element index live only inside a step (in eager mode; a captured CUDA graph
