@@ -27,3 +27,8 @@ class OptimizerError(ConfigError):
 
 class OptimizerUnavailable(OptimizerError):
     """The optimizer exists but cannot run here (missing package, needs CUDA, ...)."""
+
+
+def one_line(exc: BaseException, limit: int = 200) -> str:
+    """A third-party exception's message as one line of at most `limit` characters, to quote in our own."""
+    return " ".join(str(exc).split())[:limit]

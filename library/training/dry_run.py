@@ -26,16 +26,19 @@ def optimizer_state_bytes(spec) -> float:
     return float(found.group(1)) if found else 8.0
 
 
+def _count(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
 def peak_vram_bytes(args: argparse.Namespace, *, model_type: str, unet, encoders, vae, lora_parameters: int,
                     state_bytes: float, batch: int, resolution: tuple[int, int]) -> int:
     """Frozen model + LoRA (weights, gradients, optimizer state) + activations of one step."""
     dtype = _PRECISION_BYTES[args.mixed_precision]
-    count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
-    frozen = count(unet) * (1 if args.fp8_base or args.fp8_base_unet else dtype)
+    frozen = _count(unet) * (1 if args.fp8_base or args.fp8_base_unet else dtype)
     if not (args.cache_text_encoder_outputs and args.network_train_unet_only):  # else moved off the device
-        frozen += sum(count(te) for te in encoders) * (1 if args.fp8_base else dtype)
+        frozen += sum(_count(te) for te in encoders) * (1 if args.fp8_base else dtype)
     if not (args.cache_latents or args.cache_latents_to_disk):
-        frozen += count(vae) * (4 if model_type == "sdxl" or args.no_half_vae else dtype)
+        frozen += _count(vae) * (4 if model_type == "sdxl" or args.no_half_vae else dtype)
     lora_bytes = 2 if args.full_bf16 or args.full_fp16 else 4
     lora = lora_parameters * (2 * lora_bytes + state_bytes)
     base, plain, checkpointed = _ACTIVATIONS[model_type]

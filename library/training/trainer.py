@@ -24,7 +24,7 @@ import torch
 
 from library.data.dataset import collate
 from library.data.latent_cache_key import vae_fingerprint
-from library.errors import ConfigError, LoraForgeError
+from library.errors import ConfigError, LoraForgeError, one_line
 from library.optimizers.loop import LoopNeeds
 from library.training import checkpoints, conditioning, losses, metadata, resume, state_io
 from library.training.atomic import atomic_dir, atomic_file, check_output_names, check_writable
@@ -659,7 +659,7 @@ class LoRATrainer:
         except LoraForgeError:  # a full disk, a diverged run: already one line
             raise
         except Exception as exc:  # anything else still stops in one line; atomic writes kept the earlier files
-            reason = " ".join(str(exc).split())[:200]
+            reason = one_line(exc)
             raise ConfigError(f"could not save {name}: {type(exc).__name__}: {reason}; the files saved earlier are "
                               "kept") from exc
         finally:
@@ -742,7 +742,7 @@ class LoRATrainer:
         try:
             self.network.load_state_dict(parts["network"], strict=True)
         except RuntimeError as exc:
-            detail = " ".join(str(exc).split())[:300]
+            detail = one_line(exc, 300)
             raise ConfigError(f"{where}: its LoRA does not fit this network (other network_dim/conv_dim/"
                               f"--network_args?): {detail}") from None
         try:
@@ -772,7 +772,7 @@ class LoRATrainer:
             self._sample(parked)
             logger.info("samples -> %s (%.1f s)", self.output_dir / "sample", time.perf_counter() - started)
         except Exception as exc:  # out of memory, a scheduler's refusal, a full disk: training goes on
-            reason = " ".join(str(exc).split())[:200]
+            reason = one_line(exc)
             logger.warning("sampling at step %d failed, training goes on: %s: %s", self.progress.global_step,
                            type(exc).__name__, reason)
         finally:
