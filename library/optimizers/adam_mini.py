@@ -33,7 +33,8 @@ from torch import Tensor
 
 from library.errors import OptimizerError
 from library.optimizers.flat import FlatLayout, FlatState, segment_ids
-from library.optimizers.state import ExactStateLoad, closure_loss
+from library.optimizers.flat import work_dtype as state_dtype
+from library.optimizers.state import ExactStateLoad, closure_loss, group_names
 from library.optimizers.validate import validate_common, validate_heads, validate_names
 
 _QK_NAME = re.compile(r"(?:^|[._])(?:to_q|to_k|q_proj|k_proj|query|key|wq|wk)(?:[._]|$)")
@@ -70,14 +71,6 @@ def adam_mini_blocks(name: str | None, shape: torch.Size, dim: int, n_heads: int
     return rows
 
 
-def group_names(group: dict[str, Any]) -> list[str | None]:
-    """The group's parameter names (``names`` or torch's ``param_names``), or Nones when it has none."""
-    names = group.get("names", group.get("param_names"))
-    if names is None:
-        return [None] * len(group["params"])
-    return list(names)
-
-
 def advance_group(
     optimizer: torch.optim.Optimizer,
     group: dict[str, Any],
@@ -110,11 +103,6 @@ def dense_grad(p: Tensor) -> Tensor:
             f"sparse gradient for a {tuple(p.shape)} parameter is not supported; valid: dense gradients"
         )
     return p.grad
-
-
-def state_dtype(p: Tensor) -> torch.dtype:
-    """The working precision: fp32 for half-precision weights, the weight's dtype otherwise."""
-    return torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype
 
 
 # ------------------------------------------------------------------------------------------------ flat buffers

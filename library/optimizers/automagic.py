@@ -60,7 +60,7 @@ import logging
 import math
 import operator
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -69,9 +69,19 @@ from torch import Tensor
 from library.errors import OptimizerError
 from library.optimizers import quant8
 from library.optimizers import transforms as T
-from library.optimizers.flat import FlatLayout, FlatState, matrix_shape, segment_ids
+from library.optimizers.flat import (
+    FlatLayout,
+    FlatState,
+    PackedState,
+    broadcast_stacks,
+    column_stacks,
+    matrix_shape,
+    outer_into,
+    reduce_stacks,
+    work_dtype,
+)
 from library.optimizers.graphs import GraphSlot, StepGraph, can_capture
-from library.optimizers.state import ExactStateLoad, closure_loss
+from library.optimizers.state import ExactStateLoad, closure_loss, group_names
 from library.optimizers.validate import require
 
 logger = logging.getLogger(__name__)
@@ -86,217 +96,35 @@ _INDEX_MAX_NUMEL = 1 << 24
 MIN_8BIT_NUMEL = 4096
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Segments of a flat buffer: per-tensor, per-row and per-column reductions and broadcasts.
-# ---------------------------------------------------------------------------------------------------------------
+class _Bucket:
+    """One fixed list of parameters that step together (group, device, working dtype, step count) on the flat
+    engine: their layout, segment tables and state stores, and Automagic's per-tensor constants.
 
-
-class _Segments:
-    """Consecutive segments of a flat buffer with the given lengths (per-tensor values): one kernel per op.
-
-    Segments here are whole tensors or their rows of factored moments: hundreds of segments, each long enough for
-    ``segment_reduce``. It gets precomputed offsets and ``unsafe=True``: with lengths and the default checks it
-    validates them with two ``.item()`` calls, a host sync per reduction on CUDA. A broadcast is one gather with
-    an element → segment index (4 bytes per element) instead of a ``repeat_interleave`` (which rebuilds that
-    index, in several kernels, on every call). With ``keep_index`` (a captured CUDA graph reads it at a fixed
-    address) the index is built once and kept; otherwise only inside ``with segments.indexed():`` (one step).
+    ``t`` is their step count (``state["step"]`` of each is written from it lazily, ``_sync_steps``); ``members``
+    their positions in the group's params (None for all of them). Built when the set of parameters with
+    gradients changes, dropped on a state-dict load; state buffers are resolved once (:meth:`cached`).
     """
-
-    def __init__(self, lengths: Sequence[int], device: torch.device, keep_index: bool) -> None:
-        self.count = len(lengths)
-        self.total = sum(lengths)
-        self.lengths = torch.tensor(list(lengths), dtype=torch.int64, device=device)
-        offsets = [0]
-        for n in lengths:
-            offsets.append(offsets[-1] + n)
-        self.offsets = torch.tensor(offsets, dtype=torch.int64, device=device)
-        self.index = None
-        self.kept = keep_index and self.total <= _INDEX_MAX_NUMEL
-        if self.kept:
-            self.index = segment_ids(self.lengths, self.total)
-
-    @contextlib.contextmanager
-    def indexed(self) -> Iterator[None]:
-        """The element index for the block, unless it is kept or too large (then ``repeat_interleave``)."""
-        if self.kept or self.total > _INDEX_MAX_NUMEL:
-            yield
-            return
-        self.index = segment_ids(self.lengths, self.total)
-        try:
-            yield
-        finally:
-            self.index = None
-
-    def sum(self, x: Tensor) -> Tensor:
-        return torch.segment_reduce(x, "sum", offsets=self.offsets, unsafe=True)
-
-    def mean(self, x: Tensor) -> Tensor:
-        return torch.segment_reduce(x, "mean", offsets=self.offsets, unsafe=True)
-
-    def expand(self, values: Tensor) -> Tensor:
-        """One value per segment repeated over the segment's elements."""
-        if self.index is not None:
-            return values.index_select(0, self.index)
-        return torch.repeat_interleave(values, self.lengths, output_size=self.total)
-
-
-class _Reductions:
-    """sum / mean / L2 norm of each row (or column) through the subclass's one-kernel-per-view `_reduce`."""
-
-    _reduce: Callable[[Tensor, Callable[..., Tensor]], Tensor]
-
-    def sum(self, x: Tensor) -> Tensor:
-        return self._reduce(x, torch.sum)
-
-    def mean(self, x: Tensor) -> Tensor:
-        return self._reduce(x, torch.mean)
-
-    def norm(self, x: Tensor) -> Tensor:
-        """One ``vector_norm`` per view: no squared temporary."""
-        return self._reduce(x, torch.linalg.vector_norm)
-
-
-class _Rows(_Reductions):
-    """Rows of every tensor of a layout read as a matrix (rows × cols), in layout order.
-
-    Rows are many and short (a LoRA up matrix has one row per output feature, of rank elements): a
-    ``segment_reduce`` over them runs one CUDA block per row and is slow. Consecutive shape buckets with the same
-    row length form one ``[rows, cols]`` view, so a reduction or broadcast is one kernel per distinct row length.
-    """
-
-    def __init__(self, layout: FlatLayout) -> None:
-        groups: list[list[int]] = []  # [start, stop, first row, last row, cols]
-        count = 0
-        for b in layout.buckets:
-            n = b.count * b.rows
-            if groups and groups[-1][4] == b.cols and groups[-1][1] == b.start:
-                groups[-1][1], groups[-1][3] = b.stop, count + n
-            else:
-                groups.append([b.start, b.stop, count, count + n, b.cols])
-            count += n
-        self.groups = [tuple(g) for g in groups]
-        self.count = count
-
-    def _reduce(self, x: Tensor, reduce: Callable[..., Tensor]) -> Tensor:
-        out = torch.empty(self.count, dtype=x.dtype, device=x.device)
-        for start, stop, r0, r1, cols in self.groups:
-            reduce(x[start:stop].view(r1 - r0, cols), dim=-1, out=out[r0:r1])
-        return out
-
-    def mul_(self, x: Tensor, values: Tensor) -> Tensor:
-        """x ← x · (value of the element's row), in place."""
-        for start, stop, r0, r1, cols in self.groups:
-            x[start:stop].view(r1 - r0, cols).mul_(values[r0:r1, None])
-        return x
-
-    def div_(self, x: Tensor, values: Tensor) -> Tensor:
-        for start, stop, r0, r1, cols in self.groups:
-            x[start:stop].view(r1 - r0, cols).div_(values[r0:r1, None])
-        return x
-
-
-class _Columns(_Reductions):
-    """Columns of every tensor of a layout read as a matrix, in (tensor, column) order: one kernel per shape.
-
-    Each shape bucket is a ``[k, rows, cols]`` view of the flat buffer, so its column reductions are one
-    ``.sum(-2)``-style kernel and broadcasts one in-place op against a ``[k, 1, cols]`` view.
-    """
-
-    def __init__(self, layout: FlatLayout) -> None:
-        # (start, stop, first column, k, rows, cols) per shape bucket
-        self.buckets: list[tuple[int, int, int, int, int, int]] = []
-        count = 0
-        for b in layout.buckets:
-            self.buckets.append((b.start, b.stop, count, b.count, b.rows, b.cols))
-            count += b.count * b.cols
-        self.count = count
-
-    def _reduce(self, x: Tensor, reduce: Callable[..., Tensor]) -> Tensor:
-        out = torch.empty(self.count, dtype=x.dtype, device=x.device)
-        for start, stop, c0, k, rows, cols in self.buckets:
-            reduce(x[start:stop].view(k, rows, cols), dim=-2, out=out[c0 : c0 + k * cols].view(k, cols))
-        return out
-
-    def div_(self, x: Tensor, values: Tensor) -> Tensor:
-        """x ← x / (value of the element's column), in place."""
-        for start, stop, c0, k, rows, cols in self.buckets:
-            x[start:stop].view(k, rows, cols).div_(values[c0 : c0 + k * cols].view(k, 1, cols))
-        return x
-
-    def outer(self, rows: Tensor, cols: Tensor, numel: int) -> Tensor:
-        """A flat buffer of (element's row value) × (element's column value), one kernel per shape."""
-        out = torch.empty(numel, dtype=rows.dtype, device=rows.device)
-        r0 = 0
-        for start, stop, c0, k, n, m in self.buckets:
-            torch.mul(rows[r0 : r0 + k * n].view(k, n, 1), cols[c0 : c0 + k * m].view(k, 1, m),
-                      out=out[start:stop].view(k, n, m))  # fmt: skip
-            r0 += k * n
-        return out
-
-
-class _Packed:
-    """Per-parameter state tensors of any sizes kept as views of one flat buffer (entries in layout order).
-
-    Like :class:`~library.optimizers.flat.FlatState`, for states that are not shaped like their parameter
-    (factored row/column moments, per-tensor scalars, 8-bit codes). ``slots`` may exceed the sizes (padding, e.g.
-    to whole quantisation blocks). Replaced per-parameter tensors are noticed by identity and gathered again.
-    """
-
-    def __init__(self, sizes: Sequence[int], slots: Sequence[int] | None = None) -> None:
-        self.sizes = list(sizes)
-        self.slots = list(slots) if slots is not None else self.sizes
-        self._buffers: dict[str, tuple[Tensor, list[Tensor]]] = {}
-
-    def buffer(self, name: str, refs: Sequence[tuple[dict, str]], dtype: torch.dtype) -> Tensor:
-        """The flat buffer behind ``d[key]`` for each ``(d, key)`` of ``refs``, re-gathered if one was replaced."""
-        cached = self._buffers.get(name)
-        if cached is not None:
-            flat, views = cached
-            if flat.dtype == dtype and all(d[k] is v for (d, k), v in zip(refs, views, strict=True)):
-                return flat
-        pieces: list[Tensor] = []
-        for (d, k), size, slot in zip(refs, self.sizes, self.slots, strict=True):
-            pieces.append(d[k].reshape(-1).to(dtype))
-            if slot > size:
-                pieces.append(torch.zeros(slot - size, dtype=dtype, device=d[k].device))
-        flat = torch.cat(pieces)
-        views, offset = [], 0
-        for (d, k), size, slot in zip(refs, self.sizes, self.slots, strict=True):
-            view = flat[offset : offset + size].view(d[k].shape)
-            d[k] = view
-            views.append(view)
-            offset += slot
-        self._buffers[name] = (flat, views)
-        return flat
-
-    def drop(self, name: str) -> None:
-        self._buffers.pop(name, None)
-
-
-def _in_caller_order(layout: FlatLayout, values: Tensor) -> Tensor:
-    """Per-tensor values in layout order → the caller's order."""
-    index = torch.tensor(layout.order, device=values.device)
-    return torch.empty_like(values).index_copy_(0, index, values)
-
-
-class _Plan:
-    """Everything the flat step needs for one fixed list of parameters: layout, segment tables, state buffers."""
 
     def __init__(self, shapes: Sequence[torch.Size], device: torch.device, dtype: torch.dtype,
                  lora: Sequence[bool] | None = None, keep_index: bool = False) -> None:  # fmt: skip
         self.layout = layout = FlatLayout(shapes, device)
-        self.store = FlatState(layout)
         self.dtype = dtype
+        self.store = FlatState(layout)  # states shaped like their parameter
+        self.packed = PackedState()  # factored moments and per-tensor values
+        self.t = 0
+        self.members: list[int] | None = None
+        self.params: list[Tensor] = []
+        self.states: list[dict] = []
         arranged = [layout.shapes[i] for i in layout.order]
         self.mats = mats = [matrix_shape(s) for s in arranged]
         self.is_matrix = [len(s) >= 2 for s in arranged]
-        self.tensors = _Segments(layout.sizes, device, keep_index)
+        self.tensors = T.Segments(layout)
+        # per-tensor math on per-row values (CAME's row means; a tensor with < 2 dims: rows of one element)
+        self.row_tensors = T.Segments(layout.row_layout())
+        for seg in (self.tensors, self.row_tensors):
+            if keep_index and seg.numel <= _INDEX_MAX_NUMEL:  # a captured graph reads it at a fixed address
+                seg.keep_index()
         self.numel = torch.tensor(layout.sizes, dtype=dtype, device=device)
-        # matrix rows (ALLoRA, CAME: a tensor with < 2 dims is a column, rows of one element)
-        self.rows = _Rows(layout)
-        self.row_tensors = _Segments([n for n, _ in mats], device, keep_index)
-        self.cols = _Columns(layout)
-        self.col_tensors = [m for _, m in mats]
         vector_cols = [
             not is_mat for is_mat, (_, m) in zip(self.is_matrix, mats, strict=True) for _ in range(m)
         ]
@@ -323,13 +151,12 @@ class _Plan:
         if self.lora is not None and any(self.lora) and not all(self.lora):
             flags = [not flag for flag, (n, _) in zip(self.lora, mats, strict=True) for _ in range(n)]
             self.plain_rows = torch.tensor(flags, device=device)
-        self.packed: dict[str, _Packed] = {}
-        self.scratch: dict[str, Any] = {}  # optimizer-specific structures built on first use
-        # resolved state buffers: looked up once, since load_state_dict drops every plan
+        self.graph = GraphSlot()  # the captured block of the direction (cuda_graphs=True)
+        # resolved state buffers and step constants: looked up once, since load_state_dict drops every bucket
         self.resolved: dict[str, Any] = {}
 
     def cached(self, key: str, make: Callable[[], Any]) -> Any:
-        """``make()`` on first use, then its result (a state buffer of this plan's parameters)."""
+        """``make()`` on first use, then its result (a state buffer of this bucket's parameters)."""
         value = self.resolved.get(key)
         if value is None:
             value = self.resolved[key] = make()
@@ -343,26 +170,42 @@ class _Plan:
         self.store.drop(key)
         self.resolved.pop(key, None)
 
+    def row_mean(self, x: Tensor) -> Tensor:
+        """Mean of each matrix row of a flat buffer (flat row order): one kernel per run of equal row length."""
+        return reduce_stacks(T.row_stacks(self.layout, x), torch.mean, -1)
+
+    def col_mean(self, x: Tensor) -> Tensor:
+        """Mean of each matrix column of a flat buffer ((tensor, column) order): one kernel per shape."""
+        return reduce_stacks(column_stacks(self.layout, x), torch.mean, -2)
+
+
+def _indexed(seg: T.Segments) -> contextlib.AbstractContextManager:
+    """``seg.indexed()`` up to ``_INDEX_MAX_NUMEL`` elements; above, broadcasts use ``repeat_interleave`` (an index
+    of 4 bytes per element would outweigh the state of a large full fine-tune)."""
+    return seg.indexed() if seg.numel <= _INDEX_MAX_NUMEL else contextlib.nullcontext()
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Plain functions: the math on flat buffers, testable against float64 references.
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _sinkgd_flat_(x: Tensor, plan: _Plan, iters: int) -> None:
+def _sinkgd_flat_(x: Tensor, b: _Bucket, iters: int) -> None:
     """SinkGD in place on every tensor of a flat buffer; tensors with < 2 dims are scaled to unit RMS.
 
     Each iteration scales rows to norm √cols, then columns to norm √rows. A tensor with < 2 dims is one row and
     one column, so both passes scale it to unit RMS, the scale SinkGD gives matrices. All-zero rows/columns stay 0.
     """
+    rows, cols = T.row_stacks(b.layout, x), column_stacks(b.layout, x)
     for _ in range(iters):
-        norms = plan.rows.norm(x)
-        for start, stop, first, k, n, mask in plan.sink_vectors:
+        norms = reduce_stacks(rows, torch.linalg.vector_norm, -1)
+        for start, stop, first, k, n, mask in b.sink_vectors:
             whole = torch.linalg.vector_norm(x[start:stop].view(k, n), dim=-1, keepdim=True)
-            rows = norms[first : first + k * n].view(k, n)
-            rows.copy_(whole.expand(k, n) if mask is None else torch.where(mask, whole, rows))
-        plan.rows.div_(x, norms.clamp_min_(_TINY).mul_(plan.sink_row_scale))
-        plan.cols.div_(x, plan.cols.norm(x).clamp_min_(_TINY).mul_(plan.col_scale))
+            row = norms[first : first + k * n].view(k, n)
+            row.copy_(whole.expand(k, n) if mask is None else torch.where(mask, whole, row))
+        torch._foreach_div_(rows, broadcast_stacks(rows, norms.clamp_min_(_TINY).mul_(b.sink_row_scale), -1))
+        col_norms = reduce_stacks(cols, torch.linalg.vector_norm, -2).clamp_min_(_TINY).mul_(b.col_scale)
+        torch._foreach_div_(cols, broadcast_stacks(cols, col_norms, -2))
 
 
 def sinkgd_many_(updates: Sequence[Tensor], iters: int) -> None:
@@ -370,10 +213,10 @@ def sinkgd_many_(updates: Sequence[Tensor], iters: int) -> None:
     updates = list(updates)
     if not updates:
         return
-    plan = _Plan([u.shape for u in updates], updates[0].device, updates[0].dtype)
-    flat = plan.layout.flatten(updates)
-    _sinkgd_flat_(flat, plan, iters)
-    plan.layout.copy_to_(updates, flat)
+    b = _Bucket([u.shape for u in updates], updates[0].device, updates[0].dtype)
+    flat = b.layout.flatten(updates)
+    _sinkgd_flat_(flat, b, iters)
+    b.layout.copy_to_(updates, flat)
 
 
 def sinkgd_(x: Tensor, iters: int) -> Tensor:
@@ -387,16 +230,16 @@ def sinkgd_(x: Tensor, iters: int) -> Tensor:
     return x
 
 
-def _vradam(m: Tensor, plan: _Plan) -> Tensor:
+def _vradam(m: Tensor, b: _Bucket) -> Tensor:
     """VRAdam per-tensor lr multiplier 1/(1 + min(3·Σm², 10)) (layout order): large, volatile momentum damps it."""
-    return (3.0 * plan.tensors.sum(m * m)).clamp_max_(10.0).add_(1.0).reciprocal_()
+    return (3.0 * b.tensors.sum(m * m)).clamp_max_(10.0).add_(1.0).reciprocal_()
 
 
 def vradam_factor(momenta: Sequence[Tensor]) -> Tensor:
     """:func:`_vradam` of a list of tensors, in the list's order."""
     momenta = list(momenta)
-    plan = _Plan([m.shape for m in momenta], momenta[0].device, momenta[0].dtype)
-    return _in_caller_order(plan.layout, _vradam(plan.layout.flatten(momenta), plan))
+    b = _Bucket([m.shape for m in momenta], momenta[0].device, momenta[0].dtype)
+    return b.layout.to_caller_order(_vradam(b.layout.flatten(momenta), b))
 
 
 def _mask_step_(mask: Tensor, agree: Tensor, grow: Tensor | float, shrink: Tensor | float, min_lr: float,
@@ -428,8 +271,8 @@ def lr_mask_update_(
     ``grow``/``shrink`` are one value for all tensors, or one value per tensor (a 1-D tensor or a list).
     """
     masks = list(masks)
-    plan = _Plan([m.shape for m in masks], masks[0].device, masks[0].dtype)
-    layout = plan.layout
+    b = _Bucket([m.shape for m in masks], masks[0].device, masks[0].dtype)
+    layout = b.layout
     flat = layout.flatten(masks)
     agree = layout.flatten(prev_signs, flat.dtype).mul_(layout.flatten(signs, flat.dtype))
 
@@ -442,7 +285,7 @@ def lr_mask_update_(
             values = torch.stack(list(rate))
         else:
             values = torch.tensor([float(r) for r in rate], dtype=flat.dtype)
-        return plan.tensors.expand(values.to(device=flat.device, dtype=flat.dtype)[layout.order])
+        return b.tensors.expand(values.to(device=flat.device, dtype=flat.dtype)[layout.order])
 
     grow, shrink = per_element(grow), per_element(shrink)
     if isinstance(grow, float) and grow != shrink:
@@ -451,10 +294,10 @@ def lr_mask_update_(
     layout.copy_to_(masks, flat)
 
 
-def _prodigy_rates(g: Tensor, theta: Tensor, start: Tensor, plan: _Plan, lr_bump: float,
+def _prodigy_rates(g: Tensor, theta: Tensor, start: Tensor, b: _Bucket, lr_bump: float,
                    d_coef: float) -> tuple[Tensor, Tensor]:  # fmt: skip
     """(grow, shrink) per tensor (layout order) from c = ⟨g, θ₀ − θ⟩: c > 0 scales growth, c < 0 shrinkage."""
-    c = plan.tensors.sum((start - theta).mul_(g))
+    c = b.tensors.sum((start - theta).mul_(g))
     fast = lr_bump * d_coef
     base = torch.full_like(c, lr_bump)
     return base.masked_fill(c > 0, fast), base.masked_fill_(c < 0, fast)
@@ -465,75 +308,50 @@ def prodigy_bumps(
 ) -> tuple[list[Tensor], list[Tensor]]:
     """:func:`_prodigy_rates` of lists of tensors: (grow, shrink) lists in the lists' order."""
     grads = list(grads)
-    plan = _Plan([g.shape for g in grads], grads[0].device, grads[0].dtype)
-    flat = [plan.layout.flatten(x, grads[0].dtype) for x in (grads, params, starts)]
-    grow, shrink = _prodigy_rates(*flat, plan, lr_bump, d_coef)
-    return list(_in_caller_order(plan.layout, grow).unbind(0)), list(
-        _in_caller_order(plan.layout, shrink).unbind(0)
-    )
+    b = _Bucket([g.shape for g in grads], grads[0].device, grads[0].dtype)
+    flat = [b.layout.flatten(x, grads[0].dtype) for x in (grads, params, starts)]
+    grow, shrink = _prodigy_rates(*flat, b, lr_bump, d_coef)
+    return list(b.layout.to_caller_order(grow).unbind(0)), list(b.layout.to_caller_order(shrink).unbind(0))
 
 
-def _adaptive_decay(g: Tensor, plan: _Plan) -> Tensor:
+def _adaptive_decay(g: Tensor, b: _Bucket) -> Tensor:
     """Per-tensor a_p = 2·sigmoid(4·(mean|g_p| − μ)/σ) (layout order), μ/σ = mean/std of |g| over the buffer.
 
     Tensors whose gradients are larger than the group's typical gradient are decayed more (up to 2×).
     """
-    total = plan.layout.numel
-    abs_sums = plan.tensors.sum(g.abs())
+    total = b.layout.numel
+    abs_sums = b.tensors.sum(g.abs())
     mu = abs_sums.sum() / total
     sigma = (torch.dot(g, g) / total - mu * mu).clamp_min_(0).sqrt_().clamp_min_(_TINY)
-    return torch.sigmoid((abs_sums / plan.numel - mu).mul_(4.0).div_(sigma)).mul_(2.0)
+    return torch.sigmoid((abs_sums / b.numel - mu).mul_(4.0).div_(sigma)).mul_(2.0)
 
 
 def adaptive_decay_factor(grads: Sequence[Tensor]) -> Tensor:
     """:func:`_adaptive_decay` of a list of tensors, in the list's order."""
     grads = list(grads)
-    plan = _Plan([g.shape for g in grads], grads[0].device, grads[0].dtype)
-    return _in_caller_order(plan.layout, _adaptive_decay(plan.layout.flatten(grads), plan))
+    b = _Bucket([g.shape for g in grads], grads[0].device, grads[0].dtype)
+    return b.layout.to_caller_order(_adaptive_decay(b.layout.flatten(grads), b))
 
 
-def _factored_rsqrt(row: Tensor, col: Tensor, plan: _Plan, scale: float | Tensor = 1.0) -> Tensor:
+def _factored_rsqrt(row: Tensor, col: Tensor, b: _Bucket, scale: float | Tensor = 1.0) -> Tensor:
     """scale / √V̂ per element: V̂ = (row/mean(row)) ⊗ col for matrices, V̂ = row (the full moment) otherwise.
 
     ``row`` has one entry per matrix row (every element of a tensor with < 2 dims), ``col`` one per column (the
     entry of a tensor with < 2 dims is unused).
     """
-    row_mean = plan.row_tensors.mean(row).clamp_min_(_TINY).masked_fill_(plan.vector_tensor, 1.0)
-    inv_row = (row / plan.row_tensors.expand(row_mean)).rsqrt_()
+    row_mean = b.row_tensors.mean(row).clamp_min_(_TINY).masked_fill_(b.vector_tensor, 1.0)
+    inv_row = (row / b.row_tensors.expand(row_mean)).rsqrt_()
     if isinstance(scale, Tensor) or scale != 1.0:  # a tensor is never compared: that would sync with the host
         inv_row.mul_(scale)
-    inv_col = col.rsqrt().masked_fill_(plan.vector_col, 1.0)
-    return plan.cols.outer(inv_row, inv_col, plan.layout.numel)
+    inv_col = col.rsqrt().masked_fill_(b.vector_col, 1.0)
+    out = torch.empty(b.layout.numel, dtype=row.dtype, device=row.device)
+    outer_into(column_stacks(b.layout, out), inv_row, inv_col)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Shared optimizer machinery.
 # ---------------------------------------------------------------------------------------------------------------
-
-
-class _Run:
-    """Parameters of one group that step together (same step count, device, working dtype) and their plan.
-
-    ``t`` is their step count; ``state["step"]`` of each is written from it lazily (``_sync_steps``).
-    """
-
-    __slots__ = ("t", "indices", "params", "states", "plan")
-
-    def __init__(self, t: int, indices: list[int] | None, params: list[Tensor], states: list[dict],
-                 plan: _Plan) -> None:  # fmt: skip
-        self.t = t
-        self.indices = indices  # positions in the group's params, None for all of them
-        self.params = params
-        self.states = states
-        self.plan = plan
-
-
-def _work_dtype(p: Tensor) -> torch.dtype:
-    return p.dtype if p.dtype in (torch.float32, torch.float64) else torch.float32
-
-
-def _group_names(group: dict) -> list[str] | None:
-    return group.get("names") or group.get("param_names")
 
 
 class _AutomagicBase(ExactStateLoad, torch.optim.Optimizer):
@@ -560,10 +378,10 @@ class _AutomagicBase(ExactStateLoad, torch.optim.Optimizer):
             name, "stats_update_freq", freq, isinstance(freq, int) and freq >= 1, "an integer >= 1"
         )
         self._logged_plain_params = False
-        # flat plans by the parameter tuple they cover (plans over overlapping parameters never coexist)
-        self._plans: dict[tuple, _Plan] = {}
-        # per group index: (parameter ids, which have grads, runs) of the last step
-        self._run_cache: dict[int, tuple[tuple, tuple, list[_Run]]] = {}
+        # flat buckets by the parameter tuple they cover (buckets over overlapping parameters never coexist)
+        self._buckets: dict[tuple, _Bucket] = {}
+        # per group index: (parameter ids, which have grads, buckets) of the last step
+        self._run_cache: dict[int, tuple[tuple, tuple, list[_Bucket]]] = {}
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -571,13 +389,13 @@ class _AutomagicBase(ExactStateLoad, torch.optim.Optimizer):
         group = self.param_groups[-1]
         # The lr the masks start from; a scheduler's later changes of group["lr"] scale the masks by lr / this.
         group.setdefault("mask_init_lr", group["lr"])
-        names = _group_names(group)
-        if names is not None and len(names) != len(group["params"]):
+        names = group_names(group)
+        if len(names) != len(group["params"]):
             raise OptimizerError(
                 f"{type(self).__name__}: param group has {len(group['params'])} params but {len(names)} names; "
                 "'names' must be parallel to 'params'"
             )
-        if names is None and not group["full_finetune"] and not self._logged_plain_params:
+        if None in names and not group["full_finetune"] and not self._logged_plain_params:
             logger.info(
                 "%s: parameters come without names; ALLoRA row scaling applies to every tensor with 2+ dims",
                 type(self).__name__,
@@ -586,14 +404,14 @@ class _AutomagicBase(ExactStateLoad, torch.optim.Optimizer):
 
     # -- state -------------------------------------------------------------------------------------------------
 
-    def _uses_allora(self, group: dict, index: int, p: Tensor) -> bool:
-        names = _group_names(group)
-        if names is not None:
-            return any(marker in names[index] for marker in LORA_NAME_MARKERS)
+    @staticmethod
+    def _uses_allora(group: dict, name: str | None, p: Tensor) -> bool:
+        if name is not None:
+            return any(marker in name for marker in LORA_NAME_MARKERS)
         return p.dim() >= 2 and not group["full_finetune"]
 
     def _init_state(self, group: dict, p: Tensor, state: dict) -> None:
-        dtype = _work_dtype(p)
+        dtype = work_dtype(p)
         init_lr = min(max(group["mask_init_lr"], group["min_lr"]), group["max_lr"])
         state["step"] = 0
         state["lr_mask"] = torch.full_like(p, init_lr, dtype=dtype, memory_format=torch.contiguous_format)
@@ -606,37 +424,33 @@ class _AutomagicBase(ExactStateLoad, torch.optim.Optimizer):
         """θ₀ is kept only while the d_coef condition can act (t ≤ W/2 with t ≥ 2)."""
         return group["d_coef"] != 1 and group["warmup_steps"] >= 4
 
-    def _plan(self, group: dict, members: list[tuple[int, Tensor]], dtype: torch.dtype) -> _Plan:
-        """The cached flat plan of these parameters (built on first use or when the member list changes)."""
+    def _bucket(self, group: dict, members: list[tuple[int, Tensor]], dtype: torch.dtype) -> _Bucket:
+        """The cached flat bucket of these parameters (built on first use or when the member list changes)."""
         ids = tuple(id(p) for _, p in members)
         device = members[0][1].device
         keep_index = group["cuda_graphs"] and can_capture(device)  # a captured graph reads it at a fixed address
         key = (ids, tuple(p.shape for _, p in members), device, dtype, keep_index)
-        plan = self._plans.get(key)
-        if plan is None:
+        bucket = self._buckets.get(key)
+        if bucket is None:
             covered = set(ids)
-            for other in [k for k in self._plans if covered.intersection(k[0])]:
-                del self._plans[other]  # its buffers would hold stale copies of these parameters' states
-            lora = [self._uses_allora(group, index, p) for index, p in members]
-            plan = _Plan([p.shape for _, p in members], device, dtype, lora, keep_index)
-            self._plans[key] = plan
-        return plan
+            for other in [k for k in self._buckets if covered.intersection(k[0])]:
+                del self._buckets[other]  # its buffers would hold stale copies of these parameters' states
+            names = group_names(group)
+            lora = [self._uses_allora(group, names[index], p) for index, p in members]
+            bucket = _Bucket([p.shape for _, p in members], device, dtype, lora, keep_index)
+            self._buckets[key] = bucket
+        return bucket
 
     @staticmethod
-    def _per_tensor_state(plan: _Plan, states: list[dict], key: str) -> Tensor:
+    def _per_tensor_state(b: _Bucket, states: list[dict], key: str) -> Tensor:
         """Flat buffer of a 0-d per-tensor state (``avg_lr``, ``decay_factor``), layout order."""
+        return b.cached(key, lambda: b.packed.buffer(key, b.layout.arrange(states), key, b.dtype))
 
-        def gather() -> Tensor:
-            packed = plan.packed.setdefault(key, _Packed([1] * plan.layout.count))
-            return packed.buffer(key, [(s, key) for s in plan.layout.arrange(states)], plan.dtype)
-
-        return plan.cached(key, gather)
-
-    def _seed_direction(self, group: dict, plan: _Plan, g: Tensor, states: list[dict]) -> None:
+    def _seed_direction(self, group: dict, b: _Bucket, g: Tensor, states: list[dict]) -> None:
         raise NotImplementedError
 
     def _direction(
-        self, group: dict, plan: _Plan, step: int, g: Tensor, sign: Tensor, states: list[dict]
+        self, group: dict, b: _Bucket, step: int, g: Tensor, sign: Tensor, states: list[dict]
     ) -> tuple[Tensor, Tensor | None]:
         """Return the update direction (a new flat buffer) and an optional per-tensor lr factor (layout order)."""
         raise NotImplementedError
@@ -648,13 +462,13 @@ class _AutomagicBase(ExactStateLoad, torch.optim.Optimizer):
         loss = closure_loss(closure)
         for index, group in enumerate(self.param_groups):
             grads = [p.grad for p in group["params"]]
-            for run in self._runs(index, group, grads):
-                run.t += 1
-                self._step_run(group, run, grads)
+            for bucket in self._runs(index, group, grads):
+                bucket.t += 1
+                self._step_bucket(group, bucket, grads)
         return loss
 
-    def _runs(self, index: int, group: dict, grads: list[Tensor | None]) -> list[_Run]:
-        """The group's runs for this step: cached while its parameters and which of them have grads stay put."""
+    def _runs(self, index: int, group: dict, grads: list[Tensor | None]) -> list[_Bucket]:
+        """The group's buckets for this step: cached while its parameters and which of them have grads stay put."""
         params = group["params"]
         ids = tuple(map(id, params))
         has_grad = tuple(map(operator.is_not, grads, itertools.repeat(None)))
@@ -662,7 +476,7 @@ class _AutomagicBase(ExactStateLoad, torch.optim.Optimizer):
         if cached is not None and cached[0] == ids and cached[1] == has_grad:
             return cached[2]
         self._sync_steps()
-        buckets: dict[tuple, list[tuple[int, Tensor]]] = defaultdict(list)
+        by_key: dict[tuple, list[tuple[int, Tensor]]] = defaultdict(list)
         for i, (p, grad) in enumerate(zip(params, grads, strict=True)):
             if grad is None:
                 continue
@@ -671,22 +485,24 @@ class _AutomagicBase(ExactStateLoad, torch.optim.Optimizer):
             state = self.state[p]
             if not state:
                 self._init_state(group, p, state)
-            buckets[(state["step"], p.device, _work_dtype(p))].append((i, p))
-        runs = []
-        for (t, _, dtype), members in buckets.items():
-            plan = self._plan(group, members, dtype)
-            every = len(members) == len(params)
-            indices = None if every else [i for i, _ in members]
-            runs.append(_Run(t, indices, [p for _, p in members], [self.state[p] for _, p in members], plan))
-        self._run_cache[index] = (ids, has_grad, runs)
-        return runs
+            by_key[(state["step"], p.device, work_dtype(p))].append((i, p))
+        buckets = []
+        for (t, _, dtype), members in by_key.items():
+            bucket = self._bucket(group, members, dtype)
+            bucket.t = t
+            bucket.members = None if len(members) == len(params) else [i for i, _ in members]
+            bucket.params = [p for _, p in members]
+            bucket.states = [self.state[p] for _, p in members]
+            buckets.append(bucket)
+        self._run_cache[index] = (ids, has_grad, buckets)
+        return buckets
 
     def _sync_steps(self) -> None:
-        """Write each run's step count into its parameters' ``state["step"]`` (kept lazily during steps)."""
-        for _, _, runs in self._run_cache.values():
-            for run in runs:
-                for state in run.states:
-                    state["step"] = run.t
+        """Write each bucket's step count into its parameters' ``state["step"]`` (kept lazily during steps)."""
+        for _, _, buckets in self._run_cache.values():
+            for bucket in buckets:
+                for state in bucket.states:
+                    state["step"] = bucket.t
 
     def state_dict(self) -> dict[str, Any]:
         self._sync_steps()
@@ -694,87 +510,86 @@ class _AutomagicBase(ExactStateLoad, torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        # new state tensors and dicts: plans and runs re-gather them on the next step
+        # new state tensors and dicts: buckets re-gather them on the next step
         self._run_cache.clear()
-        self._plans.clear()
+        self._buckets.clear()
 
-    def _step_run(self, group: dict, run: _Run, grads: list[Tensor | None]) -> None:
-        """One step of a run's tensors, on flat buffers: a fixed number of kernels for any tensor count."""
-        plan = run.plan
-        with plan.tensors.indexed(), plan.row_tensors.indexed():
-            self._step_indexed(group, run, grads if run.indices is None else [grads[i] for i in run.indices])
+    def _step_bucket(self, group: dict, b: _Bucket, grads: list[Tensor | None]) -> None:
+        """One step of a bucket's tensors, on flat buffers: a fixed number of kernels for any tensor count."""
+        with _indexed(b.tensors), _indexed(b.row_tensors):
+            self._step_indexed(group, b, grads if b.members is None else [grads[i] for i in b.members])
 
-    def _step_indexed(self, group: dict, run: _Run, grads: list[Tensor]) -> None:
-        plan, t, params, states = run.plan, run.t, run.params, run.states
-        dtype = plan.dtype
+    def _step_indexed(self, group: dict, b: _Bucket, grads: list[Tensor]) -> None:
+        t, params, states, dtype = b.t, b.params, b.states, b.dtype
         # fresh flat copies: kept between steps they would cost 8 bytes per parameter
-        g, theta = plan.layout.gather(grads, dtype), plan.layout.gather(params, dtype)
+        g, theta = b.layout.gather(grads, dtype), b.layout.gather(params, dtype)
         warmup = group["warmup_steps"]
         if t == 1:
-            plan.state(states, "sign", torch.int8).copy_(g.sign())
+            b.state(states, "sign", torch.int8).copy_(g.sign())
             if self._needs_start(group):
                 for state, p in zip(states, params, strict=True):
                     state["start"] = torch.empty(p.shape, dtype=dtype, device=p.device)
-                plan.state(states, "start", dtype).copy_(theta)
-            self._seed_direction(group, plan, g, states)
+                b.state(states, "start", dtype).copy_(theta)
+            self._seed_direction(group, b, g, states)
             return
         early = t <= warmup / 2
         if group["use_orthogonal_grad"] and t > warmup:
-            T.orthograd_(plan.tensors, theta, g)  # g is this step's own gathered copy
+            T.orthograd_(b.tensors, theta, g)  # g is this step's own gathered copy
 
         sign = g.sign()
-        update, lr_factor = self._direction(group, plan, t, g, sign, states)
+        update, lr_factor = self._direction(group, b, t, g, sign, states)
 
         # lr mask: grow where the sign repeats, shrink where it flips
         lr_bump = float(group["lr_bump"])
-        mask = plan.state(states, "lr_mask", dtype)
-        prev_sign = plan.state(states, "sign", torch.int8)
+        mask = b.state(states, "lr_mask", dtype)
+        prev_sign = b.state(states, "sign", torch.int8)
         agree = prev_sign * sign
         if early and "start" in states[0]:
-            start = plan.state(states, "start", dtype)
-            grow, shrink = _prodigy_rates(g, theta, start, plan, lr_bump, group["d_coef"])
-            _mask_step_(mask, agree, plan.tensors.expand(grow), plan.tensors.expand(shrink),
+            start = b.state(states, "start", dtype)
+            grow, shrink = _prodigy_rates(g, theta, start, b, lr_bump, group["d_coef"])
+            _mask_step_(mask, agree, b.tensors.expand(grow), b.tensors.expand(shrink),
                         group["min_lr"], group["max_lr"])  # fmt: skip
         else:
             if "start" in states[0]:
                 for state in states:
                     state.pop("start", None)
-                plan.drop("start")
+                b.drop("start")
             _mask_step_(mask, agree, lr_bump, lr_bump, group["min_lr"], group["max_lr"])
         prev_sign.copy_(sign)
 
         decays = early and group["weight_decay"] > 0
         if (t - 2) % group["stats_update_freq"] == 0:
-            self._per_tensor_state(plan, states, "avg_lr").copy_(plan.tensors.mean(mask))
+            self._per_tensor_state(b, states, "avg_lr").copy_(b.tensors.mean(mask))
             if decays:
-                self._per_tensor_state(plan, states, "decay_factor").copy_(_adaptive_decay(g, plan))
+                self._per_tensor_state(b, states, "decay_factor").copy_(_adaptive_decay(g, b))
 
         # decoupled adaptive weight decay folded into the update: θ ← θ − η ⊙ (u + wd·a_p·θ)
         if decays:
-            coef = self._per_tensor_state(plan, states, "decay_factor") * group["weight_decay"]
-            update.addcmul_(theta, plan.tensors.expand(coef))
+            coef = self._per_tensor_state(b, states, "decay_factor") * group["weight_decay"]
+            update.addcmul_(theta, b.tensors.expand(coef))
         update.mul_(mask)
 
         # per-tensor factors (lr schedule, VRAdam) and ALLoRA rows, folded into one per-row factor
         ratio = group["lr"] / group["mask_init_lr"]
         if lr_factor is not None and ratio != 1.0:
             lr_factor = lr_factor * ratio
-        if plan.lora is not None and any(plan.lora):
-            rows = plan.rows.sum(theta * theta).add_(1.0 / (group["alora_eta"] * group["alora_eta"])).rsqrt_()
-            if plan.plain_rows is not None:
-                rows.masked_fill_(plan.plain_rows, 1.0)
+        if b.lora is not None and any(b.lora):
+            rows = reduce_stacks(T.row_stacks(b.layout, theta * theta), torch.sum, -1)
+            rows.add_(1.0 / (group["alora_eta"] * group["alora_eta"])).rsqrt_()
+            if b.plain_rows is not None:
+                rows.masked_fill_(b.plain_rows, 1.0)
             if lr_factor is not None:
-                rows.mul_(plan.row_tensors.expand(lr_factor))
+                rows.mul_(b.row_tensors.expand(lr_factor))
             elif ratio != 1.0:
                 rows.mul_(ratio)
-            plan.rows.mul_(update, rows)
+            T.scale_rows_(T.row_stacks(b.layout, update), rows)
         elif lr_factor is not None:
-            update.mul_(plan.tensors.expand(lr_factor))
+            update.mul_(b.tensors.expand(lr_factor))
         elif ratio != 1.0:
             update.mul_(ratio)
 
         theta.sub_(update)
-        plan.layout.scatter_(plan.cached("param_rows", lambda: plan.layout.rows(params)), theta)
+        b.layout.scatter_(b.cached("param_rows", lambda: b.layout.rows(params)), theta)
 
     # -- checkpointing and logging -----------------------------------------------------------------------------
 
@@ -864,113 +679,31 @@ class Automagic_Sinkgd(_AutomagicBase):  # noqa: N801 - the name users type (Hin
 
     def _init_state(self, group: dict, p: Tensor, state: dict) -> None:
         super()._init_state(group, p, state)
-        state["exp_avg"] = torch.zeros_like(p, dtype=_work_dtype(p), memory_format=torch.contiguous_format)
+        state["exp_avg"] = torch.zeros_like(p, dtype=work_dtype(p), memory_format=torch.contiguous_format)
 
-    def _seed_direction(self, group: dict, plan: _Plan, g: Tensor, states: list[dict]) -> None:
-        plan.state(states, "exp_avg", plan.dtype).copy_(g)
+    def _seed_direction(self, group: dict, b: _Bucket, g: Tensor, states: list[dict]) -> None:
+        b.state(states, "exp_avg", b.dtype).copy_(g)
 
     def _direction(
-        self, group: dict, plan: _Plan, step: int, g: Tensor, sign: Tensor, states: list[dict]
+        self, group: dict, b: _Bucket, step: int, g: Tensor, sign: Tensor, states: list[dict]
     ) -> tuple[Tensor, Tensor | None]:
-        momentum = plan.state(states, "exp_avg", plan.dtype)
+        momentum = b.state(states, "exp_avg", b.dtype)
         momentum.lerp_(g, 1.0 - group["beta1"])
         iters = 5 if group["full_finetune"] else 4
-        graphed = group["cuda_graphs"] and can_capture(plan.layout.device)  # ~40 kernels an iteration: one launch
+        graphed = group["cuda_graphs"] and can_capture(b.layout.device)  # ~40 kernels an iteration: one launch
         # the graph's input stays put; eagerly, a temporary
-        update = plan.cached("sinkgd_update", lambda: torch.empty_like(momentum)) if graphed else None
+        update = b.cached("sinkgd_update", lambda: torch.empty_like(momentum)) if graphed else None
         update = torch.abs(momentum, out=update).mul_(sign)  # Grams: |m| with the sign of g
         if graphed:
-            slot = plan.cached("graph", GraphSlot)
-            slot((iters,), lambda: StepGraph(lambda: _sinkgd_flat_(update, plan, iters), plan.layout.device))
+            b.graph((iters,), lambda: StepGraph(lambda: _sinkgd_flat_(update, b, iters), b.layout.device))
         else:
-            _sinkgd_flat_(update, plan, iters)
-        return update, _vradam(momentum, plan)
+            _sinkgd_flat_(update, b, iters)
+        return update, _vradam(momentum, b)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Automagic_CameAMP
 # ---------------------------------------------------------------------------------------------------------------
-
-
-class _Moment8:
-    """Where a plan's first moments live when some are 8-bit: regions of the layout, codes and fp32 parts.
-
-    Tensors of one shape bucket share their size, so they are all quantised or all fp32: the layout splits into
-    contiguous runs ("regions") of either kind.
-    """
-
-    def __init__(self, plan: _Plan, quantised: Sequence[bool]) -> None:
-        sizes = plan.layout.sizes
-        self.q = [j for j, flag in enumerate(quantised) if flag]
-        self.f = [j for j, flag in enumerate(quantised) if not flag]
-        self.padded = any(sizes[j] % quant8.BLOCKSIZE for j in self.q)
-        slots = [quant8.num_blocks(sizes[j]) * quant8.BLOCKSIZE for j in self.q]
-        self.codes = _Packed([sizes[j] for j in self.q], slots)
-        self.absmax = _Packed([quant8.num_blocks(sizes[j]) for j in self.q])
-        self.fp32 = _Packed([sizes[j] for j in self.f])
-        # (quantised?, [start, stop) in the layout, start in the q-only or f-only flat order)
-        self.regions: list[tuple[bool, int, int, int]] = []
-        seen = {True: 0, False: 0}
-        for j, flag in enumerate(quantised):
-            a, b = plan.layout.offsets[j], plan.layout.offsets[j] + sizes[j]
-            if self.regions and self.regions[-1][0] == flag:
-                kind, start, _, own = self.regions[-1]
-                self.regions[-1] = (kind, start, b, own)
-            else:
-                self.regions.append((flag, a, b, seen[flag]))
-            seen[flag] += sizes[j]
-        # padded slots of quantised tensors: (offset in the padded buffer, size, padding)
-        self.slots: list[tuple[int, int, int]] = []
-        offset = 0
-        for j, slot in zip(self.q, slots, strict=True):
-            self.slots.append((offset, sizes[j], slot - sizes[j]))
-            offset += slot
-        self._resolved: tuple[Tensor, Tensor, Tensor | None] | None = None
-
-    def _buffers(self, arranged: list[dict], dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor | None]:
-        """(codes, absmax, fp32 moments or None), gathered on first use (the plan is dropped on a state load)."""
-        if self._resolved is None:
-            codes = self.codes.buffer("codes", [(arranged[j], "exp_avg_codes") for j in self.q], torch.uint8)
-            absmax = self.absmax.buffer(
-                "absmax", [(arranged[j], "exp_avg_absmax") for j in self.q], torch.float32
-            )
-            fp32 = None
-            if self.f:
-                fp32 = self.fp32.buffer("exp_avg", [(arranged[j], "exp_avg") for j in self.f], dtype)
-            self._resolved = (codes, absmax, fp32)
-        return self._resolved
-
-    def load(self, arranged: list[dict], dtype: torch.dtype) -> Tensor:
-        """All first moments as one new flat buffer in layout order (one dequantisation, at most two cats)."""
-        codes, absmax, fp32 = self._buffers(arranged, dtype)
-        quantised = quant8.dequantize(codes, absmax, signed=True, dtype=dtype)
-        if self.padded:
-            quantised = torch.cat([quantised[o : o + n] for o, n, _ in self.slots])
-        if fp32 is None:
-            return quantised
-        parts = [(quantised if q else fp32)[own : own + b - a] for q, a, b, own in self.regions]
-        return torch.cat(parts)
-
-    def store(self, arranged: list[dict], moment: Tensor) -> None:
-        """Write ``moment`` back: fp32 parts by one foreach copy, 8-bit parts requantised in one call."""
-        codes, absmax, fp32 = self._buffers(arranged, moment.dtype)
-        source = moment
-        if fp32 is not None:
-            f_regions = [(a, b, own) for q, a, b, own in self.regions if not q]
-            torch._foreach_copy_([fp32[own : own + b - a] for a, b, own in f_regions],
-                                 [moment[a:b] for a, b, _ in f_regions])  # fmt: skip
-            source = torch.cat([moment[a:b] for q, a, b, _ in self.regions if q])
-        if self.padded:
-            zeros = torch.zeros(quant8.BLOCKSIZE, dtype=moment.dtype, device=moment.device)
-            pieces: list[Tensor] = []
-            own = 0
-            for _, n, pad in self.slots:
-                pieces.append(source[own : own + n])
-                if pad:
-                    pieces.append(zeros[:pad])
-                own += n
-            source = torch.cat(pieces)
-        quant8.quantize_into_(source, codes, absmax, signed=True)
 
 
 class Automagic_CameAMP(_AutomagicBase):  # noqa: N801 - the name users type (Hina's)
@@ -1047,7 +780,7 @@ class Automagic_CameAMP(_AutomagicBase):  # noqa: N801 - the name users type (Hi
 
     def _init_state(self, group: dict, p: Tensor, state: dict) -> None:
         super()._init_state(group, p, state)
-        dtype = _work_dtype(p)
+        dtype = work_dtype(p)
         if group["optim_bits"] == 8 and p.numel() >= MIN_8BIT_NUMEL:
             quant8.init_state(state, "exp_avg", p, signed=True)
         else:
@@ -1061,84 +794,81 @@ class Automagic_CameAMP(_AutomagicBase):  # noqa: N801 - the name users type (Hi
             state["r"] = torch.zeros_like(p, dtype=dtype)
 
     @staticmethod
-    def _factored(plan: _Plan, states: list[dict], name: str) -> tuple[Tensor, Tensor]:
-        """Flat (row, column) buffers of moment ``name`` ("v" or "r"), layout order.
+    def _factored(b: _Bucket, states: list[dict], name: str) -> tuple[Tensor, Tensor]:
+        """Flat (row, column) buffers of moment ``name`` ("v" or "r"), layout order, resolved once.
 
         Rows: a matrix's ``{name}_row``, or the full ``{name}`` of a tensor with < 2 dims (its rows have one
-        element). Columns: a matrix's ``{name}_col``; a tensor with < 2 dims has a private unused slot there.
+        element). Columns: a matrix's ``{name}_col``; a tensor with < 2 dims has a private unused slot there, so
+        the column buffer lines up with the layout's column stacks.
         """
-        return plan.cached(name + "_factored", lambda: Automagic_CameAMP._gather_factored(plan, states, name))
 
-    @staticmethod
-    def _gather_factored(plan: _Plan, states: list[dict], name: str) -> tuple[Tensor, Tensor]:
-        arranged = plan.layout.arrange(states)
-        spare = plan.scratch.setdefault("spare", [{} for _ in arranged])
-        row_refs, col_refs = [], []
-        for is_mat, state, own in zip(plan.is_matrix, arranged, spare, strict=True):
-            row_refs.append((state, f"{name}_row") if is_mat else (state, name))
-            if is_mat:
-                col_refs.append((state, f"{name}_col"))
-            else:
-                if f"{name}_col" not in own:
-                    own[f"{name}_col"] = torch.ones(1, dtype=plan.dtype, device=plan.layout.device)
-                col_refs.append((own, f"{name}_col"))
-        rows = plan.packed.setdefault(f"{name}_row", _Packed([n for n, _ in plan.mats]))
-        cols = plan.packed.setdefault(f"{name}_col", _Packed(plan.col_tensors))
-        return rows.buffer(f"{name}_row", row_refs, plan.dtype), cols.buffer(
-            f"{name}_col", col_refs, plan.dtype
-        )
+        def gather() -> tuple[Tensor, Tensor]:
+            arranged = b.layout.arrange(states)
+            spare = b.cached("spare", lambda: [{f"{n}_col": torch.ones(1, dtype=b.dtype, device=b.layout.device)
+                                                for n in ("v", "r")} for _ in arranged])  # fmt: skip
+            row_keys = [f"{name}_row" if is_mat else name for is_mat in b.is_matrix]
+            col_dicts = [s if is_mat else own for is_mat, s, own in zip(b.is_matrix, arranged, spare, strict=True)]
+            rows = b.packed.buffer(f"{name}_row", arranged, row_keys, b.dtype)
+            return rows, b.packed.buffer(f"{name}_col", col_dicts, f"{name}_col", b.dtype)
 
-    def _seed_direction(self, group: dict, plan: _Plan, g: Tensor, states: list[dict]) -> None:
-        v_row, v_col = self._factored(plan, states, "v")
+        return b.cached(name + "_factored", gather)
+
+    def _seed_direction(self, group: dict, b: _Bucket, g: Tensor, states: list[dict]) -> None:
+        v_row, v_col = self._factored(b, states, "v")
         sq = (g * g).add_(group["eps"][0])
-        v_row.copy_(plan.rows.mean(sq))
-        v_col.copy_(plan.cols.mean(sq))
+        v_row.copy_(b.row_mean(sq))
+        v_col.copy_(b.col_mean(sq))
 
     def _direction(
-        self, group: dict, plan: _Plan, step: int, g: Tensor, sign: Tensor, states: list[dict]
+        self, group: dict, b: _Bucket, step: int, g: Tensor, sign: Tensor, states: list[dict]
     ) -> tuple[Tensor, Tensor | None]:
         beta3 = group["betas"][2]
         bias = math.sqrt(1.0 - beta3 ** (step - 1))  # R's bias correction (step 1 only seeded v)
-        if not (group["cuda_graphs"] and can_capture(plan.layout.device)):
-            return self._came(group, plan, g, states, bias), None
+        if not (group["cuda_graphs"] and can_capture(b.layout.device)):
+            return self._came(group, b, g, states, bias), None
         # the graph reads fixed addresses: a copy of this step's gradient; the correction through a device scalar
-        g_in = plan.cached("came_g", lambda: torch.empty_like(g)).copy_(g)
-        scalar = plan.cached("came_bias", lambda: torch.empty((), dtype=plan.dtype, device=plan.layout.device))
+        g_in = b.cached("came_g", lambda: torch.empty_like(g)).copy_(g)
+        scalar = b.cached("came_bias", lambda: torch.empty((), dtype=b.dtype, device=b.layout.device))
         scalar.fill_(bias)
         baked = (*group["betas"], *group["eps"], group["clip_threshold"])
-        slot = plan.cached("graph", GraphSlot)
-        return slot(baked, lambda: StepGraph(lambda: self._came(group, plan, g_in, states, scalar),
-                                              plan.layout.device)), None
+        return b.graph(baked, lambda: StepGraph(lambda: self._came(group, b, g_in, states, scalar),
+                                                b.layout.device)), None  # fmt: skip
 
-    def _came(self, group: dict, plan: _Plan, g: Tensor, states: list[dict], bias: float | Tensor) -> Tensor:
+    @staticmethod
+    def _moment(b: _Bucket, states: list[dict]) -> quant8.FlatQuantState | None:
+        """The 8-bit store of the first moments when some are 8-bit (tensors of ≥ ``MIN_8BIT_NUMEL``), else None."""
+
+        def make() -> quant8.FlatQuantState | bool:
+            quantised = [quant8.has_state(s, "exp_avg") for s in states]
+            return any(quantised) and quant8.FlatQuantState(b.layout, quantised)
+
+        return b.cached("moment8", make) or None
+
+    def _came(self, group: dict, b: _Bucket, g: Tensor, states: list[dict], bias: float | Tensor) -> Tensor:
         """CAME's direction m/√R̂ (``bias`` = √(1−β₃ᵏ), a float or a 0-d device tensor)."""
         beta1, beta2, beta3 = group["betas"]
         eps1, eps2 = group["eps"]
-        v_row, v_col = self._factored(plan, states, "v")
-        r_row, r_col = self._factored(plan, states, "r")
+        v_row, v_col = self._factored(b, states, "v")
+        r_row, r_col = self._factored(b, states, "r")
 
         sq = (g * g).add_(eps1)
-        v_row.lerp_(plan.rows.mean(sq), 1.0 - beta2)
-        v_col.lerp_(plan.cols.mean(sq), 1.0 - beta2)
-        update = _factored_rsqrt(v_row, v_col, plan).mul_(g)
-        rms = plan.tensors.sum(update * update).div_(plan.numel).sqrt_()
-        update.div_(plan.tensors.expand(rms.div_(group["clip_threshold"]).clamp_min_(1.0)))
+        v_row.lerp_(b.row_mean(sq), 1.0 - beta2)
+        v_col.lerp_(b.col_mean(sq), 1.0 - beta2)
+        update = _factored_rsqrt(v_row, v_col, b).mul_(g)
+        rms = b.tensors.sum(update * update).div_(b.numel).sqrt_()
+        update.div_(b.tensors.expand(rms.div_(group["clip_threshold"]).clamp_min_(1.0)))
 
-        arranged = plan.cached("arranged", lambda: plan.layout.arrange(states))
-        moment8 = plan.scratch.get("moment8")
-        if moment8 is None and any(quant8.has_state(s, "exp_avg") for s in arranged):
-            moment8 = plan.scratch["moment8"] = _Moment8(
-                plan, [quant8.has_state(s, "exp_avg") for s in arranged]
-            )
-        if moment8 is None:
-            moment = plan.state(states, "exp_avg", plan.dtype)
-            moment.lerp_(update, 1.0 - beta1)
+        store8 = self._moment(b, states)
+        if store8 is None:
+            moment = b.state(states, "exp_avg", b.dtype)
         else:
-            moment = moment8.load(arranged, plan.dtype)
-            moment.lerp_(update, 1.0 - beta1)
-            moment8.store(arranged, moment)
+            moment = store8.load(states, "exp_avg", signed=True, dtype=b.dtype)
+        moment.lerp_(update, 1.0 - beta1)
 
         instability = update.sub_(moment).square_().add_(eps2)
-        r_row.lerp_(plan.rows.mean(instability), 1.0 - beta3)
-        r_col.lerp_(plan.cols.mean(instability), 1.0 - beta3)
-        return _factored_rsqrt(r_row, r_col, plan, bias).mul_(moment)
+        r_row.lerp_(b.row_mean(instability), 1.0 - beta3)
+        r_col.lerp_(b.col_mean(instability), 1.0 - beta3)
+        direction = _factored_rsqrt(r_row, r_col, b, bias).mul_(moment)
+        if store8 is not None:
+            store8.store_("exp_avg", moment, signed=True)  # last: storing may use the buffer as scratch
+        return direction

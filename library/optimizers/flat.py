@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import math
 import operator
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +33,12 @@ def matrix_shape(shape: Sequence[int]) -> tuple[int, int]:
     if len(shape) == 0:
         return 1, 1
     return shape[0], math.prod(shape[1:])
+
+
+def work_dtype(p: Tensor) -> torch.dtype:
+    """The precision an optimizer's math and state use for ``p``: fp32 for half-precision weights (their
+    rounding would swallow small updates and moments), the weight's own dtype otherwise."""
+    return torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype
 
 
 def segment_ids(lengths: Tensor, total: int) -> Tensor:
@@ -184,9 +190,27 @@ class FlatLayout:
         """Per-tensor maxima of a flat buffer, in layout order (-inf for an empty tensor)."""
         return torch.segment_reduce(x, "max", offsets=self._segment_offsets, unsafe=True)
 
+    def mean(self, x: Tensor) -> Tensor:
+        """Per-tensor means of a flat buffer, in layout order."""
+        return torch.segment_reduce(x, "mean", offsets=self._segment_offsets, unsafe=True)
+
     def norm(self, x: Tensor) -> Tensor:
         """Per-tensor L2 norms of a flat buffer, in layout order."""
         return self.sum(x * x).sqrt()
+
+    def to_caller_order(self, values: Tensor) -> Tensor:
+        """Per-tensor values (layout order) in the caller's order, for results handed back per tensor."""
+        index = torch.tensor(self.order, device=values.device)
+        return torch.empty_like(values).index_copy_(0, index, values)
+
+    def row_layout(self) -> FlatLayout:
+        """The layout of one value per matrix row of every tensor (row vectors shaped ``(rows,)``), in this
+        layout's order: per-tensor math on per-row values (a factored moment's row mean, a row factor spread
+        over its tensor's rows) is then this layout's segment math. The order is kept because tensors are
+        already sorted by rows first, and sorting is stable."""
+        rows = FlatLayout([(b.rows,) for b in self.buckets for _ in range(b.count)], self.device)
+        assert rows.order == list(range(self.count))
+        return rows
 
     def expand(self, values: Tensor) -> Tensor:
         """Per-tensor values (layout order) repeated over each tensor's elements: a flat buffer to multiply by."""
@@ -197,32 +221,111 @@ class FlatLayout:
         return flat[bucket.start : bucket.stop].view(bucket.count, bucket.rows, bucket.cols)
 
 
-class FlatState:
-    """Per-parameter optimizer state tensors kept as views into flat buffers of one layout.
+def reduce_stacks(stacks: Sequence[Tensor], reduce: Callable[..., Tensor], dim: int,
+                  out: Tensor | None = None) -> Tensor:  # fmt: skip
+    """``reduce(stack, dim=dim)`` of every stack, end to end in one 1-D tensor (``out`` or a new one): one
+    kernel per stack, no cat.
 
-    ``self.state[p][key]`` stays the per-parameter tensor torch.optim's state_dict expects (so checkpoints keep
-    their format); it is a view of one flat buffer, which the math updates in one kernel. When something replaced
-    the per-parameter tensors (``load_state_dict``, a user), ``buffer`` notices by identity and gathers them again.
+    Stacks are views of a flat buffer whose last two dims are matrices: ``dim=-1`` gives one value per row
+    (``row_stacks`` of :mod:`~library.optimizers.transforms`, flat row order), ``dim=-2`` one per column
+    (:func:`column_stacks`, (tensor, column) order). ``reduce`` is ``torch.sum``/``mean``/``linalg.vector_norm``
+    or any reduction taking ``dim`` and ``out``.
     """
+    if out is None:
+        out = torch.empty(sum(s.numel() // s.shape[dim] for s in stacks), dtype=stacks[0].dtype,
+                          device=stacks[0].device)  # fmt: skip
+    start = 0
+    for stack in stacks:
+        shape = list(stack.shape)
+        del shape[dim]
+        count = math.prod(shape)
+        reduce(stack, dim=dim, out=out[start : start + count].view(shape))
+        start += count
+    return out
+
+
+def broadcast_stacks(stacks: Sequence[Tensor], values: Tensor, dim: int) -> list[Tensor]:
+    """Views of ``values`` (one per row or column, as :func:`reduce_stacks` lays them out) shaped to broadcast
+    against each stack along ``dim``: ``torch._foreach_div_(stacks, broadcast_stacks(stacks, v, -1))`` divides
+    every row by its value in place, with no per-element copy of ``values``."""
+    views, start = [], 0
+    for stack in stacks:
+        shape = list(stack.shape)
+        shape[dim] = 1
+        count = math.prod(shape)
+        views.append(values[start : start + count].view(shape))
+        start += count
+    return views
+
+
+def column_stacks(layout: FlatLayout, flat: Tensor) -> list[Tensor]:
+    """The [count, rows, cols] view of each shape bucket of `flat`: column math is one kernel per shape."""
+    return [layout.bucket_view(flat, b) for b in layout.buckets]
+
+
+def outer_into(stacks: Sequence[Tensor], rows: Tensor, cols: Tensor) -> None:
+    """Write (row value) × (column value) into every element of the [count, rows, cols] ``stacks``
+    (:func:`column_stacks`), one kernel per shape: a factored second moment (Adafactor, CAME) expanded in place."""
+    for stack, row, col in zip(stacks, broadcast_stacks(stacks, rows, -1), broadcast_stacks(stacks, cols, -2),
+                               strict=True):  # fmt: skip
+        torch.mul(row, col, out=stack)
+
+
+class PackedState:
+    """Per-parameter state tensors of any shapes kept as views of one flat buffer per name.
+
+    ``state[key]`` stays the per-parameter tensor torch.optim's state_dict expects (so checkpoints keep their
+    format); it is a view of the flat buffer, which the math updates in one kernel. A buffer packs
+    ``dicts[i][keys[i]]`` in the order given: tensors under different keys or not shaped like their parameter
+    (factored row/column moments, per-tensor scalars) pack as well. When something replaced a per-parameter
+    tensor (``load_state_dict``, a user), ``buffer`` notices by identity and gathers them again.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, tuple[Tensor, list[Tensor]]] = {}
+
+    def buffer(self, name: str, dicts: Sequence[dict[str, Any]], keys: str | Sequence[str], dtype: torch.dtype,
+               layout: Any = None) -> Tensor:  # fmt: skip
+        """The flat buffer ``name`` behind ``dicts[i][keys[i]]`` (``keys``: one key for all, or one per dict),
+        re-gathered if one was replaced; the identity test runs in C (``map``), as it runs every step. The
+        tensors lie end to end in the order given, or where ``layout`` (its ``flatten``/``views``) puts them."""
+        if isinstance(keys, str):
+            keys = [keys] * len(dicts)
+        cached = self._buffers.get(name)
+        if cached is not None:
+            flat, views = cached
+            if flat.dtype == dtype and all(map(operator.is_, map(operator.getitem, dicts, keys), views)):
+                return flat
+        tensors = list(map(operator.getitem, dicts, keys))
+        if layout is not None:
+            flat = layout.flatten(tensors, dtype)
+            views = layout.views(flat)
+        else:
+            flat = torch.cat([t.reshape(-1).to(dtype) for t in tensors])
+            pieces = flat.split_with_sizes([t.numel() for t in tensors])
+            views = [piece.view(t.shape) for piece, t in zip(pieces, tensors, strict=True)]
+        for d, k, view in zip(dicts, keys, views, strict=True):
+            d[k] = view
+        self._buffers[name] = (flat, views)
+        return flat
+
+    def drop(self, name: str) -> None:
+        """Forget one buffer (its per-parameter views stay valid tensors)."""
+        self._buffers.pop(name, None)
+
+
+class FlatState:
+    """Per-parameter optimizer state tensors shaped like their parameters, kept as views into flat buffers of one
+    layout (a :class:`PackedState` placed by the layout), so a state buffer lines up with the flat gradients."""
 
     def __init__(self, layout: FlatLayout) -> None:
         self.layout = layout
-        self._buffers: dict[str, tuple[Tensor, list[Tensor]]] = {}
+        self._packed = PackedState()
 
     def buffer(self, states: Sequence[dict[str, Any]], key: str, dtype: torch.dtype) -> Tensor:
         """The flat buffer behind ``states[i][key]`` (caller's order), re-gathered if any of them was replaced."""
-        cached = self._buffers.get(key)
-        if cached is not None:
-            flat, views = cached
-            if flat.dtype == dtype and all(s[key] is v for s, v in zip(states, views, strict=True)):
-                return flat
-        flat = self.layout.flatten([s[key] for s in states], dtype)
-        views = self.layout.views(flat)
-        for s, v in zip(states, views, strict=True):
-            s[key] = v
-        self._buffers[key] = (flat, views)
-        return flat
+        return self._packed.buffer(key, states, key, dtype, self.layout)
 
     def drop(self, key: str) -> None:
         """Forget one buffer (its per-parameter views stay valid tensors)."""
-        self._buffers.pop(key, None)
+        self._packed.drop(key)

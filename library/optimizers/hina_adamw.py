@@ -93,6 +93,7 @@ from library.errors import OptimizerError
 from library.optimizers import quant8
 from library.optimizers import transforms as T
 from library.optimizers.flat import FlatLayout, FlatState, chunk_positions
+from library.optimizers.flat import work_dtype as _work_dtype
 from library.optimizers.graphs import GraphSlot, StepGraph, can_capture
 from library.optimizers.state import ExactStateLoad, closure_loss
 from library.optimizers.validate import require
@@ -132,10 +133,6 @@ def find_lora_pairs(names: Iterable[str]) -> dict[str, tuple[str, str]]:
         key = f"{match['prefix']}*{match['suffix']}"
         (downs if match["role"] in _DOWN_ROLES else ups)[key] = name
     return {key: (downs[key], ups[key]) for key in downs.keys() & ups.keys()}
-
-
-def _work_dtype(p: Tensor) -> torch.dtype:
-    return torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype
 
 
 def _anchor_dtype(p: Tensor, quantised: bool) -> torch.dtype:

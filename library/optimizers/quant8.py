@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from library.errors import OptimizerUnavailable
-from library.optimizers.flat import FlatLayout
+from library.optimizers.flat import FlatLayout, PackedState
 
 # Small blocks keep outliers local; 256 is what bitsandbytes' blockwise 8-bit optimizers use.
 BLOCKSIZE = 256
@@ -150,8 +150,16 @@ def _bnb_ops():
     return _ops[0]
 
 
+def _picker(indices: list[int]):
+    """``items`` → ``[items[i] for i in indices]`` as one C-level call (an itemgetter), for per-step use."""
+    if not indices:
+        return lambda items: []
+    get = itemgetter(*indices)
+    return (lambda items: [get(items)]) if len(indices) == 1 else (lambda items: list(get(items)))
+
+
 class FlatQuantState:
-    """The 8-bit states of all tensors of one layout as one code buffer and one absmax buffer.
+    """The 8-bit states of the tensors of one layout as one code buffer and one absmax buffer.
 
     Each tensor (in layout order) owns a slot of ``num_blocks(n)·BLOCKSIZE`` codes, so no quantisation block
     straddles two tensors; the slot's tail holds the map's exact zero, which changes neither a block's absmax nor
@@ -159,42 +167,63 @@ class FlatQuantState:
     each tensor on its own. ``state[f"{name}_codes"]`` / ``state[f"{name}_absmax"]`` stay per-parameter tensors (so
     checkpoints keep their format) as views of the two buffers; when something replaced them (a state_dict load)
     they are gathered again. When every size is a multiple of ``BLOCKSIZE`` (LoRA shapes usually are) the padded
-    buffer is the layout's flat buffer itself; otherwise one cached index moves values between the two.
+    buffer is the layout's flat buffer itself; otherwise one split moves values between the two.
+
+    ``quantised`` (caller's order; default all) leaves some tensors at full precision, as bitsandbytes does below
+    its ``min_8bit_size``: their ``state[name]`` is a view of one flat buffer of the working dtype, and
+    :meth:`load` / :meth:`store_` move both kinds in one flat buffer in layout order, so a step's math does not
+    care which tensors are 8-bit (tensors of both kinds alternate in a layout sorted by shape).
     """
 
-    def __init__(self, layout: FlatLayout) -> None:
+    def __init__(self, layout: FlatLayout, quantised: list[bool] | None = None) -> None:
         self.layout = layout
-        blocks = [num_blocks(n) for n in layout.sizes]
+        flags = [True] * layout.count if quantised is None else layout.arrange(quantised)  # layout order
+        self.quantised = flags
+        self.mixed = not all(flags)
+        blocks = [num_blocks(n) if q else 0 for n, q in zip(layout.sizes, flags, strict=True)]
         self.block_starts = [0]
         for b in blocks[:-1]:
             self.block_starts.append(self.block_starts[-1] + b)
         self.blocks = blocks
         self.total_blocks = sum(blocks)
         self.padded = self.total_blocks * BLOCKSIZE
-        self.aligned = all(n % BLOCKSIZE == 0 for n in layout.sizes)
-        # value and padding lengths, alternating, in layout order
-        self._slot_sizes = [k for n, b in zip(layout.sizes, blocks, strict=True) for k in (n, b * BLOCKSIZE - n)]
+        self.aligned = not self.mixed and all(n % BLOCKSIZE == 0 for n in layout.sizes)
+        # value and padding lengths, alternating, in layout order (0 and 0 for a full-precision tensor)
+        slots = [(n, b * BLOCKSIZE - n) if b else (0, 0) for n, b in zip(layout.sizes, blocks, strict=True)]
+        self._slot_sizes = [k for slot in slots for k in slot]
+        q_at = [j for j, q in enumerate(flags) if q]
+        f_at = [j for j, q in enumerate(flags) if not q]
+        self._q_at, self._f_at = _picker(q_at), _picker(f_at)  # layout order → quantised / full-precision ones
+        self._q_states = _picker(sorted(layout.order[j] for j in q_at))  # caller's order → quantised ones
+        self._f_states = _picker([layout.order[j] for j in f_at])  # caller's order → full-precision, layout order
+        self._f_sizes = [layout.sizes[j] for j in f_at]
+        self._full = PackedState()
+        self._full_flat: dict[str, Tensor] = {}
         self._buffers: dict[str, tuple[Tensor, Tensor, list[Tensor], list[Tensor]]] = {}
 
     def _slots(self, padded: Tensor) -> list[Tensor]:
-        """Each tensor's values inside a padded buffer (layout order), one split: for layouts with unaligned
-        sizes, values move between the flat and the padded buffer by one foreach copy (no position index)."""
+        """Each quantised tensor's values inside a padded buffer (layout order), one split: for layouts with
+        unaligned or full-precision tensors, values move between the flat and the padded buffer by one foreach
+        copy (no position index)."""
         pieces = padded.split_with_sizes(self._slot_sizes)
-        return pieces[::2]
+        return self._q_at(pieces[::2])
 
     def _views(self, codes: Tensor, absmax: Tensor) -> tuple[list[Tensor], list[Tensor]]:
-        """Per-tensor views of the two buffers, in the caller's order."""
+        """Per-tensor views of the two buffers, quantised tensors in the caller's order."""
         layout = self.layout
         code_views: list[Tensor] = [codes] * layout.count
         absmax_views: list[Tensor] = [absmax] * layout.count
         for j, i in enumerate(layout.order):
+            if not self.quantised[j]:
+                continue
             start = self.block_starts[j] * BLOCKSIZE
             code_views[i] = codes[start : start + layout.sizes[j]].view(layout.shapes[i])
             absmax_views[i] = absmax[self.block_starts[j] : self.block_starts[j] + self.blocks[j]]
-        return code_views, absmax_views
+        return self._q_states(code_views), self._q_states(absmax_views)
 
     def buffers(self, states: list[dict], name: str, signed: bool) -> tuple[Tensor, Tensor]:
         """(codes, absmax) flat buffers of state ``name``: the cached ones while ``states`` still hold their views."""
+        states = self._q_states(states)
         cached = self._buffers.get(name)
         codes_key, absmax_key = f"{name}_codes", f"{name}_absmax"
         if cached is not None:
@@ -225,17 +254,25 @@ class FlatQuantState:
             codes, absmax, quant_map(signed, codes.device), BLOCKSIZE, torch.float32
         )
         if not self.aligned:
-            padded, flat = flat, flat.new_empty(self.layout.numel)
-            torch._foreach_copy_(list(flat.split_with_sizes(self.layout.sizes)), self._slots(padded))
+            padded, flat = flat, flat.new_empty(self.layout.numel, dtype=dtype if self.mixed else flat.dtype)
+            targets = flat.split_with_sizes(self.layout.sizes)
+            sources = self._slots(padded)
+            if self.mixed:  # the full-precision tensors' values, in their own dtype
+                full = self._full_flat[name] = self._full.buffer(name, self._f_states(states), name, dtype)
+                sources += full.split_with_sizes(self._f_sizes)
+            torch._foreach_copy_(self._q_at(targets) + self._f_at(targets), sources)
             del padded
         return flat if flat.dtype == dtype else flat.to(dtype)
 
     def store_(self, name: str, flat: Tensor, *, signed: bool) -> None:
-        """Requantise a flat buffer (layout order) into the state buffers of ``name`` (after :meth:`load`);
-        ``flat`` is used as scratch: its values are gone afterwards."""
+        """Write a flat buffer (layout order) back into the state of ``name`` (after :meth:`load`): full-precision
+        tensors by one copy, the others requantised; ``flat`` is used as scratch: its values are gone afterwards."""
         codes, absmax, _, _ = self._buffers[name]
         if not self.aligned:
+            pieces = flat.split_with_sizes(self.layout.sizes)
+            if self.mixed:
+                torch._foreach_copy_(list(self._full_flat[name].split_with_sizes(self._f_sizes)), self._f_at(pieces))
             padded = flat.new_zeros(self.padded)
-            torch._foreach_copy_(self._slots(padded), list(flat.split_with_sizes(self.layout.sizes)))
+            torch._foreach_copy_(self._slots(padded), self._q_at(pieces))
             flat = padded
         quantize_into_(flat, codes, absmax, signed=signed, overwrite=True)

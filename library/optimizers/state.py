@@ -1,4 +1,5 @@
-"""What every in-house optimizer shares with torch.optim's conventions: the closure of ``step`` and exact state reload."""
+"""What every in-house optimizer shares with torch.optim's conventions: the closure of ``step``, exact state reload
+and the parameter names a param group may carry."""
 
 from __future__ import annotations
 
@@ -16,6 +17,14 @@ def closure_loss(closure: Callable[[], Any] | None) -> Any:
         return None
     with torch.enable_grad():
         return closure()
+
+
+def group_names(group: dict[str, Any]) -> list[str | None]:
+    """The group's parameter names (``names``, or torch's ``param_names``), or Nones when it has none."""
+    names = group.get("names", group.get("param_names"))
+    if names is None:
+        return [None] * len(group["params"])
+    return list(names)
 
 
 class ExactStateLoad:

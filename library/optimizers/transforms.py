@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from library.optimizers.flat import FlatLayout, segment_ids
+from library.optimizers.flat import FlatLayout, reduce_stacks, segment_ids
 
 # ‖θ‖² at or below this is treated as "no weight yet" (LoRA up at init) by OrthoGrad.
 _ZERO_NORM_SQ = 1e-30
@@ -28,22 +28,34 @@ _TINY = 1e-30
 class Segments:
     """Per-tensor reductions and broadcasts over the flat buffers of one :class:`FlatLayout`, a kernel each.
 
-    ``sum``/``max`` are the layout's (``segment_reduce`` without its host-syncing length check). ``expand`` gathers
-    with an int32 index (which tensor each element belongs to, 4 bytes per element) instead of
+    ``sum``/``max``/``mean`` are the layout's (``segment_reduce`` without its host-syncing length check).
+    ``expand`` gathers with an int32 index (which tensor each element belongs to, 4 bytes per element) instead of
     ``repeat_interleave``, which builds an int64 index of the same length on every call. The index lives only
-    inside ``with segments.indexed():`` (one step): between steps it would cost 4 bytes per parameter.
+    inside ``with segments.indexed():`` (one step): between steps it would cost 4 bytes per parameter, unless
+    :meth:`keep_index` asked for it.
     """
 
     def __init__(self, layout: FlatLayout) -> None:
         self.lengths = layout.lengths
         self.numel = layout.numel
         self.index: Tensor | None = None
+        self.kept = False
         self.sum = layout.sum
         self.max = layout.max
+        self.mean = layout.mean
+
+    def keep_index(self) -> None:
+        """Build the element index once and keep it between steps: a CUDA graph that reads it was captured with
+        its address, so it may not be rebuilt per step."""
+        self.index = segment_ids(self.lengths, self.numel)
+        self.kept = True
 
     @contextlib.contextmanager
     def indexed(self) -> Iterator[Segments]:
-        """Build the element index for the block (one kernel) and drop it after."""
+        """Build the element index for the block (one kernel) and drop it after (a kept index stays)."""
+        if self.kept:
+            yield self
+            return
         self.index = segment_ids(self.lengths, self.numel)
         try:
             yield self
@@ -147,15 +159,7 @@ def allora_row_scale(stacks: list[Tensor], eta: float, out: Tensor | None = None
     Rows at zero get the largest factor η, so zero-initialised LoRA up learns without waiting for its own norm to
     grow. One batched norm per stack (written into ``out``, one value per row, when given).
     """
-    if out is None:
-        norms = [torch.linalg.vector_norm(stack, dim=-1).reshape(-1) for stack in stacks]
-        rows = norms[0] if len(norms) == 1 else torch.cat(norms)
-    else:  # each norm written in place: no cat
-        rows, start = out, 0
-        for stack in stacks:
-            count = stack[..., 0].numel()
-            torch.linalg.vector_norm(stack, dim=-1, out=out[start : start + count].view(stack.shape[:-1]))
-            start += count
+    rows = reduce_stacks(stacks, torch.linalg.vector_norm, -1, out)
     return rows.mul_(rows).add_(1.0 / (eta * eta)).rsqrt_()
 
 

@@ -67,7 +67,7 @@ def _train(cuda_graph: bool, steps: int, reload_at: int, cls=Automagic_Sinkgd, l
 def test_graphed_sinkgd_matches_eager_through_a_state_dict_reload():
     eager, _ = _train(False, 12, reload_at=6, warmup_steps=4)
     graphed, opt = _train(True, 12, reload_at=6, warmup_steps=4)
-    graphs = [plan.resolved["graph"].graph for plan in opt._plans.values()]
+    graphs = [bucket.graph.graph for bucket in opt._buckets.values()]
     assert graphs and all(g.captured for g in graphs)
     for a, b in zip(eager, graphed, strict=True):
         torch.testing.assert_close(b, a, rtol=0, atol=0)
@@ -81,7 +81,7 @@ def test_graphed_cameamp_matches_eager_across_warmup_and_a_reload(bits):
     extra = dict(use_orthogonal_grad=True, optim_bits=bits, warmup_steps=4)
     eager, _ = _train(False, 14, reload_at=7, cls=Automagic_CameAMP, **extra)
     graphed, opt = _train(True, 14, reload_at=7, cls=Automagic_CameAMP, **extra)
-    graphs = [plan.resolved["graph"].graph for plan in opt._plans.values()]
+    graphs = [bucket.graph.graph for bucket in opt._buckets.values()]
     assert graphs and all(g.captured for g in graphs)  # the warm-up graph was replaced, not kept
     for a, b in zip(eager, graphed, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)  # R's correction: a device scalar, not an argument
