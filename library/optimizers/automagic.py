@@ -574,8 +574,7 @@ class _AutomagicBase(ExactStateLoad, torch.optim.Optimizer):
         if lr_factor is not None and ratio != 1.0:
             lr_factor = lr_factor * ratio
         if b.lora is not None and any(b.lora):
-            rows = reduce_stacks(T.row_stacks(b.layout, theta * theta), torch.sum, -1)
-            rows.add_(1.0 / (group["alora_eta"] * group["alora_eta"])).rsqrt_()
+            rows = T.allora_row_scale(T.row_stacks(b.layout, theta), group["alora_eta"])
             if b.plain_rows is not None:
                 rows.masked_fill_(b.plain_rows, 1.0)
             if lr_factor is not None:
@@ -660,21 +659,10 @@ class Automagic_Sinkgd(_AutomagicBase):  # noqa: N801 - the name users type (Hin
         cuda_graphs: bool = True,
     ) -> None:
         require(type(self).__name__, "beta1", beta1, 0.0 <= beta1 < 1.0, "in [0, 1)")
-        defaults = dict(
-            lr=lr,
-            min_lr=min_lr,
-            max_lr=max_lr,
-            lr_bump=lr_bump,
-            alora_eta=alora_eta,
-            beta1=beta1,
-            d_coef=d_coef,
-            weight_decay=weight_decay,
-            warmup_steps=warmup_steps,
-            full_finetune=full_finetune,
-            use_orthogonal_grad=use_orthogonal_grad,
-            stats_update_freq=stats_update_freq,
-            cuda_graphs=cuda_graphs,
-        )
+        defaults = dict(lr=lr, min_lr=min_lr, max_lr=max_lr, lr_bump=lr_bump, alora_eta=alora_eta,
+                        beta1=beta1, d_coef=d_coef, weight_decay=weight_decay, warmup_steps=warmup_steps,
+                        full_finetune=full_finetune, use_orthogonal_grad=use_orthogonal_grad,
+                        stats_update_freq=stats_update_freq, cuda_graphs=cuda_graphs)  # fmt: skip
         super().__init__(params, defaults)
 
     def _init_state(self, group: dict, p: Tensor, state: dict) -> None:
@@ -758,24 +746,11 @@ class Automagic_CameAMP(_AutomagicBase):  # noqa: N801 - the name users type (Hi
         require(name, "eps", eps, len(eps) == 2 and all(e > 0 for e in eps), "2 values > 0")
         require(name, "clip_threshold", clip_threshold, clip_threshold > 0, "> 0")
         require(name, "optim_bits", optim_bits, optim_bits in (8, 32), "8 or 32")
-        defaults = dict(
-            lr=lr,
-            min_lr=min_lr,
-            max_lr=max_lr,
-            lr_bump=lr_bump,
-            alora_eta=alora_eta,
-            d_coef=d_coef,
-            weight_decay=weight_decay,
-            warmup_steps=warmup_steps,
-            full_finetune=full_finetune,
-            use_orthogonal_grad=use_orthogonal_grad,
-            stats_update_freq=stats_update_freq,
-            betas=tuple(betas),
-            eps=tuple(eps),
-            clip_threshold=clip_threshold,
-            optim_bits=optim_bits,
-            cuda_graphs=cuda_graphs,
-        )
+        defaults = dict(lr=lr, min_lr=min_lr, max_lr=max_lr, lr_bump=lr_bump, alora_eta=alora_eta, d_coef=d_coef,
+                        weight_decay=weight_decay, warmup_steps=warmup_steps, full_finetune=full_finetune,
+                        use_orthogonal_grad=use_orthogonal_grad, stats_update_freq=stats_update_freq,
+                        betas=tuple(betas), eps=tuple(eps), clip_threshold=clip_threshold, optim_bits=optim_bits,
+                        cuda_graphs=cuda_graphs)  # fmt: skip
         super().__init__(params, defaults)
 
     def _init_state(self, group: dict, p: Tensor, state: dict) -> None:
