@@ -33,22 +33,22 @@ out×(in·kh·kw) for SinkGD, CAME's factored moments and ALLoRA rows. Math runs
 ``log_metrics()`` returns the statistics (``avg_lr``, the mean of the mask) as tensors.
 
 Performance. A LoRA step touches hundreds of small tensors, so on a GPU it is bound by kernel launches and host
-time. The step therefore works on flat buffers (:mod:`library.optimizers.flat`): per param group, (device, working
-dtype) and step count ("run"), gradients and weights are copied into persistent flat buffers (one foreach copy
-each), the per-element states are views of flat buffers (``FlatState``), every elementwise op is one kernel over
-all tensors, and the weights are written back with one foreach copy. Host work per step is O(1) per run: runs,
-plans and resolved state buffers are cached until the set of parameters with gradients changes or a state dict is
-loaded, and ``state["step"]`` is written lazily from one counter per run (before ``state_dict()``). Row and column
-math runs on ``[rows, cols]`` / ``[k, rows, cols]`` views, one kernel per distinct row length or shape (a
-``segment_reduce`` over ~10⁵ rows of a few elements is slow on CUDA); per-tensor reductions are one
-``segment_reduce`` and per-tensor broadcasts one gather through an int32 element → tensor index built at the
-start of each step (kept between steps only for a captured CUDA graph; above ``_INDEX_MAX_NUMEL`` elements
-``repeat_interleave`` instead). Gradients and weights are gathered into fresh flat buffers each step, so between
-steps the optimizer keeps its state and nothing per element besides it. The factored CAME moments and
-the per-tensor statistics are flat buffers too, with the per-parameter tensors in ``state`` as their views, so
-``state_dict()`` keeps its per-parameter format. 8-bit first moments are dequantised and requantised in one call
-each (codes padded per tensor to whole blocks, bit-identical to quantising each tensor alone). The number of ops
-per step does not depend on the number of tensors, only on the number of distinct shapes.
+time. The step runs on the flat engine (:mod:`library.optimizers.flat`, :mod:`~library.optimizers.transforms`,
+:mod:`~library.optimizers.quant8`): per param group, device, working dtype and step count (a "bucket"),
+gradients and weights are gathered into fresh flat buffers (one op each; nothing per element is kept between
+steps besides the state), every elementwise op is one kernel over all tensors, and the weights go back with one
+foreach copy. Per-element states are views of flat buffers (``FlatState``); the factored CAME moments and the
+per-tensor statistics are packed the same way (``PackedState``), and 8-bit first moments live in one
+``FlatQuantState`` next to the fp32 ones of small tensors, so ``state_dict()`` keeps its per-parameter format.
+Row and column math runs on the layout's ``[rows, cols]`` / ``[k, rows, cols]`` stacks, one kernel per distinct row
+length or shape (a ``segment_reduce`` over ~10⁵ rows of a few elements is slow on CUDA); per-tensor reductions are
+one ``segment_reduce`` and per-tensor broadcasts one gather through the int32 element → tensor index of
+``transforms.Segments``, built at the start of each step (kept between steps only for a captured CUDA graph;
+above ``_INDEX_MAX_NUMEL`` elements ``repeat_interleave`` instead). Host work per step is O(1) per bucket:
+buckets and their resolved state buffers are cached until the set of parameters with gradients changes or a
+state dict is loaded, and ``state["step"]`` is written lazily from one counter per bucket (before
+``state_dict()``). The number of ops per step does not depend on the number of tensors, only on the number of
+distinct shapes.
 """
 
 from __future__ import annotations

@@ -10,7 +10,10 @@ an optimizer can use.
 
 Tensors are ordered by matrix shape (dim 0 × the rest), so all tensors of one shape form one contiguous slice
 that views as a [k, rows, cols] stack: row and column math (ALLoRA, SinkGD, factored moments) is one kernel per
-distinct shape, not per tensor. Every per-tensor list a caller builds must be in ``layout.order``.
+distinct shape, not per tensor (:func:`reduce_stacks`, :func:`broadcast_stacks`, :func:`outer_into`). Every
+per-tensor list a caller builds must be in ``layout.order``. Optimizer state stays per parameter, as torch.optim's
+state_dict wants it, but as views of flat buffers (:class:`FlatState` for tensors shaped like their parameter,
+:class:`PackedState` for any others), so the math updates all of it in one kernel.
 """
 
 from __future__ import annotations

@@ -1,8 +1,19 @@
-"""FlatLayout / FlatState: segment math against per-tensor reference computations."""
+"""FlatLayout / FlatState / PackedState: segment, row and column math against per-tensor reference computations."""
 
 import torch
 
-from library.optimizers.flat import FlatLayout, FlatState, matrix_shape, segment_ids
+from library.optimizers.flat import (
+    FlatLayout,
+    FlatState,
+    PackedState,
+    broadcast_stacks,
+    column_stacks,
+    matrix_shape,
+    outer_into,
+    reduce_stacks,
+    segment_ids,
+)
+from library.optimizers.transforms import row_stacks
 
 SHAPES = [(4, 3), (5,), (4, 3), (2, 3, 1, 1), (), (4, 3), (5,)]
 
@@ -77,3 +88,59 @@ def test_gather_and_scatter_round_trip_contiguous_or_not():
         layout.scatter_(layout.rows(tensors), flat)
         assert torch.equal(layout.gather(tensors, torch.float64), flat)  # fp32 targets, values cast back exactly
         assert torch.equal(torch.cat([t.reshape(-1) for t in layout.arrange(tensors)]).double(), flat)
+
+
+def _as_matrix(t):
+    return t.reshape(*matrix_shape(t.shape))
+
+
+def test_row_and_column_reductions_and_broadcasts_match_per_tensor_math():
+    layout = FlatLayout(SHAPES, "cpu")
+    tensors = _tensors()
+    flat = layout.flatten(tensors)
+    mats = [_as_matrix(t) for t in layout.arrange(tensors)]
+    rows, cols = row_stacks(layout, flat), column_stacks(layout, flat)
+    for reduce, ref in ((torch.sum, lambda m, d: m.sum(d)), (torch.mean, lambda m, d: m.mean(d)),
+                        (torch.linalg.vector_norm, lambda m, d: m.norm(dim=d))):  # fmt: skip
+        torch.testing.assert_close(reduce_stacks(rows, reduce, -1), torch.cat([ref(m, 1) for m in mats]))
+        torch.testing.assert_close(reduce_stacks(cols, reduce, -2), torch.cat([ref(m, 0) for m in mats]))
+    row_values = torch.arange(sum(m.shape[0] for m in mats), dtype=torch.float64) + 1
+    col_values = torch.arange(sum(m.shape[1] for m in mats), dtype=torch.float64) + 2
+    torch._foreach_div_(rows, broadcast_stacks(rows, row_values, -1))
+    torch._foreach_mul_(cols, broadcast_stacks(cols, col_values, -2))
+    outer = torch.empty_like(flat)
+    outer_into(column_stacks(layout, outer), row_values, col_values)
+    r0 = c0 = 0
+    for j, m in enumerate(mats):
+        n, k = m.shape
+        r, c = row_values[r0 : r0 + n], col_values[c0 : c0 + k]
+        got = flat[layout.offsets[j] : layout.offsets[j] + m.numel()].view(n, k)
+        torch.testing.assert_close(got, m / r[:, None] * c[None, :])
+        torch.testing.assert_close(outer[layout.offsets[j] : layout.offsets[j] + m.numel()].view(n, k),
+                                   torch.outer(r, c))  # fmt: skip
+        r0, c0 = r0 + n, c0 + k
+
+
+def test_row_layout_segments_each_tensors_rows_in_layout_order_and_values_return_to_caller_order():
+    layout = FlatLayout(SHAPES, "cpu")
+    rows = layout.row_layout()
+    assert rows.sizes == [matrix_shape(layout.shapes[i])[0] for i in layout.order]
+    row_values = torch.arange(rows.numel, dtype=torch.float64)
+    starts = [0, *torch.tensor(rows.sizes).cumsum(0).tolist()]
+    expected = [row_values[a:b].mean() for a, b in zip(starts[:-1], starts[1:], strict=True)]
+    torch.testing.assert_close(rows.mean(row_values), torch.stack(expected))
+    flat = layout.flatten(_tensors())
+    torch.testing.assert_close(layout.to_caller_order(layout.mean(flat)), torch.stack([t.mean() for t in _tensors()]))
+
+
+def test_packed_state_packs_tensors_of_any_keys_and_shapes_and_regathers_replaced_ones():
+    states = [{"v_row": torch.full((3,), 1.0)}, {"v": torch.tensor(2.0)}, {"v_row": torch.full((2,), 3.0)}]
+    keys = ["v_row", "v", "v_row"]
+    store = PackedState()
+    flat = store.buffer("rows", states, keys, torch.float64)
+    assert flat.tolist() == [1.0, 1.0, 1.0, 2.0, 3.0, 3.0] and states[1]["v"].shape == ()
+    assert all(s[k]._base is flat and s[k].dtype == torch.float64 for s, k in zip(states, keys, strict=True))
+    assert store.buffer("rows", states, keys, torch.float64) is flat  # unchanged: no gather
+    states[2]["v_row"] = torch.full((2,), 5.0)  # e.g. load_state_dict
+    again = store.buffer("rows", states, keys, torch.float64)
+    assert again is not flat and again.tolist() == [1.0, 1.0, 1.0, 2.0, 5.0, 5.0]

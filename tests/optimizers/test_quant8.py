@@ -148,3 +148,33 @@ def test_flat_state_gathers_per_parameter_tensors_that_were_replaced():
     want = quant8.dequantize(states[1]["v_codes"], states[1]["v_absmax"], signed=False)
     got = layout.views(flat_state.load(states, "v", signed=False))
     assert torch.equal(got[1], want) and torch.equal(got[0], torch.zeros(300))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_flat_state_with_full_precision_tensors_keeps_them_exact_and_quantises_the_rest_alone(dtype):
+    # small tensors stay at full precision (as below min_8bit_size); both kinds alternate in the layout's order
+    shapes = [(3, 100), (7,), (2, 256), (5, 3), (3, 100)]
+    quantised = [True, False, True, False, True]
+    tensors = [torch.randn(s, generator=torch.Generator().manual_seed(20 + k), dtype=dtype) for k, s in enumerate(shapes)]
+    layout = FlatLayout(shapes, "cpu")
+    flat_state = quant8.FlatQuantState(layout, quantised)
+    states = [{} for _ in shapes]
+    for state, t, q in zip(states, tensors, quantised, strict=True):
+        if q:
+            quant8.init_state(state, "m", t, signed=True)
+        else:
+            state["m"] = torch.zeros_like(t)
+    assert torch.equal(flat_state.load(states, "m", signed=True, dtype=dtype), torch.zeros(layout.numel, dtype=dtype))
+    flat_state.store_("m", layout.flatten(tensors), signed=True)
+    expected = []
+    for state, t, q in zip(states, tensors, quantised, strict=True):
+        if q:
+            codes, absmax = quant8.quantize(t, signed=True)
+            assert torch.equal(state["m_codes"], codes) and torch.equal(state["m_absmax"], absmax)
+            expected.append(quant8.dequantize(codes, absmax, signed=True, dtype=dtype))
+        else:
+            assert "m_codes" not in state and state["m"].dtype == dtype and torch.equal(state["m"], t)
+            expected.append(t)
+    assert torch.equal(flat_state.load(states, "m", signed=True, dtype=dtype), layout.flatten(expected))
+    states[3]["m"] = torch.ones(shapes[3], dtype=dtype)  # e.g. load_state_dict
+    assert torch.equal(layout.views(flat_state.load(states, "m", signed=True, dtype=dtype))[3], states[3]["m"])

@@ -235,3 +235,18 @@ def test_row_stacks_merge_equal_cols_and_give_the_same_row_factors():
     torch.testing.assert_close(merged, by_bucket, rtol=1e-15, atol=0.0)
     expected = [1.0 / math.sqrt(sum(v * v for v in row.tolist()) + 0.25) for s in stacks for row in s]
     assert merged.tolist() == pytest.approx(expected, rel=1e-12)
+
+
+def test_a_kept_index_outlives_the_step_and_gives_the_same_broadcast():
+    tensors = [_rand(3, 2, seed=70), _rand(5, seed=71), _rand(3, 2, seed=72)]
+    f = Flat(tensors)
+    values = torch.arange(3, dtype=F64)
+    with f.seg.indexed():
+        per_step = f.seg.expand(values)
+    assert f.seg.index is None  # dropped after the block: no 4 bytes per element between steps
+    f.seg.keep_index()
+    kept = f.seg.index
+    with f.seg.indexed():
+        assert f.seg.index is kept  # a captured graph reads it at this address
+        assert torch.equal(f.seg.expand(values), per_step)
+    assert f.seg.index is kept
