@@ -147,10 +147,10 @@ class _Bucket:
             [1.0 / math.sqrt(n) for n, m in mats for _ in range(m)], dtype=dtype, device=device
         )
         self.lora = None if lora is None else [lora[i] for i in layout.order]
-        self.plain_rows = None  # rows of tensors without ALLoRA, when some tensors have it
+        self.lora_rows = None  # which rows get ALLoRA, when only some tensors do
         if self.lora is not None and any(self.lora) and not all(self.lora):
-            flags = [not flag for flag, (n, _) in zip(self.lora, mats, strict=True) for _ in range(n)]
-            self.plain_rows = torch.tensor(flags, device=device)
+            flags = [flag for flag, (n, _) in zip(self.lora, mats, strict=True) for _ in range(n)]
+            self.lora_rows = torch.tensor(flags, device=device)
         self.graph = GraphSlot()  # the captured block of the direction (cuda_graphs=True)
         # resolved state buffers and step constants: looked up once, since load_state_dict drops every bucket
         self.resolved: dict[str, Any] = {}
@@ -574,14 +574,11 @@ class _AutomagicBase(ExactStateLoad, torch.optim.Optimizer):
         if lr_factor is not None and ratio != 1.0:
             lr_factor = lr_factor * ratio
         if b.lora is not None and any(b.lora):
-            rows = T.allora_row_scale(T.row_stacks(b.layout, theta), group["alora_eta"])
-            if b.plain_rows is not None:
-                rows.masked_fill_(b.plain_rows, 1.0)
             if lr_factor is not None:
-                rows.mul_(b.row_tensors.expand(lr_factor))
-            elif ratio != 1.0:
-                rows.mul_(ratio)
-            T.scale_rows_(T.row_stacks(b.layout, update), rows)
+                row_lr = b.row_tensors.expand(lr_factor)
+            else:
+                row_lr = ratio if ratio != 1.0 else None
+            T.allora_(b.layout, theta, update, group["alora_eta"], lora_rows=b.lora_rows, row_lr=row_lr)
         elif lr_factor is not None:
             update.mul_(b.tensors.expand(lr_factor))
         elif ratio != 1.0:

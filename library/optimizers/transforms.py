@@ -243,14 +243,14 @@ def allora_(
     update: Tensor,
     eta: float,
     lora_rows: Tensor | None = None,
-    row_lr: Tensor | None = None,
+    row_lr: Tensor | float | None = None,
 ) -> None:
     """ALLoRA (Huang et al. 2024) on the update, in place: each row divided by √(‖θ_r‖² + 1/η²).
 
     ALLoRA replaces dropout and the LoRA scaling factor by this row-wise normalisation, which speeds up the
     start of LoRA training (rows at zero learn at η times the rate). ``lora_rows`` (one bool per row, flat row
-    order) keeps factor 1 on rows of non-LoRA tensors; ``row_lr`` (per row) multiplies the same factors, so a
-    per-tensor lr ratio (LoRA+) costs no extra pass over the elements.
+    order) keeps factor 1 on rows of non-LoRA tensors; ``row_lr`` (per row, or one number) multiplies the same
+    factors, so a per-tensor lr ratio (LoRA+) or an lr schedule's factor costs no extra pass over the elements.
     """
     rows = allora_row_scale(row_stacks(layout, theta), eta)
     if lora_rows is not None:
