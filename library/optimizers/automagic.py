@@ -405,7 +405,10 @@ class _AutomagicBase(ExactStateLoad, torch.optim.Optimizer):
     # -- state -------------------------------------------------------------------------------------------------
 
     @staticmethod
-    def _uses_allora(group: dict, name: str | None, p: Tensor) -> bool:
+    def _uses_allora(group: dict, index: int, p: Tensor, names: list[str | None] | None = None) -> bool:
+        """Whether ALLoRA scales the rows of the group's ``index``-th parameter (``names``: the group's, if at
+        hand)."""
+        name = (group_names(group) if names is None else names)[index]
         if name is not None:
             return any(marker in name for marker in LORA_NAME_MARKERS)
         return p.dim() >= 2 and not group["full_finetune"]
@@ -436,7 +439,7 @@ class _AutomagicBase(ExactStateLoad, torch.optim.Optimizer):
             for other in [k for k in self._buckets if covered.intersection(k[0])]:
                 del self._buckets[other]  # its buffers would hold stale copies of these parameters' states
             names = group_names(group)
-            lora = [self._uses_allora(group, names[index], p) for index, p in members]
+            lora = [self._uses_allora(group, index, p, names) for index, p in members]
             bucket = _Bucket([p.shape for _, p in members], device, dtype, lora, keep_index)
             self._buckets[key] = bucket
         return bucket
