@@ -539,7 +539,7 @@ class _AutomagicBase(ExactStateLoad, torch.optim.Optimizer):
         if group["use_orthogonal_grad"] and t > warmup:
             T.orthograd_(b.tensors, theta, g)  # g is this step's own gathered copy
 
-        sign = g.sign()
+        sign = g.sign().to(torch.int8)  # −1/0/+1 exactly, a quarter of an fp32 buffer
         update, lr_factor = self._direction(group, b, t, g, sign, states)
 
         # lr mask: grow where the sign repeats, shrink where it flips
@@ -547,6 +547,8 @@ class _AutomagicBase(ExactStateLoad, torch.optim.Optimizer):
         mask = b.state(states, "lr_mask", dtype)
         prev_sign = b.state(states, "sign", torch.int8)
         agree = prev_sign * sign
+        prev_sign.copy_(sign)
+        del sign
         if early and "start" in states[0]:
             start = b.state(states, "start", dtype)
             grow, shrink = _prodigy_rates(g, theta, start, b, lr_bump, group["d_coef"])
@@ -558,7 +560,7 @@ class _AutomagicBase(ExactStateLoad, torch.optim.Optimizer):
                     state.pop("start", None)
                 b.drop("start")
             _mask_step_(mask, agree, lr_bump, lr_bump, group["min_lr"], group["max_lr"])
-        prev_sign.copy_(sign)
+        del agree
 
         decays = early and group["weight_decay"] > 0
         if (t - 2) % group["stats_update_freq"] == 0:
