@@ -116,7 +116,7 @@ class _Bucket:
         self.params: list[Tensor] = []
         self.states: list[dict] = []
         arranged = [layout.shapes[i] for i in layout.order]
-        self.mats = mats = [matrix_shape(s) for s in arranged]
+        mats = [matrix_shape(s) for s in arranged]
         self.is_matrix = [len(s) >= 2 for s in arranged]
         self.tensors = T.Segments(layout)
         # per-tensor math on per-row values (CAME's row means; a tensor with < 2 dims: rows of one element)
@@ -815,11 +815,11 @@ class Automagic_CameAMP(_AutomagicBase):  # noqa: N801 - the name users type (Hi
     def _moment(b: _Bucket, states: list[dict]) -> quant8.FlatQuantState | None:
         """The 8-bit store of the first moments when some are 8-bit (tensors of ≥ ``MIN_8BIT_NUMEL``), else None."""
 
-        def make() -> quant8.FlatQuantState | bool:
+        def make() -> tuple[quant8.FlatQuantState | None]:
             quantised = [quant8.has_state(s, "exp_avg") for s in states]
-            return any(quantised) and quant8.FlatQuantState(b.layout, quantised)
+            return (quant8.FlatQuantState(b.layout, quantised) if any(quantised) else None,)
 
-        return b.cached("moment8", make) or None
+        return b.cached("moment8", make)[0]
 
     def _came(self, group: dict, b: _Bucket, g: Tensor, states: list[dict], bias: float | Tensor) -> Tensor:
         """CAME's direction m/√R̂ (``bias`` = √(1−β₃ᵏ), a float or a 0-d device tensor)."""

@@ -91,7 +91,7 @@ class FlatLayout:
     """Where each of a list of tensors lives in a flat 1-D buffer (on one device).
 
     ``order[j]`` is the caller's index of the tensor at layout position j. Segment ops (``sum``, ``max``,
-    ``expand``) work in layout order.
+    ``mean``, ``expand``) work in layout order.
     """
 
     def __init__(self, shapes: Sequence[Sequence[int]], device: torch.device | str) -> None:
