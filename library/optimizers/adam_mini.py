@@ -34,6 +34,7 @@ from torch import Tensor
 from library.errors import OptimizerError
 from library.optimizers.flat import FlatLayout, FlatState, segment_ids
 from library.optimizers.flat import work_dtype as state_dtype
+from library.optimizers.state import LORA_DOWN as _LORA_DOWN
 from library.optimizers.state import ExactStateLoad, closure_loss, group_names
 from library.optimizers.validate import validate_common, validate_heads, validate_names
 
@@ -41,7 +42,6 @@ _QK_NAME = re.compile(r"(?:^|[._])(?:to_q|to_k|q_proj|k_proj|query|key|wq|wk)(?:
 _QKV_NAME = re.compile(
     r"(?:^|[._])(?:to_q|to_k|to_v|q_proj|k_proj|v_proj|query|key|value|wq|wk|wv)(?:[._]|$)"
 )
-_LORA_DOWN = re.compile(r"lora_down|lora_A")
 
 
 def head_count(rows: int, dim: int, n_heads: int) -> int | None:

@@ -81,13 +81,11 @@ from library.optimizers.flat import (
     work_dtype,
 )
 from library.optimizers.graphs import GraphSlot, StepGraph, can_capture
-from library.optimizers.state import ExactStateLoad, closure_loss, group_names
+from library.optimizers.state import ExactStateLoad, closure_loss, group_names, is_lora_factor
 from library.optimizers.validate import require
 
 logger = logging.getLogger(__name__)
 
-# Parameter-name fragments that mark LoRA matrices (kohya and PEFT spellings).
-LORA_NAME_MARKERS = ("lora_down", "lora_up", "lora_A", "lora_B")
 # Guards divisions by norms/std that are exactly zero (all-zero gradients or rows).
 _TINY = 1e-30
 # Up to this many elements per layout, segment math uses cached int32 indices (4 bytes per element each).
@@ -410,7 +408,7 @@ class _AutomagicBase(ExactStateLoad, torch.optim.Optimizer):
         hand)."""
         name = (group_names(group) if names is None else names)[index]
         if name is not None:
-            return any(marker in name for marker in LORA_NAME_MARKERS)
+            return is_lora_factor(name)
         return p.dim() >= 2 and not group["full_finetune"]
 
     def _init_state(self, group: dict, p: Tensor, state: dict) -> None:

@@ -95,6 +95,7 @@ from library.optimizers import transforms as T
 from library.optimizers.flat import FlatLayout, FlatState, chunk_positions
 from library.optimizers.flat import work_dtype as _work_dtype
 from library.optimizers.graphs import GraphSlot, StepGraph, can_capture
+from library.optimizers.state import LORA_DOWN_MARKERS as _DOWN_ROLES
 from library.optimizers.state import ExactStateLoad, closure_loss
 from library.optimizers.transforms import weight_decay_ratio
 from library.optimizers.validate import require
@@ -102,7 +103,6 @@ from library.optimizers.validate import require
 logger = logging.getLogger(__name__)
 
 _LORA_NAME = re.compile(r"^(?P<prefix>|.*\.)(?P<role>lora_down|lora_up|lora_A|lora_B)(?P<suffix>\..*|)$")
-_DOWN_ROLES = ("lora_down", "lora_A")
 _FLAGS = (
     "use_spd",
     "use_cautious",

@@ -3,6 +3,7 @@ and the parameter names a param group may carry."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from itertools import chain
 from typing import Any
@@ -17,6 +18,17 @@ def closure_loss(closure: Callable[[], Any] | None) -> Any:
         return None
     with torch.enable_grad():
         return closure()
+
+
+# Name fragments of LoRA factors in kohya's and PEFT's spellings: down/A project into the rank, up/B back out.
+LORA_DOWN_MARKERS = ("lora_down", "lora_A")
+LORA_UP_MARKERS = ("lora_up", "lora_B")
+LORA_DOWN = re.compile("|".join(LORA_DOWN_MARKERS))
+
+
+def is_lora_factor(name: str) -> bool:
+    """Whether a parameter name marks a LoRA down or up factor (either spelling, anywhere in the name)."""
+    return any(marker in name for marker in LORA_DOWN_MARKERS + LORA_UP_MARKERS)
 
 
 def group_names(group: dict[str, Any]) -> list[str | None]:
