@@ -379,7 +379,7 @@ class _AutomagicBase(ExactStateLoad, torch.optim.Optimizer):
         # flat buckets by the parameter tuple they cover (buckets over overlapping parameters never coexist)
         self._buckets: dict[tuple, _Bucket] = {}
         # per group index: (parameter ids, which have grads, buckets) of the last step
-        self._run_cache: dict[int, tuple[tuple, tuple, list[_Bucket]]] = {}
+        self._bucket_cache: dict[int, tuple[tuple, tuple, list[_Bucket]]] = {}
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -463,17 +463,17 @@ class _AutomagicBase(ExactStateLoad, torch.optim.Optimizer):
         loss = closure_loss(closure)
         for index, group in enumerate(self.param_groups):
             grads = [p.grad for p in group["params"]]
-            for bucket in self._runs(index, group, grads):
+            for bucket in self._step_buckets(index, group, grads):
                 bucket.t += 1
                 self._step_bucket(group, bucket, grads)
         return loss
 
-    def _runs(self, index: int, group: dict, grads: list[Tensor | None]) -> list[_Bucket]:
+    def _step_buckets(self, index: int, group: dict, grads: list[Tensor | None]) -> list[_Bucket]:
         """The group's buckets for this step: cached while its parameters and which of them have grads stay put."""
         params = group["params"]
         ids = tuple(map(id, params))
         has_grad = tuple(map(operator.is_not, grads, itertools.repeat(None)))
-        cached = self._run_cache.get(index)
+        cached = self._bucket_cache.get(index)
         if cached is not None and cached[0] == ids and cached[1] == has_grad:
             return cached[2]
         self._sync_steps()
@@ -495,12 +495,12 @@ class _AutomagicBase(ExactStateLoad, torch.optim.Optimizer):
             bucket.params = [p for _, p in members]
             bucket.states = [self.state[p] for _, p in members]
             buckets.append(bucket)
-        self._run_cache[index] = (ids, has_grad, buckets)
+        self._bucket_cache[index] = (ids, has_grad, buckets)
         return buckets
 
     def _sync_steps(self) -> None:
         """Write each bucket's step count into its parameters' ``state["step"]`` (kept lazily during steps)."""
-        for _, _, buckets in self._run_cache.values():
+        for _, _, buckets in self._bucket_cache.values():
             for bucket in buckets:
                 for state in bucket.states:
                     state["step"] = bucket.t
@@ -512,7 +512,7 @@ class _AutomagicBase(ExactStateLoad, torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         # new state tensors and dicts: buckets re-gather them on the next step
-        self._run_cache.clear()
+        self._bucket_cache.clear()
         self._buckets.clear()
 
     def _step_bucket(self, group: dict, b: _Bucket, grads: list[Tensor | None]) -> None:
