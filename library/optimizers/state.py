@@ -1,4 +1,5 @@
-"""What every in-house optimizer shares with torch.optim's conventions: the closure of ``step`` and exact state reload."""
+"""What every in-house optimizer shares with torch.optim's conventions: the closure of ``step``, dense gradients,
+the precision of the state and exact state reload."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from library.errors import OptimizerError
+
 
 def closure_loss(closure: Callable[[], Any] | None) -> Any:
     """The loss of torch.optim's optional ``step(closure)``, evaluated with gradients on (steps run under no_grad)."""
@@ -16,6 +19,21 @@ def closure_loss(closure: Callable[[], Any] | None) -> Any:
         return None
     with torch.enable_grad():
         return closure()
+
+
+def dense_grad(p: Tensor) -> Tensor:
+    """``p.grad``, rejected when sparse (as torch.optim's Adam does: the flat steps need dense gradients)."""
+    if p.grad.is_sparse:
+        raise OptimizerError(
+            f"sparse gradient for a {tuple(p.shape)} parameter is not supported; valid: dense gradients"
+        )
+    return p.grad
+
+
+def state_dtype(p: Tensor) -> torch.dtype:
+    """The precision the optimizer state and step maths of ``p`` use: fp32 for half-precision weights (their
+    moments would lose the small updates), the weight's dtype otherwise."""
+    return torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype
 
 
 class ExactStateLoad:
