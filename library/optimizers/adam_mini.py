@@ -115,6 +115,38 @@ def adam_mini_update_(
     return g
 
 
+def init_adam_mini_state(p: Tensor, name: str | None, state: dict[str, Any], group: dict[str, Any]) -> None:
+    """Adam-mini's zero moments for ``p``: m like ``p`` (contiguous, the buckets gather it), v per block."""
+    blocks = adam_mini_blocks(name, p.shape, group["dim"], group["n_heads"])
+    state["exp_avg"] = torch.zeros_like(p, dtype=state_dtype(p), memory_format=torch.contiguous_format)
+    state["block_sq"] = torch.zeros(blocks, 1, dtype=state_dtype(p), device=p.device)
+
+
+def adam_mini_direction(group: dict[str, Any], bucket: FlatBucket, states: list[dict[str, Any]]) -> Tensor:
+    """:func:`adam_mini_update_` on a bucket: its gathered gradients, m and block v buffers and per-tensor bias
+    corrections (``states`` parallel to ``bucket.params``). The flat update m̂/(√v̂_b + ε), layout order."""
+    ordered = bucket.layout.arrange(states)
+    counts = [s["block_sq"].shape[0] for s in ordered]
+    blocks = bucket.cache.get("adam_mini")
+    if blocks is None or blocks.counts != counts:
+        blocks = bucket.cache["adam_mini"] = Blocks(bucket.layout, counts)
+    beta1, beta2 = group["betas"]
+    steps = [s["step"] for s in ordered]
+    bc2 = bucket.per_tensor([1.0 - beta2**t for t in steps])
+    return adam_mini_update_(
+        bucket.gather_grads(),
+        bucket.state.buffer(states, "exp_avg", bucket.dtype),
+        blocks.state.buffer(ordered, "block_sq", bucket.dtype),
+        bucket.layout,
+        blocks,
+        bucket.per_element([1.0 - beta1**t for t in steps]),
+        blocks.per_block(bc2) if isinstance(bc2, Tensor) else bc2,
+        beta1,
+        beta2,
+        group["eps"],
+    )
+
+
 class Adam_mini(FlatOptimizer):  # noqa: N801 - the name users type (OpenToMe's)
     """Adam-mini: full first moment, one second moment per head/row/tensor block (module docstring).
 
@@ -149,37 +181,10 @@ class Adam_mini(FlatOptimizer):  # noqa: N801 - the name users type (OpenToMe's)
         super().__init__(params, defaults)
 
     def _init_state(self, p: Tensor, name: str | None, state: dict[str, Any], group: dict[str, Any]) -> None:
-        blocks = adam_mini_blocks(name, p.shape, group["dim"], group["n_heads"])
-        state["exp_avg"] = torch.zeros_like(p, dtype=state_dtype(p), memory_format=torch.contiguous_format)
-        state["block_sq"] = torch.zeros(blocks, 1, dtype=state_dtype(p), device=p.device)
-
-    def _adam_mini_direction(
-        self, group: dict[str, Any], bucket: FlatBucket, states: list[dict[str, Any]]
-    ) -> Tensor:
-        """Advance the bucket's m and block v; the flat update m̂/(√v̂_b + ε) in layout order."""
-        ordered = bucket.layout.arrange(states)
-        counts = [s["block_sq"].shape[0] for s in ordered]
-        blocks = bucket.cache.get("adam_mini")
-        if blocks is None or blocks.counts != counts:
-            blocks = bucket.cache["adam_mini"] = Blocks(bucket.layout, counts)
-        beta1, beta2 = group["betas"]
-        steps = [s["step"] for s in ordered]
-        bc2 = bucket.per_tensor([1.0 - beta2**t for t in steps])
-        return adam_mini_update_(
-            bucket.gather_grads(),
-            bucket.state.buffer(states, "exp_avg", bucket.dtype),
-            blocks.state.buffer(ordered, "block_sq", bucket.dtype),
-            bucket.layout,
-            blocks,
-            bucket.per_element([1.0 - beta1**t for t in steps]),
-            blocks.per_block(bc2) if isinstance(bc2, Tensor) else bc2,
-            beta1,
-            beta2,
-            group["eps"],
-        )
+        init_adam_mini_state(p, name, state, group)
 
     def _step_bucket(self, group: dict[str, Any], bucket: FlatBucket, states: list[dict[str, Any]]) -> None:
-        bucket.apply_(self._adam_mini_direction(group, bucket, states), group["lr"], group["weight_decay"])
+        bucket.apply_(adam_mini_direction(group, bucket, states), group["lr"], group["weight_decay"])
 
     def log_metrics(self) -> dict[str, Tensor | float]:
         """Block count (how much smaller v is than Adam's) and the mean raw block second moment."""

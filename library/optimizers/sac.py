@@ -39,7 +39,7 @@ from torch import Tensor
 
 from library.errors import OptimizerError
 from library.optimizers import transforms as T
-from library.optimizers.adam_mini import Adam_mini
+from library.optimizers.adam_mini import adam_mini_direction, init_adam_mini_state
 from library.optimizers.flat import (
     FlatBucket,
     FlatLayout,
@@ -186,14 +186,6 @@ class _SACScaling:
         return {"sac_scale_mean": flat.mean(), "sac_scale_min": flat.min(), "sac_scale_max": flat.max()}
 
 
-def _validate_sac(
-    cls: str, scale_update_freq: int, scale_bound: Any, dim: int, n_heads: int
-) -> tuple[float, float]:
-    validate_positive_int(cls, "scale_update_freq", scale_update_freq)
-    validate_heads(cls, dim, n_heads)
-    return validate_scale_bound(cls, scale_bound)
-
-
 def adamw_update_(
     g: Tensor,
     m: Tensor,
@@ -241,15 +233,17 @@ def init_adam_state(p: Tensor, state: dict[str, Any]) -> None:
     state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
 
 
-class AdamWSAC(_SACScaling, FlatOptimizer):
-    """AdamW with SAC unit scaling (module docstring).
+class _SACOptimizer(_SACScaling, FlatOptimizer):
+    """SAC on a base update (:meth:`_direction`, a flat update in layout order): the settings both share.
 
     Args:
         params: tensors or param groups; groups may carry ``names`` parallel to ``params`` (finds q/k/v heads).
-        lr, betas, eps, weight_decay: AdamW's (decoupled decay). betas default to (0.9, 0.99), OpenToMe's defaults.
+        lr, betas, eps, weight_decay: the base optimizer's (decoupled decay). betas default to (0.9, 0.99) and eps
+            to 1e-8, OpenToMe's defaults.
         scale_update_freq: steps between scale refreshes (``SAC_SCALE_UPDATE_FREQ``).
         scale_bound: (min, max) of the unit scales (``SAC_SCALE_BOUND``).
-        dim, n_heads: model width and head count used to split q/k/v projections into heads.
+        dim, n_heads: model width and head count that split q/k/v projections into heads (``SAC_DIM``,
+            ``SAC_N_HEADS``; Adam_miniSAC's block partition uses them too).
     """
 
     def __init__(
@@ -266,64 +260,41 @@ class AdamWSAC(_SACScaling, FlatOptimizer):
     ) -> None:
         cls = type(self).__name__
         validate_common(cls, lr, betas, eps, weight_decay)
-        bound = _validate_sac(cls, scale_update_freq, scale_bound, dim, n_heads)
+        validate_positive_int(cls, "scale_update_freq", scale_update_freq)
+        validate_heads(cls, dim, n_heads)
         params = list(params)
         validate_names(cls, params)
-        defaults = dict(
-            lr=lr,
-            betas=tuple(betas),
-            eps=eps,
-            weight_decay=weight_decay,
-            scale_update_freq=scale_update_freq,
-            scale_bound=bound,
-            dim=dim,
-            n_heads=n_heads,
-        )
-        super().__init__(params, defaults)
+        bound = validate_scale_bound(cls, scale_bound)
+        settings = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, dim=dim, n_heads=n_heads)
+        super().__init__(params, dict(settings, scale_update_freq=scale_update_freq, scale_bound=bound))
+
+    def _direction(self, group: dict[str, Any], bucket: FlatBucket, states: list[dict[str, Any]]) -> Tensor:
+        raise NotImplementedError
+
+    def _step_bucket(self, group: dict[str, Any], bucket: FlatBucket, states: list[dict[str, Any]]) -> None:
+        update = self._direction(group, bucket, states)
+        self._sac_scale_(group, bucket, states, update)
+        bucket.apply_(update, group["lr"], group["weight_decay"])
+
+
+class AdamWSAC(_SACOptimizer):
+    """AdamW with SAC unit scaling (module docstring); settings as :class:`_SACOptimizer`."""
 
     def _init_state(self, p: Tensor, name: str | None, state: dict[str, Any], group: dict[str, Any]) -> None:
         init_adam_state(p, state)
         self._init_units(p, name, state, group)
 
-    def _step_bucket(self, group: dict[str, Any], bucket: FlatBucket, states: list[dict[str, Any]]) -> None:
-        update, _ = adamw_direction(group, bucket, states, bucket.layout.arrange(states))
-        self._sac_scale_(group, bucket, states, update)
-        bucket.apply_(update, group["lr"], group["weight_decay"])
+    def _direction(self, group: dict[str, Any], bucket: FlatBucket, states: list[dict[str, Any]]) -> Tensor:
+        return adamw_direction(group, bucket, states, bucket.layout.arrange(states))[0]
 
 
-class Adam_miniSAC(_SACScaling, Adam_mini):  # noqa: N801 - the name users type (OpenToMe's)
-    """Adam-mini with SAC unit scaling: Adam-mini's block second moments, SAC's per-head/per-tensor step scales.
-
-    Args: as :class:`Adam_mini` (``dim``/``n_heads`` from ``SAC_DIM``/``SAC_N_HEADS``) plus ``scale_update_freq``
-    and ``scale_bound`` as :class:`AdamWSAC`. betas default to (0.9, 0.99) and eps to 1e-8, OpenToMe's defaults.
-    """
-
-    def __init__(
-        self,
-        params: Iterable[Any],
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.99),
-        eps: float = 1e-8,
-        weight_decay: float = 0.01,
-        dim: int = 4096,
-        n_heads: int = 32,
-        scale_update_freq: int = 1000,
-        scale_bound: tuple[float, float] = (0.5, 10.0),
-    ) -> None:
-        bound = _validate_sac(type(self).__name__, scale_update_freq, scale_bound, dim, n_heads)
-        super().__init__(
-            params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, dim=dim, n_heads=n_heads
-        )
-        for group in self.param_groups:
-            group.setdefault("scale_update_freq", scale_update_freq)
-            group.setdefault("scale_bound", bound)
-        self.defaults.update(scale_update_freq=scale_update_freq, scale_bound=bound)
+class Adam_miniSAC(_SACOptimizer):  # noqa: N801 - the name users type (OpenToMe's)
+    """Adam-mini with SAC unit scaling: Adam-mini's block second moments (:mod:`library.optimizers.adam_mini`),
+    SAC's per-head/per-tensor step scales; settings as :class:`_SACOptimizer`."""
 
     def _init_state(self, p: Tensor, name: str | None, state: dict[str, Any], group: dict[str, Any]) -> None:
-        super()._init_state(p, name, state, group)
+        init_adam_mini_state(p, name, state, group)
         self._init_units(p, name, state, group)
 
-    def _step_bucket(self, group: dict[str, Any], bucket: FlatBucket, states: list[dict[str, Any]]) -> None:
-        update = self._adam_mini_direction(group, bucket, states)
-        self._sac_scale_(group, bucket, states, update)
-        bucket.apply_(update, group["lr"], group["weight_decay"])
+    def _direction(self, group: dict[str, Any], bucket: FlatBucket, states: list[dict[str, Any]]) -> Tensor:
+        return adam_mini_direction(group, bucket, states)

@@ -156,6 +156,12 @@ def log_step_(inv_step: Tensor) -> Tensor:
     return inv_step.log_().neg_().clamp_(-_LOG_CAP, _LOG_CAP)
 
 
+def _arguments(local_vars: dict[str, Any]) -> dict[str, Any]:
+    """A constructor's keyword arguments from its ``locals()`` taken before it binds any other name: every setting
+    of its signature, passed on to :class:`_SGGOptimizer` without naming each one again."""
+    return {k: v for k, v in local_vars.items() if k not in ("self", "params", "__class__")}
+
+
 def _column(weight: float | Tensor) -> float | Tensor:
     return weight[:, None] if isinstance(weight, Tensor) else weight
 
@@ -164,36 +170,33 @@ def _column(weight: float | Tensor) -> float | Tensor:
 class _SGGOptimizer(FlatOptimizer):
     """Flattens each (device, dtype) bucket, asks the subclass for flat (updates, z), applies SGG scaling, steps."""
 
-    def __init__(
-        self,
-        params: Iterable[Any],
-        defaults: dict[str, Any],
-        *,
-        n_clusters: int,
-        recluster_interval: int,
-        scale_bound: Any,
-        decays: tuple[float, float, float],
-        decay_names: tuple[str, str, str],
-    ) -> None:
+    def __init__(self, params: Iterable[Any], settings: dict[str, Any]) -> None:
+        """``settings``: the subclass constructor's keyword arguments (:func:`_arguments`). The decays of the SGG
+        statistics (layer mean, cluster means, scales) come from ``beta3`` and, where the subclass has them,
+        ``ema_decay_clusters`` and ``ema_decay_scale`` / ``ema_decay_scale_factors``; they become ``sgg_decays``."""
         cls = type(self).__name__
-        validate_common(cls, defaults["lr"], defaults["betas"], defaults["eps"], defaults["weight_decay"])
+        settings = dict(settings)
+        validate_common(cls, settings["lr"], settings["betas"], settings["eps"], settings["weight_decay"])
+        n_clusters = settings["n_clusters"]
         validate_positive_int(cls, "n_clusters", n_clusters)
         if n_clusters > 255:
             raise OptimizerError(f"{cls} n_clusters={n_clusters} is invalid; valid: 1..255")
-        validate_positive_int(cls, "recluster_interval", recluster_interval)
-        bound = validate_scale_bound(cls, scale_bound)
-        for key, value in zip(decay_names, decays, strict=True):
+        validate_positive_int(cls, "recluster_interval", settings["recluster_interval"])
+        bound = validate_scale_bound(cls, settings["scale_bound"])
+        for key in ("beta3", "ema_decay_clusters", "ema_decay_scale", "ema_decay_scale_factors"):
+            value = settings.get(key, 0.0)
             if not (isinstance(value, (int, float)) and 0.0 <= value < 1.0):
                 raise OptimizerError(f"{cls} {key}={value!r} is invalid; valid: a number in [0, 1)")
+        beta3 = settings.pop("beta3")
+        d_cluster = settings.pop("ema_decay_clusters", beta3)
+        d_scale = settings.pop("ema_decay_scale", settings.pop("ema_decay_scale_factors", beta3))
         params = list(params)
         validate_names(cls, params)
         defaults = dict(
-            defaults,
-            betas=tuple(defaults["betas"]),
-            n_clusters=n_clusters,
-            recluster_interval=recluster_interval,
+            settings,
+            betas=tuple(settings["betas"]),
             scale_bound=bound,
-            sgg_decays=tuple(float(d) for d in decays),
+            sgg_decays=(float(beta3), float(d_cluster), float(d_scale)),
         )
         super().__init__(params, defaults)
 
@@ -345,15 +348,7 @@ class AdamWSGG(_SGGOptimizer):
         scale_bound: tuple[float, float] = (1.0, 10.0),
         beta3: float = 0.9,
     ) -> None:
-        super().__init__(
-            params,
-            dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay),
-            n_clusters=n_clusters,
-            recluster_interval=recluster_interval,
-            scale_bound=scale_bound,
-            decays=(beta3, beta3, beta3),
-            decay_names=("beta3", "beta3", "beta3"),
-        )
+        super().__init__(params, _arguments(locals()))
 
     def _init_base_state(self, p: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         init_adam_state(p, state)
@@ -379,16 +374,7 @@ class AdamWSGG_v2(AdamWSGG):  # noqa: N801 - the name users type (OpenToMe's)
         ema_decay_clusters: float = 0.95,
         ema_decay_scale: float = 0.9,
     ) -> None:
-        _SGGOptimizer.__init__(
-            self,
-            params,
-            dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay),
-            n_clusters=n_clusters,
-            recluster_interval=recluster_interval,
-            scale_bound=scale_bound,
-            decays=(beta3, ema_decay_clusters, ema_decay_scale),
-            decay_names=("beta3", "ema_decay_clusters", "ema_decay_scale"),
-        )
+        _SGGOptimizer.__init__(self, params, _arguments(locals()))
 
 
 # ----------------------------------------------------------------------------------------------------- Adafactor
@@ -431,22 +417,7 @@ class AdafactorSGG(_SGGOptimizer):
             )
         if not (isinstance(decay_rate, (int, float)) and decay_rate < 0):
             raise OptimizerError(f"AdafactorSGG decay_rate={decay_rate!r} is invalid; valid: a number < 0")
-        super().__init__(
-            params,
-            dict(
-                lr=lr,
-                betas=betas,
-                eps=eps,
-                weight_decay=weight_decay,
-                clip_threshold=clip_threshold,
-                decay_rate=decay_rate,
-            ),
-            n_clusters=n_clusters,
-            recluster_interval=recluster_interval,
-            scale_bound=scale_bound,
-            decays=(beta3, ema_decay_clusters, ema_decay_scale_factors),
-            decay_names=("beta3", "ema_decay_clusters", "ema_decay_scale_factors"),
-        )
+        super().__init__(params, _arguments(locals()))
 
     def _init_base_state(self, p: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         dtype = state_dtype(p)
@@ -575,15 +546,7 @@ class LambSGG_v2(_SGGOptimizer):  # noqa: N801 - the name users type (OpenToMe's
         t_total: int = 11000,
     ) -> None:
         validate_positive_int("LambSGG_v2", "t_total", t_total)
-        super().__init__(
-            params,
-            dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, t_total=t_total),
-            n_clusters=n_clusters,
-            recluster_interval=recluster_interval,
-            scale_bound=scale_bound,
-            decays=(beta3, ema_decay_clusters, ema_decay_scale),
-            decay_names=("beta3", "ema_decay_clusters", "ema_decay_scale"),
-        )
+        super().__init__(params, _arguments(locals()))
 
     def _init_base_state(self, p: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         init_adam_state(p, state)
@@ -679,24 +642,7 @@ class ShampooSGG_v2(_SGGOptimizer):  # noqa: N801 - the name users type (OpenToM
             raise OptimizerError(f"ShampooSGG_v2 lr_1d={lr_1d!r} is invalid; valid: a number >= 0")
         validate_positive_int("ShampooSGG_v2", "precondition_frequency", precondition_frequency)
         validate_positive_int("ShampooSGG_v2", "max_precond_dim", max_precond_dim)
-        super().__init__(
-            params,
-            dict(
-                lr=lr,
-                betas=betas,
-                eps=eps,
-                weight_decay=weight_decay,
-                optimize_1d=optimize_1d,
-                lr_1d=lr_1d,
-                precondition_frequency=precondition_frequency,
-                max_precond_dim=max_precond_dim,
-            ),
-            n_clusters=n_clusters,
-            recluster_interval=recluster_interval,
-            scale_bound=scale_bound,
-            decays=(beta3, ema_decay_clusters, ema_decay_scale),
-            decay_names=("beta3", "ema_decay_clusters", "ema_decay_scale"),
-        )
+        super().__init__(params, _arguments(locals()))
         for group in self.param_groups:
             group.setdefault("lr_at_construction", group["lr"])
 
