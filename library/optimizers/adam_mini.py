@@ -161,15 +161,9 @@ class Adam_mini(FlatOptimizer):  # noqa: N801 - the name users type (OpenToMe's)
     """
 
     def __init__(
-        self,
-        params: Iterable[Any],
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 0.0,
-        dim: int = 4096,
-        n_heads: int = 32,
-    ) -> None:
+        self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8, weight_decay: float = 0.0, dim: int = 4096, n_heads: int = 32,
+    ) -> None:  # fmt: skip
         cls = type(self).__name__
         validate_common(cls, lr, betas, eps, weight_decay)
         validate_heads(cls, dim, n_heads)

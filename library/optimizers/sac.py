@@ -247,17 +247,10 @@ class _SACOptimizer(_SACScaling, FlatOptimizer):
     """
 
     def __init__(
-        self,
-        params: Iterable[Any],
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.99),
-        eps: float = 1e-8,
-        weight_decay: float = 0.01,
-        scale_update_freq: int = 1000,
-        scale_bound: tuple[float, float] = (0.5, 10.0),
-        dim: int = 4096,
-        n_heads: int = 32,
-    ) -> None:
+        self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.99),
+        eps: float = 1e-8, weight_decay: float = 0.01, scale_update_freq: int = 1000,
+        scale_bound: tuple[float, float] = (0.5, 10.0), dim: int = 4096, n_heads: int = 32,
+    ) -> None:  # fmt: skip
         cls = type(self).__name__
         validate_common(cls, lr, betas, eps, weight_decay)
         validate_positive_int(cls, "scale_update_freq", scale_update_freq)

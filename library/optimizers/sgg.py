@@ -337,17 +337,10 @@ class AdamWSGG(_SGGOptimizer):
     """
 
     def __init__(
-        self,
-        params: Iterable[Any],
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 0.01,
-        n_clusters: int = 5,
-        recluster_interval: int = 1000,
-        scale_bound: tuple[float, float] = (1.0, 10.0),
-        beta3: float = 0.9,
-    ) -> None:
+        self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8, weight_decay: float = 0.01, n_clusters: int = 5, recluster_interval: int = 1000,
+        scale_bound: tuple[float, float] = (1.0, 10.0), beta3: float = 0.9,
+    ) -> None:  # fmt: skip
         super().__init__(params, _arguments(locals()))
 
     def _init_base_state(self, p: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
@@ -361,19 +354,11 @@ class AdamWSGG_v2(AdamWSGG):  # noqa: N801 - the name users type (OpenToMe's)
     """AdamW + SGG with separate decays: ``beta3`` (layer mean), ``ema_decay_clusters``, ``ema_decay_scale``."""
 
     def __init__(
-        self,
-        params: Iterable[Any],
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 0.01,
-        n_clusters: int = 5,
-        recluster_interval: int = 1000,
-        scale_bound: tuple[float, float] = (1.0, 10.0),
-        beta3: float = 0.9,
-        ema_decay_clusters: float = 0.95,
+        self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8, weight_decay: float = 0.01, n_clusters: int = 5, recluster_interval: int = 1000,
+        scale_bound: tuple[float, float] = (1.0, 10.0), beta3: float = 0.9, ema_decay_clusters: float = 0.95,
         ema_decay_scale: float = 0.9,
-    ) -> None:
+    ) -> None:  # fmt: skip
         _SGGOptimizer.__init__(self, params, _arguments(locals()))
 
 
@@ -396,21 +381,11 @@ class AdafactorSGG(_SGGOptimizer):
     """
 
     def __init__(
-        self,
-        params: Iterable[Any],
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-30,
-        weight_decay: float = 0.0,
-        clip_threshold: float = 1.0,
-        decay_rate: float = -0.8,
-        n_clusters: int = 5,
-        recluster_interval: int = 1000,
-        scale_bound: tuple[float, float] = (1.0, 10.0),
-        beta3: float = 0.9,
-        ema_decay_clusters: float = 0.95,
-        ema_decay_scale_factors: float = 0.9,
-    ) -> None:
+        self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-30, weight_decay: float = 0.0, clip_threshold: float = 1.0, decay_rate: float = -0.8,
+        n_clusters: int = 5, recluster_interval: int = 1000, scale_bound: tuple[float, float] = (1.0, 10.0),
+        beta3: float = 0.9, ema_decay_clusters: float = 0.95, ema_decay_scale_factors: float = 0.9,
+    ) -> None:  # fmt: skip
         if not (isinstance(clip_threshold, (int, float)) and clip_threshold > 0):
             raise OptimizerError(
                 f"AdafactorSGG clip_threshold={clip_threshold!r} is invalid; valid: a number > 0"
@@ -531,20 +506,11 @@ class LambSGG_v2(_SGGOptimizer):  # noqa: N801 - the name users type (OpenToMe's
     """
 
     def __init__(
-        self,
-        params: Iterable[Any],
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-6,
-        weight_decay: float = 0.01,
-        n_clusters: int = 5,
-        recluster_interval: int = 1000,
-        scale_bound: tuple[float, float] = (1.0, 10.0),
-        beta3: float = 0.9,
-        ema_decay_clusters: float = 0.95,
-        ema_decay_scale: float = 0.9,
-        t_total: int = 11000,
-    ) -> None:
+        self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6, weight_decay: float = 0.01, n_clusters: int = 5, recluster_interval: int = 1000,
+        scale_bound: tuple[float, float] = (1.0, 10.0), beta3: float = 0.9, ema_decay_clusters: float = 0.95,
+        ema_decay_scale: float = 0.9, t_total: int = 11000,
+    ) -> None:  # fmt: skip
         validate_positive_int("LambSGG_v2", "t_total", t_total)
         super().__init__(params, _arguments(locals()))
 
@@ -617,23 +583,12 @@ class ShampooSGG_v2(_SGGOptimizer):  # noqa: N801 - the name users type (OpenToM
     """
 
     def __init__(
-        self,
-        params: Iterable[Any],
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-6,
-        weight_decay: float = 0.0,
-        n_clusters: int = 5,
-        recluster_interval: int = 1000,
-        scale_bound: tuple[float, float] = (1.0, 10.0),
-        beta3: float = 0.9,
-        ema_decay_clusters: float = 0.95,
-        ema_decay_scale: float = 0.9,
-        optimize_1d: bool = True,
-        lr_1d: float = 3e-4,
-        precondition_frequency: int = 10,
-        max_precond_dim: int = 1024,
-    ) -> None:
+        self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6, weight_decay: float = 0.0, n_clusters: int = 5, recluster_interval: int = 1000,
+        scale_bound: tuple[float, float] = (1.0, 10.0), beta3: float = 0.9, ema_decay_clusters: float = 0.95,
+        ema_decay_scale: float = 0.9, optimize_1d: bool = True, lr_1d: float = 3e-4,
+        precondition_frequency: int = 10, max_precond_dim: int = 1024,
+    ) -> None:  # fmt: skip
         if not isinstance(optimize_1d, bool):
             raise OptimizerError(
                 f"ShampooSGG_v2 optimize_1d={optimize_1d!r} is invalid; valid: True or False"
