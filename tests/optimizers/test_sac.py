@@ -10,6 +10,7 @@ import torch
 
 from library.errors import OptimizerError
 from library.optimizers.adam_mini import Adam_mini, adam_mini_blocks
+from library.optimizers.names import QUERY_KEY_VALUE, head_count, is_head_structured, lora_role
 from library.optimizers.references import AdamMiniReference, SACReference, lower_median
 from library.optimizers.sac import Adam_miniSAC, AdamWSAC, sac_scales, sac_units, unit_mda
 from tests.optimizers.op_counting import HOST_SYNC, step_ops
@@ -112,6 +113,14 @@ def test_partitions_follow_names_dim_and_heads():
     assert sac_units("x_to_v.lora_up.weight", shape_up, 16, 4) == 4
     assert sac_units("x_to_q.lora_down.weight", shape_down, 16, 4) == 1
     assert sac_units(None, shape_up, 16, 4) == 1
+
+
+def test_names_give_the_lora_side_and_head_structure():
+    assert [lora_role(n) for n in ("m.lora_down.weight", "m.lora_B.default.weight", "m.weight", None)] == [
+        "down", "up", None, None]  # fmt: skip
+    assert is_head_structured("x_attn1_to_k.lora_up.weight") and not is_head_structured("x_to_k.lora_A.weight")
+    assert not is_head_structured("x_to_v.lora_up.weight") and is_head_structured("x.v_proj.w", QUERY_KEY_VALUE)
+    assert head_count(24, 16, 4) == 6 and head_count(6, 16, 4) is None
 
 
 def test_adam_mini_matches_float64_reference():
@@ -269,6 +278,7 @@ def test_plain_parameter_list_without_names_works():
         (AdamWSAC, {"scale_bound": (0.0, 1.0)}, "scale_bound"),
         (Adam_miniSAC, {"n_heads": 0}, "n_heads"),
         (Adam_mini, {"dim": 2, "n_heads": 4}, "n_heads"),
+        (AdamWSAC, {"dim": 10, "n_heads": 4}, "n_heads"),  # heads of whole rows: n_heads divides dim
         (Adam_mini, {"lr": -1.0}, "lr"),
     ],
 )
