@@ -46,6 +46,7 @@ from library.optimizers.flat import (
     FlatOptimizer,
     FlatState,
     InOrderLayout,
+    segment_ids,
     segment_sort,
 )
 from library.optimizers.names import QUERY_KEY_VALUE, head_count, is_head_structured
@@ -80,9 +81,7 @@ def unit_mdas(flat: Tensor, unit_lengths: Tensor) -> Tensor:
     One segment mean, one segmented sort and one gather for every unit of every tensor together.
     """
     n = flat.numel()
-    ids = torch.repeat_interleave(
-        torch.arange(unit_lengths.numel(), device=flat.device), unit_lengths, output_size=n
-    )
+    ids = segment_ids(unit_lengths, n)
     mean = torch.segment_reduce(flat, "mean", lengths=unit_lengths)
     deviation = (flat - torch.repeat_interleave(mean, unit_lengths, output_size=n)).abs_()
     starts = torch.cumsum(unit_lengths, 0) - unit_lengths

@@ -201,12 +201,6 @@ class _SGGOptimizer(FlatOptimizer):
         super().__init__(params, defaults)
 
     # subclasses -------------------------------------------------------------------------------------------------
-    def _init_state(self, p: Tensor, _name: str | None, state: dict[str, Any], group: dict[str, Any]) -> None:
-        self._init_base_state(p, state, group)
-
-    def _init_base_state(self, p: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
-        raise NotImplementedError
-
     def _directions(
         self, group: dict[str, Any], bucket: FlatBucket, states: list[dict], ordered: list[dict]
     ) -> tuple[Tensor, Tensor]:
@@ -343,7 +337,7 @@ class AdamWSGG(_SGGOptimizer):
     ) -> None:  # fmt: skip
         super().__init__(params, _arguments(locals()))
 
-    def _init_base_state(self, p: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+    def _init_state(self, p: Tensor, _name: str | None, state: dict[str, Any], group: dict[str, Any]) -> None:
         init_adam_state(p, state)
 
     def _directions(self, group, bucket, states, ordered):
@@ -394,7 +388,7 @@ class AdafactorSGG(_SGGOptimizer):
             raise OptimizerError(f"AdafactorSGG decay_rate={decay_rate!r} is invalid; valid: a number < 0")
         super().__init__(params, _arguments(locals()))
 
-    def _init_base_state(self, p: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+    def _init_state(self, p: Tensor, _name: str | None, state: dict[str, Any], group: dict[str, Any]) -> None:
         dtype = state_dtype(p)
         if p.dim() >= 2:
             state["exp_avg_sq_row"] = torch.zeros(p.shape[0], dtype=dtype, device=p.device)
@@ -514,7 +508,7 @@ class LambSGG_v2(_SGGOptimizer):  # noqa: N801 - the name users type (OpenToMe's
         validate_positive_int("LambSGG_v2", "t_total", t_total)
         super().__init__(params, _arguments(locals()))
 
-    def _init_base_state(self, p: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+    def _init_state(self, p: Tensor, _name: str | None, state: dict[str, Any], group: dict[str, Any]) -> None:
         init_adam_state(p, state)
         state["next_recluster"] = 1
 
@@ -609,7 +603,7 @@ class ShampooSGG_v2(_SGGOptimizer):  # noqa: N801 - the name users type (OpenToM
     def _uses_adam(shape: torch.Size, group: dict[str, Any]) -> bool:
         return group["optimize_1d"] and len(shape) < 2
 
-    def _init_base_state(self, p: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+    def _init_state(self, p: Tensor, _name: str | None, state: dict[str, Any], group: dict[str, Any]) -> None:
         dtype = state_dtype(p)
         if self._uses_adam(p.shape, group):
             init_adam_state(p, state)
