@@ -33,14 +33,7 @@ from torch import Tensor
 
 from library.errors import OptimizerError
 from library.optimizers import transforms as T
-from library.optimizers.flat import (
-    FlatBucket,
-    FlatLayout,
-    FlatOptimizer,
-    FlatState,
-    InOrderLayout,
-    matrix_shape,
-)
+from library.optimizers.flat import FlatBucket, FlatLayout, FlatOptimizer, FlatState, matrix_shape
 from library.optimizers.names import head_count, is_head_structured
 from library.optimizers.state import state_dtype
 from library.optimizers.validate import validate_common, validate_heads, validate_names
@@ -67,7 +60,7 @@ class Blocks:
 
     def __init__(self, layout: FlatLayout, counts: Sequence[int]) -> None:
         self.counts = list(counts)
-        self.state = FlatState(InOrderLayout([(b, 1) for b in counts], layout.device))
+        self.state = FlatState.in_order([(b, 1) for b in counts], layout.device)
         rows = [matrix_shape(layout.shapes[i])[0] for i in layout.order]
         for r, b in zip(rows, counts, strict=True):
             if r % b:

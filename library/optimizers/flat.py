@@ -235,6 +235,12 @@ class FlatState:
         self._buffers[key] = (flat, views)
         return flat
 
+    @classmethod
+    def in_order(cls, shapes: Sequence[Sequence[int]], device: torch.device | str) -> FlatState:
+        """A store of per-tensor state not shaped like its parameter, listed in a parameter layout's order
+        (:class:`InOrderLayout`)."""
+        return cls(InOrderLayout(shapes, device))
+
     def filled(self, states: Sequence[dict[str, Any]], key: str, dtype: torch.dtype, fill: float) -> Tensor:
         """:meth:`buffer`, after giving the states without ``key`` a tensor of their shape filled with ``fill``.
 

@@ -40,15 +40,7 @@ from torch import Tensor
 from library.errors import OptimizerError
 from library.optimizers import transforms as T
 from library.optimizers.adam_mini import adam_mini_direction, init_adam_mini_state
-from library.optimizers.flat import (
-    FlatBucket,
-    FlatLayout,
-    FlatOptimizer,
-    FlatState,
-    InOrderLayout,
-    segment_ids,
-    segment_sort,
-)
+from library.optimizers.flat import FlatBucket, FlatOptimizer, FlatState, segment_ids, segment_sort
 from library.optimizers.names import QUERY_KEY_VALUE, head_count, is_head_structured
 from library.optimizers.state import state_dtype
 from library.optimizers.validate import validate_common, validate_heads, validate_names, validate_positive_int
@@ -114,16 +106,17 @@ def _scale_shape(shape: torch.Size) -> tuple[int, ...]:
 
 
 class Units:
-    """SAC's units of one bucket's tensors, end to end in layout order (``counts``: units per tensor).
+    """SAC's units of a bucket's tensors, end to end in layout order (``counts``: units per tensor).
 
     Holds the store of the per-row scales (``state["sac_scale"]``) and, per unit, its element count (its MDA
     segment) and row count (spreading unit scales over rows).
     """
 
-    def __init__(self, layout: FlatLayout, counts: Sequence[int]) -> None:
+    def __init__(self, bucket: FlatBucket, counts: Sequence[int]) -> None:
         self.counts = list(counts)
+        layout = bucket.layout
         shapes = layout.arrange(layout.shapes)
-        self.scales = FlatState(InOrderLayout([_scale_shape(s) for s in shapes], layout.device))
+        self.scales = FlatState.in_order([_scale_shape(s) for s in shapes], layout.device)
         rows = self.scales.layout.sizes
         self.total = sum(counts)
         self.total_rows = sum(rows)
@@ -155,7 +148,7 @@ class _SACScaling:
         counts = [s["sac_units"] for s in ordered]
         units = bucket.cache.get("sac")
         if units is None or units.counts != counts:
-            units = bucket.cache["sac"] = Units(layout, counts)
+            units = bucket.cache["sac"] = Units(bucket, counts)
         scale = units.scales.filled(ordered, "sac_scale", bucket.dtype, 1.0)
         due = [(s["step"] - 1) % group["scale_update_freq"] == 0 for s in ordered]
         if any(due):

@@ -54,7 +54,6 @@ from library.optimizers.flat import (
     FlatLayout,
     FlatOptimizer,
     FlatState,
-    InOrderLayout,
     segment_ids,
     segment_sort,
 )
@@ -303,9 +302,9 @@ class _SGGStores:
     uint8 labels per element; and each tensor's element count in the working dtype (the layer mean)."""
 
     def __init__(self, layout: FlatLayout, k: int, dtype: torch.dtype) -> None:
-        self.tables = FlatState(InOrderLayout([(k,)] * layout.count, layout.device))
-        self.layer = FlatState(InOrderLayout([()] * layout.count, layout.device))
-        self.labels = FlatState(InOrderLayout([(n,) for n in layout.sizes], layout.device))
+        self.tables = FlatState.in_order([(k,)] * layout.count, layout.device)
+        self.layer = FlatState.in_order([()] * layout.count, layout.device)
+        self.labels = FlatState.in_order([(n,) for n in layout.sizes], layout.device)
         self.numel = layout.lengths.to(dtype)
 
 
@@ -426,9 +425,9 @@ class AdafactorSGG(_SGGOptimizer):
             "full": full,
             "fact": fact,
             "buckets": buckets,
-            "full_state": FlatState(InOrderLayout([shapes[j] for j in full], device)),
-            "rows": FlatState(InOrderLayout([(shapes[j][0],) for j in fact], device)),
-            "cols": FlatState(InOrderLayout([(layout.sizes[j] // shapes[j][0],) for j in fact], device)),
+            "full_state": FlatState.in_order([shapes[j] for j in full], device),
+            "rows": FlatState.in_order([(shapes[j][0],) for j in fact], device),
+            "cols": FlatState.in_order([(layout.sizes[j] // shapes[j][0],) for j in fact], device),
             "full_index": torch.tensor(full_index, dtype=torch.int64, device=device),
             "full_at": torch.tensor(full, dtype=torch.int64, device=device),
             "full_lengths": torch.tensor([layout.sizes[j] for j in full], dtype=torch.int64, device=device),
