@@ -248,7 +248,7 @@ class _SGGOptimizer(FlatOptimizer):
         resets = [self._recluster_due(s, group) or first for s, first in zip(ordered, firsts, strict=True)]
         stores = bucket.cache.get(("sgg", k))
         if stores is None:
-            stores = bucket.cache[("sgg", k)] = _SGGStores(layout, k, dtype)
+            stores = bucket.cache[("sgg", k)] = _SGGStores(layout, k)
         centers, cluster_stat, counts, scale = (
             stores.tables.filled(ordered, key, dtype, fill).view(n, k)
             for key, fill in (
@@ -274,7 +274,7 @@ class _SGGOptimizer(FlatOptimizer):
             counts.copy_(fresh_counts)
         index = slots.add_(labels)
         sums = z.new_zeros(n * k).index_add_(0, index, z).view(n, k)
-        layer_mean = sums.sum(dim=1) / stores.numel
+        layer_mean = sums.sum(dim=1) / layout.lengths  # the element counts, promoted to the sums' dtype
         cluster_mean = torch.where(counts > 0, sums / counts.clamp_min(1.0), layer_mean[:, None])
         cluster_stat.lerp_(
             cluster_mean, _column(bucket.per_tensor([1.0 if r else 1.0 - d_cluster for r in resets]))
@@ -299,13 +299,12 @@ class _SGGOptimizer(FlatOptimizer):
 
 class _SGGStores:
     """The stores of one bucket's SGG state (layout order): K-entry cluster tables, the layer statistic and the
-    uint8 labels per element; and each tensor's element count in the working dtype (the layer mean)."""
+    uint8 labels per element."""
 
-    def __init__(self, layout: FlatLayout, k: int, dtype: torch.dtype) -> None:
+    def __init__(self, layout: FlatLayout, k: int) -> None:
         self.tables = FlatState.in_order([(k,)] * layout.count, layout.device)
         self.layer = FlatState.in_order([()] * layout.count, layout.device)
         self.labels = FlatState.in_order([(n,) for n in layout.sizes], layout.device)
-        self.numel = layout.lengths.to(dtype)
 
 
 def _adam_directions(
