@@ -78,10 +78,10 @@ from library.optimizers.flat import (
     matrix_shape,
     outer_into,
     reduce_stacks,
-    work_dtype,
 )
 from library.optimizers.graphs import GraphSlot, StepGraph, can_capture
-from library.optimizers.state import ExactStateLoad, closure_loss, group_names, is_lora_factor
+from library.optimizers.names import group_names, lora_role
+from library.optimizers.state import ExactStateLoad, closure_loss, work_dtype
 from library.optimizers.validate import require
 
 logger = logging.getLogger(__name__)
@@ -408,7 +408,7 @@ class _AutomagicBase(ExactStateLoad, torch.optim.Optimizer):
         hand)."""
         name = (group_names(group) if names is None else names)[index]
         if name is not None:
-            return is_lora_factor(name)
+            return lora_role(name) is not None
         return p.dim() >= 2 and not group["full_finetune"]
 
     def _init_state(self, group: dict, p: Tensor, state: dict) -> None:

@@ -14,6 +14,11 @@ distinct shape, not per tensor (:func:`reduce_stacks`, :func:`broadcast_stacks`,
 per-tensor list a caller builds must be in ``layout.order``. Optimizer state stays per parameter, as torch.optim's
 state_dict wants it, but as views of flat buffers (:class:`FlatState` for tensors shaped like their parameter,
 :class:`PackedState` for any others), so the math updates all of it in one kernel.
+
+The optimizer side: :func:`partition` is the one grouping of a param group's tensors into what can share flat
+buffers (device, working dtype); a :class:`FlatBucket` is such a group laid out once and reused while the same
+tensors step, and :class:`FlatOptimizer` is the torch.optim class that steps bucket by bucket, so an algorithm is
+its per-bucket update over flat buffers and nothing else.
 """
 
 from __future__ import annotations
@@ -21,12 +26,15 @@ from __future__ import annotations
 import functools
 import math
 import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from library.optimizers.names import group_names
+from library.optimizers.state import ExactStateLoad, closure_loss, dense_grad, work_dtype
 
 _DTYPE = operator.attrgetter("dtype")
 
@@ -37,11 +45,6 @@ def matrix_shape(shape: Sequence[int]) -> tuple[int, int]:
         return 1, 1
     return shape[0], math.prod(shape[1:])
 
-
-def work_dtype(p: Tensor) -> torch.dtype:
-    """The precision an optimizer's math and state use for ``p``: fp32 for half-precision weights (their
-    rounding would swallow small updates and moments), the weight's own dtype otherwise."""
-    return torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype
 
 
 def segment_ids(lengths: Tensor, total: int) -> Tensor:
@@ -97,7 +100,7 @@ class FlatLayout:
     def __init__(self, shapes: Sequence[Sequence[int]], device: torch.device | str) -> None:
         self.shapes = [torch.Size(s) for s in shapes]
         self.device = torch.device(device)
-        self.order = sorted(range(len(self.shapes)), key=lambda i: matrix_shape(self.shapes[i]))
+        self.order = self._ordering(self.shapes)
         self.sizes = [self.shapes[i].numel() for i in self.order]
         self.offsets = [0]
         for n in self.sizes[:-1]:
@@ -108,6 +111,10 @@ class FlatLayout:
         # segment_reduce with offsets and unsafe=True: the checked form validates lengths with .item() (host syncs)
         self._segment_offsets = torch.tensor([*self.offsets, self.numel], dtype=torch.int64, device=self.device)
         self.buckets = self._buckets()
+
+    @staticmethod
+    def _ordering(shapes: Sequence[torch.Size]) -> list[int]:
+        return sorted(range(len(shapes)), key=lambda i: matrix_shape(shapes[i]))
 
     def _buckets(self) -> list[ShapeBucket]:
         buckets: list[ShapeBucket] = []
@@ -312,6 +319,10 @@ class PackedState:
         self._buffers[name] = (flat, views)
         return flat
 
+    def keep(self, name: str, flat: Tensor, views: list[Tensor]) -> None:
+        """Adopt ``flat`` as buffer ``name`` whose per-parameter ``views`` the caller has handed out."""
+        self._buffers[name] = (flat, views)
+
     def drop(self, name: str) -> None:
         """Forget one buffer (its per-parameter views stay valid tensors)."""
         self._buffers.pop(name, None)
@@ -329,6 +340,179 @@ class FlatState:
         """The flat buffer behind ``states[i][key]`` (caller's order), re-gathered if any of them was replaced."""
         return self._packed.buffer(key, states, key, dtype, self.layout)
 
+    @classmethod
+    def in_order(cls, shapes: Sequence[Sequence[int]], device: torch.device | str) -> FlatState:
+        """A store of per-tensor state not shaped like its parameter, listed in a parameter layout's order
+        (:class:`InOrderLayout`)."""
+        return cls(InOrderLayout(shapes, device))
+
+    def filled(self, states: Sequence[dict[str, Any]], key: str, dtype: torch.dtype, fill: float) -> Tensor:
+        """:meth:`buffer`, after giving the states without ``key`` a tensor of their shape filled with ``fill``.
+
+        For state an optimizer creates on first use (or for a tensor that joins later): when every state lacks it,
+        the flat buffer is allocated filled and its views handed out, one allocation and no gather.
+        """
+        missing = [i for i, s in enumerate(states) if key not in s]
+        if missing and len(missing) == len(states):
+            flat = torch.full((self.layout.numel,), fill, dtype=dtype, device=self.layout.device)
+            views = self.layout.views(flat)
+            for s, v in zip(states, views, strict=True):
+                s[key] = v
+            self._packed.keep(key, flat, views)
+            return flat
+        for i in missing:
+            states[i][key] = torch.full(self.layout.shapes[i], fill, dtype=dtype, device=self.layout.device)
+        return self.buffer(states, key, dtype)
+
     def drop(self, key: str) -> None:
         """Forget one buffer (its per-parameter views stay valid tensors)."""
         self._packed.drop(key)
+
+
+class InOrderLayout(FlatLayout):
+    """A :class:`FlatLayout` that keeps the order it is given instead of sorting by matrix shape.
+
+    For per-tensor state not shaped like its parameter (Adam-mini's block moments, SGG's cluster tables and
+    labels, SAC's per-row scales) listed in a parameter layout's order: entry j belongs to the parameter at layout
+    position j, so the state buffer lines up with the parameter buffer's segments.
+    """
+
+    @staticmethod
+    def _ordering(shapes: Sequence[torch.Size]) -> list[int]:
+        return list(range(len(shapes)))
+
+
+def segment_sort(x: Tensor, segment: Tensor) -> Tensor:
+    """Values of flat ``x`` sorted within each segment (``segment``: each element's segment, contiguous and
+    ascending): two sorts, no loop over segments."""
+    values, order = x.sort()
+    _, regroup = segment.index_select(0, order).sort(stable=True)
+    return values.index_select(0, regroup)
+
+
+def partition(tensors: Sequence[Tensor], *keys: Sequence[Hashable]) -> dict[tuple, list[int]]:
+    """Positions of ``tensors`` per (device, working dtype, *keys): the tensors that can share flat buffers.
+
+    A flat buffer lives on one device and computes in one dtype (:func:`~library.optimizers.state.work_dtype`:
+    fp16 and bf16 weights share fp32 buffers); ``keys`` are the caller's further per-tensor distinctions (the
+    weights' own dtype, 8-bit state or not). Groups come in order of first appearance, positions ascending.
+    """
+    groups: dict[tuple, list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault((t.device, work_dtype(t), *(k[i] for k in keys)), []).append(i)
+    return groups
+
+
+class FlatBucket:
+    """Parameters of one param group, device and working dtype laid out flat: what their step reuses.
+
+    Holds the :class:`FlatLayout`, the parameter-shaped :class:`FlatState`, 1-D views of the parameters (their own
+    storage) that take a flat update back in one foreach op, and ``cache`` for the optimizer's own per-layout
+    constants. Nothing per element besides the state: a step's flat gradients and updates are its temporaries.
+    """
+
+    def __init__(self, params: Sequence[Tensor], dtype: torch.dtype) -> None:
+        self.params = tuple(params)
+        self.dtype = dtype
+        self.layout = FlatLayout([p.shape for p in params], params[0].device)
+        self.state = FlatState(self.layout)
+        self.cache: dict[Any, Any] = {}
+        self.rows = self.layout.rows(self.params)
+        self._flat_rows = all(t.dim() == 1 for t in self.rows)
+        by_dtype: dict[torch.dtype, list[int]] = {}
+        for j, t in enumerate(self.rows):
+            by_dtype.setdefault(t.dtype, []).append(j)
+        self._by_dtype = by_dtype
+
+    def matches(self, params: Sequence[Tensor]) -> bool:
+        return len(params) == len(self.params) and all(map(operator.is_, params, self.params))
+
+    def gather_grads(self) -> Tensor:
+        """The gradients as one new flat buffer of the working dtype (layout order), the step's to spend."""
+        return self.layout.gather([p.grad for p in self.params], self.dtype)
+
+    def per_tensor(self, values: Sequence[float]) -> float | Tensor:
+        """Host-computed per-tensor numbers (layout order): a Python float when all agree (the common case: every
+        tensor at the same step), else one (count,) device tensor, copied once."""
+        if all(v == values[0] for v in values):
+            return values[0]
+        return torch.tensor(values, dtype=self.dtype).to(self.layout.device, non_blocking=True)
+
+    def per_element(self, values: Sequence[float]) -> float | Tensor:
+        """:meth:`per_tensor`, spread over each tensor's elements when they differ."""
+        value = self.per_tensor(values)
+        return value if isinstance(value, float) else self.layout.expand(value)
+
+    def apply_(self, update: Tensor, lr: float, weight_decay: float = 0.0) -> None:
+        """θ ← θ·(1 − lr·wd) − lr·u from a flat update u (layout order): decoupled weight decay, as AdamW.
+
+        Two foreach ops over the parameters' 1-D views. Weights of another dtype than the working one (bf16 in an
+        fp32 bucket) take u rounded to their dtype, one cast per dtype.
+        """
+        if weight_decay != 0.0:
+            torch._foreach_mul_(self.rows, 1.0 - lr * weight_decay)
+        for dtype, positions in self._by_dtype.items():
+            pieces = self._pieces(update if dtype == update.dtype else update.to(dtype))
+            if len(positions) == len(self.rows):
+                torch._foreach_add_(self.rows, pieces, alpha=-lr)
+            else:
+                torch._foreach_add_([self.rows[j] for j in positions], [pieces[j] for j in positions], alpha=-lr)
+
+    def _pieces(self, flat: Tensor) -> list[Tensor] | tuple[Tensor, ...]:
+        pieces = torch.split_with_sizes(flat, self.layout.sizes)
+        if self._flat_rows:
+            return pieces
+        return [piece.view(t.shape) for piece, t in zip(pieces, self.rows, strict=True)]
+
+
+def flat_buckets(cache: dict[Any, FlatBucket], key: Hashable, params: Sequence[Tensor]) -> list[FlatBucket]:
+    """A :class:`FlatBucket` per (device, working dtype) of ``params``, reused from ``cache`` while it holds the
+    same tensors (rebuilt when the set of tensors with gradients changes)."""
+    buckets = []
+    for (device, dtype), positions in partition(params).items():
+        members = [params[i] for i in positions]
+        bucket = cache.get((key, device, dtype))
+        if bucket is None or not bucket.matches(members):
+            bucket = cache[(key, device, dtype)] = FlatBucket(members, dtype)
+        buckets.append(bucket)
+    return buckets
+
+
+class FlatOptimizer(ExactStateLoad, torch.optim.Optimizer):
+    """A torch.optim optimizer whose step runs once per :class:`FlatBucket` of each param group.
+
+    Subclasses define ``_init_state(p, name, state, group)`` (a tensor's first step, after ``state["step"] = 0``)
+    and ``_step_bucket(group, bucket, states)`` (``states`` parallel to ``bucket.params``, every ``step``
+    advanced). The buckets live in ``__dict__``: torch.optim's ``__getstate__`` drops them, so a copied or
+    unpickled optimizer lays its tensors out again.
+    """
+
+    def _init_state(self, p: Tensor, name: str | None, state: dict[str, Any], group: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def _step_bucket(self, group: dict[str, Any], bucket: FlatBucket, states: list[dict[str, Any]]) -> None:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        loss = closure_loss(closure)
+        cache = self.__dict__.setdefault("_flat_buckets", {})
+        for index, group in enumerate(self.param_groups):
+            for bucket in flat_buckets(cache, index, self._advance(group)):
+                self._step_bucket(group, bucket, [self.state[p] for p in bucket.params])
+        return loss
+
+    def _advance(self, group: dict[str, Any]) -> list[Tensor]:
+        """The group's tensors that have a (dense) gradient, their states created on first use, steps advanced."""
+        params = []
+        for p, name in zip(group["params"], group_names(group), strict=True):
+            if p.grad is None:
+                continue
+            dense_grad(p)
+            state = self.state[p]
+            if "step" not in state:
+                state["step"] = 0
+                self._init_state(p, name, state, group)
+            state["step"] += 1
+            params.append(p)
+        return params

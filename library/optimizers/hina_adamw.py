@@ -79,7 +79,6 @@ from __future__ import annotations
 import logging
 import math
 import operator
-import re
 from collections import deque
 from collections.abc import Iterable
 from itertools import compress, repeat
@@ -93,16 +92,14 @@ from library.errors import OptimizerError
 from library.optimizers import quant8
 from library.optimizers import transforms as T
 from library.optimizers.flat import FlatLayout, FlatState, chunk_positions
-from library.optimizers.flat import work_dtype as _work_dtype
 from library.optimizers.graphs import GraphSlot, StepGraph, can_capture
-from library.optimizers.state import LORA_DOWN_MARKERS as _DOWN_ROLES
-from library.optimizers.state import ExactStateLoad, closure_loss
+from library.optimizers.names import LORA_FACTOR
+from library.optimizers.state import ExactStateLoad, closure_loss, work_dtype
 from library.optimizers.transforms import weight_decay_ratio
 from library.optimizers.validate import require
 
 logger = logging.getLogger(__name__)
 
-_LORA_NAME = re.compile(r"^(?P<prefix>|.*\.)(?P<role>lora_down|lora_up|lora_A|lora_B)(?P<suffix>\..*|)$")
 _FLAGS = (
     "use_spd",
     "use_cautious",
@@ -121,11 +118,11 @@ def find_lora_pairs(names: Iterable[str]) -> dict[str, tuple[str, str]]:
     downs: dict[str, str] = {}
     ups: dict[str, str] = {}
     for name in names:
-        match = _LORA_NAME.match(name)
+        match = LORA_FACTOR.match(name)
         if match is None:
             continue
         key = f"{match['prefix']}*{match['suffix']}"
-        (downs if match["role"] in _DOWN_ROLES else ups)[key] = name
+        (downs if match["role"] in ("lora_down", "lora_A") else ups)[key] = name
     return {key: (downs[key], ups[key]) for key in downs.keys() & ups.keys()}
 
 
@@ -155,7 +152,7 @@ class _Bucket:
     ) -> None:
         first = params[0]
         self.params, self.members, self.quantised = params, members, quantised
-        self.dtype = _work_dtype(first)
+        self.dtype = work_dtype(first)
         self.layout = layout = FlatLayout([p.shape for p in params], first.device)
         self.seg = T.Segments(layout)
         # 1-D views of the parameters (their own storage, no memory): the step's weights go back in one op
@@ -493,7 +490,7 @@ class HinaAdamWOptimizer(ExactStateLoad, torch.optim.Optimizer):
 
     def _init_state(self, p: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         state["step"] = 0
-        dtype = _work_dtype(p)
+        dtype = work_dtype(p)
         if group["optim_bits"] == 8 and p.numel() >= group["min_8bit_size"]:
             quant8.init_state(state, "exp_avg", p, signed=True)
             quant8.init_state(state, "exp_avg_sq", p, signed=False)
@@ -504,7 +501,7 @@ class HinaAdamWOptimizer(ExactStateLoad, torch.optim.Optimizer):
     def _ensure_feature_state(self, p: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         """Buffers exist only for the features that are on (also when a flag is switched on mid-run)."""
         if group["use_tam"] and "tam_s" not in state:
-            state["tam_s"] = torch.zeros((), dtype=_work_dtype(p), device=p.device)
+            state["tam_s"] = torch.zeros((), dtype=work_dtype(p), device=p.device)
         if group["use_spd"] and "theta0" not in state:
             state["theta0"] = p.detach().to(_anchor_dtype(p, quant8.has_state(state, "exp_avg")), copy=True)
 
@@ -802,7 +799,7 @@ class HinaAdamWOptimizer(ExactStateLoad, torch.optim.Optimizer):
         for g in self.param_groups:
             for p in g["params"]:
                 tam = 4 if g["use_tam"] else 0
-                moments32 = 2 * p.numel() * torch.empty((), dtype=_work_dtype(p)).element_size()
+                moments32 = 2 * p.numel() * torch.empty((), dtype=work_dtype(p)).element_size()
                 est32 += moments32 + tam + _anchor_bytes(p, g, quantised=False)
                 if p.numel() >= g["min_8bit_size"]:
                     est8 += 2 * (p.numel() + 4 * quant8.num_blocks(p.numel())) + tam

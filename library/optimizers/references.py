@@ -184,6 +184,102 @@ class AdamWSGGReference:
         self.theta = self.theta * (1 - self.lr * self.wd) - self.lr * u.reshape(self.theta.shape)
 
 
+class AdamMiniReference:
+    """Adam-mini (Zhang et al. 2024, arXiv 2406.16793, Algorithm 1, with AdamW's decoupled weight decay) in float64,
+    one tensor at a time. ``blocks[i]``: how many equal, contiguous blocks of rows (slices along dim 0) of tensor i
+    share one second moment; the paper's partition gives a query/key projection one block per head, every other
+    matrix one per output row, a vector or scalar one for the whole tensor. ``step(grads)`` moves ``self.p``."""
+
+    def __init__(
+        self, params: Sequence[Tensor], blocks: Sequence[int], *, lr: float, betas: tuple[float, float], eps: float,
+        weight_decay: float,
+    ) -> None:
+        self.p = [p.detach().clone().to(F64) for p in params]
+        self.blocks = list(blocks)
+        self.lr, self.betas, self.eps, self.wd = lr, betas, eps, weight_decay
+        self.m = [torch.zeros_like(p) for p in self.p]
+        self.v = [torch.zeros(b, dtype=F64) for b in self.blocks]
+        self.t = 0
+
+    def direction(self, i: int, g: Tensor) -> Tensor:
+        """Advance tensor i's m and block v with gradient g (at step ``self.t``); the update m̂ / (√v̂_b + ε)."""
+        b1, b2 = self.betas
+        g = g.to(F64)
+        self.m[i] = b1 * self.m[i] + (1 - b1) * g
+        by_block = g.reshape(self.blocks[i], -1)  # a block is rows·cols consecutive elements
+        self.v[i] = b2 * self.v[i] + (1 - b2) * (by_block * by_block).mean(dim=1)
+        m_hat = (self.m[i] / (1 - b1**self.t)).reshape(self.blocks[i], -1)
+        v_hat = self.v[i] / (1 - b2**self.t)
+        return (m_hat / (v_hat.sqrt() + self.eps)[:, None]).reshape(g.shape)
+
+    def step(self, grads: Sequence[Tensor]) -> None:
+        self.t += 1
+        for i, g in enumerate(grads):
+            u = self.direction(i, g)
+            self.p[i] = self.p[i] * (1 - self.lr * self.wd) - self.lr * u
+
+
+def lower_median(x: Tensor) -> float:
+    """The ⌈n/2⌉-th smallest value (no interpolation between the two middle ones)."""
+    return float(x.reshape(-1).sort().values[(x.numel() - 1) // 2])
+
+
+class SACReference:
+    """SAC (the module docstring of :mod:`library.optimizers.sac`) on AdamW, or on Adam-mini when ``blocks`` are
+    given (:class:`AdamMiniReference`), in float64, unit by unit. ``units[i]``: how many equal blocks of rows of
+    tensor i are SAC units (a q/k/v projection's heads, else 1). All tensors step together, so every unit is
+    refreshed on steps 1, 1+F, 1+2F, ... ``step(grads)`` moves ``self.p``; ``self.scales[i]`` holds tensor i's
+    unit scales."""
+
+    def __init__(
+        self, params: Sequence[Tensor], units: Sequence[int], *, lr: float, betas: tuple[float, float], eps: float,
+        weight_decay: float, scale_update_freq: int, scale_bound: tuple[float, float],
+        blocks: Sequence[int] | None = None,
+    ) -> None:
+        self.mini = None
+        if blocks is not None:
+            self.mini = AdamMiniReference(params, blocks, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        self.p = [p.detach().clone().to(F64) for p in params]
+        self.units = list(units)
+        self.lr, self.betas, self.eps, self.wd = lr, betas, eps, weight_decay
+        self.freq, (self.lo, self.hi) = scale_update_freq, scale_bound
+        self.m = [torch.zeros_like(p) for p in self.p]
+        self.v = [torch.zeros_like(p) for p in self.p]
+        self.scales = [torch.ones(u, dtype=F64) for u in self.units]
+        self.t = 0
+
+    def _adamw(self, i: int, g: Tensor) -> Tensor:
+        b1, b2 = self.betas
+        self.m[i] = b1 * self.m[i] + (1 - b1) * g
+        self.v[i] = b2 * self.v[i] + (1 - b2) * g * g
+        return (self.m[i] / (1 - b1**self.t)) / ((self.v[i] / (1 - b2**self.t)).sqrt() + self.eps)
+
+    def step(self, grads: Sequence[Tensor]) -> None:
+        self.t += 1
+        if self.mini is not None:
+            self.mini.t = self.t
+            updates = [self.mini.direction(i, g) for i, g in enumerate(grads)]
+        else:
+            updates = [self._adamw(i, g.to(F64)) for i, g in enumerate(grads)]
+        if (self.t - 1) % self.freq == 0:
+            mdas = []
+            for u, n in zip(updates, self.units, strict=True):
+                blocks = u.reshape(n, -1)
+                mdas.append(torch.tensor([lower_median((b - b.mean()).abs()) for b in blocks], dtype=F64))
+            signal = torch.cat(mdas)
+            signal = signal[signal > 0]
+            typical = lower_median(signal) if signal.numel() else None
+            self.scales = [
+                torch.tensor([typical / d if d > 0 and typical is not None else 1.0 for d in mda.tolist()],
+                             dtype=F64).clamp(self.lo, self.hi)
+                for mda in mdas
+            ]  # fmt: skip
+        for i, u in enumerate(updates):
+            n = self.units[i]
+            scaled = (u.reshape(n, -1) * self.scales[i][:, None]).reshape(u.shape)
+            self.p[i] = self.p[i] * (1 - self.lr * self.wd) - self.lr * scaled
+
+
 # Automagic (Sinkgd, CameAMP): the composition of the module docstring of library.optimizers.automagic
 
 

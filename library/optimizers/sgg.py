@@ -26,15 +26,18 @@ ShampooSGG_v2 is Shampoo (Gupta et al. 2018: L ← β₂L + (1−β₂)GGᵀ, R 
 original ran a Newton-Schulz orthogonalisation; LambSGG_v2's ``t_total`` stretches the re-clustering interval
 over training instead of mutating the group's ``recluster_interval``.
 
+The float64 definition of AdamWSGG, one tensor at a time: :class:`~library.optimizers.references.AdamWSGGReference`.
+
 Performance: a LoRA step is bound by kernel launches (hundreds of small tensors), so each param group's tensors
-of one device and dtype are laid end to end (:class:`~library.optimizers.adam_mini.FlatPlan`): the gradients
-are gathered with one foreach copy, the moments live in flat buffers whose per-parameter views are the state
-tensors, every elementwise op is one kernel, per-tensor statistics are segment reductions and the per-cluster
-tables are flat (n·K,) buffers indexed by ``K·tensor + label``; Adafactor's row/column means run once per
-distinct matrix shape. Re-clustering is one batched k-means over all tensors (segmented sort for the quantile
-starts, K−1 comparisons per Lloyd step). The number of ops per step does not depend on the tensor count, and
-there is no host sync. ShampooSGG_v2 stays per matrix shape (stacked matmuls; one batched eigh per shape and
-side every ``precondition_frequency`` steps, which synchronises on CUDA).
+of one device and dtype are laid end to end (:class:`~library.optimizers.flat.FlatBucket`): the gradients
+are gathered with one op into a buffer that becomes the update, the moments live in flat buffers whose
+per-parameter views are the state tensors, every elementwise op is one kernel, per-tensor statistics are segment
+reductions and the per-cluster tables are flat (n·K,) buffers indexed by ``K·tensor + label`` (one int32 per
+element, built for the step); Adafactor's row/column means run once per distinct matrix shape. Re-clustering is
+one batched k-means over all tensors (segmented sort for the quantile starts, K−1 comparisons per Lloyd step).
+The number of ops per step does not depend on the tensor count, and there is no host sync. ShampooSGG_v2 stays
+per matrix shape (stacked matmuls; one batched eigh per shape and side every ``precondition_frequency`` steps,
+which synchronises on CUDA).
 """
 
 from __future__ import annotations
@@ -46,21 +49,16 @@ import torch
 from torch import Tensor
 
 from library.errors import OptimizerError
-from library.optimizers.adam_mini import (
-    FlatPlan,
-    Segments,
-    advance_group,
-    apply_decoupled_,
-    flat_plans,
-    init_missing_,
-    pick,
-    release_plans,
+from library.optimizers.flat import (
+    FlatBucket,
+    FlatLayout,
+    FlatOptimizer,
+    FlatState,
+    segment_ids,
     segment_sort,
-    state_dtype,
 )
-from library.optimizers.flat import FlatState, segment_ids
-from library.optimizers.sac import init_adam_state, plan_adamw_update, validate_scale_bound
-from library.optimizers.state import ExactStateLoad, closure_loss
+from library.optimizers.sac import adamw_direction, init_adam_state, validate_scale_bound
+from library.optimizers.state import work_dtype
 from library.optimizers.validate import validate_common, validate_names, validate_positive_int
 
 # Lloyd iterations per re-clustering: 1-D k-means from quantile starts settles in a handful.
@@ -84,8 +82,7 @@ class Segmentation:
         self.count = len(sizes)
         lengths = torch.tensor(sizes, dtype=torch.int64, device=device)
         self.segment = segment_ids(lengths, sum(sizes))
-        self.base = self.segment * k if self.count * k < 2**31 else self.segment.long() * k
-        self.numel = lengths.to(dtype)
+        self.base = cluster_slots(self.segment, self.count, k)
         strides = [max(1, -(-n // _QUANTILE_SAMPLE)) for n in sizes]
         self.sample: Tensor | None = None
         sample_sizes = list(sizes)
@@ -103,6 +100,12 @@ class Segmentation:
         self.sample_segment = segment_ids(sample_lengths, sum(sample_sizes))
         self.sample_start = (torch.cumsum(sample_lengths, 0) - sample_lengths)[:, None]
         self.sample_last = (sample_lengths - 1).to(dtype)[:, None]
+
+
+def cluster_slots(segment: Tensor, count: int, k: int) -> Tensor:
+    """K·(tensor position) per element (``segment``: each element's tensor among ``count``): where the tensor's
+    clusters start in flat (count·K,) tables; int32, int64 once count·K outgrows it."""
+    return segment * k if count * k < 2**31 else segment.long() * k
 
 
 def _nearest(x: Tensor, centers: Tensor, segment: Tensor) -> Tensor:
@@ -152,142 +155,133 @@ def log_step_(inv_step: Tensor) -> Tensor:
     return inv_step.log_().neg_().clamp_(-_LOG_CAP, _LOG_CAP)
 
 
+def _arguments(local_vars: dict[str, Any]) -> dict[str, Any]:
+    """A constructor's keyword arguments from its ``locals()`` taken before it binds any other name: every setting
+    of its signature, passed on to :class:`_SGGOptimizer` without naming each one again."""
+    return {k: v for k, v in local_vars.items() if k not in ("self", "params", "__class__")}
+
+
 def _column(weight: float | Tensor) -> float | Tensor:
     return weight[:, None] if isinstance(weight, Tensor) else weight
 
 
 # ------------------------------------------------------------------------------------------------------ base class
-class _SGGOptimizer(ExactStateLoad, torch.optim.Optimizer):
+class _SGGOptimizer(FlatOptimizer):
     """Flattens each (device, dtype) bucket, asks the subclass for flat (updates, z), applies SGG scaling, steps."""
 
-    def __init__(
-        self,
-        params: Iterable[Any],
-        defaults: dict[str, Any],
-        *,
-        n_clusters: int,
-        recluster_interval: int,
-        scale_bound: Any,
-        decays: tuple[float, float, float],
-        decay_names: tuple[str, str, str],
-    ) -> None:
+    def __init__(self, params: Iterable[Any], settings: dict[str, Any]) -> None:
+        """``settings``: the subclass constructor's keyword arguments (:func:`_arguments`). The decays of the SGG
+        statistics (layer mean, cluster means, scales) come from ``beta3`` and, where the subclass has them,
+        ``ema_decay_clusters`` and ``ema_decay_scale`` / ``ema_decay_scale_factors``; they become ``sgg_decays``."""
         cls = type(self).__name__
-        validate_common(cls, defaults["lr"], defaults["betas"], defaults["eps"], defaults["weight_decay"])
+        settings = dict(settings)
+        validate_common(cls, settings["lr"], settings["betas"], settings["eps"], settings["weight_decay"])
+        n_clusters = settings["n_clusters"]
         validate_positive_int(cls, "n_clusters", n_clusters)
         if n_clusters > 255:
             raise OptimizerError(f"{cls} n_clusters={n_clusters} is invalid; valid: 1..255")
-        validate_positive_int(cls, "recluster_interval", recluster_interval)
-        bound = validate_scale_bound(cls, scale_bound)
-        for key, value in zip(decay_names, decays, strict=True):
+        validate_positive_int(cls, "recluster_interval", settings["recluster_interval"])
+        bound = validate_scale_bound(cls, settings["scale_bound"])
+        for key in ("beta3", "ema_decay_clusters", "ema_decay_scale", "ema_decay_scale_factors"):
+            value = settings.get(key, 0.0)
             if not (isinstance(value, (int, float)) and 0.0 <= value < 1.0):
                 raise OptimizerError(f"{cls} {key}={value!r} is invalid; valid: a number in [0, 1)")
+        beta3 = settings.pop("beta3")
+        d_cluster = settings.pop("ema_decay_clusters", beta3)
+        d_scale = settings.pop("ema_decay_scale", settings.pop("ema_decay_scale_factors", beta3))
         params = list(params)
         validate_names(cls, params)
         defaults = dict(
-            defaults,
-            betas=tuple(defaults["betas"]),
-            n_clusters=n_clusters,
-            recluster_interval=recluster_interval,
+            settings,
+            betas=tuple(settings["betas"]),
             scale_bound=bound,
-            sgg_decays=tuple(float(d) for d in decays),
+            sgg_decays=(float(beta3), float(d_cluster), float(d_scale)),
         )
         super().__init__(params, defaults)
 
     # subclasses -------------------------------------------------------------------------------------------------
-    def _init_new_state(self, p: Tensor, _name: str | None, state: dict[str, Any], group: dict[str, Any]) -> None:
-        self._init_base_state(p, state, group)
-
-    def _init_base_state(self, p: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
-        raise NotImplementedError
-
     def _directions(
-        self, group: dict[str, Any], plan: FlatPlan, grad: Tensor, states: list[dict], ordered: list[dict]
+        self, group: dict[str, Any], bucket: FlatBucket, states: list[dict], ordered: list[dict]
     ) -> tuple[Tensor, Tensor]:
-        """Advance the base optimizer's state; return flat updates u and log step sizes z (layout order).
-
-        ``grad`` is the plan's flat gradient; ``states`` are in the caller's order, ``ordered`` in layout order.
-        """
+        """Advance the base optimizer's state; return flat updates u and log step sizes z (layout order), both
+        the step's own buffers. ``states`` are in the bucket's caller order, ``ordered`` in layout order."""
         raise NotImplementedError
 
-    def _apply(self, group: dict[str, Any], plan: FlatPlan, params: list[Tensor], update: Tensor) -> None:
-        apply_decoupled_(plan, params, update, group["lr"], group["weight_decay"])
+    def _apply(self, group: dict[str, Any], bucket: FlatBucket, update: Tensor) -> None:
+        bucket.apply_(update, group["lr"], group["weight_decay"])
 
     def _recluster_due(self, state: dict[str, Any], group: dict[str, Any]) -> bool:
         return (state["step"] - 1) % group["recluster_interval"] == 0
 
     # SGG -------------------------------------------------------------------------------------------------------
+    def _step_bucket(self, group: dict[str, Any], bucket: FlatBucket, states: list[dict[str, Any]]) -> None:
+        layout = bucket.layout
+        ordered = layout.arrange(states)
+        # the cluster slots first, while no other per-element buffer is alive (building them peaks at 12 B/element)
+        slots = cluster_slots(segment_ids(layout.lengths, layout.numel), layout.count, group["n_clusters"])
+        update, z = self._directions(group, bucket, states, ordered)
+        self._sgg_scale_(group, bucket, ordered, update, z, slots)
+        del z, slots
+        self._apply(group, bucket, update)
+
     def _sgg_scale_(
-        self, group: dict[str, Any], plan: FlatPlan, ordered: list[dict], update: Tensor, z: Tensor
+        self,
+        group: dict[str, Any],
+        bucket: FlatBucket,
+        ordered: list[dict],
+        update: Tensor,
+        z: Tensor,
+        slots: Tensor,
     ) -> None:
         """One SGG scale step (module docstring) for every tensor of the bucket at once, in place on ``update``.
 
         Tensor j's cluster c is slot j·K + c of flat (n·K,) tables whose rows are the per-tensor state views, so
-        one index_add gives every cluster sum and one index_select spreads the scales back. Re-clustering runs
+        one index_add gives every cluster sum and one index_select spreads the scales back. ``slots`` (j·K per
+        element) becomes each element's slot; ``z`` is spent (it takes the spread scales). Re-clustering runs
         :func:`kmeans_segments` over all tensors at once, and only for the tensors that are due.
         """
         k = group["n_clusters"]
         lo, hi = group["scale_bound"]
         d_layer, d_cluster, d_scale = group["sgg_decays"]
-        layout, n, dtype = plan.layout, plan.layout.count, z.dtype
+        layout, n, dtype = bucket.layout, bucket.layout.count, z.dtype
         firsts = ["sgg_scale" not in s for s in ordered]
-        if any(firsts):
-            tables = (("sgg_centers", 0.0), ("sgg_cluster_stat", 0.0), ("sgg_counts", 0.0))
-            for key, fill in (*tables, ("sgg_scale", min(max(1.0, lo), hi))):
-                init_missing_(ordered, key, [(k,)] * n, fill, dtype, layout.device)
-            init_missing_(ordered, "sgg_layer_stat", [()] * n, 0.0, dtype, layout.device)
-            init_missing_(ordered, "sgg_labels", [(s,) for s in layout.sizes], 0, torch.uint8, layout.device)
         resets = [self._recluster_due(s, group) or first for s, first in zip(ordered, firsts, strict=True)]
-        cache = plan.cache.get(("sgg", k))
-        if cache is None:
-            cache = plan.cache[("sgg", k)] = (
-                FlatState(Segments([(k,)] * n)),
-                FlatState(Segments([()] * n)),
-                FlatState(Segments([(s,) for s in layout.sizes])),
+        stores = bucket.cache.get(("sgg", k))
+        if stores is None:
+            stores = bucket.cache[("sgg", k)] = _SGGStores(layout, k)
+        centers, cluster_stat, counts, scale = (
+            stores.tables.filled(ordered, key, dtype, fill).view(n, k)
+            for key, fill in (
+                ("sgg_centers", 0.0),
+                ("sgg_cluster_stat", 0.0),
+                ("sgg_counts", 0.0),
+                ("sgg_scale", min(max(1.0, lo), hi)),
             )
-        tables_state, layer_state, label_state = cache
-        seg = plan.transient.get(("sgg", k))
-        if seg is None:  # per-element indices: built for the step, not kept
-            seg = plan.transient[("sgg", k)] = Segmentation(layout.sizes, k, layout.device, dtype)
-        centers, cluster_stat, scale, counts = (
-            tables_state.buffer(ordered, key, dtype).view(n, k)
-            for key in ("sgg_centers", "sgg_cluster_stat", "sgg_scale", "sgg_counts")
         )
-        layer_stat = layer_state.buffer(ordered, "sgg_layer_stat", dtype)
-        labels = label_state.buffer(ordered, "sgg_labels", torch.uint8)
+        layer_stat = stores.layer.filled(ordered, "sgg_layer_stat", dtype, 0.0)
+        labels = stores.labels.filled(ordered, "sgg_labels", torch.uint8, 0)
         if any(resets):
-            fresh_centers, fresh_labels, fresh_counts = kmeans_segments(z, seg, k)
+            fresh_centers, fresh_labels, fresh_counts = kmeans_segments(
+                z, Segmentation(layout.sizes, k, layout.device, dtype), k
+            )
             if not all(resets):
                 due = torch.tensor(resets, device=layout.device)
                 fresh_centers = torch.where(due[:, None], fresh_centers, centers)
                 fresh_counts = torch.where(due[:, None], fresh_counts, counts)
-                fresh_labels = torch.where(plan.spread(due), fresh_labels, labels)
+                fresh_labels = torch.where(layout.expand(due), fresh_labels, labels)
             centers.copy_(fresh_centers)
             labels.copy_(fresh_labels)
             counts.copy_(fresh_counts)
-        index = seg.base + labels
+        index = slots.add_(labels)
         sums = z.new_zeros(n * k).index_add_(0, index, z).view(n, k)
-        layer_mean = sums.sum(dim=1) / seg.numel
+        layer_mean = sums.sum(dim=1) / layout.lengths  # the element counts, promoted to the sums' dtype
         cluster_mean = torch.where(counts > 0, sums / counts.clamp_min(1.0), layer_mean[:, None])
         cluster_stat.lerp_(
-            cluster_mean, _column(plan.per_tensor([1.0 if r else 1.0 - d_cluster for r in resets]))
+            cluster_mean, _column(bucket.per_tensor([1.0 if r else 1.0 - d_cluster for r in resets]))
         )
-        layer_stat.lerp_(layer_mean, plan.per_tensor([1.0 if f else 1.0 - d_layer for f in firsts]))
+        layer_stat.lerp_(layer_mean, bucket.per_tensor([1.0 if f else 1.0 - d_layer for f in firsts]))
         scale.lerp_(torch.exp(layer_stat[:, None] - cluster_stat), 1.0 - d_scale).clamp_(lo, hi)
-        update.mul_(scale.view(-1).index_select(0, index))
-
-    @torch.no_grad()
-    def step(self, closure: Any = None) -> Any:
-        loss = closure_loss(closure)
-        for group_index, group in enumerate(self.param_groups):
-            params, _, grads, states = advance_group(self, group, self._init_new_state)
-            for plan, idx in flat_plans(self.__dict__.setdefault("_flat_plans", {}), group_index, params):
-                sts = pick(states, idx)
-                ordered = plan.layout.arrange(sts)
-                update, z = self._directions(group, plan, plan.gather("grad", pick(grads, idx)), sts, ordered)
-                self._sgg_scale_(group, plan, ordered, update, z)
-                self._apply(group, plan, pick(params, idx), update)
-        release_plans(self)
-        return loss
+        update.mul_(torch.index_select(scale.view(-1), 0, index, out=z))
 
     def log_metrics(self) -> dict[str, Tensor | float]:
         """Element-weighted mean scale (the average lr multiplier) and the smallest/largest cluster scale."""
@@ -303,11 +297,21 @@ class _SGGOptimizer(ExactStateLoad, torch.optim.Optimizer):
         }
 
 
+class _SGGStores:
+    """The stores of one bucket's SGG state (layout order): K-entry cluster tables, the layer statistic and the
+    uint8 labels per element."""
+
+    def __init__(self, layout: FlatLayout, k: int) -> None:
+        self.tables = FlatState.in_order([(k,)] * layout.count, layout.device)
+        self.layer = FlatState.in_order([()] * layout.count, layout.device)
+        self.labels = FlatState.in_order([(n,) for n in layout.sizes], layout.device)
+
+
 def _adam_directions(
-    group: dict[str, Any], plan: FlatPlan, grad: Tensor, states: list[dict], ordered: list[dict]
+    group: dict[str, Any], bucket: FlatBucket, states: list[dict], ordered: list[dict]
 ) -> tuple[Tensor, Tensor]:
     """AdamW's m̂/(√v̂+ε) and z = −log(√v̂+ε), flat."""
-    update, denom = plan_adamw_update(group, plan, grad, states, ordered)
+    update, denom = adamw_direction(group, bucket, states, ordered)
     return update, log_step_(denom)
 
 
@@ -325,61 +329,29 @@ class AdamWSGG(_SGGOptimizer):
     """
 
     def __init__(
-        self,
-        params: Iterable[Any],
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 0.01,
-        n_clusters: int = 5,
-        recluster_interval: int = 1000,
-        scale_bound: tuple[float, float] = (1.0, 10.0),
-        beta3: float = 0.9,
-    ) -> None:
-        super().__init__(
-            params,
-            dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay),
-            n_clusters=n_clusters,
-            recluster_interval=recluster_interval,
-            scale_bound=scale_bound,
-            decays=(beta3, beta3, beta3),
-            decay_names=("beta3", "beta3", "beta3"),
-        )
+        self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8, weight_decay: float = 0.01, n_clusters: int = 5, recluster_interval: int = 1000,
+        scale_bound: tuple[float, float] = (1.0, 10.0), beta3: float = 0.9,
+    ) -> None:  # fmt: skip
+        super().__init__(params, _arguments(locals()))
 
-    def _init_base_state(self, p: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+    def _init_state(self, p: Tensor, _name: str | None, state: dict[str, Any], group: dict[str, Any]) -> None:
         init_adam_state(p, state)
 
-    def _directions(self, group, plan, grad, states, ordered):
-        return _adam_directions(group, plan, grad, states, ordered)
+    def _directions(self, group, bucket, states, ordered):
+        return _adam_directions(group, bucket, states, ordered)
 
 
 class AdamWSGG_v2(AdamWSGG):  # noqa: N801 - the name users type (OpenToMe's)
     """AdamW + SGG with separate decays: ``beta3`` (layer mean), ``ema_decay_clusters``, ``ema_decay_scale``."""
 
     def __init__(
-        self,
-        params: Iterable[Any],
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 0.01,
-        n_clusters: int = 5,
-        recluster_interval: int = 1000,
-        scale_bound: tuple[float, float] = (1.0, 10.0),
-        beta3: float = 0.9,
-        ema_decay_clusters: float = 0.95,
+        self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8, weight_decay: float = 0.01, n_clusters: int = 5, recluster_interval: int = 1000,
+        scale_bound: tuple[float, float] = (1.0, 10.0), beta3: float = 0.9, ema_decay_clusters: float = 0.95,
         ema_decay_scale: float = 0.9,
-    ) -> None:
-        _SGGOptimizer.__init__(
-            self,
-            params,
-            dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay),
-            n_clusters=n_clusters,
-            recluster_interval=recluster_interval,
-            scale_bound=scale_bound,
-            decays=(beta3, ema_decay_clusters, ema_decay_scale),
-            decay_names=("beta3", "ema_decay_clusters", "ema_decay_scale"),
-        )
+    ) -> None:  # fmt: skip
+        _SGGOptimizer.__init__(self, params, _arguments(locals()))
 
 
 # ----------------------------------------------------------------------------------------------------- Adafactor
@@ -401,46 +373,21 @@ class AdafactorSGG(_SGGOptimizer):
     """
 
     def __init__(
-        self,
-        params: Iterable[Any],
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-30,
-        weight_decay: float = 0.0,
-        clip_threshold: float = 1.0,
-        decay_rate: float = -0.8,
-        n_clusters: int = 5,
-        recluster_interval: int = 1000,
-        scale_bound: tuple[float, float] = (1.0, 10.0),
-        beta3: float = 0.9,
-        ema_decay_clusters: float = 0.95,
-        ema_decay_scale_factors: float = 0.9,
-    ) -> None:
+        self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-30, weight_decay: float = 0.0, clip_threshold: float = 1.0, decay_rate: float = -0.8,
+        n_clusters: int = 5, recluster_interval: int = 1000, scale_bound: tuple[float, float] = (1.0, 10.0),
+        beta3: float = 0.9, ema_decay_clusters: float = 0.95, ema_decay_scale_factors: float = 0.9,
+    ) -> None:  # fmt: skip
         if not (isinstance(clip_threshold, (int, float)) and clip_threshold > 0):
             raise OptimizerError(
                 f"AdafactorSGG clip_threshold={clip_threshold!r} is invalid; valid: a number > 0"
             )
         if not (isinstance(decay_rate, (int, float)) and decay_rate < 0):
             raise OptimizerError(f"AdafactorSGG decay_rate={decay_rate!r} is invalid; valid: a number < 0")
-        super().__init__(
-            params,
-            dict(
-                lr=lr,
-                betas=betas,
-                eps=eps,
-                weight_decay=weight_decay,
-                clip_threshold=clip_threshold,
-                decay_rate=decay_rate,
-            ),
-            n_clusters=n_clusters,
-            recluster_interval=recluster_interval,
-            scale_bound=scale_bound,
-            decays=(beta3, ema_decay_clusters, ema_decay_scale_factors),
-            decay_names=("beta3", "ema_decay_clusters", "ema_decay_scale_factors"),
-        )
+        super().__init__(params, _arguments(locals()))
 
-    def _init_base_state(self, p: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
-        dtype = state_dtype(p)
+    def _init_state(self, p: Tensor, _name: str | None, state: dict[str, Any], group: dict[str, Any]) -> None:
+        dtype = work_dtype(p)
         if p.dim() >= 2:
             state["exp_avg_sq_row"] = torch.zeros(p.shape[0], dtype=dtype, device=p.device)
             state["exp_avg_sq_col"] = torch.zeros(p[0].numel(), dtype=dtype, device=p.device)
@@ -449,12 +396,13 @@ class AdafactorSGG(_SGGOptimizer):
         if group["betas"][0] > 0:
             state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
 
-    def _factored(self, plan: FlatPlan) -> dict[str, Any]:
+    @staticmethod
+    def _factored(bucket: FlatBucket) -> dict[str, Any]:
         """Per-layout index maps: which tensors keep a full v and, per matrix shape, the factored tensors' rows."""
-        cached = plan.cache.get("adafactor")
+        cached = bucket.cache.get("adafactor")
         if cached is not None:
             return cached
-        layout, device = plan.layout, plan.layout.device
+        layout, device = bucket.layout, bucket.layout.device
         shapes = layout.arrange(layout.shapes)
         factored = [len(s) >= 2 for s in shapes]
         full = [j for j, f in enumerate(factored) if not f]
@@ -472,32 +420,33 @@ class AdafactorSGG(_SGGOptimizer):
             row_at += len(members) * b.rows
             col_at += len(members) * b.cols
         full_index = [i for j in full for i in range(layout.offsets[j], layout.offsets[j] + layout.sizes[j])]
-        cached = plan.cache["adafactor"] = {
+        cached = bucket.cache["adafactor"] = {
             "full": full,
             "fact": fact,
             "buckets": buckets,
-            "full_state": FlatState(Segments([shapes[j] for j in full])),
-            "rows": FlatState(Segments([(shapes[j][0],) for j in fact])),
-            "cols": FlatState(Segments([(layout.sizes[j] // shapes[j][0],) for j in fact])),
+            "full_state": FlatState.in_order([shapes[j] for j in full], device),
+            "rows": FlatState.in_order([(shapes[j][0],) for j in fact], device),
+            "cols": FlatState.in_order([(layout.sizes[j] // shapes[j][0],) for j in fact], device),
             "full_index": torch.tensor(full_index, dtype=torch.int64, device=device),
             "full_at": torch.tensor(full, dtype=torch.int64, device=device),
             "full_lengths": torch.tensor([layout.sizes[j] for j in full], dtype=torch.int64, device=device),
-            "sqrt_numel": torch.tensor(layout.sizes, dtype=plan.dtype, device=device).sqrt(),
+            "sqrt_numel": torch.tensor(layout.sizes, dtype=bucket.dtype, device=device).sqrt(),
         }
         return cached
 
-    def _directions(self, group, plan, grad, states, ordered):
+    def _directions(self, group, bucket, states, ordered):
         """Elementwise math on the flat buffer; the row/column means per matrix shape on [k, rows, cols] views."""
         beta1, beta2_cap = group["betas"]
-        layout, f = plan.layout, self._factored(plan)
+        layout, f, dtype = bucket.layout, self._factored(bucket), bucket.dtype
         steps = [s["step"] for s in ordered]
         # weight of the new g² (1 at t=1)
-        w = plan.per_tensor([1.0 - min(beta2_cap, 1.0 - t ** group["decay_rate"]) for t in steps])
+        w = bucket.per_tensor([1.0 - min(beta2_cap, 1.0 - t ** group["decay_rate"]) for t in steps])
+        grad = bucket.gather_grads()
         g2 = grad * grad
         g2.add_(group["eps"])
-        v = plan.scratch("v")[0]
+        v = torch.empty_like(g2)
         if f["full"]:
-            full_v = f["full_state"].buffer([ordered[j] for j in f["full"]], "exp_avg_sq", plan.dtype)
+            full_v = f["full_state"].buffer([ordered[j] for j in f["full"]], "exp_avg_sq", dtype)
             full_w = w
             if isinstance(w, Tensor):
                 full_w = torch.repeat_interleave(
@@ -507,32 +456,32 @@ class AdafactorSGG(_SGGOptimizer):
             v.index_copy_(0, f["full_index"], full_v)
         if f["fact"]:
             fact_states = [ordered[j] for j in f["fact"]]
-            rows = f["rows"].buffer(fact_states, "exp_avg_sq_row", plan.dtype)
-            cols = f["cols"].buffer(fact_states, "exp_avg_sq_col", plan.dtype)
-        for bucket, count, row_at, col_at, local, where in f["buckets"]:
-            g2m = layout.bucket_view(g2, bucket)
+            rows = f["rows"].buffer(fact_states, "exp_avg_sq_row", dtype)
+            cols = f["cols"].buffer(fact_states, "exp_avg_sq_col", dtype)
+        for shape, count, row_at, col_at, local, where in f["buckets"]:
+            g2m = layout.bucket_view(g2, shape)
             if local is not None:
                 g2m = g2m.index_select(0, local)
-            row = rows[row_at : row_at + count * bucket.rows].view(count, bucket.rows)
-            col = cols[col_at : col_at + count * bucket.cols].view(count, bucket.cols)
+            row = rows[row_at : row_at + count * shape.rows].view(count, shape.rows)
+            col = cols[col_at : col_at + count * shape.cols].view(count, shape.cols)
             wb = _column(w.index_select(0, where)) if isinstance(w, Tensor) else w
             row.lerp_(g2m.mean(dim=2), wb)
             col.lerp_(g2m.mean(dim=1), wb)
             factor = (row / row.mean(dim=1, keepdim=True).clamp_min(_TINY))[:, :, None]
-            vb = layout.bucket_view(v, bucket)
+            vb = layout.bucket_view(v, shape)
             if local is None:
                 torch.mul(factor, col[:, None, :], out=vb)
             else:
                 vb.index_copy_(0, local, factor * col[:, None, :])
-        update = torch.mul(grad, v.clamp_min(_TINY).rsqrt_(), out=plan.scratch("update")[0])
+        del g2
+        update = grad.mul_(v.clamp_min(_TINY).rsqrt_())
         rms = layout.norm(update) / f["sqrt_numel"]
-        update.div_(plan.spread((rms / group["clip_threshold"]).clamp_min(1.0)))
+        update.div_(layout.expand((rms / group["clip_threshold"]).clamp_min(1.0)))
         if any("exp_avg" in s for s in states):
-            init_missing_(states, "exp_avg", layout.shapes, 0.0, plan.dtype, layout.device)
-            exp_avg = plan.state.buffer(states, "exp_avg", plan.dtype)
+            exp_avg = bucket.state.filled(states, "exp_avg", dtype, 0.0)
             exp_avg.lerp_(update, 1.0 - beta1)
-            torch.div(exp_avg, plan.per_element([1.0 - beta1**t for t in steps]), out=update)
-        return update, log_step_(v.sqrt())
+            torch.div(exp_avg, bucket.per_element([1.0 - beta1**t for t in steps]), out=update)
+        return update, log_step_(v.sqrt_())
 
 
 # ---------------------------------------------------------------------------------------------------------- LAMB
@@ -549,32 +498,15 @@ class LambSGG_v2(_SGGOptimizer):  # noqa: N801 - the name users type (OpenToMe's
     """
 
     def __init__(
-        self,
-        params: Iterable[Any],
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-6,
-        weight_decay: float = 0.01,
-        n_clusters: int = 5,
-        recluster_interval: int = 1000,
-        scale_bound: tuple[float, float] = (1.0, 10.0),
-        beta3: float = 0.9,
-        ema_decay_clusters: float = 0.95,
-        ema_decay_scale: float = 0.9,
-        t_total: int = 11000,
-    ) -> None:
+        self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6, weight_decay: float = 0.01, n_clusters: int = 5, recluster_interval: int = 1000,
+        scale_bound: tuple[float, float] = (1.0, 10.0), beta3: float = 0.9, ema_decay_clusters: float = 0.95,
+        ema_decay_scale: float = 0.9, t_total: int = 11000,
+    ) -> None:  # fmt: skip
         validate_positive_int("LambSGG_v2", "t_total", t_total)
-        super().__init__(
-            params,
-            dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, t_total=t_total),
-            n_clusters=n_clusters,
-            recluster_interval=recluster_interval,
-            scale_bound=scale_bound,
-            decays=(beta3, ema_decay_clusters, ema_decay_scale),
-            decay_names=("beta3", "ema_decay_clusters", "ema_decay_scale"),
-        )
+        super().__init__(params, _arguments(locals()))
 
-    def _init_base_state(self, p: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+    def _init_state(self, p: Tensor, _name: str | None, state: dict[str, Any], group: dict[str, Any]) -> None:
         init_adam_state(p, state)
         state["next_recluster"] = 1
 
@@ -587,17 +519,18 @@ class LambSGG_v2(_SGGOptimizer):  # noqa: N801 - the name users type (OpenToMe's
         )
         return True
 
-    def _directions(self, group, plan, grad, states, ordered):
-        return _adam_directions(group, plan, grad, states, ordered)
+    def _directions(self, group, bucket, states, ordered):
+        return _adam_directions(group, bucket, states, ordered)
 
-    def _apply(self, group, plan, params, update):
-        weights = plan.gather("param", params)
+    def _apply(self, group, bucket, update):
+        weights = bucket.layout.gather(bucket.params, bucket.dtype)
         if group["weight_decay"] != 0.0:
             update.add_(weights, alpha=group["weight_decay"])
-        p_norms, u_norms = plan.layout.norm(weights), plan.layout.norm(update)
+        p_norms, u_norms = bucket.layout.norm(weights), bucket.layout.norm(update)
+        del weights
         trust = torch.where((p_norms > 0) & (u_norms > 0), p_norms / u_norms.clamp_min(_TINY), 1.0)
-        update.mul_(plan.spread(trust))
-        apply_decoupled_(plan, params, update, group["lr"], 0.0)
+        update.mul_(bucket.layout.expand(trust))
+        bucket.apply_(update, group["lr"], 0.0)
 
 
 # ------------------------------------------------------------------------------------------------------- Shampoo
@@ -642,23 +575,12 @@ class ShampooSGG_v2(_SGGOptimizer):  # noqa: N801 - the name users type (OpenToM
     """
 
     def __init__(
-        self,
-        params: Iterable[Any],
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-6,
-        weight_decay: float = 0.0,
-        n_clusters: int = 5,
-        recluster_interval: int = 1000,
-        scale_bound: tuple[float, float] = (1.0, 10.0),
-        beta3: float = 0.9,
-        ema_decay_clusters: float = 0.95,
-        ema_decay_scale: float = 0.9,
-        optimize_1d: bool = True,
-        lr_1d: float = 3e-4,
-        precondition_frequency: int = 10,
-        max_precond_dim: int = 1024,
-    ) -> None:
+        self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6, weight_decay: float = 0.0, n_clusters: int = 5, recluster_interval: int = 1000,
+        scale_bound: tuple[float, float] = (1.0, 10.0), beta3: float = 0.9, ema_decay_clusters: float = 0.95,
+        ema_decay_scale: float = 0.9, optimize_1d: bool = True, lr_1d: float = 3e-4,
+        precondition_frequency: int = 10, max_precond_dim: int = 1024,
+    ) -> None:  # fmt: skip
         if not isinstance(optimize_1d, bool):
             raise OptimizerError(
                 f"ShampooSGG_v2 optimize_1d={optimize_1d!r} is invalid; valid: True or False"
@@ -667,24 +589,7 @@ class ShampooSGG_v2(_SGGOptimizer):  # noqa: N801 - the name users type (OpenToM
             raise OptimizerError(f"ShampooSGG_v2 lr_1d={lr_1d!r} is invalid; valid: a number >= 0")
         validate_positive_int("ShampooSGG_v2", "precondition_frequency", precondition_frequency)
         validate_positive_int("ShampooSGG_v2", "max_precond_dim", max_precond_dim)
-        super().__init__(
-            params,
-            dict(
-                lr=lr,
-                betas=betas,
-                eps=eps,
-                weight_decay=weight_decay,
-                optimize_1d=optimize_1d,
-                lr_1d=lr_1d,
-                precondition_frequency=precondition_frequency,
-                max_precond_dim=max_precond_dim,
-            ),
-            n_clusters=n_clusters,
-            recluster_interval=recluster_interval,
-            scale_bound=scale_bound,
-            decays=(beta3, ema_decay_clusters, ema_decay_scale),
-            decay_names=("beta3", "ema_decay_clusters", "ema_decay_scale"),
-        )
+        super().__init__(params, _arguments(locals()))
         for group in self.param_groups:
             group.setdefault("lr_at_construction", group["lr"])
 
@@ -696,8 +601,8 @@ class ShampooSGG_v2(_SGGOptimizer):  # noqa: N801 - the name users type (OpenToM
     def _uses_adam(shape: torch.Size, group: dict[str, Any]) -> bool:
         return group["optimize_1d"] and len(shape) < 2
 
-    def _init_base_state(self, p: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
-        dtype = state_dtype(p)
+    def _init_state(self, p: Tensor, _name: str | None, state: dict[str, Any], group: dict[str, Any]) -> None:
+        dtype = work_dtype(p)
         if self._uses_adam(p.shape, group):
             init_adam_state(p, state)
             return
@@ -708,27 +613,22 @@ class ShampooSGG_v2(_SGGOptimizer):  # noqa: N801 - the name users type (OpenToM
             state[f"{side}_stat"] = torch.zeros(shape, dtype=dtype, device=p.device)
             state[f"{side}_root"] = torch.zeros(shape, dtype=dtype, device=p.device)
 
-    def _directions(self, group, plan, grad, states, ordered):
+    def _directions(self, group, bucket, states, ordered):
         """Per matrix shape, stacked; the optimize_1d tensors as flat AdamW; both gathered into one flat buffer."""
-        grads = plan.scratch("grad")[1]
-        shapes = plan.layout.shapes
+        grads = bucket.layout.views(bucket.gather_grads())
+        shapes = bucket.layout.shapes
         n = len(shapes)
         adam = [i for i in range(n) if self._uses_adam(shapes[i], group)]
         updates: list[Tensor | None] = [None] * n
         zs: list[Tensor | None] = [None] * n
         if adam:
-            sub = plan.cache.get(("adam_1d", tuple(adam)))
+            sub = bucket.cache.get(("adam_1d", tuple(adam)))
             if sub is None:
-                sub = plan.cache[("adam_1d", tuple(adam))] = FlatPlan(
-                    [plan.params[i] for i in adam], plan.dtype
-                )
+                sub = bucket.cache[("adam_1d", tuple(adam))] = FlatBucket([bucket.params[i] for i in adam], bucket.dtype)
             sub_states = [states[i] for i in adam]
-            sub_grad = sub.gather("grad", [grads[i] for i in adam])
-            u, z = _adam_directions(group, sub, sub_grad, sub_states, sub.layout.arrange(sub_states))
+            u, z = _adam_directions(group, sub, sub_states, sub.layout.arrange(sub_states))
             base = group["lr_at_construction"]
-            u.mul_(
-                group["lr_1d"] / base if base > 0 else 0.0
-            )  # lr_1d·lr/lr₀ after the common lr multiplication
+            u.mul_(group["lr_1d"] / base if base > 0 else 0.0)  # lr_1d·lr/lr₀ after the common lr multiplication
             for i, ui, zi in zip(adam, sub.layout.views(u), sub.layout.views(z), strict=True):
                 updates[i], zs[i] = ui, zi
         beta1, beta2 = group["betas"]
@@ -739,7 +639,11 @@ class ShampooSGG_v2(_SGGOptimizer):  # noqa: N801 - the name users type (OpenToM
                 buckets.setdefault(key, []).append(i)
         for idx in buckets.values():
             self._shampoo_bucket(group, idx, grads, states, updates, zs, beta1, beta2)
-        return plan.layout.flatten(updates), plan.layout.flatten(zs)
+        del grads
+        # one flat copy at a time, each list dropped once copied: the peak holds one per-shape set besides
+        update = bucket.layout.flatten(updates)
+        del updates
+        return update, bucket.layout.flatten(zs)
 
     @staticmethod
     def _shampoo_bucket(group, idx, grads, states, updates, zs, beta1, beta2) -> None:
@@ -748,23 +652,24 @@ class ShampooSGG_v2(_SGGOptimizer):  # noqa: N801 - the name users type (OpenToM
         exp_avgs = [s["exp_avg"] for s in sts]
         lefts, rights = [s["left_stat"] for s in sts], [s["right_stat"] for s in sts]
         gm = torch.stack([grads[i].reshape(m.shape) for i, m in zip(idx, exp_avgs, strict=True)])
-        left, right, m = torch.stack(lefts), torch.stack(rights), torch.stack(exp_avgs)
-        left.lerp_(gm @ gm.mT if left.dim() == 3 else gm.square().sum(dim=2), 1.0 - beta2)
-        right.lerp_(gm.mT @ gm if right.dim() == 3 else gm.square().sum(dim=1), 1.0 - beta2)
-        m.lerp_(gm, 1.0 - beta1)
-        torch._foreach_copy_(lefts, left.unbind(0))
-        torch._foreach_copy_(rights, right.unbind(0))
-        torch._foreach_copy_(exp_avgs, m.unbind(0))
+        # the statistics are advanced where they live (foreach): no stacked copy of them unless roots are due
+        left_new = gm @ gm.mT if lefts[0].dim() == 2 else gm.square().sum(dim=2)
+        torch._foreach_lerp_(lefts, list(left_new.unbind(0)), 1.0 - beta2)
+        del left_new
+        right_new = gm.mT @ gm if rights[0].dim() == 2 else gm.square().sum(dim=1)
+        torch._foreach_lerp_(rights, list(right_new.unbind(0)), 1.0 - beta2)
+        del right_new
+        torch._foreach_lerp_(exp_avgs, list(gm.unbind(0)), 1.0 - beta1)
+        del gm
         due = [j for j, s in enumerate(sts) if (s["step"] - 1) % group["precondition_frequency"] == 0]
-        if due:
-            pick_due = None if len(due) == len(sts) else torch.tensor(due, device=m.device)
-            for side, stat in (("left", left), ("right", right)):
-                if pick_due is not None:
-                    stat = stat.index_select(0, pick_due)
-                bc2 = _per_matrix([1.0 - beta2 ** sts[j]["step"] for j in due], stat)
-                roots = inverse_fourth_root(stat / bc2, group["eps"], diagonal=stat.dim() == 2)
-                torch._foreach_copy_([sts[j][f"{side}_root"] for j in due], list(roots.unbind(0)))
-        m = m / _per_matrix([1.0 - beta1 ** s["step"] for s in sts], m)
+        for side, stats in (("left", lefts), ("right", rights)) if due else ():
+            stat = torch.stack([stats[j] for j in due])
+            bc2 = _per_matrix([1.0 - beta2 ** sts[j]["step"] for j in due], stat)
+            roots = inverse_fourth_root(stat.div_(bc2), group["eps"], diagonal=stat.dim() == 2)
+            torch._foreach_copy_([sts[j][f"{side}_root"] for j in due], list(roots.unbind(0)))
+            del stat, roots
+        m = torch.stack(exp_avgs)
+        m.div_(_per_matrix([1.0 - beta1 ** s["step"] for s in sts], m))
         lroot = torch.stack([s["left_root"] for s in sts])
         rroot = torch.stack([s["right_root"] for s in sts])
         u = lroot @ m if lroot.dim() == 3 else lroot[:, :, None] * m

@@ -1,15 +1,16 @@
-"""What every in-house optimizer shares with torch.optim's conventions: the closure of ``step``, exact state reload
-and the parameter names a param group may carry."""
+"""What every in-house optimizer shares with torch.optim's conventions: the closure of ``step``, dense gradients,
+the precision of the state and exact state reload."""
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from itertools import chain
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from library.errors import OptimizerError
 
 
 def closure_loss(closure: Callable[[], Any] | None) -> Any:
@@ -20,23 +21,19 @@ def closure_loss(closure: Callable[[], Any] | None) -> Any:
         return closure()
 
 
-# Name fragments of LoRA factors in kohya's and PEFT's spellings: down/A project into the rank, up/B back out.
-LORA_DOWN_MARKERS = ("lora_down", "lora_A")
-LORA_UP_MARKERS = ("lora_up", "lora_B")
-LORA_DOWN = re.compile("|".join(LORA_DOWN_MARKERS))
+def dense_grad(p: Tensor) -> Tensor:
+    """``p.grad``, rejected when sparse (as torch.optim's Adam does: the flat steps need dense gradients)."""
+    if p.grad.is_sparse:
+        raise OptimizerError(
+            f"sparse gradient for a {tuple(p.shape)} parameter is not supported; valid: dense gradients"
+        )
+    return p.grad
 
 
-def is_lora_factor(name: str) -> bool:
-    """Whether a parameter name marks a LoRA down or up factor (either spelling, anywhere in the name)."""
-    return any(marker in name for marker in LORA_DOWN_MARKERS + LORA_UP_MARKERS)
-
-
-def group_names(group: dict[str, Any]) -> list[str | None]:
-    """The group's parameter names (``names``, or torch's ``param_names``), or Nones when it has none."""
-    names = group.get("names", group.get("param_names"))
-    if names is None:
-        return [None] * len(group["params"])
-    return list(names)
+def work_dtype(p: Tensor) -> torch.dtype:
+    """The precision the optimizer state and step maths of ``p`` use: fp32 for half-precision weights (their
+    moments would lose the small updates), the weight's dtype otherwise."""
+    return torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype
 
 
 class ExactStateLoad:

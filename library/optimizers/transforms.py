@@ -224,6 +224,12 @@ def scale_rows_(stacks: list[Tensor], rows: Tensor) -> None:
     torch._foreach_mul_(stacks, factors)
 
 
+def divide_rows_(stacks: list[Tensor], rows: Tensor) -> None:
+    """Divide every row of ``stacks`` (:func:`row_stacks` views) by its value in ``rows`` (flat row order), in
+    place: :func:`scale_rows_` for per-row denominators (Adam-mini's), exact where a reciprocal would round."""
+    torch._foreach_div_(stacks, rows.unsqueeze(1).split_with_sizes([stack.shape[0] for stack in stacks]))
+
+
 def row_stacks(layout: FlatLayout, flat: Tensor) -> list[Tensor]:
     """[rows, cols] views of `flat` for :func:`allora_row_scale`, one per run of consecutive shape buckets with
     the same ``cols`` (LoRA up tensors all have cols = rank): fewer norm kernels than one per distinct shape."""

@@ -44,8 +44,9 @@ def validate_positive_int(cls: str, key: str, value: Any) -> None:
 
 
 def validate_heads(cls: str, dim: int, n_heads: int) -> None:
-    """The model width and head count that split q/k(/v) projections into heads."""
+    """The model width and head count that split q/k(/v) projections into heads of ``dim // n_heads`` rows: heads
+    of whole rows need ``n_heads`` to divide ``dim``."""
     validate_positive_int(cls, "dim", dim)
     validate_positive_int(cls, "n_heads", n_heads)
-    if n_heads > dim:
-        raise OptimizerError(f"{cls} n_heads={n_heads} is invalid for dim={dim}; valid: n_heads <= dim")
+    if dim % n_heads:
+        raise OptimizerError(f"{cls} n_heads={n_heads} is invalid for dim={dim}; valid: a divisor of dim")

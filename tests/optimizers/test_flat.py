@@ -3,13 +3,16 @@
 import torch
 
 from library.optimizers.flat import (
+    FlatBucket,
     FlatLayout,
     FlatState,
+    InOrderLayout,
     PackedState,
     broadcast_stacks,
     column_stacks,
     matrix_shape,
     outer_into,
+    partition,
     reduce_stacks,
     segment_ids,
 )
@@ -144,3 +147,43 @@ def test_packed_state_packs_tensors_of_any_keys_and_shapes_and_regathers_replace
     states[2]["v_row"] = torch.full((2,), 5.0)  # e.g. load_state_dict
     again = store.buffer("rows", states, keys, torch.float64)
     assert again is not flat and again.tolist() == [1.0, 1.0, 1.0, 2.0, 5.0, 5.0]
+
+
+def test_partition_groups_by_device_and_working_dtype_then_callers_keys():
+    tensors = [torch.zeros(2), torch.zeros(2, dtype=torch.bfloat16), torch.zeros(2, dtype=torch.float16),
+               torch.zeros(2, dtype=torch.float64), torch.zeros(3)]  # fmt: skip
+    cpu = torch.device("cpu")
+    assert partition(tensors) == {(cpu, torch.float32): [0, 1, 2, 4], (cpu, torch.float64): [3]}
+    quantised = [False, False, True, False, False]
+    assert partition(tensors, quantised) == {
+        (cpu, torch.float32, False): [0, 1, 4], (cpu, torch.float32, True): [2], (cpu, torch.float64, False): [3],
+    }  # fmt: skip
+
+
+def test_in_order_layout_keeps_order_and_filled_hands_out_views():
+    shapes = [(5, 1), (2, 1), (3, 1)]
+    layout = InOrderLayout(shapes, "cpu")
+    assert layout.order == [0, 1, 2] and layout.sizes == [5, 2, 3]
+    store = FlatState(layout)
+    states = [{}, {}, {}]
+    flat = store.filled(states, "v", torch.float32, 0.5)  # all missing: one allocation, no gather
+    assert torch.all(flat == 0.5) and all(s["v"]._base is flat for s in states)
+    assert [tuple(s["v"].shape) for s in states] == shapes
+    fresh = [{"v": torch.full((5, 1), 2.0)}, {}, {"v": torch.full((3, 1), 3.0)}]  # a tensor joined later
+    flat = store.filled(fresh, "v", torch.float32, 1.0)
+    assert flat.tolist() == [2.0] * 5 + [1.0] * 2 + [3.0] * 3 and fresh[1]["v"]._base is flat
+
+
+def test_bucket_apply_is_the_decoupled_step_for_mixed_dtypes_and_strided_weights():
+    gen = torch.Generator().manual_seed(1)
+    weights = [torch.randn(4, 3, generator=gen), torch.randn(5, generator=gen).to(torch.bfloat16),
+               torch.randn(3, 4, generator=gen).t()]  # fmt: skip  # the last is not contiguous
+    before = [w.double() for w in weights]
+    bucket = FlatBucket(weights, torch.float32)
+    update = torch.randn(bucket.layout.numel, generator=gen)
+    bucket.apply_(update, lr=0.1, weight_decay=0.5)
+    for w, b, u in zip(weights, before, bucket.layout.views(update), strict=True):
+        # θ(1 − lr·wd) − lr·u in float64, u rounded to the weight's dtype first; then rounded as the weight is
+        expected = b * (1 - 0.1 * 0.5) - 0.1 * u.to(w.dtype).double()
+        torch.testing.assert_close(w, expected.to(w.dtype), rtol=0 if w.dtype == torch.float32 else 1e-2,
+                                   atol=1e-6 if w.dtype == torch.float32 else 1e-2)  # fmt: skip

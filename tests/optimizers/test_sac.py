@@ -10,14 +10,12 @@ import torch
 
 from library.errors import OptimizerError
 from library.optimizers.adam_mini import Adam_mini, adam_mini_blocks
+from library.optimizers.names import QUERY_KEY_VALUE, head_count, is_head_structured, lora_role
+from library.optimizers.references import AdamMiniReference, SACReference, lower_median
 from library.optimizers.sac import Adam_miniSAC, AdamWSAC, sac_scales, sac_units, unit_mda
 from tests.optimizers.op_counting import HOST_SYNC, step_ops
 
 NAMES = ["attn_to_q.lora_down.weight", "attn_to_q.lora_up.weight", "attn_to_v.lora_up.weight", "ff.bias"]
-
-
-def lower_median(x: np.ndarray) -> float:
-    return float(np.sort(x)[(x.size - 1) // 2])
 
 
 def lora_problem(seed: int = 0):
@@ -63,12 +61,12 @@ def test_unit_mda_and_scales_match_float64_reference():
     ref_mdas = []
     for u, n in zip(updates, units, strict=True):
         blocks = u.reshape(n, -1)
-        ref_mdas.append(np.array([lower_median(np.abs(b - b.mean())) for b in blocks]))
+        ref_mdas.append(np.array([lower_median(torch.from_numpy(np.abs(b - b.mean()))) for b in blocks]))
     for got, ref in zip(mdas, ref_mdas, strict=True):
         np.testing.assert_allclose(got.numpy(), ref, rtol=1e-12)
     scales = sac_scales(mdas, 0.5, 3.0)
     flat = np.concatenate(ref_mdas)
-    reference = lower_median(flat[flat > 0])
+    reference = lower_median(torch.from_numpy(flat[flat > 0]))
     for got, d in zip(scales, ref_mdas, strict=True):
         expected = np.clip(np.where(d > 0, reference / np.where(d > 0, d, 1.0), 1.0), 0.5, 3.0)
         np.testing.assert_allclose(got.numpy(), expected, rtol=1e-12)
@@ -117,30 +115,87 @@ def test_partitions_follow_names_dim_and_heads():
     assert sac_units(None, shape_up, 16, 4) == 1
 
 
+def test_names_give_the_lora_side_and_head_structure():
+    assert [lora_role(n) for n in ("m.lora_down.weight", "m.lora_B.default.weight", "m.weight", None)] == [
+        "down", "up", None, None]  # fmt: skip
+    assert is_head_structured("x_attn1_to_k.lora_up.weight") and not is_head_structured("x_to_k.lora_A.weight")
+    assert not is_head_structured("x_to_v.lora_up.weight") and is_head_structured("x.v_proj.w", QUERY_KEY_VALUE)
+    assert head_count(24, 16, 4) == 6 and head_count(6, 16, 4) is None
+
+
 def test_adam_mini_matches_float64_reference():
     rng = np.random.default_rng(3)
     theta0 = rng.normal(size=(8, 3))
     p = torch.nn.Parameter(torch.from_numpy(theta0.copy()))
-    opt = Adam_mini(
-        [{"params": [p], "names": ["blk.q_proj.weight"]}],
-        lr=1e-2,
-        betas=(0.9, 0.95),
-        eps=1e-8,
-        weight_decay=0.1,
-        dim=8,
-        n_heads=2,
-    )
-    theta, m, v = theta0.copy(), np.zeros_like(theta0), np.zeros((2, 1))
-    for t in range(1, 6):
+    hp = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    opt = Adam_mini([{"params": [p], "names": ["blk.q_proj.weight"]}], dim=8, n_heads=2, **hp)
+    ref = AdamMiniReference([torch.from_numpy(theta0)], [2], **hp)  # two heads of four rows
+    for _ in range(5):
         g = rng.normal(size=theta0.shape) * np.array([[1.0]] * 4 + [[1e-2]] * 4)
         p.grad = torch.from_numpy(g)
         opt.step()
-        m = 0.9 * m + 0.1 * g
-        v = 0.95 * v + 0.05 * (g.reshape(2, -1) ** 2).mean(axis=1, keepdims=True)
-        u = (m.reshape(2, -1) / (1 - 0.9**t)) / (np.sqrt(v / (1 - 0.95**t)) + 1e-8)
-        theta = theta * (1 - 1e-2 * 0.1) - 1e-2 * u.reshape(theta.shape)
-    np.testing.assert_allclose(p.detach().numpy(), theta, rtol=1e-11, atol=1e-14)
+        ref.step([p.grad])
+    np.testing.assert_allclose(p.detach().numpy(), ref.p[0].numpy(), rtol=1e-11, atol=1e-14)
     assert opt.state[p]["block_sq"].shape == (2, 1)
+
+
+# A LoRA pair of a query projection, a value projection's up factor, a full key weight, a bias and a scalar, with
+# the blocks the paper's partition gives them at dim=16, n_heads=4 (head_dim 4) and SAC's units.
+REF_NAMES = ["a.to_q.lora_down.weight", "a.to_q.lora_up.weight", "a.to_v.lora_up.weight", "a.to_k.weight",
+             "a.norm.bias", "a.gate"]  # fmt: skip
+REF_SHAPES = [(4, 24), (16, 4), (16, 4), (8, 16), (16,), ()]
+MINI_BLOCKS = [4, 4, 16, 2, 1, 1]  # down: rank rows; q up: 4 heads; v: rows; k (8 rows): 2 heads; whole vectors
+SAC_UNITS = [1, 4, 4, 2, 1, 1]  # q/k/v heads, a down factor never; the rest whole
+
+
+def _reference_problem(seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    start = [torch.randn(s, generator=gen, dtype=torch.float64) for s in REF_SHAPES]
+
+    def grad(shape):  # per-row magnitudes over three decades, so blocks and units differ
+        rows = torch.randint(0, 3, shape[:1], generator=gen).to(torch.float64)
+        row_scale = (0.1**rows).reshape(shape[:1] + (1,) * (len(shape) - 1))
+        return torch.randn(shape, generator=gen, dtype=torch.float64) * row_scale
+
+    return start, [[grad(s) for s in REF_SHAPES] for _ in range(7)]
+
+
+def test_adam_mini_on_lora_factors_and_heads_matches_float64_reference():
+    start, grads = _reference_problem(11)
+    params = [torch.nn.Parameter(t.clone()) for t in start]
+    hp = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    opt = Adam_mini([{"params": params, "names": REF_NAMES}], dim=16, n_heads=4, **hp)
+    ref = AdamMiniReference(start, MINI_BLOCKS, **hp)
+    for step_grads in grads:
+        for p, g in zip(params, step_grads, strict=True):
+            p.grad = g.clone()
+        opt.step()
+        ref.step(step_grads)
+    assert [opt.state[p]["block_sq"].shape[0] for p in params] == MINI_BLOCKS
+    for p, expected in zip(params, ref.p, strict=True):
+        torch.testing.assert_close(p.detach(), expected, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("cls", [AdamWSAC, Adam_miniSAC])
+def test_sac_matches_float64_reference_across_refreshes(cls):
+    start, grads = _reference_problem(12)
+    params = [torch.nn.Parameter(t.clone()) for t in start]
+    hp = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
+    sac = dict(scale_update_freq=3, scale_bound=(0.5, 4.0))
+    opt = cls([{"params": params, "names": REF_NAMES}], dim=16, n_heads=4, **hp, **sac)
+    blocks = MINI_BLOCKS if cls is Adam_miniSAC else None
+    ref = SACReference(start, SAC_UNITS, blocks=blocks, **hp, **sac)
+    for step_grads in grads:  # refreshes on steps 1, 4 and 7
+        for p, g in zip(params, step_grads, strict=True):
+            p.grad = g.clone()
+        opt.step()
+        ref.step(step_grads)
+    for p, expected, scales, units in zip(params, ref.p, ref.scales, SAC_UNITS, strict=True):
+        torch.testing.assert_close(p.detach(), expected, rtol=1e-12, atol=1e-15)
+        rows = opt.state[p]["sac_scale"].reshape(-1)
+        torch.testing.assert_close(rows, scales.repeat_interleave(rows.numel() // units), rtol=1e-12, atol=0)
+    every = torch.cat(ref.scales)
+    assert every.min() < 1.0 < every.max() and every.max() < 4.0  # real scaling, inside the bounds
 
 
 def test_adamw_sac_is_adamw_times_the_unit_scale():
@@ -223,6 +278,7 @@ def test_plain_parameter_list_without_names_works():
         (AdamWSAC, {"scale_bound": (0.0, 1.0)}, "scale_bound"),
         (Adam_miniSAC, {"n_heads": 0}, "n_heads"),
         (Adam_mini, {"dim": 2, "n_heads": 4}, "n_heads"),
+        (AdamWSAC, {"dim": 10, "n_heads": 4}, "n_heads"),  # heads of whole rows: n_heads divides dim
         (Adam_mini, {"lr": -1.0}, "lr"),
     ],
 )
