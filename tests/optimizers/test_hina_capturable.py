@@ -84,7 +84,7 @@ def test_capturable_steps_compute_what_eager_steps_compute(name):
     assert opt.log_metrics() == pytest.approx(eager_opt.log_metrics())
 
 
-class _StepLog(TorchDispatchMode):
+class HostReadCheck(TorchDispatchMode):
     """Every op of a block with its non-tensor arguments; fails on any read of a device value by the host."""
 
     READS = frozenset({"_local_scalar_dense", "item", "is_nonzero", "nonzero", "equal", "tolist"})
@@ -115,12 +115,14 @@ def test_after_its_first_call_a_capturable_step_is_one_fixed_op_sequence_without
         for k, grads in enumerate(_grads(5, params, seed=2)):
             for p, g in zip(params, grads, strict=True):
                 p.grad = torch.zeros_like(p) if g is None else g
-            log = _StepLog()
+            log = HostReadCheck()
             with log if k else contextlib.nullcontext():
                 opt.step()
             schedule.step()
             seen.append(log.ops)
         sequences[capturable] = seen[1:]
+    with pytest.raises(AssertionError, match="_local_scalar_dense"), HostReadCheck():
+        float(torch.ones(()))  # the check sees a read
     first, *rest = sequences[True]
     assert first and all(ops == first for ops in rest)
     assert any(ops != sequences[False][0] for ops in sequences[False][1:])  # the check sees a baked lr

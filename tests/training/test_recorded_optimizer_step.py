@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from library.cli import parse_args
 from library.training.entry import main
 from library.training.trainer import LoRATrainer
+from tests.optimizers.test_hina_capturable import HostReadCheck
 from tests.training.conftest import train_argv
 from tests.training.test_graphed_step import EagerRecorder
 
@@ -58,6 +59,14 @@ def test_a_capturable_optimizer_steps_inside_the_recorded_step_and_trains_the_sa
         caplog.clear()
         trainer = _trainer(tiny_dataset, tmp_path / label, "--optimizer_args", *optimizer_args,
                            record=label != "eager")
+        if label == "inside":  # what the recording adds to forward and backward never reads a device value
+            clip_and_step = trainer._clip_and_step
+
+            def checked(clip_and_step=clip_and_step):
+                with HostReadCheck():
+                    clip_and_step()
+
+            trainer._clip_and_step = checked
         trainer.train()
         logged = caplog.text
         if label == "inside":
