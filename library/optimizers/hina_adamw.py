@@ -938,7 +938,7 @@ class HinaAdamWOptimizer(ExactStateLoad, torch.optim.Optimizer):
             "step": step,
             "lora_pairs": self._lora_pair_count,
             "lora_tensors": len(roles),
-            "lr": group["lr"],
+            "lr": float(group["lr"]),
             "weight_decay_base": group["weight_decay"],
             "weight_decay_current": group["weight_decay"] * ratio,
             "wd_ratio": ratio,
