@@ -3,6 +3,7 @@
 On a GPU a LoRA optimizer step is bound by kernel launches, not arithmetic (384 small tensors), so the number of
 ops per step is the figure to drive down before timing on the GPU with bench/optimizer_step.py.
     python bench/count_ops.py CustomAdamW Automagic_Sinkgd AdamWSGG
+    python bench/count_ops.py CustomAdamW CustomAdamW:use_spd=False:use_tam=False   # NAME:key=value settings
 """
 
 from __future__ import annotations
@@ -53,20 +54,24 @@ def count_step_ops(optimizer: torch.optim.Optimizer, params, steps: int = 3) -> 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("optimizers", nargs="*", default=["CustomAdamW", "Automagic_Sinkgd", "AdamWSGG"])
+    parser.add_argument(
+        "optimizers", nargs="*", default=["CustomAdamW", "Automagic_Sinkgd", "AdamWSGG"],
+        help="registry names, each optionally followed by :key=value settings (as --optimizer_args takes them)",
+    )
     parser.add_argument("--top", type=int, default=8, help="show the N most frequent ops")
     args = parser.parse_args(argv)
     params, names = make_params(16, "cpu")
     base = torch.optim.AdamW(params, lr=1e-4, foreach=True)
     ref = sum(count_step_ops(base, params).values())
     print(f"{len(params)} tensors; torch AdamW(foreach): {ref} ops/step")
-    for name in args.optimizers:
+    for spec in args.optimizers:
+        name, *settings = spec.split(":")
         ps, ns = make_params(16, "cpu")
-        opt, _ = build_optimizer(name, [{"params": ps, "names": ns}], lr=1e-4)
+        opt, _ = build_optimizer(name, [{"params": ps, "names": ns}], lr=1e-4, optimizer_args=settings)
         ops = count_step_ops(opt, ps)
         total = sum(ops.values())
         top = ", ".join(f"{k} {v}" for k, v in ops.most_common(args.top))
-        print(f"{name}: {total} ops/step ({total / ref:.1f}x AdamW foreach); {top}")
+        print(f"{spec}: {total} ops/step ({total / ref:.1f}x AdamW foreach); {top}")
     return 0
 
 

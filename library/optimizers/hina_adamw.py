@@ -102,6 +102,7 @@ from library.optimizers import quant8
 from library.optimizers import transforms as T
 from library.optimizers.flat import FlatLayout, FlatState, chunk_positions
 from library.optimizers.state import ExactStateLoad, closure_loss
+from library.optimizers.transforms import weight_decay_ratio, weight_decay_ratio_tensor
 from library.optimizers.validate import require
 
 logger = logging.getLogger(__name__)
@@ -119,19 +120,6 @@ _FLAGS = (
     "use_alora",
     "dynamic_weight_decay",
 )
-
-
-def weight_decay_ratio(step: int, transition_steps: int, decay_factor: float, min_ratio: float) -> float:
-    """ρ(t) of dynamic weight decay: 1 up to T, then decay_factor^((t−T)/T) floored at min_ratio."""
-    if step <= transition_steps:
-        return 1.0
-    return max(min_ratio, decay_factor ** ((step - transition_steps) / transition_steps))
-
-
-def weight_decay_ratio_tensor(step: Tensor, transition_steps: int, decay_factor: float, min_ratio: float) -> Tensor:
-    """:func:`weight_decay_ratio` of step counts held in a tensor, computed on their device."""
-    decayed = torch.pow(decay_factor, (step - transition_steps) / transition_steps).clamp_min_(min_ratio)
-    return torch.where(step <= transition_steps, 1.0, decayed)
 
 
 def find_lora_pairs(names: Iterable[str]) -> dict[str, tuple[str, str]]:
@@ -250,12 +238,10 @@ class _Bucket:
         return self._ratios[1]
 
     def adopt_coefs(self, beta1: float, beta2: float) -> tuple[Tensor, Tensor]:
-        """[2, 1] (scale, base): base + scale·ready = rows [ready·(1−β₁), 1 − ready·β₂], both moment lerp weights."""
+        """ADOPT's lerp constants (:func:`~library.optimizers.transforms.adopt_lerp_coefs`), kept per (β₁, β₂)."""
         if self._adopt_coefs is None or self._adopt_coefs[0] != (beta1, beta2):
-            device = self.layout.device
-            scale = torch.tensor([[1.0 - beta1], [-beta2]], dtype=self.dtype, device=device)
-            base = torch.tensor([[0.0], [1.0]], dtype=self.dtype, device=device)
-            self._adopt_coefs = ((beta1, beta2), scale, base)
+            coefs = T.adopt_lerp_coefs(beta1, beta2, self.dtype, self.layout.device)
+            self._adopt_coefs = ((beta1, beta2), *coefs)
         return self._adopt_coefs[1], self._adopt_coefs[2]
 
     def per_tensor(self, values: list[float]) -> Tensor:
@@ -264,10 +250,6 @@ class _Bucket:
         if self.layout.device.type == "cuda":
             return host.pin_memory().to(self.layout.device, non_blocking=True)
         return host.to(self.layout.device)
-
-    def expand(self, value: float | Tensor) -> float | Tensor:
-        """A scalar (Python or 0-d device tensor) as is; per-tensor values spread over each tensor's elements."""
-        return value if isinstance(value, float) or value.dim() == 0 else self.seg.expand(value)
 
     def count_steps(self, steps: list[int]) -> None:
         """Capturable mode: ``steps`` (caller's order) become this bucket's device counters, and each tensor's
@@ -786,11 +768,7 @@ class HinaAdamWOptimizer(ExactStateLoad, torch.optim.Optimizer):
 
         # 4. momentum input
         if adopt:
-            # A tensor whose v is still all zero has never seen a gradient: this step is its ADOPT init step.
-            ready = S.max(v2).gt_(0.0)  # 1.0 / 0.0 in the working dtype
-            x = v2.sqrt().clamp_min_(eps)
-            torch.div(g, x, out=x)
-            x.clamp_(min=b.expand(v["neg_clip"]), max=b.expand(v["clip"]))
+            x, ready = T.adopt_input(S, v2, g, eps, v["neg_clip"], v["clip"])
         else:
             x = g
 
@@ -803,18 +781,14 @@ class HinaAdamWOptimizer(ExactStateLoad, torch.optim.Optimizer):
 
         # 6-7. moments and update
         if adopt:
-            # both per-tensor lerp weights in one op: rows [ready·(1−β₁), 1 − ready·β₂]
-            scale, base = b.adopt_coefs(beta1, beta2)
-            weights = torch.addcmul(base, scale, ready)
-            m.lerp_(x, S.expand(weights[0]))
+            T.adopt_moments_(S, m, v2, x, g, ready, b.adopt_coefs(beta1, beta2))
             del x
-            v2.lerp_(g * g, S.expand(weights[1]))
             update = m
         else:
             m.lerp_(x, 1.0 - beta1)
             del x
             v2.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
-            denom = v2.sqrt().div_(b.expand(v["bias2"])).add_(eps)
+            denom = v2.sqrt().div_(S.spread(v["bias2"])).add_(eps)
             update = torch.div(m, denom, out=denom)
             if "correction" in v:
                 update.div_(S.expand(v["correction"]))
@@ -828,54 +802,35 @@ class HinaAdamWOptimizer(ExactStateLoad, torch.optim.Optimizer):
         elif group["use_cautious"]:
             update = T.cautious(S, update, g)
 
-        # 10-11. −lr'·u, with ALLoRA's row factor on LoRA tensors (lr' = alora_ratio·lr on lora_up)
-        neg_lr = v["neg_step_lr"]
+        # 10-11. ALLoRA's row factors on LoRA tensors, with lr' = alora_ratio·lr on lora_up folded in
         alora = group["use_alora"] and b.any_lora
         if alora:
-            rows = T.allora_row_scale(T.row_stacks(b.layout, theta), group["alora_eta"])
-            if not b.all_lora:
-                rows = torch.where(b.per_row(b.tensor_lora), rows, 1.0)
-            if b.any_up:
-                rows.mul_(b.per_row(b.lr_ratios(group["alora_ratio"])))
-            if update is m:
+            if update is m:  # m is state: scale a copy
                 update = m.clone()
-            T.scale_rows_(T.row_stacks(b.layout, update), rows)  # in place: no element→row index
+            T.allora_(
+                b.layout,
+                theta,
+                update,
+                group["alora_eta"],
+                lora_rows=None if b.all_lora else b.per_row(b.tensor_lora),
+                row_lr=b.per_row(b.lr_ratios(group["alora_ratio"])) if b.any_up else None,
+            )
         m_stored = b.quantised and update is not m
         if m_stored:
             b.moments.store_("exp_avg", m, signed=True)
             del m
 
-        def apply_step_(target: Tensor) -> None:
-            """target ← target − lr'·u, one fused kernel (no δ buffer)."""
-            if isinstance(neg_lr, float):
-                target.add_(update, alpha=neg_lr)
-            else:
-                target.addcmul_(update, neg_lr)
-
-        # 12. SPD or decoupled decay, and the step
+        # 12. SPD or decoupled decay, and the step −lr'·u
         if group["use_spd"]:
-            deviation = theta - b.state_buffer(b.theta0, states, "theta0", b.theta0_dtype)
-            # this is g's last use: its buffer then holds the products whose per-tensor sums SPD needs
-            pushes_away = S.sum(g.mul_(deviation)) < 0
-            dev_before = S.sum(torch.mul(deviation, deviation, out=g)).sqrt_()
-            apply_step_(theta)
-            apply_step_(deviation)  # now θ̃ − θ₀
-            del update
-            dev_after = S.sum(torch.mul(deviation, deviation, out=g)).sqrt_()
-            coef = (dev_after - dev_before).clamp_min_(0.0).div_(dev_after.clamp_min(1e-30))
-            coef.mul_(pushes_away)
-            neg_strength = v["neg_strength"]
-            if isinstance(neg_strength, float):
-                theta.addcmul_(deviation, S.expand(coef), value=neg_strength)
-            else:
-                theta.addcmul_(deviation, S.expand(coef.mul_(neg_strength)))
+            theta0 = b.state_buffer(b.theta0, states, "theta0", b.theta0_dtype)
+            T.spd_step_(S, theta, theta0, g, update, v["neg_step_lr"], v["neg_strength"])
         else:
             if "lr_decay" in v:
                 lr_decay = v["lr_decay"]
                 if alora and b.any_up:
                     lr_decay = b.lr_ratios(group["alora_ratio"]) * lr_decay
-                theta.mul_(b.expand(1.0 - lr_decay))
-            apply_step_(theta)
+                T.decoupled_decay_(S, theta, lr_decay)
+            T.descend_(theta, update, v["neg_step_lr"])
 
         # write back
         b.scatter_weights_(theta)

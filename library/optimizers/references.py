@@ -48,8 +48,7 @@ class CustomAdamWReference:
             if hp["use_agr"] and float(g.abs().sum()) > 0:
                 g = g - g.abs() / g.abs().sum() * g
             if hp["use_adopt_stability"]:
-                ready = float(self.v[i].max()) > 0
-                x = (g / torch.clamp(self.v[i].sqrt(), min=hp["eps"])).clamp(-(t**0.25), t**0.25)
+                x, ready = adopt_input_reference(self.v[i], g, hp["eps"], t)
             else:
                 x = g
             if hp["use_tam"]:
@@ -58,11 +57,7 @@ class CustomAdamWReference:
                 self.s[i] = hp["tam_beta"] * self.s[i] + (1 - hp["tam_beta"]) * cos
                 x = (1 + self.s[i]) / 2 * x
             if hp["use_adopt_stability"]:
-                if ready:
-                    self.m[i] = b1 * self.m[i] + (1 - b1) * x
-                    self.v[i] = b2 * self.v[i] + (1 - b2) * g * g
-                else:
-                    self.v[i] = g * g
+                self.m[i], self.v[i] = adopt_moments_reference(self.m[i], self.v[i], x, g, ready, b1, b2)
                 u = self.m[i].clone()
             else:
                 self.m[i] = b1 * self.m[i] + (1 - b1) * x
@@ -74,21 +69,42 @@ class CustomAdamWReference:
                 mask = (u * g > 0).to(F64)
                 u = u * mask / max(float(mask.mean()), 1e-3)
             if role is not None:
-                rows = theta.reshape(theta.shape[0], -1)
-                scale = 1 / torch.sqrt((rows * rows).sum(1) + 1 / hp["alora_eta"] ** 2)
-                u = u * scale.reshape(-1, *([1] * (theta.dim() - 1)))
+                u = u * ref_allora(theta, hp["alora_eta"])
             lr = hp["lr"] * (hp["alora_ratio"] if role == "up" else 1.0)
             if hp["use_spd"]:
-                new = theta - lr * u
-                c = float((g * (theta - self.theta0[i])).sum())
-                if c < 0:
-                    before = float((theta - self.theta0[i]).norm())
-                    after = float((new - self.theta0[i]).norm())
-                    r = max(0.0, after - before) / after if after > 0 else 0.0
-                    new = new - hp["spd_lambda"] * rho * r * (new - self.theta0[i])
+                new = spd_reference(theta, theta - lr * u, self.theta0[i], g, hp["spd_lambda"] * rho)
             else:
                 new = theta * (1 - lr * hp["weight_decay"] * rho) - lr * u
             self.p[i] = new
+
+
+def adopt_input_reference(v: Tensor, g: Tensor, eps: float, t: int) -> tuple[Tensor, bool]:
+    """ADOPT (Taniguchi et al. 2024, Algorithm 1) for one tensor at step t: the momentum's input
+    x = clip(g / max(√v_prev, ε), ±t^¼) from the second moment *before* this step's g enters it, and whether
+    v has seen a gradient (False: this step is the initialising one)."""
+    x = (g / torch.clamp(v.sqrt(), min=eps)).clamp(-(t**0.25), t**0.25)
+    return x, float(v.max()) > 0
+
+
+def adopt_moments_reference(
+    m: Tensor, v: Tensor, x: Tensor, g: Tensor, ready: bool, b1: float, b2: float
+) -> tuple[Tensor, Tensor]:
+    """ADOPT's moments: m ← β₁m + (1−β₁)x, v ← β₂v + (1−β₂)g²; the initialising step only sets v₀ = g²."""
+    if not ready:
+        return m, g * g
+    return b1 * m + (1 - b1) * x, b2 * v + (1 - b2) * g * g
+
+
+def spd_reference(theta: Tensor, new: Tensor, theta0: Tensor, g: Tensor, strength: float) -> Tensor:
+    """Selective Projection Decay (Tian et al. 2024) for one tensor: the stepped weights ``new`` pulled towards
+    θ₀ by strength·r·(new − θ₀) when the step moves the tensor away from θ₀ (⟨g, θ−θ₀⟩ < 0), with
+    r = max(0, ‖new−θ₀‖ − ‖θ−θ₀‖)/‖new−θ₀‖; otherwise ``new`` unchanged."""
+    if float((g * (theta - theta0)).sum()) >= 0:
+        return new
+    before = float((theta - theta0).norm())
+    after = float((new - theta0).norm())
+    r = max(0.0, after - before) / after if after > 0 else 0.0
+    return new - strength * r * (new - theta0)
 
 
 def sophia_reference(

@@ -60,12 +60,18 @@ class Segments:
         scratch = torch.empty_like(a0)
         return torch.stack([self.sum(torch.mul(a, b, out=scratch)) for a, b in products])
 
-    def expand(self, values: Tensor) -> Tensor:
-        """Per-tensor values (layout order) spread over each tensor's elements (outside ``indexed()``, through
-        ``repeat_interleave``: the same values, one more temporary)."""
+    def expand(self, values: Tensor, out: Tensor | None = None) -> Tensor:
+        """Per-tensor values (layout order) spread over each tensor's elements, into ``out`` when given (a spent
+        buffer: no new temporary). Outside ``indexed()`` through ``repeat_interleave``: the same values."""
         if self.index is None:
-            return torch.repeat_interleave(values, self.lengths, output_size=self.numel)
-        return values.index_select(0, self.index)
+            spread = torch.repeat_interleave(values, self.lengths, output_size=self.numel)
+            return spread if out is None else out.copy_(spread)
+        return torch.index_select(values, 0, self.index, out=out)
+
+    def spread(self, value: float | Tensor) -> float | Tensor:
+        """A step value as an operand: a scalar (Python float or 0-d tensor) as is, per-tensor values (tensors at
+        different steps) spread over each tensor's elements."""
+        return value if isinstance(value, float) or value.dim() == 0 else self.expand(value)
 
 
 def dot(seg: Segments, a: Tensor, b: Tensor) -> Tensor:
@@ -109,6 +115,54 @@ def agr_(seg: Segments, grad: Tensor) -> None:
     inv_mass = seg.sum(alpha).clamp_min_(_TINY).reciprocal_()
     alpha.mul_(seg.expand(inv_mass))
     grad.addcmul_(alpha, grad, value=-1.0)
+
+
+def adopt_input(
+    seg: Segments, exp_avg_sq: Tensor, grad: Tensor, eps: float, neg_clip: float | Tensor, clip: float | Tensor
+) -> tuple[Tensor, Tensor]:
+    """ADOPT (Taniguchi et al. 2024), the momentum's input: x = clip(g / max(√v_prev, ε), ±t^¼).
+
+    ADOPT converges for any β₂ because the normaliser v_prev does not contain the current gradient; so x is
+    computed from ``exp_avg_sq`` *before* :func:`adopt_moments_` updates it, and no v_prev buffer is needed. The
+    t^¼ clip (``clip``, ``neg_clip`` = −clip: scalars or per-tensor values) bounds x while v is still small.
+    Returns (x, ready): x a new buffer; ``ready`` per tensor (layout order, the buffers' dtype) 1 where v has
+    seen a gradient and 0 where v is all zero, i.e. this step is the tensor's initialising step.
+    """
+    ready = seg.max(exp_avg_sq).gt_(0.0)
+    x = exp_avg_sq.sqrt().clamp_min_(eps)
+    torch.div(grad, x, out=x)
+    x.clamp_(min=seg.spread(neg_clip), max=seg.spread(clip))
+    return x, ready
+
+
+def adopt_lerp_coefs(beta1: float, beta2: float, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Constants (scale, base), each [2, 1], for :func:`adopt_moments_`: base + scale·ready gives both moments'
+    lerp weights in one op. Built once per (β₁, β₂) by the caller: inside a captured step nothing is copied in."""
+    scale = torch.tensor([[1.0 - beta1], [-beta2]], dtype=dtype, device=device)
+    base = torch.tensor([[0.0], [1.0]], dtype=dtype, device=device)
+    return scale, base
+
+
+def adopt_moments_(
+    seg: Segments,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    inputs: Tensor,
+    grad: Tensor,
+    ready: Tensor,
+    coefs: tuple[Tensor, Tensor],
+) -> None:
+    """ADOPT's moments, in place: m ← β₁m + (1−β₁)x and v ← β₂v + (1−β₂)g² where ``ready``; on a tensor's
+    initialising step (ready = 0) only v₀ = g², m unchanged (ADOPT's first step records g² and does not move).
+
+    Both as lerps with per-tensor weights [ready·(1−β₁), 1 − ready·β₂] (``coefs`` from :func:`adopt_lerp_coefs`),
+    so tensors at their first and later steps share the kernels. ``inputs`` (x from :func:`adopt_input`) is
+    spent: its buffer holds g² after, so the step needs no new buffer for it.
+    """
+    scale, base = coefs
+    weights = torch.addcmul(base, scale, ready)
+    exp_avg.lerp_(inputs, seg.expand(weights[0]))
+    exp_avg_sq.lerp_(torch.mul(grad, grad, out=inputs), seg.expand(weights[1]))
 
 
 def grams(update: Tensor, grad: Tensor) -> Tensor:
@@ -177,3 +231,89 @@ def row_stacks(layout: FlatLayout, flat: Tensor) -> list[Tensor]:
         else:
             runs.append([b.start, b.stop, b.count * b.rows, b.cols])
     return [flat[start:stop].view(rows, cols) for start, stop, rows, cols in runs]
+
+
+def allora_(
+    layout: FlatLayout,
+    theta: Tensor,
+    update: Tensor,
+    eta: float,
+    lora_rows: Tensor | None = None,
+    row_lr: Tensor | None = None,
+) -> None:
+    """ALLoRA (Huang et al. 2024) on the update, in place: each row divided by √(‖θ_r‖² + 1/η²).
+
+    ALLoRA replaces dropout and the LoRA scaling factor by this row-wise normalisation, which speeds up the
+    start of LoRA training (rows at zero learn at η times the rate). ``lora_rows`` (one bool per row, flat row
+    order) keeps factor 1 on rows of non-LoRA tensors; ``row_lr`` (per row) multiplies the same factors, so a
+    per-tensor lr ratio (LoRA+) costs no extra pass over the elements.
+    """
+    rows = allora_row_scale(row_stacks(layout, theta), eta)
+    if lora_rows is not None:
+        rows = torch.where(lora_rows, rows, 1.0)
+    if row_lr is not None:
+        rows.mul_(row_lr)
+    scale_rows_(row_stacks(layout, update), rows)  # in place: no element→row index
+
+
+def descend_(target: Tensor, update: Tensor, neg_lr: float | Tensor) -> None:
+    """target ← target − lr·u in one fused kernel (no δ buffer); ``neg_lr`` = −lr, a float or a 0-d tensor."""
+    if isinstance(neg_lr, float):
+        target.add_(update, alpha=neg_lr)
+    else:
+        target.addcmul_(update, neg_lr)
+
+
+def weight_decay_ratio(step: int, transition_steps: int, decay_factor: float, min_ratio: float) -> float:
+    """Dynamic weight decay's ρ(t): 1 up to T, then decay_factor^((t−T)/T) floored at min_ratio.
+
+    Strong decay early keeps a fresh LoRA near its start; later it would fight the fit, so it falls
+    geometrically per transition length until it reaches ``min_ratio`` (it scales decay and SPD's λ alike).
+    """
+    if step <= transition_steps:
+        return 1.0
+    return max(min_ratio, decay_factor ** ((step - transition_steps) / transition_steps))
+
+
+def weight_decay_ratio_tensor(step: Tensor, transition_steps: int, decay_factor: float, min_ratio: float) -> Tensor:
+    """:func:`weight_decay_ratio` of step counts held in a tensor, computed on their device (capturable steps)."""
+    decayed = torch.pow(decay_factor, (step - transition_steps) / transition_steps).clamp_min_(min_ratio)
+    return torch.where(step <= transition_steps, 1.0, decayed)
+
+
+def decoupled_decay_(seg: Segments, theta: Tensor, lr_decay: float | Tensor) -> None:
+    """Decoupled weight decay (Loshchilov & Hutter 2019), θ ← θ·(1 − lr·wd): ``lr_decay`` = lr·wd, a scalar or
+    per-tensor values (a per-tensor lr ratio or step)."""
+    theta.mul_(seg.spread(1.0 - lr_decay))
+
+
+def spd_step_(
+    seg: Segments,
+    theta: Tensor,
+    anchor: Tensor,
+    grad: Tensor,
+    update: Tensor,
+    neg_lr: float | Tensor,
+    neg_strength: float | Tensor,
+) -> None:
+    """The step θ̃ = θ − lr·u with Selective Projection Decay (Tian et al. 2024) instead of weight decay.
+
+    Weight decay pulls every weight towards zero, which for fine-tuning means away from what the base model
+    knows; SPD pulls towards the starting weights θ₀ (``anchor``) instead, and only on tensors whose step moves
+    them away from it (⟨g, θ−θ₀⟩ < 0), in proportion to how much the step grew the distance:
+    θ ← θ̃ − λ·r·(θ̃−θ₀), r = max(0, ‖θ̃−θ₀‖ − ‖θ−θ₀‖)/‖θ̃−θ₀‖ per tensor. ``neg_strength`` = −λ (a scalar or
+    per-tensor values). ``grad`` is spent: its buffer holds the products whose per-tensor sums SPD needs and
+    then the spread factors, so the step needs one new buffer (θ−θ₀), not four.
+    """
+    deviation = theta - anchor
+    pushes_away = seg.sum(grad.mul_(deviation)) < 0
+    dev_before = seg.sum(torch.mul(deviation, deviation, out=grad)).sqrt_()
+    descend_(theta, update, neg_lr)
+    descend_(deviation, update, neg_lr)  # now θ̃ − θ₀
+    dev_after = seg.sum(torch.mul(deviation, deviation, out=grad)).sqrt_()
+    coef = (dev_after - dev_before).clamp_min_(0.0).div_(dev_after.clamp_min(_TINY))
+    coef.mul_(pushes_away)
+    if isinstance(neg_strength, float):
+        theta.addcmul_(deviation, seg.expand(coef, out=grad), value=neg_strength)
+    else:
+        theta.addcmul_(deviation, seg.expand(coef.mul_(neg_strength), out=grad))

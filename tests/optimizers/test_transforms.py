@@ -1,5 +1,6 @@
 """The flat-buffer transforms against float64 definitions written coordinate by coordinate (docs/optimizers.md, the cited papers)."""
 
+import contextlib
 import math
 
 import pytest
@@ -7,6 +8,12 @@ import torch
 
 from library.optimizers import transforms as T
 from library.optimizers.flat import FlatLayout, segment_ids
+from library.optimizers.references import (
+    adopt_input_reference,
+    adopt_moments_reference,
+    ref_allora,
+    spd_reference,
+)
 
 F64 = torch.float64
 
@@ -235,3 +242,138 @@ def test_row_stacks_merge_equal_cols_and_give_the_same_row_factors():
     torch.testing.assert_close(merged, by_bucket, rtol=1e-15, atol=0.0)
     expected = [1.0 / math.sqrt(sum(v * v for v in row.tolist()) + 0.25) for s in stacks for row in s]
     assert merged.tolist() == pytest.approx(expected, rel=1e-12)
+
+
+# ----- ADOPT, SPD, ALLoRA, the step: against the per-tensor float64 references of CustomAdamW ---------------------
+
+
+def _adopt_case():
+    """Three tensors at steps 1, 5 and 16: one whose v has seen gradients (with zeros, so ε floors the
+    normaliser, and large gradients, so the t^¼ clip acts), one at its initialising step (v all zero), one more."""
+    v = [_rand(4, 3, seed=70).square_(), torch.zeros(5, dtype=F64), _rand(2, 2, 2, seed=71).square_()]
+    v[0][0, 0] = 0.0
+    g = [_rand(4, 3, seed=72) * 3.0, _rand(5, seed=73), _rand(2, 2, 2, seed=74)]
+    return v, g, [1, 5, 16]
+
+
+@pytest.mark.parametrize("uniform", [True, False], ids=["one-step", "per-tensor-steps"])
+def test_adopt_input_normalises_by_the_previous_moment_and_clips(uniform):
+    v, g, steps = _adopt_case()
+    if uniform:
+        steps = [5, 5, 5]
+    eps = 1e-3
+    f = Flat(v)
+    if uniform:
+        clip = steps[0] ** 0.25
+        neg_clip = -clip
+    else:
+        clip = torch.tensor(f.layout.arrange([t**0.25 for t in steps]), dtype=F64)
+        neg_clip = -clip
+    x, ready = T.adopt_input(f.seg, f.flat(v), f.flat(g), eps, neg_clip, clip)
+    clipped = 0
+    for got, ok, vi, gi, t in zip(f.split(x), f.per_tensor(ready), v, g, steps, strict=True):
+        want, want_ready = adopt_input_reference(vi, gi, eps, t)
+        torch.testing.assert_close(got, want, rtol=1e-14, atol=0.0)
+        assert ok.item() == float(want_ready)
+        clipped += int((got.abs() == t**0.25).sum())
+    assert f.per_tensor(ready.tolist()) == [1.0, 0.0, 1.0]  # the all-zero v is an initialising step
+    assert clipped > 0  # the case really clips
+
+
+def test_adopt_moments_update_ready_tensors_and_only_record_g2_on_the_first_step():
+    v, g, steps = _adopt_case()
+    m = [_rand(4, 3, seed=75), torch.zeros(5, dtype=F64), _rand(2, 2, 2, seed=76)]
+    b1, b2, eps = 0.9, 0.99, 1e-6
+    f = Flat(v)
+    clip = torch.tensor(f.layout.arrange([t**0.25 for t in steps]), dtype=F64)
+    flat_m, flat_v, flat_g = f.flat(m), f.flat(v), f.flat(g)
+    x, ready = T.adopt_input(f.seg, flat_v, flat_g, eps, -clip, clip)
+    inputs = f.split(x.clone())
+    T.adopt_moments_(f.seg, flat_m, flat_v, x, flat_g, ready, T.adopt_lerp_coefs(b1, b2, F64, torch.device("cpu")))
+    for i, (mi, vi, gi, t) in enumerate(zip(m, v, g, steps, strict=True)):
+        xi, ok = adopt_input_reference(vi, gi, eps, t)
+        torch.testing.assert_close(inputs[i], xi, rtol=1e-14, atol=0.0)
+        want_m, want_v = adopt_moments_reference(mi, vi, xi, gi, ok, b1, b2)
+        torch.testing.assert_close(f.split(flat_m)[i], want_m, rtol=1e-14, atol=1e-300)
+        torch.testing.assert_close(f.split(flat_v)[i], want_v, rtol=1e-14, atol=1e-300)
+    assert torch.equal(f.split(flat_v)[1], g[1] * g[1]) and torch.equal(f.split(flat_m)[1], m[1])  # init step
+
+
+def _spd_case():
+    """θ, θ₀ and g for four tensors: 0 steps away from θ₀ (⟨g, θ−θ₀⟩ < 0), 1 towards it, 2 at θ₀ (first step),
+    3 with ⟨g, θ−θ₀⟩ < 0 but an update that brings it closer (r = 0)."""
+    theta0 = [_rand(3, 4, seed=80), _rand(6, seed=81), _rand(2, 3, seed=82), _rand(5, seed=83)]
+    dev = [_rand(3, 4, seed=84), _rand(6, seed=85), torch.zeros(2, 3, dtype=F64), _rand(5, seed=86)]
+    theta = [a + d for a, d in zip(theta0, dev, strict=True)]
+    g = [-dev[0] + 0.1 * _rand(3, 4, seed=87), dev[1], _rand(2, 3, seed=88), -dev[3]]
+    update = [g[0], g[1], g[2], dev[3]]  # tensor 3's update points back to θ₀ whatever g says
+    return theta, theta0, g, update
+
+
+@pytest.mark.parametrize("per_tensor_strength", [False, True])
+@pytest.mark.parametrize("indexed", [False, True])
+def test_spd_step_decays_only_tensors_the_step_moves_away(per_tensor_strength, indexed):
+    theta, theta0, g, update = _spd_case()
+    lr, lam = 0.05, 0.3
+    assert float((g[0] * (theta[0] - theta0[0])).sum()) < 0 < float((g[1] * (theta[1] - theta0[1])).sum())
+    f = Flat(theta)
+    flat_theta = f.flat(theta)
+    strength = torch.full((4,), -lam, dtype=F64) if per_tensor_strength else -lam
+    with f.seg.indexed() if indexed else contextlib.nullcontext():
+        T.spd_step_(f.seg, flat_theta, f.flat(theta0), f.flat(g), f.flat(update), -lr, strength)
+    got = f.split(flat_theta)
+    for i in range(4):
+        stepped = theta[i] - lr * update[i]
+        want = spd_reference(theta[i], stepped, theta0[i], g[i], lam)
+        torch.testing.assert_close(got[i], want, rtol=1e-13, atol=1e-15)
+        decayed = not torch.allclose(want, stepped, rtol=1e-12, atol=0.0)
+        assert decayed == (i == 0)  # only the tensor moving away is pulled back
+
+
+def test_spd_sign_rule_follows_the_gradient_not_the_update():
+    """The same update decays or not depending only on the sign of ⟨g, θ−θ₀⟩."""
+    theta0, dev = _rand(8, seed=90), _rand(8, seed=91)
+    theta, u = theta0 + dev, -dev  # the step θ − lr·u moves away from θ₀
+    f = Flat([theta])
+    results = []
+    for g in (-dev, dev):
+        flat_theta = theta.clone()
+        T.spd_step_(f.seg, flat_theta, theta0, g.clone(), u, -0.1, -0.5)
+        torch.testing.assert_close(flat_theta, spd_reference(theta, theta - 0.1 * u, theta0, g, 0.5), rtol=1e-14,
+                                   atol=0.0)
+        results.append(flat_theta)
+    assert (results[0] - theta0).norm() < (theta + 0.1 * dev - theta0).norm()  # ⟨g, θ−θ₀⟩ < 0: pulled back
+    torch.testing.assert_close(results[1], theta + 0.1 * dev, rtol=1e-15, atol=0.0)  # > 0: the plain step
+
+
+def test_allora_scales_lora_rows_and_folds_in_the_lr_ratio():
+    tensors = [_rand(4, 6, seed=92), _rand(9, 4, seed=93), _rand(7, seed=94)]  # down, up, a non-LoRA bias
+    tensors[1][2] = 0.0
+    updates = [_rand(*t.shape, seed=95 + i) for i, t in enumerate(tensors)]
+    ratio, eta = 21.0, 2.0
+    f = Flat(tensors)
+    rows_of = [t.shape[0] if t.dim() > 1 else t.numel() for t in f.layout.arrange(tensors)]
+    per_tensor = f.layout.arrange([(True, 1.0), (True, ratio), (False, 1.0)])
+    lora_rows = torch.tensor([lora for (lora, _), n in zip(per_tensor, rows_of, strict=True) for _ in range(n)])
+    row_lr = torch.tensor([r for (_, r), n in zip(per_tensor, rows_of, strict=True) for _ in range(n)], dtype=F64)
+    flat_u = f.flat(updates)
+    T.allora_(f.layout, f.flat(tensors), flat_u, eta, lora_rows=lora_rows, row_lr=row_lr)
+    got = f.split(flat_u)
+    torch.testing.assert_close(got[0], updates[0] * ref_allora(tensors[0], eta), rtol=1e-14, atol=0.0)
+    torch.testing.assert_close(got[1], ratio * updates[1] * ref_allora(tensors[1], eta), rtol=1e-14, atol=0.0)
+    torch.testing.assert_close(got[1][2], ratio * eta * updates[1][2], rtol=1e-14, atol=0.0)  # zero row: η
+    assert torch.equal(got[2], updates[2])
+
+
+def test_step_and_decoupled_decay():
+    theta, u = _rand(6, seed=99), _rand(6, seed=100)
+    for neg_lr in (-0.1, torch.tensor(-0.1, dtype=F64)):
+        target = theta.clone()
+        T.descend_(target, u, neg_lr)
+        torch.testing.assert_close(target, theta - 0.1 * u, rtol=1e-15, atol=0.0)
+    tensors = [_rand(3, seed=101), _rand(2, 2, seed=102)]
+    f = Flat(tensors)
+    flat = f.flat(tensors)
+    T.decoupled_decay_(f.seg, flat, torch.tensor(f.layout.arrange([0.01, 0.2]), dtype=F64))
+    for got, t, d in zip(f.split(flat), tensors, [0.01, 0.2], strict=True):
+        torch.testing.assert_close(got, t * (1 - d), rtol=1e-15, atol=0.0)
