@@ -551,8 +551,15 @@ class HinaAdamWOptimizer(ExactStateLoad, torch.optim.Optimizer):
         return saved
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load exactly (uint8 codes, fp32 moments of half weights and θ₀ bit-for-bit); re-derive the LoRA roles."""
+        """Load exactly (uint8 codes, fp32 moments of half weights and θ₀ bit-for-bit); re-derive the LoRA roles.
+
+        ``cuda_graphs`` stays this optimizer's: it chooses how the step runs, not what it computes, so a state saved
+        in either mode continues in the mode of the run that loads it (torch would take the saved groups' value).
+        """
+        modes = [group["cuda_graphs"] for group in self.param_groups]
         super().load_state_dict(state_dict)
+        for group, mode in zip(self.param_groups, modes, strict=True):
+            group["cuda_graphs"] = mode
         self._lora_roles = None
         self._plans = {}
 

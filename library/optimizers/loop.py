@@ -36,15 +36,18 @@ class LoopNeeds:
         interval = getattr(optimizer, "hessian_update_interval", None)
         self.hessian_interval: int | None = interval if callable(update) and interval else None
         self._log_metrics = getattr(optimizer, "log_metrics", None)
-        declared = getattr(optimizer, "capturable", None)
-        self._torch_capturable = declared is None and _torch_capturable(optimizer)
-        self.capturable: bool = bool(declared) or self._torch_capturable
+
+    @property
+    def capturable(self) -> bool:
+        """Asked when the loop starts, after a state load (whose param groups carry their own settings)."""
+        declared = getattr(self.optimizer, "capturable", None)
+        return bool(declared) if declared is not None else _torch_capturable(self.optimizer)
 
     def prepare_capture(self) -> None:
         """Before the first recorded step: switch torch's Adam/AdamW to their capturable form. Call after any
         state load (a loaded state brings its own param groups) and after the lr scheduler exists, whose base
         learning rates then stay Python numbers."""
-        if not self._torch_capturable:
+        if getattr(self.optimizer, "capturable", None) is not None or not _torch_capturable(self.optimizer):
             return
         for group in self.optimizer.param_groups:
             group["capturable"] = True
