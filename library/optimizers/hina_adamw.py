@@ -287,8 +287,10 @@ class _Plan:
     which have a gradient), so a step's host work does not grow with per-tensor Python code. The plan owns the
     step counters while it lives: ``steps`` (a Python int when every tensor is at the same step, else a list)
     is incremented here and written to every ``state["step"]`` with one C-level pass, so state_dict() and
-    direct reads always see the current count. In capturable mode the counters are each bucket's device tensor
-    instead (``state["step"]`` its 0-d views), advanced by one kernel per bucket.
+    direct reads always see the current count. In capturable mode they live on the device instead: one 0-d
+    float32 counter that every ``state["step"]`` is when all tensors step together on one device (the common
+    case: the step values are then computed once per plan), else each bucket's per-tensor counters (its
+    ``state["step"]`` are 0-d views of them); either way one kernel per counter advances them.
     """
 
     def __init__(
@@ -308,6 +310,7 @@ class _Plan:
         steps = step_numbers(states)
         self.steps: int | list[int] = steps[0] if min(steps) == max(steps) else steps
         self.capturable = capturable
+        self.counter: Tensor | None = None  # capturable, every tensor at one step on one device
         single = len(buckets) == 1
         self.buckets = [
             (
@@ -319,9 +322,14 @@ class _Plan:
         ]
         for b, _, bucket_states in self.buckets:
             b.arranged_states = b.layout.arrange(bucket_states)
-            if capturable:
-                b.count_steps(steps if single else [steps[i] for i in b.members])
-        if not capturable:  # counters read back from a capturable run's device become ints again
+        devices = {b.layout.device for b in buckets}
+        if capturable and isinstance(self.steps, int) and len(devices) == 1:
+            self.counter = torch.tensor(float(self.steps), dtype=torch.float32, device=devices.pop())
+            deque(map(operator.setitem, states, repeat("step"), repeat(self.counter)), maxlen=0)
+        elif capturable:
+            for b, members, _ in self.buckets:
+                b.count_steps(steps if members is None else [steps[i] for i in members])
+        else:  # counters read back from a capturable run's device become ints again
             deque(map(operator.setitem, states, repeat("step"), steps), maxlen=0)
 
     def matches(
@@ -336,7 +344,9 @@ class _Plan:
 
     def advance(self) -> None:
         """One step for every tensor of the plan."""
-        if self.capturable:
+        if self.counter is not None:
+            self.counter.add_(1.0)
+        elif self.capturable:
             for b, _, _ in self.buckets:
                 b.counts.add_(1.0)
         elif isinstance(self.steps, int):
@@ -586,10 +596,16 @@ class HinaAdamWOptimizer(ExactStateLoad, torch.optim.Optimizer):
             elif isinstance(group["lr"], Tensor):  # e.g. loaded from a capturable run: a Python number again
                 group["lr"] = group["lr"].item()
             plan.advance()
+            shared = None if plan.counter is None else self._device_values(group, None, plan.counter)
             for bucket, members, states in plan.buckets:
                 bucket_grads = grads if members is None else list(map(grads.__getitem__, members))
-                steps = bucket.device_steps() if capturable else plan.bucket_steps(members)
-                self._step_bucket(group, bucket, states, bucket_grads, steps)
+                if shared is not None:
+                    values = shared
+                elif capturable:
+                    values = self._device_values(group, bucket, bucket.device_steps())
+                else:
+                    values = self._step_values(group, bucket, plan.bucket_steps(members))
+                self._step_bucket(group, bucket, states, bucket_grads, values)
         return loss
 
     @property
@@ -648,16 +664,10 @@ class HinaAdamWOptimizer(ExactStateLoad, torch.optim.Optimizer):
         b: _Bucket,
         states: list[dict[str, Any]],
         grads: list[Tensor],
-        steps: int | list[int] | Tensor,
+        values: dict[str, float | Tensor],
     ) -> None:
-        """Gather the gradients, then steps 2-12 of the module docstring."""
-        if isinstance(steps, list) and min(steps) == max(steps):
-            steps = steps[0]
+        """Gather the gradients, then steps 2-12 of the module docstring with this step's ``values``."""
         g = b.gather_grads(grads)
-        if isinstance(steps, Tensor):
-            values = self._device_values(group, b, steps)
-        else:
-            values = self._step_values(group, b, steps)
         with b.seg.indexed():
             self._update(group, b, states, g, values)
 
@@ -665,6 +675,8 @@ class HinaAdamWOptimizer(ExactStateLoad, torch.optim.Optimizer):
     def _step_values(group: dict[str, Any], b: _Bucket, steps: int | list[int]) -> dict[str, float | Tensor]:
         """This step's learning-rate and step-dependent scalars: Python floats when every tensor is at the same
         step, else per-tensor device tensors (layout order)."""
+        if isinstance(steps, list) and min(steps) == max(steps):
+            steps = steps[0]
         beta1, beta2 = group["betas"]
         lr = group["lr"]
 
@@ -700,11 +712,12 @@ class HinaAdamWOptimizer(ExactStateLoad, torch.optim.Optimizer):
         return values
 
     @staticmethod
-    def _device_values(group: dict[str, Any], b: _Bucket, steps: Tensor) -> dict[str, float | Tensor]:
+    def _device_values(group: dict[str, Any], b: _Bucket | None, steps: Tensor) -> dict[str, float | Tensor]:
         """:meth:`_step_values` in capturable mode: the same formulas, computed on the device in the lr tensor's
-        float64 from the step counters (0-d when the bucket's tensors step together, else per tensor), so no
-        value that changes per step is a Python number and nothing is read back. Per-tensor results are rounded
-        to the working dtype as the host-built ones are; a value that never changes stays a Python float."""
+        float64 from the step counters (0-d when the tensors step together, else bucket ``b``'s per-tensor
+        counters), so no value that changes per step is a Python number and nothing is read back. Per-tensor
+        results are rounded to the working dtype as the host-built ones are; a value that never changes stays a
+        Python float."""
         beta1, beta2 = group["betas"]
         lr = group["lr"]
         t = steps.to(lr.dtype)
