@@ -69,9 +69,10 @@ Design decisions:
   are per bucket: a bucket holds whole tensors of at most ``step_chunk_size`` elements (runs fixed when the
   tensors are laid out), so the peak is the state plus one run's temporaries, not the parameter set's.
 - Capturable mode, ``cuda_graphs=True`` (the default), follows torch.optim's ``capturable=True``: the
-  optimizer keeps what changes between steps on the device and the caller records the step. Each bucket's step
-  counts are one float32 device tensor advanced by the step itself (``state["step"]`` are its 0-d views), each
-  group's lr a persistent 0-d float64 device tensor in ``group["lr"]`` (a scheduler ``fill_``s it), and the
+  optimizer keeps what changes between steps on the device and the caller records the step. The step counts are
+  float32 device tensors advanced by the step itself (one 0-d counter per group while its tensors step together,
+  else per-tensor counters per bucket; ``state["step"]`` is the counter or a 0-d view), each group's lr a
+  persistent 0-d float64 device tensor in ``group["lr"]`` (a scheduler ``fill_``s it), and the
   clip, bias corrections and ρ(t) are computed from them on the device in float64 by the formulas the eager
   path evaluates in Python. After its first call (which lays out the plan and the state), step() is a fixed
   sequence of kernels with no host sync, so the trainer records it with forward and backward under
