@@ -15,6 +15,11 @@ the allocator keeps no statistics, kept and peak are counted exactly by bench/st
     python bench/optimizer_step.py --device cpu --quick         # smoke test
     python bench/optimizer_step.py --optimizers AdamW Lion --json out/opt.json
     python bench/optimizer_step.py --params sdxl --optimizers AdamW CustomAdamW AdamW8bit
+    python bench/optimizer_step.py --record                     # capturable steps recorded, as --cuda_graphs does
+
+``--record`` (CUDA) records the step of every capturable optimizer (library/optimizers/loop.py ``LoopNeeds``:
+CustomAdamW, fused AdamW made capturable) once as a CUDA graph and times its replay, as the trainer's
+``--cuda_graphs`` replays it inside the training step; the other rows stay eager and say so in their label.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import statistics
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -34,6 +40,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.storage_ledger import optimizer_bytes  # noqa: E402
+from library.optimizers.graphs import WARMUP_CALLS, on_side_stream  # noqa: E402
+from library.optimizers.loop import LoopNeeds  # noqa: E402
 from library.optimizers.registry import build_optimizer  # noqa: E402
 
 DEFAULT_OPTIMIZERS = [
@@ -121,22 +129,38 @@ def make_params(rank: int, device: str, seed: int = 0,
     return params, names
 
 
-def time_steps(optimizer: torch.optim.Optimizer, device: str, warmup: int, iters: int) -> float:
-    """Median milliseconds per optimizer.step()."""
-    for _ in range(warmup):
+def recorded_step(optimizer: torch.optim.Optimizer) -> Callable[[], None] | None:
+    """The replay of ``optimizer.step()`` recorded as a CUDA graph (after eager warm-up steps on a side stream),
+    or None when the optimizer is not capturable."""
+    needs = LoopNeeds(optimizer)
+    if not needs.capturable:
+        return None
+    needs.prepare_capture()
+    device = optimizer.param_groups[0]["params"][0].device
+    for _ in range(WARMUP_CALLS):
+        on_side_stream(device, optimizer.step)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
         optimizer.step()
+    return graph.replay
+
+
+def time_steps(step: Callable[[], None], device: str, warmup: int, iters: int) -> float:
+    """Median milliseconds per step()."""
+    for _ in range(warmup):
+        step()
     times = []
     for _ in range(iters):
         if device.startswith("cuda"):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            optimizer.step()
+            step()
             end.record()
             torch.cuda.synchronize()
             times.append(start.elapsed_time(end))
         else:
             t0 = time.perf_counter()
-            optimizer.step()
+            step()
             times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
 
@@ -188,14 +212,18 @@ class MemoryMeter:
         }
 
 
-def bench_one(label: str, make_optimizer, params, device: str, warmup: int, iters: int) -> dict:
+def bench_one(label: str, make_optimizer, params, device: str, warmup: int, iters: int,
+              record: bool = False) -> dict:
     n = sum(p.numel() for p in params)
     meter = MemoryMeter(device, n)
     try:
         optimizer = make_optimizer()
         if hasattr(optimizer, "train"):
             optimizer.train()
-        ms = time_steps(optimizer, device, warmup, iters)
+        step = recorded_step(optimizer) if record else None
+        if record:
+            label += " (recorded)" if step is not None else " (eager: not capturable)"
+        ms = time_steps(step or optimizer.step, device, warmup, iters)
         memory = meter.read()
         if not memory:
             kept, peak = optimizer_bytes(make_optimizer, params)
@@ -225,11 +253,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--quick", action="store_true", help="2 warm-up steps, 5 timed steps")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--record", action="store_true",
+                        help="record each capturable optimizer's step as a CUDA graph and time the replay (CUDA)")
     args = parser.parse_args(argv)
     if args.quick:
         args.warmup, args.iters = 2, 5
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("CUDA is not available; use --device cpu")
+    if args.record and not args.device.startswith("cuda"):
+        parser.error("--record records CUDA graphs: use --device cuda")
 
     params, names = make_params(args.rank, args.device, param_set=args.params)
     n_params = sum(p.numel() for p in params)
@@ -244,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
             args.device,
             args.warmup,
             args.iters,
+            args.record,
         )
     ]
     for label in args.optimizers:
@@ -253,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
             groups = [{"params": params, "names": names}]
             return build_optimizer(name, groups, lr=args.lr, optimizer_args=settings)[0]
 
-        results.append(bench_one(label, make, params, args.device, args.warmup, args.iters))
+        results.append(bench_one(label, make, params, args.device, args.warmup, args.iters, args.record))
 
     base = results[0]["ms"]
     cuda = args.device.startswith("cuda")
@@ -282,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
             "parameters": n_params,
             "warmup": args.warmup,
             "iters": args.iters,
+            "recorded": args.record,
         }
         args.json.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     return 0

@@ -231,7 +231,9 @@ def build_parser(prog: str = "train_network.py") -> argparse.ArgumentParser:
     g.add_argument("--cuda_graphs", action="store_true",
                    help="record the U-Net's forward + loss + backward once per resolution bucket as a CUDA graph and "
                         "replay it: removes the host's launch cost without compiling (SDXL: several times faster); "
-                        "CUDA, bf16 or fp32, U-Net-only training (--network_train_unet_only)")
+                        "with a capturable optimizer (CustomAdamW, fused AdamW), one process and no gradient "
+                        "accumulation the clip and optimizer step are recorded too; CUDA, bf16 or fp32, U-Net-only "
+                        "training (--network_train_unet_only)")
     g.add_argument("--channels_last", action="store_true", help="channels-last memory format for the U-Net")
     g.add_argument("--detect_anomaly", action="store_true",
                    help="torch autograd anomaly detection (slow; finds where a NaN starts)")

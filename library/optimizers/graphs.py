@@ -1,6 +1,7 @@
-"""Replay a fixed block of an optimizer step as one CUDA graph.
+"""Replay a fixed block of an optimizer step as one CUDA graph (Automagic's own blocks), and the warm-up helpers the
+trainer's recorder shares.
 
-Why: the flat optimizers run a fixed sequence of small kernels on buffers that never move (per-shape loops such as
+Why: Automagic runs a fixed sequence of small kernels on buffers that never move (per-shape loops such as
 SinkGD's row/column passes are ~160 launches a step for the SD1.5 LoRA set). On a GPU that block is bound by the
 host's launch cost, not by the kernels; a CUDA graph replays the whole block for the cost of one launch.
 ``torch.compile(mode="reduce-overhead")`` would do the same but compiles per shape set and guards every input on
@@ -11,6 +12,9 @@ buffers, plan constants), takes no per-step Python values, and never synchronise
 allocates come from the graph's private pool. A ``GraphSlot`` keyed on what the block bakes in (settings, the
 buffers it points at) replaces the graph when that changes; a new plan (after ``load_state_dict`` or a changed
 parameter set) starts with an empty slot.
+
+An optimizer that keeps its step counts and lr on the device instead (torch.optim's ``capturable`` convention,
+e.g. CustomAdamW) needs none of this: the caller records its whole step (library/training/graphed_step.py).
 """
 
 from __future__ import annotations

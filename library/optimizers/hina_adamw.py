@@ -32,7 +32,8 @@ Design decisions:
 - LoRA roles come from the group's ``names`` (or torch's ``param_names``): ``lora_down``/``lora_A`` and
   ``lora_up``/``lora_B`` are paired by the rest of the name in one dict pass over all groups; only paired
   tensors get ALLoRA and the LoRA+ ratio. Without names those features are off (logged once).
-- The step count is per tensor (``state["step"]``, a Python int, so schedules need no host sync).
+- The step count is per tensor (``state["step"]``): a Python int in eager mode, a 0-d device tensor in
+  capturable mode (below); state_dict() saves ints either way.
 - ``optim_bits=8`` keeps m and v of tensors with at least ``min_8bit_size`` elements as block-wise uint8 codes
   (:mod:`library.optimizers.quant8`); each step dequantises, updates in fp32 and requantises all quantised
   tensors of a bucket with one call each (bit-identical to per-tensor quantisation, see
@@ -56,22 +57,30 @@ Design decisions:
   shape buckets with equal row length (all LoRA ups share cols = rank), its row factors multiply the update in
   place, one broadcast per run.
   Step-dependent values (ADOPT clip, bias corrections, ρ(t)) are Python scalars when all tensors of a bucket are
-  at the same step, else one small host-built tensor copied once. So a bucket's step dispatches a fixed number
+  at the same step, else one small host-built tensor copied once (eager mode; capturable mode computes them on
+  the device). So a bucket's step dispatches a fixed number
   of ops (about 70 kernels with the defaults) whatever its tensor count, and never reads a value back from the
   device; the number of buckets grows only with the elements over ``step_chunk_size``.
 - Memory: between steps the optimizer keeps its state and nothing else (fp32: m, v, θ₀ = 12 bytes per
   parameter; 8-bit: codes, absmax and a bf16 θ₀ = 4.03), plus a few values per tensor. The flat copies of
-  gradients and weights and the element index live only inside a step (in eager mode; a captured CUDA graph
-  keeps its gradient buffer and its private pool). Inside a step the temporaries are about 5 fp32 values per
+  gradients and weights and the element index live only inside a step (a caller's CUDA graph keeps them in
+  its private pool). Inside a step the temporaries are about 5 fp32 values per
   element (7 with 8-bit state: both decoded moments), each dropped or reused as soon as it is spent, and they
   are per bucket: a bucket holds whole tensors of at most ``step_chunk_size`` elements (runs fixed when the
   tensors are laid out), so the peak is the state plus one run's temporaries, not the parameter set's.
-- ``cuda_graphs=True`` (the default) goes one further on a GPU: after the gradient gather, a bucket's whole step
-  replays as one CUDA graph (:mod:`library.optimizers.graphs`). What changes between steps reaches it through persistent 0-d
-  device tensors (the lr-scaled step, ADOPT's clip, bias corrections, ρ(t) terms: one asynchronous ``fill_``
-  each); settings compiled into the kernels (flags, betas, ε, TAM β, ALLoRA η and ratio) and the identity of the
-  state buffers key the capture, so a change of either, a state-dict load or a new tensor set captures again.
-  Tensors at different steps run eagerly. The graph's private memory pool keeps the step's temporaries.
+- Capturable mode, ``cuda_graphs=True`` (the default), follows torch.optim's ``capturable=True``: the
+  optimizer keeps what changes between steps on the device and the caller records the step. The step counts are
+  float32 device tensors advanced by the step itself (one 0-d counter per group while its tensors step together,
+  else per-tensor counters per bucket; ``state["step"]`` is the counter or a 0-d view), each group's lr a
+  persistent 0-d float64 device tensor in ``group["lr"]`` (a scheduler ``fill_``s it), and the
+  clip, bias corrections and ρ(t) are computed from them on the device in float64 by the formulas the eager
+  path evaluates in Python. After its first call (which lays out the plan and the state), step() is a fixed
+  sequence of kernels with no host sync, so the trainer records it with forward and backward under
+  ``--cuda_graphs`` (library/training/graphed_step.py). Only lr and the step counts may change between replays:
+  other settings are kernel constants of a recording. ``cuda_graphs=False`` keeps Python numbers (fewer tiny
+  kernels when nothing records the step). On the CPU the two modes give the same bits except where SPD's
+  strength is a device scalar (it then scales the per-tensor coefficient instead of the deviation: float
+  rounding).
 """
 
 from __future__ import annotations
@@ -92,10 +101,9 @@ from library.errors import OptimizerError
 from library.optimizers import quant8
 from library.optimizers import transforms as T
 from library.optimizers.flat import FlatLayout, FlatState, chunk_positions
-from library.optimizers.graphs import GraphSlot, StepGraph, can_capture
 from library.optimizers.names import LORA_FACTOR
 from library.optimizers.state import ExactStateLoad, closure_loss, work_dtype
-from library.optimizers.transforms import weight_decay_ratio
+from library.optimizers.transforms import weight_decay_ratio, weight_decay_ratio_tensor
 from library.optimizers.validate import require
 
 logger = logging.getLogger(__name__)
@@ -157,8 +165,6 @@ class _Bucket:
         self.seg = T.Segments(layout)
         # 1-D views of the parameters (their own storage, no memory): the step's weights go back in one op
         self.param_rows = layout.rows(params)
-        self.graph_grad: Tensor | None = None  # the gradients' fixed address when the step is a CUDA graph
-        self._graph_grad_views: list[Tensor] = []
         self.moments: FlatState | quant8.FlatQuantState = (
             quant8.FlatQuantState(layout) if quantised else FlatState(layout)
         )
@@ -179,23 +185,18 @@ class _Bucket:
         self._ratios: tuple[float, Tensor] | None = None
         self._adopt_coefs: tuple[tuple[float, float], Tensor, Tensor] | None = None
         self._seen: dict[tuple[int, str], tuple[Tensor, list[Tensor]]] = {}
-        self._device_scalars: dict[str, Tensor] = {}
-        self.graph = GraphSlot()  # the captured step (cuda_graphs=True)
+        # capturable mode: the step counts on the device (layout order; state["step"] are views), and whether
+        # they are all equal (known when the plan is built; they then advance together)
+        self.counts: Tensor | None = None
+        self.uniform = True
 
     def per_row(self, per_tensor: Tensor) -> Tensor:
         """Per-tensor values (layout order) repeated over each tensor's rows, in flat row order (a temporary)."""
         return torch.repeat_interleave(per_tensor, self.tensor_rows, output_size=self.total_rows)
 
-    def gather_grads(self, grads: list[Tensor], into_fixed: bool) -> Tensor:
-        """The gradients as one flat buffer in the working dtype: a fresh one (eager), or copied into the fixed
-        buffer a captured step reads (``into_fixed``)."""
-        if not into_fixed:
-            return self.layout.gather(grads, self.dtype)
-        if self.graph_grad is None:
-            self.graph_grad = torch.empty(self.layout.numel, dtype=self.dtype, device=self.layout.device)
-            self._graph_grad_views = self.layout.views(self.graph_grad)
-        torch._foreach_copy_(self._graph_grad_views, grads)
-        return self.graph_grad
+    def gather_grads(self, grads: list[Tensor]) -> Tensor:
+        """The gradients as one new flat buffer in the working dtype (layout order)."""
+        return self.layout.gather(grads, self.dtype)
 
     def gather_weights(self) -> Tensor:
         """The weights as one new flat buffer in the working dtype (layout order)."""
@@ -245,20 +246,33 @@ class _Bucket:
             return host.pin_memory().to(self.layout.device, non_blocking=True)
         return host.to(self.layout.device)
 
-    def device_scalars(self, values: dict[str, float | Tensor]) -> dict[str, Tensor]:
-        """Each float of ``values`` written into this bucket's persistent 0-d device tensor of that name (one
-        asynchronous fill each: no host-to-device copy to wait for)."""
-        out = {}
-        for name, value in values.items():
-            scalar = self._device_scalars.get(name)
-            if scalar is None:
-                scalar = self._device_scalars[name] = torch.empty((), dtype=self.dtype, device=self.layout.device)
-            out[name] = scalar.fill_(value)
-        return out
+    def count_steps(self, steps: list[int]) -> None:
+        """Capturable mode: ``steps`` (caller's order) become this bucket's device counters, and each tensor's
+        ``state["step"]`` a 0-d view of its counter, so state and replays see the same count."""
+        self.counts = torch.tensor(self.layout.arrange(steps), dtype=torch.float32, device=self.layout.device)
+        self.uniform = min(steps) == max(steps)
+        for state, count in zip(self.arranged_states, self.counts.unbind(), strict=True):
+            state["step"] = count
+
+    def device_steps(self) -> Tensor:
+        """The counters a capturable step reads: one 0-d tensor when the bucket's tensors step together."""
+        return self.counts[0] if self.uniform else self.counts
 
 
 _GRAD = attrgetter("grad")
 _STEP = itemgetter("step")
+
+
+def step_numbers(states: list[dict[str, Any]]) -> list[int]:
+    """Each ``state["step"]`` as an int: Python ints as they are, device counters (capturable mode) read back in
+    one transfer. Only plan building, reporting and state_dict() call this, never a step."""
+    steps = list(map(_STEP, states))
+    tensors = [i for i, t in enumerate(steps) if isinstance(t, Tensor)]
+    if tensors:
+        values = torch.stack([steps[i].reshape(()).float() for i in tensors]).tolist()
+        for i, value in zip(tensors, values, strict=True):
+            steps[i] = int(value)
+    return steps
 
 
 class _Plan:
@@ -268,24 +282,30 @@ class _Plan:
     which have a gradient), so a step's host work does not grow with per-tensor Python code. The plan owns the
     step counters while it lives: ``steps`` (a Python int when every tensor is at the same step, else a list)
     is incremented here and written to every ``state["step"]`` with one C-level pass, so state_dict() and
-    direct reads always see the current count.
+    direct reads always see the current count. In capturable mode they live on the device instead: one 0-d
+    float32 counter that every ``state["step"]`` is when all tensors step together on one device (the common
+    case: the step values are then computed once per plan), else each bucket's per-tensor counters (its
+    ``state["step"]`` are 0-d views of them); either way one kernel per counter advances them.
     """
 
     def __init__(
         self,
         group_params: list[Tensor],
         has_grad: list[bool],
-        features: tuple[bool, bool, int],
+        features: tuple[bool, bool, int, bool],
         states: list[dict[str, Any]],
         buckets: list[_Bucket],
+        capturable: bool,
     ) -> None:
         self.group_params = list(group_params)
         self.has_grad = has_grad
         self.partial = not all(has_grad)
         self.features = features
         self.states = states
-        steps = list(map(_STEP, states))
+        steps = step_numbers(states)
         self.steps: int | list[int] = steps[0] if min(steps) == max(steps) else steps
+        self.capturable = capturable
+        self.counter: Tensor | None = None  # capturable, every tensor at one step on one device
         single = len(buckets) == 1
         self.buckets = [
             (
@@ -297,8 +317,19 @@ class _Plan:
         ]
         for b, _, bucket_states in self.buckets:
             b.arranged_states = b.layout.arrange(bucket_states)
+        devices = {b.layout.device for b in buckets}
+        if capturable and isinstance(self.steps, int) and len(devices) == 1:
+            self.counter = torch.tensor(float(self.steps), dtype=torch.float32, device=devices.pop())
+            deque(map(operator.setitem, states, repeat("step"), repeat(self.counter)), maxlen=0)
+        elif capturable:
+            for b, members, _ in self.buckets:
+                b.count_steps(steps if members is None else [steps[i] for i in members])
+        else:  # counters read back from a capturable run's device become ints again
+            deque(map(operator.setitem, states, repeat("step"), steps), maxlen=0)
 
-    def matches(self, group_params: list[Tensor], has_grad: list[bool], features: tuple[bool, bool, int]) -> bool:
+    def matches(
+        self, group_params: list[Tensor], has_grad: list[bool], features: tuple[bool, bool, int, bool]
+    ) -> bool:
         return (
             features == self.features
             and has_grad == self.has_grad
@@ -308,7 +339,12 @@ class _Plan:
 
     def advance(self) -> None:
         """One step for every tensor of the plan."""
-        if isinstance(self.steps, int):
+        if self.counter is not None:
+            self.counter.add_(1.0)
+        elif self.capturable:
+            for b, _, _ in self.buckets:
+                b.counts.add_(1.0)
+        elif isinstance(self.steps, int):
             self.steps += 1
             deque(map(operator.setitem, self.states, repeat("step"), repeat(self.steps)), maxlen=0)
         else:
@@ -337,9 +373,9 @@ class HinaAdamWOptimizer(ExactStateLoad, torch.optim.Optimizer):
         use_alora, alora_ratio, alora_eta: ALLoRA row scaling (η = alora_eta) and LoRA+ lr ratio ηB/ηA.
         dynamic_weight_decay, wd_transition_steps, wd_decay_factor, wd_min_ratio: the ρ(t) schedule above.
         optim_bits: 32 or 8 (block-wise quantised m and v); min_8bit_size: smaller tensors keep fp32 state.
-        cuda_graphs: on CUDA, replay each bucket's step (all but the gradient gather) as one CUDA graph; the
-            learning rate and step-dependent scalars reach it through device scalars. On by default: on an H100
-            it took the SD1.5 LoRA step from 1.3x to 0.9x fused AdamW (8-bit: 1.8x to 1.0x); False runs eagerly.
+        cuda_graphs: capturable mode (torch.optim's ``capturable``): step counts and lr live on the device, so
+            the caller can record step() in a CUDA graph (the trainer does under ``--cuda_graphs``). On by
+            default; False keeps them as Python numbers.
         step_chunk_size: a step runs over runs of whole tensors of at most this many elements (one bucket each),
             so its temporaries (~10 fp32 values per element, ~12 with 8-bit state) stay bounded whatever the
             parameter count; larger runs mean fewer kernels per step.
@@ -446,6 +482,7 @@ class HinaAdamWOptimizer(ExactStateLoad, torch.optim.Optimizer):
         self._lora_pair_count = 0
         self._unnamed_logged = False
         self._plans: dict[int, _Plan] = {}
+        self._lrs: dict[int, Tensor] = {}  # capturable mode: each group's lr on the device
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -505,9 +542,29 @@ class HinaAdamWOptimizer(ExactStateLoad, torch.optim.Optimizer):
         if group["use_spd"] and "theta0" not in state:
             state["theta0"] = p.detach().to(_anchor_dtype(p, quant8.has_state(state, "exp_avg")), copy=True)
 
+    def state_dict(self) -> dict[str, Any]:
+        """torch's state dict, with every step count an int and every lr a float whatever the mode, so a state
+        saved in capturable mode loads in eager mode and back (one read of the device counters)."""
+        saved = super().state_dict()
+        for group in saved["param_groups"]:  # torch's packed groups are copies: the live lr tensor stays
+            if isinstance(group["lr"], Tensor):
+                group["lr"] = group["lr"].item()
+        counted = [i for i, s in saved["state"].items() if isinstance(s.get("step"), Tensor)]
+        steps = step_numbers([saved["state"][i] for i in counted])
+        for i, step in zip(counted, steps, strict=True):
+            saved["state"][i] = {**saved["state"][i], "step": step}  # the live state keeps its views
+        return saved
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load exactly (uint8 codes, fp32 moments of half weights and θ₀ bit-for-bit); re-derive the LoRA roles."""
+        """Load exactly (uint8 codes, fp32 moments of half weights and θ₀ bit-for-bit); re-derive the LoRA roles.
+
+        ``cuda_graphs`` stays this optimizer's: it chooses how the step runs, not what it computes, so a state saved
+        in either mode continues in the mode of the run that loads it (torch would take the saved groups' value).
+        """
+        modes = [group["cuda_graphs"] for group in self.param_groups]
         super().load_state_dict(state_dict)
+        for group, mode in zip(self.param_groups, modes, strict=True):
+            group["cuda_graphs"] = mode
         self._lora_roles = None
         self._plans = {}
 
@@ -520,7 +577,8 @@ class HinaAdamWOptimizer(ExactStateLoad, torch.optim.Optimizer):
             group_params = group["params"]
             grads = list(map(_GRAD, group_params))
             has_grad = list(map(operator.is_not, grads, repeat(None)))
-            features = (group["use_tam"], group["use_spd"], group["step_chunk_size"])
+            capturable = group["cuda_graphs"]
+            features = (group["use_tam"], group["use_spd"], group["step_chunk_size"], capturable)
             plan = self._plans.get(index)
             if plan is None or not plan.matches(group_params, has_grad, features):
                 if not any(has_grad):
@@ -528,13 +586,46 @@ class HinaAdamWOptimizer(ExactStateLoad, torch.optim.Optimizer):
                 plan = self._plans[index] = self._plan(group, has_grad, features)
             if plan.partial:
                 grads = list(compress(grads, has_grad))
+            if capturable:
+                self._device_lr(index, group, plan.buckets[0][0].layout.device)
+            elif isinstance(group["lr"], Tensor):  # e.g. loaded from a capturable run: a Python number again
+                group["lr"] = group["lr"].item()
             plan.advance()
+            shared = None if plan.counter is None else self._device_values(group, None, plan.counter)
             for bucket, members, states in plan.buckets:
                 bucket_grads = grads if members is None else list(map(grads.__getitem__, members))
-                self._step_bucket(group, bucket, states, bucket_grads, plan.bucket_steps(members))
+                if shared is not None:
+                    values = shared
+                elif capturable:
+                    values = self._device_values(group, bucket, bucket.device_steps())
+                else:
+                    values = self._step_values(group, bucket, plan.bucket_steps(members))
+                self._step_bucket(group, bucket, states, bucket_grads, values)
         return loss
 
-    def _plan(self, group: dict[str, Any], has_grad: list[bool], features: tuple[bool, bool, int]) -> _Plan:
+    @property
+    def capturable(self) -> bool:
+        """Whether a caller may record step() in a CUDA graph (torch.optim's ``capturable`` convention): every
+        group keeps its step counts and lr on the device, so after the first call a step is a fixed sequence of
+        kernels with no host value that changes and no host sync."""
+        return all(group["cuda_graphs"] for group in self.param_groups)
+
+    def _device_lr(self, index: int, group: dict[str, Any], device: torch.device) -> Tensor:
+        """``group["lr"]`` as this group's persistent 0-d device tensor (float64, float32 where the device has
+        none): a scheduler then ``fill_``s it, as torch's schedulers do with a tensor lr, and a recorded step
+        reads the new value. The tensor outlives state-dict loads, so a recording keeps pointing at it."""
+        lr = group["lr"]
+        held = self._lrs.get(index)
+        if lr is held:
+            return held
+        if held is None or held.device != device:
+            dtype = torch.float32 if device.type == "mps" else torch.float64
+            held = self._lrs[index] = torch.zeros((), dtype=dtype, device=device)
+        held.fill_(lr)
+        group["lr"] = held
+        return held
+
+    def _plan(self, group: dict[str, Any], has_grad: list[bool], features: tuple[bool, bool, int, bool]) -> _Plan:
         """Initialise the state of new tensors and lay out the buckets (only when the tensor set changes)."""
         params = list(compress(group["params"], has_grad))
         if any(p.grad.is_sparse for p in params):
@@ -545,7 +636,7 @@ class HinaAdamWOptimizer(ExactStateLoad, torch.optim.Optimizer):
                 self._init_state(p, state, group)
             self._ensure_feature_state(p, state, group)  # also when a feature was switched on mid-run
         buckets = self._buckets(params, states, self._roles(), group["step_chunk_size"])
-        return _Plan(group["params"], has_grad, features, states, buckets)
+        return _Plan(group["params"], has_grad, features, states, buckets, capturable=group["cuda_graphs"])
 
     @staticmethod
     def _buckets(
@@ -568,56 +659,19 @@ class HinaAdamWOptimizer(ExactStateLoad, torch.optim.Optimizer):
         b: _Bucket,
         states: list[dict[str, Any]],
         grads: list[Tensor],
-        steps: int | list[int],
+        values: dict[str, float | Tensor],
     ) -> None:
-        """Gather the gradients, then steps 2-12 of the module docstring, eagerly or as the bucket's CUDA graph."""
-        if isinstance(steps, list) and min(steps) == max(steps):
-            steps = steps[0]
-        graphed = group["cuda_graphs"] and isinstance(steps, int) and can_capture(b.layout.device)
-        g = b.gather_grads(grads, into_fixed=graphed)  # gradients move every step: never inside the graph
-        values = self._step_values(group, b, steps)
-
-        def update(v: dict[str, float | Tensor]) -> None:
-            with b.seg.indexed():
-                self._update(group, b, states, g, v)
-
-        if not graphed:
-            update(values)
-            return
-        scalars = b.device_scalars(values)  # the graph reads this step's scalars from fixed device tensors
-        key = (*self._baked(group), *self._state_buffers(group, b, states))
-        b.graph(key, lambda: StepGraph(lambda: update(scalars), b.layout.device))
-
-    @staticmethod
-    def _baked(group: dict[str, Any]) -> tuple:
-        """The group settings a captured step holds as kernel constants: a change means capturing again."""
-        return (
-            tuple(group[flag] for flag in _FLAGS),
-            tuple(group["betas"]),
-            group["eps"],
-            group["weight_decay"] != 0.0,
-            group["tam_beta"],
-            group["alora_ratio"],
-            group["alora_eta"],
-        )
-
-    @staticmethod
-    def _state_buffers(group: dict[str, Any], b: _Bucket, states: list[dict[str, Any]]) -> tuple[Tensor, ...]:
-        """The flat state buffers a step reads and writes (gathered again when a state dict replaced them)."""
-        if b.quantised:
-            buffers = [*b.moments.buffers(states, "exp_avg", True), *b.moments.buffers(states, "exp_avg_sq", False)]
-        else:
-            buffers = [b.state_buffer(b.moments, states, key, b.dtype) for key in ("exp_avg", "exp_avg_sq")]
-        if group["use_tam"]:
-            buffers.append(b.state_buffer(b.scalars, b.arranged_states, "tam_s", b.dtype))
-        if group["use_spd"]:
-            buffers.append(b.state_buffer(b.theta0, states, "theta0", b.theta0_dtype))
-        return tuple(buffers)
+        """Gather the gradients, then steps 2-12 of the module docstring with this step's ``values``."""
+        g = b.gather_grads(grads)
+        with b.seg.indexed():
+            self._update(group, b, states, g, values)
 
     @staticmethod
     def _step_values(group: dict[str, Any], b: _Bucket, steps: int | list[int]) -> dict[str, float | Tensor]:
         """This step's learning-rate and step-dependent scalars: Python floats when every tensor is at the same
         step, else per-tensor device tensors (layout order)."""
+        if isinstance(steps, list) and min(steps) == max(steps):
+            steps = steps[0]
         beta1, beta2 = group["betas"]
         lr = group["lr"]
 
@@ -652,6 +706,47 @@ class HinaAdamWOptimizer(ExactStateLoad, torch.optim.Optimizer):
             values["lr_decay"] = lr * group["weight_decay"] * ratio
         return values
 
+    @staticmethod
+    def _device_values(group: dict[str, Any], b: _Bucket | None, steps: Tensor) -> dict[str, float | Tensor]:
+        """:meth:`_step_values` in capturable mode: the same formulas, computed on the device in the lr tensor's
+        float64 from the step counters (0-d when the tensors step together, else bucket ``b``'s per-tensor
+        counters), so no value that changes per step is a Python number and nothing is read back. Per-tensor
+        results are rounded to the working dtype as the host-built ones are; a value that never changes stays a
+        Python float."""
+        beta1, beta2 = group["betas"]
+        lr = group["lr"]
+        t = steps.to(lr.dtype)
+        uniform = t.dim() == 0
+
+        def per_tensor(x: Tensor) -> Tensor:
+            return x if uniform else x.to(b.dtype)
+
+        values: dict[str, float | Tensor] = {}
+        step_lr = lr
+        if group["use_adopt_stability"]:
+            clip = per_tensor(t.pow(0.25))
+            values["clip"], values["neg_clip"] = clip, -clip
+        else:
+            values["bias2"] = per_tensor(torch.pow(beta2, t).neg_().add_(1.0).sqrt_())
+            correction = per_tensor(torch.pow(beta1, t).neg_().add_(1.0))
+            if uniform:
+                step_lr = lr / correction
+            else:
+                values["correction"] = correction
+        values["neg_step_lr"] = -step_lr
+        ratio: float | Tensor = 1.0
+        if group["dynamic_weight_decay"]:
+            ratio = per_tensor(
+                weight_decay_ratio_tensor(
+                    t, group["wd_transition_steps"], group["wd_decay_factor"], group["wd_min_ratio"]
+                )
+            )
+        if group["use_spd"]:
+            values["neg_strength"] = -(ratio * group["spd_lambda"])
+        elif group["weight_decay"] != 0.0:
+            values["lr_decay"] = lr * group["weight_decay"] * ratio
+        return values
+
     def _update(
         self,
         group: dict[str, Any],
@@ -663,7 +758,7 @@ class HinaAdamWOptimizer(ExactStateLoad, torch.optim.Optimizer):
         """Steps 2-12 on the bucket's flat buffers (a fixed number of ops, no host sync), ``g`` the flat gradient
         (modified in place), inside ``b.seg.indexed()``.
 
-        ``v`` holds :meth:`_step_values`, each a Python float, a 0-d device tensor (inside a CUDA graph) or a
+        ``v`` holds :meth:`_step_values`, each a Python float, a 0-d device tensor (capturable mode) or a
         per-tensor vector.
         """
         S, dtype = b.seg, b.dtype
@@ -760,7 +855,7 @@ class HinaAdamWOptimizer(ExactStateLoad, torch.optim.Optimizer):
     # ----- reporting ------------------------------------------------------------------------------------------
 
     def _current_ratio(self, group: dict[str, Any]) -> tuple[int, float]:
-        step = max((self.state[p]["step"] for p in group["params"] if self.state.get(p)), default=0)
+        step = max(step_numbers([self.state[p] for p in group["params"] if self.state.get(p)]), default=0)
         if not group["dynamic_weight_decay"]:
             return step, 1.0
         return step, weight_decay_ratio(
@@ -798,21 +893,22 @@ class HinaAdamWOptimizer(ExactStateLoad, torch.optim.Optimizer):
         est32 = est8 = 0
         for g in self.param_groups:
             for p in g["params"]:
-                tam = 4 if g["use_tam"] else 0
+                # per tensor: TAM's s̄ and, in capturable mode, the float32 step count on the device
+                scalars = (4 if g["use_tam"] else 0) + (4 if g["cuda_graphs"] else 0)
                 moments32 = 2 * p.numel() * torch.empty((), dtype=work_dtype(p)).element_size()
-                est32 += moments32 + tam + _anchor_bytes(p, g, quantised=False)
+                est32 += moments32 + scalars + _anchor_bytes(p, g, quantised=False)
                 if p.numel() >= g["min_8bit_size"]:
-                    est8 += 2 * (p.numel() + 4 * quant8.num_blocks(p.numel())) + tam
+                    est8 += 2 * (p.numel() + 4 * quant8.num_blocks(p.numel())) + scalars
                     est8 += _anchor_bytes(p, g, quantised=True)
                 else:
-                    est8 += moments32 + tam + _anchor_bytes(p, g, quantised=False)
+                    est8 += moments32 + scalars + _anchor_bytes(p, g, quantised=False)
         return {
             "optimizer": "CustomAdamW",
             "techniques": techniques,
             "step": step,
             "lora_pairs": self._lora_pair_count,
             "lora_tensors": len(roles),
-            "lr": group["lr"],
+            "lr": float(group["lr"]),
             "weight_decay_base": group["weight_decay"],
             "weight_decay_current": group["weight_decay"] * ratio,
             "wd_ratio": ratio,

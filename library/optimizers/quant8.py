@@ -5,8 +5,8 @@ A state tensor is stored as uint8 codes (same shape as the tensor) plus one fp32
 first moments, the unsigned one for non-negative second moments, as bitsandbytes' own 8-bit optimizers do.
 Decoding is bitsandbytes' ``dequantize_blockwise`` kernel. Encoding is ours, five torch ops per buffer
 (block absmax, scale, ``bucketize`` against the map's midpoints): bitsandbytes' CUDA quantize kernel launches on
-the legacy default stream, so it is silently left out of a captured CUDA graph (the optimizers' ``cuda_graphs``
-mode), and its binary search is not always the nearest code (0.2-0.3% of codes, one step off, measured on its CPU
+the legacy default stream, so it is silently left out of a captured CUDA graph (a step recorded under
+``--cuda_graphs``), and its binary search is not always the nearest code (0.2-0.3% of codes, one step off, measured on its CPU
 kernel); ours is exactly the nearest code, ties to the lower one, on every device. The state is two plain
 tensors, so ``state_dict()`` needs nothing special; an optimizer keeps them under ``<name>_codes`` /
 ``<name>_absmax`` (see :func:`init_state` / :func:`load` / :func:`store_`).

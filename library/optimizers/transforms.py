@@ -285,6 +285,12 @@ def weight_decay_ratio(step: int, transition_steps: int, decay_factor: float, mi
     return max(min_ratio, decay_factor ** ((step - transition_steps) / transition_steps))
 
 
+def weight_decay_ratio_tensor(step: Tensor, transition_steps: int, decay_factor: float, min_ratio: float) -> Tensor:
+    """:func:`weight_decay_ratio` of step counts held in a tensor, computed on their device (capturable steps)."""
+    decayed = torch.pow(decay_factor, (step - transition_steps) / transition_steps).clamp_min_(min_ratio)
+    return torch.where(step <= transition_steps, 1.0, decayed)
+
+
 def decoupled_decay_(seg: Segments, theta: Tensor, lr_decay: float | Tensor) -> None:
     """Decoupled weight decay (Loshchilov & Hutter 2019), θ ← θ·(1 − lr·wd): ``lr_decay`` = lr·wd, a scalar or
     per-tensor values (a per-tensor lr ratio or step)."""

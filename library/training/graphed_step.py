@@ -6,18 +6,23 @@ step is bound by the host, not the GPU. A replay launches the whole recorded ste
 ``reduce-overhead`` mode gets there through CUDA-graph trees, but compiling SDXL takes minutes and gradient
 checkpointing adds its own constraints; recording the eager kernels costs three steps' time.
 
-Contract for ``body(*inputs)``: it reads only its input tensors, the model and the random generator, writes the
-gradients of ``params`` by ``backward()`` (which accumulates in place into the buffers this class keeps attached as
-``.grad``), returns a tuple of tensors, and never synchronises with the host. Each distinct signature of input
-shapes (one per resolution bucket) is recorded once; all recordings share one memory pool, as they never run at
-the same time. Random draws inside the graph advance the CUDA generator as eager code would, and recording restores
-the generator and the gradients it touched, so a run with graphs consumes its random stream like one without.
+Contract for ``body(*inputs)``: it reads only its input tensors, the model, persistent optimizer tensors and the
+random generator, writes the gradients of ``params`` by ``backward()`` (which accumulates in place into the buffers
+this class keeps attached as ``.grad``), may go on to clip them, step a capturable optimizer (its step counts and
+lr on the device, torch.optim's ``capturable`` convention) and reset them with :meth:`GraphedStep.zero_grads`,
+returns a tuple of tensors, and never synchronises with the host. Each distinct signature of input shapes (one per
+resolution bucket) is recorded once; all recordings share one memory pool, as they never run at the same time.
+The first ``WARMUP_CALLS`` calls of a signature run the body eagerly on a side stream (cuDNN autotuning, cuBLAS
+workspaces, lazy buffers and the optimizer's state are set up there): they are real steps, so nothing they do has
+to be undone. The next call records the body, which runs no kernel, and replays it. Random draws inside the graph
+advance the CUDA generator as eager code would, so a run with graphs consumes its random stream like one without.
 """
 
 from __future__ import annotations
 
 import logging
 import operator
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -56,6 +61,7 @@ class GraphedStep:
         self.params = list(params)
         self.device = device
         self.recordings: dict[Signature, Recording] = {}
+        self.eager_calls: Counter[Signature] = Counter()
         self._pool = None
         self._flat: list[Tensor] = []
         self._grads: list[Tensor] = self._grad_buffers()
@@ -91,10 +97,18 @@ class GraphedStep:
         for p, view in zip(self.params, self._grads, strict=True):
             p.grad = view
 
+    def zero_grads(self) -> None:
+        """Reset the gradient buffers in place (one kernel per dtype): the gradient reset a body may record."""
+        for flat in self._flat:
+            flat.zero_()
+
     def __call__(self, *inputs: Tensor) -> tuple[Tensor, ...]:
         self.attach_grads()
         signature: Signature = tuple((tuple(x.shape), x.dtype) for x in inputs)
         recording = self.recordings.get(signature)
+        if recording is None and self.eager_calls[signature] < WARMUP_CALLS:
+            self.eager_calls[signature] += 1
+            return self._run_eagerly(inputs)
         if recording is None:
             recording = self.recordings[signature] = self._record(inputs)
             logger.info("recorded the training step as a CUDA graph for inputs %s (%d recorded)",
@@ -105,11 +119,10 @@ class GraphedStep:
         return recording.outputs
 
     def _record(self, inputs: Sequence[Tensor]) -> Recording:
-        """Warm up eagerly on the signature, record it, and undo what the warm-up did to gradients and RNG."""
+        """Record the body on static copies of the inputs (recording runs no kernel; the generator is put back in
+        case recording moved it)."""
         static = [x.detach().clone() for x in inputs]
-        saved_grads = [flat.clone() for flat in self._flat]
         saved_rng = self._rng_state()
-        self._warm_up(static)
         try:
             replay, outputs = self._capture(static)
         except Exception as exc:
@@ -118,22 +131,14 @@ class GraphedStep:
             raise ConfigError(f"--cuda_graphs: the training step could not be recorded as a CUDA graph for inputs "
                               f"{[list(x.shape) for x in static]} ({type(exc).__name__}: {str(exc).splitlines()[0]}"
                               "); train without --cuda_graphs") from exc
-        for flat, saved in zip(self._flat, saved_grads, strict=True):
-            flat.copy_(saved)
-        del saved_grads
         self._set_rng_state(saved_rng)
         release_warmup_cache()
         return Recording(replay, static, outputs)
 
     # --- the CUDA parts; the CPU tests swap them for eager stand-ins -----------------------------------------------
-    def _warm_up(self, static: list[Tensor]) -> None:
-        """WARMUP_CALLS eager runs (cuDNN autotuning, cuBLAS workspaces and lazy buffers happen there)."""
-
-        def runs() -> None:
-            for _ in range(WARMUP_CALLS):
-                self.body(*static)
-
-        on_side_stream(self.device, runs)
+    def _run_eagerly(self, inputs: Sequence[Tensor]) -> tuple[Tensor, ...]:
+        """One real step, eagerly, on a side stream as PyTorch recommends before a capture."""
+        return on_side_stream(self.device, lambda: self.body(*inputs))
 
     def _capture(self, static: list[Tensor]) -> tuple[Callable[[], None], tuple[Tensor, ...]]:
         graph = torch.cuda.CUDAGraph()

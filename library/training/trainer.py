@@ -213,6 +213,7 @@ class LoRATrainer:
         self.max_norm_stats: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.optimizer, self.optimizer_desc = build_optimizer_for(a, self.network)
         self.graphed = GraphedStep(self._graph_body, self.trainable, self.device) if a.cuda_graphs else None
+        self.step_in_graph = False  # decided when training starts (_record_optimizer_step)
         self._added_keys: list[str] = []
         self.base_optimizer = self.optimizer
         self.optimizer_needs = LoopNeeds(self.base_optimizer)  # Hessian passes, metrics: asked through one object
@@ -492,7 +493,40 @@ class LoRATrainer:
         autocast = self.accelerator.autocast(AutocastKwargs(cache_enabled=False))
         loss, timesteps = self._loss(latents, cond, weights, mask if mask.numel() else None, autocast)
         (loss / self.args.gradient_accumulation_steps).backward()
+        if self.step_in_graph:
+            self._clip_and_step()
+            self.graphed.zero_grads()
         return loss.detach(), timesteps
+
+    def _clip_and_step(self) -> None:
+        """--max_grad_norm (torch's foreach clip: no host sync), then the optimizer step."""
+        if self.args.max_grad_norm > 0:
+            self.accelerator.clip_grad_norm_(self.trainable, self.args.max_grad_norm)
+        self.optimizer.step()
+
+    def _record_optimizer_step(self) -> bool:
+        """Whether --cuda_graphs records clip, optimizer step and gradient reset together with forward and backward
+        (one graph per bucket), or only forward and backward with the optimizer stepping eagerly after each replay.
+        The first needs an optimizer that keeps its step and lr on the device (torch.optim's ``capturable``),
+        one optimizer step per batch, one process and no pass of the optimizer's own between steps. Logged once."""
+        if self.graphed is None:
+            return False
+        a, needs = self.args, self.optimizer_needs
+        reasons = [why for why, applies in (
+            (f"{optimizer_name(a)} does not keep its step count and lr on the device", not needs.capturable),
+            ("its Hessian pass runs between steps", needs.hessian_interval is not None),
+            (f"--gradient_accumulation_steps {a.gradient_accumulation_steps} steps every few batches",
+             a.gradient_accumulation_steps > 1),
+            (f"{self.world} processes average the gradients between backward and step", self.world > 1),
+        ) if applies]
+        if reasons:
+            logger.info("--cuda_graphs: recording forward, loss and backward; the optimizer steps eagerly after each "
+                        "replay (%s)", "; ".join(reasons))
+            return False
+        needs.prepare_capture()
+        logger.info("--cuda_graphs: recording forward, loss, backward, gradient clipping, the optimizer step and the "
+                    "gradient reset as one graph per bucket")
+        return True
 
     def _sync_gradients(self) -> None:
         if self.world > 1:
@@ -535,6 +569,7 @@ class LoRATrainer:
         loss_sum = torch.zeros((), device=self.device)
         loss_count = 0
         self.good_weights, self.good_step = self._snapshot(), self.progress.global_step
+        self.step_in_graph = self._record_optimizer_step()
         try:
             if a.sample_at_first and self.progress.global_step == 0:
                 self.sample_images()
@@ -556,13 +591,13 @@ class LoRATrainer:
                     micro_done = i + 1
                     if micro_done % a.gradient_accumulation_steps and micro_done != len(batches):
                         continue
-                    self._sync_gradients()
-                    if a.max_grad_norm > 0:
-                        acc.clip_grad_norm_(self.trainable, a.max_grad_norm)
-                    self.optimizer.step()
+                    if not self.step_in_graph:  # else the replay stepped and reset the gradients
+                        self._sync_gradients()
+                        self._clip_and_step()
                     for _ in range(self.world):
-                        self.lr_scheduler.step()
-                    self.optimizer.zero_grad(set_to_none=True)
+                        self.lr_scheduler.step()  # a device lr (recorded step) is filled in place
+                    if not self.step_in_graph:
+                        self.optimizer.zero_grad(set_to_none=True)
                     if a.scale_weight_norms:  # (keys scaled, mean norm, max norm), read on logging steps only
                         self.max_norm_stats = self.network.apply_max_norm_regularization(a.scale_weight_norms,
                                                                                          self.device)

@@ -13,7 +13,6 @@ from library.custom_hina_adamw_optimizer import HinaAdamWOptimizer as CompatImpo
 from library.errors import OptimizerError
 from library.optimizers.hina_adamw import HinaAdamWOptimizer, find_lora_pairs, weight_decay_ratio
 from library.optimizers.references import CustomAdamWReference
-from tests.optimizers.graph_mode import eager_graph_mode
 from tests.optimizers.op_counting import OpLog, lora_set, observed_steps
 
 F64 = torch.float64
@@ -456,8 +455,9 @@ def test_op_count_per_step_does_not_grow_with_tensor_count(name):
     large = _third_step(48, hp, lambda: OpLog(skip=())).counts
     assert small == large
     buckets = 2 if name == "eight_bit" else 1  # 8-bit and fp32-state tensors (under min_8bit_size) step apart
-    # the element and row indices are rebuilt inside each step (a few ops) rather than kept (bytes per parameter)
-    assert sum(small.values()) < 140 * buckets
+    # the element and row indices are rebuilt inside each step (a few ops) rather than kept (bytes per parameter);
+    # capturable mode (the default) adds ~15 tiny ops per group that compute the step values on the device
+    assert sum(small.values()) < 160 * buckets
 
 
 @pytest.mark.parametrize("name", sorted(FLAT_CONFIGS))
@@ -525,49 +525,6 @@ def test_step_counts_and_resume_follow_the_tensors_with_gradients():
     for a, b in zip(params, resumed, strict=True):
         assert torch.equal(a, b)
     assert [opt2.state[p]["step"] for p in resumed] == expected
-
-
-@pytest.fixture
-def graph_mode_on_cpu(monkeypatch):
-    import library.optimizers.hina_adamw as hina
-
-    return eager_graph_mode(monkeypatch, hina)
-
-
-@pytest.mark.parametrize("name", ["defaults", "all_on", "adamw_cautious", "without_use_spd", "without_use_alora"])
-def test_graph_mode_scalars_match_the_eager_step(name, graph_mode_on_cpu):
-    """The step a CUDA graph replays reads lr and the step-dependent values from device scalars."""
-    hp = {**DEFAULTS, **CONFIGS[name]}
-    eager, _ = _run(hp, cuda_graphs=False)
-    graphed, opt = _run(hp)  # cuda_graphs=True is the default
-    for a, b in zip(graphed, eager, strict=True):
-        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-13, atol=1e-15)
-    assert graph_mode_on_cpu.built == 1  # one capture for ten steps: lr and step changes need none
-
-
-def test_graph_mode_captures_again_when_buffers_or_baked_settings_change(graph_mode_on_cpu):
-    params = _params()
-    opt = HinaAdamWOptimizer([{"params": params, "names": NAMES}], **DEFAULTS, cuda_graphs=True)
-    grads = _grad_sequence(8)
-
-    def step(k):
-        for p, g in zip(params, grads[k], strict=True):
-            p.grad = g
-        opt.step()
-
-    for k in range(3):
-        opt.param_groups[0]["lr"] *= 0.5  # a scheduler: no new capture
-        step(k)
-    assert graph_mode_on_cpu.built == 1
-    opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # new state tensors: the old capture would be stale
-    step(3)
-    assert graph_mode_on_cpu.built == 2
-    opt.param_groups[0]["tam_beta"] = 0.99  # a constant inside the kernels
-    step(4)
-    assert graph_mode_on_cpu.built == 3
-    opt.param_groups[0]["spd_lambda"] = 0.5  # reaches the step as a device scalar
-    step(5)
-    assert graph_mode_on_cpu.built == 3
 
 
 @pytest.mark.parametrize("name", sorted(FLAT_CONFIGS))

@@ -1,9 +1,10 @@
 """--cuda_graphs' recorder (library/training/graphed_step.py): what a replayed step must leave behind.
 
-On CPU the three CUDA calls (side-stream warm-up, capture, RNG state) are swapped for eager stand-ins that keep
-the same contract (a capture returns fixed output tensors that each replay rewrites); the bookkeeping around them
-(gradient buffers across zero_grad and accumulation, one recording per input signature, undoing the warm-up's
-gradients and random draws) is what runs here. The tests marked gpu record real graphs, alone and in the trainer.
+On CPU the three CUDA calls (side-stream eager run, capture, RNG state) are swapped for eager stand-ins that keep
+the same contract (a capture returns fixed output tensors that each replay rewrites, and leaves no trace: a real
+capture runs no kernel); the bookkeeping around them (gradient buffers across zero_grad and accumulation, eager
+first calls, one recording per input signature) is what runs here. The tests marked gpu record real graphs, alone
+and in the trainer.
 """
 
 from __future__ import annotations
@@ -22,11 +23,16 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="records C
 
 
 class EagerRecorder(GraphedStep):
-    """GraphedStep whose 'graph' reruns the body and copies its outputs into the tensors returned at capture."""
+    """GraphedStep whose 'graph' reruns the body and copies its outputs into the tensors returned at capture.
 
-    def __init__(self, *args, **kwargs) -> None:
+    Its capture runs the body once to get the outputs, then puts back the gradients, the parameters and the
+    tensors ``written()`` returns (an optimizer's state, when the body steps one), as a real capture runs no kernel.
+    """
+
+    def __init__(self, *args, written=lambda: [], **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.body_runs = 0
+        self.written = written
         body = self.body
 
         def counted(*inputs):
@@ -35,12 +41,16 @@ class EagerRecorder(GraphedStep):
 
         self.body = counted
 
-    def _warm_up(self, static):
-        for _ in range(WARMUP_CALLS):
-            self.body(*static)
+    def _run_eagerly(self, inputs):
+        return self.body(*inputs)
 
     def _capture(self, static):
+        touched = [*self._flat, *(p.detach() for p in self.params), *self.written()]
+        saved = [t.clone() for t in touched]
         outputs = tuple(o.clone() for o in self.body(*static))
+        with torch.no_grad():
+            for t, before in zip(touched, saved, strict=True):
+                t.copy_(before)
 
         def replay():
             for out, new in zip(outputs, self.body(*static), strict=True):
@@ -108,7 +118,7 @@ def test_replayed_steps_equal_eager_steps_across_buckets_and_accumulation(device
     losses, grads, weights, step = _train(True, device=device)
     assert len(step.recordings) == 2  # one per input signature, each recorded once
     if device == "cpu":
-        assert step.body_runs == 10 + 2 * (WARMUP_CALLS + 1)  # 10 replays; per signature: warm-ups and the capture
+        assert step.body_runs == 10 + 2  # 10 calls (the first WARMUP_CALLS of a signature eager); 2 captures
     for a, b in zip(losses, eager_losses, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     for a, b in zip(grads, eager_grads, strict=True):
@@ -186,6 +196,8 @@ def test_a_failed_capture_stops_with_a_line_that_names_the_flag():
     model = _model()
     step = FailingCapture(_body(model, 1), list(model.parameters()), torch.device("cpu"))
     x, w = _batches()[0]
+    for _ in range(WARMUP_CALLS):  # eager calls: nothing is recorded yet
+        step(x, w)
     with pytest.raises(ConfigError, match=r"^--cuda_graphs: the training step could not be recorded .*\[4, 6\].*"
                                           r"operation not permitted.*train without --cuda_graphs$"):
         step(x, w)
