@@ -79,9 +79,8 @@ from library.optimizers.flat import (
     outer_into,
     reduce_stacks,
 )
-from library.optimizers.graphs import GraphSlot, StepGraph, can_capture
 from library.optimizers.names import group_names, lora_role
-from library.optimizers.state import ExactStateLoad, closure_loss, work_dtype
+from library.optimizers.state import Capturable, ExactStateLoad, closure_loss, step_numbers, work_dtype
 from library.optimizers.validate import require
 
 logger = logging.getLogger(__name__)
@@ -98,13 +97,15 @@ class _Bucket:
     """One fixed list of parameters that step together (group, device, working dtype, step count) on the flat
     engine: their layout, segment tables and state stores, and Automagic's per-tensor constants.
 
-    ``t`` is their step count (``state["step"]`` of each is written from it lazily, ``_sync_steps``); ``members``
+    ``t`` is their step count (``state["step"]`` of each is written from it lazily, ``_sync_steps``); in capturable
+    mode the count is ``counter`` on the device and ``t`` a lower bound the host keeps (a replayed recording skips
+    the host), which decides only what holds for every later step (the seed step, warm-up phases passed); ``members``
     their positions in the group's params (None for all of them). Built when the set of parameters with
     gradients changes, dropped on a state-dict load; state buffers are resolved once (:meth:`cached`).
     """
 
     def __init__(self, shapes: Sequence[torch.Size], device: torch.device, dtype: torch.dtype,
-                 lora: Sequence[bool] | None = None, keep_index: bool = False) -> None:  # fmt: skip
+                 lora: Sequence[bool] | None = None) -> None:  # fmt: skip
         self.layout = layout = FlatLayout(shapes, device)
         self.dtype = dtype
         self.store = FlatState(layout)  # states shaped like their parameter
@@ -119,9 +120,6 @@ class _Bucket:
         self.tensors = T.Segments(layout)
         # per-tensor math on per-row values (CAME's row means; a tensor with < 2 dims: rows of one element)
         self.row_tensors = T.Segments(layout.row_layout())
-        for seg in (self.tensors, self.row_tensors):
-            if keep_index and seg.numel <= _INDEX_MAX_NUMEL:  # a captured graph reads it at a fixed address
-                seg.keep_index()
         self.numel = torch.tensor(layout.sizes, dtype=dtype, device=device)
         vector_cols = [
             not is_mat for is_mat, (_, m) in zip(self.is_matrix, mats, strict=True) for _ in range(m)
@@ -149,7 +147,8 @@ class _Bucket:
         if self.lora is not None and any(self.lora) and not all(self.lora):
             flags = [flag for flag, (n, _) in zip(self.lora, mats, strict=True) for _ in range(n)]
             self.lora_rows = torch.tensor(flags, device=device)
-        self.graph = GraphSlot()  # the captured block of the direction (cuda_graphs=True)
+        # capturable mode: the step count on the device (every state["step"] of the bucket is this tensor)
+        self.counter: Tensor | None = None
         # resolved state buffers and step constants: looked up once, since load_state_dict drops every bucket
         self.resolved: dict[str, Any] = {}
 
@@ -352,7 +351,7 @@ def _factored_rsqrt(row: Tensor, col: Tensor, b: _Bucket, scale: float | Tensor 
 # ---------------------------------------------------------------------------------------------------------------
 
 
-class _AutomagicBase(ExactStateLoad, torch.optim.Optimizer):
+class _AutomagicBase(Capturable, ExactStateLoad, torch.optim.Optimizer):
     """Gathers state and runs the common part of the step; subclasses supply the update direction."""
 
     def __init__(self, params: Iterable, defaults: dict[str, Any]) -> None:
@@ -429,8 +428,7 @@ class _AutomagicBase(ExactStateLoad, torch.optim.Optimizer):
         """The cached flat bucket of these parameters (built on first use or when the member list changes)."""
         ids = tuple(id(p) for _, p in members)
         device = members[0][1].device
-        keep_index = group["cuda_graphs"] and can_capture(device)  # a captured graph reads it at a fixed address
-        key = (ids, tuple(p.shape for _, p in members), device, dtype, keep_index)
+        key = (ids, tuple(p.shape for _, p in members), device, dtype)
         bucket = self._buckets.get(key)
         if bucket is None:
             covered = set(ids)
@@ -438,7 +436,7 @@ class _AutomagicBase(ExactStateLoad, torch.optim.Optimizer):
                 del self._buckets[other]  # its buffers would hold stale copies of these parameters' states
             names = group_names(group)
             lora = [self._uses_allora(group, index, p, names) for index, p in members]
-            bucket = _Bucket([p.shape for _, p in members], device, dtype, lora, keep_index)
+            bucket = _Bucket([p.shape for _, p in members], device, dtype, lora)
             self._buckets[key] = bucket
         return bucket
 
@@ -451,9 +449,9 @@ class _AutomagicBase(ExactStateLoad, torch.optim.Optimizer):
         raise NotImplementedError
 
     def _direction(
-        self, group: dict, b: _Bucket, step: int, g: Tensor, sign: Tensor, states: list[dict]
+        self, group: dict, b: _Bucket, step: int | Tensor, g: Tensor, sign: Tensor, states: list[dict]
     ) -> tuple[Tensor, Tensor | None]:
-        """Return the update direction (a new flat buffer) and an optional per-tensor lr factor (layout order)."""
+        """Return the update direction (``step``: an int, or the device counter in capturable mode) (a new flat buffer) and an optional per-tensor lr factor (layout order)."""
         raise NotImplementedError
 
     # -- step --------------------------------------------------------------------------------------------------
@@ -463,8 +461,17 @@ class _AutomagicBase(ExactStateLoad, torch.optim.Optimizer):
         loss = closure_loss(closure)
         for index, group in enumerate(self.param_groups):
             grads = [p.grad for p in group["params"]]
-            for bucket in self._step_buckets(index, group, grads):
+            buckets = self._step_buckets(index, group, grads)
+            if not buckets:
+                continue
+            if group["cuda_graphs"]:
+                self.device_lr(index, group, buckets[0].layout.device)
+            else:
+                self.host_lr(group)
+            for bucket in buckets:
                 bucket.t += 1
+                if bucket.counter is not None:
+                    bucket.counter.add_(1.0)
                 self._step_bucket(group, bucket, grads)
         return loss
 
@@ -473,11 +480,12 @@ class _AutomagicBase(ExactStateLoad, torch.optim.Optimizer):
         params = group["params"]
         ids = tuple(map(id, params))
         has_grad = tuple(map(operator.is_not, grads, itertools.repeat(None)))
+        capturable = group["cuda_graphs"]
         cached = self._bucket_cache.get(index)
-        if cached is not None and cached[0] == ids and cached[1] == has_grad:
+        if cached is not None and cached[0] == ids and cached[1] == has_grad and cached[3] == capturable:
             return cached[2]
         self._sync_steps()
-        by_key: dict[tuple, list[tuple[int, Tensor]]] = defaultdict(list)
+        present = []
         for i, (p, grad) in enumerate(zip(params, grads, strict=True)):
             if grad is None:
                 continue
@@ -486,7 +494,11 @@ class _AutomagicBase(ExactStateLoad, torch.optim.Optimizer):
             state = self.state[p]
             if not state:
                 self._init_state(group, p, state)
-            by_key[(state["step"], p.device, work_dtype(p))].append((i, p))
+            present.append((i, p))
+        by_key: dict[tuple, list[tuple[int, Tensor]]] = defaultdict(list)
+        steps = step_numbers([self.state[p] for _, p in present])  # device counters: one read, here only
+        for (i, p), t in zip(present, steps, strict=True):
+            by_key[(t, p.device, work_dtype(p))].append((i, p))
         buckets = []
         for (t, _, dtype), members in by_key.items():
             bucket = self._bucket(group, members, dtype)
@@ -494,16 +506,23 @@ class _AutomagicBase(ExactStateLoad, torch.optim.Optimizer):
             bucket.members = None if len(members) == len(params) else [i for i, _ in members]
             bucket.params = [p for _, p in members]
             bucket.states = [self.state[p] for _, p in members]
+            bucket.counter = None
+            if capturable:  # every state["step"] of the bucket is its device counter
+                bucket.counter = torch.tensor(float(t), dtype=torch.float32, device=bucket.layout.device)
+            for state in bucket.states:
+                state["step"] = t if bucket.counter is None else bucket.counter
             buckets.append(bucket)
-        self._bucket_cache[index] = (ids, has_grad, buckets)
+        self._bucket_cache[index] = (ids, has_grad, buckets, capturable)
         return buckets
 
     def _sync_steps(self) -> None:
-        """Write each bucket's step count into its parameters' ``state["step"]`` (kept lazily during steps)."""
-        for _, _, buckets in self._bucket_cache.values():
+        """Write each bucket's step count into its parameters' ``state["step"]`` (kept lazily during eager steps;
+        in capturable mode they are the bucket's device counter)."""
+        for _, _, buckets, _ in self._bucket_cache.values():
             for bucket in buckets:
-                for state in bucket.states:
-                    state["step"] = bucket.t
+                if bucket.counter is None:
+                    for state in bucket.states:
+                        state["step"] = bucket.t
 
     def state_dict(self) -> dict[str, Any]:
         self._sync_steps()
@@ -533,12 +552,22 @@ class _AutomagicBase(ExactStateLoad, torch.optim.Optimizer):
                 b.state(states, "start", dtype).copy_(theta)
             self._seed_direction(group, b, g, states)
             return
-        early = t <= warmup / 2
-        if group["use_orthogonal_grad"] and t > warmup:
-            T.orthograd_(b.tensors, theta, g)  # g is this step's own gathered copy
+        # eager: t is the step; capturable: ``steps`` is, on the device, and t a lower bound, so a phase the host
+        # sees as passed stays passed and the others are chosen per step on the device
+        steps = b.counter
+        early = t <= warmup / 2  # capturable: warm-up's first half may still be on
+        early_now = early if steps is None else steps <= warmup / 2
+        if group["use_orthogonal_grad"]:
+            if t > warmup:
+                T.orthograd_(b.tensors, theta, g)  # g is this step's own gathered copy
+            elif steps is not None:
+                orthogonal = g.clone()
+                T.orthograd_(b.tensors, theta, orthogonal)
+                g = torch.where(steps > warmup, orthogonal, g)
+                del orthogonal
 
         sign = g.sign().to(torch.int8)  # −1/0/+1 exactly, a quarter of an fp32 buffer
-        update, lr_factor = self._direction(group, b, t, g, sign, states)
+        update, lr_factor = self._direction(group, b, t if steps is None else steps, g, sign, states)
 
         # lr mask: grow where the sign repeats, shrink where it flips
         lr_bump = float(group["lr_bump"])
@@ -550,6 +579,8 @@ class _AutomagicBase(ExactStateLoad, torch.optim.Optimizer):
         if early and "start" in states[0]:
             start = b.state(states, "start", dtype)
             grow, shrink = _prodigy_rates(g, theta, start, b, lr_bump, group["d_coef"])
+            if steps is not None:  # the plain bump once the first half of warm-up is over
+                grow, shrink = torch.where(early_now, grow, lr_bump), torch.where(early_now, shrink, lr_bump)
             _mask_step_(mask, agree, b.tensors.expand(grow), b.tensors.expand(shrink),
                         group["min_lr"], group["max_lr"])  # fmt: skip
         else:
@@ -561,30 +592,43 @@ class _AutomagicBase(ExactStateLoad, torch.optim.Optimizer):
         del agree
 
         decays = early and group["weight_decay"] > 0
-        if (t - 2) % group["stats_update_freq"] == 0:
-            self._per_tensor_state(b, states, "avg_lr").copy_(b.tensors.mean(mask))
+        avg_lr = self._per_tensor_state(b, states, "avg_lr")
+        decay = self._per_tensor_state(b, states, "decay_factor") if decays else None
+        freq = group["stats_update_freq"]
+        if steps is None:
+            if (t - 2) % freq == 0:
+                avg_lr.copy_(b.tensors.mean(mask))
+                if decays:
+                    decay.copy_(_adaptive_decay(g, b))
+        else:
+            refresh = torch.remainder(steps - 2, freq) == 0
+            avg_lr.copy_(torch.where(refresh, b.tensors.mean(mask), avg_lr))
             if decays:
-                self._per_tensor_state(b, states, "decay_factor").copy_(_adaptive_decay(g, b))
+                decay.copy_(torch.where(refresh & early_now, _adaptive_decay(g, b), decay))
 
         # decoupled adaptive weight decay folded into the update: θ ← θ − η ⊙ (u + wd·a_p·θ)
         if decays:
-            coef = self._per_tensor_state(b, states, "decay_factor") * group["weight_decay"]
+            coef = decay * group["weight_decay"]
+            if steps is not None:
+                coef = torch.where(early_now, coef, 0.0)
             update.addcmul_(theta, b.tensors.expand(coef))
         update.mul_(mask)
 
-        # per-tensor factors (lr schedule, VRAdam) and ALLoRA rows, folded into one per-row factor
+        # per-tensor factors (lr schedule, VRAdam) and ALLoRA rows, folded into one per-row factor; a device lr
+        # (capturable mode) always multiplies: comparing it with 1 would read it back
         ratio = group["lr"] / group["mask_init_lr"]
-        if lr_factor is not None and ratio != 1.0:
+        scales = isinstance(ratio, Tensor) or ratio != 1.0
+        if lr_factor is not None and scales:
             lr_factor = lr_factor * ratio
         if b.lora is not None and any(b.lora):
             if lr_factor is not None:
                 row_lr = b.row_tensors.expand(lr_factor)
             else:
-                row_lr = ratio if ratio != 1.0 else None
+                row_lr = ratio if scales else None
             T.allora_(b.layout, theta, update, group["alora_eta"], lora_rows=b.lora_rows, row_lr=row_lr)
         elif lr_factor is not None:
             update.mul_(b.tensors.expand(lr_factor))
-        elif ratio != 1.0:
+        elif scales:
             update.mul_(ratio)
 
         theta.sub_(update)
@@ -677,15 +721,8 @@ class Automagic_Sinkgd(_AutomagicBase):  # noqa: N801 - the name users type (Hin
     ) -> tuple[Tensor, Tensor | None]:
         momentum = b.state(states, "exp_avg", b.dtype)
         momentum.lerp_(g, 1.0 - group["beta1"])
-        iters = 5 if group["full_finetune"] else 4
-        graphed = group["cuda_graphs"] and can_capture(b.layout.device)  # ~40 kernels an iteration: one launch
-        # the graph's input stays put; eagerly, a temporary
-        update = b.cached("sinkgd_update", lambda: torch.empty_like(momentum)) if graphed else None
-        update = torch.abs(momentum, out=update).mul_(sign)  # Grams: |m| with the sign of g
-        if graphed:
-            b.graph((iters,), lambda: StepGraph(lambda: _sinkgd_flat_(update, b, iters), b.layout.device))
-        else:
-            _sinkgd_flat_(update, b, iters)
+        update = torch.abs(momentum).mul_(sign)  # Grams: |m| with the sign of g
+        _sinkgd_flat_(update, b, 5 if group["full_finetune"] else 4)
         return update, _vradam(momentum, b)
 
 
@@ -795,19 +832,15 @@ class Automagic_CameAMP(_AutomagicBase):  # noqa: N801 - the name users type (Hi
         v_col.copy_(b.col_mean(sq))
 
     def _direction(
-        self, group: dict, b: _Bucket, step: int, g: Tensor, sign: Tensor, states: list[dict]
+        self, group: dict, b: _Bucket, step: int | Tensor, g: Tensor, sign: Tensor, states: list[dict]
     ) -> tuple[Tensor, Tensor | None]:
         beta3 = group["betas"][2]
-        bias = math.sqrt(1.0 - beta3 ** (step - 1))  # R's bias correction (step 1 only seeded v)
-        if not (group["cuda_graphs"] and can_capture(b.layout.device)):
-            return self._came(group, b, g, states, bias), None
-        # the graph reads fixed addresses: a copy of this step's gradient; the correction through a device scalar
-        g_in = b.cached("came_g", lambda: torch.empty_like(g)).copy_(g)
-        scalar = b.cached("came_bias", lambda: torch.empty((), dtype=b.dtype, device=b.layout.device))
-        scalar.fill_(bias)
-        baked = (*group["betas"], *group["eps"], group["clip_threshold"])
-        return b.graph(baked, lambda: StepGraph(lambda: self._came(group, b, g_in, states, scalar),
-                                                b.layout.device)), None  # fmt: skip
+        # R's bias correction (step 1 only seeded v); capturable: from the device counter, in the lr's precision
+        if isinstance(step, Tensor):
+            bias = torch.pow(beta3, step.to(group["lr"].dtype) - 1.0).neg_().add_(1.0).sqrt_()
+        else:
+            bias = math.sqrt(1.0 - beta3 ** (step - 1))
+        return self._came(group, b, g, states, bias), None
 
     @staticmethod
     def _moment(b: _Bucket, states: list[dict]) -> quant8.FlatQuantState | None:

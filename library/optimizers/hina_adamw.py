@@ -102,7 +102,7 @@ from library.optimizers import quant8
 from library.optimizers import transforms as T
 from library.optimizers.flat import FlatLayout, FlatState, chunk_positions
 from library.optimizers.names import LORA_FACTOR
-from library.optimizers.state import ExactStateLoad, closure_loss, work_dtype
+from library.optimizers.state import Capturable, ExactStateLoad, closure_loss, step_numbers, work_dtype
 from library.optimizers.transforms import weight_decay_ratio, weight_decay_ratio_tensor
 from library.optimizers.validate import require
 
@@ -260,19 +260,6 @@ class _Bucket:
 
 
 _GRAD = attrgetter("grad")
-_STEP = itemgetter("step")
-
-
-def step_numbers(states: list[dict[str, Any]]) -> list[int]:
-    """Each ``state["step"]`` as an int: Python ints as they are, device counters (capturable mode) read back in
-    one transfer. Only plan building, reporting and state_dict() call this, never a step."""
-    steps = list(map(_STEP, states))
-    tensors = [i for i, t in enumerate(steps) if isinstance(t, Tensor)]
-    if tensors:
-        values = torch.stack([steps[i].reshape(()).float() for i in tensors]).tolist()
-        for i, value in zip(tensors, values, strict=True):
-            steps[i] = int(value)
-    return steps
 
 
 class _Plan:
@@ -357,7 +344,7 @@ class _Plan:
         return list(map(self.steps.__getitem__, members))
 
 
-class HinaAdamWOptimizer(ExactStateLoad, torch.optim.Optimizer):
+class HinaAdamWOptimizer(Capturable, ExactStateLoad, torch.optim.Optimizer):
     """AdamW with ADOPT, Grams, Cautious, TAM, AGR, OrthoGrad, SPD, ALLoRA/LoRA+ and dynamic weight decay.
 
     Args:
@@ -482,7 +469,6 @@ class HinaAdamWOptimizer(ExactStateLoad, torch.optim.Optimizer):
         self._lora_pair_count = 0
         self._unnamed_logged = False
         self._plans: dict[int, _Plan] = {}
-        self._lrs: dict[int, Tensor] = {}  # capturable mode: each group's lr on the device
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -542,29 +528,13 @@ class HinaAdamWOptimizer(ExactStateLoad, torch.optim.Optimizer):
         if group["use_spd"] and "theta0" not in state:
             state["theta0"] = p.detach().to(_anchor_dtype(p, quant8.has_state(state, "exp_avg")), copy=True)
 
-    def state_dict(self) -> dict[str, Any]:
-        """torch's state dict, with every step count an int and every lr a float whatever the mode, so a state
-        saved in capturable mode loads in eager mode and back (one read of the device counters)."""
-        saved = super().state_dict()
-        for group in saved["param_groups"]:  # torch's packed groups are copies: the live lr tensor stays
-            if isinstance(group["lr"], Tensor):
-                group["lr"] = group["lr"].item()
-        counted = [i for i, s in saved["state"].items() if isinstance(s.get("step"), Tensor)]
-        steps = step_numbers([saved["state"][i] for i in counted])
-        for i, step in zip(counted, steps, strict=True):
-            saved["state"][i] = {**saved["state"][i], "step": step}  # the live state keeps its views
-        return saved
-
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load exactly (uint8 codes, fp32 moments of half weights and θ₀ bit-for-bit); re-derive the LoRA roles.
 
         ``cuda_graphs`` stays this optimizer's: it chooses how the step runs, not what it computes, so a state saved
         in either mode continues in the mode of the run that loads it (torch would take the saved groups' value).
         """
-        modes = [group["cuda_graphs"] for group in self.param_groups]
         super().load_state_dict(state_dict)
-        for group, mode in zip(self.param_groups, modes, strict=True):
-            group["cuda_graphs"] = mode
         self._lora_roles = None
         self._plans = {}
 
@@ -587,9 +557,9 @@ class HinaAdamWOptimizer(ExactStateLoad, torch.optim.Optimizer):
             if plan.partial:
                 grads = list(compress(grads, has_grad))
             if capturable:
-                self._device_lr(index, group, plan.buckets[0][0].layout.device)
-            elif isinstance(group["lr"], Tensor):  # e.g. loaded from a capturable run: a Python number again
-                group["lr"] = group["lr"].item()
+                self.device_lr(index, group, plan.buckets[0][0].layout.device)
+            else:  # e.g. loaded from a capturable run: a Python number again
+                self.host_lr(group)
             plan.advance()
             shared = None if plan.counter is None else self._device_values(group, None, plan.counter)
             for bucket, members, states in plan.buckets:
@@ -602,28 +572,6 @@ class HinaAdamWOptimizer(ExactStateLoad, torch.optim.Optimizer):
                     values = self._step_values(group, bucket, plan.bucket_steps(members))
                 self._step_bucket(group, bucket, states, bucket_grads, values)
         return loss
-
-    @property
-    def capturable(self) -> bool:
-        """Whether a caller may record step() in a CUDA graph (torch.optim's ``capturable`` convention): every
-        group keeps its step counts and lr on the device, so after the first call a step is a fixed sequence of
-        kernels with no host value that changes and no host sync."""
-        return all(group["cuda_graphs"] for group in self.param_groups)
-
-    def _device_lr(self, index: int, group: dict[str, Any], device: torch.device) -> Tensor:
-        """``group["lr"]`` as this group's persistent 0-d device tensor (float64, float32 where the device has
-        none): a scheduler then ``fill_``s it, as torch's schedulers do with a tensor lr, and a recorded step
-        reads the new value. The tensor outlives state-dict loads, so a recording keeps pointing at it."""
-        lr = group["lr"]
-        held = self._lrs.get(index)
-        if lr is held:
-            return held
-        if held is None or held.device != device:
-            dtype = torch.float32 if device.type == "mps" else torch.float64
-            held = self._lrs[index] = torch.zeros((), dtype=dtype, device=device)
-        held.fill_(lr)
-        group["lr"] = held
-        return held
 
     def _plan(self, group: dict[str, Any], has_grad: list[bool], features: tuple[bool, bool, int, bool]) -> _Plan:
         """Initialise the state of new tensors and lay out the buckets (only when the tensor set changes)."""

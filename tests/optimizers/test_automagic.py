@@ -26,7 +26,6 @@ from library.optimizers.references import (
     ref_sinkgd,
     reference_run,
 )
-from tests.optimizers.graph_mode import eager_graph_mode
 from tests.optimizers.op_counting import HOST_SYNC, observed_steps
 
 F64 = torch.float64
@@ -637,17 +636,21 @@ def test_cameamp_8bit_flat_moments_equal_per_tensor_quantisation():
             assert torch.equal(torch.as_tensor(together.state[p][key]), torch.as_tensor(value)), key
 
 
-def test_cameamp_graph_mode_matches_float64_reference(monkeypatch):
-    """cuda_graphs=True's path on the CPU: g through a fixed buffer, R's bias correction through a device scalar."""
-    stand_in = eager_graph_mode(monkeypatch, automagic)
+@pytest.mark.parametrize("cls", [Automagic_Sinkgd, Automagic_CameAMP])
+def test_eager_mode_matches_float64_reference(cls):
+    """cuda_graphs=False (step and lr as Python numbers) against the reference; the tests above run the default,
+    capturable mode (step count, lr and the step-dependent choices on the device)."""
     thetas, grads = make_problem(seed=1)
     lrs = schedule(len(grads))
-    hp = dict(BASE_HP, full_finetune=False, betas=(0.8, 0.99, 0.999), eps=(1e-30, 1e-16), clip_threshold=1.0)
-    got, _ = run_optimizer(Automagic_CameAMP, thetas, grads, lrs, True, cuda_graphs=True, **hp)
-    want, _ = reference_run(thetas, grads, lrs, [True, True, False, False], hp,
-                            RefCameDirection(hp["betas"], hp["eps"], 1.0))
+    if cls is Automagic_Sinkgd:
+        hp = dict(BASE_HP, beta1=0.85, full_finetune=False)
+        direction = RefSinkgdDirection(0.85, 4)
+    else:
+        hp = dict(BASE_HP, full_finetune=False, betas=(0.8, 0.99, 0.999), eps=(1e-30, 1e-16), clip_threshold=1.0)
+        direction = RefCameDirection(hp["betas"], hp["eps"], 1.0)
+    got, opt = run_optimizer(cls, thetas, grads, lrs, True, cuda_graphs=False, **hp)
+    assert not opt.capturable and isinstance(opt.param_groups[0]["lr"], float)
+    want, _ = reference_run(thetas, grads, lrs, [True, True, False, False], hp, direction)
     for t, (g_step, w_step) in enumerate(zip(got, want, strict=True), start=1):
         for g, w in zip(g_step, w_step, strict=True):
             torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12, msg=f"step {t}")
-    # one capture: g reaches the graph through the same fixed copy before and after OrthoGrad starts
-    assert stand_in.built == 1
