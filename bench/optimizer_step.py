@@ -40,9 +40,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.storage_ledger import optimizer_bytes  # noqa: E402
-from library.optimizers.graphs import WARMUP_CALLS, on_side_stream  # noqa: E402
 from library.optimizers.loop import LoopNeeds  # noqa: E402
 from library.optimizers.registry import build_optimizer  # noqa: E402
+from library.training.graphed_step import WARMUP_CALLS, on_side_stream  # noqa: E402
 
 DEFAULT_OPTIMIZERS = [
     "AdamW",

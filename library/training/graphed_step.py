@@ -30,9 +30,29 @@ import torch
 from torch import Tensor
 
 from library.errors import ConfigError
-from library.optimizers.graphs import WARMUP_CALLS, on_side_stream, release_warmup_cache
 
 logger = logging.getLogger("loraforge")
+
+#: eager calls before capture: the first calls may allocate lazily (cuBLAS workspaces, caching-allocator blocks)
+WARMUP_CALLS = 2
+
+
+def on_side_stream(device: torch.device, fn: Callable[[], object]) -> object:
+    """Warm-up as PyTorch recommends before capture: on a side stream, ordered after the current one."""
+    current = torch.cuda.current_stream(device)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(current)
+    with torch.cuda.stream(side):
+        out = fn()
+    current.wait_stream(side)
+    return out
+
+
+def release_warmup_cache() -> None:
+    """Hand back the blocks the eager warm-ups left cached: once captured, a graph keeps its temporaries in its
+    own pool, so those blocks would stay reserved unused. This lowers what stays reserved after a capture, not
+    the peak (measured on SDXL LoRA + CustomAdamW: the same peak reserved with and without it)."""
+    torch.cuda.empty_cache()
 
 Signature = tuple[tuple[tuple[int, ...], torch.dtype], ...]
 

@@ -17,9 +17,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from transformers.optimization import get_cosine_schedule_with_warmup
 
-from library.optimizers.graphs import on_side_stream
 from library.optimizers.hina_adamw import HinaAdamWOptimizer
 from library.optimizers.loop import LoopNeeds
+from library.training.graphed_step import on_side_stream
 from tests.optimizers.op_counting import lora_set
 from tests.optimizers.test_hina_adamw import DEFAULTS, LORA_SHAPES
 from tests.optimizers.test_registry import assert_bitwise_equal

@@ -14,9 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 from library.errors import ConfigError
-from library.optimizers.graphs import WARMUP_CALLS
 from library.training.entry import main
-from library.training.graphed_step import GraphedStep
+from library.training.graphed_step import WARMUP_CALLS, GraphedStep
 from tests.training.conftest import train_argv
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="records CUDA graphs")
