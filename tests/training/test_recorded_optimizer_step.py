@@ -29,8 +29,8 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     return [v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
 
 
-def _trainer(dataset, out, *flags: str, record: bool) -> LoRATrainer:
-    argv = train_argv(dataset, out, "--network_train_unet_only", "--optimizer_type", "CustomAdamW",
+def _trainer(dataset, out, *flags: str, record: bool, optimizer: str = "CustomAdamW") -> LoRATrainer:
+    argv = train_argv(dataset, out, "--network_train_unet_only", "--optimizer_type", optimizer,
                       "--max_grad_norm", "0.01", *flags, steps=4)  # a clip that acts on every step
     trainer = LoRATrainer(parse_args(argv))
     trainer.setup()
@@ -82,6 +82,31 @@ def test_a_capturable_optimizer_steps_inside_the_recorded_step_and_trains_the_sa
     torch.testing.assert_close(inside, eager, rtol=0, atol=1e-6)  # the recorded body's loss vs the eager loop's
 
 
+@pytest.mark.parametrize("optimizer", ["Automagic_Sinkgd", "Automagic_CameAMP"])
+def test_automagic_steps_inside_the_recorded_step_and_trains_the_eager_lora(tiny_dataset, tmp_path, caplog,
+                                                                           optimizer):
+    """Automagic in capturable mode (its default) recorded with the training step, against the eager loop; its two
+    modes give the same bits, so stepping after the replay (cuda_graphs=False) trains the same LoRA."""
+    caplog.set_level(logging.INFO, logger="loraforge")
+    lora = {}
+    for label, optimizer_args in (("inside", ()), ("after", ("--optimizer_args", "cuda_graphs=False")),
+                                  ("eager", ())):
+        caplog.clear()
+        trainer = _trainer(tiny_dataset, tmp_path / label, "--learning_rate", "1e-2", *optimizer_args,
+                           record=label != "eager", optimizer=optimizer)
+        trainer.train()
+        if label == "inside":
+            assert RECORDED in caplog.text and trainer.graphed.recordings
+            steps = {float(s["step"]) for s in trainer.base_optimizer.state.values()}
+            assert steps == {4.0}
+        elif label == "after":
+            assert EAGER_STEP in caplog.text
+        lora[label] = _lora_ups(tmp_path / label / "t.safetensors")
+    assert lora["inside"].abs().sum() > 0
+    assert torch.equal(lora["inside"], lora["after"])
+    torch.testing.assert_close(lora["inside"], lora["eager"], rtol=0, atol=1e-6)
+
+
 def test_the_optimizer_steps_after_the_replay_where_it_cannot_be_recorded(tiny_dataset, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="loraforge")
     trainer = _trainer(tiny_dataset, tmp_path / "out", "--gradient_accumulation_steps", "2", record=True)
@@ -95,7 +120,9 @@ def test_the_optimizer_steps_after_the_replay_where_it_cannot_be_recorded(tiny_d
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="--cuda_graphs records CUDA graphs")
 @pytest.mark.parametrize("optimizer", [["--optimizer_type", "CustomAdamW8bit"],
-                                       ["--optimizer_type", "AdamW", "--lr_scheduler", "cosine"]])
+                                       ["--optimizer_type", "AdamW", "--lr_scheduler", "cosine"],
+                                       ["--optimizer_type", "Automagic_Sinkgd", "--lr_scheduler", "cosine"],
+                                       ["--optimizer_type", "Automagic_CameAMP", "--lr_scheduler", "cosine"]])
 def test_cuda_graphs_record_the_optimizer_step_and_train_the_eager_lora(tiny_dataset, tmp_path, caplog, optimizer):
     caplog.set_level(logging.INFO, logger="loraforge")
     weights = {}
