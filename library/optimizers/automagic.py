@@ -43,12 +43,25 @@ per-tensor statistics are packed the same way (``PackedState``), and 8-bit first
 Row and column math runs on the layout's ``[rows, cols]`` / ``[k, rows, cols]`` stacks, one kernel per distinct row
 length or shape (a ``segment_reduce`` over ~10⁵ rows of a few elements is slow on CUDA); per-tensor reductions are
 one ``segment_reduce`` and per-tensor broadcasts one gather through the int32 element → tensor index of
-``transforms.Segments``, built at the start of each step (kept between steps only for a captured CUDA graph;
-above ``_INDEX_MAX_NUMEL`` elements ``repeat_interleave`` instead). Host work per step is O(1) per bucket:
-buckets and their resolved state buffers are cached until the set of parameters with gradients changes or a
-state dict is loaded, and ``state["step"]`` is written lazily from one counter per bucket (before
-``state_dict()``). The number of ops per step does not depend on the number of tensors, only on the number of
-distinct shapes.
+``transforms.Segments``, built at the start of each step (above ``_INDEX_MAX_NUMEL`` elements
+``repeat_interleave`` instead). Host work per step is O(1) per bucket: buckets and their resolved state buffers
+are cached until the set of parameters with gradients changes or a state dict is loaded, and ``state["step"]`` is
+written lazily from one counter per bucket (before ``state_dict()``). The number of ops per step does not depend
+on the number of tensors, only on the number of distinct shapes.
+
+Capturable mode, ``cuda_graphs=True`` (the default), is CustomAdamW's (:class:`~library.optimizers.state.Capturable`,
+torch.optim's ``capturable`` convention): each bucket's step count is a float32 device counter that every
+``state["step"]`` of the bucket is, each group's lr a persistent 0-d device tensor a scheduler fills, and what
+depends on the step is computed on the device: CAME's bias correction, the statistics refresh every
+``stats_update_freq`` steps, and the warm-up phases (the d_coef condition and adaptive decay up to W/2, OrthoGrad
+after W) by ``torch.where`` on the counter. The host keeps a lower bound of the count (a replayed recording runs no
+host code), so the seed step and a phase already over are decided on the host, for every later step too; θ₀ is
+freed when the host sees W/2 passed, so a step recorded before then keeps it for the run. After its first calls
+(the seed, then the first update that resolves the state buffers) step() is a fixed sequence of kernels with no
+host sync, which the trainer records with the training step under ``--cuda_graphs``
+(library/training/graphed_step.py). On the CPU both modes give the same bits; capturable mode dispatches ~25% more
+small ops per step (the phases it cannot skip), which a recording replays at the cost of one launch.
+``cuda_graphs=False`` keeps Python numbers.
 """
 
 from __future__ import annotations
@@ -679,10 +692,8 @@ class Automagic_Sinkgd(_AutomagicBase):  # noqa: N801 - the name users type (Hin
     ALLoRA applies to parameters whose group ``names`` mark them as LoRA matrices (``lora_down``/``lora_up``),
     or, without names, to every tensor with 2+ dims unless ``full_finetune``.
 
-    ``cuda_graphs=True`` (the default; CUDA only) replays SinkGD's row/column passes, one kernel per distinct shape
-    and pass, as one CUDA graph (:mod:`library.optimizers.graphs`): same kernels, one launch. On an H100 it took the
-    SD1.5 LoRA step from 3.2x to 1.2x fused AdamW (bench/optimizer_step.py, same run); ``cuda_graphs=False`` runs
-    the passes eagerly.
+    ``cuda_graphs=True`` (the default): capturable mode (the module docstring), so the trainer records the whole
+    step, SinkGD's row/column passes included, under ``--cuda_graphs``; ``cuda_graphs=False`` keeps Python numbers.
     """
 
     def __init__(
@@ -747,9 +758,8 @@ class Automagic_CameAMP(_AutomagicBase):  # noqa: N801 - the name users type (Hi
     codes + fp32 absmax per 256 elements) for tensors of ≥ 4096 elements; the factored moments are already tiny
     and the lr mask stays fp32 (8-bit or 16-bit masks cannot represent ``lr_bump`` steps).
 
-    ``cuda_graphs=True`` (the default; CUDA only) replays the CAME direction (factored moments, clipping, first
-    moment and confidence: one kernel per distinct shape and reduction) as one CUDA graph: 2.6x -> 1.3x fused AdamW
-    on the SD1.5 LoRA set (H100, same run).
+    ``cuda_graphs=True`` (the default): capturable mode (the module docstring); R's bias correction is then
+    computed on the device from the step counter.
     """
 
     def __init__(

@@ -31,31 +31,20 @@ class Segments:
     ``sum``/``max``/``mean`` are the layout's (``segment_reduce`` without its host-syncing length check).
     ``expand`` gathers with an int32 index (which tensor each element belongs to, 4 bytes per element) instead of
     ``repeat_interleave``, which builds an int64 index of the same length on every call. The index lives only
-    inside ``with segments.indexed():`` (one step): between steps it would cost 4 bytes per parameter, unless
-    :meth:`keep_index` asked for it.
+    inside ``with segments.indexed():`` (one step): between steps it would cost 4 bytes per parameter.
     """
 
     def __init__(self, layout: FlatLayout) -> None:
         self.lengths = layout.lengths
         self.numel = layout.numel
         self.index: Tensor | None = None
-        self.kept = False
         self.sum = layout.sum
         self.max = layout.max
         self.mean = layout.mean
 
-    def keep_index(self) -> None:
-        """Build the element index once and keep it between steps: a CUDA graph that reads it was captured with
-        its address, so it may not be rebuilt per step."""
-        self.index = segment_ids(self.lengths, self.numel)
-        self.kept = True
-
     @contextlib.contextmanager
     def indexed(self) -> Iterator[Segments]:
-        """Build the element index for the block (one kernel) and drop it after (a kept index stays)."""
-        if self.kept:
-            yield self
-            return
+        """Build the element index for the block (one kernel) and drop it after."""
         self.index = segment_ids(self.lengths, self.numel)
         try:
             yield self
