@@ -87,6 +87,8 @@ def test_capturable_steps_compute_what_eager_steps_compute(config):
     saved = eager_opt.state_dict()["state"]
     assert [saved[i]["step"] for i in range(len(SHAPES))] == [9] + [12] * 6
     assert "start" not in opt.state[graphed[2]]  # θ₀ freed after W/2, as eagerly
+    if config == "cameamp_8bit":
+        assert opt.state[graphed[-1]]["exp_avg_codes"].dtype == torch.uint8
     for a, b in zip(graphed, eager, strict=True):
         assert torch.equal(a, b)
     assert_bitwise_equal(opt.state_dict()["state"], eager_opt.state_dict()["state"], "after 12 steps")

@@ -379,16 +379,13 @@ def test_step_and_decoupled_decay():
         torch.testing.assert_close(got, t * (1 - d), rtol=1e-15, atol=0.0)
 
 
-def test_a_kept_index_outlives_the_step_and_gives_the_same_broadcast():
+def test_the_index_lives_only_inside_the_block_and_broadcasts_as_without_it():
     tensors = [_rand(3, 2, seed=70), _rand(5, seed=71), _rand(3, 2, seed=72)]
     f = Flat(tensors)
     values = torch.arange(3, dtype=F64)
     with f.seg.indexed():
+        assert f.seg.index is not None
         per_step = f.seg.expand(values)
     assert f.seg.index is None  # dropped after the block: no 4 bytes per element between steps
-    f.seg.keep_index()
-    kept = f.seg.index
-    with f.seg.indexed():
-        assert f.seg.index is kept  # a captured graph reads it at this address
-        assert torch.equal(f.seg.expand(values), per_step)
-    assert f.seg.index is kept
+    want = torch.repeat_interleave(values, torch.tensor(f.layout.lengths))
+    assert torch.equal(per_step, want) and torch.equal(f.seg.expand(values), want)
