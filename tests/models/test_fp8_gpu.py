@@ -6,6 +6,8 @@ element at rest, and a peak of a step below the bf16 step's by most of that.
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 from torch import nn
@@ -17,12 +19,19 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 
 def _step_memory(config: str, fp8: bool, latent: int) -> tuple[int, int, int]:
-    """(bytes the U-Net holds, peak bytes of one LoRA training step, converted weight elements)."""
+    """(bytes the U-Net holds, peak bytes of one LoRA training step, converted weight elements).
+
+    The peak is counted from what was allocated before the U-Net was built, and the U-Net is freed before
+    returning: a hooked layer and its adapter reference each other, so without the unhooking and the collection
+    the previous call's wrapped layers would still be allocated during this call's step.
+    """
     from diffusers import UNet2DConditionModel
 
     import networks.lora as lora
 
+    gc.collect()
     torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
     with torch.device("cuda"):
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(CONFIGS_DIR / config / "unet"))
     unet.to(torch.bfloat16).requires_grad_(False)
@@ -48,8 +57,10 @@ def _step_memory(config: str, fp8: bool, latent: int) -> tuple[int, int, int]:
         out = unet(x, torch.tensor([500], device="cuda"), hidden, added_cond_kwargs=extra).sample
     out.float().square().mean().backward()
     torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated()
+    peak = torch.cuda.max_memory_allocated() - base
+    net.remove_from()
     del unet, net, out
+    gc.collect()
     return held, peak, converted
 
 

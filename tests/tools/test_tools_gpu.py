@@ -41,6 +41,11 @@ def test_merge_resize_extract_on_cuda_match_cpu(tmp_path, monkeypatch):
                 "8",
                 "--conv_dim",
                 "2",
+                # sd-scripts' default clamp (0.99) takes a quantile of U·S and Vh entries, which depends on the
+                # basis SVD picks inside a cluster of near-equal singular values, and CPU and GPU SVDs pick
+                # different ones: compare the unclamped products, which do not depend on that choice
+                "--clamp_quantile",
+                "1",
             ],
         ),
     ):

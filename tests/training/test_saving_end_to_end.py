@@ -68,19 +68,7 @@ def test_initial_epoch_without_skip_only_starts_the_epoch_count_later(tiny_datas
     assert (plain.progress.global_step, plain.progress.epoch, plain.progress.batches_done_in_epoch) == (0, 1, 0)
 
 
-@pytest.fixture
-def fresh_accelerator_state():
-    """accelerate keeps one process-wide state whose mixed precision cannot change: a bf16 run in this process
-    needs it reset before, and the fp32 runs after it need it reset again."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
 @pytest.mark.slow
-@pytest.mark.usefixtures("fresh_accelerator_state")
 def test_initial_step_skip_and_model_options_in_a_run(tiny_dataset, tmp_path, monkeypatch):
     offloads = []
     real = torch.autograd.graph.save_on_cpu
