@@ -8,15 +8,18 @@ either mode. The tests marked gpu record the step in a real CUDA graph.
 
 from __future__ import annotations
 
-import io
-
 import pytest
 import torch
 from transformers.optimization import get_cosine_schedule_with_warmup
 
 from library.optimizers.automagic import Automagic_CameAMP, Automagic_Sinkgd
 from library.optimizers.loop import LoopNeeds
-from tests.optimizers.test_hina_capturable import HostReadCheck, _recorded_run
+from tests.optimizers.capturable_checks import (
+    HostReadCheck,
+    assert_recorded_matches_eager,
+    load_in_other_mode,
+    saved_state,
+)
 from tests.optimizers.test_registry import assert_bitwise_equal
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="records CUDA graphs")
@@ -118,13 +121,6 @@ def test_a_capturable_step_is_one_fixed_op_sequence_without_host_reads(config):
             assert seen[0] and all(ops == seen[0] for ops in seen[1:])
 
 
-def _saved(opt) -> io.BytesIO:
-    buffer = io.BytesIO()
-    torch.save(opt.state_dict(), buffer)
-    buffer.seek(0)
-    return buffer
-
-
 @pytest.mark.parametrize("config", ["sinkgd", "cameamp_8bit"])
 @pytest.mark.parametrize("saved_capturable", [True, False])
 def test_a_state_saved_in_one_mode_resumes_in_the_other(config, saved_capturable):
@@ -133,7 +129,7 @@ def test_a_state_saved_in_one_mode_resumes_in_the_other(config, saved_capturable
     params, opt = _build(config, saved_capturable)
     grads = _grads(10, params, seed=3)
     _steps(opt, params, grads[:5])  # the first tensor is at step 2, the others at 5
-    buffer, weights = _saved(opt), [p.detach().clone() for p in params]
+    buffer, weights = saved_state(opt), [p.detach().clone() for p in params]
     saved = torch.load(buffer, weights_only=False)
     assert isinstance(saved["param_groups"][0]["lr"], float)
     assert all(isinstance(s["step"], int) for s in saved["state"].values())
@@ -142,13 +138,7 @@ def test_a_state_saved_in_one_mode_resumes_in_the_other(config, saved_capturable
     _steps(opt, params, grads[5:])
 
     resumed, other = _build(config, not saved_capturable)
-    with torch.no_grad():
-        for p, w in zip(resumed, weights, strict=True):
-            p.copy_(w)
-    other.load_state_dict(torch.load(buffer, weights_only=False))
-    assert other.capturable is not saved_capturable  # the loading run's mode, not the saved one
-    in_other_mode = [{**group, "cuda_graphs": not saved_capturable} for group in saved["param_groups"]]
-    assert_bitwise_equal(other.state_dict(), {**saved, "param_groups": in_other_mode}, "loaded in the other mode")
+    load_in_other_mode(other, resumed, weights, buffer, saved, saved_capturable)
     _steps(other, resumed, grads[5:])
     for a, b in zip(resumed, params, strict=True):
         assert torch.equal(a, b)
@@ -169,11 +159,6 @@ def test_the_loop_records_automagic_only_in_capturable_mode():
 def test_a_recorded_capturable_step_replays_what_eager_steps_do(config):
     """Recorded at step 3 and replayed to step 10 under a changing lr: across W/2 (θ₀'s condition and the decay
     end) and W (OrthoGrad starts), chosen on the device, the same kernels as the eager capturable steps."""
-    results = []
-    for record in (False, True):
-        params, opt = _build(config, True, device="cuda")
-        grads = [[g.cuda() for g in gs] for gs in _grads(13, params, seed=4)[3:]]  # every tensor every step
-        schedule = get_cosine_schedule_with_warmup(opt, num_warmup_steps=2, num_training_steps=10)
-        results.append(_recorded_run(opt, params, grads, schedule, record))
-    for a, b in zip(*results, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
+    params, _ = _build(config, True)
+    grads = _grads(13, params, seed=4)[3:]  # every tensor every step
+    assert_recorded_matches_eager(lambda: _build(config, True, device="cuda"), grads, warmup_steps=2)

@@ -9,17 +9,20 @@ the step in a real CUDA graph.
 from __future__ import annotations
 
 import contextlib
-import io
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 from transformers.optimization import get_cosine_schedule_with_warmup
 
 from library.optimizers.hina_adamw import HinaAdamWOptimizer
 from library.optimizers.loop import LoopNeeds
-from library.training.graphed_step import on_side_stream
+from tests.optimizers.capturable_checks import (
+    HostReadCheck,
+    assert_recorded_matches_eager,
+    load_in_other_mode,
+    recorded_run,
+    saved_state,
+)
 from tests.optimizers.op_counting import lora_set
 from tests.optimizers.test_hina_adamw import DEFAULTS, LORA_SHAPES
 from tests.optimizers.test_registry import assert_bitwise_equal
@@ -84,24 +87,6 @@ def test_capturable_steps_compute_what_eager_steps_compute(name):
     assert opt.log_metrics() == pytest.approx(eager_opt.log_metrics())
 
 
-class HostReadCheck(TorchDispatchMode):
-    """Every op of a block with its non-tensor arguments; fails on any read of a device value by the host."""
-
-    READS = frozenset({"_local_scalar_dense", "item", "is_nonzero", "nonzero", "equal", "tolist"})
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: list[tuple] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__
-        assert name not in self.READS, f"step() read a value back from the device: {name}"
-        leaves, _ = tree_flatten((args, kwargs or {}))
-        constants = (a if isinstance(a, (int, float, str, torch.dtype)) else type(a).__name__ for a in leaves)
-        self.ops.append((name, tuple(constants)))
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("extra", [{}, {"use_adopt_stability": False, "use_grams": False},
                                    {"optim_bits": 8, "min_8bit_size": 64}])
 def test_after_its_first_call_a_capturable_step_is_one_fixed_op_sequence_without_host_reads(extra):
@@ -128,13 +113,6 @@ def test_after_its_first_call_a_capturable_step_is_one_fixed_op_sequence_without
     assert any(ops != sequences[False][0] for ops in sequences[False][1:])  # the check sees a baked lr
 
 
-def _saved(opt) -> io.BytesIO:
-    buffer = io.BytesIO()
-    torch.save(opt.state_dict(), buffer)
-    buffer.seek(0)
-    return buffer
-
-
 @pytest.mark.parametrize("name", ["adopt", "eight_bit", "defaults_with_spd"])
 @pytest.mark.parametrize("saved_capturable", [True, False])
 def test_a_state_saved_in_one_mode_resumes_in_the_other(name, saved_capturable):
@@ -151,7 +129,7 @@ def test_a_state_saved_in_one_mode_resumes_in_the_other(name, saved_capturable):
             optimizer.step()
 
     steps(opt, params, grads[:4])
-    buffer, weights = _saved(opt), [p.detach().clone() for p in params]
+    buffer, weights = saved_state(opt), [p.detach().clone() for p in params]
     saved = torch.load(buffer, weights_only=False)  # a copy: state_dict() refers to the live state
     assert isinstance(saved["param_groups"][0]["lr"], float)
     assert all(isinstance(s["step"], int) for s in saved["state"].values())
@@ -159,13 +137,7 @@ def test_a_state_saved_in_one_mode_resumes_in_the_other(name, saved_capturable):
     steps(opt, params, grads[4:])
 
     resumed, other = _build(not saved_capturable, extra)
-    with torch.no_grad():
-        for p, w in zip(resumed, weights, strict=True):
-            p.copy_(w)
-    other.load_state_dict(torch.load(buffer, weights_only=False))
-    assert other.capturable is not saved_capturable  # the loading run's mode, not the saved one
-    in_other_mode = [{**group, "cuda_graphs": not saved_capturable} for group in saved["param_groups"]]
-    assert_bitwise_equal(other.state_dict(), {**saved, "param_groups": in_other_mode}, "loaded in the other mode")
+    load_in_other_mode(other, resumed, weights, buffer, saved, saved_capturable)
     steps(other, resumed, grads[4:])
     for a, b in zip(resumed, params, strict=True):
         if exact:
@@ -215,46 +187,15 @@ def test_torch_fused_adamw_is_made_capturable_with_a_device_lr_its_scheduler_fil
 # --- on a GPU: the step recorded in a real CUDA graph --------------------------------------------------------------
 
 
-def _recorded_run(opt, params, grads, schedule, record: bool):
-    """Eager steps, or 2 eager steps (on a side stream, as before a capture) then the step recorded once and
-    replayed, the gradients in fixed buffers."""
-    static = [torch.zeros_like(p) for p in params]
-    for p, g in zip(params, static, strict=True):
-        p.grad = g
-    graph = None
-    for k, gs in enumerate(grads):
-        for s, g in zip(static, gs, strict=True):
-            s.copy_(g)
-        if not record:
-            opt.step()
-        elif k < 2:
-            on_side_stream(params[0].device, opt.step)
-        else:
-            if graph is None:
-                torch.cuda.synchronize()
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    opt.step()
-            graph.replay()
-        schedule.step()
-    torch.cuda.synchronize()
-    return [p.detach().cpu() for p in params]
-
-
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("extra", [{}, {"use_adopt_stability": False, "use_grams": False},
                                    {"optim_bits": 8, "min_8bit_size": 64}])
 def test_a_recorded_capturable_step_replays_what_eager_steps_do(extra):
     """Recorded once, replayed under a changing lr: the same kernels as the eager capturable steps."""
-    results = []
-    for record in (False, True):
-        params, opt = _build(True, extra, device="cuda")
-        grads = [[g.cuda() for g in gs] for gs in _grads(10, params, seed=4)[3:]]  # every tensor every step
-        schedule = get_cosine_schedule_with_warmup(opt, num_warmup_steps=2, num_training_steps=7)
-        results.append(_recorded_run(opt, params, grads, schedule, record))
-    for a, b in zip(*results, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
+    params, _ = _build(True, extra)
+    grads = _grads(10, params, seed=4)[3:]  # every tensor every step
+    assert_recorded_matches_eager(lambda: _build(True, extra, device="cuda"), grads, warmup_steps=2)
 
 
 @pytest.mark.gpu
@@ -269,6 +210,6 @@ def test_a_recorded_fused_adamw_step_replays_what_eager_steps_do():
         LoopNeeds(opt).prepare_capture()
         gen = torch.Generator().manual_seed(1)
         grads = [[torch.randn(p.shape, generator=gen).cuda() for p in params] for _ in range(7)]
-        results.append(_recorded_run(opt, params, grads, schedule, record))
+        results.append(recorded_run(opt, params, grads, schedule, record))
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from library.cli import parse_args
 from library.training.entry import main
 from library.training.trainer import LoRATrainer
-from tests.optimizers.test_hina_capturable import HostReadCheck
+from tests.optimizers.capturable_checks import HostReadCheck
 from tests.training.conftest import train_argv
 from tests.training.test_graphed_step import EagerRecorder
 
