@@ -72,7 +72,6 @@ import itertools
 import logging
 import math
 import operator
-from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -90,6 +89,7 @@ from library.optimizers.flat import (
     column_stacks,
     matrix_shape,
     outer_into,
+    partition,
     reduce_stacks,
 )
 from library.optimizers.names import group_names, lora_role
@@ -508,12 +508,10 @@ class _AutomagicBase(Capturable, ExactStateLoad, torch.optim.Optimizer):
             if not state:
                 self._init_state(group, p, state)
             present.append((i, p))
-        by_key: dict[tuple, list[tuple[int, Tensor]]] = defaultdict(list)
         steps = step_numbers([self.state[p] for _, p in present])  # device counters: one read, here only
-        for (i, p), t in zip(present, steps, strict=True):
-            by_key[(t, p.device, work_dtype(p))].append((i, p))
         buckets = []
-        for (t, _, dtype), members in by_key.items():
+        for (_, dtype, t), positions in partition([p for _, p in present], steps).items():
+            members = [present[j] for j in positions]
             bucket = self._bucket(group, members, dtype)
             bucket.t = t
             bucket.members = None if len(members) == len(params) else [i for i, _ in members]

@@ -100,7 +100,7 @@ from torch import Tensor
 from library.errors import OptimizerError
 from library.optimizers import quant8
 from library.optimizers import transforms as T
-from library.optimizers.flat import FlatLayout, FlatState, chunk_positions
+from library.optimizers.flat import FlatLayout, FlatState, chunk_positions, partition
 from library.optimizers.names import LORA_FACTOR
 from library.optimizers.state import Capturable, ExactStateLoad, closure_loss, step_numbers, work_dtype
 from library.optimizers.transforms import weight_decay_ratio, weight_decay_ratio_tensor
@@ -590,14 +590,14 @@ class HinaAdamWOptimizer(Capturable, ExactStateLoad, torch.optim.Optimizer):
     def _buckets(
         params: list[Tensor], states: list[dict[str, Any]], roles: dict[Tensor, str], chunk_size: int
     ) -> list[_Bucket]:
-        """Buckets of tensors whose math shares flat buffers: per (device, dtype, 8-bit or not), split into
-        runs of at most ``chunk_size`` elements (:func:`~library.optimizers.flat.chunk_positions`)."""
-        members: dict[tuple, list[int]] = {}
-        for i, (p, state) in enumerate(zip(params, states, strict=True)):
-            members.setdefault((p.device, p.dtype, quant8.has_state(state, "exp_avg")), []).append(i)
+        """Buckets of tensors whose math shares flat buffers: per (device, dtype, 8-bit or not)
+        (:func:`~library.optimizers.flat.partition`), split into runs of at most ``chunk_size`` elements
+        (:func:`~library.optimizers.flat.chunk_positions`)."""
+        dtypes = [p.dtype for p in params]
+        quantised = [quant8.has_state(state, "exp_avg") for state in states]
         return [
-            _Bucket([params[i] for i in chunk], chunk, roles, quantised)
-            for (_, _, quantised), idx in members.items()
+            _Bucket([params[i] for i in chunk], chunk, roles, eight_bit)
+            for (_, _, _, eight_bit), idx in partition(params, dtypes, quantised).items()
             for chunk in ([idx[j] for j in run] for run in chunk_positions([params[i].shape for i in idx], chunk_size))
         ]
 
