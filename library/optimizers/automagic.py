@@ -93,7 +93,14 @@ from library.optimizers.flat import (
     reduce_stacks,
 )
 from library.optimizers.names import group_names, lora_role
-from library.optimizers.state import Capturable, ExactStateLoad, closure_loss, step_numbers, work_dtype
+from library.optimizers.state import (
+    Capturable,
+    ExactStateLoad,
+    closure_loss,
+    dense_grad,
+    step_numbers,
+    work_dtype,
+)
 from library.optimizers.validate import require
 
 logger = logging.getLogger(__name__)
@@ -502,8 +509,7 @@ class _AutomagicBase(Capturable, ExactStateLoad, torch.optim.Optimizer):
         for i, (p, grad) in enumerate(zip(params, grads, strict=True)):
             if grad is None:
                 continue
-            if grad.is_sparse:
-                raise OptimizerError(f"{type(self).__name__} does not support sparse gradients")
+            dense_grad(p, type(self).__name__)
             state = self.state[p]
             if not state:
                 self._init_state(group, p, state)

@@ -508,7 +508,7 @@ class FlatOptimizer(ExactStateLoad, torch.optim.Optimizer):
         for p, name in zip(group["params"], group_names(group), strict=True):
             if p.grad is None:
                 continue
-            dense_grad(p)
+            dense_grad(p, type(self).__name__)
             state = self.state[p]
             if "step" not in state:
                 state["step"] = 0

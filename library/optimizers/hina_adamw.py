@@ -102,7 +102,14 @@ from library.optimizers import quant8
 from library.optimizers import transforms as T
 from library.optimizers.flat import FlatLayout, FlatState, chunk_positions, partition
 from library.optimizers.names import LORA_FACTOR
-from library.optimizers.state import Capturable, ExactStateLoad, closure_loss, step_numbers, work_dtype
+from library.optimizers.state import (
+    Capturable,
+    ExactStateLoad,
+    closure_loss,
+    dense_grad,
+    step_numbers,
+    work_dtype,
+)
 from library.optimizers.transforms import weight_decay_ratio, weight_decay_ratio_tensor
 from library.optimizers.validate import require
 
@@ -576,8 +583,8 @@ class HinaAdamWOptimizer(Capturable, ExactStateLoad, torch.optim.Optimizer):
     def _plan(self, group: dict[str, Any], has_grad: list[bool], features: tuple[bool, bool, int, bool]) -> _Plan:
         """Initialise the state of new tensors and lay out the buckets (only when the tensor set changes)."""
         params = list(compress(group["params"], has_grad))
-        if any(p.grad.is_sparse for p in params):
-            raise OptimizerError("CustomAdamW does not support sparse gradients; valid: dense gradients")
+        for p in params:
+            dense_grad(p, "CustomAdamW")
         states = [self.state[p] for p in params]
         for p, state in zip(params, states, strict=True):
             if not state:

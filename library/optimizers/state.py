@@ -21,11 +21,11 @@ def closure_loss(closure: Callable[[], Any] | None) -> Any:
         return closure()
 
 
-def dense_grad(p: Tensor) -> Tensor:
+def dense_grad(p: Tensor, optimizer: str) -> Tensor:
     """``p.grad``, rejected when sparse (as torch.optim's Adam does: the flat steps need dense gradients)."""
     if p.grad.is_sparse:
         raise OptimizerError(
-            f"sparse gradient for a {tuple(p.shape)} parameter is not supported; valid: dense gradients"
+            f"{optimizer}: sparse gradient for a {tuple(p.shape)} parameter is not supported; valid: dense gradients"
         )
     return p.grad
 
