@@ -101,7 +101,7 @@ from library.errors import OptimizerError
 from library.optimizers import quant8
 from library.optimizers import transforms as T
 from library.optimizers.flat import FlatLayout, FlatState, chunk_positions, partition
-from library.optimizers.names import LORA_FACTOR
+from library.optimizers.names import LORA_DOWN_ROLES, LORA_FACTOR
 from library.optimizers.state import (
     Capturable,
     ExactStateLoad,
@@ -137,7 +137,7 @@ def find_lora_pairs(names: Iterable[str]) -> dict[str, tuple[str, str]]:
         if match is None:
             continue
         key = f"{match['prefix']}*{match['suffix']}"
-        (downs if match["role"] in ("lora_down", "lora_A") else ups)[key] = name
+        (downs if match["role"] in LORA_DOWN_ROLES else ups)[key] = name
     return {key: (downs[key], ups[key]) for key in downs.keys() & ups.keys()}
 
 

@@ -12,6 +12,7 @@ from typing import Any
 # A LoRA factor: `lora_down`/`lora_A` (rank rows) or `lora_up`/`lora_B` (output rows) as one dotted part of the
 # name; `prefix` and `suffix` are the rest, which pair a down factor with its up factor.
 LORA_FACTOR = re.compile(r"^(?P<prefix>|.*\.)(?P<role>lora_down|lora_up|lora_A|lora_B)(?P<suffix>\..*|)$")
+LORA_DOWN_ROLES = ("lora_down", "lora_A")
 # Query/key projections (Adam-mini's head blocks), and with value (SAC's head units): the layer name as one
 # `.`/`_`-delimited part, in diffusers', sd-scripts' and LLM spellings.
 QUERY_KEY = re.compile(r"(?:^|[._])(?:to_q|to_k|q_proj|k_proj|query|key|wq|wk)(?:[._]|$)")
@@ -33,7 +34,7 @@ def lora_role(name: str | None) -> str | None:
     match = None if name is None else LORA_FACTOR.match(name)
     if match is None:
         return None
-    return "down" if match["role"] in ("lora_down", "lora_A") else "up"
+    return "down" if match["role"] in LORA_DOWN_ROLES else "up"
 
 
 def head_count(rows: int, dim: int, n_heads: int) -> int | None:
